@@ -1,0 +1,69 @@
+"""The steps of the 'channels' and 'latency' selections (one step per peer and size, one for mpi4py)."""
+from __future__ import annotations
+
+from benchmarks import channels, util
+from benchmarks.channels import ALL_PEERS, LABELS, SIZES
+
+
+def parse_sizes(text):
+    if not text:
+        return list(SIZES)
+    sizes = [util.parse_size(x) for x in text.split(",") if x.strip()]
+    if not sizes or any(s < 8 for s in sizes):
+        raise SystemExit("dragon-bench: --sizes must list sizes of at least 8 bytes")
+    return sizes
+
+
+def parse_peers(text):
+    if not text:
+        return list(ALL_PEERS)
+    peers = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [p for p in peers if p not in ALL_PEERS]
+    if bad:
+        raise SystemExit(f"dragon-bench: unknown peer(s) {', '.join(bad)} (choose from {', '.join(ALL_PEERS)})")
+    return peers
+
+
+def plan(ctx, stream=True):
+    sizes = parse_sizes(ctx.args.sizes)
+    peers = parse_peers(ctx.args.peers)
+    steps = []
+    reasons = {}
+    for peer in peers:
+        why = channels.peer_available(peer)
+        if why:
+            reasons[peer] = why
+            ctx.skip(f"channels {LABELS[peer]}", why)
+    for peer in peers:
+        if peer in reasons or peer == "mpi4py":
+            continue
+        for size in sizes:
+            if peer == "dragon-zc" and size < channels.ZC_MIN:
+                continue
+            if peer in ("dragon-batch", "ff-batch") and not stream:
+                continue  # batching does not apply to a ping-pong
+
+            def run(peer=peer, size=size):
+                ctx.figures.extend(channels.measure_peer(peer, size, ctx.repeat, ctx.target, do_stream=stream))
+
+            steps.append((f"channels {LABELS[peer]} {util.size_label(size)}", run))
+    if "mpi4py" in peers and "mpi4py" not in reasons:
+        def run_mpi():
+            figs, why = channels.measure_mpi(sizes, ctx.repeat, ctx.target, do_stream=stream)
+            ctx.figures.extend(figs)
+            if why:
+                ctx.skip("channels mpi4py", why)
+
+        steps.append(("channels mpi4py (mpiexec -n 2)", run_mpi))
+    p, c = ctx.args.producers, ctx.args.consumers
+    if stream and (p > 1 or c > 1):
+        if "dragon" in reasons or channels.peer_available("dragon"):
+            ctx.skip(f"channels {p}x{c} producers/consumers", reasons.get("dragon") or
+                     channels.peer_available("dragon"))
+        else:
+            for size in sizes:
+                def run_mpmc(size=size):
+                    ctx.figures.extend(channels.measure_mpmc(p, c, size, ctx.repeat, ctx.target))
+
+                steps.append((f"channels dragon {p}x{c} {util.size_label(size)}", run_mpmc))
+    return steps

@@ -1,0 +1,185 @@
+"""dragon-bench: what dragon does on this machine, beside what you would use instead, measured in one run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from benchmarks import util
+
+SELECTIONS = ["channels", "latency", "launch", "gs", "pool", "startup", "xnode"]
+
+DESCRIPTION = """\
+Benchmarks dragon against its peers in one run and prints a table of results and ratios.
+
+selections (several may be given; default: all):
+  channels  stream msg/s and GB/s and ping-pong round trip, 8 B .. 1 MiB, two processes: dragon channels
+            (per-call, batched, zero-copy) vs multiprocessing Queue/Pipe, faster-fifo, mpi4py Send/Recv
+  latency   only the ping-pong part of 'channels'
+  launch    create+join of /bin/true (serial and 16 in flight) and Python child start+join: dragon (under
+            dragon-launch), subprocess.Popen, multiprocessing.Process, DragonHPC
+  gs        global-services request round trip (process.query) vs a multiprocessing.Manager lookup, DragonHPC
+  pool      pool alloc+free rate vs multiprocessing.shared_memory, DragonHPC MemoryPool
+  startup   wall time of an empty program: dragon-launch vs python, mpiexec -n 1, DragonHPC
+  xnode     cross-node stream and round trip through the transport agents vs mpi4py between the same ranks
+            (mpiexec -n 2 dragon-launch --virtual-nodes on one host, or srun on an allocation)
+  all       everything above
+
+Runtime parts (launch, gs) run inside dragon-launch: the harness re-invokes itself under it. DragonHPC figures
+are taken when /opt/dragonhpc-venv (or $DRAGONHPC_VENV) exists; whatever it leaves in /dev/shm or running is
+removed and reported.
+"""
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="dragon-bench", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="*", default=["all"], metavar="SELECTION",
+                    help="channels, latency, launch, gs, pool, startup, xnode or all (default all)")
+    ap.add_argument("--quick", action="store_true", help="short measurements, one repeat: the whole run < 1 min")
+    ap.add_argument("--repeat", type=int, default=None, help="repeats per figure (default 3, 1 with --quick)")
+    ap.add_argument("--json", metavar="FILE", help="write every figure and the environment to FILE")
+    ap.add_argument("--plot", metavar="FILE.png", help="write a PNG: size vs throughput and round trip")
+    ap.add_argument("--sizes", default=None, help="message sizes, e.g. 8,1K,64K,1M (default: all four)")
+    ap.add_argument("--peers", default=None,
+                    help="channel peers to run (default all): " + ",".join(
+                        ["dragon", "dragon-batch", "dragon-zc", "mp-queue", "mp-pipe", "faster-fifo",
+                         "ff-batch", "mpi4py"]))
+    ap.add_argument("--producers", type=int, default=1, help="channels: also run P producers ...")
+    ap.add_argument("--consumers", type=int, default=1, help="... and C consumers on one dragon channel")
+    ap.add_argument("--target-time", type=float, default=None,
+                    help="seconds per measurement (default 0.4, 0.08 with --quick)")
+    ap.add_argument("--no-dragonhpc", action="store_true", help="do not run DragonHPC even if it is installed")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--inner", help=argparse.SUPPRESS)  # internal: the part run under dragon-launch
+    ap.add_argument("--inner-out", help=argparse.SUPPRESS)
+    return ap
+
+
+class Context:
+    """What every benchmark gets: the options, the progress bar, and where to put figures, skips and notes."""
+
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.repeat = args.repeat or (1 if args.quick else 3)
+        self.target = args.target_time or (0.08 if args.quick else 0.4)
+        self.progress = util.Progress(1, enabled=not args.no_progress)
+        self.figures, self.skipped, self.notes = [], [], []
+        self.dragonhpc = None if args.no_dragonhpc else util.dragonhpc_root()
+
+    def skip(self, what, why):
+        self.skipped.append({"what": what, "why": why})
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def _selection(what):
+    sel = []
+    for w in what:
+        for x in w.split(","):
+            x = x.strip()
+            if not x:
+                continue
+            if x == "all":
+                sel += [s for s in SELECTIONS if s != "latency"]
+            elif x in SELECTIONS:
+                sel.append(x)
+            else:
+                raise SystemExit(f"dragon-bench: unknown selection {x!r} (choose from "
+                                 f"{', '.join(SELECTIONS + ['all'])})")
+    if "channels" in sel and "latency" in sel:
+        sel.remove("latency")
+    return list(dict.fromkeys(sel))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.inner:
+        from benchmarks import runtime
+
+        return runtime.inner_main(args)
+    if args.repeat is not None and args.repeat < 1:
+        raise SystemExit("dragon-bench: --repeat must be at least 1")
+    if args.producers < 1 or args.consumers < 1:
+        raise SystemExit("dragon-bench: --producers and --consumers must be at least 1")
+    sel = _selection(args.what)
+    if args.plot and not any(s in sel for s in ("channels", "latency", "xnode")):
+        raise SystemExit("dragon-bench: --plot needs channels, latency or xnode in the selection")
+    ctx = Context(args)
+    t0 = time.monotonic()
+
+    from benchmarks import channels_run, runtime, xnode
+
+    plans = {
+        "channels": lambda: channels_run.plan(ctx, stream=True),
+        "latency": lambda: channels_run.plan(ctx, stream=False),
+        "launch": lambda: runtime.plan_launch(ctx),
+        "gs": lambda: runtime.plan_gs(ctx),
+        "pool": lambda: runtime.plan_pool(ctx),
+        "startup": lambda: runtime.plan_startup(ctx),
+        "xnode": lambda: xnode.plan(ctx),
+    }
+    # each plan is a list of (label, callable) steps; the progress bar counts steps
+    steps = []
+    for s in sel:
+        steps += plans[s]()
+    # steps that share an expensive setup (the dragon-launch run for launch+gs) are merged by their key
+    merged, seen = [], set()
+    for st in steps:
+        key = st[2] if len(st) > 2 else None
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        merged.append(st)
+    ctx.progress.total = max(1, len(merged))
+    try:
+        for label, fn, *_ in merged:
+            ctx.progress.step(label)
+            try:
+                fn()
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one broken peer must not lose the rest of the run
+                ctx.skip(label, f"failed: {type(e).__name__}: {e}")
+            ctx.progress.advance()
+    finally:
+        ctx.progress.close()
+
+    from benchmarks import report
+    from benchmarks.channels import LABELS
+
+    labels = dict(LABELS, **runtime.LABELS)
+    doc = {
+        "tool": "dragon-bench",
+        "env": util.environment(),
+        "config": {"selection": sel, "quick": ctx.quick, "repeat": ctx.repeat, "target_time_s": ctx.target,
+                   "argv": sys.argv[1:] if argv is None else list(argv),
+                   "wall_s": None},
+        "results": ctx.figures,
+        "skipped": ctx.skipped,
+        "notes": ctx.notes,
+    }
+    doc["ratios"] = report.ratios(ctx.figures)
+    doc["targets"] = report.targets(ctx.figures)
+    doc["config"]["wall_s"] = round(time.monotonic() - t0, 2)
+    print(report.render(doc, labels))
+    print(f"\n(run took {doc['config']['wall_s']:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from benchmarks import plot
+
+        plot.plot(doc, args.plot, labels)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The end-of-run report: tables of figures (median and spread), dragon's ratios against each peer, and the targets
+the issues set, each marked met or missed."""
+from __future__ import annotations
+
+from benchmarks.util import human, size_label
+
+# peers that are dragon itself; the first one present in a block is the one ratios are taken from
+DRAGON_PRIMARY = ["dragon", "dragon-batch", "dragon-zc"]
+
+TITLES = {
+    ("channels", "stream"): "Channel stream between two processes",
+    ("channels", "rtt"): "Channel ping-pong round trip between two processes",
+    ("xnode", "stream"): "Cross-node stream (through the transport agents)",
+    ("xnode", "rtt"): "Cross-node round trip (through the transport agents)",
+    ("launch", "true-serial"): "create+join of /bin/true, one at a time",
+    ("launch", "true-16"): "create+join of /bin/true, 16 in flight",
+    ("launch", "python-child"): "Python child start+join",
+    ("gs", "query"): "GS request round trip (process.query)",
+    ("pool", "alloc-free"): "Pool alloc+free",
+    ("startup", "empty"): "Startup: wall time of an empty program",
+}
+
+
+def _title(group, test):
+    if test.startswith("mpmc-"):
+        return f"dragon channel, {test[5:]} producers x consumers, aggregate stream"
+    return TITLES.get((group, test), f"{group} {test}")
+
+
+def blocks(figures):
+    """Group figures into (group, test, metric) blocks, keeping first-seen order."""
+    out = {}
+    for f in figures:
+        out.setdefault((f["group"], f["test"], f["metric"]), []).append(f)
+    return out
+
+
+def _cell(f):
+    if f["n"] > 1:
+        return f"{human(f['median'])} [{human(f['min'])}-{human(f['max'])}]"
+    return human(f["median"])
+
+
+def advantage(d, p, better):
+    """How many times better dragon's figure d is than the peer's p (>1: dragon wins)."""
+    if not d or not p:
+        return None
+    return d / p if better == "higher" else p / d
+
+
+def ratios(figures):
+    """Every dragon-vs-peer ratio: one per block, size, dragon variant and non-dragon peer."""
+    out = []
+    for (group, test, metric), figs in blocks(figures).items():
+        by = {}
+        for f in figs:
+            by.setdefault(f["size"], {})[f["peer"]] = f
+        for size, peers in by.items():
+            for dragon_peer in (p for p in DRAGON_PRIMARY if p in peers):
+                d = peers[dragon_peer]
+                for name, f in peers.items():
+                    if name in DRAGON_PRIMARY:
+                        continue
+                    adv = advantage(d["median"], f["median"], d["better"])
+                    if adv is not None:
+                        out.append({"group": group, "test": test, "metric": metric, "size": size,
+                                    "dragon_peer": dragon_peer, "peer": name, "advantage": adv,
+                                    "dragon": d["median"], "other": f["median"], "better": d["better"]})
+    return out
+
+
+def _median(figures, group, test, metric, peer, size):
+    for f in figures:
+        if (f["group"], f["test"], f["metric"], f["peer"], f["size"]) == (group, test, metric, peer, size):
+            return f["median"]
+    return None
+
+
+def targets(figures):
+    """The issues' targets, evaluated on this run's medians (None where a figure is missing)."""
+    M = 1 << 20
+    g = lambda *a: _median(figures, *a)  # noqa: E731
+    out = []
+
+    def add(name, issue, value, op, bound, how):
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out.append({"target": name, "issue": issue, "value": value, "op": op, "bound": bound, "met": met,
+                    "how": how})
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    add("8 B stream, dragon per-call / mpi4py", 2,
+        ratio(g("channels", "stream", "msg_per_s", "dragon", 8), g("channels", "stream", "msg_per_s", "mpi4py", 8)),
+        ">=", 10, "msg/s ratio")
+    add("8 B stream, dragon per-call / faster-fifo", 2,
+        ratio(g("channels", "stream", "msg_per_s", "dragon", 8),
+              g("channels", "stream", "msg_per_s", "faster-fifo", 8)), ">=", 20, "msg/s ratio")
+    add("8 B round trip, dragon / mpi4py", 2,
+        ratio(g("channels", "rtt", "rtt_median_us", "dragon", 8),
+              g("channels", "rtt", "rtt_median_us", "mpi4py", 8)), "<=", 0.2, "median RTT ratio")
+    big = [g("channels", "stream", "gb_per_s", p, M) for p in ("dragon", "dragon-batch", "dragon-zc")]
+    big = [b for b in big if b is not None]
+    add("1 MiB stream, best dragon variant / mpi4py", 2,
+        ratio(max(big) if big else None, g("channels", "stream", "gb_per_s", "mpi4py", M)), ">=", 2, "GB/s ratio")
+    add("empty-script startup, dragon / DragonHPC", 3,
+        ratio(g("startup", "empty", "seconds", "dragon", None), g("startup", "empty", "seconds", "dragonhpc", None)),
+        "<=", 0.1, "wall-time ratio")
+    add("create+join /bin/true serial, dragon / Popen", 3,
+        ratio(g("launch", "true-serial", "per_s", "dragon", None), g("launch", "true-serial", "per_s", "popen", None)),
+        ">=", 0.6, "rate ratio")
+    add("create+join /bin/true 16 in flight, dragon / Popen", 3,
+        ratio(g("launch", "true-16", "per_s", "dragon", None), g("launch", "true-16", "per_s", "popen", None)),
+        ">=", 0.6, "rate ratio")
+    add("GS query round trip, dragon / DragonHPC", 3,
+        ratio(g("gs", "query", "rtt_median_us", "dragon", None), g("gs", "query", "rtt_median_us", "dragonhpc", None)),
+        "<=", 0.1, "median RTT ratio")
+    add("cross-node 1 MiB stream, dragon / mpi4py", 4,
+        ratio(g("xnode", "stream", "gb_per_s", "dragon", M), g("xnode", "stream", "gb_per_s", "mpi4py", M)),
+        ">=", 0.5, "GB/s ratio")
+    xb = [g("xnode", "stream", "msg_per_s", p, 8) for p in ("dragon", "dragon-batch")]
+    xb = [b for b in xb if b is not None]
+    add("cross-node 8 B stream, dragon / mpi4py", 4,
+        ratio(max(xb) if xb else None, g("xnode", "stream", "msg_per_s", "mpi4py", 8)), ">=", 0.5, "msg/s ratio")
+    return out
+
+
+def _table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s")
+
+
+def render(doc, labels=None):
+    """The human-readable report of a result document (as written to --json)."""
+    labels = labels or {}
+    lab = lambda p: labels.get(p, p)  # noqa: E731
+    figures = doc["results"]
+    out = []
+    env = doc.get("env", {})
+    out.append(f"dragon-bench on {env.get('hostname')} ({env.get('cpu_count')} cpus, python {env.get('python')}), "
+               f"{doc.get('config', {}).get('repeat')} repeat(s); cells: median [min-max]")
+    for (group, test, metric), figs in blocks(figures).items():
+        peers = list(dict.fromkeys(f["peer"] for f in figs))
+        sizes = list(dict.fromkeys(f["size"] for f in figs))
+        rows = []
+        for s in sizes:
+            row = [size_label(s) or "-"]
+            for p in peers:
+                f = next((x for x in figs if x["peer"] == p and x["size"] == s), None)
+                row.append(_cell(f) if f else "-")
+            rows.append(row)
+        better = "higher is better" if figs[0]["better"] == "higher" else "lower is better"
+        out.append("")
+        out.append(f"== {_title(group, test)}: {metric} ({figs[0]['unit']}, {better})")
+        out.append(_table(rows, ["size"] + [lab(p) for p in peers]))
+    rat = [r for r in doc.get("ratios", ratios(figures)) if r["metric"] in SUMMARY_METRICS]
+    if rat:
+        others = list(dict.fromkeys(r["peer"] for r in rat))
+        keys = list(dict.fromkeys((r["group"], r["test"], r["metric"], r["size"], r["dragon_peer"]) for r in rat))
+        rows = []
+        for k in keys:
+            g, t, m, s, d = k
+            what = f"{g} {t} {m}" + (f" {size_label(s)}" if s is not None else "")
+            row = [what, lab(d)]
+            for p in others:
+                r = next((x for x in rat if (x["group"], x["test"], x["metric"], x["size"], x["dragon_peer"],
+                                             x["peer"]) == k + (p,)), None)
+                row.append(f"{r['advantage']:.2f}x" if r else "-")
+            rows.append(row)
+        out.append("")
+        out.append("== RATIOS: how many times better dragon is than each peer (>1: dragon wins; for times and"
+                   " latencies this is peer/dragon)")
+        out.append(_table(rows, ["figure", "dragon variant"] + [lab(p) for p in others]))
+    tg = [t for t in doc.get("targets", []) if t["value"] is not None]
+    if tg:
+        out.append("")
+        out.append("== Targets (from the issues), on this run's medians")
+        rows = [[t["target"], f"#{t['issue']}", f"{t['value']:.3g}", f"{t['op']} {t['bound']:g}",
+                 "MET" if t["met"] else "missed"] for t in tg]
+        out.append(_table(rows, ["target", "issue", "ratio", "wanted", ""]))
+    for s in doc.get("skipped", []):
+        out.append(f"skipped {s['what']}: {s['why']}")
+    for n in doc.get("notes", []):
+        out.append(f"note: {n}")
+    return "\n".join(out)

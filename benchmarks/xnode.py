@@ -1,0 +1,1 @@
+def plan(ctx): return []
