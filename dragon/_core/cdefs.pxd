@@ -1,0 +1,91 @@
+# Raw C declarations of include/dshm.h (the only C of dragon._core); behaviour lives in core.pyx.
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+
+cdef extern from "dshm.h" nogil:
+    enum:
+        DS_OK
+        DS_FULL
+        DS_EMPTY
+        DS_TIMEOUT
+        DS_TOO_BIG
+        DS_DESTROYED
+        DS_CORRUPT
+        DS_INTR
+        DS_BADARG
+        DS_TOO_SMALL
+        DS_STALE
+
+    enum:
+        DS_GRANULE
+        DS_CH_NAME
+        DS_MAX_GRANULES
+
+    int64_t ds_spin_ns
+    int64_t ds_wait_chunk_ns
+
+    int64_t ds_now()
+    int ds_init()
+    uint32_t ds_me()
+    int ds_pid_dead(uint32_t pid)
+    int ds_set_pdeathsig(int sig)
+    int ds_set_child_subreaper()
+
+    # pool
+    ctypedef struct ds_pool_hdr:
+        uint64_t generation
+        uint64_t seg_size
+        uint64_t nbits
+        uint64_t data_off
+        uint32_t destroyed
+
+    void ds_pool_layout(uint64_t nbits, uint64_t *bitmap_off, uint64_t *lentab_off,
+                        uint64_t *data_off, uint64_t *seg_size)
+    ds_pool_hdr *ds_ph(char *base)
+    int ds_pool_init(char *base, uint64_t nbits, uint64_t generation)
+    int ds_pool_check(char *base, uint64_t map_size, uint64_t generation)
+    int ds_pool_try_alloc(char *base, uint64_t nbytes, uint64_t *off)
+    int ds_pool_alloc_wait(char *base, uint64_t nbytes, uint64_t *off, int64_t deadline)
+    int ds_pool_block_capacity(char *base, uint64_t off, uint64_t *cap)
+    int ds_pool_free(char *base, uint64_t off)
+    int ds_pool_stats(char *base, uint64_t *free_bytes, uint64_t *blocks, uint64_t *repairs)
+    void ds_pool_mark_destroyed(char *base)
+
+    # channel
+    ctypedef struct ds_ch_hdr:
+        uint32_t capacity
+        uint32_t block_size
+        char name[1]
+
+    ctypedef struct ds_slot:
+        pass
+
+    ctypedef struct ds_chan:
+        char *base
+        ds_ch_hdr *h
+        uint64_t cap
+        uint64_t stride
+        uint64_t block_size
+        uint64_t generation
+
+    uint64_t ds_ch_nbytes(uint64_t capacity, uint64_t block_size)
+    void ds_ch_init(char *base, uint64_t off, uint64_t capacity, uint64_t block_size,
+                    uint64_t generation, const char *name, size_t namelen)
+    int ds_ch_open(char *base, uint64_t off, uint64_t generation, ds_chan *c)
+    int ds_ch_alive(const ds_chan *c)
+    char *ds_slot_data(ds_slot *s)
+    uint32_t ds_slot_len(ds_slot *s)
+    int ds_slot_is_block(ds_slot *s)
+    uint64_t ds_slot_block_off(ds_slot *s)
+    void ds_slot_put_inline(ds_slot *s, const char *p, uint32_t n)
+    void ds_slot_put_block(ds_slot *s, uint64_t off, uint32_t n)
+    void ds_slot_clear_block(ds_slot *s)
+    int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *lap, uint64_t *st)
+    void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap)
+    int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st)
+    void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
+    int ds_ch_ready(const ds_chan *c)
+    uint64_t ds_ch_len(const ds_chan *c)
+    int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
+    int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
+                   uint64_t *st, int64_t deadline)
+    void ds_ch_destroy(const ds_chan *c)

@@ -1,0 +1,780 @@
+/*
+ * dshm.h -- the parts of dragon._core that C says better than Cython:
+ * atomics, futex syscalls, the pool allocator and the channel ring.
+ *
+ * Everything works on offsets inside one POSIX shared-memory segment (a "pool"), never on pointers stored
+ * in shared memory, so every process may map the segment at a different address.
+ *
+ * Every function returns a small int code (DS_OK, DS_FULL, ...); core.pyx maps a code to an exception in one place.
+ *
+ * Pool layout:  [ds_pool_hdr | page pad][bitmap of used granules][lentab: uint32 per granule][data ...]
+ *   - a block is a run of granules (256 B); its payload starts at the first granule (so 256-byte aligned);
+ *   - lentab[i] != 0 iff granule i starts an allocated block of lentab[i] granules;
+ *   - the bitmap is a search accelerator derived from lentab: after a process dies holding the robust mutex,
+ *     the bitmap and the counters are rebuilt from lentab (alloc sets lentab last, free clears it first),
+ *     so a process killed inside alloc/free leaks at most the block it was allocating or freeing.
+ *
+ * Channel layout (inside one pool block): [ds_ch_hdr (6 cache lines)][slot 0][slot 1]...
+ *   Bounded MPMC ring after Vyukov, but a claim is a CAS on the SLOT's state word, which carries the
+ *   claimer's pid:  state = lap << 32 | phase << 30 | pid,  phase EMPTY / WRITING / FULL / READING.
+ *   tail/head are only hints advanced by whoever sees them stale, so a claimer killed between its claim and
+ *   the counter update strands nothing; a slot left WRITING/READING by a dead pid is taken over by a blocked
+ *   peer (the dead writer's message is dropped, the dead reader's slot released).
+ */
+#ifndef DRAGON_DSHM_H
+#define DRAGON_DSHM_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <signal.h>
+#include <sched.h>
+#include <pthread.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <limits.h>
+#include <sys/syscall.h>
+#include <sys/prctl.h>
+#include <linux/futex.h>
+
+/* ---------------------------------------------------------------- return codes */
+enum {
+    DS_OK = 0,
+    DS_FULL = 1,       /* channel full / pool has no room right now */
+    DS_EMPTY = 2,      /* channel empty */
+    DS_TIMEOUT = 3,
+    DS_TOO_BIG = 4,    /* can never fit */
+    DS_DESTROYED = 5,
+    DS_CORRUPT = 6,    /* header/state inconsistent */
+    DS_INTR = 7,       /* a signal arrived while waiting: caller runs PyErr_CheckSignals and retries */
+    DS_BADARG = 8,     /* e.g. an offset that is not an allocated block */
+    DS_TOO_SMALL = 9,  /* receive buffer too small; message left queued */
+    DS_STALE = 10,     /* generation mismatch */
+};
+
+/* ---------------------------------------------------------------- atomics, time, futex */
+#define DS_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define DS_LOADR(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define DS_LOADS(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define DS_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define DS_STORES(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define DS_CAS(p, expp, v) \
+    __atomic_compare_exchange_n((p), (expp), (v), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+#define DS_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define DS_ALIGN64 __attribute__((aligned(64)))
+
+static inline void ds_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline int64_t ds_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* returns 0 (woken or value changed) or an errno (ETIMEDOUT, EINTR, EAGAIN) */
+static inline int ds_futex_wait(uint32_t *addr, uint32_t val, int64_t timeout_ns) {
+    struct timespec ts, *tp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000LL;
+        ts.tv_nsec = timeout_ns % 1000000000LL;
+        tp = &ts;
+    }
+    long r = syscall(SYS_futex, addr, FUTEX_WAIT, val, tp, NULL, 0);
+    return r == 0 ? 0 : errno;
+}
+
+static inline void ds_futex_wake_all(uint32_t *addr) {
+    syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* ---------------------------------------------------------------- process identity and liveness */
+static uint32_t ds_pid_cache = 0;
+static int64_t ds_last_liveness_check = 0;
+static int64_t ds_spin_ns = 20000;        /* spin this long before sleeping on a futex */
+static int64_t ds_wait_chunk_ns = 50000000; /* sleep in chunks this long (dead owners, destroy, signals) */
+
+static void ds_atfork_child(void) { ds_pid_cache = (uint32_t)getpid(); ds_last_liveness_check = 0; }
+
+static inline int ds_init(void) {
+    ds_pid_cache = (uint32_t)getpid();
+    return pthread_atfork(NULL, NULL, ds_atfork_child);
+}
+
+static inline uint32_t ds_me(void) { return ds_pid_cache; }
+
+/* 1 if pid is gone or a zombie (killed but not yet reaped), else 0 */
+static inline int ds_pid_dead(uint32_t pid) {
+    if (pid == 0 || pid == ds_pid_cache) return 0;
+    if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) return 1;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ') return 0;
+    return p[2] == 'Z' || p[2] == 'X';
+}
+
+static inline int ds_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 ? 0 : errno; }
+static inline int ds_set_child_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 ? 0 : errno; }
+
+/* ---------------------------------------------------------------- pool */
+#define DS_POOL_MAGIC 0x4c4f4f504e475244ULL /* "DRGNPOOL" */
+#define DS_VERSION 1u
+#define DS_GSHIFT 8
+#define DS_GRANULE (1ULL << DS_GSHIFT)
+#define DS_PAGE 4096ULL
+#define DS_MAX_GRANULES (1ULL << 34) /* 4 TiB of data */
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t granule;
+    uint64_t generation;
+    uint64_t seg_size;   /* bytes mapped */
+    uint64_t nbits;      /* granules of data */
+    uint64_t bitmap_off;
+    uint64_t lentab_off;
+    uint64_t data_off;
+    uint32_t destroyed;
+    uint32_t _pad0;
+    /* below: protected by mutex */
+    DS_ALIGN64 uint64_t free_granules;
+    uint64_t allocated_blocks;
+    uint64_t hint;
+    uint64_t repairs;
+    DS_ALIGN64 pthread_mutex_t mutex;
+    DS_ALIGN64 uint32_t free_seq; /* futex, bumped on every free */
+    uint32_t waiters;             /* blocked allocators */
+} ds_pool_hdr;
+
+static inline uint64_t ds_round(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+static inline void ds_pool_layout(uint64_t nbits, uint64_t *bitmap_off, uint64_t *lentab_off,
+                                  uint64_t *data_off, uint64_t *seg_size) {
+    uint64_t hdr = ds_round(sizeof(ds_pool_hdr), DS_PAGE);
+    uint64_t nwords = (nbits + 63) / 64;
+    *bitmap_off = hdr;
+    *lentab_off = hdr + ds_round(nwords * 8, 64);
+    *data_off = ds_round(*lentab_off + nbits * 4, DS_PAGE);
+    *seg_size = *data_off + nbits * DS_GRANULE;
+}
+
+static inline ds_pool_hdr *ds_ph(char *base) { return (ds_pool_hdr *)base; }
+static inline uint64_t *ds_bitmap(char *base) { return (uint64_t *)(base + ds_ph(base)->bitmap_off); }
+static inline uint32_t *ds_lentab(char *base) { return (uint32_t *)(base + ds_ph(base)->lentab_off); }
+
+static inline void ds_bm_assign(uint64_t *bm, uint64_t i, uint64_t n, int v) {
+    while (n) {
+        uint64_t w = i >> 6, b = i & 63, k = 64 - b;
+        if (k > n) k = n;
+        uint64_t mask = (k == 64) ? ~0ULL : (((1ULL << k) - 1) << b);
+        if (v) bm[w] |= mask; else bm[w] &= ~mask;
+        i += k;
+        n -= k;
+    }
+}
+
+/* first i in [from, to) such that granules [i, i+n) are all free; -1 if none */
+static inline int64_t ds_bm_find(const uint64_t *bm, uint64_t nbits, uint64_t from, uint64_t to, uint64_t n) {
+    uint64_t i = from;
+    while (i < to && i + n <= nbits) {
+        uint64_t w = i >> 6, b = i & 63;
+        uint64_t word = bm[w] | (b ? (~0ULL >> (64 - b)) : 0ULL);
+        if (word == ~0ULL) { i = (w + 1) << 6; continue; }
+        i = (w << 6) + (uint64_t)__builtin_ctzll(~word);
+        if (i >= to || i + n > nbits) return -1;
+        uint64_t j = i, end = i + n;
+        while (j < end) {
+            uint64_t wj = j >> 6, bj = j & 63;
+            uint64_t x = bm[wj] >> bj;
+            if (x == 0) { j = (wj + 1) << 6; continue; }
+            j += (uint64_t)__builtin_ctzll(x);
+            break;
+        }
+        if (j >= end) return (int64_t)i;
+        i = j + 1;
+    }
+    return -1;
+}
+
+/* rebuild bitmap and counters from lentab (after a process died holding the mutex) */
+static inline void ds_pool_repair(char *base) {
+    ds_pool_hdr *h = ds_ph(base);
+    uint64_t nbits = h->nbits, nwords = (nbits + 63) / 64, used = 0, blocks = 0, covered = 0;
+    uint64_t *bm = ds_bitmap(base);
+    uint32_t *lt = ds_lentab(base);
+    memset(bm, 0, nwords * 8);
+    for (uint64_t i = 0; i < nbits; i++) {
+        uint32_t n = DS_LOADR(&lt[i]);
+        if (!n) continue;
+        if (i < covered || i + n > nbits) { DS_STORE(&lt[i], 0); continue; } /* overlapping garbage */
+        ds_bm_assign(bm, i, n, 1);
+        used += n;
+        blocks++;
+        covered = i + n;
+    }
+    if (nbits & 63) bm[nwords - 1] |= ~0ULL << (nbits & 63);
+    h->free_granules = nbits - used;
+    h->allocated_blocks = blocks;
+    h->hint = 0;
+    h->repairs++;
+}
+
+static inline int ds_pool_init(char *base, uint64_t nbits, uint64_t generation) {
+    ds_pool_hdr *h = ds_ph(base);
+    uint64_t bo, lo, dof, ss;
+    ds_pool_layout(nbits, &bo, &lo, &dof, &ss);
+    h->version = DS_VERSION;
+    h->granule = (uint32_t)DS_GRANULE;
+    h->generation = generation;
+    h->seg_size = ss;
+    h->nbits = nbits;
+    h->bitmap_off = bo;
+    h->lentab_off = lo;
+    h->data_off = dof;
+    h->destroyed = 0;
+    h->free_granules = nbits;
+    h->allocated_blocks = 0;
+    h->hint = 0;
+    h->repairs = 0;
+    h->free_seq = 0;
+    h->waiters = 0;
+    uint64_t nwords = (nbits + 63) / 64;
+    uint64_t *bm = (uint64_t *)(base + bo);
+    if (nbits & 63) bm[nwords - 1] |= ~0ULL << (nbits & 63);
+    pthread_mutexattr_t a;
+    int r;
+    if ((r = pthread_mutexattr_init(&a))) return r;
+    if ((r = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED))) return r;
+    if ((r = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST))) return r;
+    if ((r = pthread_mutex_init(&h->mutex, &a))) return r;
+    pthread_mutexattr_destroy(&a);
+    DS_STORES(&h->magic, DS_POOL_MAGIC);
+    return 0;
+}
+
+/* validate a freshly mapped header against the sdesc's generation and the mapping size */
+static inline int ds_pool_check(char *base, uint64_t map_size, uint64_t generation) {
+    ds_pool_hdr *h = ds_ph(base);
+    if (map_size < sizeof(ds_pool_hdr)) return DS_CORRUPT;
+    if (DS_LOAD(&h->magic) != DS_POOL_MAGIC || h->version != DS_VERSION || h->granule != DS_GRANULE)
+        return DS_CORRUPT;
+    if (h->generation != generation) return DS_STALE;
+    uint64_t bo, lo, dof, ss;
+    if (h->nbits == 0 || h->nbits > DS_MAX_GRANULES) return DS_CORRUPT;
+    ds_pool_layout(h->nbits, &bo, &lo, &dof, &ss);
+    if (bo != h->bitmap_off || lo != h->lentab_off || dof != h->data_off || ss != h->seg_size || ss != map_size)
+        return DS_CORRUPT;
+    return DS_OK;
+}
+
+static inline int ds_pool_lock(char *base) {
+    ds_pool_hdr *h = ds_ph(base);
+    int r = pthread_mutex_lock(&h->mutex);
+    if (r == EOWNERDEAD) {
+        ds_pool_repair(base);
+        pthread_mutex_consistent(&h->mutex);
+        return DS_OK;
+    }
+    return r ? DS_CORRUPT : DS_OK;
+}
+
+static inline void ds_pool_unlock(char *base) { pthread_mutex_unlock(&ds_ph(base)->mutex); }
+
+static inline uint64_t ds_granules_for(uint64_t nbytes) {
+    uint64_t g = (nbytes + DS_GRANULE - 1) >> DS_GSHIFT;
+    return g ? g : 1;
+}
+
+/* one attempt; *off = payload offset from the segment start */
+static inline int ds_pool_try_alloc(char *base, uint64_t nbytes, uint64_t *off) {
+    ds_pool_hdr *h = ds_ph(base);
+    uint64_t n = ds_granules_for(nbytes);
+    if (n > h->nbits || n > 0xffffffffULL) return DS_TOO_BIG;
+    if (DS_LOADR(&h->destroyed)) return DS_DESTROYED;
+    int r = ds_pool_lock(base);
+    if (r) return r;
+    if (h->free_granules < n) { ds_pool_unlock(base); return DS_FULL; }
+    uint64_t *bm = ds_bitmap(base);
+    uint64_t hint = h->hint < h->nbits ? h->hint : 0;
+    int64_t i = ds_bm_find(bm, h->nbits, hint, h->nbits, n);
+    if (i < 0 && hint) i = ds_bm_find(bm, h->nbits, 0, hint, n);
+    if (i < 0) { ds_pool_unlock(base); return DS_FULL; }
+    ds_bm_assign(bm, (uint64_t)i, n, 1);
+    DS_STORE(&ds_lentab(base)[i], (uint32_t)n);
+    h->free_granules -= n;
+    h->allocated_blocks++;
+    h->hint = (uint64_t)i + n;
+    ds_pool_unlock(base);
+    *off = h->data_off + ((uint64_t)i << DS_GSHIFT);
+    return DS_OK;
+}
+
+/* granule index of an allocated block's payload offset, or -1 (lock-free check) */
+static inline int64_t ds_pool_index(char *base, uint64_t off) {
+    ds_pool_hdr *h = ds_ph(base);
+    if (off < h->data_off || ((off - h->data_off) & (DS_GRANULE - 1))) return -1;
+    uint64_t i = (off - h->data_off) >> DS_GSHIFT;
+    if (i >= h->nbits) return -1;
+    uint32_t n = DS_LOAD(&ds_lentab(base)[i]);
+    if (n == 0 || i + n > h->nbits) return -1;
+    return (int64_t)i;
+}
+
+/* capacity in bytes of the allocated block at off */
+static inline int ds_pool_block_capacity(char *base, uint64_t off, uint64_t *cap) {
+    int64_t i = ds_pool_index(base, off);
+    if (i < 0) return DS_BADARG;
+    *cap = (uint64_t)DS_LOAD(&ds_lentab(base)[i]) << DS_GSHIFT;
+    return DS_OK;
+}
+
+static inline int ds_pool_free(char *base, uint64_t off) {
+    ds_pool_hdr *h = ds_ph(base);
+    int64_t i = ds_pool_index(base, off);
+    if (i < 0) return DS_BADARG;
+    int r = ds_pool_lock(base);
+    if (r) return r;
+    uint32_t *lt = ds_lentab(base);
+    uint32_t n = lt[i];
+    if (n == 0 || (uint64_t)i + n > h->nbits) { ds_pool_unlock(base); return DS_BADARG; }
+    DS_STORE(&lt[i], 0);
+    ds_bm_assign(ds_bitmap(base), (uint64_t)i, n, 0);
+    h->free_granules += n;
+    h->allocated_blocks--;
+    ds_pool_unlock(base);
+    __atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
+    if (DS_LOADS(&h->waiters)) ds_futex_wake_all(&h->free_seq);
+    return DS_OK;
+}
+
+static inline int ds_pool_stats(char *base, uint64_t *free_bytes, uint64_t *blocks, uint64_t *repairs) {
+    ds_pool_hdr *h = ds_ph(base);
+    int r = ds_pool_lock(base);
+    if (r) return r;
+    *free_bytes = h->free_granules << DS_GSHIFT;
+    *blocks = h->allocated_blocks;
+    *repairs = h->repairs;
+    ds_pool_unlock(base);
+    return DS_OK;
+}
+
+static inline void ds_pool_mark_destroyed(char *base) {
+    ds_pool_hdr *h = ds_ph(base);
+    DS_STORES(&h->destroyed, 1);
+    __atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
+    ds_futex_wake_all(&h->free_seq);
+}
+
+/* blocking alloc, call without the GIL. deadline: CLOCK_MONOTONIC ns, or -1 for none */
+static inline int ds_pool_alloc_wait(char *base, uint64_t nbytes, uint64_t *off, int64_t deadline) {
+    ds_pool_hdr *h = ds_ph(base);
+    for (;;) {
+        __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+        DS_FENCE();
+        uint32_t seq = DS_LOADS(&h->free_seq);
+        int r = ds_pool_try_alloc(base, nbytes, off);
+        if (r != DS_FULL) { __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST); return r; }
+        int64_t wait = ds_wait_chunk_ns;
+        if (deadline >= 0) {
+            int64_t now = ds_now();
+            if (now >= deadline) { __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST); return DS_TIMEOUT; }
+            if (deadline - now < wait) wait = deadline - now;
+        }
+        int e = ds_futex_wait(&h->free_seq, seq, wait);
+        __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
+        if (e == EINTR) return DS_INTR;
+    }
+}
+
+/* ---------------------------------------------------------------- channel */
+#define DS_CH_MAGIC 0x4c4e48434e475244ULL /* "DRGNCHNL" */
+#define DS_CH_DEAD 0x444145444e475244ULL  /* "DRGNDEAD" */
+#define DS_CH_NAME 64
+#define DS_SLOT_HDR 16
+#define DS_SLOT_BLOCK 1u /* payload in a pool block; data[0..8) = offset */
+
+#define DS_PH_EMPTY 0ULL
+#define DS_PH_WRITING 1ULL
+#define DS_PH_FULL 2ULL
+#define DS_PH_READING 3ULL
+#define DS_ST(lap, ph, pid) ((((uint64_t)(uint32_t)(lap)) << 32) | ((uint64_t)(ph) << 30) | (uint64_t)(pid))
+#define DS_ST_LAP(s) ((uint32_t)((s) >> 32))
+#define DS_ST_PH(s) (((s) >> 30) & 3ULL)
+#define DS_ST_PID(s) ((uint32_t)((s) & 0x3fffffffULL))
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t destroyed;
+    uint64_t generation;
+    uint64_t pool_generation;
+    uint32_t capacity;
+    uint32_t stride;
+    uint32_t block_size;
+    uint32_t _pad;
+    uint64_t nbytes; /* header + slots */
+    DS_ALIGN64 char name[DS_CH_NAME];
+    DS_ALIGN64 uint64_t tail;
+    DS_ALIGN64 uint64_t head;
+    DS_ALIGN64 uint32_t ne_seq; /* "not empty": receivers sleep here */
+    uint32_t ne_waiters;
+    DS_ALIGN64 uint32_t nf_seq; /* "not full": senders sleep here */
+    uint32_t nf_waiters;
+    DS_ALIGN64 char slots[];
+} ds_ch_hdr;
+
+typedef struct {
+    uint64_t state;
+    uint32_t len;
+    uint32_t flags;
+    char data[];
+} ds_slot;
+
+/* per-process view of a channel (lives inside the Cython object) */
+typedef struct {
+    char *base; /* pool mapping */
+    ds_ch_hdr *h;
+    uint64_t cap;
+    uint64_t stride;
+    uint64_t block_size;
+    uint64_t generation;
+} ds_chan;
+
+static inline uint64_t ds_ch_stride(uint64_t block_size) {
+    return ds_round(DS_SLOT_HDR + (block_size < 8 ? 8 : block_size), 64);
+}
+
+static inline uint64_t ds_ch_nbytes(uint64_t capacity, uint64_t block_size) {
+    return sizeof(ds_ch_hdr) + capacity * ds_ch_stride(block_size);
+}
+
+static inline ds_slot *ds_ch_slot(const ds_chan *c, uint64_t pos) {
+    return (ds_slot *)(c->h->slots + (pos % c->cap) * c->stride);
+}
+
+static inline void ds_ch_init(char *base, uint64_t off, uint64_t capacity, uint64_t block_size,
+                              uint64_t generation, const char *name, size_t namelen) {
+    ds_ch_hdr *h = (ds_ch_hdr *)(base + off);
+    memset(h, 0, sizeof(ds_ch_hdr));
+    h->version = DS_VERSION;
+    h->generation = generation;
+    h->pool_generation = ds_ph(base)->generation;
+    h->capacity = (uint32_t)capacity;
+    h->stride = (uint32_t)ds_ch_stride(block_size);
+    h->block_size = (uint32_t)block_size;
+    h->nbytes = ds_ch_nbytes(capacity, block_size);
+    if (namelen >= DS_CH_NAME) namelen = DS_CH_NAME - 1;
+    memcpy(h->name, name, namelen);
+    for (uint64_t i = 0; i < capacity; i++) {
+        ds_slot *s = (ds_slot *)(h->slots + i * h->stride);
+        s->state = DS_ST(0, DS_PH_EMPTY, 0);
+        s->len = 0;
+        s->flags = 0;
+    }
+    DS_STORES(&h->magic, DS_CH_MAGIC);
+}
+
+/* validate the channel header at off (an allocated pool block) and fill c */
+static inline int ds_ch_open(char *base, uint64_t off, uint64_t generation, ds_chan *c) {
+    uint64_t bcap;
+    if (ds_pool_block_capacity(base, off, &bcap) != DS_OK) return DS_BADARG;
+    if (bcap < sizeof(ds_ch_hdr)) return DS_CORRUPT;
+    ds_ch_hdr *h = (ds_ch_hdr *)(base + off);
+    uint64_t magic = DS_LOAD(&h->magic);
+    if (magic == DS_CH_DEAD) return DS_DESTROYED;
+    if (magic != DS_CH_MAGIC || h->version != DS_VERSION) return DS_CORRUPT;
+    if (h->generation != generation) return DS_STALE;
+    if (h->pool_generation != ds_ph(base)->generation) return DS_STALE;
+    if (h->capacity < 1 || h->stride != ds_ch_stride(h->block_size) ||
+        h->nbytes != ds_ch_nbytes(h->capacity, h->block_size) || h->nbytes > bcap)
+        return DS_CORRUPT;
+    if (DS_LOAD(&h->destroyed)) return DS_DESTROYED;
+    c->base = base;
+    c->h = h;
+    c->cap = h->capacity;
+    c->stride = h->stride;
+    c->block_size = h->block_size;
+    c->generation = generation;
+    return DS_OK;
+}
+
+static inline int ds_ch_alive(const ds_chan *c) {
+    ds_ch_hdr *h = c->h;
+    return DS_LOADR(&h->magic) == DS_CH_MAGIC && h->generation == c->generation && !DS_LOADR(&h->destroyed);
+}
+
+static inline char *ds_slot_data(ds_slot *s) { return s->data; }
+static inline uint32_t ds_slot_len(ds_slot *s) { return s->len; }
+static inline int ds_slot_is_block(ds_slot *s) { return (s->flags & DS_SLOT_BLOCK) != 0; }
+static inline uint64_t ds_slot_block_off(ds_slot *s) { uint64_t o; memcpy(&o, s->data, 8); return o; }
+
+static inline void ds_slot_put_inline(ds_slot *s, const char *p, uint32_t n) {
+    memcpy(s->data, p, n);
+    s->len = n;
+    s->flags = 0;
+}
+
+/* the offset is written before the flag, so a dead writer's block can be freed by whoever skips its slot */
+static inline void ds_slot_put_block(ds_slot *s, uint64_t off, uint32_t n) {
+    memcpy(s->data, &off, 8);
+    s->len = n;
+    __atomic_store_n(&s->flags, DS_SLOT_BLOCK, __ATOMIC_RELEASE);
+}
+
+/* a reader that took ownership of (or freed) the block clears the flag first */
+static inline void ds_slot_clear_block(ds_slot *s) { __atomic_store_n(&s->flags, 0, __ATOMIC_RELEASE); }
+
+/*
+ * One attempt to claim a slot for writing.  OK: *slot is ours (WRITING), fill it and call ds_ch_commit_send.
+ * FULL: *slot / *st tell the slot in the way (its owner's pid may be checked on the slow path).
+ */
+static inline int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *lap_out, uint64_t *st_out) {
+    ds_ch_hdr *h = c->h;
+    uint32_t me = ds_me();
+    for (;;) {
+        uint64_t pos = DS_LOAD(&h->tail);
+        ds_slot *s = ds_ch_slot(c, pos);
+        uint32_t lap = (uint32_t)(pos / c->cap);
+        uint64_t st = DS_LOAD(&s->state);
+        if (st == DS_ST(lap, DS_PH_EMPTY, 0)) {
+            if (DS_CAS(&s->state, &st, DS_ST(lap, DS_PH_WRITING, me))) {
+                uint64_t p = pos;
+                DS_CAS(&h->tail, &p, pos + 1);
+                *slot = s;
+                *lap_out = lap;
+                return DS_OK;
+            }
+            continue;
+        }
+        uint32_t sl = DS_ST_LAP(st);
+        if (sl == lap || sl == lap + 1) { /* tail is stale: help it on */
+            uint64_t p = pos;
+            DS_CAS(&h->tail, &p, pos + 1);
+            continue;
+        }
+        if (DS_LOAD(&h->tail) != pos) continue;
+        *slot = s;
+        *st_out = st;
+        if (!ds_ch_alive(c)) return DS_DESTROYED;
+        return sl == lap - 1 ? DS_FULL : DS_CORRUPT;
+    }
+}
+
+static inline void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap) {
+    ds_ch_hdr *h = c->h;
+    DS_STORES(&s->state, DS_ST(lap, DS_PH_FULL, 0));
+    if (DS_LOADS(&h->ne_waiters)) {
+        __atomic_add_fetch(&h->ne_seq, 1, __ATOMIC_SEQ_CST);
+        ds_futex_wake_all(&h->ne_seq);
+    }
+}
+
+/*
+ * One attempt to claim a message for reading.  maxlen: refuse (DS_TOO_SMALL, *st_out = length, nothing claimed)
+ * a message longer than this.  OK: *slot is ours (READING); read it and call ds_ch_commit_recv.
+ */
+static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **slot, uint32_t *lap_out,
+                                   uint64_t *st_out) {
+    ds_ch_hdr *h = c->h;
+    uint32_t me = ds_me();
+    for (;;) {
+        uint64_t pos = DS_LOAD(&h->head);
+        ds_slot *s = ds_ch_slot(c, pos);
+        uint32_t lap = (uint32_t)(pos / c->cap);
+        uint64_t st = DS_LOAD(&s->state);
+        if (st == DS_ST(lap, DS_PH_FULL, 0)) {
+            uint32_t len = DS_LOADR(&s->len);
+            if (len > maxlen) {
+                if (DS_LOAD(&s->state) != st) continue;
+                *st_out = len;
+                return DS_TOO_SMALL;
+            }
+            if (DS_CAS(&s->state, &st, DS_ST(lap, DS_PH_READING, me))) {
+                uint64_t p = pos;
+                DS_CAS(&h->head, &p, pos + 1);
+                *slot = s;
+                *lap_out = lap;
+                return DS_OK;
+            }
+            continue;
+        }
+        uint32_t sl = DS_ST_LAP(st);
+        uint64_t ph = DS_ST_PH(st);
+        if ((sl == lap && ph == DS_PH_READING) || sl == lap + 1) { /* head is stale */
+            uint64_t p = pos;
+            DS_CAS(&h->head, &p, pos + 1);
+            continue;
+        }
+        if (DS_LOAD(&h->head) != pos) continue;
+        *slot = s;
+        *st_out = st;
+        if (!ds_ch_alive(c)) return DS_DESTROYED;
+        if ((sl == lap && (ph == DS_PH_EMPTY || ph == DS_PH_WRITING)) || sl == lap - 1) return DS_EMPTY;
+        return DS_CORRUPT;
+    }
+}
+
+static inline void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap) {
+    ds_ch_hdr *h = c->h;
+    DS_STORES(&s->state, DS_ST(lap + 1, DS_PH_EMPTY, 0));
+    if (DS_LOADS(&h->nf_waiters)) {
+        __atomic_add_fetch(&h->nf_seq, 1, __ATOMIC_SEQ_CST);
+        ds_futex_wake_all(&h->nf_seq);
+    }
+}
+
+/* is a message ready at head (non-consuming)? */
+static inline int ds_ch_ready(const ds_chan *c) {
+    ds_ch_hdr *h = c->h;
+    for (;;) {
+        uint64_t pos = DS_LOAD(&h->head);
+        ds_slot *s = ds_ch_slot(c, pos);
+        uint32_t lap = (uint32_t)(pos / c->cap);
+        uint64_t st = DS_LOAD(&s->state);
+        if (st == DS_ST(lap, DS_PH_FULL, 0)) return 1;
+        uint32_t sl = DS_ST_LAP(st);
+        if ((sl == lap && DS_ST_PH(st) == DS_PH_READING) || sl == lap + 1) {
+            uint64_t p = pos;
+            DS_CAS(&h->head, &p, pos + 1);
+            continue;
+        }
+        if (DS_LOAD(&h->head) != pos) continue;
+        return 0;
+    }
+}
+
+static inline uint64_t ds_ch_len(const ds_chan *c) {
+    uint64_t head = DS_LOAD(&c->h->head);
+    uint64_t tail = DS_LOAD(&c->h->tail);
+    if (tail <= head) return 0;
+    return tail - head > c->cap ? c->cap : tail - head;
+}
+
+static inline void ds_ch_wake_all(const ds_chan *c) {
+    ds_ch_hdr *h = c->h;
+    __atomic_add_fetch(&h->ne_seq, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&h->nf_seq, 1, __ATOMIC_SEQ_CST);
+    ds_futex_wake_all(&h->ne_seq);
+    ds_futex_wake_all(&h->nf_seq);
+}
+
+/*
+ * If the slot is held (WRITING/READING) by a dead process, take it over: a dead writer's message is dropped,
+ * a dead reader's slot is released; a pool block referenced by the slot is freed.  Returns 1 if it recovered.
+ */
+static inline int ds_ch_recover(const ds_chan *c, ds_slot *s, uint64_t st) {
+    uint64_t ph = DS_ST_PH(st);
+    if (ph != DS_PH_WRITING && ph != DS_PH_READING) return 0;
+    uint32_t pid = DS_ST_PID(st);
+    if (!ds_pid_dead(pid)) return 0;
+    /* take the slot over in our own name first, so two recoverers cannot both touch it */
+    if (!DS_CAS(&s->state, &st, DS_ST(DS_ST_LAP(st), ph, ds_me()))) return 0;
+    uint32_t flags = __atomic_load_n(&s->flags, __ATOMIC_ACQUIRE);
+    uint64_t off = ds_slot_block_off(s);
+    __atomic_store_n(&s->flags, 0, __ATOMIC_RELEASE);
+    DS_STORES(&s->state, DS_ST(DS_ST_LAP(st) + 1, DS_PH_EMPTY, 0));
+    if (flags & DS_SLOT_BLOCK) ds_pool_free(c->base, off);
+    ds_ch_wake_all(c);
+    return 1;
+}
+
+/* recovery from the non-blocking path: at most one liveness check per 10 ms per process */
+static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st) {
+    uint64_t ph = DS_ST_PH(st);
+    if (ph != DS_PH_WRITING && ph != DS_PH_READING) return 0;
+    int64_t now = ds_now();
+    if (now - ds_last_liveness_check < 10000000LL) return 0;
+    ds_last_liveness_check = now;
+    return ds_ch_recover(c, s, st);
+}
+
+/*
+ * Blocking claim, call without the GIL.  mode 0: send, 1: recv, 2: poll (wait until ready, claim nothing).
+ * deadline: CLOCK_MONOTONIC ns or -1.  Spins ds_spin_ns, then sleeps on the futex in bounded chunks,
+ * checking for dead slot owners and destroy() between chunks.  DS_INTR: a signal; retry after checking signals.
+ */
+static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
+                             uint64_t *st, int64_t deadline) {
+    ds_ch_hdr *h = c->h;
+    uint32_t *seq_p = mode == 0 ? &h->nf_seq : &h->ne_seq;
+    uint32_t *wait_p = mode == 0 ? &h->nf_waiters : &h->ne_waiters;
+    int busy = mode == 0 ? DS_FULL : DS_EMPTY;
+    int r;
+    *st = 0;
+    *slot = NULL;
+#define DS_TRY()                                                                          \
+    (mode == 0   ? ds_ch_claim_send(c, slot, lap, st)                                     \
+     : mode == 1 ? ds_ch_claim_recv(c, maxlen, slot, lap, st)                             \
+                 : (ds_ch_ready(c) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
+    int64_t t0 = ds_now();
+    for (uint64_t it = 1;; it++) {
+        r = DS_TRY();
+        if (r != busy) return r;
+        if ((it & 31) == 0) {
+            int64_t now = ds_now();
+            if (deadline >= 0 && now >= deadline) return DS_TIMEOUT;
+            if (now - t0 >= ds_spin_ns) break;
+            if (now - t0 >= ds_spin_ns / 2) sched_yield();
+        }
+        ds_relax();
+    }
+    for (;;) {
+        if (*slot) ds_ch_recover(c, *slot, *st);
+        __atomic_add_fetch(wait_p, 1, __ATOMIC_SEQ_CST);
+        DS_FENCE();
+        uint32_t seq = DS_LOADS(seq_p);
+        r = DS_TRY();
+        if (r != busy) { __atomic_sub_fetch(wait_p, 1, __ATOMIC_SEQ_CST); return r; }
+        int64_t wait = ds_wait_chunk_ns;
+        if (deadline >= 0) {
+            int64_t now = ds_now();
+            if (now >= deadline) { __atomic_sub_fetch(wait_p, 1, __ATOMIC_SEQ_CST); return DS_TIMEOUT; }
+            if (deadline - now < wait) wait = deadline - now;
+        }
+        int e = ds_futex_wait(seq_p, seq, wait);
+        __atomic_sub_fetch(wait_p, 1, __ATOMIC_SEQ_CST);
+        if (e == EINTR) return DS_INTR;
+    }
+#undef DS_TRY
+}
+
+/* destroy: mark, wake everybody, free the pool blocks of queued messages. Caller frees the channel block. */
+static inline void ds_ch_destroy(const ds_chan *c) {
+    ds_ch_hdr *h = c->h;
+    DS_STORES(&h->destroyed, 1);
+    ds_ch_wake_all(c);
+    for (uint64_t i = 0; i < c->cap; i++) {
+        ds_slot *s = (ds_slot *)(h->slots + i * c->stride);
+        uint64_t st = DS_LOAD(&s->state);
+        if (DS_ST_PH(st) == DS_PH_FULL && (__atomic_load_n(&s->flags, __ATOMIC_ACQUIRE) & DS_SLOT_BLOCK)) {
+            if (DS_CAS(&s->state, &st, DS_ST(DS_ST_LAP(st) + 1, DS_PH_EMPTY, 0))) {
+                ds_pool_free(c->base, ds_slot_block_off(s));
+                s->flags = 0;
+            }
+        }
+    }
+    DS_STORES(&h->magic, DS_CH_DEAD);
+    ds_ch_wake_all(c);
+}
+
+#endif /* DRAGON_DSHM_H */
