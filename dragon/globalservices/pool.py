@@ -1,0 +1,48 @@
+"""dragon.globalservices.pool: shared-memory pools managed by global services (the spec's Pool Services).
+
+Use a pool by attaching to it: ``dragon.pools.Pool.attach(desc.sdesc)``. Each node's infrastructure pool is
+listed too (named ``dragon_infra_<node>``); it can hold user channels but cannot be destroyed.
+"""
+from dragon.errors import PoolError
+from dragon.infrastructure import client as _client
+from dragon.infrastructure import messages as _m
+from dragon.infrastructure.descriptors import PoolDescriptor, PoolOptions
+
+__all__ = ["create", "get_list", "query", "destroy", "PoolDescriptor", "PoolOptions", "PoolError"]
+
+
+def _ident(identifier):
+    if isinstance(identifier, bool) or not isinstance(identifier, (int, str)):
+        raise PoolError(f"a pool identifier is an m_uid (int) or a name (str), not {identifier!r}")
+    return identifier
+
+
+def create(size, user_name=None, pool_options=None, soft=False):
+    """Make a pool of ``size`` bytes on the caller's node (or ``PoolOptions(node=k)``); the name, if given, must be
+    unique (``soft=True`` returns the existing pool of that name). Returns a PoolDescriptor."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise PoolError(f"pool size must be a positive int, not {size!r}")
+    if user_name is not None and not isinstance(user_name, str):
+        raise PoolError(f"user_name must be a str or None, not {user_name!r}")
+    if not isinstance(soft, bool):
+        raise PoolError(f"soft must be a bool, not {soft!r}")
+    if soft and not user_name:
+        raise PoolError("soft create needs a user_name")
+    opts = PoolOptions.make(pool_options)
+    return PoolDescriptor.from_wire(_client.call(_m.GSPoolCreate, PoolError, size=size, user_name=user_name or None,
+                                                 options=opts.to_wire(), soft=soft))
+
+
+def get_list():
+    """The m_uid of every pool currently alive."""
+    return list(_client.call(_m.GSPoolList, PoolError))
+
+
+def query(identifier):
+    """The PoolDescriptor of a pool by m_uid (int) or name (str); PoolError if there is none."""
+    return PoolDescriptor.from_wire(_client.call(_m.GSPoolQuery, PoolError, ident=_ident(identifier)))
+
+
+def destroy(identifier):
+    """Destroy a pool. PoolError if it is unknown, still holds channels, or belongs to the runtime."""
+    _client.call(_m.GSPoolDestroy, PoolError, ident=_ident(identifier))

@@ -1,0 +1,253 @@
+"""Descriptors (what global services knows about a process, pool, channel or node: local snapshots) and the
+options objects of the create calls. Descriptors travel from GS as plain dicts (see ``*.to_wire``)."""
+from dragon.errors import ChannelError, PoolError, ProcessError
+
+
+class ProcessDescriptor:
+    """A snapshot of what global services knows about one managed process (from create(), query(), ...)."""
+
+    PENDING, RUNNING, EXITED = "pending", "running", "exited"
+    __slots__ = ("p_uid", "user_name", "node", "hostname", "state", "retval", "pid", "exe", "args")
+
+    def __init__(self, p_uid, user_name, node, hostname, state, retval, pid, exe, args):
+        self.p_uid = p_uid
+        self.user_name = user_name
+        self.node = node
+        self.hostname = hostname
+        self.state = state
+        self.retval = retval
+        self.pid = pid
+        self.exe = exe
+        self.args = args
+
+    @classmethod
+    def from_wire(cls, d):
+        return cls(**d)
+
+    def to_wire(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    @property
+    def name(self):
+        return self.user_name
+
+    @property
+    def is_alive(self):
+        """True while the process runs (or is being started), False once it has exited."""
+        return self.state != self.EXITED
+
+    @property
+    def location(self):
+        """Where the process runs: (node index, hostname)."""
+        return (self.node, self.hostname)
+
+    def refresh(self):
+        """Update this snapshot from global services."""
+        from dragon.infrastructure import client
+        from dragon.infrastructure import messages as m
+
+        d = client.call(m.GSProcessQuery, ProcessError, ident=self.p_uid)
+        for k in self.__slots__:
+            setattr(self, k, d[k])
+
+    def __repr__(self):
+        return (f"ProcessDescriptor(p_uid={self.p_uid}, user_name={self.user_name!r}, node={self.node}, "
+                f"state={self.state!r}, retval={self.retval}, pid={self.pid})")
+
+
+class PoolDescriptor:
+    """A snapshot of what global services knows about one pool. Attach with dragon.pools.Pool.attach(d.sdesc)."""
+
+    __slots__ = ("m_uid", "name", "node", "size", "sdesc")
+
+    def __init__(self, m_uid, name, node, size, sdesc):
+        self.m_uid = m_uid
+        self.name = name
+        self.node = node
+        self.size = size
+        self.sdesc = sdesc
+
+    @classmethod
+    def from_wire(cls, d):
+        return cls(**d)
+
+    def to_wire(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return f"PoolDescriptor(m_uid={self.m_uid}, name={self.name!r}, node={self.node}, size={self.size})"
+
+
+class ChannelDescriptor:
+    """A snapshot of what GS knows about one channel. Attach with dragon.channels.Channel.attach(d.sdesc)."""
+
+    __slots__ = ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count", "sdesc")
+
+    def __init__(self, c_uid, m_uid, name, node, capacity, block_size, ref_count, sdesc):
+        self.c_uid = c_uid
+        self.m_uid = m_uid
+        self.name = name
+        self.node = node
+        self.capacity = capacity
+        self.block_size = block_size
+        self.ref_count = ref_count
+        self.sdesc = sdesc
+
+    @classmethod
+    def from_wire(cls, d):
+        return cls(**d)
+
+    def to_wire(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return (f"ChannelDescriptor(c_uid={self.c_uid}, m_uid={self.m_uid}, name={self.name!r}, node={self.node}, "
+                f"capacity={self.capacity}, block_size={self.block_size}, ref_count={self.ref_count})")
+
+
+class NodeDescriptor:
+    """One node of the job: its index, hostname and number of usable cpus."""
+
+    __slots__ = ("index", "hostname", "cpus")
+
+    def __init__(self, index, hostname, cpus):
+        self.index = index
+        self.hostname = hostname
+        self.cpus = cpus
+
+    @classmethod
+    def from_wire(cls, d):
+        return cls(**d)
+
+    def to_wire(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return f"NodeDescriptor(index={self.index}, hostname={self.hostname!r}, cpus={self.cpus})"
+
+
+def _check_node(node, err):
+    if node is not None and (isinstance(node, bool) or not isinstance(node, int) or node < 0):
+        raise err(f"node must be None or a node index (int >= 0), not {node!r}")
+
+
+class ProcessOptions:
+    """How to start a process.
+
+    node:   index of the node to run on (None: the caller's node).
+    stdout, stderr: FORWARD (default: printed by dragon-launch, each line labelled ``[user_name or p_uid]``),
+            INHERIT (printed unlabelled), DEVNULL, or a file path (opened for appending, relative to run_dir);
+            stderr may also be STDOUT (merged into stdout).
+    """
+
+    FORWARD, INHERIT, DEVNULL, STDOUT = "forward", "inherit", "devnull", "stdout"
+    __slots__ = ("node", "stdout", "stderr")
+
+    def __init__(self, node=None, stdout=FORWARD, stderr=FORWARD):
+        _check_node(node, ProcessError)
+        for what, v in (("stdout", stdout), ("stderr", stderr)):
+            if not isinstance(v, str) or not v:
+                raise ProcessError(f"ProcessOptions.{what} must be FORWARD, INHERIT, DEVNULL or a path, not {v!r}")
+        if stdout == self.STDOUT:
+            raise ProcessError("ProcessOptions.stdout cannot be STDOUT")
+        self.node = node
+        self.stdout = stdout
+        self.stderr = stderr
+
+    @classmethod
+    def make(cls, options):
+        """A ProcessOptions from None, a ProcessOptions, or a dict initializer."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if isinstance(options, dict):
+            try:
+                return cls(**options)
+            except TypeError as e:
+                raise ProcessError(f"bad ProcessOptions initializer {options!r}: {e}") from None
+        raise ProcessError(f"options must be a ProcessOptions, a dict or None, not {type(options).__name__}")
+
+    def to_wire(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return f"ProcessOptions(node={self.node}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+
+
+class PoolOptions:
+    """How to make a pool. node: index of the node that holds it (None: the caller's node)."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node=None):
+        _check_node(node, PoolError)
+        self.node = node
+
+    @classmethod
+    def make(cls, options):
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if isinstance(options, dict):
+            try:
+                return cls(**options)
+            except TypeError as e:
+                raise PoolError(f"bad PoolOptions initializer {options!r}: {e}") from None
+        raise PoolError(f"pool_options must be a PoolOptions, a dict or None, not {type(options).__name__}")
+
+    def to_wire(self):
+        return {"node": self.node}
+
+
+class ChannelOptions:
+    """How to make a channel.
+
+    local_opts: options of the local library create call, a dict (or object) with ``capacity`` and/or
+                ``block_size``; the same can be given directly as ``capacity=`` / ``block_size=``.
+    ref_count:  if True, GS counts the processes attached to the channel (the creator, and every process that calls
+                ``channel.attach``) and destroys it when the last one detaches or exits.
+    """
+
+    __slots__ = ("local_opts", "ref_count", "capacity", "block_size")
+    DEFAULT_CAPACITY = 1024
+    DEFAULT_BLOCK_SIZE = 1024
+
+    def __init__(self, local_opts=None, ref_count=False, capacity=None, block_size=None):
+        if local_opts is not None:
+            get = local_opts.get if isinstance(local_opts, dict) else (lambda k, d=None: getattr(local_opts, k, d))
+            if isinstance(local_opts, dict) and set(local_opts) - {"capacity", "block_size"}:
+                raise ChannelError(f"unknown local_opts {sorted(set(local_opts) - {'capacity', 'block_size'})}")
+            capacity = get("capacity", None) if capacity is None else capacity
+            block_size = get("block_size", None) if block_size is None else block_size
+        capacity = self.DEFAULT_CAPACITY if capacity is None else capacity
+        block_size = self.DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        for what, v in (("capacity", capacity), ("block_size", block_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ChannelError(f"ChannelOptions.{what} must be a positive int, not {v!r}")
+        if not isinstance(ref_count, bool):
+            raise ChannelError(f"ChannelOptions.ref_count must be a bool, not {ref_count!r}")
+        self.local_opts = local_opts
+        self.ref_count = ref_count
+        self.capacity = capacity
+        self.block_size = block_size
+
+    @classmethod
+    def make(cls, options):
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if isinstance(options, dict):
+            try:
+                return cls(**options)
+            except TypeError as e:
+                raise ChannelError(f"bad ChannelOptions initializer {options!r}: {e}") from None
+        raise ChannelError(f"channel_options must be a ChannelOptions, a dict or None, not {type(options).__name__}")
+
+    def to_wire(self):
+        return {"ref_count": self.ref_count, "capacity": self.capacity, "block_size": self.block_size}
+
+    def __repr__(self):
+        return f"ChannelOptions(ref_count={self.ref_count}, capacity={self.capacity}, block_size={self.block_size})"

@@ -1,0 +1,46 @@
+"""The environment contract between the runtime and every managed process.
+
+The shepherd puts these variables into the environment of each process it starts (on top of the inherited
+environment and the user's ``env``). Serialized descriptors are hex strings. A process with no ``DRAGON_GS_CD``
+is not running under ``dragon-launch``.
+"""
+import os
+
+JOB = "DRAGON_JOB"  # job id: prefix of every shared-memory segment of the job
+PUID = "DRAGON_PUID"  # this process's p_uid
+NODE = "DRAGON_NODE"  # index of the node this process runs on
+GS_CD = "DRAGON_GS_CD"  # global services input channel
+LS_CD = "DRAGON_LS_CD"  # this node's shepherd input channel
+REPLY_CD = "DRAGON_REPLY_CD"  # this process's own reply channel (made by the shepherd before spawn)
+INF_PD = "DRAGON_INF_PD"  # the node's infrastructure pool
+SHEP_PID = "DRAGON_SHEP_PID"  # pid of the shepherd that started this process (to tell a descendant from it)
+LOG = "DRAGON_LOG"  # "debug" for verbose service logs (default: warnings and errors only)
+REQUEST_TIMEOUT = "DRAGON_REQUEST_TIMEOUT"  # seconds a client waits for a reply (default 60)
+
+ALL = (JOB, PUID, NODE, GS_CD, LS_CD, REPLY_CD, INF_PD, SHEP_PID)
+
+
+def enc(sdesc):
+    return bytes(sdesc).hex()
+
+
+def dec(text):
+    return bytes.fromhex(text)
+
+
+def contract(job, p_uid, node, gs_cd, ls_cd, reply_cd, inf_pd, shep_pid):
+    """The variables a managed process gets (sdescs as bytes in, hex strings out)."""
+    return {
+        JOB: job,
+        PUID: str(p_uid),
+        NODE: str(node),
+        GS_CD: enc(gs_cd),
+        LS_CD: enc(ls_cd),
+        REPLY_CD: enc(reply_cd),
+        INF_PD: enc(inf_pd),
+        SHEP_PID: str(shep_pid),
+    }
+
+
+def in_runtime(environ=None):
+    return GS_CD in (os.environ if environ is None else environ)

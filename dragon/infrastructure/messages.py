@@ -1,0 +1,140 @@
+"""The one message module of the runtime: every infrastructure message, its fixed type id, and the one codec.
+
+A message is a small class whose ``FIELDS`` are listed once; on the wire it is the msgpack array
+``[TYPE, field0, field1, ...]``. Type ids are explicit integers that never change meaning (never ``enum.auto``),
+so that a runtime of one version can at least recognise what another sends. Services route with a dict
+``{MessageClass: handler}`` (see ``route``).
+
+Requests carry ``tag`` (chosen by the sender, echoed in the ``Response``) and ``reply`` (the serialized
+descriptor of the channel the answer goes to; receivers attach it once and cache the handle) and, for requests to
+global services, ``caller`` (the sender's p_uid, 0 when it is not a managed process).
+"""
+import msgpack
+
+# error kinds carried by Response.err (the client maps them to dragon.errors classes)
+OK = 0
+ERR_PROCESS = 1
+ERR_POOL = 2
+ERR_CHANNEL = 3
+ERR_TIMEOUT = 4  # a server-side timeout that the caller must see as TimeoutError (channel.join)
+ERR_INTERNAL = 5
+
+_TABLE = {}
+
+
+class Message:
+    """Base class: subclasses set TYPE (a fixed int) and FIELDS (names, in wire order)."""
+
+    __slots__ = ()
+    TYPE = -1
+    FIELDS = ()
+
+    def __init__(self, *args, **kw):
+        fields = self.FIELDS
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__} takes at most {len(fields)} fields")
+        for name, value in zip(fields, args):
+            object.__setattr__(self, name, value)
+        for name in fields[len(args):]:
+            object.__setattr__(self, name, kw.pop(name, None))
+        if kw:
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(kw)}")
+
+    def __repr__(self):
+        body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS if f != "reply")
+        return f"{type(self).__name__}({body})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(getattr(self, f) == getattr(other, f) for f in self.FIELDS)
+
+
+def _define(name, type_id, *fields):
+    cls = type(name, (Message,), {"__slots__": fields, "TYPE": type_id, "FIELDS": fields, "__module__": __name__})
+    if type_id in _TABLE:
+        raise RuntimeError(f"message type id {type_id} used twice")
+    _TABLE[type_id] = cls
+    return cls
+
+
+_REQ = ("tag", "reply", "caller")  # every request to global services starts with these
+
+# ---- generic reply (to every request, from GS or a shepherd) -------------------------------------------------
+Response = _define("Response", 1, "tag", "err", "msg", "result")
+
+# ---- requests to global services -----------------------------------------------------------------------------
+GSProcessCreate = _define(
+    "GSProcessCreate", 10, *_REQ, "exe", "run_dir", "args", "env", "user_name", "options", "soft", "head"
+)
+GSProcessList = _define("GSProcessList", 11, *_REQ)
+GSProcessQuery = _define("GSProcessQuery", 12, *_REQ, "ident")
+GSProcessKill = _define("GSProcessKill", 13, *_REQ, "ident", "sig")
+GSProcessJoin = _define("GSProcessJoin", 14, *_REQ, "ident", "timeout")
+GSProcessMultiJoin = _define("GSProcessMultiJoin", 15, *_REQ, "idents", "timeout")
+
+GSPoolCreate = _define("GSPoolCreate", 20, *_REQ, "size", "user_name", "options", "soft")
+GSPoolList = _define("GSPoolList", 21, *_REQ)
+GSPoolQuery = _define("GSPoolQuery", 22, *_REQ, "ident")
+GSPoolDestroy = _define("GSPoolDestroy", 23, *_REQ, "ident")
+
+GSChannelCreate = _define("GSChannelCreate", 30, *_REQ, "m_uid", "user_name", "options", "soft")
+GSChannelList = _define("GSChannelList", 31, *_REQ)
+GSChannelQuery = _define("GSChannelQuery", 32, *_REQ, "ident")
+GSChannelJoin = _define("GSChannelJoin", 33, *_REQ, "name", "timeout")
+GSChannelDestroy = _define("GSChannelDestroy", 34, *_REQ, "idents")
+GSChannelAttach = _define("GSChannelAttach", 35, *_REQ, "ident")
+GSChannelDetach = _define("GSChannelDetach", 36, *_REQ, "ident")
+
+GSNodeList = _define("GSNodeList", 40, *_REQ)
+GSNodeQuery = _define("GSNodeQuery", 41, *_REQ, "index")
+
+GSHalt = _define("GSHalt", 50, *_REQ)  # launcher -> GS: stop (the launcher tears the nodes down itself)
+# GS -> launcher: the head process (the user's program) exited with exit_code
+LAHeadExit = _define("LAHeadExit", 51, "p_uid", "exit_code")
+
+# ---- requests to a node's local services (shepherd) ----------------------------------------------------------
+SHProcessCreate = _define(
+    "SHProcessCreate", 60, "tag", "reply", "p_uid", "exe", "run_dir", "args", "env", "label", "stdout", "stderr",
+    "head",
+)
+SHProcessKill = _define("SHProcessKill", 61, "tag", "reply", "p_uid", "sig")
+SHPoolCreate = _define("SHPoolCreate", 62, "tag", "reply", "m_uid", "size")
+SHPoolDestroy = _define("SHPoolDestroy", 63, "tag", "reply", "m_uid")
+SHChannelCreate = _define("SHChannelCreate", 64, "tag", "reply", "c_uid", "m_uid", "capacity", "block_size")
+SHChannelDestroy = _define("SHChannelDestroy", 65, "tag", "reply", "c_uid")
+# shepherd -> GS: a managed process exited (exit_code is -signum when a signal killed it)
+SHProcessExit = _define("SHProcessExit", 66, "node", "p_uid", "exit_code")
+# GS -> shepherd: GS has forgotten everything that pointed at p_uid's reply channel; the shepherd may destroy it
+SHProcessReaped = _define("SHProcessReaped", 67, "p_uid")
+# launcher -> shepherd: terminate every managed process (SIGTERM, SIGKILL after grace), destroy everything, exit
+SHTeardown = _define("SHTeardown", 68, "tag", "reply", "grace")
+
+
+def encode(msg):
+    """Message -> bytes (msgpack array [TYPE, *fields])."""
+    return msgpack.packb([msg.TYPE, *[getattr(msg, f) for f in msg.FIELDS]], use_bin_type=True)
+
+
+def decode(data):
+    """bytes -> Message. Raises ValueError on anything that is not a known message."""
+    try:
+        items = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        cls = _TABLE[items[0]]
+    except Exception as e:  # malformed bytes, unknown type id
+        raise ValueError(f"not a dragon message: {e!r}") from None
+    if len(items) - 1 != len(cls.FIELDS):
+        raise ValueError(f"{cls.__name__}: {len(items) - 1} fields on the wire, expected {len(cls.FIELDS)}")
+    return cls(*items[1:])
+
+
+def type_table():
+    """A copy of the type id -> class table (for tests and tools)."""
+    return dict(_TABLE)
+
+
+def route(handlers, msg):
+    """Call handlers[type(msg)](msg); raise KeyError naming the message if nothing handles it."""
+    try:
+        handler = handlers[type(msg)]
+    except KeyError:
+        raise KeyError(f"no handler for {type(msg).__name__}") from None
+    return handler(msg)

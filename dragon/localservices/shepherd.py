@@ -1,0 +1,383 @@
+"""Local services (the shepherd): one process per node doing the node's physical work for global services.
+
+The main thread serves requests from its input channel: start a process (subprocess.Popen, its own session so its
+whole process group can be signalled), signal one, make or destroy a pool or channel, tear everything down. An IO
+thread waits (selectors, no polling) on a pidfd per process and on the pipes of forwarded output: it prints each
+line labelled ``[user_name or p_uid]`` and reports exits to global services (a signal death as ``-signum``), after
+the process's output has been drained so that a joiner sees it first.
+
+Before starting a process the shepherd makes its reply channel (so the child needs no set-up round trip); it is
+destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can answer into it any more.
+"""
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+
+from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout, DragonError
+from dragon.infrastructure import env as E
+from dragon.infrastructure import messages as m
+from dragon.infrastructure.log import get_logger
+
+DRAIN_AFTER_EXIT = 0.5  # how long output pipes may stay open (held by grandchildren) after a process exits
+REPLY_CAPACITY = 64
+
+
+class _Managed:
+    __slots__ = ("p_uid", "popen", "pidfd", "label", "open_streams", "partial", "exit_code", "reported",
+                 "deadline", "reply_ch", "files")
+
+    def __init__(self, p_uid, popen, label, reply_ch):
+        self.p_uid, self.popen, self.label, self.reply_ch = p_uid, popen, label, reply_ch
+        self.pidfd = None
+        self.open_streams = 0
+        self.partial = {}
+        self.exit_code = None
+        self.reported = False
+        self.deadline = None
+        self.files = []
+
+
+class Shepherd:
+    def __init__(self, node, job, inbox, gs_cd, infra_pool, out_fd=1, err_fd=2):
+        from dragon.channels import Channel
+
+        self.Channel = Channel
+        self.node, self.job = node, job
+        self.inbox = inbox
+        self.inbox_sdesc = bytes(inbox.sdesc)
+        self.gs_cd = gs_cd
+        self.infra_pool = infra_pool
+        self.out_fds = {1: out_fd, 2: err_fd}
+        self.log = get_logger("shepherd", node)
+        self.replies = {}
+        self.procs = {}  # p_uid -> _Managed (until GS acknowledges the exit)
+        self.lock = threading.Condition()
+        self.pools = {}  # m_uid -> Pool
+        self.chans = {}  # c_uid -> Channel
+        self.running = True
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None, None))
+        self.todo = []  # registrations for the IO thread
+        self.io_thread = threading.Thread(target=self._io_loop, name="shepherd-io", daemon=True)
+        self.handlers = {
+            m.SHProcessCreate: self.process_create, m.SHProcessKill: self.process_kill,
+            m.SHProcessReaped: self.process_reaped,
+            m.SHPoolCreate: self.pool_create, m.SHPoolDestroy: self.pool_destroy,
+            m.SHChannelCreate: self.channel_create, m.SHChannelDestroy: self.channel_destroy,
+            m.SHTeardown: self.teardown_request,
+        }
+
+    # ---- main thread: requests ----------------------------------------------------------------------------
+    def run(self):
+        self.io_thread.start()
+        while self.running:
+            try:
+                batch = self.inbox.recv_many(64, timeout=None)
+            except (ChannelTimeout, ChannelEmpty, TimeoutError):
+                continue
+            for data in batch:
+                try:
+                    msg = m.decode(data)
+                except ValueError as e:
+                    self.log.error("%s", e)
+                    continue
+                handler = self.handlers.get(type(msg))
+                if handler is None:
+                    self.log.error("no handler for %s", type(msg).__name__)
+                    continue
+                try:
+                    res = handler(msg)
+                except DragonError as e:
+                    self.answer(msg, m.ERR_INTERNAL, f"node {self.node}: {e}")
+                except Exception as e:
+                    self.log.exception("handler %s failed", type(msg).__name__)
+                    self.answer(msg, m.ERR_INTERNAL, f"node {self.node}: {e!r}")
+                else:
+                    if res is not None:
+                        err, text, result = res
+                        self.answer(msg, err, text, result)
+                if not self.running:
+                    break
+
+    def answer(self, msg, err, text, result=None):
+        reply = getattr(msg, "reply", None)
+        if not reply:
+            return
+        try:
+            ch = self.replies.get(reply)
+            if ch is None:
+                ch = self.replies[reply] = self.Channel.attach(reply)
+            ch.send(m.encode(m.Response(msg.tag, err, text, result)), timeout=5)
+        except ChannelError as e:
+            self.log.error("cannot answer %s: %s", type(msg).__name__, e)
+
+    def _stream(self, how, run_dir, head, for_stderr):
+        """-> (Popen argument, file to close after spawn or None)."""
+        if how == "stdout" and for_stderr:
+            return subprocess.STDOUT, None
+        if how == "forward":
+            return (None if head else subprocess.PIPE), None
+        if how == "inherit":
+            return None, None
+        if how == "devnull":
+            return subprocess.DEVNULL, None
+        f = open(os.path.join(run_dir, how), "ab")
+        return f, f
+
+    def process_create(self, msg):
+        run_dir = msg.run_dir or os.getcwd()
+        if not os.path.isdir(run_dir):
+            return m.ERR_PROCESS, f"cannot start {msg.exe!r}: run_dir {run_dir!r} is not a directory", None
+        reply_ch = self.Channel.create(self.infra_pool, capacity=REPLY_CAPACITY)
+        files = []
+        try:
+            env = dict(os.environ)
+            env.update(msg.env)
+            env.update(E.contract(self.job, msg.p_uid, self.node, self.gs_cd, self.inbox_sdesc, reply_ch.sdesc,
+                                  self.infra_pool.sdesc, os.getpid()))
+            out, f1 = self._stream(msg.stdout, run_dir, msg.head, False)
+            err, f2 = self._stream(msg.stderr, run_dir, msg.head, True)
+            files = [f for f in (f1, f2) if f is not None]
+            popen = subprocess.Popen(
+                [msg.exe, *msg.args], cwd=run_dir, env=env, start_new_session=True, close_fds=True,
+                stdin=None if msg.head else subprocess.DEVNULL, stdout=out, stderr=err,
+            )
+        except (OSError, ValueError) as e:
+            reply_ch.destroy()
+            return m.ERR_PROCESS, f"cannot start {msg.exe!r} (run_dir {run_dir!r}): {e}", None
+        finally:
+            for f in files:
+                f.close()
+        rec = _Managed(msg.p_uid, popen, msg.label, reply_ch)
+        rec.pidfd = os.pidfd_open(popen.pid)
+        with self.lock:
+            self.procs[msg.p_uid] = rec
+        # answer first, so that GS hears of the process before its exit
+        self.answer(msg, m.OK, None, {"pid": popen.pid, "reply_cd": bytes(reply_ch.sdesc)})
+        self._io_add(rec)
+        self.log.debug("started p_uid %d pid %d: %s", msg.p_uid, popen.pid, [msg.exe, *msg.args])
+        return None
+
+    def process_kill(self, msg):
+        with self.lock:
+            rec = self.procs.get(msg.p_uid)
+        if rec is None or rec.exit_code is not None:
+            return m.ERR_PROCESS, f"process {msg.p_uid} is not running on node {self.node}", None
+        try:
+            rec.popen.send_signal(msg.sig)
+        except OSError as e:
+            return m.ERR_PROCESS, f"cannot signal process {msg.p_uid}: {e}", None
+        return m.OK, None, None
+
+    def process_reaped(self, msg):
+        with self.lock:
+            rec = self.procs.pop(msg.p_uid, None)
+        if rec is not None and rec.reply_ch is not None:
+            try:
+                rec.reply_ch.destroy()
+            except ChannelError as e:
+                self.log.warning("destroying the reply channel of %d: %s", msg.p_uid, e)
+            rec.reply_ch = None
+
+    def pool_create(self, msg):
+        from dragon.pools import Pool
+
+        try:
+            pool = Pool.create(msg.size, name=f"m{msg.m_uid}")
+        except DragonError as e:
+            return m.ERR_POOL, f"cannot make a pool of {msg.size} bytes on node {self.node}: {e}", None
+        self.pools[msg.m_uid] = pool
+        return m.OK, None, {"sdesc": bytes(pool.sdesc)}
+
+    def pool_destroy(self, msg):
+        pool = self.pools.pop(msg.m_uid, None)
+        if pool is None:
+            return m.ERR_POOL, f"no pool {msg.m_uid} on node {self.node}", None
+        pool.destroy()
+        return m.OK, None, None
+
+    def _pool_of(self, m_uid):
+        pool = self.pools.get(m_uid)
+        if pool is None:
+            return self.infra_pool  # the node's infrastructure pool is the only one GS knows that we did not make
+        return pool
+
+    def channel_create(self, msg):
+        try:
+            ch = self.Channel.create(self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size)
+        except DragonError as e:
+            return m.ERR_CHANNEL, (f"cannot make a channel (capacity {msg.capacity}, block_size {msg.block_size}) "
+                                   f"in pool {msg.m_uid} on node {self.node}: {e}"), None
+        self.chans[msg.c_uid] = ch
+        return m.OK, None, {"sdesc": bytes(ch.sdesc)}
+
+    def channel_destroy(self, msg):
+        ch = self.chans.pop(msg.c_uid, None)
+        if ch is None:
+            return m.ERR_CHANNEL, f"no channel {msg.c_uid} on node {self.node}", None
+        ch.destroy()
+        return m.OK, None, None
+
+    def teardown_request(self, msg):
+        self.teardown(msg.grace if msg.grace is not None else 1.0)
+        self.running = False
+        return m.OK, None, None
+
+    def teardown(self, grace=1.0, unlink=False):
+        """SIGTERM every managed process group, SIGKILL what is left after grace, destroy every pool and channel.
+        unlink: also unlink every segment of the job on this node (when the launcher is gone)."""
+        with self.lock:
+            recs = list(self.procs.values())
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
+            live = [r for r in recs if r.exit_code is None]
+            for r in recs:  # the whole group: also what a process started itself
+                try:
+                    os.killpg(r.popen.pid, sig)
+                except OSError:
+                    pass
+            if not live:
+                break
+            deadline = time.monotonic() + wait
+            with self.lock:
+                while any(r.exit_code is None for r in live) and time.monotonic() < deadline:
+                    self.lock.wait(deadline - time.monotonic())
+        for r in recs:
+            if r.exit_code is None:
+                self.log.error("p_uid %d (pid %d) survived SIGKILL", r.p_uid, r.popen.pid)
+        for what in (self.chans, self.pools):
+            for obj in what.values():
+                try:
+                    obj.destroy()
+                except Exception as e:
+                    self.log.warning("teardown: %s", e)
+            what.clear()
+        for r in recs:
+            if r.reply_ch is not None:
+                try:
+                    r.reply_ch.destroy()
+                except Exception:
+                    pass
+                r.reply_ch = None
+        if unlink:
+            from dragon._core import core
+
+            try:
+                core.unlink_job_segments(self.job)
+            except Exception as e:
+                self.log.error("unlinking the segments of job %s: %s", self.job, e)
+
+    # ---- IO thread: exits and output ----------------------------------------------------------------------
+    def _io_add(self, rec):
+        with self.lock:
+            self.todo.append(rec)
+        os.write(self.wake_w, b"x")
+
+    def _io_loop(self):
+        gs = self.Channel.attach(self.gs_cd)  # this thread's own handle
+        sel = self.sel
+        draining = []
+        while True:
+            timeout = None
+            if draining:
+                timeout = max(0.0, min(r.deadline for r in draining) - time.monotonic())
+            for key, _ in sel.select(timeout):
+                kind, rec, which = key.data
+                if kind == "wake":
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    with self.lock:
+                        todo, self.todo = self.todo, []
+                    for r in todo:
+                        sel.register(r.pidfd, selectors.EVENT_READ, ("pid", r, None))
+                        for fd_no, stream in ((1, r.popen.stdout), (2, r.popen.stderr)):
+                            if stream is not None:
+                                sel.register(stream.fileno(), selectors.EVENT_READ, ("out", r, fd_no))
+                                r.open_streams += 1
+                elif kind == "pid":
+                    sel.unregister(rec.pidfd)
+                    os.close(rec.pidfd)
+                    code = rec.popen.wait()
+                    with self.lock:
+                        rec.exit_code = code
+                        self.lock.notify_all()
+                    if rec.open_streams == 0:
+                        self._report(gs, rec)
+                    else:
+                        rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
+                        draining.append(rec)
+                elif kind == "out":
+                    fd = key.fd
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:
+                        data = b""
+                    if data:
+                        self._emit(rec, which, data)
+                    else:
+                        sel.unregister(fd)
+                        self._emit(rec, which, b"", final=True)
+                        (rec.popen.stdout if which == 1 else rec.popen.stderr).close()
+                        rec.open_streams -= 1
+                        if rec.open_streams == 0 and rec.exit_code is not None and not rec.reported:
+                            self._report(gs, rec)
+                            if rec in draining:
+                                draining.remove(rec)
+            if draining:
+                now = time.monotonic()
+                for r in [r for r in draining if r.deadline <= now]:
+                    draining.remove(r)
+                    self._report(gs, r)  # its pipes stay registered: grandchildren may still print
+
+    def _emit(self, rec, which, data, final=False):
+        buf = rec.partial.get(which, b"") + data
+        if final:
+            lines, rest = ([buf] if buf else []), b""
+        else:
+            *lines, rest = buf.split(b"\n")
+        rec.partial[which] = rest
+        if lines:
+            prefix = b"[" + rec.label.encode() + b"] "
+            out = b"".join(prefix + line + b"\n" for line in lines)
+            try:
+                os.write(self.out_fds[which], out)
+            except OSError:
+                pass
+
+    def _report(self, gs, rec):
+        rec.reported = True
+        try:
+            gs.send(m.encode(m.SHProcessExit(self.node, rec.p_uid, rec.exit_code)), timeout=10)
+        except ChannelError as e:
+            self.log.error("cannot report the exit of p_uid %d: %s", rec.p_uid, e)
+
+
+def main(node, job, inbox_cd, gs_cd, infra_pd):
+    """Entry point of the shepherd process (forked by the launcher). Serves until SHTeardown; on SIGTERM (which
+    the kernel sends when the launcher dies, PR_SET_PDEATHSIG) it tears the node down and unlinks the job's
+    segments itself."""
+    from dragon.channels import Channel
+    from dragon.pools import Pool
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+
+    def _term(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _term)
+    shep = None
+    try:
+        shep = Shepherd(node, job, Channel.attach(inbox_cd), gs_cd, Pool.attach(infra_pd))
+        shep.run()
+    except SystemExit:
+        if shep is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            shep.log.debug("parent gone or SIGTERM: tearing node %d down", node)
+            shep.teardown(1.0, unlink=True)
+    return 0

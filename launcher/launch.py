@@ -1,0 +1,329 @@
+"""dragon-launch: start the dragon runtime on this node, run the user's program in it, tear everything down.
+
+The launcher makes the job id, the node's infrastructure pool and the service channels, then forks (after only
+the imports the services need) the node's shepherd (local services) and global services concurrently, asks GS to
+start the program as the first managed process (p_uid 1), and exits with its exit code. Whatever ends the job
+(the program exits or raises, Ctrl-C, SIGTERM, a service dying, or SIGKILL of the launcher: the services get
+SIGTERM from PR_SET_PDEATHSIG and tear down themselves) every managed process is terminated (SIGTERM, SIGKILL
+after a grace period) and every shared-memory segment of the job is unlinked.
+
+Built around ``Runtime`` and ``NodeInfo`` so that the multi-node bootstrap (one shepherd and transport agent per
+node from MPI ranks, GS once, the program once on node 0) adds a world but keeps this flow.
+"""
+import argparse
+import os
+import signal
+import sys
+import time
+
+GRACE = 1.0  # seconds between SIGTERM and SIGKILL at teardown
+INFRA_POOL_SIZE = 64 << 20
+EXIT_SERVICE_FAILED = 70  # the runtime itself failed (a service died, the program could not start)
+
+
+class NodeInfo:
+    """One node of the job as the launcher sees it."""
+
+    __slots__ = ("index", "hostname", "cpus")
+
+    def __init__(self, index, hostname, cpus):
+        self.index, self.hostname, self.cpus = index, hostname, cpus
+
+    def to_wire(self):
+        return {"index": self.index, "hostname": self.hostname, "cpus": self.cpus}
+
+
+def local_world():
+    """The single-node world: (nodes, this node's index)."""
+    return [NodeInfo(0, os.uname().nodename, len(os.sched_getaffinity(0)))], 0
+
+
+class _Terminated(BaseException):
+    def __init__(self, signum):
+        self.signum = signum
+
+
+class ServiceDied(Exception):
+    pass
+
+
+def _fork(fn, *args):
+    """Run fn(*args) in a forked child that dies (SIGTERM) with this process; return its pid."""
+    from dragon._core import core
+
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        core.set_pdeathsig(signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before we could ask to follow it
+            os._exit(0)
+        code = fn(*args) or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _log(text):
+    sys.stderr.write(f"dragon-launch: {text}\n")
+    sys.stderr.flush()
+
+
+class Runtime:
+    """The runtime of one job, seen from one launcher (here: the only one, on node 0)."""
+
+    def __init__(self, nodes, node_index, grace=GRACE):
+        self.nodes, self.node_index, self.grace = nodes, node_index, grace
+        self.job = "j" + os.urandom(5).hex()
+        self.shep_pid = self.gs_pid = None
+        self.dead = {}  # pid -> raw wait status of services that exited
+        self.pool = None
+        self.chans = []
+        self.tag = 0
+        self.failed = None
+
+    # ---- start --------------------------------------------------------------------------------------------
+    def start(self):
+        os.environ["DRAGON_JOB"] = self.job
+        from dragon._core import core
+        from dragon.channels import Channel
+        from dragon.globalservices import server
+        from dragon.infrastructure import messages
+        from dragon.localservices import shepherd
+        from dragon.pools import Pool
+
+        self.m = messages
+        core.set_child_subreaper()
+        self.pool = Pool.create(INFRA_POOL_SIZE, name="inf")
+        self.gs_ch = Channel.create(self.pool, capacity=4096)
+        self.sh_ch = Channel.create(self.pool, capacity=1024)
+        self.la_ch = Channel.create(self.pool, capacity=256)
+        self.chans = [self.gs_ch, self.sh_ch, self.la_ch]
+        gs_cd, sh_cd, la_cd, pd = (bytes(x.sdesc) for x in (self.gs_ch, self.sh_ch, self.la_ch, self.pool))
+        self.shep_pid = _fork(shepherd.main, self.node_index, self.job, sh_cd, gs_cd, pd)
+        self.gs_pid = _fork(server.main, gs_cd, [sh_cd], la_cd, [n.to_wire() for n in self.nodes], [pd])
+
+    # ---- run ----------------------------------------------------------------------------------------------
+    def run(self, exe, args):
+        """Start the runtime, run exe args as the head process, tear down. -> exit code for the launcher."""
+        code = EXIT_SERVICE_FAILED
+        old = {}
+
+        def _term(signum, frame):
+            raise _Terminated(signum)
+
+        try:
+            self.start()
+            old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _term)
+            code = self._run_head(exe, args)
+        except KeyboardInterrupt:
+            _log("interrupted: tearing the job down")
+            code = 128 + signal.SIGINT
+        except _Terminated as t:
+            _log(f"got signal {t.signum}: tearing the job down")
+            code = 128 + t.signum
+        except ServiceDied as e:
+            _log(str(e))
+            self.failed = str(e)
+            code = EXIT_SERVICE_FAILED
+        finally:
+            # finish the teardown even if a second Ctrl-C or SIGTERM comes
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.teardown()
+        return code
+
+    def _send(self, ch, msg):
+        self.tag += 1
+        msg.tag, msg.reply = self.tag, bytes(self.la_ch.sdesc)
+        if hasattr(msg, "caller"):
+            msg.caller = 0
+        ch.send(self.m.encode(msg), timeout=5)
+        return self.tag
+
+    def _recv(self, timeout):
+        """Next message on the launcher channel, or None after timeout; raises ServiceDied if a service died."""
+        from dragon.errors import ChannelEmpty, ChannelTimeout
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._reap()
+            if self.shep_pid in self.dead or self.gs_pid in self.dead:
+                who = "local services (shepherd)" if self.shep_pid in self.dead else "global services"
+                pid = self.shep_pid if self.shep_pid in self.dead else self.gs_pid
+                raise ServiceDied(f"{who} of node {self.node_index} (pid {pid}) died "
+                                  f"({self._status_text(self.dead[pid])}): ending the job")
+            slice_ = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+            if slice_ <= 0:
+                return None
+            try:
+                return self.m.decode(self.la_ch.recv(timeout=slice_))
+            except (ChannelTimeout, ChannelEmpty, TimeoutError):
+                continue
+
+    @staticmethod
+    def _status_text(status):
+        if os.WIFSIGNALED(status):
+            return f"killed by signal {os.WTERMSIG(status)}"
+        return f"exit code {os.WEXITSTATUS(status)}"
+
+    def _reap(self):
+        """Reap exited children (services, and orphans that came back to us as child subreaper)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in (self.shep_pid, self.gs_pid):
+                self.dead[pid] = status
+
+    def _run_head(self, exe, args):
+        m = self.m
+        tag = self._send(self.gs_ch, m.GSProcessCreate(
+            exe=exe, run_dir=os.getcwd(), args=list(args), env=None, user_name=None, options={}, soft=False,
+            head=True))
+        while True:
+            msg = self._recv(None)
+            if isinstance(msg, m.Response) and msg.tag == tag:
+                if msg.err:
+                    _log(f"cannot start the program: {msg.msg}")
+                    return EXIT_SERVICE_FAILED
+            elif isinstance(msg, m.LAHeadExit):
+                code = msg.exit_code
+                return code if code >= 0 else 128 - code
+
+    # ---- teardown -----------------------------------------------------------------------------------------
+    def _alive(self, pid):
+        return pid is not None and pid not in self.dead
+
+    def teardown(self):
+        from launcher import cleanup
+
+        m = getattr(self, "m", None)
+        abnormal = False
+        if self._alive(self.shep_pid) and m is not None:
+            try:
+                tag = self._send(self.sh_ch, m.SHTeardown(grace=self.grace))
+                deadline = time.monotonic() + self.grace + 2.0
+                while time.monotonic() < deadline:
+                    msg = self._recv(deadline - time.monotonic())
+                    if msg is None or (isinstance(msg, m.Response) and msg.tag == tag):
+                        break
+                else:
+                    abnormal = True
+            except Exception as e:  # ServiceDied, a full channel...
+                abnormal = True
+                if not isinstance(e, ServiceDied):
+                    _log(f"teardown: {e}")
+        else:
+            abnormal = True
+        if self._alive(self.gs_pid) and m is not None:
+            try:
+                self._send(self.gs_ch, m.GSHalt())
+            except Exception:
+                pass
+        for pid in (self.shep_pid, self.gs_pid):
+            self._wait_or_kill(pid, 1.0)
+        # anything left: orphans that came back to us, and (if a service failed) whatever still carries the job id
+        left = set(cleanup.children())
+        if abnormal:
+            left.update(cleanup.job_pids(self.job))
+        if left:
+            cleanup.kill_all(left, signal.SIGTERM)
+            deadline = time.monotonic() + self.grace
+            while time.monotonic() < deadline and any(_exists(p) for p in left):
+                self._reap()
+                time.sleep(0.02)
+            cleanup.kill_all([p for p in left if _exists(p)], signal.SIGKILL)
+            self._reap()
+        for ch in self.chans:
+            try:
+                ch.destroy()
+            except Exception:
+                pass
+        if self.pool is not None:
+            try:
+                self.pool.destroy()
+            except Exception:
+                pass
+        try:
+            from dragon._core import core
+
+            core.unlink_job_segments(self.job)
+        except Exception as e:
+            _log(f"teardown: could not unlink the job's segments: {e}")
+
+    def _wait_or_kill(self, pid, timeout):
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._alive(pid) and time.monotonic() < deadline:
+            self._reap()
+            if self._alive(pid):
+                time.sleep(0.005)
+        if self._alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            self.dead[pid] = 9
+
+
+def _exists(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="dragon-launch",
+        description=(
+            "Run a program inside the dragon runtime on this node: starts global services and local services, "
+            "runs PROGRAM as the first managed process (a .py file runs with this Python interpreter), prints its "
+            "output as it comes (other managed processes' lines are labelled [user_name or p_uid]), tears "
+            "everything down when it ends, and exits with its exit code (128+N if signal N killed it)."
+        ),
+        epilog=(
+            "Inside PROGRAM, use dragon.globalservices.process / pool / channel. Environment: DRAGON_LOG=debug "
+            "for verbose service logs."
+        ),
+    )
+    p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
+                   help=f"time managed processes get between SIGTERM and SIGKILL at teardown (default {GRACE})")
+    p.add_argument("program", help="the program to run: a .py script, or an executable")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to PROGRAM")
+    return p
+
+
+def main(argv=None):
+    ns = parser().parse_args(argv)
+    if ns.grace < 0:
+        parser().error("--grace must be >= 0")
+    if ns.program.endswith(".py"):
+        if not os.path.isfile(ns.program):
+            parser().error(f"no such file: {ns.program}")
+        exe, args = sys.executable, [ns.program, *ns.args]
+    else:
+        exe, args = ns.program, list(ns.args)
+    nodes, me = local_world()
+    code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
