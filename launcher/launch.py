@@ -150,18 +150,20 @@ class Runtime:
         ch.send(self.m.encode(msg), timeout=5)
         return self.tag
 
-    def _recv(self, timeout):
-        """Next message on the launcher channel, or None after timeout; raises ServiceDied if a service died."""
+    def _recv(self, timeout, watch=None):
+        """Next message on the launcher channel, or None after timeout; raises ServiceDied if a service in
+        watch (default: shepherd and GS) died."""
         from dragon.errors import ChannelEmpty, ChannelTimeout
 
         deadline = None if timeout is None else time.monotonic() + timeout
+        watch = (self.shep_pid, self.gs_pid) if watch is None else watch
         while True:
             self._reap()
-            if self.shep_pid in self.dead or self.gs_pid in self.dead:
-                who = "local services (shepherd)" if self.shep_pid in self.dead else "global services"
-                pid = self.shep_pid if self.shep_pid in self.dead else self.gs_pid
-                raise ServiceDied(f"{who} of node {self.node_index} (pid {pid}) died "
-                                  f"({self._status_text(self.dead[pid])}): ending the job")
+            for pid in watch:
+                if pid in self.dead:
+                    who = "local services (shepherd)" if pid == self.shep_pid else "global services"
+                    raise ServiceDied(f"{who} of node {self.node_index} (pid {pid}) died "
+                                      f"({self._status_text(self.dead[pid])}): ending the job")
             slice_ = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
             if slice_ <= 0:
                 return None
@@ -217,7 +219,7 @@ class Runtime:
                 tag = self._send(self.sh_ch, m.SHTeardown(grace=self.grace))
                 deadline = time.monotonic() + self.grace + 2.0
                 while time.monotonic() < deadline:
-                    msg = self._recv(deadline - time.monotonic())
+                    msg = self._recv(deadline - time.monotonic(), watch=(self.shep_pid,))
                     if msg is None or (isinstance(msg, m.Response) and msg.tag == tag):
                         break
                 else:

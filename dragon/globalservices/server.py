@@ -660,7 +660,8 @@ def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools):
     kernel sends when the launcher dies, PR_SET_PDEATHSIG)."""
     from dragon.channels import Channel
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    # Ctrl-C is the launcher's to handle; a no-op handler, not SIG_IGN, which children would inherit
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
 
     def _term(signum, frame):
         raise SystemExit(0)

@@ -365,7 +365,8 @@ def main(node, job, inbox_cd, gs_cd, infra_pd):
     from dragon.channels import Channel
     from dragon.pools import Pool
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    # Ctrl-C is the launcher's to handle; a no-op handler, not SIG_IGN, which children would inherit
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
 
     def _term(signum, frame):
         raise SystemExit(0)

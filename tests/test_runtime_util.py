@@ -1,0 +1,52 @@
+"""Helpers for the runtime tests: run a small app under dragon-launch and look for what a job left behind."""
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch_env(extra=None):
+    env = dict(os.environ)
+    for k in [k for k in env if k.startswith("DRAGON_")]:
+        del env[k]
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    return env
+
+
+def launch_cmd(*args):
+    return [sys.executable, "-m", "launcher.launch", *args]
+
+
+def write_app(tmp_path, code, name="app.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(code))
+    return path
+
+
+def run_app(tmp_path, code, args=(), timeout=60, launcher_args=(), env=None):
+    """Write code to tmp_path/app.py, run it under dragon-launch; -> CompletedProcess (text)."""
+    app = write_app(tmp_path, code)
+    return subprocess.run(launch_cmd(*launcher_args, str(app), *args), cwd=tmp_path, env=launch_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_pids(job):
+    sys.path.insert(0, REPO)
+    from launcher.cleanup import job_pids as jp
+
+    return jp(job)
+
+
+def job_segments(job):
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{job}-")]
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
