@@ -245,6 +245,8 @@ cdef _Segment _map_segment(str name, bint create, uint64_t nbits, uint64_t gener
 cdef _Segment _attach_segment(str name, uint64_t size, uint64_t generation):
     cdef _Segment seg = _segments.get((name, generation))
     if seg is not None and not seg.destroyed:
+        if seg.data_size != size:
+            raise PoolError(f"pool {name!r}: segment size does not match the sdesc (stale or corrupt sdesc)")
         return seg
     if size == 0 or size % DS_GRANULE or size // DS_GRANULE > DS_MAX_GRANULES:
         raise PoolError(f"pool {name!r}: invalid size {size} in sdesc")
@@ -850,7 +852,11 @@ cdef class Channel:
         cdef uint64_t st = 0, off
         cdef int rc
         self._check()
-        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        except (BufferError, ValueError) as e:
+            raise TypeError(f"recv_into() needs a writable contiguous buffer, not {type(buffer).__name__}: "
+                            f"{e}") from None
         try:
             rc = ds_ch_claim_recv(&self.c, <uint64_t>view.len, &slot, &lap, &st)
             if rc != DS_OK:

@@ -728,6 +728,7 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
                  : (ds_ch_ready(c) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
     int64_t t0 = ds_now();
     for (uint64_t it = 1;; it++) {
+        if (!ds_ch_alive(c)) return DS_DESTROYED;
         r = DS_TRY();
         if (r != busy) return r;
         if ((it & 31) == 0) {
@@ -739,6 +740,7 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
         ds_relax();
     }
     for (;;) {
+        if (!ds_ch_alive(c)) return DS_DESTROYED;
         if (*slot) ds_ch_recover(c, *slot, *st);
         __atomic_add_fetch(wait_p, 1, __ATOMIC_SEQ_CST);
         DS_FENCE();

@@ -1,0 +1,458 @@
+"""Channels: send/recv variants, blocking and timeouts, wake-ups, full/empty, zero-copy, bad input."""
+import multiprocessing as mp
+import os
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dragon.channels import Channel, Message
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, DragonError
+from dragon.pools import Pool
+
+ctx = mp.get_context("fork")
+
+
+@pytest.fixture
+def pool():
+    with Pool.create(1 << 22) as p:
+        yield p
+
+
+@pytest.fixture
+def ch(pool):
+    c = Channel.create(pool, capacity=8, block_size=64)
+    yield c
+    c.close()
+
+
+# ------------------------------------------------------------------------------------------ basics
+def test_attributes_and_attach(pool):
+    c = Channel.create(pool, capacity=5, block_size=100, name="basic")
+    assert (c.capacity, c.block_size, c.name, len(c)) == (5, 100, "basic", 0)
+    assert c.pool is pool and c.creator
+    d = Channel.attach(c.sdesc)
+    assert (d.capacity, d.block_size, d.name, d.sdesc) == (5, 100, "basic", c.sdesc) and not d.creator
+    d.send(b"x")
+    assert len(c) == 1 and c.recv() == b"x"
+    c.destroy()
+
+
+def test_send_recv_types_and_sizes(ch, pool):
+    msgs = [b"", b"a", b"x" * 64, b"y" * 65, os.urandom(100000), bytearray(b"ba"), memoryview(b"mv"),
+            np.arange(5, dtype=np.int32), np.arange(100, dtype=np.float64)]
+    for m in msgs[:4]:
+        ch.send(m)
+    assert [ch.recv() for _ in range(4)] == [bytes(m) for m in msgs[:4]]
+    for m in msgs[4:]:
+        ch.send(m)
+        assert ch.recv() == bytes(memoryview(m).cast("B"))
+    ch.send(np.arange(20)[::2])  # non-contiguous: copied once more, still works
+    assert np.array_equal(np.frombuffer(ch.recv(), dtype=int), np.arange(20)[::2])
+    with pytest.raises(TypeError):
+        ch.send("a str")
+    with pytest.raises(TypeError):
+        ch.send(12)
+    assert pool.stats()["allocated_blocks"] == 1  # only the channel itself
+
+
+def test_fifo_order_and_full_empty(ch):
+    with pytest.raises(ChannelEmpty):
+        ch.recv(timeout=0)
+    for i in range(8):
+        ch.send(struct.pack("<I", i), timeout=0)
+    assert len(ch) == 8
+    with pytest.raises(ChannelFull):
+        ch.send(b"x", timeout=0)
+    with pytest.raises(ChannelTimeout):
+        ch.send(b"x", timeout=0.05)
+    assert [struct.unpack("<I", ch.recv(timeout=0))[0] for _ in range(8)] == list(range(8))
+    # many laps around the ring
+    for i in range(1000):
+        ch.send(struct.pack("<I", i))
+        if i % 3 == 0:
+            ch.send(b"extra")
+            assert ch.recv() == struct.pack("<I", i)
+            assert ch.recv() == b"extra"
+        else:
+            assert ch.recv() == struct.pack("<I", i)
+
+
+def test_recv_into(ch):
+    buf = bytearray(100)
+    ch.send(b"hello")
+    assert ch.recv_into(buf) == 5 and buf[:5] == b"hello"
+    ch.send(os.urandom(1000))
+    with pytest.raises(ChannelError, match="too small"):
+        ch.recv_into(buf)
+    with pytest.raises(ChannelError, match="too small"):
+        ch.recv_into(buf, timeout=None)  # does not wait either: the message is there
+    assert len(ch) == 1  # not lost
+    big = np.zeros(1000, dtype=np.uint8)
+    assert ch.recv_into(big) == 1000
+    with pytest.raises(TypeError):
+        ch.recv_into(b"readonly bytes")
+    with pytest.raises(ChannelEmpty):
+        ch.recv_into(buf, timeout=0)
+
+
+def test_recv_message_zero_copy(ch, pool):
+    data = np.arange(10000, dtype=np.float64)
+    ch.send(data)
+    before = pool.stats()["allocated_blocks"]
+    m = ch.recv_message()
+    assert isinstance(m, Message) and m.in_pool and len(m) == data.nbytes
+    a = np.frombuffer(m, dtype=np.float64)
+    assert np.array_equal(a, data)
+    assert pool.stats()["allocated_blocks"] == before  # the block now belongs to the message
+    m.release()  # a numpy view is alive: the block stays
+    assert pool.stats()["allocated_blocks"] == before and a[-1] == 9999.0
+    with pytest.raises(ChannelError, match="released"):
+        memoryview(m)
+    del a
+    assert pool.stats()["allocated_blocks"] == before - 1
+    ch.send(b"small")
+    with ch.recv_message() as m2:
+        assert not m2.in_pool and bytes(m2) == b"small"
+        memoryview(m2)[0:1] = b"S"  # writable
+        assert bytes(m2) == b"Small"
+    ch.send(os.urandom(5000))
+    m3 = ch.recv_message()
+    del m3  # garbage collection frees the block too
+    assert pool.stats()["allocated_blocks"] == before - 1
+
+
+def test_send_block_zero_copy(ch, pool):
+    b = pool.alloc(4096)
+    np.frombuffer(b, dtype=np.int32)[:] = 7
+    off = b.offset
+    ch.send_block(b, nbytes=4000)
+    assert b.freed
+    with pytest.raises(ChannelError, match="freed or sent"):
+        ch.send_block(b)
+    m = ch.recv_message()
+    assert len(m) == 4000 and np.frombuffer(m, dtype=np.int32).sum() == 7000
+    assert m.in_pool
+    m.release()
+    ch.send_block(pool.alloc(10))  # small blocks travel by offset too; recv() copies and frees
+    assert ch.recv() == bytes(10) or len(ch) == 0
+    assert pool.stats()["allocated_blocks"] == 1
+    with pytest.raises(ChannelError, match="does not fit"):
+        ch.send_block(pool.alloc(10), nbytes=100000)
+    with Pool.create(4096) as other:
+        with pytest.raises(ChannelError, match="another pool"):
+            ch.send_block(other.alloc(10))
+    with pytest.raises(TypeError):
+        ch.send_block(b"bytes")
+    assert off >= 0
+
+
+def test_send_many_recv_many(ch):
+    assert ch.send_many([b"a", bytearray(b"b"), np.array([1], dtype=np.uint8), b"x" * 500]) == 4
+    out = ch.recv_many(10)
+    assert out == [b"a", b"b", b"\x01", b"x" * 500]
+    with pytest.raises(ChannelEmpty):
+        ch.recv_many(3, timeout=0)
+    assert ch.send_many([b"%d" % i for i in range(20)], timeout=0) == 8  # partial: returns the count
+    with pytest.raises(ChannelFull):
+        ch.send_many([b"z"], timeout=0)
+    assert ch.recv_many(3) == [b"0", b"1", b"2"]
+    assert ch.recv_many(100, timeout=0) == [b"%d" % i for i in range(3, 8)]
+    with pytest.raises(ChannelError):
+        ch.recv_many(0)
+    assert ch.send_many([]) == 0
+
+
+def test_poll(ch):
+    assert ch.poll(timeout=0) is False
+    t = time.monotonic()
+    assert ch.poll(timeout=0.1) is False
+    assert time.monotonic() - t >= 0.09
+    ch.send(b"x")
+    assert ch.poll() and ch.poll(0) and len(ch) == 1  # does not consume
+    ch.recv()
+    threading.Timer(0.1, ch.send, (b"y",)).start()
+    assert ch.poll(timeout=10)
+    assert ch.recv() == b"y"
+
+
+# ------------------------------------------------------------------------------------------ blocking across processes
+def _send_later(sdesc, delay, payloads):
+    time.sleep(delay)
+    c = Channel.attach(sdesc)
+    for p in payloads:
+        c.send(p)
+
+
+def test_blocking_recv_woken_by_late_sender(ch):
+    proc = ctx.Process(target=_send_later, args=(ch.sdesc, 0.3, [b"late", b"x" * 5000]))
+    proc.start()
+    t = time.monotonic()
+    assert ch.recv(timeout=None) == b"late"
+    assert time.monotonic() - t >= 0.25
+    assert ch.recv(timeout=10) == b"x" * 5000
+    proc.join(10)
+
+
+def _recv_n(sdesc, n, q):
+    c = Channel.attach(sdesc)
+    time.sleep(0.3)
+    q.put([c.recv(timeout=10) for _ in range(n)])
+
+
+def test_blocking_send_woken_by_receiver(ch):
+    for i in range(8):
+        ch.send(b"%d" % i)
+    q = ctx.Queue()
+    proc = ctx.Process(target=_recv_n, args=(ch.sdesc, 10, q))
+    proc.start()
+    t = time.monotonic()
+    ch.send(b"8", timeout=None)
+    assert time.monotonic() - t >= 0.2
+    ch.send(b"9", timeout=10)
+    assert q.get(timeout=20) == [b"%d" % i for i in range(10)]
+    proc.join(10)
+
+
+def _blocked_recv_cpu(sdesc, q):
+    c = Channel.attach(sdesc)
+    t0 = os.times()
+    w0 = time.monotonic()
+    try:
+        c.recv(timeout=1.0)
+        q.put(("got", 0, 0))
+    except ChannelTimeout:
+        t1 = os.times()
+        q.put(("timeout", (t1.user - t0.user) + (t1.system - t0.system), time.monotonic() - w0))
+
+
+def test_blocked_receiver_uses_no_cpu(ch):
+    q = ctx.Queue()
+    proc = ctx.Process(target=_blocked_recv_cpu, args=(ch.sdesc, q))
+    proc.start()
+    what, cpu, wall = q.get(timeout=20)
+    proc.join(10)
+    assert what == "timeout" and wall >= 0.95
+    assert cpu < 0.05 * wall, f"blocked receiver used {cpu:.3f} s CPU in {wall:.2f} s"
+
+
+def _many_blocked(sdesc, q):
+    c = Channel.attach(sdesc)
+    try:
+        q.put(c.recv(timeout=20))
+    except ChannelError as e:
+        q.put(type(e).__name__)
+
+
+def test_wakeups_not_lost_with_many_waiters(ch):
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_many_blocked, args=(ch.sdesc, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(0.3)  # all asleep on the futex
+    for i in range(4):
+        ch.send(b"m%d" % i)
+        time.sleep(0.02)
+    got = sorted(q.get(timeout=20) for _ in range(4))
+    assert got == [b"m0", b"m1", b"m2", b"m3"]
+    for p in procs:
+        p.join(10)
+
+
+def test_timeout_semantics(ch):
+    for bad_t in (0, -1, 0.0):
+        with pytest.raises(ChannelEmpty):
+            ch.recv(timeout=bad_t)
+    t = time.monotonic()
+    with pytest.raises(ChannelTimeout) as ei:
+        ch.recv(timeout=0.2)
+    assert time.monotonic() - t >= 0.19 and isinstance(ei.value, TimeoutError)
+    with pytest.raises(TypeError):
+        ch.recv(timeout="soon")
+
+
+def test_threads_block_without_gil(ch):
+    got = []
+    th = threading.Thread(target=lambda: got.append(ch.recv(timeout=10)))
+    th.start()
+    time.sleep(0.2)
+    t = time.monotonic()
+    n = 0
+    while time.monotonic() - t < 0.1:  # the main thread keeps running while the other is blocked
+        n += 1
+    ch.send(b"go")
+    th.join(10)
+    assert got == [b"go"] and n > 1000
+
+
+# ------------------------------------------------------------------------------------------ destroy / close
+def _blocked_until_destroy(sdesc, q):
+    c = Channel.attach(sdesc)
+    try:
+        c.recv()
+        q.put("received?")
+    except ChannelError as e:
+        q.put(("ChannelError", str(e)))
+
+
+def test_destroy_wakes_blocked_receiver(pool):
+    c = Channel.create(pool, capacity=4, block_size=16)
+    q = ctx.Queue()
+    proc = ctx.Process(target=_blocked_until_destroy, args=(c.sdesc, q))
+    proc.start()
+    time.sleep(0.3)
+    c.destroy()
+    kind, msg = q.get(timeout=10)
+    proc.join(10)
+    assert kind == "ChannelError" and "destroyed" in msg
+
+
+def test_destroy_wakes_blocked_thread_and_frees_queued_blocks(pool):
+    base = pool.stats()["allocated_blocks"]
+    c = Channel.create(pool, capacity=2, block_size=16)
+    c.send(b"x" * 1000)
+    c.send(b"y" * 1000)
+    errs = []
+
+    def sender():
+        try:
+            c.send(b"z")
+        except ChannelError as e:
+            errs.append(e)
+
+    th = threading.Thread(target=sender)
+    th.start()
+    time.sleep(0.2)
+    c.destroy()
+    th.join(10)
+    assert len(errs) == 1 and not isinstance(errs[0], (ChannelFull, ChannelTimeout))
+    assert pool.stats()["allocated_blocks"] == base  # channel and both queued blocks freed
+
+
+def test_use_after_close_and_destroy(pool):
+    c = Channel.create(pool, capacity=2)
+    d = Channel.attach(c.sdesc)
+    d.close()
+    d.close()
+    for op in (lambda: d.send(b"x"), lambda: d.recv(0), lambda: len(d), lambda: d.poll(0), d.destroy):
+        with pytest.raises(ChannelError, match="closed"):
+            op()
+    e = Channel.attach(c.sdesc)
+    c.destroy()
+    for h in (c, e):
+        for op in (lambda: h.send(b"x"), lambda: h.recv(0), lambda: h.recv_message(0), lambda: h.poll(0),
+                   lambda: h.send_many([b"x"]), lambda: h.recv_many(1, 0), h.destroy):
+            with pytest.raises(ChannelError, match="destroyed"):
+                op()
+    with pytest.raises(ChannelError):
+        Channel.attach(c.sdesc)
+
+
+def test_context_manager(pool):
+    base = pool.stats()["allocated_blocks"]
+    with Channel.create(pool) as c:
+        with Channel.attach(c.sdesc) as d:
+            d.send(b"1")
+        assert d.closed and c.recv() == b"1"
+    assert pool.stats()["allocated_blocks"] == base
+
+
+def test_pool_destroyed_under_channel():
+    p = Pool.create(1 << 16)
+    c = Channel.create(p, capacity=2)
+    p.destroy()
+    with pytest.raises(ChannelError, match="pool"):
+        c.send(b"x")
+    with pytest.raises(ChannelError):
+        Channel.attach(c.sdesc)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_create_args(pool):
+    for kw in (dict(capacity=0), dict(capacity=-1), dict(block_size=-1), dict(capacity=1 << 40)):
+        with pytest.raises(ChannelError):
+            Channel.create(pool, **kw)
+    with pytest.raises(ChannelError, match="more than pool"):
+        Channel.create(pool, capacity=100000, block_size=1 << 20)
+    with pytest.raises(ChannelError, match="too long"):
+        Channel.create(pool, name="n" * 100)
+    with pytest.raises(TypeError):
+        Channel.create("not a pool")
+    with pytest.raises(TypeError):
+        Channel.create(pool, capacity="x")
+    with pytest.raises(TypeError):
+        Channel()
+    closed = Pool.attach(pool.sdesc)
+    closed.close()
+    with pytest.raises(ChannelError, match="closed"):
+        Channel.create(closed)
+
+
+def test_message_larger_than_pool():
+    with Pool.create(1 << 16) as p:
+        c = Channel.create(p, capacity=2, block_size=64)
+        for t in (None, 0, 1):
+            with pytest.raises(ChannelError, match="could ever hold"):
+                c.send(b"x" * (1 << 17), timeout=t)
+        big = c.pool.alloc(30000)
+        with pytest.raises(ChannelFull, match="no room"):
+            c.send(b"x" * 40000, timeout=0)
+        with pytest.raises(ChannelTimeout):
+            c.send(b"x" * 40000, timeout=0.05)
+        p.free(big)
+        c.send(b"x" * 40000, timeout=0)
+        assert c.recv() == b"x" * 40000
+
+
+def test_garbage_truncated_and_stale_sdesc(pool):
+    c = Channel.create(pool, capacity=2)
+    sd = c.sdesc
+    for bad in (b"", b"DRGN", sd[:-1], sd[:20], sd + b"\0", os.urandom(len(sd)), b"\0" * len(sd)):
+        with pytest.raises(ChannelError):
+            Channel.attach(bad)
+    with pytest.raises(ChannelError, match="not a channel sdesc"):
+        Channel.attach(pool.sdesc)
+    with pytest.raises(TypeError):
+        Channel.attach(None)
+    for off in (0, 1, 1 << 40, 4096, struct.unpack_from("<Q", sd, 24)[0] + 256):
+        bad = bytearray(sd)
+        struct.pack_into("<Q", bad, 24, off)
+        with pytest.raises(ChannelError):
+            Channel.attach(bytes(bad))
+    blk = pool.alloc(5000)  # an allocated block that is not a channel
+    bad = bytearray(sd)
+    struct.pack_into("<Q", bad, 24, blk.offset)
+    with pytest.raises(ChannelError, match="corrupt"):
+        Channel.attach(bytes(bad))
+    bad = bytearray(sd)
+    struct.pack_into("<Q", bad, 32, 12345)  # generation
+    with pytest.raises(ChannelError, match="stale"):
+        Channel.attach(bytes(bad))
+    c.destroy()
+    c2 = Channel.create(pool, capacity=2)  # likely the same offset, new generation
+    with pytest.raises(ChannelError):
+        Channel.attach(sd)
+    c2.destroy()
+
+
+def test_errors_hierarchy():
+    assert issubclass(ChannelTimeout, TimeoutError) and issubclass(ChannelTimeout, ChannelError)
+    assert issubclass(ChannelFull, ChannelError) and issubclass(ChannelEmpty, ChannelError)
+    assert issubclass(ChannelError, DragonError)
+
+
+def _pickled_handle(c, q):
+    c.send(b"via pickle")
+    q.put("ok")
+
+
+def test_handles_pickle_to_spawned_process(ch):
+    sctx = mp.get_context("spawn")
+    q = sctx.Queue()
+    proc = sctx.Process(target=_pickled_handle, args=(ch, q))
+    proc.start()
+    assert q.get(timeout=60) == "ok"
+    proc.join(60)
+    assert ch.recv(timeout=5) == b"via pickle"

@@ -1,0 +1,371 @@
+"""Shared-memory pools: lifecycle, cross-process blocks, numpy views, blocking alloc, crashes, bad input."""
+import multiprocessing as mp
+import os
+import random
+import signal
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dragon._core import core
+from dragon.errors import DragonError, PoolError, PoolFull, PoolTimeout
+from dragon.pools import Block, Pool
+
+ctx = mp.get_context("fork")
+
+
+@pytest.fixture
+def pool():
+    with Pool.create(1 << 20) as p:
+        yield p
+
+
+def _shm(name):
+    return os.path.exists(os.path.join("/dev/shm", name))
+
+
+# ------------------------------------------------------------------------------------------ lifecycle
+def test_create_attach_destroy():
+    p = Pool.create(10000, name="lifecycle")
+    assert p.name == core.job_prefix() + "lifecycle" and _shm(p.name)
+    assert p.size == 10240  # rounded up to the 256-byte granule
+    assert p.creator and isinstance(p.sdesc, bytes)
+    q = Pool.attach(p.sdesc)
+    assert not q.creator and q.name == p.name and q.size == p.size and q.sdesc == p.sdesc
+    assert p.stats() == dict(size=10240, free_bytes=10240, allocated_blocks=0, repairs=0)
+    with pytest.raises(PoolError, match="already exists"):
+        Pool.create(100, name="lifecycle")
+    p.destroy()
+    assert not _shm(p.name)
+    for h in (p, q):  # every handle of this process now refuses
+        with pytest.raises(PoolError):
+            h.alloc(10)
+    with pytest.raises(PoolError):
+        q.destroy()
+    with pytest.raises(PoolError, match="does not exist"):
+        Pool.attach(p.sdesc)
+
+
+def test_context_manager_creator_destroys_attacher_closes():
+    with Pool.create(4096) as p:
+        name = p.name
+        with Pool.attach(p.sdesc) as q:
+            q.alloc(10)
+        assert q.closed and _shm(name)
+        with pytest.raises(PoolError, match="closed"):
+            q.alloc(1)
+        p.alloc(10)
+    assert not _shm(name)
+
+
+def test_close_is_idempotent_and_blocks_outlive_it():
+    p = Pool.create(4096)
+    try:
+        b = p.alloc(100)
+        q = Pool.attach(p.sdesc)
+        q.close()
+        q.close()
+        memoryview(b)[:3] = b"abc"  # the mapping stays while anything uses it
+        assert bytes(memoryview(p.block(b.offset))[:3]) == b"abc"
+    finally:
+        p.destroy()
+    p.close()
+
+
+def test_auto_names_unique_and_job_prefix(monkeypatch):
+    monkeypatch.setenv("DRAGON_JOB", "testjob42")
+    assert core.job_id() == "testjob42" and core.job_prefix() == "dragon-testjob42-"
+    ps = [Pool.create(1024) for _ in range(3)]
+    try:
+        names = {p.name for p in ps}
+        assert len(names) == 3 and all(n.startswith("dragon-testjob42-") for n in names)
+        assert all(oct(os.stat("/dev/shm/" + n).st_mode & 0o777) == "0o600" for n in names)
+        assert core.unlink_job_segments("testjob42") == 3
+        assert core.unlink_job_segments("testjob42") == 0
+    finally:
+        for p in ps:
+            p.close()
+
+
+# ------------------------------------------------------------------------------------------ blocks
+def test_alloc_free_stats(pool):
+    blocks = [pool.alloc(n) for n in (0, 1, 256, 257, 5000)]
+    assert [b.size for b in blocks] == [0, 1, 256, 257, 5000]
+    assert all(b.offset % 64 == 0 for b in blocks)
+    assert len({b.offset for b in blocks}) == 5
+    st = pool.stats()
+    assert st["allocated_blocks"] == 5
+    assert st["free_bytes"] == pool.size - 256 * (1 + 1 + 1 + 2 + 20)
+    for b in blocks:
+        pool.free(b)
+    assert pool.stats()["free_bytes"] == pool.size and pool.stats()["allocated_blocks"] == 0
+    with pytest.raises(PoolError, match="already freed"):
+        pool.free(blocks[0])
+    with pytest.raises(PoolError, match="freed"):
+        memoryview(blocks[0])
+
+
+def test_numpy_zero_copy_and_views_block_free(pool):
+    b = pool.alloc(8 * 1000)
+    a = np.frombuffer(b, dtype=np.float64)
+    a[:] = np.arange(1000)
+    view = np.frombuffer(pool.block(b.offset), dtype=np.float64, count=1000)
+    assert view[999] == 999.0
+    view[0] = -1.0
+    assert a[0] == -1.0  # same memory
+    with pytest.raises(PoolError, match="live buffer view"):
+        pool.free(b)
+    del a
+    pool.free(b)
+
+
+def _child_write(sdesc, offset, value):
+    p = Pool.attach(sdesc)
+    np.frombuffer(p.block(offset), dtype=np.int64)[:] = value
+    p.close()
+
+
+def test_block_visible_across_processes_by_offset(pool):
+    b = pool.alloc(8 * 100)
+    proc = ctx.Process(target=_child_write, args=(pool.sdesc, b.offset, 77))
+    proc.start()
+    proc.join(20)
+    assert proc.exitcode == 0
+    assert (np.frombuffer(b, dtype=np.int64) == 77).all()
+
+
+def _spawn_child_alloc(sdesc, q):
+    p = Pool.attach(sdesc)
+    b = p.alloc(1000)
+    memoryview(b)[:5] = b"spawn"
+    q.put(b.offset)
+
+
+def test_attach_from_spawned_process(pool):
+    sctx = mp.get_context("spawn")
+    q = sctx.Queue()
+    proc = sctx.Process(target=_spawn_child_alloc, args=(pool.sdesc, q))
+    proc.start()
+    off = q.get(timeout=60)
+    proc.join(60)
+    b = pool.block(off)
+    assert bytes(memoryview(b)[:5]) == b"spawn"
+    pool.free(b)
+    assert pool.stats()["allocated_blocks"] == 0
+
+
+def test_alloc_timeouts_and_full():
+    with Pool.create(4096) as p:
+        b = p.alloc(4096)
+        with pytest.raises(PoolFull):
+            p.alloc(1, timeout=0)
+        t = time.monotonic()
+        with pytest.raises(PoolTimeout) as ei:
+            p.alloc(1, timeout=0.2)
+        assert time.monotonic() - t >= 0.19 and isinstance(ei.value, TimeoutError)
+        with pytest.raises(PoolError, match="could ever hold"):
+            p.alloc(4097)  # never fits: no waiting forever
+        threading.Timer(0.2, p.free, (b,)).start()
+        c = p.alloc(4096, timeout=None)  # woken by the free
+        assert c.size == 4096
+
+
+def _free_later(sdesc, offset, delay):
+    time.sleep(delay)
+    p = Pool.attach(sdesc)
+    p.free(p.block(offset))
+
+
+def test_blocked_alloc_woken_by_free_in_other_process():
+    with Pool.create(8192) as p:
+        b = p.alloc(8192)
+        proc = ctx.Process(target=_free_later, args=(p.sdesc, b.offset, 0.3))
+        proc.start()
+        c = p.alloc(4096, timeout=10)
+        proc.join(10)
+        assert c.size == 4096
+
+
+def test_fragmentation_first_fit_wraps():
+    with Pool.create(256 * 64) as p:
+        bs = [p.alloc(256) for _ in range(64)]
+        with pytest.raises(PoolFull):
+            p.alloc(1, timeout=0)
+        for b in bs[10:20]:
+            p.free(b)
+        big = p.alloc(256 * 10, timeout=0)  # the hint is past the end: wraps to the hole
+        assert big.offset == bs[10].offset
+        with pytest.raises(PoolFull):
+            p.alloc(1, timeout=0)
+
+
+def test_random_alloc_free_consistency():
+    rng = random.Random(1)
+    with Pool.create(1 << 18) as p:
+        live = {}
+        for _ in range(3000):
+            if live and (rng.random() < 0.45 or len(live) > 60):
+                off = rng.choice(list(live))
+                b, tag = live.pop(off)
+                assert bytes(memoryview(b)[:8]) == tag
+                p.free(b)
+            else:
+                try:
+                    b = p.alloc(rng.randint(1, 9000), timeout=0)
+                except PoolFull:
+                    continue
+                tag = struct.pack("<Q", rng.getrandbits(64))
+                if b.size >= 8:
+                    memoryview(b)[:8] = tag
+                else:
+                    tag = bytes(memoryview(b)[:8])
+                live[b.offset] = (b, tag)
+        st = p.stats()
+        assert st["allocated_blocks"] == len(live)
+        for b, _ in live.values():
+            p.free(b)
+        assert p.stats()["free_bytes"] == p.size
+
+
+# ------------------------------------------------------------------------------------------ crashes
+def _alloc_free_loop(sdesc, seed):
+    p = Pool.attach(sdesc)
+    rng = random.Random(seed)
+    held = []
+    while True:
+        try:
+            held.append(p.alloc(rng.randint(1, 3000), timeout=0))
+        except PoolFull:
+            pass
+        if len(held) > 4 or (held and rng.random() < 0.5):
+            p.free(held.pop(rng.randrange(len(held))))
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_in_alloc_free_loop_leaves_pool_usable():
+    with Pool.create(1 << 21) as p:
+        for rnd in range(8):
+            procs = [ctx.Process(target=_alloc_free_loop, args=(p.sdesc, rnd * 10 + i)) for i in range(3)]
+            for pr in procs:
+                pr.start()
+            time.sleep(0.05 + 0.05 * random.random())
+            for pr in procs:
+                os.kill(pr.pid, signal.SIGKILL)
+            for pr in procs:
+                pr.join(10)
+                assert pr.exitcode == -signal.SIGKILL
+            # the survivor can still allocate and free (the robust mutex was recovered if needed)
+            b = p.alloc(100, timeout=5)
+            p.free(b)
+        st = p.stats()
+        # each killed process leaks at most what it held (<= 6 blocks of <= 3000 B)
+        assert st["allocated_blocks"] <= 8 * 3 * 6
+        assert st["free_bytes"] >= p.size - 8 * 3 * 6 * 3072
+        # the leaks are real allocations: nothing overlaps, and the rest of the pool is allocatable
+        free_now = st["free_bytes"]
+        got = []
+        while True:
+            try:
+                got.append(p.alloc(256, timeout=0))
+            except PoolFull:
+                break
+        assert len(got) * 256 == free_now
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_sizes_and_names():
+    for size in (0, -1):
+        with pytest.raises(PoolError, match="size"):
+            Pool.create(size)
+    with pytest.raises(PoolError, match="too large"):
+        Pool.create(1 << 60)
+    with pytest.raises(TypeError):
+        Pool.create("big")
+    for name in ("a/b", "", "x\0y"):
+        with pytest.raises(PoolError, match="invalid pool name"):
+            Pool.create(1024, name=name)
+    with pytest.raises(PoolError, match="too long"):
+        Pool.create(1024, name="n" * 300)
+    with pytest.raises(TypeError):
+        Pool.create(1024, name=5)
+    with pytest.raises(TypeError):
+        Pool()
+    with pytest.raises(TypeError):
+        Block()
+
+
+def test_bad_alloc_free_block_args(pool):
+    with pytest.raises(PoolError):
+        pool.alloc(-5)
+    with pytest.raises(TypeError):
+        pool.alloc("x")
+    with pytest.raises(PoolError, match="could ever hold"):
+        pool.alloc(pool.size + 1)
+    with pytest.raises(TypeError):
+        pool.free(b"abc")
+    b = pool.alloc(1000)
+    for off in (-1, 0, 1, b.offset + 1, b.offset + 256, 1 << 62):
+        with pytest.raises(PoolError, match="not an allocated block"):
+            pool.block(off)
+    with pytest.raises(PoolError, match="not an allocated block"):
+        pool.block(b.offset + 64)
+    with Pool.create(4096) as other:
+        ob = other.alloc(10)
+        with pytest.raises(PoolError, match="another pool"):
+            pool.free(ob)
+    pool.free(b)
+    with pytest.raises(PoolError, match="not an allocated block"):
+        pool.block(b.offset)
+
+
+def test_garbage_truncated_and_stale_sdesc():
+    p = Pool.create(4096, name="stale")
+    sd = p.sdesc
+    for bad in (b"", b"x", b"garbage" * 10, sd[:-1], sd[:10], sd + b"x", b"\0" * len(sd),
+                os.urandom(len(sd)), b"DRGN" + os.urandom(60)):
+        with pytest.raises(PoolError):
+            Pool.attach(bad)
+    with pytest.raises(TypeError):
+        Pool.attach("a string")
+    # right magic and length, wrong kind / size / name
+    hdr = bytearray(sd)
+    hdr[5] = 2  # channel kind
+    with pytest.raises(PoolError, match="not a pool sdesc"):
+        Pool.attach(bytes(hdr))
+    hdr = bytearray(sd)
+    struct.pack_into("<Q", hdr, 16, 8192)  # size
+    with pytest.raises(PoolError, match="size"):
+        Pool.attach(bytes(hdr))
+    hdr = bytearray(sd)
+    struct.pack_into("<Q", hdr, 16, 0)
+    with pytest.raises(PoolError):
+        Pool.attach(bytes(hdr))
+    p.destroy()
+    q = Pool.create(4096, name="stale")  # same name, new generation
+    try:
+        with pytest.raises(PoolError, match="stale"):
+            Pool.attach(sd)
+        Pool.attach(q.sdesc).close()
+    finally:
+        q.destroy()
+
+
+def test_errors_are_dragon_errors():
+    assert issubclass(PoolFull, PoolError) and issubclass(PoolError, DragonError)
+    assert issubclass(PoolTimeout, TimeoutError)
+
+
+def test_fork_child_does_not_destroy_on_exit():
+    with Pool.create(4096) as p:
+        pid = os.fork()
+        if pid == 0:  # the child leaves the with-block through __exit__: must only close
+            try:
+                p.__exit__(None, None, None)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert _shm(p.name)
+        p.alloc(10)
