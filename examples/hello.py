@@ -6,6 +6,7 @@ The program (p_uid 1) creates a channel, starts NWORKERS copies of itself as wor
 from its descriptor and sends a greeting), receives every greeting, joins the workers and exits 0. The workers'
 own prints appear labelled with their names.
 """
+
 import sys
 
 from dragon.channels import Channel
@@ -22,8 +23,10 @@ def worker(index):
 def main(nworkers):
     desc = channel.create(None, user_name="greetings")  # in this node's default pool
     ch = Channel.attach(desc.sdesc)
-    workers = [process.create(sys.executable, None, [__file__, "worker", str(i)], user_name=f"worker{i}")
-               for i in range(nworkers)]
+    workers = [
+        process.create(sys.executable, None, [__file__, "worker", str(i)], user_name=f"worker{i}")
+        for i in range(nworkers)
+    ]
     for _ in workers:
         print(ch.recv(timeout=30).decode())
     codes = [process.join(w.p_uid, timeout=30) for w in workers]

@@ -1,5 +1,6 @@
 """Finding and killing what is left of a job: the processes whose environment names it (managed processes and
 everything they started) and the launcher's own children (orphans come back to it, a child subreaper)."""
+
 import os
 import signal
 

@@ -10,6 +10,7 @@ after a grace period) and every shared-memory segment of the job is unlinked.
 Built around ``Runtime`` and ``NodeInfo`` so that the multi-node bootstrap (one shepherd and transport agent per
 node from MPI ranks, GS once, the program once on node 0) adds a world but keeps this flow.
 """
+
 import argparse
 import os
 import signal
@@ -162,8 +163,10 @@ class Runtime:
             for pid in watch:
                 if pid in self.dead:
                     who = "local services (shepherd)" if pid == self.shep_pid else "global services"
-                    raise ServiceDied(f"{who} of node {self.node_index} (pid {pid}) died "
-                                      f"({self._status_text(self.dead[pid])}): ending the job")
+                    raise ServiceDied(
+                        f"{who} of node {self.node_index} (pid {pid}) died "
+                        f"({self._status_text(self.dead[pid])}): ending the job"
+                    )
             slice_ = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
             if slice_ <= 0:
                 return None
@@ -192,9 +195,19 @@ class Runtime:
 
     def _run_head(self, exe, args):
         m = self.m
-        tag = self._send(self.gs_ch, m.GSProcessCreate(
-            exe=exe, run_dir=os.getcwd(), args=list(args), env=None, user_name=None, options={}, soft=False,
-            head=True))
+        tag = self._send(
+            self.gs_ch,
+            m.GSProcessCreate(
+                exe=exe,
+                run_dir=os.getcwd(),
+                args=list(args),
+                env=None,
+                user_name=None,
+                options={},
+                soft=False,
+                head=True,
+            ),
+        )
         while True:
             msg = self._recv(None)
             if isinstance(msg, m.Response) and msg.tag == tag:
@@ -305,8 +318,13 @@ def parser():
             "for verbose service logs."
         ),
     )
-    p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
-                   help=f"time managed processes get between SIGTERM and SIGKILL at teardown (default {GRACE})")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE,
+        metavar="SECONDS",
+        help=f"time managed processes get between SIGTERM and SIGKILL at teardown (default {GRACE})",
+    )
     p.add_argument("program", help="the program to run: a .py script, or an executable")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to PROGRAM")
     return p

@@ -1,4 +1,5 @@
 """The message module: fixed type ids, one codec, routing, bad bytes (no runtime needed)."""
+
 import pytest
 
 from dragon.infrastructure import messages as m
@@ -9,7 +10,12 @@ def test_type_ids_unique_and_fixed():
     assert len(table) == len({c.__name__ for c in table.values()})
     assert all(isinstance(k, int) and cls.TYPE == k for k, cls in table.items())
     # ids are part of the wire format: they must never change meaning
-    assert (m.Response.TYPE, m.GSProcessCreate.TYPE, m.SHProcessExit.TYPE, m.LAHeadExit.TYPE) == (1, 10, 66, 51)
+    assert (m.Response.TYPE, m.GSProcessCreate.TYPE, m.SHProcessExit.TYPE, m.LAHeadExit.TYPE) == (
+        1,
+        10,
+        66,
+        51,
+    )
 
 
 def test_round_trip_every_message():

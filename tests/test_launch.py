@@ -1,15 +1,22 @@
 """dragon-launch itself: --help, bad command lines, exit codes, programs that are not Python, the example."""
+
 import os
 import subprocess
 
 import pytest
-
 from test_runtime_util import REPO, launch_cmd, launch_env, run_app
 
 
 def _run(*args, cwd=None, timeout=30):
-    return subprocess.run(launch_cmd(*args), cwd=cwd, env=launch_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        launch_cmd(*args),
+        cwd=cwd,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_help():
@@ -34,7 +41,10 @@ def test_executable_program_and_args(tmp_path):
     assert r.returncode == 4 and r.stdout == "from sh a b\n", r
 
 
-@pytest.mark.parametrize("code,expected", [("import sys; sys.exit(9)", 9), ("import os, signal; os.kill(os.getpid(), signal.SIGUSR1)", 128 + 10)])
+@pytest.mark.parametrize(
+    "code,expected",
+    [("import sys; sys.exit(9)", 9), ("import os, signal; os.kill(os.getpid(), signal.SIGUSR1)", 128 + 10)],
+)
 def test_exit_code_propagates(tmp_path, code, expected):
     r = run_app(tmp_path, code)
     assert r.returncode == expected, r.stderr
@@ -46,8 +56,15 @@ def test_program_args_and_stdin(tmp_path):
 
 
 def test_hello_example(tmp_path):
-    r = subprocess.run(launch_cmd(os.path.join(REPO, "examples", "hello.py"), "3"), cwd=tmp_path, env=launch_env(),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        launch_cmd(os.path.join(REPO, "examples", "hello.py"), "3"),
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     for i in range(3):
         assert f"hello from worker {i}" in r.stdout and f"[worker{i}] worker {i} is p_uid" in r.stdout

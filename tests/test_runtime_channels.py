@@ -1,7 +1,7 @@
 """Acceptance tests of dragon.globalservices.pool / channel / node (the spec's Pool and Channel Services), run
 under dragon-launch, plus the behaviour outside the runtime."""
-import pytest
 
+import pytest
 from test_runtime_util import run_app
 
 CHANNEL_APP = r'''
@@ -191,8 +191,15 @@ def test_outside_runtime_raises_runtime_not_found(monkeypatch):
 
     for k in ("DRAGON_GS_CD", "DRAGON_REPLY_CD", "DRAGON_PUID"):
         monkeypatch.delenv(k, raising=False)
-    for call in (process.this_process, process.get_list, lambda: process.query(1), pool.get_list, channel.list,
-                 lambda: channel.join("x", 1), node.get_list,
-                 lambda: process.create("/bin/true", None, [])):
+    for call in (
+        process.this_process,
+        process.get_list,
+        lambda: process.query(1),
+        pool.get_list,
+        channel.list,
+        lambda: channel.join("x", 1),
+        node.get_list,
+        lambda: process.create("/bin/true", None, []),
+    ):
         with pytest.raises(RuntimeNotFound, match="dragon-launch"):
             call()

@@ -3,10 +3,8 @@
 Many checks share one launch (startup is cheap but not free); each check prints ``ok <name>`` so a failure shows
 how far the app got.
 """
-import signal
 
 import pytest
-
 from test_runtime_util import run_app
 
 PROCESS_APP = r'''

@@ -1,4 +1,5 @@
 """Helpers for the runtime tests: run a small app under dragon-launch and look for what a job left behind."""
+
 import os
 import subprocess
 import sys
@@ -29,8 +30,15 @@ def write_app(tmp_path, code, name="app.py"):
 def run_app(tmp_path, code, args=(), timeout=60, launcher_args=(), env=None):
     """Write code to tmp_path/app.py, run it under dragon-launch; -> CompletedProcess (text)."""
     app = write_app(tmp_path, code)
-    return subprocess.run(launch_cmd(*launcher_args, str(app), *args), cwd=tmp_path, env=launch_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        launch_cmd(*launcher_args, str(app), *args),
+        cwd=tmp_path,
+        env=launch_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def job_pids(job):

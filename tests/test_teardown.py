@@ -1,5 +1,6 @@
 """Teardown: whatever ends a job (the program exits or raises, SIGTERM/SIGINT/SIGKILL of the launcher, SIGKILL of
 the shepherd or of global services), within 5 s no process of the job and no /dev/shm/dragon-<job>-* survives."""
+
 import os
 import queue
 import signal
@@ -8,10 +9,9 @@ import threading
 import time
 
 import pytest
-
 from test_runtime_util import alive, job_pids, job_segments, launch_cmd, launch_env, write_app
 
-APP = r'''
+APP = r"""
 import os, sys, time
 from dragon.globalservices import process as P
 PY = sys.executable
@@ -27,11 +27,16 @@ if mode == "exit":
 if mode == "raise":
     raise RuntimeError("boom")
 time.sleep(60)
-'''
+"""
 
 EXPECTED = {
-    "exit": 0, "raise": 1, "sigterm_launcher": 128 + 15, "sigint_launcher": 128 + 2, "sigkill_launcher": -9,
-    "sigkill_shepherd": 70, "sigkill_gs": 70,
+    "exit": 0,
+    "raise": 1,
+    "sigterm_launcher": 128 + 15,
+    "sigint_launcher": 128 + 2,
+    "sigkill_launcher": -9,
+    "sigkill_shepherd": 70,
+    "sigkill_gs": 70,
 }
 
 
@@ -51,8 +56,15 @@ def _children(pid):
 def test_teardown(tmp_path, action):
     app = write_app(tmp_path, APP)
     mode = action if action in ("exit", "raise") else "sleep"
-    proc = subprocess.Popen(launch_cmd(str(app), mode), cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        launch_cmd(str(app), mode),
+        cwd=tmp_path,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     job = None
@@ -80,8 +92,12 @@ def test_teardown(tmp_path, action):
             os.kill(gs, signal.SIGKILL)
         left = []
         while time.monotonic() - t0 < 5.0:
-            left = ([p for p in job_pids(job) if alive(p)] + [p for p in (shep, gs) if alive(p)]
-                    + job_segments(job) + ([proc.pid] if proc.poll() is None else []))
+            left = (
+                [p for p in job_pids(job) if alive(p)]
+                + [p for p in (shep, gs) if alive(p)]
+                + job_segments(job)
+                + ([proc.pid] if proc.poll() is None else [])
+            )
             if not left:
                 break
             time.sleep(0.05)

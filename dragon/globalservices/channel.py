@@ -6,13 +6,25 @@ Reference counting (``ChannelOptions(ref_count=True)``): the creating process ho
 every process that gets the channel through ``join``, ``attach`` or a soft ``create``; ``detach`` gives one back,
 and a process that exits gives back all of its. When the count reaches zero GS destroys the channel.
 """
+
 from dragon.errors import ChannelError, ChannelTimeout
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
 from dragon.infrastructure.descriptors import ChannelDescriptor, ChannelOptions
 
-__all__ = ["create", "list", "query", "join", "destroy", "attach", "detach", "ChannelDescriptor", "ChannelOptions",
-           "ChannelError"]
+__all__ = [
+    "create",
+    "list",
+    "query",
+    "join",
+    "destroy",
+    "attach",
+    "detach",
+    "ChannelDescriptor",
+    "ChannelOptions",
+    "ChannelTimeout",
+    "ChannelError",
+]
 
 _list = list
 
@@ -35,19 +47,28 @@ def create(m_uid, user_name=None, channel_options=None, soft=False):
     if soft and not user_name:
         raise ChannelError("soft create needs a user_name")
     opts = ChannelOptions.make(channel_options)
-    return ChannelDescriptor.from_wire(_client.call(
-        _m.GSChannelCreate, ChannelError, m_uid=m_uid, user_name=user_name or None, options=opts.to_wire(),
-        soft=soft))
+    return ChannelDescriptor.from_wire(
+        _client.call(
+            _m.GSChannelCreate,
+            ChannelError,
+            m_uid=m_uid,
+            user_name=user_name or None,
+            options=opts.to_wire(),
+            soft=soft,
+        )
+    )
 
 
-def list():  # noqa: A001 (the spec's name)
+def list():
     """The c_uid of every channel currently alive."""
     return _list(_client.call(_m.GSChannelList, ChannelError))
 
 
 def query(identifier):
     """The ChannelDescriptor of a channel by c_uid (int) or name (str); ChannelError if there is none."""
-    return ChannelDescriptor.from_wire(_client.call(_m.GSChannelQuery, ChannelError, ident=_ident(identifier)))
+    return ChannelDescriptor.from_wire(
+        _client.call(_m.GSChannelQuery, ChannelError, ident=_ident(identifier))
+    )
 
 
 def join(identifier, timeout=None):
@@ -56,12 +77,19 @@ def join(identifier, timeout=None):
     forever; measured by global services)."""
     if not isinstance(identifier, str) or not identifier:
         raise ChannelError(f"channel.join needs a channel name (str), not {identifier!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout != timeout or timeout < 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0  # also NaN
+    ):
         raise ChannelError(f"timeout must be None or a number >= 0, not {timeout!r}")
-    return ChannelDescriptor.from_wire(_client.call(
-        _m.GSChannelJoin, ChannelError, server_wait=True, name=identifier,
-        timeout=None if timeout is None else float(timeout)))
+    return ChannelDescriptor.from_wire(
+        _client.call(
+            _m.GSChannelJoin,
+            ChannelError,
+            server_wait=True,
+            name=identifier,
+            timeout=None if timeout is None else float(timeout),
+        )
+    )
 
 
 def destroy(identifier):
@@ -78,7 +106,9 @@ def destroy(identifier):
 
 def attach(identifier):
     """Take a reference to a ref_count channel (no effect on others); returns its ChannelDescriptor."""
-    return ChannelDescriptor.from_wire(_client.call(_m.GSChannelAttach, ChannelError, ident=_ident(identifier)))
+    return ChannelDescriptor.from_wire(
+        _client.call(_m.GSChannelAttach, ChannelError, ident=_ident(identifier))
+    )
 
 
 def detach(identifier):

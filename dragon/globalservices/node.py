@@ -1,4 +1,5 @@
 """dragon.globalservices.node: the nodes of the job."""
+
 from dragon.errors import DragonError
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m

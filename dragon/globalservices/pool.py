@@ -3,6 +3,7 @@
 Use a pool by attaching to it: ``dragon.pools.Pool.attach(desc.sdesc)``. Each node's infrastructure pool is
 listed too (named ``dragon_infra_<node>``); it can hold user channels but cannot be destroyed.
 """
+
 from dragon.errors import PoolError
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
@@ -29,8 +30,16 @@ def create(size, user_name=None, pool_options=None, soft=False):
     if soft and not user_name:
         raise PoolError("soft create needs a user_name")
     opts = PoolOptions.make(pool_options)
-    return PoolDescriptor.from_wire(_client.call(_m.GSPoolCreate, PoolError, size=size, user_name=user_name or None,
-                                                 options=opts.to_wire(), soft=soft))
+    return PoolDescriptor.from_wire(
+        _client.call(
+            _m.GSPoolCreate,
+            PoolError,
+            size=size,
+            user_name=user_name or None,
+            options=opts.to_wire(),
+            soft=soft,
+        )
+    )
 
 
 def get_list():

@@ -3,6 +3,7 @@
 Every call asks global services and is safe to call from several threads at once. Outside dragon-launch, calls
 raise RuntimeNotFound.
 """
+
 import os
 import signal as _signal
 
@@ -11,8 +12,18 @@ from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
 from dragon.infrastructure.descriptors import ProcessDescriptor, ProcessOptions
 
-__all__ = ["create", "get_list", "query", "kill", "join", "multi_join", "this_process", "ProcessDescriptor",
-           "ProcessOptions", "ProcessError"]
+__all__ = [
+    "create",
+    "get_list",
+    "query",
+    "kill",
+    "join",
+    "multi_join",
+    "this_process",
+    "ProcessDescriptor",
+    "ProcessOptions",
+    "ProcessError",
+]
 
 
 def _ident(identifier):
@@ -24,7 +35,9 @@ def _ident(identifier):
 def _timeout(timeout):
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
+    if (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0  # also NaN
+    ):
         raise ProcessError(f"timeout must be None or a number >= 0, not {timeout!r}")
     return float(timeout)
 
@@ -51,7 +64,8 @@ def create(exe, run_dir, args, env=None, user_name="", options=None, soft=False)
         raise ProcessError(f"args must be a list of str, not {args!r}")
     if env is not None:
         if not isinstance(env, dict) or not all(
-                isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()):
+            isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
+        ):
             raise ProcessError(f"env must be a dict of str to str (names without '='), not {env!r}")
     if user_name is not None and not isinstance(user_name, str):
         raise ProcessError(f"user_name must be a str, not {user_name!r}")
@@ -60,8 +74,18 @@ def create(exe, run_dir, args, env=None, user_name="", options=None, soft=False)
     if soft and not user_name:
         raise ProcessError("soft create needs a user_name")
     opts = ProcessOptions.make(options)
-    d = _client.call(_m.GSProcessCreate, ProcessError, exe=os.fspath(exe), run_dir=run_dir, args=args, env=env,
-                     user_name=user_name or None, options=opts.to_wire(), soft=soft, head=False)
+    d = _client.call(
+        _m.GSProcessCreate,
+        ProcessError,
+        exe=os.fspath(exe),
+        run_dir=run_dir,
+        args=args,
+        env=env,
+        user_name=user_name or None,
+        options=opts.to_wire(),
+        soft=soft,
+        head=False,
+    )
     return ProcessDescriptor.from_wire(d)
 
 
@@ -72,7 +96,9 @@ def get_list():
 
 def query(identifier):
     """The ProcessDescriptor of a process, by p_uid (int) or user_name (str); ProcessError if there is none."""
-    return ProcessDescriptor.from_wire(_client.call(_m.GSProcessQuery, ProcessError, ident=_ident(identifier)))
+    return ProcessDescriptor.from_wire(
+        _client.call(_m.GSProcessQuery, ProcessError, ident=_ident(identifier))
+    )
 
 
 def kill(identifier, sig=_signal.SIGKILL):
@@ -86,8 +112,9 @@ def kill(identifier, sig=_signal.SIGKILL):
 def join(identifier, timeout=None):
     """Wait until the process exits; return its exit code (-N if signal N killed it), or None if ``timeout``
     seconds (measured by global services) pass first. Joining yourself raises ProcessError."""
-    return _client.call(_m.GSProcessJoin, ProcessError, server_wait=True, ident=_ident(identifier),
-                        timeout=_timeout(timeout))
+    return _client.call(
+        _m.GSProcessJoin, ProcessError, server_wait=True, ident=_ident(identifier), timeout=_timeout(timeout)
+    )
 
 
 def multi_join(identifiers, timeout=None):
@@ -99,8 +126,9 @@ def multi_join(identifiers, timeout=None):
     if isinstance(identifiers, (str, bytes)) or not isinstance(identifiers, (list, tuple)) or not identifiers:
         raise ProcessError(f"multi_join needs a non-empty list of identifiers, not {identifiers!r}")
     idents = [_ident(i) for i in identifiers]
-    r = _client.call(_m.GSProcessMultiJoin, ProcessError, server_wait=True, idents=idents,
-                     timeout=_timeout(timeout))
+    r = _client.call(
+        _m.GSProcessMultiJoin, ProcessError, server_wait=True, idents=idents, timeout=_timeout(timeout)
+    )
     exited = None if r["exited"] is None else [tuple(x) for x in r["exited"]]
     return exited, {int(k): ProcessDescriptor.from_wire(v) for k, v in r["status"].items()}
 

@@ -6,6 +6,7 @@ server-side deadlines of join, multi_join and channel.join.
 Handlers return a result (answered at once), raise ``_Fail`` (answered as an error), or return ``DEFER`` and
 answer later (when a shepherd replies, a process exits, a channel appears or a deadline passes).
 """
+
 import heapq
 import itertools
 import os
@@ -33,8 +34,21 @@ def _pfail(text):
 
 
 class _Proc:
-    __slots__ = ("p_uid", "name", "named", "node", "state", "retval", "pid", "exe", "args", "head", "reply_cd",
-                 "joiners", "chan_refs")
+    __slots__ = (
+        "p_uid",
+        "name",
+        "named",
+        "node",
+        "state",
+        "retval",
+        "pid",
+        "exe",
+        "args",
+        "head",
+        "reply_cd",
+        "joiners",
+        "chan_refs",
+    )
 
     def __init__(self, p_uid, name, named, node, exe, args, head):
         self.p_uid, self.name, self.named, self.node = p_uid, name, named, node
@@ -87,16 +101,25 @@ class GlobalServices:
             self._add_pool(self._new_muid(), f"dragon_infra_{i}", i, 0, bytes(sd), infra=True)
 
         self.handlers = {
-            m.GSProcessCreate: self.process_create, m.GSProcessList: self.process_list,
-            m.GSProcessQuery: self.process_query, m.GSProcessKill: self.process_kill,
-            m.GSProcessJoin: self.process_join, m.GSProcessMultiJoin: self.process_multi_join,
-            m.GSPoolCreate: self.pool_create, m.GSPoolList: self.pool_list, m.GSPoolQuery: self.pool_query,
+            m.GSProcessCreate: self.process_create,
+            m.GSProcessList: self.process_list,
+            m.GSProcessQuery: self.process_query,
+            m.GSProcessKill: self.process_kill,
+            m.GSProcessJoin: self.process_join,
+            m.GSProcessMultiJoin: self.process_multi_join,
+            m.GSPoolCreate: self.pool_create,
+            m.GSPoolList: self.pool_list,
+            m.GSPoolQuery: self.pool_query,
             m.GSPoolDestroy: self.pool_destroy,
-            m.GSChannelCreate: self.channel_create, m.GSChannelList: self.channel_list,
-            m.GSChannelQuery: self.channel_query, m.GSChannelJoin: self.channel_join,
-            m.GSChannelDestroy: self.channel_destroy, m.GSChannelAttach: self.channel_attach,
+            m.GSChannelCreate: self.channel_create,
+            m.GSChannelList: self.channel_list,
+            m.GSChannelQuery: self.channel_query,
+            m.GSChannelJoin: self.channel_join,
+            m.GSChannelDestroy: self.channel_destroy,
+            m.GSChannelAttach: self.channel_attach,
             m.GSChannelDetach: self.channel_detach,
-            m.GSNodeList: self.node_list, m.GSNodeQuery: self.node_query,
+            m.GSNodeList: self.node_list,
+            m.GSNodeQuery: self.node_query,
             m.GSHalt: self.halt,
         }
 
@@ -143,7 +166,9 @@ class GlobalServices:
                 return
             except Exception as e:
                 self.log.exception("handler %s failed", t.__name__)
-                self.answer(msg.reply, msg.tag, m.ERR_INTERNAL, f"global services failed on {t.__name__}: {e!r}")
+                self.answer(
+                    msg.reply, msg.tag, m.ERR_INTERNAL, f"global services failed on {t.__name__}: {e!r}"
+                )
                 return
             if res is not DEFER:
                 self.answer(msg.reply, msg.tag, m.OK, None, res)
@@ -206,7 +231,9 @@ class GlobalServices:
     def _check_timeout(timeout, fail):
         if timeout is None:
             return None
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
+        if (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0  # also NaN
+        ):
             raise fail(f"timeout must be None or a number >= 0, not {timeout!r}")
         return float(timeout)
 
@@ -237,22 +264,40 @@ class GlobalServices:
         raise _pfail(f"process identifier must be a p_uid (int) or a name (str), not {type(ident).__name__}")
 
     def _pdesc(self, p):
-        return {"p_uid": p.p_uid, "user_name": p.name, "node": p.node,
-                "hostname": self.nodes[p.node]["hostname"], "state": p.state, "retval": p.retval, "pid": p.pid,
-                "exe": p.exe, "args": p.args}
+        return {
+            "p_uid": p.p_uid,
+            "user_name": p.name,
+            "node": p.node,
+            "hostname": self.nodes[p.node]["hostname"],
+            "state": p.state,
+            "retval": p.retval,
+            "pid": p.pid,
+            "exe": p.exe,
+            "args": p.args,
+        }
 
     # ---- processes ----------------------------------------------------------------------------------------
     def process_create(self, msg):
-        exe, run_dir, args, env, name, opts = msg.exe, msg.run_dir, msg.args, msg.env, msg.user_name, msg.options
+        exe, run_dir, args, env, name, opts = (
+            msg.exe,
+            msg.run_dir,
+            msg.args,
+            msg.env,
+            msg.user_name,
+            msg.options,
+        )
         if not isinstance(exe, str) or not exe:
             raise _pfail(f"exe must be a non-empty str, not {exe!r}")
         if not isinstance(run_dir, str):
             raise _pfail(f"run_dir must be a str, not {run_dir!r}")
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise _pfail(f"args must be a list of str, not {args!r}")
-        if env is not None and (not isinstance(env, dict) or
-                                not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str)
-                                        for k, v in env.items())):
+        if env is not None and (
+            not isinstance(env, dict)
+            or not all(
+                isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
+            )
+        ):
             raise _pfail(f"env must be a dict of str to str, not {env!r}")
         if name is not None and not isinstance(name, str):
             raise _pfail(f"user_name must be a str, not {name!r}")
@@ -292,10 +337,21 @@ class GlobalServices:
             p.reply_cd = resp.result["reply_cd"]
             self.answer(reply, tag, m.OK, None, self._pdesc(p))
 
-        self.ask_shepherd(node, m.SHProcessCreate(
-            p_uid=p_uid, exe=exe, run_dir=run_dir, args=args, env=env or {},
-            label=name if named else str(p_uid), stdout=opts.get("stdout", "forward"),
-            stderr=opts.get("stderr", "forward"), head=bool(msg.head)), created)
+        self.ask_shepherd(
+            node,
+            m.SHProcessCreate(
+                p_uid=p_uid,
+                exe=exe,
+                run_dir=run_dir,
+                args=args,
+                env=env or {},
+                label=name if named else str(p_uid),
+                stdout=opts.get("stdout", "forward"),
+                stderr=opts.get("stderr", "forward"),
+                head=bool(msg.head),
+            ),
+            created,
+        )
         return DEFER
 
     def process_list(self, msg):
@@ -335,7 +391,9 @@ class GlobalServices:
         return DEFER
 
     def _multi_result(self, p_uids):
-        exited = [[u, self.procs[u].retval] for u in p_uids if self.procs[u].state == ProcessDescriptor.EXITED]
+        exited = [
+            [u, self.procs[u].retval] for u in p_uids if self.procs[u].state == ProcessDescriptor.EXITED
+        ]
         return {"exited": exited or None, "status": {u: self._pdesc(self.procs[u]) for u in p_uids}}
 
     def process_multi_join(self, msg):
@@ -402,8 +460,14 @@ class GlobalServices:
         return u
 
     def _add_pool(self, m_uid, name, node, size, sdesc, infra=False):
-        self.pools[m_uid] = {"m_uid": m_uid, "name": name, "node": node, "size": size, "sdesc": sdesc,
-                             "infra": infra}
+        self.pools[m_uid] = {
+            "m_uid": m_uid,
+            "name": name,
+            "node": node,
+            "size": size,
+            "sdesc": sdesc,
+            "infra": infra,
+        }
         if name:
             self.pool_names[name] = m_uid
 
@@ -417,7 +481,10 @@ class GlobalServices:
         m_uid = self.pool_names.get(ident) if isinstance(ident, str) else ident
         r = self.pools.get(m_uid)
         if r is None:
-            raise _Fail(m.ERR_POOL, f"no pool {'named ' + repr(ident) if isinstance(ident, str) else 'with m_uid ' + str(ident)}")
+            raise _Fail(
+                m.ERR_POOL,
+                f"no pool {'named ' + repr(ident) if isinstance(ident, str) else 'with m_uid ' + str(ident)}",
+            )
         return r
 
     def pool_create(self, msg):
@@ -465,7 +532,10 @@ class GlobalServices:
     def pool_destroy(self, msg):
         r = self._pool(msg.ident)
         if r["infra"]:
-            raise _Fail(m.ERR_POOL, f"pool {r['m_uid']} ({r['name']!r}) belongs to the runtime and cannot be destroyed")
+            raise _Fail(
+                m.ERR_POOL,
+                f"pool {r['m_uid']} ({r['name']!r}) belongs to the runtime and cannot be destroyed",
+            )
         inside = [c["c_uid"] for c in self.chans.values() if c["m_uid"] == r["m_uid"]]
         if inside:
             raise _Fail(m.ERR_POOL, f"pool {r['m_uid']} still holds channels {inside}: destroy them first")
@@ -483,15 +553,23 @@ class GlobalServices:
     # ---- channels -----------------------------------------------------------------------------------------
     @staticmethod
     def _chan_wire(c):
-        return {k: c[k] for k in ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count", "sdesc")}
+        return {
+            k: c[k]
+            for k in ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count", "sdesc")
+        }
 
     def _chan(self, ident):
         if isinstance(ident, bool) or not isinstance(ident, (int, str)):
-            raise _Fail(m.ERR_CHANNEL, f"channel identifier must be a c_uid (int) or a name (str), not {ident!r}")
+            raise _Fail(
+                m.ERR_CHANNEL, f"channel identifier must be a c_uid (int) or a name (str), not {ident!r}"
+            )
         c_uid = self.chan_names.get(ident) if isinstance(ident, str) else ident
         c = self.chans.get(c_uid)
         if c is None:
-            raise _Fail(m.ERR_CHANNEL, f"no channel {'named ' + repr(ident) if isinstance(ident, str) else 'with c_uid ' + str(ident)}")
+            raise _Fail(
+                m.ERR_CHANNEL,
+                f"no channel {'named ' + repr(ident) if isinstance(ident, str) else 'with c_uid ' + str(ident)}",
+            )
         return c
 
     def channel_create(self, msg):
@@ -531,8 +609,17 @@ class GlobalServices:
                     del self.chan_names[name]
                 self.answer(reply, tag, m.ERR_CHANNEL, resp.msg)
                 return
-            c = {"c_uid": c_uid, "m_uid": m_uid, "name": name, "node": pool["node"], "capacity": capacity,
-                 "block_size": block_size, "ref_count": ref_count, "sdesc": resp.result["sdesc"], "refs": 0}
+            c = {
+                "c_uid": c_uid,
+                "m_uid": m_uid,
+                "name": name,
+                "node": pool["node"],
+                "capacity": capacity,
+                "block_size": block_size,
+                "ref_count": ref_count,
+                "sdesc": resp.result["sdesc"],
+                "refs": 0,
+            }
             self.chans[c_uid] = c
             self._ref(c, caller)
             wire = self._chan_wire(c)
@@ -543,8 +630,11 @@ class GlobalServices:
                     self._ref(c, w.caller)
                     self.answer(w.reply, w.tag, m.OK, None, wire)
 
-        self.ask_shepherd(pool["node"], m.SHChannelCreate(c_uid=c_uid, m_uid=m_uid, capacity=capacity,
-                                                          block_size=block_size), created)
+        self.ask_shepherd(
+            pool["node"],
+            m.SHChannelCreate(c_uid=c_uid, m_uid=m_uid, capacity=capacity, block_size=block_size),
+            created,
+        )
         return DEFER
 
     def _ref(self, c, caller):
@@ -633,12 +723,12 @@ class GlobalServices:
     def channel_detach(self, msg):
         c = self._chan(msg.ident)
         if not c["ref_count"]:
-            return None
+            return
         p = self.procs.get(msg.caller)
         if p is None or not p.chan_refs.get(c["c_uid"]):
             raise _Fail(m.ERR_CHANNEL, f"process {msg.caller} holds no reference to channel {c['c_uid']}")
         self._unref(c["c_uid"], p, 1)
-        return None
+        return
 
     # ---- nodes and control --------------------------------------------------------------------------------
     def node_list(self, msg):
@@ -652,7 +742,6 @@ class GlobalServices:
 
     def halt(self, msg):
         self.running = False
-        return None
 
 
 def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools):

@@ -7,19 +7,31 @@ blocked in ``join(timeout=None)`` never holds up another thread's ``query``.
 A managed process uses the reply channel its shepherd made before starting it. Any other process of the job (a
 child a managed process forked itself) makes its own in the infrastructure pool and destroys it at exit.
 """
+
 import os
 import threading
 import time
 
 from dragon.errors import (
-    ChannelError, ChannelTimeout, DragonError, PoolError, PoolTimeout, ProcessError, ProcessTimeout, RuntimeNotFound,
+    ChannelError,
+    ChannelTimeout,
+    DragonError,
+    PoolError,
+    PoolTimeout,
+    ProcessError,
+    ProcessTimeout,
+    RuntimeNotFound,
 )
 from dragon.infrastructure import env as E
 from dragon.infrastructure import messages as m
 
 _TIMEOUT_OF = {ProcessError: ProcessTimeout, PoolError: PoolTimeout, ChannelError: ChannelTimeout}
-_ERR_OF = {m.ERR_PROCESS: ProcessError, m.ERR_POOL: PoolError, m.ERR_CHANNEL: ChannelError,
-           m.ERR_TIMEOUT: ChannelTimeout}
+_ERR_OF = {
+    m.ERR_PROCESS: ProcessError,
+    m.ERR_POOL: PoolError,
+    m.ERR_CHANNEL: ChannelError,
+    m.ERR_TIMEOUT: ChannelTimeout,
+}
 SEND_TIMEOUT = 30.0
 
 

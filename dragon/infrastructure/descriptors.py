@@ -1,5 +1,6 @@
 """Descriptors (what global services knows about a process, pool, channel or node: local snapshots) and the
 options objects of the create calls. Descriptors travel from GS as plain dicts (see ``*.to_wire``)."""
+
 from dragon.errors import ChannelError, PoolError, ProcessError
 
 
@@ -51,8 +52,10 @@ class ProcessDescriptor:
             setattr(self, k, d[k])
 
     def __repr__(self):
-        return (f"ProcessDescriptor(p_uid={self.p_uid}, user_name={self.user_name!r}, node={self.node}, "
-                f"state={self.state!r}, retval={self.retval}, pid={self.pid})")
+        return (
+            f"ProcessDescriptor(p_uid={self.p_uid}, user_name={self.user_name!r}, node={self.node}, "
+            f"state={self.state!r}, retval={self.retval}, pid={self.pid})"
+        )
 
 
 class PoolDescriptor:
@@ -101,8 +104,10 @@ class ChannelDescriptor:
         return {k: getattr(self, k) for k in self.__slots__}
 
     def __repr__(self):
-        return (f"ChannelDescriptor(c_uid={self.c_uid}, m_uid={self.m_uid}, name={self.name!r}, node={self.node}, "
-                f"capacity={self.capacity}, block_size={self.block_size}, ref_count={self.ref_count})")
+        return (
+            f"ChannelDescriptor(c_uid={self.c_uid}, m_uid={self.m_uid}, name={self.name!r}, node={self.node}, "
+            f"capacity={self.capacity}, block_size={self.block_size}, ref_count={self.ref_count})"
+        )
 
 
 class NodeDescriptor:
@@ -147,7 +152,9 @@ class ProcessOptions:
         _check_node(node, ProcessError)
         for what, v in (("stdout", stdout), ("stderr", stderr)):
             if not isinstance(v, str) or not v:
-                raise ProcessError(f"ProcessOptions.{what} must be FORWARD, INHERIT, DEVNULL or a path, not {v!r}")
+                raise ProcessError(
+                    f"ProcessOptions.{what} must be FORWARD, INHERIT, DEVNULL or a path, not {v!r}"
+                )
         if stdout == self.STDOUT:
             raise ProcessError("ProcessOptions.stdout cannot be STDOUT")
         self.node = node
@@ -216,9 +223,15 @@ class ChannelOptions:
 
     def __init__(self, local_opts=None, ref_count=False, capacity=None, block_size=None):
         if local_opts is not None:
-            get = local_opts.get if isinstance(local_opts, dict) else (lambda k, d=None: getattr(local_opts, k, d))
+            get = (
+                local_opts.get
+                if isinstance(local_opts, dict)
+                else (lambda k, d=None: getattr(local_opts, k, d))
+            )
             if isinstance(local_opts, dict) and set(local_opts) - {"capacity", "block_size"}:
-                raise ChannelError(f"unknown local_opts {sorted(set(local_opts) - {'capacity', 'block_size'})}")
+                raise ChannelError(
+                    f"unknown local_opts {sorted(set(local_opts) - {'capacity', 'block_size'})}"
+                )
             capacity = get("capacity", None) if capacity is None else capacity
             block_size = get("block_size", None) if block_size is None else block_size
         capacity = self.DEFAULT_CAPACITY if capacity is None else capacity
@@ -244,7 +257,9 @@ class ChannelOptions:
                 return cls(**options)
             except TypeError as e:
                 raise ChannelError(f"bad ChannelOptions initializer {options!r}: {e}") from None
-        raise ChannelError(f"channel_options must be a ChannelOptions, a dict or None, not {type(options).__name__}")
+        raise ChannelError(
+            f"channel_options must be a ChannelOptions, a dict or None, not {type(options).__name__}"
+        )
 
     def to_wire(self):
         return {"ref_count": self.ref_count, "capacity": self.capacity, "block_size": self.block_size}

@@ -4,6 +4,7 @@ The shepherd puts these variables into the environment of each process it starts
 environment and the user's ``env``). Serialized descriptors are hex strings. A process with no ``DRAGON_GS_CD``
 is not running under ``dragon-launch``.
 """
+
 import os
 
 JOB = "DRAGON_JOB"  # job id: prefix of every shared-memory segment of the job

@@ -1,5 +1,6 @@
 """Service logging: to stderr, warnings and errors only unless DRAGON_LOG=debug (or info), naming the component,
 node and pid of every line."""
+
 import logging
 import os
 import sys

@@ -9,6 +9,7 @@ Requests carry ``tag`` (chosen by the sender, echoed in the ``Response``) and ``
 descriptor of the channel the answer goes to; receivers attach it once and cache the handle) and, for requests to
 global services, ``caller`` (the sender's p_uid, 0 when it is not a managed process).
 """
+
 import msgpack
 
 # error kinds carried by Response.err (the client maps them to dragon.errors classes)
@@ -35,7 +36,7 @@ class Message:
             raise TypeError(f"{type(self).__name__} takes at most {len(fields)} fields")
         for name, value in zip(fields, args):
             object.__setattr__(self, name, value)
-        for name in fields[len(args):]:
+        for name in fields[len(args) :]:
             object.__setattr__(self, name, kw.pop(name, None))
         if kw:
             raise TypeError(f"{type(self).__name__} has no field(s) {sorted(kw)}")
@@ -49,7 +50,9 @@ class Message:
 
 
 def _define(name, type_id, *fields):
-    cls = type(name, (Message,), {"__slots__": fields, "TYPE": type_id, "FIELDS": fields, "__module__": __name__})
+    cls = type(
+        name, (Message,), {"__slots__": fields, "TYPE": type_id, "FIELDS": fields, "__module__": __name__}
+    )
     if type_id in _TABLE:
         raise RuntimeError(f"message type id {type_id} used twice")
     _TABLE[type_id] = cls
@@ -93,7 +96,18 @@ LAHeadExit = _define("LAHeadExit", 51, "p_uid", "exit_code")
 
 # ---- requests to a node's local services (shepherd) ----------------------------------------------------------
 SHProcessCreate = _define(
-    "SHProcessCreate", 60, "tag", "reply", "p_uid", "exe", "run_dir", "args", "env", "label", "stdout", "stderr",
+    "SHProcessCreate",
+    60,
+    "tag",
+    "reply",
+    "p_uid",
+    "exe",
+    "run_dir",
+    "args",
+    "env",
+    "label",
+    "stdout",
+    "stderr",
     "head",
 )
 SHProcessKill = _define("SHProcessKill", 61, "tag", "reply", "p_uid", "sig")

@@ -9,6 +9,7 @@ the process's output has been drained so that a joiner sees it first.
 Before starting a process the shepherd makes its reply channel (so the child needs no set-up round trip); it is
 destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can answer into it any more.
 """
+
 import os
 import selectors
 import signal
@@ -26,8 +27,19 @@ REPLY_CAPACITY = 64
 
 
 class _Managed:
-    __slots__ = ("p_uid", "popen", "pidfd", "label", "open_streams", "partial", "exit_code", "reported",
-                 "deadline", "reply_ch", "files")
+    __slots__ = (
+        "p_uid",
+        "popen",
+        "pidfd",
+        "label",
+        "open_streams",
+        "partial",
+        "exit_code",
+        "reported",
+        "deadline",
+        "reply_ch",
+        "files",
+    )
 
     def __init__(self, p_uid, popen, label, reply_ch):
         self.p_uid, self.popen, self.label, self.reply_ch = p_uid, popen, label, reply_ch
@@ -65,10 +77,13 @@ class Shepherd:
         self.todo = []  # registrations for the IO thread
         self.io_thread = threading.Thread(target=self._io_loop, name="shepherd-io", daemon=True)
         self.handlers = {
-            m.SHProcessCreate: self.process_create, m.SHProcessKill: self.process_kill,
+            m.SHProcessCreate: self.process_create,
+            m.SHProcessKill: self.process_kill,
             m.SHProcessReaped: self.process_reaped,
-            m.SHPoolCreate: self.pool_create, m.SHPoolDestroy: self.pool_destroy,
-            m.SHChannelCreate: self.channel_create, m.SHChannelDestroy: self.channel_destroy,
+            m.SHPoolCreate: self.pool_create,
+            m.SHPoolDestroy: self.pool_destroy,
+            m.SHChannelCreate: self.channel_create,
+            m.SHChannelDestroy: self.channel_destroy,
             m.SHTeardown: self.teardown_request,
         }
 
@@ -126,7 +141,7 @@ class Shepherd:
             return None, None
         if how == "devnull":
             return subprocess.DEVNULL, None
-        f = open(os.path.join(run_dir, how), "ab")
+        f = open(os.path.join(run_dir, how), "ab")  # noqa: SIM115 (closed after the spawn)
         return f, f
 
     def process_create(self, msg):
@@ -138,14 +153,30 @@ class Shepherd:
         try:
             env = dict(os.environ)
             env.update(msg.env)
-            env.update(E.contract(self.job, msg.p_uid, self.node, self.gs_cd, self.inbox_sdesc, reply_ch.sdesc,
-                                  self.infra_pool.sdesc, os.getpid()))
+            env.update(
+                E.contract(
+                    self.job,
+                    msg.p_uid,
+                    self.node,
+                    self.gs_cd,
+                    self.inbox_sdesc,
+                    reply_ch.sdesc,
+                    self.infra_pool.sdesc,
+                    os.getpid(),
+                )
+            )
             out, f1 = self._stream(msg.stdout, run_dir, msg.head, False)
             err, f2 = self._stream(msg.stderr, run_dir, msg.head, True)
             files = [f for f in (f1, f2) if f is not None]
             popen = subprocess.Popen(
-                [msg.exe, *msg.args], cwd=run_dir, env=env, start_new_session=True, close_fds=True,
-                stdin=None if msg.head else subprocess.DEVNULL, stdout=out, stderr=err,
+                [msg.exe, *msg.args],
+                cwd=run_dir,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                stdin=None if msg.head else subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
             )
         except (OSError, ValueError) as e:
             reply_ch.destroy()
@@ -204,15 +235,25 @@ class Shepherd:
     def _pool_of(self, m_uid):
         pool = self.pools.get(m_uid)
         if pool is None:
-            return self.infra_pool  # the node's infrastructure pool is the only one GS knows that we did not make
+            return (
+                self.infra_pool
+            )  # the node's infrastructure pool is the only one GS knows that we did not make
         return pool
 
     def channel_create(self, msg):
         try:
-            ch = self.Channel.create(self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size)
+            ch = self.Channel.create(
+                self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size
+            )
         except DragonError as e:
-            return m.ERR_CHANNEL, (f"cannot make a channel (capacity {msg.capacity}, block_size {msg.block_size}) "
-                                   f"in pool {msg.m_uid} on node {self.node}: {e}"), None
+            return (
+                m.ERR_CHANNEL,
+                (
+                    f"cannot make a channel (capacity {msg.capacity}, block_size {msg.block_size}) "
+                    f"in pool {msg.m_uid} on node {self.node}: {e}"
+                ),
+                None,
+            )
         self.chans[msg.c_uid] = ch
         return m.OK, None, {"sdesc": bytes(ch.sdesc)}
 
