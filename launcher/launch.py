@@ -48,8 +48,9 @@ class ServiceDied(Exception):
     pass
 
 
-def _fork(fn, *args):
-    """Run fn(*args) in a forked child that dies (SIGTERM) with this process; return its pid."""
+def _fork(module, *args):
+    """Run module.main(*args) in a forked child that gets SIGTERM when this process dies; return its pid.
+    The child imports the module itself, so the services load their code in parallel."""
     from dragon._core import core
 
     parent = os.getpid()
@@ -63,7 +64,7 @@ def _fork(fn, *args):
         core.set_pdeathsig(signal.SIGTERM)
         if os.getppid() != parent:  # the launcher died before we could ask to follow it
             os._exit(0)
-        code = fn(*args) or 0
+        code = __import__(module, fromlist=["main"]).main(*args) or 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     except BaseException:
@@ -97,12 +98,8 @@ class Runtime:
         os.environ["DRAGON_JOB"] = self.job
         from dragon._core import core
         from dragon.channels import Channel
-        from dragon.globalservices import server
-        from dragon.infrastructure import messages
-        from dragon.localservices import shepherd
         from dragon.pools import Pool
 
-        self.m = messages
         core.set_child_subreaper()
         self.pool = Pool.create(INFRA_POOL_SIZE, name="inf")
         self.gs_ch = Channel.create(self.pool, capacity=4096)
@@ -110,8 +107,13 @@ class Runtime:
         self.la_ch = Channel.create(self.pool, capacity=256)
         self.chans = [self.gs_ch, self.sh_ch, self.la_ch]
         gs_cd, sh_cd, la_cd, pd = (bytes(x.sdesc) for x in (self.gs_ch, self.sh_ch, self.la_ch, self.pool))
-        self.shep_pid = _fork(shepherd.main, self.node_index, self.job, sh_cd, gs_cd, pd)
-        self.gs_pid = _fork(server.main, gs_cd, [sh_cd], la_cd, [n.to_wire() for n in self.nodes], [pd])
+        self.shep_pid = _fork("dragon.localservices.shepherd", self.node_index, self.job, sh_cd, gs_cd, pd)
+        self.gs_pid = _fork(
+            "dragon.globalservices.server", gs_cd, [sh_cd], la_cd, [n.to_wire() for n in self.nodes], [pd]
+        )
+        from dragon.infrastructure import messages  # after the forks: the services import it in parallel
+
+        self.m = messages
 
     # ---- run ----------------------------------------------------------------------------------------------
     def run(self, exe, args):
@@ -342,7 +344,10 @@ def main(argv=None):
         exe, args = ns.program, list(ns.args)
     nodes, me = local_world()
     code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
-    sys.exit(code)
+    # everything is torn down: skip the interpreter's finalization
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import time
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 from dragon.infrastructure import messages as m
-from dragon.infrastructure.descriptors import ProcessDescriptor
 from dragon.infrastructure.log import get_logger
 
 DEFER = object()
+PENDING, RUNNING, EXITED = "pending", "running", "exited"  # as ProcessDescriptor.state
 SHEP_SEND_TIMEOUT = 10.0
 _VALID_SIGNALS = set(int(s) for s in signal.valid_signals())
 
@@ -53,7 +53,7 @@ class _Proc:
     def __init__(self, p_uid, name, named, node, exe, args, head):
         self.p_uid, self.name, self.named, self.node = p_uid, name, named, node
         self.exe, self.args, self.head = exe, args, head
-        self.state = ProcessDescriptor.PENDING
+        self.state = PENDING
         self.retval = None
         self.pid = None
         self.reply_cd = None
@@ -331,8 +331,8 @@ class GlobalServices:
                 del self.proc_names[name]
                 self.answer(reply, tag, m.ERR_PROCESS, resp.msg)
                 return
-            if p.state == ProcessDescriptor.PENDING:
-                p.state = ProcessDescriptor.RUNNING
+            if p.state == PENDING:
+                p.state = RUNNING
             p.pid = resp.result["pid"]
             p.reply_cd = resp.result["reply_cd"]
             self.answer(reply, tag, m.OK, None, self._pdesc(p))
@@ -355,7 +355,7 @@ class GlobalServices:
         return DEFER
 
     def process_list(self, msg):
-        return [[p.p_uid, p.name] for p in self.procs.values() if p.state != ProcessDescriptor.EXITED]
+        return [[p.p_uid, p.name] for p in self.procs.values() if p.state != EXITED]
 
     def process_query(self, msg):
         return self._pdesc(self._proc(msg.ident))
@@ -365,7 +365,7 @@ class GlobalServices:
         sig = msg.sig
         if isinstance(sig, bool) or not isinstance(sig, int) or sig not in _VALID_SIGNALS or sig == 0:
             raise _pfail(f"not a signal: {sig!r}")
-        if p.state == ProcessDescriptor.EXITED:
+        if p.state == EXITED:
             raise _pfail(f"process {p.p_uid} ({p.name!r}) has already exited (exit code {p.retval})")
         reply, tag = msg.reply, msg.tag
 
@@ -380,7 +380,7 @@ class GlobalServices:
         timeout = self._check_timeout(msg.timeout, _pfail)
         if p.p_uid == msg.caller:
             raise _pfail(f"process {p.p_uid} cannot join itself")
-        if p.state == ProcessDescriptor.EXITED:
+        if p.state == EXITED:
             return p.retval
         if timeout == 0:
             return None
@@ -391,9 +391,7 @@ class GlobalServices:
         return DEFER
 
     def _multi_result(self, p_uids):
-        exited = [
-            [u, self.procs[u].retval] for u in p_uids if self.procs[u].state == ProcessDescriptor.EXITED
-        ]
+        exited = [[u, self.procs[u].retval] for u in p_uids if self.procs[u].state == EXITED]
         return {"exited": exited or None, "status": {u: self._pdesc(self.procs[u]) for u in p_uids}}
 
     def process_multi_join(self, msg):
@@ -408,7 +406,7 @@ class GlobalServices:
                 raise _pfail(f"process {p.p_uid} cannot join itself")
             if p.p_uid not in p_uids:
                 p_uids.append(p.p_uid)
-        if timeout == 0 or any(self.procs[u].state == ProcessDescriptor.EXITED for u in p_uids):
+        if timeout == 0 or any(self.procs[u].state == EXITED for u in p_uids):
             return self._multi_result(p_uids)
         w = _Waiter("multi", msg, p_uids)
         for u in p_uids:
@@ -422,7 +420,7 @@ class GlobalServices:
         if p is None:
             self.log.warning("exit of unknown p_uid %s", msg.p_uid)
             return
-        p.state = ProcessDescriptor.EXITED
+        p.state = EXITED
         p.retval = msg.exit_code
         # forget every deferred answer owed to the dead process before its reply channel goes away
         if p.reply_cd is not None:
@@ -640,7 +638,7 @@ class GlobalServices:
     def _ref(self, c, caller):
         """A managed process holds one more reference to a ref_count channel."""
         p = self.procs.get(caller)
-        if c["ref_count"] and p is not None and p.state != ProcessDescriptor.EXITED:
+        if c["ref_count"] and p is not None and p.state != EXITED:
             p.chan_refs[c["c_uid"]] = p.chan_refs.get(c["c_uid"], 0) + 1
             c["refs"] += 1
 

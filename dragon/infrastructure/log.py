@@ -1,21 +1,47 @@
-"""Service logging: to stderr, warnings and errors only unless DRAGON_LOG=debug (or info), naming the component,
-node and pid of every line."""
+"""Service logging: one line per event on stderr, naming the component, node and pid. Warnings and errors only,
+unless DRAGON_LOG=debug (or info). Deliberately not the logging module: services start on the critical path of
+every job, and this costs nothing to import."""
 
-import logging
 import os
 import sys
 
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class Logger:
+    def __init__(self, component, node=0):
+        self.component, self.node = component, node
+        self.level = _LEVELS.get(os.environ.get("DRAGON_LOG", "warning").lower(), 30)
+
+    def _emit(self, level, name, text, args):
+        if level < self.level:
+            return
+        if args:
+            text = text % args
+        line = f"dragon {self.component}[node {self.node} pid {os.getpid()}] {name}: {text}\n"
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def debug(self, text, *args):
+        self._emit(10, "DEBUG", text, args)
+
+    def info(self, text, *args):
+        self._emit(20, "INFO", text, args)
+
+    def warning(self, text, *args):
+        self._emit(30, "WARNING", text, args)
+
+    def error(self, text, *args):
+        self._emit(40, "ERROR", text, args)
+
+    def exception(self, text, *args):
+        import traceback
+
+        self._emit(40, "ERROR", text + "\n" + traceback.format_exc().rstrip(), args)
+
 
 def get_logger(component, node=0):
-    name = f"dragon.{component}"
-    logger = logging.getLogger(name)
-    if not logger.handlers:
-        level = os.environ.get("DRAGON_LOG", "warning").upper()
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter(f"dragon {component}[node {node} pid %(process)d] %(levelname)s: %(message)s")
-        )
-        logger.addHandler(handler)
-        logger.setLevel(getattr(logging, level, logging.WARNING))
-        logger.propagate = False
-    return logger
+    return Logger(component, node)
