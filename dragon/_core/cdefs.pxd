@@ -89,3 +89,4 @@ cdef extern from "dshm.h" nogil:
     int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
                    uint64_t *st, int64_t deadline)
     void ds_ch_destroy(const ds_chan *c)
+    void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslots)

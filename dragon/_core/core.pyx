@@ -977,6 +977,22 @@ cdef class Channel:
         self._check()
         return ds_ch_len(&self.c)
 
+    def _debug_state(self):
+        """Snapshot of the ring for debugging: counters, waiters and (lap, phase, pid) of every slot."""
+        self._check()
+        cdef uint64_t *buf = <uint64_t *>PyMem_Malloc((7 + self.c.cap) * 8)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            ds_ch_snapshot(&self.c, buf, self.c.cap)
+            phases = ("EMPTY", "WRITING", "FULL", "READING")
+            return dict(head=buf[0], tail=buf[1], ne_seq=buf[2], ne_waiters=buf[3], nf_seq=buf[4],
+                        nf_waiters=buf[5], recoveries=buf[6],
+                        slots=[(buf[7 + i] >> 32, phases[(buf[7 + i] >> 30) & 3], buf[7 + i] & 0x3fffffff)
+                               for i in range(self.c.cap)])
+        finally:
+            PyMem_Free(buf)
+
     @property
     def capacity(self):
         return self.c.cap

@@ -431,8 +431,8 @@ typedef struct {
     uint32_t capacity;
     uint32_t stride;
     uint32_t block_size;
-    uint32_t _pad;
-    uint64_t nbytes; /* header + slots */
+    uint32_t recoveries; /* slots taken over from dead processes */
+    uint64_t nbytes;     /* header + slots */
     DS_ALIGN64 char name[DS_CH_NAME];
     DS_ALIGN64 uint64_t tail;
     DS_ALIGN64 uint64_t head;
@@ -694,6 +694,7 @@ static inline int ds_ch_recover(const ds_chan *c, ds_slot *s, uint64_t st) {
     __atomic_store_n(&s->flags, 0, __ATOMIC_RELEASE);
     DS_STORES(&s->state, DS_ST(DS_ST_LAP(st) + 1, DS_PH_EMPTY, 0));
     if (flags & DS_SLOT_BLOCK) ds_pool_free(c->base, off);
+    __atomic_add_fetch(&c->h->recoveries, 1, __ATOMIC_RELAXED);
     ds_ch_wake_all(c);
     return 1;
 }
@@ -758,6 +759,20 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
         if (e == EINTR) return DS_INTR;
     }
 #undef DS_TRY
+}
+
+/* debugging snapshot: out[0..7) = head, tail, ne_seq, ne_waiters, nf_seq, nf_waiters, recoveries; then slots */
+static inline void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslots) {
+    ds_ch_hdr *h = c->h;
+    out[0] = DS_LOAD(&h->head);
+    out[1] = DS_LOAD(&h->tail);
+    out[2] = DS_LOAD(&h->ne_seq);
+    out[3] = DS_LOAD(&h->ne_waiters);
+    out[4] = DS_LOAD(&h->nf_seq);
+    out[5] = DS_LOAD(&h->nf_waiters);
+    out[6] = DS_LOAD(&h->recoveries);
+    for (uint64_t i = 0; i < nslots && i < c->cap; i++)
+        out[7 + i] = DS_LOAD(&((ds_slot *)(h->slots + i * c->stride))->state);
 }
 
 /* destroy: mark, wake everybody, free the pool blocks of queued messages. Caller frees the channel block. */
