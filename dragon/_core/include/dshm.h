@@ -361,6 +361,7 @@ static inline int ds_pool_free(char *base, uint64_t off) {
     ds_bm_assign(ds_bitmap(base), (uint64_t)i, n, 0);
     h->free_granules += n;
     h->allocated_blocks--;
+    if ((uint64_t)i < h->hint) h->hint = (uint64_t)i; /* reuse what was just freed: its cache lines are hot */
     ds_pool_unlock(base);
     __atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
     if (DS_LOADS(&h->waiters)) ds_futex_wake_all(&h->free_seq);
