@@ -108,11 +108,12 @@ class Job:
     output: Path
 
 
-def sbatch(script, *, workdir, nodes: int = 2, time_limit: str = "5", output: str | None = None,
-           env: dict | None = None, extra=()) -> Job:
+def sbatch(script, *, workdir, nodes: int | None = 2, time_limit: str | None = "5",
+           output: str | None = "slurm-%j.out", env: dict | None = None, extra=()) -> Job:
     """Submit a batch script (a Path, or the script's text) and return Job(id, output file path).
 
-    The output file defaults to `workdir/slurm-<id>.out`; a relative `output` is taken relative to workdir."""
+    `nodes`, `time_limit` and `output` become -N, --time and --output; pass None to leave one to the script's own
+    #SBATCH lines.  A relative output path is relative to `workdir`, where the job runs."""
     workdir = Path(workdir)
     if not isinstance(script, Path):
         text = str(script)
@@ -120,14 +121,20 @@ def sbatch(script, *, workdir, nodes: int = 2, time_limit: str = "5", output: st
             text = "#!/bin/bash\n" + text
         script = workdir / f"job-{uuid.uuid4().hex[:8]}.sh"
         script.write_text(text)
-    out_pattern = output or "slurm-%j.out"
-    cmd = ["sbatch", "--parsable", "-N", str(nodes), f"--time={time_limit}", f"--chdir={workdir}",
-           f"--output={out_pattern}", *extra, str(script)]
+    cmd = ["sbatch", "--parsable", f"--chdir={workdir}"]
+    if nodes is not None:
+        cmd.append(f"--nodes={nodes}")
+    if time_limit is not None:
+        cmd.append(f"--time={time_limit}")
+    if output is not None:
+        cmd.append(f"--output={output}")
+    cmd += [*extra, str(script)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=dict(os.environ, **(env or {})))
     if res.returncode != 0:
         raise RuntimeError(f"sbatch failed ({res.returncode}): {res.stderr.strip()}")
     job_id = int(res.stdout.strip().split(";")[0])
-    out_path = Path(out_pattern.replace("%j", str(job_id)))
+    out = output.replace("%j", str(job_id)) if output is not None else job_info(job_id).get("StdOut", "")
+    out_path = Path(out)
     if not out_path.is_absolute():
         out_path = workdir / out_path
     return Job(job_id, out_path)

@@ -1,12 +1,15 @@
 """The test cluster itself (slurm/start-cluster.sh): real Slurm, 2 nodes with their own hostnames, MPI over PMI-2,
 sbatch, scancel and time limits.  These are the facts the dragon launcher relies on under Slurm."""
 import json
+import os
 import re
+import subprocess
 import sys
 import textwrap
 
 import pytest
 
+import slurm_util
 from slurm_util import (job_info, new_marker, node_shm, pid_alive, pids_with_marker, sbatch, scancel, slurm_cluster,
                         srun, wait_for_file, wait_job, wait_no_marker, wait_state)
 
@@ -139,3 +142,32 @@ def test_each_node_has_its_own_dev_shm(slurm_cluster):
     finally:
         srun(["rm", "-f", f"/dev/shm/{name}"], nodes=1, extra=("-w", first), timeout=50)
     assert name not in node_shm(first)
+
+
+@pytest.mark.timeout(60)
+def test_sbatch_template_directives_are_read(slurm_cluster, tmp_path):
+    # held, so it never runs: only checks that Slurm understood the template's #SBATCH lines
+    template = slurm_util.REPO / "slurm" / "dragon.sbatch"
+    job = sbatch(template, workdir=tmp_path, nodes=None, time_limit=None, output=None, extra=("--hold",))
+    try:
+        info = job_info(job.id)
+        assert info.get("JobName") == "dragon", info
+        assert info.get("NumNodes", "").startswith("2"), info
+        assert info.get("TimeLimit") == "00:10:00", info
+        assert job.output == tmp_path / f"dragon-{job.id}.out", info
+    finally:
+        scancel(job.id)
+    assert wait_job(job.id, timeout=30) == "CANCELLED"
+
+
+@pytest.mark.timeout(60)
+def test_start_cluster_again_is_a_no_op(slurm_cluster):
+    if os.geteuid() != 0:
+        pytest.skip("start-cluster.sh needs root")
+    before = dict(slurm_cluster.slurmd_pids)
+    res = subprocess.run(["bash", str(slurm_util.REPO / "slurm" / "start-cluster.sh")], capture_output=True,
+                         text=True, timeout=50)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "already running" in res.stdout, res.stdout
+    for node, pid in before.items():
+        assert (slurm_util.BASE / "run" / f"slurmd-{node}.pid").read_text().split()[0] == str(pid)
