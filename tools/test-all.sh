@@ -104,7 +104,8 @@ if [ "${DRAGON_TEST_NO_SLURM:-0}" = 1 ]; then
 else
   [ "$(id -u)" -eq 0 ] || { echo "test-all: ERROR: run as root (Slurm needs it), or set DRAGON_TEST_NO_SLURM=1" >&2; exit 1; }
   pidf="$SLURM_BASE/run/slurmctld.pid"
-  if [ -s "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+  ctl_exe="$(readlink "/proc/$(cat "$pidf" 2>/dev/null)/exe" 2>/dev/null)" || ctl_exe=""
+  if [[ "$(basename "$ctl_exe")" == slurmctld* ]]; then   # a pid file left by a killed cluster may name another program
     say "a test cluster is already running: using it and leaving it running"
   else
     started_slurm=1
