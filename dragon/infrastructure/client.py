@@ -35,11 +35,19 @@ _ERR_OF = {
 SEND_TIMEOUT = 30.0
 
 
-def request_timeout():
+def _request_timeout():
     try:
         return float(os.environ.get(E.REQUEST_TIMEOUT, "60"))
     except ValueError:
         return 60.0
+
+
+_REQUEST_TIMEOUT = _request_timeout()
+
+
+def request_timeout():
+    """Seconds a client waits for an answer (env DRAGON_REQUEST_TIMEOUT, read once; default 60)."""
+    return _REQUEST_TIMEOUT
 
 
 class Connection:

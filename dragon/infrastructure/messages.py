@@ -10,7 +10,8 @@ descriptor of the channel the answer goes to; receivers attach it once and cache
 global services, ``caller`` (the sender's p_uid, 0 when it is not a managed process).
 """
 
-import msgpack
+from msgpack import packb as _packb
+from msgpack import unpackb as _unpackb
 
 # error kinds carried by Response.err (the client maps them to dragon.errors classes)
 OK = 0
@@ -30,17 +31,6 @@ class Message:
     TYPE = -1
     FIELDS = ()
 
-    def __init__(self, *args, **kw):
-        fields = self.FIELDS
-        if len(args) > len(fields):
-            raise TypeError(f"{type(self).__name__} takes at most {len(fields)} fields")
-        for name, value in zip(fields, args):
-            object.__setattr__(self, name, value)
-        for name in fields[len(args) :]:
-            object.__setattr__(self, name, kw.pop(name, None))
-        if kw:
-            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(kw)}")
-
     def __repr__(self):
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS if f != "reply")
         return f"{type(self).__name__}({body})"
@@ -50,8 +40,24 @@ class Message:
 
 
 def _define(name, type_id, *fields):
+    """A message class with these fields (every one defaulting to None) under a fixed type id. Its __init__ and
+    wire-list method are generated: requests are on the critical path of every runtime call."""
+    ns = {}
+    params = ", ".join(f"{f}=None" for f in fields)
+    body = "".join(f"    self.{f} = {f}\n" for f in fields) or "    pass\n"
+    values = "".join(f", self.{f}" for f in fields)
+    exec(f"def __init__(self, {params}):\n{body}\ndef _wire(self):\n    return [{type_id}{values}]\n", ns)
     cls = type(
-        name, (Message,), {"__slots__": fields, "TYPE": type_id, "FIELDS": fields, "__module__": __name__}
+        name,
+        (Message,),
+        {
+            "__slots__": fields,
+            "TYPE": type_id,
+            "FIELDS": fields,
+            "__module__": __name__,
+            "__init__": ns["__init__"],
+            "_wire": ns["_wire"],
+        },
     )
     if type_id in _TABLE:
         raise RuntimeError(f"message type id {type_id} used twice")
@@ -125,13 +131,13 @@ SHTeardown = _define("SHTeardown", 68, "tag", "reply", "grace")
 
 def encode(msg):
     """Message -> bytes (msgpack array [TYPE, *fields])."""
-    return msgpack.packb([msg.TYPE, *[getattr(msg, f) for f in msg.FIELDS]], use_bin_type=True)
+    return _packb(msg._wire(), use_bin_type=True)
 
 
 def decode(data):
     """bytes -> Message. Raises ValueError on anything that is not a known message."""
     try:
-        items = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        items = _unpackb(data, raw=False, strict_map_key=False)
         cls = _TABLE[items[0]]
     except Exception as e:  # malformed bytes, unknown type id
         raise ValueError(f"not a dragon message: {e!r}") from None
