@@ -144,6 +144,17 @@ sys.exit(r.returncode)
 assert P.join("nested", timeout=30) == 0
 ok("nested use")
 
+# a joiner that dies while waiting: GS forgets what it owed it, and stays healthy
+target = P.create("/bin/sleep", None, ["30"], user_name="target")
+joiner = P.create(PY, None, ["-c", "from dragon.globalservices import process as P; print('waiting', flush=True); P.join('target', timeout=25)"], user_name="joiner")
+time.sleep(0.5)
+P.kill("joiner")
+assert P.join("joiner", timeout=20) == -signal.SIGKILL
+P.kill("target")
+assert P.join("target", timeout=20) == -signal.SIGKILL
+assert P.query("target").retval == -signal.SIGKILL
+ok("dead joiner")
+
 # processes that cannot start, bad input
 assert "nonexistent" in raises(ProcessError, P.create, "/nonexistent/prog", None, [])
 assert "nodir" in raises(ProcessError, P.create, "/bin/true", "/nodir/x", [])

@@ -96,6 +96,7 @@ class GlobalServices:
         self.pools, self.pool_names = {}, {}
         self.chans, self.chan_names = {}, {}
         self.chan_joiners = {}  # channel name -> [waiter]
+        self.owed = {}  # reply sdesc -> set of waiters owing an answer into it
         self.next_puid, self.next_muid, self.next_cuid = 1, 1, 1
         for i, sd in enumerate(infra_pools):  # each node's infrastructure pool, usable as a default pool
             self._add_pool(self._new_muid(), f"dragon_infra_{i}", i, 0, bytes(sd), infra=True)
@@ -202,8 +203,19 @@ class GlobalServices:
         except ChannelError as e:
             self.log.error("cannot reach the shepherd of node %d: %s", node, e)
 
-    def _add_timer(self, deadline, waiter):
-        heapq.heappush(self.timers, (deadline, next(self.seq), waiter))
+    def _owe(self, w, timeout):
+        """Remember a deferred answer (by the channel it goes to) and its deadline."""
+        self.owed.setdefault(w.reply, set()).add(w)
+        if timeout is not None:
+            heapq.heappush(self.timers, (time.monotonic() + timeout, next(self.seq), w))
+
+    def _done(self, w):
+        w.done = True
+        owed = self.owed.get(w.reply)
+        if owed is not None:
+            owed.discard(w)
+            if not owed:
+                del self.owed[w.reply]
 
     def _fire_timers(self):
         now = time.monotonic()
@@ -213,7 +225,7 @@ class GlobalServices:
                 self._expire(w)
 
     def _expire(self, w):
-        w.done = True
+        self._done(w)
         if w.kind == "join":
             self.answer(w.reply, w.tag, m.OK, None, None)
         elif w.kind == "multi":
@@ -386,8 +398,7 @@ class GlobalServices:
             return None
         w = _Waiter("join", msg, [p.p_uid])
         p.joiners.append(w)
-        if timeout is not None:
-            self._add_timer(time.monotonic() + timeout, w)
+        self._owe(w, timeout)
         return DEFER
 
     def _multi_result(self, p_uids):
@@ -411,8 +422,7 @@ class GlobalServices:
         w = _Waiter("multi", msg, p_uids)
         for u in p_uids:
             self.procs[u].joiners.append(w)
-        if timeout is not None:
-            self._add_timer(time.monotonic() + timeout, w)
+        self._owe(w, timeout)
         return DEFER
 
     def on_exit(self, msg):
@@ -424,10 +434,8 @@ class GlobalServices:
         p.retval = msg.exit_code
         # forget every deferred answer owed to the dead process before its reply channel goes away
         if p.reply_cd is not None:
-            for lst in [q.joiners for q in self.procs.values()] + list(self.chan_joiners.values()):
-                for w in lst:
-                    if w.reply == p.reply_cd:
-                        w.done = True
+            for w in self.owed.pop(p.reply_cd, ()):
+                w.done = True
             ch = self.replies.pop(p.reply_cd, None)
             if ch is not None:
                 try:
@@ -436,7 +444,7 @@ class GlobalServices:
                     pass
         for w in p.joiners:
             if not w.done:
-                w.done = True
+                self._done(w)
                 if w.kind == "join":
                     self.answer(w.reply, w.tag, m.OK, None, p.retval)
                 else:
@@ -617,6 +625,7 @@ class GlobalServices:
                 "ref_count": ref_count,
                 "sdesc": resp.result["sdesc"],
                 "refs": 0,
+                "holders": set(),
             }
             self.chans[c_uid] = c
             self._ref(c, caller)
@@ -624,7 +633,7 @@ class GlobalServices:
             self.answer(reply, tag, m.OK, None, wire)
             for w in self.chan_joiners.pop(name, ()) if name else ():
                 if not w.done:
-                    w.done = True
+                    self._done(w)
                     self._ref(c, w.caller)
                     self.answer(w.reply, w.tag, m.OK, None, wire)
 
@@ -641,6 +650,7 @@ class GlobalServices:
         if c["ref_count"] and p is not None and p.state != EXITED:
             p.chan_refs[c["c_uid"]] = p.chan_refs.get(c["c_uid"], 0) + 1
             c["refs"] += 1
+            c["holders"].add(p.p_uid)
 
     def _unref(self, c_uid, p, n=1):
         held = p.chan_refs.get(c_uid, 0)
@@ -652,6 +662,8 @@ class GlobalServices:
         c = self.chans.get(c_uid)
         if c is None:
             return
+        if not held - n:
+            c["holders"].discard(p.p_uid)
         c["refs"] -= n
         if c["refs"] <= 0:
             self._remove_chan(c)
@@ -661,8 +673,8 @@ class GlobalServices:
         del self.chans[c["c_uid"]]
         if c["name"]:
             self.chan_names.pop(c["name"], None)
-        for p in self.procs.values():
-            p.chan_refs.pop(c["c_uid"], None)
+        for u in c["holders"]:
+            self.procs[u].chan_refs.pop(c["c_uid"], None)
 
     def channel_list(self, msg):
         return list(self.chans)
@@ -684,8 +696,7 @@ class GlobalServices:
             raise _Fail(m.ERR_TIMEOUT, f"no channel named {name!r}")
         w = _Waiter("chjoin", msg, name)
         self.chan_joiners.setdefault(name, []).append(w)
-        if timeout is not None:
-            self._add_timer(time.monotonic() + timeout, w)
+        self._owe(w, timeout)
         return DEFER
 
     def channel_destroy(self, msg):
