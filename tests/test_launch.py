@@ -69,3 +69,34 @@ def test_hello_example(tmp_path):
     for i in range(3):
         assert f"hello from worker {i}" in r.stdout and f"[worker{i}] worker {i} is p_uid" in r.stdout
     assert "workers exited with [0, 0, 0]" in r.stdout
+
+
+def test_forwarded_output_arrives_while_the_process_runs(tmp_path):
+    import queue
+    import signal
+    import threading
+    import time
+
+    from test_runtime_util import write_app
+
+    app = write_app(
+        tmp_path,
+        """
+        import sys, time
+        from dragon.globalservices import process as P
+        P.create(sys.executable, None, ["-c", "import time; print('early'); time.sleep(30)"], user_name="streamer")
+        time.sleep(30)
+        """,
+    )
+    proc = subprocess.Popen(
+        launch_cmd(str(app)), cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE, text=True
+    )
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        assert lines.get(timeout=15) == "[streamer] early\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert time.monotonic() - t0 < 5

@@ -71,7 +71,7 @@ class Connection:
             from dragon.pools import Pool
 
             self._pool = Pool.attach(E.dec(environ[E.INF_PD]))
-            self.reply = self.own_reply = Channel.create(self._pool, capacity=64)
+            self.reply = self.own_reply = Channel.create(self._pool, capacity=64, block_size=256)
             import atexit
 
             atexit.register(self.close)

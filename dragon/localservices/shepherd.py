@@ -23,7 +23,8 @@ from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
 
 DRAIN_AFTER_EXIT = 0.5  # how long output pipes may stay open (held by grandchildren) after a process exits
-REPLY_CAPACITY = 64
+REPLY_CAPACITY = 64  # answers a process can have waiting (its threads share one reply channel)
+REPLY_BLOCK = 256  # bigger answers (long lists) travel in pool blocks
 
 
 class _Managed:
@@ -148,10 +149,12 @@ class Shepherd:
         run_dir = msg.run_dir or os.getcwd()
         if not os.path.isdir(run_dir):
             return m.ERR_PROCESS, f"cannot start {msg.exe!r}: run_dir {run_dir!r} is not a directory", None
-        reply_ch = self.Channel.create(self.infra_pool, capacity=REPLY_CAPACITY)
+        reply_ch = self.Channel.create(self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
         files = []
         try:
             env = dict(os.environ)
+            if msg.stdout == "forward" and not msg.head:
+                env["PYTHONUNBUFFERED"] = "1"  # forwarded output shows as it comes, not at exit
             env.update(msg.env)
             env.update(
                 E.contract(
