@@ -323,61 +323,67 @@ class Shepherd:
 
     def _io_loop(self):
         gs = self.Channel.attach(self.gs_cd)  # this thread's own handle
-        sel = self.sel
         draining = []
         while True:
-            timeout = None
-            if draining:
-                timeout = max(0.0, min(r.deadline for r in draining) - time.monotonic())
-            for key, _ in sel.select(timeout):
-                kind, rec, which = key.data
-                if kind == "wake":
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                    with self.lock:
-                        todo, self.todo = self.todo, []
-                    for r in todo:
-                        sel.register(r.pidfd, selectors.EVENT_READ, ("pid", r, None))
-                        for fd_no, stream in ((1, r.popen.stdout), (2, r.popen.stderr)):
-                            if stream is not None:
-                                sel.register(stream.fileno(), selectors.EVENT_READ, ("out", r, fd_no))
-                                r.open_streams += 1
-                elif kind == "pid":
-                    sel.unregister(rec.pidfd)
-                    os.close(rec.pidfd)
-                    code = rec.popen.wait()
-                    with self.lock:
-                        rec.exit_code = code
-                        self.lock.notify_all()
-                    if rec.open_streams == 0:
+            try:
+                self._io_step(gs, draining)
+            except Exception:  # never let one bad event stop exit reports (joins would hang)
+                self.log.exception("IO thread")
+
+    def _io_step(self, gs, draining):
+        sel = self.sel
+        timeout = None
+        if draining:
+            timeout = max(0.0, min(r.deadline for r in draining) - time.monotonic())
+        for key, _ in sel.select(timeout):
+            kind, rec, which = key.data
+            if kind == "wake":
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                with self.lock:
+                    todo, self.todo = self.todo, []
+                for r in todo:
+                    sel.register(r.pidfd, selectors.EVENT_READ, ("pid", r, None))
+                    for fd_no, stream in ((1, r.popen.stdout), (2, r.popen.stderr)):
+                        if stream is not None:
+                            sel.register(stream.fileno(), selectors.EVENT_READ, ("out", r, fd_no))
+                            r.open_streams += 1
+            elif kind == "pid":
+                sel.unregister(rec.pidfd)
+                os.close(rec.pidfd)
+                code = rec.popen.wait()
+                with self.lock:
+                    rec.exit_code = code
+                    self.lock.notify_all()
+                if rec.open_streams == 0:
+                    self._report(gs, rec)
+                else:
+                    rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
+                    draining.append(rec)
+            elif kind == "out":
+                fd = key.fd
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
+                if data:
+                    self._emit(rec, which, data)
+                else:
+                    sel.unregister(fd)
+                    self._emit(rec, which, b"", final=True)
+                    (rec.popen.stdout if which == 1 else rec.popen.stderr).close()
+                    rec.open_streams -= 1
+                    if rec.open_streams == 0 and rec.exit_code is not None and not rec.reported:
                         self._report(gs, rec)
-                    else:
-                        rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
-                        draining.append(rec)
-                elif kind == "out":
-                    fd = key.fd
-                    try:
-                        data = os.read(fd, 65536)
-                    except OSError:
-                        data = b""
-                    if data:
-                        self._emit(rec, which, data)
-                    else:
-                        sel.unregister(fd)
-                        self._emit(rec, which, b"", final=True)
-                        (rec.popen.stdout if which == 1 else rec.popen.stderr).close()
-                        rec.open_streams -= 1
-                        if rec.open_streams == 0 and rec.exit_code is not None and not rec.reported:
-                            self._report(gs, rec)
-                            if rec in draining:
-                                draining.remove(rec)
-            if draining:
-                now = time.monotonic()
-                for r in [r for r in draining if r.deadline <= now]:
-                    draining.remove(r)
-                    self._report(gs, r)  # its pipes stay registered: grandchildren may still print
+                        if rec in draining:
+                            draining.remove(rec)
+        if draining:
+            now = time.monotonic()
+            for r in [r for r in draining if r.deadline <= now]:
+                draining.remove(r)
+                self._report(gs, r)  # its pipes stay registered: grandchildren may still print
 
     def _emit(self, rec, which, data, final=False):
         buf = rec.partial.get(which, b"") + data
