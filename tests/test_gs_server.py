@@ -1,0 +1,262 @@
+"""Global services in one process, fed messages by the test, which plays the shepherd's and the clients' parts
+over real channels: the spec rules and the server-side deadlines, deterministically and without launches."""
+
+import os
+import time
+
+import pytest
+
+from dragon.infrastructure import messages as m
+
+
+@pytest.fixture
+def gs(monkeypatch):
+    monkeypatch.setenv("DRAGON_JOB", f"gstest{os.getpid()}")
+    from dragon.channels import Channel
+    from dragon.globalservices.server import GlobalServices
+    from dragon.pools import Pool
+
+    pool = Pool.create(8 << 20, name="gs")
+    chans = [Channel.create(pool, capacity=256) for _ in range(4)]
+    inbox, shep, launcher, client = chans
+    nodes = [{"index": 0, "hostname": "h0", "cpus": 2}]
+    g = GlobalServices(inbox, [shep.sdesc], launcher.sdesc, nodes, [pool.sdesc])
+    g.t_shep, g.t_launcher, g.t_client = shep, launcher, client
+    yield g
+    for c in chans:
+        c.destroy()
+    pool.destroy()
+
+
+def req(g, cls, caller=0, **fields):
+    """Send a request as a client would and let GS handle it; returns the tag."""
+    req.tag = getattr(req, "tag", 0) + 1
+    g.dispatch(m.decode(m.encode(cls(tag=req.tag, reply=bytes(g.t_client.sdesc), caller=caller, **fields))))
+    return req.tag
+
+
+def answer(g, tag=None):
+    """The next answer to the client (checks its tag)."""
+    r = m.decode(g.t_client.recv(timeout=1))
+    assert isinstance(r, m.Response)
+    if tag is not None:
+        assert r.tag == tag
+    return r
+
+
+def no_answer(g):
+    assert len(g.t_client) == 0
+
+
+def shepherd_gets(g, cls):
+    msg = m.decode(g.t_shep.recv(timeout=1))
+    assert isinstance(msg, cls), msg
+    return msg
+
+
+def shepherd_replies(g, msg, err=0, text=None, result=None):
+    g.dispatch(m.Response(msg.tag, err, text, result))
+
+
+def start(g, name=None, caller=0, head=False, pid=100):
+    tag = req(
+        g,
+        m.GSProcessCreate,
+        caller=caller,
+        exe="/bin/x",
+        run_dir="/",
+        args=["a"],
+        env=None,
+        user_name=name,
+        options={},
+        soft=False,
+        head=head,
+    )
+    sh = shepherd_gets(g, m.SHProcessCreate)
+    assert sh.exe == "/bin/x" and sh.args == ["a"]
+    shepherd_replies(g, sh, result={"pid": pid, "reply_cd": b"rc%d" % sh.p_uid})
+    r = answer(g, tag)
+    assert r.err == 0, r
+    return r.result, sh
+
+
+def exit_(g, p_uid, code):
+    g.dispatch(m.SHProcessExit(0, p_uid, code))
+    assert shepherd_gets(g, m.SHProcessReaped).p_uid == p_uid
+
+
+def test_create_names_labels_and_uids(gs):
+    d, sh = start(gs, name="w")
+    assert d["p_uid"] == 1 and d["user_name"] == "w" and d["state"] == "running" and d["pid"] == 100
+    assert sh.label == "w" and sh.p_uid == 1
+    d2, sh2 = start(gs)
+    assert d2["p_uid"] == 2 and d2["user_name"] and sh2.label == "2"
+    r = answer(
+        gs,
+        req(
+            gs,
+            m.GSProcessCreate,
+            exe="/bin/x",
+            run_dir="/",
+            args=[],
+            env=None,
+            user_name="w",
+            options={},
+            soft=False,
+            head=False,
+        ),
+    )
+    assert r.err == m.ERR_PROCESS and "'w'" in r.msg
+    r = answer(
+        gs,
+        req(
+            gs,
+            m.GSProcessCreate,
+            exe="/bin/x",
+            run_dir="/",
+            args=[],
+            env=None,
+            user_name="w",
+            options={},
+            soft=True,
+            head=False,
+        ),
+    )
+    assert r.err == 0 and r.result["p_uid"] == 1
+    # a create the shepherd refuses frees the name but not the p_uid
+    tag = req(
+        gs,
+        m.GSProcessCreate,
+        exe="/no",
+        run_dir="/",
+        args=[],
+        env=None,
+        user_name="bad",
+        options={},
+        soft=False,
+        head=False,
+    )
+    sh = shepherd_gets(gs, m.SHProcessCreate)
+    shepherd_replies(gs, sh, err=m.ERR_INTERNAL, text="cannot start '/no'")
+    r = answer(gs, tag)
+    assert r.err == m.ERR_PROCESS and "/no" in r.msg
+    d4, _ = start(gs, name="bad")
+    assert d4["p_uid"] == 4
+
+
+def test_join_deadline_is_kept_by_the_server(gs):
+    d, _ = start(gs, name="w")
+    tag = req(gs, m.GSProcessJoin, caller=0, ident="w", timeout=0.05)
+    no_answer(gs)
+    time.sleep(0.06)
+    gs._fire_timers()
+    r = answer(gs, tag)
+    assert r.err == 0 and r.result is None
+    tag_forever = req(gs, m.GSProcessJoin, ident=d["p_uid"], timeout=None)
+    tag_multi = req(gs, m.GSProcessMultiJoin, idents=["w"], timeout=5.0)
+    exit_(gs, d["p_uid"], -9)
+    got = {r.tag: r for r in (answer(gs), answer(gs))}
+    assert got[tag_forever].result == -9
+    multi = got[tag_multi].result
+    assert multi["exited"] == [[1, -9]] and multi["status"][1]["retval"] == -9
+    assert answer(gs, req(gs, m.GSProcessJoin, ident="w", timeout=0)).result == -9
+    assert answer(gs, req(gs, m.GSProcessList)).result == []
+
+
+def test_join_self_and_unknown(gs):
+    d, _ = start(gs, name="w")
+    r = answer(gs, req(gs, m.GSProcessJoin, caller=d["p_uid"], ident="w", timeout=None))
+    assert r.err == m.ERR_PROCESS and "itself" in r.msg
+    r = answer(gs, req(gs, m.GSProcessQuery, ident=77))
+    assert r.err == m.ERR_PROCESS and "77" in r.msg
+
+
+def test_answers_owed_to_a_dead_process_are_dropped(gs, capfd):
+    a, _ = start(gs, name="a")
+    b, _ = start(gs, name="b")
+    # b joins a through its own reply channel (b"rc2"); then b dies: GS must never answer into b's channel
+    gs.dispatch(m.GSProcessJoin(tag=9, reply=b"rc2", caller=b["p_uid"], ident="a", timeout=None))
+    exit_(gs, b["p_uid"], 0)
+    exit_(gs, a["p_uid"], 0)
+    assert gs.owed == {}
+    assert "cannot answer" not in capfd.readouterr().err  # GS did not try b's (bogus) reply channel
+
+
+def test_head_exit_tells_the_launcher(gs):
+    d, sh = start(gs, head=True)
+    assert sh.head is True
+    exit_(gs, d["p_uid"], 3)
+    msg = m.decode(gs.t_launcher.recv(timeout=1))
+    assert isinstance(msg, m.LAHeadExit) and msg.exit_code == 3
+
+
+def test_kill_validates_and_forwards(gs):
+    d, _ = start(gs, name="w")
+    r = answer(gs, req(gs, m.GSProcessKill, ident="w", sig=12345))
+    assert r.err == m.ERR_PROCESS
+    tag = req(gs, m.GSProcessKill, ident="w", sig=15)
+    k = shepherd_gets(gs, m.SHProcessKill)
+    assert (k.p_uid, k.sig) == (d["p_uid"], 15)
+    shepherd_replies(gs, k)
+    assert answer(gs, tag).err == 0
+    exit_(gs, d["p_uid"], -15)
+    assert "exited" in answer(gs, req(gs, m.GSProcessKill, ident="w", sig=15)).msg
+
+
+def _make_channel(gs, name, ref_count, caller=0):
+    tag = req(
+        gs,
+        m.GSChannelCreate,
+        caller=caller,
+        m_uid=None,
+        user_name=name,
+        options={"ref_count": ref_count, "capacity": 8, "block_size": 64},
+        soft=False,
+    )
+    sh = shepherd_gets(gs, m.SHChannelCreate)
+    assert (sh.capacity, sh.block_size) == (8, 64)
+    shepherd_replies(gs, sh, result={"sdesc": b"sd"})
+    return answer(gs, tag).result
+
+
+def test_channel_join_waits_for_create_and_times_out(gs):
+    tag_wait = req(gs, m.GSChannelJoin, name="later", timeout=None)
+    tag_short = req(gs, m.GSChannelJoin, name="never", timeout=0.05)
+    time.sleep(0.06)
+    gs._fire_timers()
+    r = answer(gs, tag_short)
+    assert r.err == m.ERR_TIMEOUT and "never" in r.msg
+    c = _make_channel(gs, "later", False)
+    r = answer(gs, tag_wait)
+    assert r.err == 0 and r.result["c_uid"] == c["c_uid"]
+
+
+def test_ref_count_channel_goes_with_its_last_holder(gs):
+    a, _ = start(gs, name="a")
+    b, _ = start(gs, name="b")
+    c = _make_channel(gs, "rc", True, caller=a["p_uid"])
+    assert answer(gs, req(gs, m.GSChannelAttach, caller=b["p_uid"], ident="rc")).err == 0
+    exit_(gs, a["p_uid"], 0)
+    assert answer(gs, req(gs, m.GSChannelQuery, ident="rc")).err == 0
+    assert answer(gs, req(gs, m.GSChannelDetach, caller=b["p_uid"], ident="rc")).err == 0
+    d = shepherd_gets(gs, m.SHChannelDestroy)
+    assert d.c_uid == c["c_uid"]
+    assert answer(gs, req(gs, m.GSChannelQuery, ident="rc")).err == m.ERR_CHANNEL
+
+
+def test_uids_are_never_reused(gs):
+    seen = set()
+    for i in range(3):
+        c = _make_channel(gs, f"c{i}", False)
+        assert c["c_uid"] not in seen
+        seen.add(c["c_uid"])
+        tag = req(gs, m.GSChannelDestroy, idents=[c["c_uid"]])
+        shepherd_replies(gs, shepherd_gets(gs, m.SHChannelDestroy))
+        assert answer(gs, tag).err == 0
+    assert answer(gs, req(gs, m.GSChannelList)).result == []
+
+
+def test_unknown_message_gets_an_error_not_a_crash(gs):
+    gs.dispatch(m.SHTeardown(tag=5, reply=bytes(gs.t_client.sdesc), grace=1))
+    r = answer(gs, 5)
+    assert r.err == m.ERR_INTERNAL and "SHTeardown" in r.msg
