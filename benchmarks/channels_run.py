@@ -18,24 +18,28 @@ def parse_peers(text):
     if not text:
         return list(ALL_PEERS)
     peers = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [p for p in peers if p not in ALL_PEERS]
+    bad = [p for p in peers if p not in ALL_PEERS + ["dragonhpc"]]
     if bad:
-        raise SystemExit(f"dragon-bench: unknown peer(s) {', '.join(bad)} (choose from {', '.join(ALL_PEERS)})")
+        raise SystemExit(f"dragon-bench: unknown peer(s) {', '.join(bad)} "
+                         f"(choose from {', '.join(ALL_PEERS + ['dragonhpc'])})")
     return peers
 
 
 def plan(ctx, stream=True):
     sizes = parse_sizes(ctx.args.sizes)
+    ctx.sizes = sizes
     peers = parse_peers(ctx.args.peers)
     steps = []
     reasons = {}
     for peer in peers:
+        if peer == "dragonhpc":
+            continue
         why = channels.peer_available(peer)
         if why:
             reasons[peer] = why
             ctx.skip(f"channels {LABELS[peer]}", why)
     for peer in peers:
-        if peer in reasons or peer == "mpi4py":
+        if peer in reasons or peer in ("mpi4py", "dragonhpc"):
             continue
         for size in sizes:
             if peer == "dragon-zc" and size < channels.ZC_MIN:
@@ -66,4 +70,8 @@ def plan(ctx, stream=True):
                     ctx.figures.extend(channels.measure_mpmc(p, c, size, ctx.repeat, ctx.target))
 
                 steps.append((f"channels dragon {p}x{c} {util.size_label(size)}", run_mpmc))
+    if ctx.args.peers is None or "dragonhpc" in peers:
+        from benchmarks import runtime
+
+        steps += runtime._dragonhpc_steps(ctx)
     return steps

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -110,6 +109,7 @@ def main(argv=None):
     if args.plot and not any(s in sel for s in ("channels", "latency", "xnode")):
         raise SystemExit("dragon-bench: --plot needs channels, latency or xnode in the selection")
     ctx = Context(args)
+    ctx.sel = sel
     t0 = time.monotonic()
 
     from benchmarks import channels_run, runtime, xnode
@@ -149,6 +149,10 @@ def main(argv=None):
             ctx.progress.advance()
     finally:
         ctx.progress.close()
+        if getattr(ctx, "tmpdir", None):
+            import shutil
+
+            shutil.rmtree(ctx.tmpdir, ignore_errors=True)
 
     from benchmarks import report
     from benchmarks.channels import LABELS

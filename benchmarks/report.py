@@ -132,6 +132,16 @@ def _table(rows, header):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+PEER_ORDER = ["dragon", "dragon-batch", "dragon-zc", "mpi4py", "faster-fifo", "ff-batch", "mp-pipe", "mp-queue",
+              "popen", "mp-fork", "mp-spawn", "mp-manager", "shared-memory", "python", "mpiexec", "dragonhpc"]
+METRIC_SHORT = {"msg_per_s": "msg/s", "rtt_median_us": "RTT median", "per_s": "rate", "seconds": "wall time",
+                "ops_per_s": "op/s"}
+
+
+def peer_rank(p):
+    return PEER_ORDER.index(p) if p in PEER_ORDER else len(PEER_ORDER)
+
+
 SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s")
 
 
@@ -145,7 +155,7 @@ def render(doc, labels=None):
     out.append(f"dragon-bench on {env.get('hostname')} ({env.get('cpu_count')} cpus, python {env.get('python')}), "
                f"{doc.get('config', {}).get('repeat')} repeat(s); cells: median [min-max]")
     for (group, test, metric), figs in blocks(figures).items():
-        peers = list(dict.fromkeys(f["peer"] for f in figs))
+        peers = sorted(dict.fromkeys(f["peer"] for f in figs), key=peer_rank)
         sizes = list(dict.fromkeys(f["size"] for f in figs))
         rows = []
         for s in sizes:
@@ -160,21 +170,24 @@ def render(doc, labels=None):
         out.append(_table(rows, ["size"] + [lab(p) for p in peers]))
     rat = [r for r in doc.get("ratios", ratios(figures)) if r["metric"] in SUMMARY_METRICS]
     if rat:
-        others = list(dict.fromkeys(r["peer"] for r in rat))
-        keys = list(dict.fromkeys((r["group"], r["test"], r["metric"], r["size"], r["dragon_peer"]) for r in rat))
-        rows = []
-        for k in keys:
-            g, t, m, s, d = k
-            what = f"{g} {t} {m}" + (f" {size_label(s)}" if s is not None else "")
-            row = [what, lab(d)]
-            for p in others:
-                r = next((x for x in rat if (x["group"], x["test"], x["metric"], x["size"], x["dragon_peer"],
-                                             x["peer"]) == k + (p,)), None)
-                row.append(f"{r['advantage']:.2f}x" if r else "-")
-            rows.append(row)
         out.append("")
         out.append("== RATIOS: how many times better dragon is than each peer (>1: dragon wins; for times and"
                    " latencies this is peer/dragon)")
+    for group in dict.fromkeys(r["group"] for r in rat):
+        grat = [r for r in rat if r["group"] == group]
+        others = sorted(dict.fromkeys(r["peer"] for r in grat), key=peer_rank)
+        keys = list(dict.fromkeys((r["test"], r["metric"], r["size"], r["dragon_peer"]) for r in grat))
+        rows = []
+        for k in keys:
+            t, m, s, d = k
+            what = f"{group} {t} {METRIC_SHORT.get(m, m)}" + (f" {size_label(s)}" if s is not None else "")
+            row = [what, lab(d)]
+            for p in others:
+                r = next((x for x in grat if (x["test"], x["metric"], x["size"], x["dragon_peer"], x["peer"]) ==
+                          k + (p,)), None)
+                row.append(f"{r['advantage']:.2f}x" if r else "-")
+            rows.append(row)
+        out.append("")
         out.append(_table(rows, ["figure", "dragon variant"] + [lab(p) for p in others]))
     tg = [t for t in doc.get("targets", []) if t["value"] is not None]
     if tg:

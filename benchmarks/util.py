@@ -261,7 +261,7 @@ def _procs_with_marker(marker):
 
 
 def run_marked(cmd, timeout, env=None, cwd=None, shm_filter=None):
-    """Run ``cmd`` in its own session with a unique marker in its environment, and clean up after it.
+    """Run ``cmd`` in its own process group with a unique marker in its environment, and clean up after it.
 
     Returns a dict: rc, stdout, stderr, wall (s), timed_out, leaked_procs (pids we had to kill: processes that
     carry this run's marker and were still alive after it ended), leaked_shm (segments that appeared during the
@@ -272,8 +272,9 @@ def run_marked(cmd, timeout, env=None, cwd=None, shm_filter=None):
     full_env["DRAGON_BENCH_RUN"] = marker
     before = shm_segments()
     t0 = time.perf_counter()
+    # its own process group (not its own session: DragonHPC's launcher hangs without a session leader above it)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
-                         start_new_session=True, text=True)
+                         preexec_fn=os.setpgrp, text=True)
     timed_out = False
     try:
         out, err = p.communicate(timeout=timeout)
