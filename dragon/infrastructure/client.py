@@ -8,6 +8,7 @@ A managed process uses the reply channel its shepherd made before starting it. A
 child a managed process forked itself) makes its own in the infrastructure pool and destroys it at exit.
 """
 
+import itertools
 import os
 import threading
 import time
@@ -76,11 +77,11 @@ class Connection:
 
             atexit.register(self.close)
         self.reply_sdesc = bytes(self.reply.sdesc)
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.Lock())
         self.reading = False
         self.results = {}
         self.abandoned = set()
-        self.next_tag = 0
+        self.tags = itertools.count(1)
 
     def close(self):
         if self.own_reply is not None and os.getpid() == self.pid:
@@ -93,9 +94,7 @@ class Connection:
     def request(self, msg, timeout):
         """Send msg (its tag, reply and caller are filled in) and return the Response; None timeout = forever.
         Raises TimeoutError (None) if no reply came in time; the caller turns that into its own class."""
-        with self.cond:
-            self.next_tag += 1
-            tag = self.next_tag
+        tag = next(self.tags)  # atomic under the GIL
         msg.tag, msg.reply, msg.caller = tag, self.reply_sdesc, self.p_uid
         self.gs.send(m.encode(msg), timeout=SEND_TIMEOUT)
         deadline = None if timeout is None else time.monotonic() + timeout
