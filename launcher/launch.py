@@ -119,14 +119,14 @@ class Runtime:
     def run(self, exe, args):
         """Start the runtime, run exe args as the head process, tear down. -> exit code for the launcher."""
         code = EXIT_SERVICE_FAILED
-        old = {}
 
         def _term(signum, frame):
             raise _Terminated(signum)
 
         try:
             self.start()
-            old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _term)
+            for sig in (signal.SIGTERM, signal.SIGHUP):  # scancel / time limit, a closed terminal
+                signal.signal(sig, _term)
             code = self._run_head(exe, args)
         except KeyboardInterrupt:
             _log("interrupted: tearing the job down")
@@ -140,8 +140,8 @@ class Runtime:
             code = EXIT_SERVICE_FAILED
         finally:
             # finish the teardown even if a second Ctrl-C or SIGTERM comes
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             self.teardown()
         return code
 

@@ -59,7 +59,7 @@ class Connection:
                 "not running under the dragon runtime (no global services to talk to): "
                 "start the program with dragon-launch, e.g. `dragon-launch app.py`"
             )
-        from dragon.channels import Channel
+        from dragon._core.core import Channel
 
         self.pid = os.getpid()
         self.p_uid = int(environ.get(E.PUID, "0"))
@@ -69,7 +69,7 @@ class Connection:
         if E.REPLY_CD in environ and str(os.getppid()) == environ.get(E.SHEP_PID):
             self.reply = Channel.attach(E.dec(environ[E.REPLY_CD]))
         else:  # a descendant of a managed process: the pre-made reply channel belongs to its ancestor
-            from dragon.pools import Pool
+            from dragon._core.core import Pool
 
             self._pool = Pool.attach(E.dec(environ[E.INF_PD]))
             self.reply = self.own_reply = Channel.create(self._pool, capacity=64, block_size=256)

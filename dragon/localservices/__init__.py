@@ -1,0 +1,1 @@
+"""Local services: the per-node shepherd (``shepherd``), run by dragon-launch."""
