@@ -119,15 +119,18 @@ def test_scancel_kills_the_tasks_on_both_nodes(slurm_cluster, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.allow_leaks  # checks the nodes' own /dev/shm itself; the host's may change meanwhile (other users)
 @pytest.mark.timeout(240)
 def test_time_limit_ends_the_job_on_both_nodes(slurm_cluster, tmp_path):
     # Slurm's smallest limit is one minute, checked about every 30 s: this test takes 60-100 s
+    shm_before = {n: node_shm(n) for n in slurm_cluster.nodes}
     job, marker, tasks = _start_sleeping_tasks(tmp_path, time_limit="1")
     assert wait_job(job.id, timeout=200) == "TIMEOUT", job_info(job.id)
     left = wait_no_marker(marker, timeout=30)
     assert not left, f"processes of the timed-out job still running: {left}"
     assert not any(pid_alive(p) for p in tasks.values()), tasks
     assert "DUE TO TIME LIMIT" in job.output.read_text()
+    assert {n: node_shm(n) for n in slurm_cluster.nodes} == shm_before
 
 
 @pytest.mark.timeout(60)
