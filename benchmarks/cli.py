@@ -98,6 +98,14 @@ def _selection(what):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.inner:
+        if args.inner == "xnode":
+            from benchmarks import xnode
+
+            return xnode.inner_main(args)
+        if args.inner == "xnode-child":
+            from benchmarks import xnode
+
+            return xnode.child_main()
         from benchmarks import runtime
 
         return runtime.inner_main(args)

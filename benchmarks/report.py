@@ -10,8 +10,8 @@ DRAGON_PRIMARY = ["dragon", "dragon-batch", "dragon-zc"]
 TITLES = {
     ("channels", "stream"): "Channel stream between two processes",
     ("channels", "rtt"): "Channel ping-pong round trip between two processes",
-    ("xnode", "stream"): "Cross-node stream (through the transport agents)",
-    ("xnode", "rtt"): "Cross-node round trip (through the transport agents)",
+    ("xnode", "stream"): "Cross-node stream (dragon through the transport agents; mpi4py rank to rank)",
+    ("xnode", "rtt"): "Cross-node round trip (dragon through the transport agents; mpi4py rank to rank)",
     ("launch", "true-serial"): "create+join of /bin/true, one at a time",
     ("launch", "true-16"): "create+join of /bin/true, 16 in flight",
     ("launch", "python-child"): "Python child start+join",
