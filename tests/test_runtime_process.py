@@ -155,6 +155,21 @@ assert P.join("target", timeout=20) == -signal.SIGKILL
 assert P.query("target").retval == -signal.SIGKILL
 ok("dead joiner")
 
+# a managed Python child reaches GS without importing more than it needs
+lean = P.create(PY, None, ["-c", """
+import sys
+before = set(sys.modules)
+from dragon.globalservices import process as P
+P.this_process()
+heavy = {'subprocess', 'numpy', 'mpi4py', 'logging', 'selectors', 'argparse', 'dragon.globalservices.server',
+         'dragon.localservices.shepherd', 'launcher'} & (set(sys.modules) - before)
+if heavy:
+    print('HEAVY', sorted(heavy))
+    sys.exit(1)
+"""])
+assert P.join(lean.p_uid, timeout=20) == 0
+ok("lean client")
+
 # processes that cannot start, bad input
 assert "nonexistent" in raises(ProcessError, P.create, "/nonexistent/prog", None, [])
 assert "nodir" in raises(ProcessError, P.create, "/bin/true", "/nodir/x", [])
