@@ -23,7 +23,9 @@ def two_node_launcher():
     """How to start two ranks for this host or allocation: (argv prefix, extra dragon-launch args, where)."""
     nnodes = int(os.environ.get("SLURM_NNODES", "1") or 1)
     if os.environ.get("SLURM_JOB_ID") and nnodes >= 2 and shutil.which("srun"):
-        return ["srun", "-N", "2", "-n", "2", "--ntasks-per-node=1"], [], "2 Slurm nodes"
+        mpi = os.environ.get("DRAGON_BENCH_SRUN_MPI", "pmi2")  # the mpich wheel speaks PMI-2 to Slurm
+        return (["srun", f"--mpi={mpi}", "-N", "2", "-n", "2", "--ntasks-per-node=1"], [],
+                f"2 Slurm nodes ({os.environ.get('SLURM_JOB_NODELIST', '?')})")
     mpiexec = util.mpiexec_path()
     if mpiexec:
         return [mpiexec, "-n", "2"], ["--virtual-nodes"], "2 virtual nodes on this host"

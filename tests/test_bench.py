@@ -117,6 +117,14 @@ def test_dragonhpc_side_by_side_leaves_nothing(tmp_path):
     # whatever it left (segments, processes) was removed by the harness; the conftest fixture checks /dev/shm
 
 
+@pytest.mark.timeout(60)
+def test_plot_without_channel_figures_says_so(tmp_path):
+    png = tmp_path / "none.png"
+    doc, p = bench(tmp_path, "startup", "--quick", "--no-dragonhpc", "--plot", str(png))
+    assert "no plot written" in p.stderr and not png.exists()
+    find(doc, "startup", "empty", "python", "seconds")
+
+
 def test_ratio_direction_and_targets():
     """Throughput ratios are dragon/peer, latency and time ratios peer/dragon; targets read the right figures."""
     from benchmarks.util import figure
@@ -140,7 +148,6 @@ def test_ratio_direction_and_targets():
     (["nonsense"], "unknown selection"),
     (["channels", "--repeat", "0"], "--repeat"),
     (["channels", "--peers", "carrier-pigeon"], "unknown peer"),
-    (["pool", "--plot", "x.png"], "--plot needs"),
 ])
 def test_bad_arguments_are_refused_clearly(tmp_path, args, msg):
     env = dict(os.environ)
