@@ -89,6 +89,7 @@ class GlobalServices:
         self.pending = {}  # tag of a request to a shepherd -> continuation(Response)
         self.tags = itertools.count(1)
         self.timers = []  # heap of (deadline, seq, waiter)
+        self.compact_at = 1024
         self.seq = itertools.count()
         self.running = True
 
@@ -208,6 +209,10 @@ class GlobalServices:
         self.owed.setdefault(w.reply, set()).add(w)
         if timeout is not None:
             heapq.heappush(self.timers, (time.monotonic() + timeout, next(self.seq), w))
+            if len(self.timers) > self.compact_at:  # drop deadlines of joins that ended early (amortized O(1))
+                self.timers = [t for t in self.timers if not t[2].done]
+                heapq.heapify(self.timers)
+                self.compact_at = max(1024, 2 * len(self.timers))
 
     def _done(self, w):
         w.done = True
