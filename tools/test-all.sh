@@ -32,6 +32,8 @@ RUN_ID="test-all-$$-$(date +%s)"
 LOG="$(mktemp /tmp/dragon-test-all.XXXXXX.log)"
 T0=$SECONDS
 started_slurm=0
+TEST_PID=""
+TAIL_PID=""
 is_ci=0; case "${CI:-}" in 1|true|TRUE|True|yes) is_ci=1 ;; esac
 
 say() { echo "[test-all +$((SECONDS - T0))s] $*"; }
@@ -51,6 +53,13 @@ finish() {
   local rc=$?
   trap - EXIT INT TERM
   unset DRAGON_TEST_RUN
+  if [ -n "$TEST_PID" ] && kill -0 "$TEST_PID" 2>/dev/null; then
+    say "interrupted: stopping pytest (pid $TEST_PID)"
+    kill -TERM "$TEST_PID" 2>/dev/null   # timeout passes it on to pytest
+    for _ in $(seq 100); do kill -0 "$TEST_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$TEST_PID" 2>/dev/null
+    [ -n "$TAIL_PID" ] && { kill "$TAIL_PID" 2>/dev/null; wait "$TAIL_PID" 2>/dev/null; }
+  fi
   if [ "$started_slurm" = 1 ]; then
     say "stopping the Slurm cluster this run started"
     bash "$REPO/slurm/stop-cluster.sh" || { echo "test-all: ERROR: stop-cluster.sh failed" >&2; [ "$rc" = 0 ] && rc=1; }
@@ -120,9 +129,17 @@ fi
 # ------------------------------------------------------------------------------------------------ 3. pytest
 export DRAGON_TEST_RUN="$RUN_ID"
 say "python -m pytest -ra $* (whole run limited to ${TOTAL_TIMEOUT}s)"
-timeout -k 30 "$TOTAL_TIMEOUT" "$PY" -m pytest -ra --durations=10 "$@" 2>&1 | tee "$LOG"
-rc=${PIPESTATUS[0]}
+# pytest runs in the background and its output is followed from the log, so that a SIGTERM or SIGINT to this
+# script is handled at once (bash runs traps only between commands, and `wait` is interruptible)
+timeout -k 30 "$TOTAL_TIMEOUT" "$PY" -m pytest -ra --durations=10 "$@" > "$LOG" 2>&1 < /dev/null &
+TEST_PID=$!
 unset DRAGON_TEST_RUN
+tail -n +1 -f --pid="$TEST_PID" "$LOG" &
+TAIL_PID=$!
+wait "$TEST_PID"
+rc=$?
+wait "$TAIL_PID"
+TEST_PID=""
 case "$rc" in
   0) ;;
   5) echo "test-all: ERROR: pytest ran no test (exit 5): the suite must not be empty" >&2 ;;
