@@ -310,15 +310,24 @@ def parser():
     p = argparse.ArgumentParser(
         prog="dragon-launch",
         description=(
-            "Run a program inside the dragon runtime on this node: starts global services and local services, "
-            "runs PROGRAM as the first managed process (a .py file runs with this Python interpreter), prints its "
-            "output as it comes (other managed processes' lines are labelled [user_name or p_uid]), tears "
-            "everything down when it ends, and exits with its exit code (128+N if signal N killed it)."
+            "Run PROGRAM inside the dragon runtime on this node: start global services and local services,\n"
+            "run PROGRAM as the first managed process (a .py file runs with this Python interpreter), print\n"
+            "its output as it comes (other managed processes' lines are labelled [user_name or p_uid]),\n"
+            "tear everything down when it ends, and exit with its exit code."
         ),
-        epilog=(
-            "Inside PROGRAM, use dragon.globalservices.process / pool / channel. Environment: DRAGON_LOG=debug "
-            "for verbose service logs."
-        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  dragon-launch app.py arg1 arg2       run app.py (p_uid 1) with this interpreter
+  dragon-launch /bin/hostname          run any executable as the first managed process
+
+inside PROGRAM: dragon.globalservices.process / pool / channel / node (see examples/hello.py)
+
+exit status: PROGRAM's exit code; 128+N if signal N killed it; 130 on Ctrl-C and 143 on
+SIGTERM (the job is torn down: SIGTERM to every managed process, SIGKILL after --grace);
+70 if the runtime failed (a service died, PROGRAM could not start); 2 for a bad command line.
+
+environment: DRAGON_LOG=debug for verbose service logs on stderr;
+DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60).""",
     )
     p.add_argument(
         "--grace",
