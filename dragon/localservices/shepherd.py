@@ -277,6 +277,7 @@ class Shepherd:
         unlink: also unlink every segment of the job on this node (when the launcher is gone)."""
         with self.lock:
             recs = list(self.procs.values())
+        self.log.debug("teardown: %d managed processes, grace %.1f s", len(recs), grace)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
             live = [r for r in recs if r.exit_code is None]
             for r in recs:  # the whole group: also what a process started itself
@@ -402,6 +403,7 @@ class Shepherd:
 
     def _report(self, gs, rec):
         rec.reported = True
+        self.log.debug("p_uid %d (pid %d) exited with %s", rec.p_uid, rec.popen.pid, rec.exit_code)
         try:
             gs.send(m.encode(m.SHProcessExit(self.node, rec.p_uid, rec.exit_code)), timeout=10)
         except ChannelError as e:
