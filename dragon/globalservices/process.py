@@ -12,6 +12,8 @@ from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
 from dragon.infrastructure.descriptors import ProcessDescriptor, ProcessOptions
 
+ProcessInfo = ProcessDescriptor  # the spec's other name for it (query's rtype)
+
 __all__ = [
     "create",
     "get_list",
@@ -21,6 +23,7 @@ __all__ = [
     "multi_join",
     "this_process",
     "ProcessDescriptor",
+    "ProcessInfo",
     "ProcessOptions",
     "ProcessError",
 ]
