@@ -19,6 +19,7 @@ When is a Slurm test skipped?  Only outside CI (CI unset) and outside `tools/tes
 DRAGON_REQUIRE_SLURM=1), when `sinfo` is not installed or no cluster answers.  With CI=true or
 DRAGON_REQUIRE_SLURM=1 a missing cluster fails the test instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,7 +49,9 @@ def _probe() -> tuple[list[str], str]:
     if shutil.which("sinfo") is None:
         return [], "Slurm is not installed (no sinfo on PATH); " + START_HINT
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %T"], check=False, capture_output=True, text=True, timeout=20
+        )
     except subprocess.TimeoutExpired:
         return [], "sinfo did not answer within 20 s; " + START_HINT
     if out.returncode != 0:
@@ -90,16 +93,34 @@ def slurm_cluster() -> Cluster:
 
 
 # ------------------------------------------------------------------------------------------------ running jobs
-def srun(argv, *, nodes: int = 2, ntasks_per_node: int = 1, time_limit: str = "5", timeout: float = 120,
-         env: dict | None = None, cwd=None, extra=()) -> subprocess.CompletedProcess:
+def srun(
+    argv,
+    *,
+    nodes: int = 2,
+    ntasks_per_node: int = 1,
+    time_limit: str = "5",
+    timeout: float = 120,
+    env: dict | None = None,
+    cwd=None,
+    extra=(),
+) -> subprocess.CompletedProcess:
     """Run `srun -N nodes --ntasks-per-node=k [extra] argv` and return the finished process (text output).
 
     `time_limit` is Slurm's --time (minutes, or "M:SS"; Slurm rounds up to whole minutes).  `env` adds variables
     to this process's environment (srun exports the whole environment to the tasks)."""
-    cmd = ["srun", "-N", str(nodes), f"--ntasks-per-node={ntasks_per_node}", f"--time={time_limit}", *extra,
-           *[str(a) for a in argv]]
+    cmd = [
+        "srun",
+        "-N",
+        str(nodes),
+        f"--ntasks-per-node={ntasks_per_node}",
+        f"--time={time_limit}",
+        *extra,
+        *[str(a) for a in argv],
+    ]
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    return subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )
 
 
 @dataclass
@@ -108,8 +129,16 @@ class Job:
     output: Path
 
 
-def sbatch(script, *, workdir, nodes: int | None = 2, time_limit: str | None = "5",
-           output: str | None = "slurm-%j.out", env: dict | None = None, extra=()) -> Job:
+def sbatch(
+    script,
+    *,
+    workdir,
+    nodes: int | None = 2,
+    time_limit: str | None = "5",
+    output: str | None = "slurm-%j.out",
+    env: dict | None = None,
+    extra=(),
+) -> Job:
     """Submit a batch script (a Path, or the script's text) and return Job(id, output file path).
 
     `nodes`, `time_limit` and `output` become -N, --time and --output; pass None to leave one to the script's own
@@ -129,7 +158,9 @@ def sbatch(script, *, workdir, nodes: int | None = 2, time_limit: str | None = "
     if output is not None:
         cmd.append(f"--output={output}")
     cmd += [*extra, str(script)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=dict(os.environ, **(env or {})))
+    res = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=30, env=dict(os.environ, **(env or {}))
+    )
     if res.returncode != 0:
         raise RuntimeError(f"sbatch failed ({res.returncode}): {res.stderr.strip()}")
     job_id = int(res.stdout.strip().split(";")[0])
@@ -142,7 +173,13 @@ def sbatch(script, *, workdir, nodes: int | None = 2, time_limit: str | None = "
 
 def job_info(job_id: int) -> dict[str, str]:
     """`scontrol show job -o ID` as a dict ({} once Slurm has forgotten the job, MinJobAge=300 s after its end)."""
-    res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=20)
+    res = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(job_id)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     if res.returncode != 0:
         return {}
     return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", res.stdout))
@@ -153,8 +190,18 @@ def job_state(job_id: int) -> str:
     return job_info(job_id).get("JobState", "GONE")
 
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED", "GONE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "GONE",
+}
 
 
 def wait_job(job_id: int, timeout: float = 120) -> str:
@@ -185,7 +232,7 @@ def wait_state(job_id: int, states, timeout: float = 60) -> str:
 
 def scancel(job_id: int, signal: str | None = None) -> None:
     cmd = ["scancel", *([f"--signal={signal}"] if signal else []), str(job_id)]
-    subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=20)
 
 
 def wait_for_file(path, timeout: float = 60, contains: str | None = None, lines: int | None = None) -> str:
@@ -197,8 +244,11 @@ def wait_for_file(path, timeout: float = 60, contains: str | None = None, lines:
             text = path.read_text()
         except FileNotFoundError:
             text = None
-        if text is not None and (contains is None or contains in text) and \
-                (lines is None or len(text.splitlines()) >= lines):
+        if (
+            text is not None
+            and (contains is None or contains in text)
+            and (lines is None or len(text.splitlines()) >= lines)
+        ):
             return text
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path}: not there (or incomplete) after {timeout} s; now: {text!r}")
@@ -256,7 +306,7 @@ def node_exec(node: str, argv, timeout: float = 30) -> subprocess.CompletedProce
     """Run argv on the host but inside `node`'s namespaces (its network, hostname, /dev/shm), without Slurm."""
     pid = int((BASE / "run" / f"slurmd-{node}.pid").read_text().split()[0])
     cmd = ["nsenter", "-t", str(pid), "-n", "-m", "-u", "--", *[str(a) for a in argv]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def node_shm(node: str) -> list[str]:
@@ -265,3 +315,24 @@ def node_shm(node: str) -> list[str]:
     if res.returncode != 0:
         raise RuntimeError(f"cannot list /dev/shm of {node}: {res.stderr.strip()}")
     return sorted(res.stdout.split())
+
+
+@pytest.fixture
+def no_leaked_node_segments(slurm_cluster):
+    """Fail a test that leaves a new entry in any node's own /dev/shm (tests/conftest.py checks only this host's).
+
+    Use it with `pytest.mark.allow_leaks` when the test itself creates nothing in the host's /dev/shm: then other
+    programs on a shared machine creating segments during a long Slurm test cannot fail it."""
+    before = {n: set(node_shm(n)) for n in slurm_cluster.nodes}
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        new = {n: sorted(set(node_shm(n)) - before[n]) for n in slurm_cluster.nodes}
+        new = {n: names for n, names in new.items() if names}
+        if not new or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if new:
+        for n, names in new.items():  # do not let one leak fail every later test
+            node_exec(n, ["rm", "-f", *[f"/dev/shm/{name}" for name in names]])
+        pytest.fail(f"test left shared-memory segments behind on the nodes: {new}")
