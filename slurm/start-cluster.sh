@@ -58,6 +58,7 @@ node_names() { local i; for ((i = 1; i <= NODES; i++)); do echo "node$i"; done; 
 
 [ "$(id -u)" -eq 0 ] || fail "must run as root (it installs packages, creates namespaces and starts daemons)"
 [[ "$NODES" =~ ^[1-9][0-9]?$ ]] || fail "DRAGON_SLURM_NODES must be 1..99, got '$NODES'"
+[[ "$BASE" == /?* ]] || fail "DRAGON_SLURM_BASE must be an absolute path below /, got '$BASE'"
 [[ "$SUBNET" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || fail "DRAGON_SLURM_SUBNET must look like 10.250.0, got '$SUBNET'"
 
 # ------------------------------------------------------------------------------------------------ packages
@@ -109,7 +110,7 @@ for exe in slurmctld slurmd; do
 done
 
 # ------------------------------------------------------------------------------------------------ directories
-rm -rf "$BASE/state" "$BASE/spool" "$BASE/tmp" "$BASE/run" "$BASE/log" "$BASE/etc"
+rm -rf "${BASE:?}/state" "${BASE:?}/spool" "${BASE:?}/tmp" "${BASE:?}/run" "${BASE:?}/log" "${BASE:?}/etc"
 mkdir -p "$BASE"/{state,spool,tmp,run,log,etc} "$MUNGE_DIR"
 chmod 755 "$BASE"
 for n in $(node_names); do mkdir -p "$BASE/spool/$n" "$BASE/tmp/$n"; done

@@ -93,5 +93,5 @@ if [ -n "$bad" ]; then
   echo "stop-cluster.sh: ERROR: still there:$bad" >&2
   exit 1
 fi
-if [ "${DRAGON_SLURM_PURGE:-0}" = 1 ]; then rm -rf "$BASE"; say "removed $BASE"; fi
+if [ "${DRAGON_SLURM_PURGE:-0}" = 1 ] && [[ "$BASE" == /?* ]]; then rm -rf "${BASE:?}"; say "removed $BASE"; fi
 say "cluster stopped, nothing left running"
