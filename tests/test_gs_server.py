@@ -260,3 +260,30 @@ def test_unknown_message_gets_an_error_not_a_crash(gs):
     gs.dispatch(m.SHTeardown(tag=5, reply=bytes(gs.t_client.sdesc), grace=1))
     r = answer(gs, 5)
     assert r.err == m.ERR_INTERNAL and "SHTeardown" in r.msg
+
+
+def test_node_down_reports_its_processes_dead_and_fails_its_requests(gs):
+    a, _ = start(gs, name="a")
+    tag_join = req(gs, m.GSProcessJoin, ident="a", timeout=None)
+    tag_kill = req(gs, m.GSProcessKill, ident="a", sig=15)
+    shepherd_gets(gs, m.SHProcessKill)  # never answered: the node dies
+    gs.dispatch(m.GSNodeDown(0, None, "shepherd of node 0 died"))
+    got = {r.tag: r for r in (answer(gs), answer(gs))}
+    assert got[tag_join].result == -9
+    assert got[tag_kill].err == m.ERR_PROCESS and "down" in got[tag_kill].msg
+    r = answer(
+        gs,
+        req(
+            gs,
+            m.GSProcessCreate,
+            exe="/x",
+            run_dir="/",
+            args=[],
+            env=None,
+            user_name=None,
+            options={},
+            soft=False,
+            head=False,
+        ),
+    )
+    assert r.err == m.ERR_PROCESS and "node 0 is down" in r.msg

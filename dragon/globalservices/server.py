@@ -86,7 +86,8 @@ class GlobalServices:
         self.nodes = list(nodes)
         self.log = get_logger("gs", 0)
         self.replies = {}  # reply sdesc -> attached Channel (cache)
-        self.pending = {}  # tag of a request to a shepherd -> continuation(Response)
+        self.pending = {}  # tag of a request to a shepherd -> (node, continuation(Response))
+        self.down = set()  # nodes that are gone
         self.tags = itertools.count(1)
         self.timers = []  # heap of (deadline, seq, waiter)
         self.compact_at = 1024
@@ -147,13 +148,15 @@ class GlobalServices:
     def dispatch(self, msg):
         t = type(msg)
         if t is m.Response:
-            cont = self.pending.pop(msg.tag, None)
-            if cont is None:
+            pending = self.pending.pop(msg.tag, None)
+            if pending is None:
                 self.log.warning("reply with unknown tag %s", msg.tag)
             else:
-                cont(msg)
+                pending[1](msg)
         elif t is m.SHProcessExit:
             self.on_exit(msg)
+        elif t is m.GSNodeDown:
+            self.on_node_down(msg)
         else:
             handler = self.handlers.get(t)
             if handler is None:
@@ -191,7 +194,10 @@ class GlobalServices:
     def ask_shepherd(self, node, msg, cont):
         msg.tag = next(self.tags)
         msg.reply = self.inbox_sdesc
-        self.pending[msg.tag] = cont
+        if node in self.down:
+            cont(m.Response(msg.tag, m.ERR_INTERNAL, f"node {node} is down", None))
+            return
+        self.pending[msg.tag] = (node, cont)
         try:
             self.shepherds[node].send(m.encode(msg), timeout=SHEP_SEND_TIMEOUT)
         except ChannelError as e:
@@ -199,6 +205,8 @@ class GlobalServices:
             cont(m.Response(msg.tag, m.ERR_INTERNAL, f"shepherd of node {node} unreachable: {e}", None))
 
     def tell_shepherd(self, node, msg):
+        if node in self.down:
+            return
         try:
             self.shepherds[node].send(m.encode(msg), timeout=SHEP_SEND_TIMEOUT)
         except ChannelError as e:
@@ -209,7 +217,9 @@ class GlobalServices:
         self.owed.setdefault(w.reply, set()).add(w)
         if timeout is not None:
             heapq.heappush(self.timers, (time.monotonic() + timeout, next(self.seq), w))
-            if len(self.timers) > self.compact_at:  # drop deadlines of joins that ended early (amortized O(1))
+            if (
+                len(self.timers) > self.compact_at
+            ):  # drop deadlines of joins that ended early (amortized O(1))
                 self.timers = [t for t in self.timers if not t[2].done]
                 heapq.heapify(self.timers)
                 self.compact_at = max(1024, 2 * len(self.timers))
@@ -463,6 +473,19 @@ class GlobalServices:
                 self.launcher.send(m.encode(m.LAHeadExit(p.p_uid, p.retval)), timeout=SHEP_SEND_TIMEOUT)
             except ChannelError as e:
                 self.log.error("cannot tell the launcher that the program exited: %s", e)
+
+    def on_node_down(self, msg):
+        """A node is gone: every process still running there is reported exited with msg.exit_code (joins
+        return), and its shepherd is no longer asked anything."""
+        self.log.error("node %s is down: %s", msg.node, msg.reason)
+        code = -9 if msg.exit_code is None else msg.exit_code
+        self.down.add(msg.node)
+        for p in [p for p in self.procs.values() if p.node == msg.node and p.state != EXITED]:
+            self.on_exit(m.SHProcessExit(msg.node, p.p_uid, code))
+        for tag, (node, cont) in list(self.pending.items()):  # requests that node will never answer
+            if node == msg.node:
+                del self.pending[tag]
+                cont(m.Response(tag, m.ERR_INTERNAL, f"node {msg.node} is down: {msg.reason}", None))
 
     # ---- pools --------------------------------------------------------------------------------------------
     def _new_muid(self):

@@ -99,6 +99,8 @@ GSNodeQuery = _define("GSNodeQuery", 41, *_REQ, "index")
 GSHalt = _define("GSHalt", 50, *_REQ)  # launcher -> GS: stop (the launcher tears the nodes down itself)
 # GS -> launcher: the head process (the user's program) exited with exit_code
 LAHeadExit = _define("LAHeadExit", 51, "p_uid", "exit_code")
+# launcher/transport -> GS: node `node` is gone (its shepherd died): its processes count as killed (exit_code)
+GSNodeDown = _define("GSNodeDown", 52, "node", "exit_code", "reason")
 
 # ---- requests to a node's local services (shepherd) ----------------------------------------------------------
 SHProcessCreate = _define(
