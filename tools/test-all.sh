@@ -89,6 +89,25 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ------------------------------------------------------------------------------------------------ 1. install
+usable_python() {   # a Python that pip may install into: has pip, and is a venv or not marked externally managed
+  "$1" - <<'EOF' >/dev/null 2>&1
+import os, sys, sysconfig
+import pip  # noqa: F401
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(1 if managed and sys.prefix == sys.base_prefix else 0)
+EOF
+}
+if [ -z "${PYTHON:-}" ] && ! usable_python "$PY"; then
+  # python3 on PATH is the distribution's own (no pip, or pip refuses): use pyenv's if there is one
+  shims="${PYENV_ROOT:-$HOME/.pyenv}/shims"
+  if [ -x "$shims/python3" ] && usable_python "$shims/python3"; then
+    export PATH="$shims:$PATH"
+    say "$(command -v "$PY") is the system's own Python; using $shims/python3"
+  else
+    echo "test-all: ERROR: $PY cannot take pip installs; set PYTHON=/path/to/python (a venv's is fine)" >&2
+    exit 1
+  fi
+fi
 if [ "${DRAGON_TEST_SKIP_INSTALL:-0}" = 1 ]; then
   say "DRAGON_TEST_SKIP_INSTALL=1: using the installed package"
 else
