@@ -101,8 +101,8 @@ if [ -z "${PYTHON:-}" ] && ! usable_python "$PY"; then
   # python3 on PATH is the distribution's own (no pip, or pip refuses): use pyenv's if there is one
   shims="${PYENV_ROOT:-$HOME/.pyenv}/shims"
   if [ -x "$shims/python3" ] && usable_python "$shims/python3"; then
-    export PATH="$shims:$PATH"
     say "$(command -v "$PY") is the system's own Python; using $shims/python3"
+    export PATH="$shims:$PATH"
   else
     echo "test-all: ERROR: $PY cannot take pip installs; set PYTHON=/path/to/python (a venv's is fine)" >&2
     exit 1
