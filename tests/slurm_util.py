@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -121,6 +122,17 @@ def srun(
     return subprocess.run(
         cmd, check=False, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
     )
+
+
+def dragon_launch_cmd() -> list[str]:
+    """The command that starts dragon-launch: the console script if it is on PATH, else `python -m launcher.launch`."""
+    exe = shutil.which("dragon-launch")
+    return [exe] if exe else [sys.executable, "-m", "launcher.launch"]
+
+
+def srun_dragon(app, *args, nodes: int = 2, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """`srun -N nodes --ntasks-per-node=1 dragon-launch app args...` (keyword arguments as for `srun`)."""
+    return srun([*dragon_launch_cmd(), app, *args], nodes=nodes, ntasks_per_node=1, timeout=timeout, **kw)
 
 
 @dataclass
