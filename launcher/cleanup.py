@@ -1,52 +1,5 @@
-"""Finding and killing what is left of a job: the processes whose environment names it (managed processes and
-everything they started) and the launcher's own children (orphans come back to it, a child subreaper)."""
+"""The launcher's clean-up helpers (they live in dragon.infrastructure.jobprocs, shared with the shepherd)."""
 
-import os
-import signal
+from dragon.infrastructure.jobprocs import children, job_pids, kill_all
 
-
-def job_pids(job, exclude=()):
-    """Pids of the live processes whose environment has DRAGON_JOB=<job>."""
-    needle = b"\0DRAGON_JOB=" + job.encode() + b"\0"
-    found = []
-    me = os.getpid()
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        pid = int(d)
-        if pid == me or pid in exclude:
-            continue
-        try:
-            with open(f"/proc/{d}/environ", "rb") as f:
-                data = b"\0" + f.read()
-        except OSError:
-            continue
-        if needle in data or data.endswith(needle[:-1]):
-            found.append(pid)
-    return found
-
-
-def children(pid=None):
-    """Direct children of pid (default: this process)."""
-    pid = os.getpid() if pid is None else pid
-    kids = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    kids.extend(int(x) for x in f.read().split())
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return kids
-
-
-def kill_all(pids, sig=signal.SIGKILL):
-    """Signal each pid and its process group (managed processes lead their own)."""
-    for pid in pids:
-        for fn in (os.killpg, os.kill):
-            try:
-                fn(pid, sig)
-            except OSError:
-                pass
+__all__ = ["children", "job_pids", "kill_all"]

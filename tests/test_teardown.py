@@ -18,6 +18,7 @@ PY = sys.executable
 P.create("/bin/sleep", None, ["60"])
 P.create(PY, None, ["-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); open('stubborn.ready', 'w').close(); time.sleep(60)"], user_name="stubborn")
 P.create("/bin/sh", None, ["-c", "sleep 60 & sleep 61; wait"])  # a grandchild too
+P.create("/bin/sh", None, ["-c", "setsid sleep 62 & sleep 63"])  # and one that leaves the process group
 while not os.path.exists("stubborn.ready"):
     time.sleep(0.01)
 print("READY", os.environ["DRAGON_JOB"], os.getppid(), flush=True)
@@ -77,7 +78,7 @@ def test_teardown(tmp_path, action):
         assert shep in services and len(services) == 2, services
         gs = next(p for p in services if p != shep)
         managed = job_pids(job)
-        assert len(managed) >= 5, managed  # app, sleep, stubborn, sh, and sh's sleeps
+        assert len(managed) >= 8, managed  # app, sleep, stubborn, 2 sh, their 3 sleeps
         assert job_segments(job)
         t0 = time.monotonic()
         if action == "sigkill_launcher":

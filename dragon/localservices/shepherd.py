@@ -19,6 +19,7 @@ import time
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout, DragonError
 from dragon.infrastructure import env as E
+from dragon.infrastructure import jobprocs
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
 
@@ -274,7 +275,8 @@ class Shepherd:
 
     def teardown(self, grace=1.0, unlink=False):
         """SIGTERM every managed process group, SIGKILL what is left after grace, destroy every pool and channel.
-        unlink: also unlink every segment of the job on this node (when the launcher is gone)."""
+        unlink (when the launcher is gone): also kill every process of the job found by its environment, and
+        unlink every segment of the job on this node."""
         with self.lock:
             recs = list(self.procs.values())
         self.log.debug("teardown: %d managed processes, grace %.1f s", len(recs), grace)
@@ -285,6 +287,8 @@ class Shepherd:
                     os.killpg(r.popen.pid, sig)
                 except OSError:
                     pass
+            if unlink:  # no launcher to catch what left its process group: find it by its environment
+                jobprocs.kill_all(jobprocs.job_pids(self.job), sig)
             if not live:
                 break
             deadline = time.monotonic() + wait
