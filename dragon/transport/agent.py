@@ -1,0 +1,691 @@
+"""The transport agent: one per node, the only code of the runtime that speaks MPI.
+
+Processes of this node put frames (see ``wire``) into the node's gateway channel. The agent batches the frames
+for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as their own MPI message, sent
+straight from the gateway's pool block), and delivers what other agents send it:
+
+- SEND frames go into the target channel, in arrival order per stream; a full channel keeps the rest of the
+  stream queued here (bounded by the sender's window) and retried; cumulative ACKs go back as messages land.
+- RECV-type requests are served in order per stream; one that cannot be served yet waits here (not blocking
+  the loop) until it can or until its timeout, and is answered exactly once.
+- Answers (ACK, DATA, RESULT, ERR) coming back are put into the requesting process's reply channel; an answer
+  that does not fit waits here (ACKs coalesce, so that too is bounded).
+
+The loop never blocks in MPI. It spins while there is work or an MPI send in flight; when idle it backs off to
+sleeping on the gateway channel's futex (a local request wakes it at once; a remote one is noticed within
+``MAX_IDLE_WAIT``), so an idle agent costs well under 1% of a core.
+"""
+
+import collections
+import os
+import threading
+import time
+
+import msgpack
+
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
+from dragon.transport import wire as W
+
+SPIN = 0.002  # keep polling this long after the last piece of work
+MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
+PENDING_WAIT = 0.0005  # longest sleep while requests wait here for their channel
+MAX_INFLIGHT = 256  # MPI sends in flight before the agent waits for some to finish
+
+_HDR = W.HDR
+_HS = W.HSIZE
+_ack_pack = W.HDR.pack
+
+
+class _In:
+    """A stream arriving here: a remote process's handle to a channel of this node."""
+
+    __slots__ = ("src", "sid", "ch", "err", "sendq", "recvq", "delivered", "acked", "closing")
+
+    def __init__(self, src, sid):
+        self.src, self.sid = src, sid
+        self.ch = None
+        self.err = None
+        self.sendq = collections.deque()
+        self.recvq = collections.deque()
+        self.delivered = 0
+        self.acked = 0
+        self.closing = False
+
+
+class _Out:
+    """A stream leaving here: where its answers go."""
+
+    __slots__ = ("sid", "dest", "reply")
+
+    def __init__(self, sid, dest, reply):
+        self.sid, self.dest, self.reply = sid, dest, reply
+
+
+class _Req:
+    __slots__ = ("seq", "mode", "max_n", "maxlen", "deadline", "nonblock")
+
+    def __init__(self, seq, mode, max_n, maxlen, timeout):
+        self.seq, self.mode, self.max_n, self.maxlen = seq, mode, max_n, maxlen
+        self.nonblock = timeout == 0
+        self.deadline = None if timeout < 0 else time.monotonic() + timeout
+
+
+class Agent:
+    def __init__(self, comm, node, node_ranks, gateway, pool, log=None):
+        """comm: an MPI communicator; node: this node's index; node_ranks[k]: the rank of node k's agent;
+        gateway: this node's gateway Channel; pool: this node's infrastructure Pool (reply channels live there)."""
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm
+        self.node = node
+        self.ranks = list(node_ranks)
+        self.node_of = {r: k for k, r in enumerate(self.ranks)}
+        self.gw = gateway
+        self.pool = pool
+        self.log = log
+        self.out = {}  # dest node -> bytearray: the packet being built
+        self.bigs = {}  # dest node -> [(buffer, keepalive)] to send after that packet
+        self.sends = []  # [(Request, keepalive)] MPI sends in flight
+        self.ins = {}  # (src node, sid) -> _In
+        self.outs = {}  # sid -> _Out
+        self.replies = {}  # reply sdesc -> Channel
+        self.pending_in = set()  # _In with queued sends or waiting requests
+        self.pending_rep = collections.OrderedDict()  # reply Channel -> deque of frames that did not fit
+        self.ack_due = set()
+        self.dead = set()
+        self.posted = collections.deque()
+        self.on_ctrl = None  # callback(src node, object) for CTRL frames (the launcher)
+        self.on_node_down = None  # callback(node) when a node is announced dead
+        self.running = False
+        self.rbuf = bytearray(1 << 20)
+        self.tmp = bytearray(0)
+        self.status = MPI.Status()
+        self.stats = collections.Counter()
+
+    # ---- outside threads --------------------------------------------------------------------------------
+    def post(self, fn, *args):
+        """Run fn(*args) in the agent's loop (thread-safe); the loop notices within MAX_IDLE_WAIT."""
+        self.posted.append((fn, args))
+
+    def send_ctrl(self, dest, obj):
+        """Send a control object to the launcher beside node dest's agent (thread-safe)."""
+        self.post(self._ctrl, dest, obj)
+
+    def stop(self):
+        self.post(self._stop)
+
+    def _stop(self):
+        self.running = False
+
+    # ---- loop ---------------------------------------------------------------------------------------------
+    def run(self):
+        self.running = True
+        perf = time.perf_counter
+        idle_since = perf()
+        while self.running:
+            try:
+                work = self._step()
+            except Exception as e:  # a bug must not silently stop the node's transport
+                self.stats["errors"] += 1
+                if self.log:
+                    self.log.exception("transport agent: %s", e)
+                else:
+                    import traceback
+
+                    traceback.print_exc()
+                work = 1
+            if work:
+                idle_since = perf()
+                continue
+            if self.sends:
+                continue
+            idle = perf() - idle_since
+            if idle < SPIN:
+                continue
+            wait = min(MAX_IDLE_WAIT, idle * 0.25)
+            if self.pending_in or self.pending_rep:
+                wait = min(wait, PENDING_WAIT)
+            self.stats["sleeps"] += 1
+            try:
+                self.gw.poll(timeout=wait)
+            except ChannelError:
+                self.running = False
+        self._finish_sends(5.0)
+
+    def _step(self):
+        work = self._gateway() + self._mpi()
+        posted = self.posted
+        while posted:
+            fn, args = posted.popleft()
+            fn(*args)
+            work += 1
+        if self.pending_in:
+            work += self._retry_in()
+        if self.pending_rep:
+            self._retry_replies()
+        if self.ack_due:
+            self._acks()
+        if self.out:
+            work += self._flush_all()
+        if self.sends:
+            self._test_sends()
+        return work
+
+    def _finish_sends(self, timeout):
+        deadline = time.monotonic() + timeout
+        while self.sends and time.monotonic() < deadline:
+            self._test_sends()
+        for req, keep in self.sends:
+            try:
+                req.Cancel()
+            except Exception:
+                pass
+        self.sends = []
+
+    # ---- MPI ----------------------------------------------------------------------------------------------
+    def _flush_all(self):
+        loop = self.node in self.out
+        for dest in list(self.out):
+            self._flush(dest)
+        return loop
+
+    def _flush(self, dest):
+        pkt = self.out.pop(dest, None)
+        bigs = self.bigs.pop(dest, None)
+        if dest == self.node:  # loopback (a stream to a channel of this very node)
+            if pkt:
+                self._packet(self.node, memoryview(bytes(pkt)), bigs and collections.deque(bigs))
+            return
+        rank = self.ranks[dest]
+        MPI = self.MPI
+        if pkt:
+            data = bytes(pkt)
+            self.sends.append((self.comm.Isend([data, len(data), MPI.BYTE], rank, W.TAG_PKT), data))
+        for buf, keep in bigs or ():
+            self.sends.append((self.comm.Isend([buf, len(buf), MPI.BYTE], rank, W.TAG_BIG), keep))
+        self.stats["packets"] += 1
+        if len(self.sends) > MAX_INFLIGHT:
+            while len(self.sends) > MAX_INFLIGHT // 2:
+                self._test_sends()
+
+    def _test_sends(self):
+        sends = self.sends
+        reqs = [r for r, _ in sends]
+        done = self.MPI.Request.Testsome(reqs)
+        if done:
+            keep = set(done)
+            left = []
+            for i, (r, k) in enumerate(sends):
+                if i in keep:
+                    if hasattr(k, "release"):
+                        k.release()
+                else:
+                    left.append((r, k))
+            self.sends = left
+
+    def _mpi(self):
+        comm, st, MPI = self.comm, self.status, self.MPI
+        n = 0
+        while True:
+            msg = comm.Improbe(MPI.ANY_SOURCE, W.TAG_PKT, st)
+            if msg is None:
+                return n
+            count = st.Get_count(MPI.BYTE)
+            src_rank = st.Get_source()
+            if count > len(self.rbuf):
+                self.rbuf = bytearray(count)
+            msg.Recv([self.rbuf, count, MPI.BYTE])
+            n += 1
+            src = self.node_of.get(src_rank)
+            if src is None:
+                continue
+            self._packet(src, memoryview(self.rbuf)[:count], src_rank)
+
+    def _big_into(self, src, bigsrc, dst, n):
+        """Receive the next BIG payload from src into dst (a writable buffer of n bytes)."""
+        if isinstance(bigsrc, collections.deque):  # loopback: (buffer, keepalive) in order
+            buf, keep = bigsrc.popleft()
+            if dst is not None:
+                memoryview(dst)[:n] = buf
+            if hasattr(keep, "release"):
+                keep.release()
+            return
+        if dst is None:
+            dst = bytearray(n)
+        self.comm.Recv([dst, n, self.MPI.BYTE], bigsrc, W.TAG_BIG)
+
+    # ---- the gateway: frames from this node's processes ---------------------------------------------------
+    def _gateway(self):
+        recv = self.gw.recv_message
+        n = 0
+        while n < 256:
+            try:
+                m = recv(timeout=0)
+            except ChannelEmpty:
+                break
+            n += 1
+            mv = memoryview(m)
+            kind, flags, dest, ln, sid, seq = _HDR.unpack_from(mv)
+            if kind == W.OPEN:
+                k = W.U16.unpack_from(mv, _HS)[0]
+                reply = bytes(mv[_HS + 2 + k : _HS + ln])
+                self.outs[sid] = _Out(sid, dest, reply)
+            elif kind == W.CLOSE:
+                self.outs.pop(sid, None)
+            if dest in self.dead or dest >= len(self.ranks):
+                self._fail_local(
+                    sid,
+                    seq if kind == W.RECV else 0,
+                    f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
+                )
+                mv.release()
+                m.release()
+                continue
+            if ln > W.BIG_MIN:
+                hdr = bytearray(mv[:_HS])
+                hdr[1] |= W.BIG
+                pkt = self.out.get(dest)
+                if pkt is None:
+                    pkt = self.out[dest] = bytearray()
+                pkt += hdr
+                self.bigs.setdefault(dest, []).append((mv[_HS : _HS + ln], m))
+            else:
+                pkt = self.out.get(dest)
+                if pkt is None:
+                    self.out[dest] = bytearray(mv)
+                else:
+                    pkt += mv
+                    if len(pkt) > W.PACKET_MAX:
+                        self._flush(dest)
+                mv.release()
+                m.release()
+        return n
+
+    def _fail_local(self, sid, seq, text):
+        o = self.outs.get(sid)
+        if o is not None:
+            body = text.encode()
+            self._to_reply(o, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+
+    # ---- frames from other agents -------------------------------------------------------------------------
+    def _emit(self, dest, frame):
+        pkt = self.out.get(dest)
+        if pkt is None:
+            self.out[dest] = bytearray(frame)
+        else:
+            pkt += frame
+
+    def _packet(self, src, mv, bigsrc):
+        end = len(mv)
+        pos = 0
+        unpack = _HDR.unpack_from
+        while pos < end:
+            kind, flags, node, n, sid, seq = unpack(mv, pos)
+            hpos = pos
+            pos += _HS
+            big = flags & W.BIG
+            if big:
+                payload = None
+            else:
+                payload = mv[pos : pos + n]
+                pos += n
+            if kind == W.SEND:
+                self._in_send(src, sid, payload, n, bigsrc)
+            elif kind == W.RECV:
+                self._in_recv(src, sid, seq, payload)
+            elif kind == W.OPEN:
+                self._in_open(src, sid, payload)
+            elif kind == W.CLOSE:
+                s = self.ins.get((src, sid))
+                if s is not None:
+                    s.closing = True
+                    if not s.sendq:
+                        self._drop_in(s)
+            elif kind in (W.ACK, W.DATA, W.RESULT, W.ERR):
+                self._answer(sid, mv[hpos : hpos + _HS], payload, n, big, src, bigsrc)
+            elif kind == W.NODE_DOWN:
+                self._node_down(node)
+            elif kind == W.CTRL:
+                if self.on_ctrl is not None:
+                    try:
+                        self.on_ctrl(src, msgpack.unpackb(payload, raw=False))
+                    except Exception as e:  # the launcher's bug must not kill the transport
+                        if self.log:
+                            self.log.exception("control message from node %d: %s", src, e)
+
+    def _in_open(self, src, sid, payload):
+        from dragon.channels import Channel
+
+        s = self.ins[(src, sid)] = _In(src, sid)
+        k = W.U16.unpack_from(payload, 0)[0]
+        try:
+            s.ch = Channel.attach(bytes(payload[2 : 2 + k]))
+        except (ChannelError, TypeError) as e:
+            self._stream_error(s, f"cannot attach the channel: {e}")
+
+    def _stream_error(self, s, text):
+        if s.err is None:
+            s.err = text
+            body = text.encode()
+            self._emit(s.src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), s.sid, 0) + body)
+        for item in s.sendq:
+            if hasattr(item, "pool"):
+                try:
+                    item.pool.free(item)
+                except Exception:
+                    pass
+        s.sendq.clear()
+        for r in s.recvq:
+            body = text.encode()
+            self._emit(s.src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), s.sid, r.seq) + body)
+        s.recvq.clear()
+        self.pending_in.discard(s)
+
+    def _drop_in(self, s):
+        self.ins.pop((s.src, s.sid), None)
+        self.pending_in.discard(s)
+        self.ack_due.discard(s)
+        if s.ch is not None:
+            s.ch.close()
+
+    def _in_send(self, src, sid, payload, n, bigsrc):
+        s = self.ins.get((src, sid))
+        if s is None or s.err is not None:
+            if payload is None:
+                self._big_into(src, bigsrc, None, n)
+            return
+        if payload is None:  # BIG: receive straight into a block of the target channel's pool
+            try:
+                item = s.ch.pool.alloc(n, timeout=0)
+            except PoolError:
+                item = bytearray(n)
+            self._big_into(src, bigsrc, item, n)
+        else:
+            item = payload
+        if not s.sendq:
+            try:
+                if payload is None and not isinstance(item, bytearray):
+                    s.ch.send_block(item, timeout=0)
+                else:
+                    s.ch.send(item, timeout=0)
+                s.delivered += 1
+                self.ack_due.add(s)
+                return
+            except ChannelFull:
+                pass
+            except ChannelError as e:
+                if hasattr(item, "pool"):
+                    item.pool.free(item)
+                self._stream_error(s, str(e))
+                return
+        s.sendq.append(bytes(item) if payload is not None else item)
+        self.pending_in.add(s)
+
+    def _in_recv(self, src, sid, seq, payload):
+        mode, max_n, maxlen, timeout = W.REQ.unpack_from(payload)
+        s = self.ins.get((src, sid))
+        if s is None:
+            body = b"unknown stream"
+            self._emit(src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            return
+        if s.err is not None:
+            body = s.err.encode()
+            self._emit(src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            return
+        s.recvq.append(_Req(seq, mode, max_n, maxlen, timeout))
+        if not self._serve(s):
+            self.pending_in.add(s)
+
+    def _serve(self, s):
+        """Try the stream's waiting requests in order; True when none is left waiting."""
+        ch = s.ch
+        q = s.recvq
+        while q:
+            r = q[0]
+            mode = r.mode
+            try:
+                if mode == W.M_RECV or mode == W.M_INTO:
+                    if mode == W.M_INTO:
+                        if len(self.tmp) < r.maxlen:
+                            self.tmp = bytearray(r.maxlen)
+                        k = ch.recv_into(memoryview(self.tmp)[: r.maxlen], timeout=0)
+                        self._data(s, r.seq, 0, memoryview(self.tmp)[:k], None)
+                    else:
+                        m = ch.recv_message(timeout=0)
+                        self._data(s, r.seq, 0, memoryview(m), m)
+                elif mode == W.M_MANY:
+                    msgs = ch.recv_many(max(1, r.max_n), timeout=0)
+                    self._data(s, r.seq, W.MANY, W.pack_many(msgs), None)
+                elif mode == W.M_POLL:
+                    if ch.poll(timeout=0):
+                        self._result(s, r.seq, True)
+                    elif r.nonblock or (r.deadline is not None and time.monotonic() >= r.deadline):
+                        self._result(s, r.seq, False)
+                    else:
+                        return False
+                elif mode == W.M_LEN:
+                    self._result(s, r.seq, len(ch))
+                elif mode == W.M_INFO:
+                    self._result(
+                        s, r.seq, {"capacity": ch.capacity, "block_size": ch.block_size, "name": ch.name}
+                    )
+                else:
+                    raise ChannelError(f"unknown request mode {mode}")
+            except ChannelEmpty:
+                if r.nonblock:
+                    self._err(s, r.seq, W.E_EMPTY, "is empty")
+                elif r.deadline is not None and time.monotonic() >= r.deadline:
+                    self._err(s, r.seq, W.E_TIMEOUT, "timed out")
+                else:
+                    return False
+            except ChannelError as e:
+                self._err(s, r.seq, W.E_ERROR, str(e))
+            q.popleft()
+        return True
+
+    def _data(self, s, seq, flags, data, keep):
+        n = len(data)
+        if n > W.BIG_MIN:
+            if keep is None and not isinstance(data, bytes):
+                data = bytes(data)  # a view of a buffer the agent reuses
+            self._emit(s.src, _HDR.pack(W.DATA, flags | W.BIG, 0, n, s.sid, seq))
+            self.bigs.setdefault(s.src, []).append((data, keep if keep is not None else data))
+        else:
+            self._emit(s.src, _HDR.pack(W.DATA, flags, 0, n, s.sid, seq))
+            self.out[s.src] += data
+            if keep is not None:
+                keep.release()
+
+    def _result(self, s, seq, value):
+        body = msgpack.packb(value)
+        self._emit(s.src, _HDR.pack(W.RESULT, 0, 0, len(body), s.sid, seq) + body)
+
+    def _err(self, s, seq, cls, text):
+        body = text.encode()
+        self._emit(s.src, _HDR.pack(W.ERR, 0, cls, len(body), s.sid, seq) + body)
+
+    def _retry_in(self):
+        work = 0
+        for s in list(self.pending_in):
+            q = s.sendq
+            while q:
+                item = q[0]
+                try:
+                    if isinstance(item, (bytes, bytearray)):
+                        s.ch.send(item, timeout=0)
+                    else:
+                        s.ch.send_block(item, timeout=0)
+                except ChannelFull:
+                    break
+                except ChannelError as e:
+                    self._stream_error(s, str(e))
+                    break
+                q.popleft()
+                s.delivered += 1
+                self.ack_due.add(s)
+                work += 1
+            if s.recvq and s.err is None:
+                before = len(s.recvq)
+                self._serve(s)
+                work += before - len(s.recvq)
+            if not s.sendq and not s.recvq:
+                self.pending_in.discard(s)
+                if s.closing:
+                    self._drop_in(s)
+        return work
+
+    def _acks(self):
+        for s in self.ack_due:
+            if s.delivered != s.acked:
+                s.acked = s.delivered
+                self._emit(s.src, _ack_pack(W.ACK, 0, 0, 0, s.sid, s.delivered))
+        self.ack_due.clear()
+
+    # ---- answers for this node's processes ----------------------------------------------------------------
+    def _answer(self, sid, hdr, payload, n, big, src, bigsrc):
+        o = self.outs.get(sid)
+        if big:
+            if o is None:
+                self._big_into(src, bigsrc, None, n)
+                return
+            try:
+                blk = self.pool.alloc(_HS + n, timeout=0)
+                mv = memoryview(blk)
+                mv[:_HS] = hdr
+                mv[1] = mv[1] & ~W.BIG
+                self._big_into(src, bigsrc, mv[_HS:], n)
+                mv.release()
+                frame = blk
+            except PoolError:
+                buf = bytearray(_HS + n)
+                buf[:_HS] = hdr
+                buf[1] &= ~W.BIG
+                self._big_into(src, bigsrc, memoryview(buf)[_HS:], n)
+                frame = bytes(buf)
+        else:
+            if o is None:
+                return
+            frame = bytes(hdr) + bytes(payload)
+        self._to_reply(o, frame)
+
+    def _reply_ch(self, o):
+        ch = self.replies.get(o.reply)
+        if ch is None:
+            from dragon.channels import Channel
+
+            ch = self.replies[o.reply] = Channel.attach(o.reply)
+        return ch
+
+    def _to_reply(self, o, frame):
+        try:
+            ch = self._reply_ch(o)
+        except ChannelError:
+            self._free(frame)
+            return
+        q = self.pending_rep.get(ch)
+        if q:
+            self._queue_reply(q, frame)
+            return
+        try:
+            if isinstance(frame, bytes):
+                ch.send(frame, timeout=0)
+            else:
+                ch.send_block(frame, timeout=0)
+        except ChannelFull:
+            self.pending_rep[ch] = collections.deque([frame])
+        except ChannelError:  # the process is gone
+            self.replies.pop(o.reply, None)
+            self._free(frame)
+
+    def _queue_reply(self, q, frame):
+        if isinstance(frame, bytes) and frame[0] == W.ACK:  # coalesce: a later ACK covers an earlier one
+            sid = frame[8:16]
+            for i, f in enumerate(q):
+                if isinstance(f, bytes) and f[0] == W.ACK and f[8:16] == sid:
+                    q[i] = frame
+                    return
+        q.append(frame)
+
+    @staticmethod
+    def _free(frame):
+        if not isinstance(frame, (bytes, bytearray)):
+            try:
+                frame.pool.free(frame)
+            except Exception:
+                pass
+
+    def _retry_replies(self):
+        for ch in list(self.pending_rep):
+            q = self.pending_rep[ch]
+            while q:
+                f = q[0]
+                try:
+                    if isinstance(f, bytes):
+                        ch.send(f, timeout=0)
+                    else:
+                        ch.send_block(f, timeout=0)
+                except ChannelFull:
+                    break
+                except ChannelError:
+                    for f in q:
+                        self._free(f)
+                    q.clear()
+                    break
+                q.popleft()
+            if not q:
+                del self.pending_rep[ch]
+
+    # ---- nodes and control --------------------------------------------------------------------------------
+    def _ctrl(self, dest, obj):
+        body = msgpack.packb(obj, use_bin_type=True)
+        self._emit(dest, _HDR.pack(W.CTRL, 0, dest, len(body), 0, 0) + body)
+
+    def announce_down(self, node):
+        """Tell every agent (this one too) that node is dead (thread-safe)."""
+        self.post(self._announce_down, node)
+
+    def _announce_down(self, node):
+        for k in range(len(self.ranks)):
+            if k != node and k not in self.dead:
+                self._emit(k, _HDR.pack(W.NODE_DOWN, 0, node, 0, 0, 0))
+
+    def _node_down(self, node):
+        if node in self.dead:
+            return
+        self.dead.add(node)
+        text = f"node {node} is down"
+        for o in list(self.outs.values()):
+            if o.dest == node:
+                self._fail_local(o.sid, 0, text)
+        for key, s in list(self.ins.items()):
+            if s.src == node:
+                self._drop_in(s)
+        self.out.pop(node, None)
+        self.bigs.pop(node, None)
+        if self.on_node_down is not None:
+            try:
+                self.on_node_down(node)
+            except Exception as e:
+                if self.log:
+                    self.log.exception("node-down callback: %s", e)
+
+
+def start_thread(agent):
+    t = threading.Thread(target=agent.run, name="dragon-transport-agent", daemon=True)
+    t.start()
+    return t
+
+
+def idle_cpu(seconds=1.0, pid=None):
+    """CPU seconds per second that process pid (default: this one) used over the next seconds (for tests)."""
+    pid = os.getpid() if pid is None else pid
+
+    def cpu():
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+    a = cpu()
+    time.sleep(seconds)
+    return (cpu() - a) / seconds

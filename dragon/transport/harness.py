@@ -1,0 +1,113 @@
+"""Run a program once per node with the transport only (no global or local services): for tests and the benchmark.
+
+    mpiexec -n N python -m dragon.transport.harness [--virtual-nodes] PROGRAM [ARGS...]
+
+Each node's leader rank makes the node's infrastructure pool, gateway channel and two test channels ("a":
+capacity 1024, block 1024; "small": capacity 4), starts its transport agent, and runs ``python PROGRAM ARGS``
+with DRAGON_NODE, DRAGON_JOB, DRAGON_GW_CD, DRAGON_INF_PD and DRAGON_TEST_CHANS (json {node: {name: hex sdesc}}
+of every node's test channels) and DRAGON_NNODES. When every node's program has exited, the agents stop, the
+segments go, and each rank exits with its program's exit code.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+POOL_SIZE = 256 << 20
+
+
+def _env_for(world, node, gw, pool, chans):
+    env = dict(os.environ)
+    env.update(
+        DRAGON_NODE=str(node),
+        DRAGON_NNODES=str(world.nnodes),
+        DRAGON_GW_CD=bytes(gw.sdesc).hex(),
+        DRAGON_INF_PD=bytes(pool.sdesc).hex(),
+        DRAGON_TEST_CHANS=json.dumps(chans),
+    )
+    return env
+
+
+def run(argv, virtual, before=None):
+    """before(world, comm): called on every rank after the world is known, before the agents start (the
+    benchmark measures raw MPI there). Returns this rank's exit code."""
+    from mpi4py import MPI
+
+    from dragon.transport.world import World
+
+    comm = MPI.COMM_WORLD
+    world = World(comm, virtual)
+    job = comm.bcast("t" + os.urandom(4).hex() if world.rank == 0 else None, root=0)
+    if before is not None:
+        before(world, comm)
+    # the leaders' communicator: node k's agent is its rank k
+    leaders = comm.Split(0 if world.leader else MPI.UNDEFINED, world.rank)
+    if not world.leader:
+        req = comm.Ibarrier()
+        while not req.Test():
+            time.sleep(0.01)
+        return 0
+    os.environ["DRAGON_JOB"] = world.job_of_node(job)
+    os.environ["DRAGON_NODE"] = str(world.node)
+    from dragon.channels import Channel
+    from dragon.pools import Pool
+    from dragon.transport import wire as W
+    from dragon.transport.agent import Agent, start_thread
+
+    pool = Pool.create(POOL_SIZE, name="inf")
+    gw = Channel.create(pool, capacity=4096, block_size=1024 + W.HSIZE, name="gateway")
+    a = Channel.create(pool, capacity=1024, block_size=1024, name="a")
+    small = Channel.create(pool, capacity=4, block_size=64, name="small")
+    mine = {"a": bytes(a.sdesc).hex(), "small": bytes(small.sdesc).hex()}
+    allch = leaders.allgather(mine)
+    chans = {str(k): v for k, v in enumerate(allch)}
+    agent = Agent(leaders, world.node, list(range(world.nnodes)), gw, pool)
+    done = {}
+    finished = threading.Event()
+
+    def on_ctrl(src, obj):
+        if "done" in obj:
+            done[obj["done"]] = obj["code"]
+            if len(done) == world.nnodes:
+                for k in range(world.nnodes):
+                    agent._ctrl(k, {"stop": 1})
+        elif "stop" in obj:
+            agent.running = False
+
+    agent.on_ctrl = on_ctrl
+    t = start_thread(agent)
+    env = _env_for(world, world.node, gw, pool, chans)
+    try:
+        code = subprocess.call([sys.executable, *argv], env=env)
+    except KeyboardInterrupt:
+        code = 130
+    agent.send_ctrl(0, {"done": world.node, "code": code})
+    t.join()
+    finished.set()
+    for ch in (gw, a, small):
+        try:
+            ch.destroy()
+        except Exception:
+            pass
+    pool.destroy()
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.01)
+    return code
+
+
+def main():
+    args = sys.argv[1:]
+    virtual = False
+    if args and args[0] == "--virtual-nodes":
+        virtual, args = True, args[1:]
+    if not args:
+        sys.exit(__doc__)
+    sys.exit(run(args, virtual))
+
+
+if __name__ == "__main__":
+    main()

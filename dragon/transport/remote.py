@@ -1,0 +1,532 @@
+"""A channel that lives on another node, used through this node's transport agent with the Channel API.
+
+``RemoteChannel(sdesc, node)`` has send / send_many / recv / recv_many / recv_into / poll / len / close and the
+same timeouts and exceptions as a local ``dragon.channels.Channel``. Each handle is one *stream* (random 64-bit
+id): its frames go into this node's gateway channel, the agent ships them to the channel's node, whose agent
+performs them on the real channel and sends the answers back into this process's transport reply channel.
+
+Sends are windowed: a send returns once its message is in the gateway (it will be delivered exactly once, in
+order, unless the channel is destroyed or its node dies; that is then reported by a later call on the handle).
+At most ``WINDOW`` messages (and ``WINDOW_BYTES``) of a stream are unacknowledged; a send that finds the window
+full waits for the remote agent's acknowledgements, so a full remote channel stops the sender after at most a
+window (timeout 0: ChannelFull, t: ChannelTimeout, None: wait). Receives, poll and len are request/answer: the
+remote agent applies the timeout on its side and always answers exactly once (data, or timeout), so no message
+is lost when a receive times out.
+
+Every process has one ``Endpoint``: the gateway handle and its reply channel (in the node's infrastructure
+pool, destroyed at exit). All threads share it (leader/follower: whoever waits and finds nobody reading reads
+the reply channel and hands answers out).
+"""
+
+import atexit
+import itertools
+import os
+import threading
+import time
+
+import msgpack
+
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
+from dragon.transport import wire as W
+
+GW_CD = "DRAGON_GW_CD"  # hex sdesc of this node's gateway channel (the agent's input)
+INF_PD = "DRAGON_INF_PD"  # hex sdesc of this node's infrastructure pool
+NODE = "DRAGON_NODE"
+
+WINDOW = 512  # unacknowledged messages per stream
+WINDOW_BYTES = 8 << 20  # unacknowledged payload bytes per stream
+ANSWER_GRACE = 30.0  # how much longer than its own timeout a request waits for the remote answer
+GW_SEND_TIMEOUT = 30.0  # a gateway that stays full this long means the agent is gone
+REPLY_CAPACITY = 256
+REPLY_BLOCK = 512
+
+_HDR = W.HDR
+_ERRCLS = {
+    W.E_ERROR: ChannelError,
+    W.E_EMPTY: ChannelEmpty,
+    W.E_TIMEOUT: ChannelTimeout,
+    W.E_FULL: ChannelFull,
+}
+
+
+def _timeout_arg(timeout):
+    if timeout is None:
+        return -1.0
+    t = float(timeout)
+    if t != t:
+        raise ChannelError("timeout must not be NaN")
+    return max(0.0, t)
+
+
+class _Stream:
+    __slots__ = (
+        "sid",
+        "sent",
+        "acked",
+        "sent_bytes",
+        "acked_bytes",
+        "sizes",
+        "results",
+        "abandoned",
+        "orphans",
+        "err",
+        "err_cls",
+        "lock",
+        "req",
+    )
+
+    def __init__(self, sid):
+        self.sid = sid
+        self.sent = 0
+        self.acked = 0
+        self.sent_bytes = 0
+        self.acked_bytes = 0
+        self.sizes = []  # payload sizes of the unacknowledged sends (window in bytes)
+        self.results = {}  # request id -> (kind, flags, payload memoryview, Message)
+        self.abandoned = set()
+        self.orphans = []  # data answers to receives whose caller gave up (returned by later receives)
+        self.err = None
+        self.err_cls = ChannelError
+        self.lock = threading.Lock()
+        self.req = itertools.count(1)
+
+
+class Endpoint:
+    """This process's connection to its node's transport agent."""
+
+    def __init__(self):
+        from dragon.channels import Channel
+        from dragon.pools import Pool
+
+        env = os.environ
+        if GW_CD not in env or INF_PD not in env:
+            raise ChannelError(
+                "this channel lives on another node, and this process has no transport agent to reach it "
+                "(DRAGON_GW_CD/DRAGON_INF_PD unset: not started by a multi-node dragon-launch)"
+            )
+        self.pid = os.getpid()
+        self.node = int(env.get(NODE, "0"))
+        self.gw = Channel.attach(bytes.fromhex(env[GW_CD]))
+        self.pool = Pool.attach(bytes.fromhex(env[INF_PD]))
+        self.reply = Channel.create(self.pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
+        self.reply_sdesc = bytes(self.reply.sdesc)
+        self.streams = {}
+        self.cond = threading.Condition()
+        self.reading = False
+        atexit.register(self.close)
+
+    def close(self):
+        if os.getpid() != self.pid or self.reply is None:
+            return
+        for st in list(self.streams.values()):
+            try:
+                self.gw.send(_HDR.pack(W.CLOSE, 0, 0, 0, st.sid, 0), timeout=0)
+            except Exception:
+                pass
+        ch, self.reply = self.reply, None
+        try:
+            ch.destroy()
+        except Exception:
+            pass
+
+    # ---- answers ------------------------------------------------------------------------------------------
+    def _dispatch(self, msg):
+        mv = memoryview(msg)
+        kind, flags, node, n, sid, seq = _HDR.unpack_from(mv)
+        st = self.streams.get(sid)
+        if st is None:
+            msg.release()
+            return
+        if kind == W.ACK:
+            if seq > st.acked:
+                k = seq - st.acked
+                st.acked = seq
+                st.acked_bytes += sum(st.sizes[:k])
+                del st.sizes[:k]
+            msg.release()
+        elif kind == W.ERR and seq == 0:
+            st.err = bytes(mv[W.HSIZE :]).decode(errors="replace")
+            st.err_cls = _ERRCLS.get(node, ChannelError)
+            msg.release()
+        elif seq in st.abandoned:
+            st.abandoned.discard(seq)
+            if kind == W.DATA:
+                data = bytes(mv[W.HSIZE :])
+                st.orphans.extend(W.unpack_many(data) if flags & W.MANY else [data])
+            msg.release()
+        else:
+            if kind == W.ERR:
+                flags |= node << 8  # the error class rides in the node field
+            st.results[seq] = (kind, flags, mv[W.HSIZE : W.HSIZE + n], msg)
+
+    def drain(self):
+        """Take every answer already queued (non-blocking), unless another thread is reading."""
+        with self.cond:
+            if self.reading:
+                return
+            while True:
+                try:
+                    msg = self.reply.recv_message(timeout=0)
+                except ChannelEmpty:
+                    break
+                self._dispatch(msg)
+            self.cond.notify_all()
+
+    def wait(self, pred, deadline):
+        """Wait until pred() (called with the lock held) is true; False if the deadline (monotonic) passed."""
+        with self.cond:
+            while True:
+                if pred():
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self.reading:
+                    self.cond.wait(remaining)
+                    continue
+                self.reading = True
+                self.cond.release()
+                got = []
+                try:
+                    try:
+                        got.append(self.reply.recv_message(timeout=remaining))
+                        while len(got) < 64:
+                            got.append(self.reply.recv_message(timeout=0))
+                    except (ChannelEmpty, ChannelTimeout):
+                        pass
+                finally:
+                    self.cond.acquire()
+                    self.reading = False
+                    for msg in got:
+                        self._dispatch(msg)
+                    self.cond.notify_all()
+
+    def new_stream(self):
+        sid = int.from_bytes(os.urandom(8), "little") | 1
+        st = self.streams[sid] = _Stream(sid)
+        return st
+
+
+_ep = None
+_ep_lock = threading.Lock()
+
+
+def endpoint():
+    global _ep
+    e = _ep
+    if e is not None and e.pid == os.getpid() and e.reply is not None:
+        return e
+    with _ep_lock:
+        if _ep is None or _ep.pid != os.getpid() or _ep.reply is None:
+            _ep = Endpoint()
+        return _ep
+
+
+class RemoteChannel:
+    """A handle to a channel on another node (see the module doc). Same API as dragon.channels.Channel."""
+
+    def __init__(self, sdesc, node):
+        if isinstance(node, bool) or not isinstance(node, int) or node < 0 or node > 0xFFFF:
+            raise ChannelError(f"bad node index {node!r}")
+        self._sdesc = bytes(sdesc)
+        self.node = node
+        self.creator = False
+        self._ep = ep = endpoint()
+        self._st = ep.new_stream()
+        self._gw_send = ep.gw.send
+        self._closed = False
+        self._info = None
+        tgt = self._sdesc
+        payload = W.U16.pack(len(tgt)) + tgt + ep.reply_sdesc
+        ep.gw.send(
+            _HDR.pack(W.OPEN, 0, node, len(payload), self._st.sid, 0) + payload, timeout=GW_SEND_TIMEOUT
+        )
+
+    def __repr__(self):
+        return f"<RemoteChannel on node {self.node} sid={self._st.sid:#x}{' closed' if self._closed else ''}>"
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _check(self):
+        if self._closed:
+            raise ChannelError(f"remote channel on node {self.node}: this handle is closed")
+        st = self._st
+        if st.err is not None:
+            raise st.err_cls(f"channel on node {self.node}: {st.err}")
+
+    def _gw(self, frame, deadline):
+        """Put a frame into the gateway, by the deadline (None: GW_SEND_TIMEOUT)."""
+        if deadline is None:
+            t = GW_SEND_TIMEOUT
+        elif deadline == 0:
+            t = 0
+        else:
+            t = max(0.0, deadline - time.monotonic())
+        try:
+            self._gw_send(frame, timeout=t)
+        except ChannelFull:
+            raise ChannelFull(f"channel on node {self.node}: the transport gateway is full") from None
+        except ChannelTimeout:
+            if deadline is None:
+                raise ChannelError(
+                    f"channel on node {self.node}: the transport agent is not taking "
+                    f"requests (gateway full for {GW_SEND_TIMEOUT} s)"
+                ) from None
+            raise ChannelTimeout(f"channel on node {self.node}: timed out (transport gateway full)") from None
+
+    def _window_wait(self, st, n, timeout):
+        """Block (per timeout) until one more message of n bytes fits the stream's window."""
+
+        def fits():
+            return st.err is not None or (
+                st.sent - st.acked < WINDOW
+                and (st.sent_bytes - st.acked_bytes + n <= WINDOW_BYTES or st.sent == st.acked)
+            )
+
+        if fits():
+            return
+        ep = self._ep
+        ep.drain()
+        if fits():
+            return
+        if timeout == 0:
+            raise ChannelFull(f"channel on node {self.node} is full (window of unacknowledged sends)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not ep.wait(fits, deadline):
+            raise ChannelTimeout(f"channel on node {self.node}: timed out (remote channel full)")
+        self._check()
+
+    def _request(self, mode, max_n, maxlen, timeout):
+        """Send a RECV-type request and wait for its one answer -> (kind, flags, payload mv, Message)."""
+        self._check()
+        t = _timeout_arg(timeout)
+        st = self._st
+        req = next(st.req)
+        frame = _HDR.pack(W.RECV, 0, self.node, W.REQ.size, st.sid, req) + W.REQ.pack(mode, max_n, maxlen, t)
+        self._gw(frame, None)
+        deadline = None if t < 0 else time.monotonic() + t + ANSWER_GRACE
+        ep = self._ep
+        try:
+            ok = ep.wait(lambda: req in st.results or st.err is not None, deadline)
+        except BaseException:
+            with ep.cond:
+                if req not in st.results:
+                    st.abandoned.add(req)
+            raise
+        with ep.cond:
+            res = st.results.pop(req, None)
+            if res is None:
+                st.abandoned.add(req)
+        if res is None:
+            self._check()
+            raise ChannelTimeout(f"channel on node {self.node}: no answer from the node's transport agent")
+        kind, flags, payload, msg = res
+        if kind == W.ERR:
+            text = bytes(payload).decode(errors="replace")
+            cls = _ERRCLS.get(flags >> 8, ChannelError)
+            msg.release()
+            raise cls(f"channel on node {self.node}: {text}")
+        return kind, flags, payload, msg
+
+    # ---- the Channel API ----------------------------------------------------------------------------------
+    def send(self, data, timeout=None):
+        """Send a bytes-like object. timeout: None blocks, 0 raises ChannelFull, t > 0 ChannelTimeout."""
+        self._check()
+        if type(data) is not bytes:
+            data = memoryview(data).tobytes()
+        n = len(data)
+        st = self._st
+        t = None if timeout is None else _timeout_arg(timeout)
+        with st.lock:
+            self._window_wait(st, n, t)
+            self._send_frame(st, data, n, t)
+
+    def _send_frame(self, st, data, n, t):
+        if n > W.BIG_MIN:  # one copy, straight into a gateway pool block
+            ep = self._ep
+            try:
+                blk = ep.pool.alloc(W.HSIZE + n, timeout=GW_SEND_TIMEOUT if t is None else t)
+            except Exception as e:
+                raise ChannelTimeout(
+                    f"channel on node {self.node}: no room in the node's infrastructure "
+                    f"pool for a {n}-byte message: {e}"
+                ) from None
+            mv = memoryview(blk)
+            W.HDR.pack_into(mv, 0, W.SEND, 0, self.node, n, st.sid, st.sent)
+            mv[W.HSIZE :] = data
+            mv.release()
+            try:
+                ep.gw.send_block(blk, timeout=GW_SEND_TIMEOUT if t is None else t)
+            except BaseException:
+                ep.pool.free(blk)
+                raise
+        else:
+            self._gw(
+                _HDR.pack(W.SEND, 0, self.node, n, st.sid, st.sent) + data,
+                None if t is None else (0 if t == 0 else time.monotonic() + t),
+            )
+        st.sent += 1
+        st.sent_bytes += n
+        st.sizes.append(n)
+
+    def send_many(self, messages, timeout=None):
+        """Send each message in order; returns how many were sent (the timeout covers the whole call)."""
+        self._check()
+        deadline = None if timeout is None else time.monotonic() + _timeout_arg(timeout)
+        k = 0
+        for data in messages:
+            t = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if timeout is not None and timeout <= 0:
+                t = 0
+            try:
+                self.send(data, timeout=t)
+            except (ChannelFull, ChannelTimeout):
+                if k == 0:
+                    raise
+                return k
+            k += 1
+        return k
+
+    def recv(self, timeout=None):
+        """Receive one message as bytes. timeout: None blocks, 0 raises ChannelEmpty, t > 0 ChannelTimeout."""
+        st = self._st
+        if st.orphans:
+            return st.orphans.pop(0)
+        kind, flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
+        out = bytes(payload)
+        msg.release()
+        return out
+
+    def recv_many(self, max_n, timeout=None):
+        """Wait (per timeout) for one message, then take whatever else is queued, up to max_n in all."""
+        if max_n < 1:
+            raise ChannelError(f"recv_many: max_n must be >= 1, not {max_n}")
+        st = self._st
+        if st.orphans:
+            out, st.orphans = st.orphans[:max_n], st.orphans[max_n:]
+            return out
+        kind, flags, payload, msg = self._request(W.M_MANY, max_n, -1, timeout)
+        out = W.unpack_many(payload) if flags & W.MANY else [bytes(payload)]
+        msg.release()
+        return out
+
+    def recv_into(self, buffer, timeout=None):
+        """Receive into a writable buffer; returns the length. A message longer than the buffer raises
+        ChannelError and stays queued."""
+        try:
+            dst = memoryview(buffer).cast("B")
+        except TypeError as e:
+            raise TypeError(f"recv_into() needs a writable contiguous buffer: {e}") from None
+        if dst.readonly:
+            raise TypeError("recv_into() needs a writable buffer")
+        st = self._st
+        if st.orphans:
+            data = st.orphans[0]
+            if len(data) > len(dst):
+                raise ChannelError(
+                    f"channel on node {self.node}: receive buffer too small for the next "
+                    f"message ({len(data)} bytes); the message stays queued"
+                )
+            st.orphans.pop(0)
+            dst[: len(data)] = data
+            return len(data)
+        kind, flags, payload, msg = self._request(W.M_INTO, 1, len(dst), timeout)
+        n = len(payload)
+        dst[:n] = payload
+        msg.release()
+        return n
+
+    def poll(self, timeout=None):
+        """True once a message is ready to receive (does not consume it); False if none came in time."""
+        if self._st.orphans:
+            return True
+        kind, flags, payload, msg = self._request(W.M_POLL, 0, -1, timeout)
+        r = msgpack.unpackb(payload)
+        msg.release()
+        return bool(r)
+
+    def _info_req(self):
+        if self._info is None:
+            kind, flags, payload, msg = self._request(W.M_INFO, 0, -1, 0)
+            self._info = msgpack.unpackb(payload)
+            msg.release()
+        return self._info
+
+    def __len__(self):
+        kind, flags, payload, msg = self._request(W.M_LEN, 0, -1, 0)
+        r = msgpack.unpackb(payload)
+        msg.release()
+        return int(r) + len(self._st.orphans)
+
+    @property
+    def capacity(self):
+        return self._info_req()["capacity"]
+
+    @property
+    def block_size(self):
+        return self._info_req()["block_size"]
+
+    @property
+    def name(self):
+        return self._info_req()["name"]
+
+    @property
+    def sdesc(self):
+        return self._sdesc
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def flush(self, timeout=None):
+        """Wait until every message sent through this handle is in the remote channel (True), or timeout."""
+        self._check()
+        st = self._st
+        deadline = None if timeout is None else time.monotonic() + _timeout_arg(timeout)
+        ok = self._ep.wait(lambda: st.acked >= st.sent or st.err is not None, deadline)
+        self._check()
+        return ok
+
+    def close(self):
+        """Release this handle (idempotent). Messages already sent are still delivered."""
+        if self._closed:
+            return
+        self._closed = True
+        ep = self._ep
+        if ep.pid == os.getpid() and ep.reply is not None:
+            try:
+                ep.gw.send(_HDR.pack(W.CLOSE, 0, self.node, 0, self._st.sid, 0), timeout=1)
+            except Exception:
+                pass
+            ep.streams.pop(self._st.sid, None)
+
+    def destroy(self):
+        raise ChannelError(
+            f"channel on node {self.node}: a remote channel cannot be destroyed through a "
+            f"handle; use dragon.globalservices.channel.destroy"
+        )
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __reduce__(self):
+        return (RemoteChannel, (self._sdesc, self.node))
+
+
+def attach(sdesc, node):
+    """A handle to the channel ``sdesc`` that lives on ``node``: the channel itself on this node, else a
+    RemoteChannel."""
+    if node == int(os.environ.get(NODE, "0")):
+        from dragon.channels import Channel
+
+        return Channel.attach(sdesc)
+    return RemoteChannel(sdesc, node)

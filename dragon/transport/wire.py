@@ -1,0 +1,77 @@
+"""The transport's frames: what a process writes into its node's gateway channel, what agents ship to each other
+over MPI, and what comes back into a process's transport reply channel.
+
+This is the data plane between nodes (one frame per user message), so it is a fixed 24-byte binary header, not
+the msgpack infrastructure codec of dragon.infrastructure.messages (which travels *inside* SEND frames, as user
+data). Small results (poll, len, channel info) ride as msgpack payloads of RESULT frames.
+
+Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
+
+- From a process (gateway): ``node`` is the destination node; from an agent (MPI): frames are addressed by the
+  MPI source/destination rank, ``node`` is left as the process wrote it (or names a node for NODE_DOWN).
+- A stream is one (process handle, remote channel) pair: ``sid`` is random 64-bit, chosen by the process.
+- SEND: ``seq`` is the stream's message number (0, 1, ...); the receiving agent answers with cumulative ACKs.
+- RECV/POLL/LEN/INFO: ``seq`` is the request id; the answer (DATA, RESULT or ERR) echoes it.
+- BIG flag: the payload is not in the MPI packet but follows as its own MPI message on TAG_BIG (in order).
+"""
+
+import struct
+
+HDR = struct.Struct("<BBHIQQ")
+HSIZE = HDR.size  # 24
+
+# process -> agent -> remote agent
+OPEN = 1  # payload: u16 len + target channel sdesc + reply channel sdesc (of the process, on the source node)
+SEND = 2  # payload: the message
+RECV = 3  # payload: REQ (mode, max_n, maxlen, timeout)
+CLOSE = 4
+# remote agent -> agent -> process reply channel
+ACK = 10  # seq: number of this stream's messages delivered so far
+DATA = 11  # seq: request id; payload: one message, or (flag MANY) a packed list
+RESULT = 12  # seq: request id; payload: msgpack value
+ERR = 13  # seq: request id (0: the whole stream is broken); node: error class (E_*); payload: utf-8 text
+# agent <-> agent
+NODE_DOWN = 20  # node: the node that died
+CTRL = 21  # payload: msgpack control message for the launcher (teardown, ...)
+
+# flags
+BIG = 1
+MANY = 2
+
+# RECV modes
+M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO = 0, 1, 2, 3, 4, 5
+REQ = struct.Struct("<BIqd")  # mode, max_n, maxlen (-1: any), timeout (-1.0: forever)
+
+# ERR classes (in the node field of an ERR frame)
+E_ERROR, E_EMPTY, E_TIMEOUT, E_FULL = 0, 1, 2, 3
+
+# MPI tags
+TAG_PKT = 7
+TAG_BIG = 8
+
+BIG_MIN = 32 * 1024  # payloads above this go as their own MPI message (no copy into a packet)
+PACKET_MAX = 256 * 1024  # flush a packet to a node once it is this big
+
+U32 = struct.Struct("<I")
+U16 = struct.Struct("<H")
+
+
+def pack_many(msgs):
+    """A list of messages as one payload: u32 count, then (u32 length, bytes) each."""
+    parts = [U32.pack(len(msgs))]
+    for x in msgs:
+        parts.append(U32.pack(len(x)))
+        parts.append(x)
+    return b"".join(parts)
+
+
+def unpack_many(buf):
+    mv = memoryview(buf)
+    (count,) = U32.unpack_from(mv, 0)
+    pos, out = 4, []
+    for _ in range(count):
+        (n,) = U32.unpack_from(mv, pos)
+        pos += 4
+        out.append(bytes(mv[pos : pos + n]))
+        pos += n
+    return out

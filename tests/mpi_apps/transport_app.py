@@ -1,0 +1,211 @@
+"""Programs run on every node by dragon.transport.harness (tests/test_transport.py): python transport_app.py CASE.
+
+Each node's program finds the test channels of every node in DRAGON_TEST_CHANS; it exits 0 when its checks pass.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
+from dragon.transport.remote import WINDOW, RemoteChannel, attach
+
+NODE = int(os.environ["DRAGON_NODE"])
+NNODES = int(os.environ["DRAGON_NNODES"])
+CHANS = json.loads(os.environ["DRAGON_TEST_CHANS"])
+
+
+def ch(node, name):
+    return attach(bytes.fromhex(CHANS[str(node)][name]), node)
+
+
+def expect(exc, fn, *a, **kw):
+    try:
+        fn(*a, **kw)
+    except exc:
+        return
+    except Exception as e:
+        raise AssertionError(f"{fn} raised {e!r}, expected {exc.__name__}") from None
+    raise AssertionError(f"{fn} did not raise {exc.__name__}")
+
+
+def case_api():
+    """Every call of the API on a remote channel, both directions, with timeouts."""
+    if NODE == 0:
+        r = ch(1, "a")
+        assert isinstance(r, RemoteChannel)
+        assert r.capacity == 1024 and r.block_size == 1024 and r.name == "a"
+        expect(ChannelEmpty, r.recv, timeout=0)
+        t = time.monotonic()
+        expect(ChannelTimeout, r.recv, timeout=0.3)
+        assert time.monotonic() - t >= 0.29
+        assert r.poll(timeout=0) is False
+        assert r.poll(timeout=0.2) is False
+        assert len(r) == 0
+        r.send(b"x1")
+        r.send(bytearray(b"x2"))
+        r.send(memoryview(b"--x3--")[2:4])
+        assert r.send_many([b"x4", b"x5"]) == 2
+        r.flush(10)
+        assert len(r) == 5
+        assert r.poll(timeout=5) is True
+        assert r.recv(timeout=5) == b"x1"
+        assert r.recv_many(2, timeout=5) == [b"x2", b"x3"]
+        buf = bytearray(1)
+        expect(ChannelError, r.recv_into, buf, timeout=5)  # too small: stays queued
+        buf = bytearray(10)
+        assert r.recv_into(buf, timeout=5) == 2 and buf[:2] == b"x4"
+        assert r.recv(timeout=5) == b"x5"
+        expect(TypeError, r.recv_into, b"readonly")
+        # a receive that waits for the other node to send
+        ch(1, "small").send(b"please")
+        t = time.monotonic()
+        got = r.recv(timeout=20)
+        assert got == b"answer", got
+        expect(ChannelError, r.destroy)
+        r.close()
+        expect(ChannelError, r.send, b"closed")
+        # a bad sdesc reaches the remote agent, which reports it on the next call
+        bad = RemoteChannel(bytes.fromhex(CHANS["1"]["a"])[:-3] + b"zzz", 1)
+        expect(ChannelError, bad.recv, timeout=5)
+        # a node that does not exist
+        nowhere = RemoteChannel(bytes.fromhex(CHANS["1"]["a"]), 7)
+        expect(ChannelError, nowhere.recv, timeout=5)
+        print("api ok", flush=True)
+    elif NODE == 1:
+        assert ch(1, "small").recv(timeout=30) == b"please"
+        time.sleep(0.2)
+        ch(1, "a").send(b"answer")
+
+
+SIZES = [0, 1, 7, 8, 100, 1000, 1024, 1025, 4096, 32 * 1024, 32 * 1024 + 1, 100_000, 1 << 20, (1 << 20) + 3]
+
+
+def payload(i, n):
+    seed = hashlib.sha256(b"%d-%d" % (i, n)).digest()
+    return (seed * (n // 32 + 1))[:n]
+
+
+def case_sizes():
+    """Every size, both ways: node 0 -> node 1 (remote send) and node 1 -> node 0 (remote receive)."""
+    if NODE == 0:
+        out = ch(1, "a")
+        for i, n in enumerate(SIZES):
+            out.send(payload(i, n))
+        assert out.flush(30)
+        assert ch(0, "small").recv(timeout=30) == b"received"  # node 1 took them all: now it fills its "a"
+        src = ch(1, "a")
+        for i, n in enumerate(SIZES):
+            got = src.recv(timeout=30)
+            assert got == payload(i + 100, n), (n, len(got))
+        many = []
+        while len(many) < 3:
+            many += src.recv_many(3 - len(many), timeout=30)
+        assert [len(x) for x in many] == [5, 1 << 20, 0], [len(x) for x in many]
+        print("sizes ok", flush=True)
+    elif NODE == 1:
+        a = ch(1, "a")
+        for i, n in enumerate(SIZES):
+            got = a.recv(timeout=30)
+            assert got == payload(i, n), (i, n, len(got))
+        ch(0, "small").send(b"received")
+        for i, n in enumerate(SIZES):
+            a.send(payload(i + 100, n))
+        a.send_many([b"12345", b"\0" * (1 << 20), b""])
+
+
+def _sender(target_node, tag, count):
+    """A separate process sending count numbered messages (some large) to target_node's channel a."""
+    out = ch(target_node, "a")
+    for i in range(count):
+        big = i % 50 == 7
+        body = b"%s:%d:" % (tag.encode(), i) + (b"B" * 40000 if big else b"s" * (i % 13))
+        out.send(body)
+    out.flush(60)
+    out.close()
+
+
+def case_multi():
+    """Several senders on every other node stream into node 0's channel: exactly once, in order per sender."""
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+    per_node = 2
+    if NODE == 0:
+        a = ch(0, "a")
+        expected = {f"n{k}p{j}": 0 for k in range(1, NNODES) for j in range(per_node)}
+        total = count * len(expected)
+        got = 0
+        while got < total:
+            msgs = a.recv_many(256, timeout=60)
+            for body in msgs:
+                tag, i, rest = body.split(b":", 2)
+                tag, i = tag.decode(), int(i)
+                assert expected[tag] == i, (tag, i, expected[tag])
+                expected[tag] = i + 1
+                got += 1
+        time.sleep(0.3)
+        expect(ChannelEmpty, a.recv, timeout=0)  # nothing duplicated
+        print("multi ok", got, flush=True)
+    else:
+        procs = [
+            subprocess.Popen([sys.executable, __file__, "sender", str(0), f"n{NODE}p{j}", str(count)])
+            for j in range(per_node)
+        ]
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+
+
+def case_full():
+    """A full remote channel stops the sender (ChannelFull / ChannelTimeout) without losing or duplicating."""
+    if NODE == 0:
+        s = ch(1, "small")  # capacity 4
+        sent = 0
+        for _ in range(2):  # the second round sends what the acknowledgements of the first let through
+            try:
+                while sent < 10 * WINDOW:
+                    s.send(b"m%d" % sent, timeout=0)
+                    sent += 1
+            except ChannelFull:
+                pass
+            time.sleep(0.5)
+        assert 4 <= sent <= 4 + WINDOW, sent
+        assert s.flush(timeout=0.2) is False  # not all of them can be in a channel of capacity 4
+        t = time.monotonic()
+        expect(ChannelTimeout, s.send, b"late", timeout=0.3)
+        assert time.monotonic() - t >= 0.29
+        ch(1, "a").send(b"drain %d" % sent)
+        # blocked send: completes once node 1 drains
+        s.send(b"m%d" % sent, timeout=60)
+        sent += 1
+        s.send(b"end", timeout=60)
+        s.flush(60)
+        print("full ok", sent, flush=True)
+    elif NODE == 1:
+        cmd = ch(1, "a").recv(timeout=60)
+        n = int(cmd.split()[1]) + 1
+        small = ch(1, "small")
+        for i in range(n):
+            got = small.recv(timeout=60)
+            assert got == b"m%d" % i, (got, i)
+        assert small.recv(timeout=60) == b"end"
+        time.sleep(0.3)
+        expect(ChannelEmpty, small.recv, timeout=0)
+
+
+def case_idle():
+    """An idle agent does not burn a core: report this rank's agent's CPU use (the parent process)."""
+    from dragon.transport.agent import idle_cpu
+
+    time.sleep(0.5)
+    use = idle_cpu(2.0, os.getppid())
+    print(f"idle node {NODE}: {use:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    case = sys.argv[1]
+    if case == "sender":
+        _sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    else:
+        globals()["case_" + case]()
