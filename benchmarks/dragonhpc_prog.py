@@ -16,6 +16,7 @@ import traceback
 
 MARK = "DRAGON_BENCH_JSON:"
 IN_FLIGHT = 16
+TIMEOUT = 60.0  # a receive that waits this long means the other side died: fail the figure, do not hang
 
 
 def quantile(xs, q):
@@ -62,7 +63,7 @@ def _chan_child(pool_ser, c2p_ser, p2c_ser, size):
     rh.open()
     payload = b"x" * size
     while True:
-        cmd = rh.recv_bytes()
+        cmd = rh.recv_bytes(timeout=600)
         op, n = cmd[:1], int(cmd[1:])
         if op == b"Q":
             break
@@ -88,9 +89,11 @@ def channels(sizes, repeat, target):
     figs = []
     uid = 0x7F00_0000 + (os.getpid() % 0xFFFF) * 16
     for size in sizes:
-        pool = MemoryPool(max(64 << 20, 256 * (size + 4096) * 2), f"dbench_{os.getpid()}_{size}", uid)
-        uid += 1
         capacity = 1024 if size <= 65536 else 64
+        # room for both channels full, so a fast producer never finds the pool empty
+        pool = MemoryPool(max(64 << 20, 2 * capacity * (size + 4096) + (16 << 20)), f"dbench_{os.getpid()}_{size}",
+                          uid)
+        uid += 1
         c2p = Channel(pool, uid + 1000, capacity=capacity, block_size=1024)
         p2c = Channel(pool, uid + 2000, capacity=capacity, block_size=1024)
         uid += 1
@@ -104,22 +107,22 @@ def channels(sizes, repeat, target):
 
         def stream(n):
             t0 = time.perf_counter()
-            sh.send_bytes(b"S%d" % n)
+            sh.send_bytes(b"S%d" % n, timeout=TIMEOUT)
             for _ in range(n):
-                rh.recv_bytes()
+                rh.recv_bytes(timeout=TIMEOUT)
             dt = time.perf_counter() - t0
-            assert rh.recv_bytes() == b"D"
+            assert rh.recv_bytes(timeout=TIMEOUT) == b"D"
             return dt
 
         def pingpong(n):
-            sh.send_bytes(b"E%d" % n)
+            sh.send_bytes(b"E%d" % n, timeout=TIMEOUT)
             lat = []
             for _ in range(n):
                 t = time.perf_counter()
-                sh.send_bytes(payload)
-                rh.recv_bytes()
+                sh.send_bytes(payload, timeout=TIMEOUT)
+                rh.recv_bytes(timeout=TIMEOUT)
                 lat.append(time.perf_counter() - t)
-            assert rh.recv_bytes() == b"D"
+            assert rh.recv_bytes(timeout=TIMEOUT) == b"D"
             return lat
 
         try:
@@ -138,12 +141,19 @@ def channels(sizes, repeat, target):
                             size=size, count=n),
                      figure("channels", "rtt", "rtt_median_us", "us", "lower", meds, size=size, count=m),
                      figure("channels", "rtt", "rtt_p99_us", "us", "lower", p99s, size=size, count=m)]
+        except Exception as e:
+            raise RuntimeError(f"{size} B: {type(e).__name__}: {e}") from e
         finally:
             try:
-                sh.send_bytes(b"Q0")
+                sh.send_bytes(b"Q0", timeout=5)
             except Exception:
                 pass
-            proc.join(30)
+            try:
+                proc.join(30)
+                if proc.is_alive:
+                    proc.kill()
+            except Exception:
+                pass
             sh.close()
             rh.close()
             c2p.destroy()

@@ -381,7 +381,8 @@ def inner_main(args):
 
 
 def dhpc_segment(name):
-    """DragonHPC names its pool segments D<...> (manifest and data); ours never start with a capital D."""
+    """DragonHPC names its pool segments D<...> (manifest and data); ours never start with a capital D.
+    (run_marked removes only those that appeared during the run and that no live process still maps.)"""
     return name.startswith("D") or name.startswith("_dragon")
 
 
@@ -410,7 +411,10 @@ def _dragonhpc_steps(ctx):
                 "--repeat", str(ctx.repeat)] + (["--quick"] if ctx.quick else []) + [
                 "--sizes", ",".join(str(s) for s in getattr(ctx, "sizes", []) or [8, 1024, 65536, 1048576]),
                 "--target", str(ctx.target)]
-        res = util.run_marked(argv, timeout=900, env=dhpc_env(ctx), cwd=tmp, shm_filter=dhpc_segment)
+        res = util.run_marked(argv, timeout=240 if ctx.quick else 600, env=dhpc_env(ctx), cwd=tmp,
+                              shm_filter=dhpc_segment)
+        if res["timed_out"]:
+            ctx.note("the DragonHPC run timed out and was killed; its figures are missing")
         _note_leaks(ctx, "dragonhpc", res)
         data = util.parse_json_line(res["stdout"])
         if not data:

@@ -260,12 +260,30 @@ def _procs_with_marker(marker):
     return pids
 
 
+def mapped_shm():
+    """Names of /dev/shm segments some live process has mapped (so: in use by someone)."""
+    used = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/maps") as f:
+                for line in f:
+                    i = line.find(SHM + "/")
+                    if i >= 0:
+                        used.add(line[i + len(SHM) + 1:].strip().split(" ")[0])
+        except OSError:
+            continue
+    return used
+
+
 def run_marked(cmd, timeout, env=None, cwd=None, shm_filter=None):
     """Run ``cmd`` in its own process group with a unique marker in its environment, and clean up after it.
 
     Returns a dict: rc, stdout, stderr, wall (s), timed_out, leaked_procs (pids we had to kill: processes that
-    carry this run's marker and were still alive after it ended), leaked_shm (segments that appeared during the
-    run, matched ``shm_filter`` and were still there; they are removed).
+    carry this run's marker and were still alive after it ended), leaked_shm (segments removed: they appeared
+    during the run, match ``shm_filter``, and no live process has them mapped any more).  Without a filter no
+    segment is touched: other programs on the machine create and remove segments at the same time.
     """
     marker = uuid.uuid4().hex
     full_env = dict(os.environ if env is None else env)
@@ -300,9 +318,11 @@ def run_marked(cmd, timeout, env=None, cwd=None, shm_filter=None):
             pass
     leaked_shm = []
     new = shm_segments() - before
+    new = {n for n in new if shm_filter(n)} if shm_filter is not None else set()
+    if new:
+        time.sleep(0.2)  # a moment for the run's own teardown
+        new = (new & shm_segments()) - mapped_shm()
     for name in sorted(new):
-        if shm_filter is not None and not shm_filter(name):
-            continue
         try:
             os.unlink(os.path.join(SHM, name))
             leaked_shm.append(name)
