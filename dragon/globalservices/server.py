@@ -73,16 +73,20 @@ class _Waiter:
 
 
 class GlobalServices:
-    def __init__(self, inbox, shepherd_cds, launcher_cd, nodes, infra_pools):
+    def __init__(self, inbox, shepherd_cds, launcher_cd, nodes, infra_pools, node=0, remote_attach=None):
         """inbox: this service's input Channel; shepherd_cds[i]: sdesc of node i's shepherd input channel;
-        nodes: list of dicts {index, hostname, cpus}; infra_pools: list of sdescs of each node's infra pool."""
+        nodes: list of dicts {index, hostname, cpus}; infra_pools: list of sdescs of each node's infra pool;
+        node: the node GS runs on (the launcher's channel is on node 0); remote_attach(sdesc, node): how to reach
+        a channel on another node (the transport), None on a single node."""
         from dragon.channels import Channel
 
         self._Channel = Channel
         self.inbox = inbox
         self.inbox_sdesc = bytes(inbox.sdesc)
-        self.shepherds = [Channel.attach(sd) for sd in shepherd_cds]
-        self.launcher = Channel.attach(launcher_cd) if launcher_cd else None
+        self.node = node
+        self.remote_attach = remote_attach
+        self.shepherds = [self._attach(sd, i) for i, sd in enumerate(shepherd_cds)]
+        self.launcher = self._attach(launcher_cd, 0) if launcher_cd else None
         self.nodes = list(nodes)
         self.log = get_logger("gs", 0)
         self.replies = {}  # reply sdesc -> attached Channel (cache)
@@ -162,34 +166,49 @@ class GlobalServices:
             if handler is None:
                 self.log.error("no handler for %s", t.__name__)
                 if getattr(msg, "reply", None):
-                    self.answer(msg.reply, msg.tag, m.ERR_INTERNAL, f"GS does not handle {t.__name__}")
+                    self.answer(msg, m.ERR_INTERNAL, f"GS does not handle {t.__name__}")
                 return
             try:
                 res = handler(msg)
             except _Fail as e:
-                self.answer(msg.reply, msg.tag, e.kind, str(e))
+                self.answer(msg, e.kind, str(e))
                 return
             except Exception as e:
                 self.log.exception("handler %s failed", t.__name__)
-                self.answer(
-                    msg.reply, msg.tag, m.ERR_INTERNAL, f"global services failed on {t.__name__}: {e!r}"
-                )
+                self.answer(msg, m.ERR_INTERNAL, f"global services failed on {t.__name__}: {e!r}")
                 return
             if res is not DEFER:
-                self.answer(msg.reply, msg.tag, m.OK, None, res)
+                self.answer(msg, m.OK, None, res)
 
-    def answer(self, reply, tag, err, text, result=None):
+    def answer(self, to, err, text, result=None):
+        """Answer the request ``to`` (a request message or a waiter: has reply, tag, caller); never blocks."""
+        reply = to.reply
         if not reply:
             return
         ch = self.replies.get(reply)
         try:
             if ch is None:
-                ch = self.replies[reply] = self._Channel.attach(reply)
-            ch.send(m.encode(m.Response(tag, err, text, result)), timeout=0)
+                ch = self.replies[reply] = self._attach(reply, self._node_of(getattr(to, "caller", 0)))
+            ch.send(m.encode(m.Response(to.tag, err, text, result)), timeout=0)
         except ChannelFull:
-            self.log.error("reply channel full: dropped the answer to request %s", tag)
+            self.log.error("reply channel full: dropped the answer to request %s", to.tag)
         except ChannelError as e:
-            self.log.error("cannot answer request %s: %s", tag, e)
+            self.log.error("cannot answer request %s: %s", to.tag, e)
+
+    def _node_of(self, caller):
+        """The node a caller's reply channel is on: its managed process's node (a process it started itself
+        runs there too); the launcher (caller 0) is on node 0."""
+        p = self.procs.get(caller)
+        return p.node if p is not None else 0
+
+    def _attach(self, sdesc, node):
+        """The one place GS attaches a channel: local ones directly, others through remote_attach (the transport,
+        when the job has several nodes)."""
+        if node == self.node:
+            return self._Channel.attach(sdesc)
+        if self.remote_attach is None:
+            raise ChannelError(f"node {node} is not reachable from global services on node {self.node}")
+        return self.remote_attach(sdesc, node)
 
     def ask_shepherd(self, node, msg, cont):
         msg.tag = next(self.tags)
@@ -242,16 +261,16 @@ class GlobalServices:
     def _expire(self, w):
         self._done(w)
         if w.kind == "join":
-            self.answer(w.reply, w.tag, m.OK, None, None)
+            self.answer(w, m.OK, None, None)
         elif w.kind == "multi":
-            self.answer(w.reply, w.tag, m.OK, None, self._multi_result(w.targets))
+            self.answer(w, m.OK, None, self._multi_result(w.targets))
         elif w.kind == "chjoin":
             lst = self.chan_joiners.get(w.targets)
             if lst is not None:
                 lst[:] = [x for x in lst if x is not w]
                 if not lst:
                     del self.chan_joiners[w.targets]
-            self.answer(w.reply, w.tag, m.ERR_TIMEOUT, f"channel {w.targets!r} was not created in time")
+            self.answer(w, m.ERR_TIMEOUT, f"channel {w.targets!r} was not created in time")
 
     # ---- helpers ------------------------------------------------------------------------------------------
     @staticmethod
@@ -263,10 +282,6 @@ class GlobalServices:
         ):
             raise fail(f"timeout must be None or a number >= 0, not {timeout!r}")
         return float(timeout)
-
-    def _caller_node(self, caller):
-        p = self.procs.get(caller)
-        return p.node if p is not None else 0
 
     def _check_node(self, node, kind, what):
         if node is None:
@@ -331,7 +346,7 @@ class GlobalServices:
         opts = opts or {}
         node = self._check_node(opts.get("node"), m.ERR_PROCESS, "process.create")
         if node is None:
-            node = self._caller_node(msg.caller)
+            node = self._node_of(msg.caller)
         if name:
             p_uid = self.proc_names.get(name)
             if p_uid is not None:
@@ -350,19 +365,18 @@ class GlobalServices:
         p = _Proc(p_uid, name, named, node, exe, args, bool(msg.head))
         self.procs[p_uid] = p
         self.proc_names[name] = p_uid
-        reply, tag = msg.reply, msg.tag
 
         def created(resp):
             if resp.err:
                 del self.procs[p_uid]
                 del self.proc_names[name]
-                self.answer(reply, tag, m.ERR_PROCESS, resp.msg)
+                self.answer(msg, m.ERR_PROCESS, resp.msg)
                 return
             if p.state == PENDING:
                 p.state = RUNNING
             p.pid = resp.result["pid"]
             p.reply_cd = resp.result["reply_cd"]
-            self.answer(reply, tag, m.OK, None, self._pdesc(p))
+            self.answer(msg, m.OK, None, self._pdesc(p))
 
         self.ask_shepherd(
             node,
@@ -394,10 +408,9 @@ class GlobalServices:
             raise _pfail(f"not a signal: {sig!r}")
         if p.state == EXITED:
             raise _pfail(f"process {p.p_uid} ({p.name!r}) has already exited (exit code {p.retval})")
-        reply, tag = msg.reply, msg.tag
 
         def done(resp):
-            self.answer(reply, tag, m.ERR_PROCESS if resp.err else m.OK, resp.msg)
+            self.answer(msg, m.ERR_PROCESS if resp.err else m.OK, resp.msg)
 
         self.ask_shepherd(p.node, m.SHProcessKill(p_uid=p.p_uid, sig=sig), done)
         return DEFER
@@ -461,9 +474,9 @@ class GlobalServices:
             if not w.done:
                 self._done(w)
                 if w.kind == "join":
-                    self.answer(w.reply, w.tag, m.OK, None, p.retval)
+                    self.answer(w, m.OK, None, p.retval)
                 else:
-                    self.answer(w.reply, w.tag, m.OK, None, self._multi_result(w.targets))
+                    self.answer(w, m.OK, None, self._multi_result(w.targets))
         p.joiners = []
         for c_uid, n in list(p.chan_refs.items()):
             self._unref(c_uid, p, n)
@@ -529,7 +542,7 @@ class GlobalServices:
             raise _Fail(m.ERR_POOL, f"user_name must be a str or None, not {name!r}")
         node = self._check_node(opts.get("node"), m.ERR_POOL, "pool.create")
         if node is None:
-            node = self._caller_node(msg.caller)
+            node = self._node_of(msg.caller)
         if name:
             if name in self.pool_names:
                 r = self.pools[self.pool_names[name]]
@@ -543,16 +556,15 @@ class GlobalServices:
         m_uid = self._new_muid()
         if name:
             self.pool_names[name] = m_uid  # reserved while the shepherd makes it
-        reply, tag = msg.reply, msg.tag
 
         def created(resp):
             if resp.err:
                 if name:
                     del self.pool_names[name]
-                self.answer(reply, tag, m.ERR_POOL, resp.msg)
+                self.answer(msg, m.ERR_POOL, resp.msg)
                 return
             self._add_pool(m_uid, name, node, size, resp.result["sdesc"])
-            self.answer(reply, tag, m.OK, None, self._pool_wire(self.pools[m_uid]))
+            self.answer(msg, m.OK, None, self._pool_wire(self.pools[m_uid]))
 
         self.ask_shepherd(node, m.SHPoolCreate(m_uid=m_uid, size=size), created)
         return DEFER
@@ -576,10 +588,9 @@ class GlobalServices:
         del self.pools[r["m_uid"]]
         if r["name"]:
             self.pool_names.pop(r["name"], None)
-        reply, tag = msg.reply, msg.tag
 
         def done(resp):
-            self.answer(reply, tag, m.ERR_POOL if resp.err else m.OK, resp.msg)
+            self.answer(msg, m.ERR_POOL if resp.err else m.OK, resp.msg)
 
         self.ask_shepherd(r["node"], m.SHPoolDestroy(m_uid=r["m_uid"]), done)
         return DEFER
@@ -609,7 +620,7 @@ class GlobalServices:
     def channel_create(self, msg):
         name, opts, m_uid = msg.user_name, msg.options or {}, msg.m_uid
         if m_uid is None:  # the caller's node's default (infrastructure) pool
-            node = self._caller_node(msg.caller)
+            node = self._node_of(msg.caller)
             m_uid = next(r["m_uid"] for r in self.pools.values() if r["infra"] and r["node"] == node)
         if isinstance(m_uid, bool) or not isinstance(m_uid, int) or m_uid not in self.pools:
             raise _Fail(m.ERR_CHANNEL, f"channel.create: no pool with m_uid {m_uid!r}")
@@ -635,13 +646,13 @@ class GlobalServices:
             self.chan_names[name] = c_uid
         capacity, block_size = opts.get("capacity", 1024), opts.get("block_size", 1024)
         ref_count = bool(opts.get("ref_count", False))
-        reply, tag, caller = msg.reply, msg.tag, msg.caller
+        caller = msg.caller
 
         def created(resp):
             if resp.err:
                 if name:
                     del self.chan_names[name]
-                self.answer(reply, tag, m.ERR_CHANNEL, resp.msg)
+                self.answer(msg, m.ERR_CHANNEL, resp.msg)
                 return
             c = {
                 "c_uid": c_uid,
@@ -658,12 +669,12 @@ class GlobalServices:
             self.chans[c_uid] = c
             self._ref(c, caller)
             wire = self._chan_wire(c)
-            self.answer(reply, tag, m.OK, None, wire)
+            self.answer(msg, m.OK, None, wire)
             for w in self.chan_joiners.pop(name, ()) if name else ():
                 if not w.done:
                     self._done(w)
                     self._ref(c, w.caller)
-                    self.answer(w.reply, w.tag, m.OK, None, wire)
+                    self.answer(w, m.OK, None, wire)
 
         self.ask_shepherd(
             pool["node"],
@@ -736,7 +747,6 @@ class GlobalServices:
             c = self._chan(ident)
             if c not in chans:
                 chans.append(c)
-        reply, tag = msg.reply, msg.tag
         left = [len(chans)]
         errors = []
 
@@ -745,7 +755,7 @@ class GlobalServices:
                 errors.append(resp.msg)
             left[0] -= 1
             if left[0] == 0:
-                self.answer(reply, tag, m.ERR_CHANNEL if errors else m.OK, "; ".join(errors) or None)
+                self.answer(msg, m.ERR_CHANNEL if errors else m.OK, "; ".join(errors) or None)
 
         for c in chans:
             self._remove_chan(c)

@@ -55,11 +55,17 @@ class _Managed:
 
 
 class Shepherd:
-    def __init__(self, node, job, inbox, gs_cd, infra_pool, out_fd=1, err_fd=2):
+    def __init__(
+        self, node, job, inbox, gs_cd, infra_pool, out_fd=1, err_fd=2, gs_node=0, remote_attach=None
+    ):
+        """node: this node's index; gs_cd: sdesc of the GS input channel, on node gs_node; remote_attach(sdesc,
+        node): how to reach a channel on another node (the transport), None on a single node; out_fd/err_fd:
+        where forwarded output goes."""
         from dragon.channels import Channel
 
         self.Channel = Channel
         self.node, self.job = node, job
+        self.gs_node, self.remote_attach = gs_node, remote_attach
         self.inbox = inbox
         self.inbox_sdesc = bytes(inbox.sdesc)
         self.gs_cd = gs_cd
@@ -128,10 +134,22 @@ class Shepherd:
         try:
             ch = self.replies.get(reply)
             if ch is None:
-                ch = self.replies[reply] = self.Channel.attach(reply)
+                # answers go to GS, or to this node's launcher (teardown)
+                ch = self.replies[reply] = self._attach(
+                    reply, self.gs_node if reply == self.gs_cd else self.node
+                )
             ch.send(m.encode(m.Response(msg.tag, err, text, result)), timeout=5)
         except ChannelError as e:
             self.log.error("cannot answer %s: %s", type(msg).__name__, e)
+
+    def _attach(self, sdesc, node):
+        """The one place the shepherd attaches a channel it did not make: local ones directly, others through
+        remote_attach (the transport)."""
+        if node == self.node:
+            return self.Channel.attach(sdesc)
+        if self.remote_attach is None:
+            raise ChannelError(f"node {node} is not reachable from the shepherd of node {self.node}")
+        return self.remote_attach(sdesc, node)
 
     def _stream(self, how, run_dir, head, for_stderr):
         """-> (Popen argument, file to close after spawn or None)."""
@@ -327,7 +345,7 @@ class Shepherd:
         os.write(self.wake_w, b"x")
 
     def _io_loop(self):
-        gs = self.Channel.attach(self.gs_cd)  # this thread's own handle
+        gs = self._attach(self.gs_cd, self.gs_node)  # this thread's own handle
         draining = []
         while True:
             try:
