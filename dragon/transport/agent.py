@@ -122,6 +122,7 @@ class Agent:
     def run(self):
         self.running = True
         perf = time.perf_counter
+        yield_cpu = os.sched_yield
         idle_since = perf()
         while self.running:
             try:
@@ -139,9 +140,11 @@ class Agent:
                 idle_since = perf()
                 continue
             if self.sends:
+                yield_cpu()
                 continue
             idle = perf() - idle_since
             if idle < SPIN:
+                yield_cpu()  # spinning, but let the processes we serve have the core (2 cores, 4 busy processes)
                 continue
             wait = min(MAX_IDLE_WAIT, idle * 0.25)
             if self.pending_in or self.pending_rep:
@@ -199,9 +202,8 @@ class Agent:
             return
         rank = self.ranks[dest]
         MPI = self.MPI
-        if pkt:
-            data = bytes(pkt)
-            self.sends.append((self.comm.Isend([data, len(data), MPI.BYTE], rank, W.TAG_PKT), data))
+        if pkt:  # the packet itself (a new one is started for the next frames): no copy
+            self.sends.append((self.comm.Isend([pkt, len(pkt), MPI.BYTE], rank, W.TAG_PKT), pkt))
         for buf, keep in bigs or ():
             self.sends.append((self.comm.Isend([buf, len(buf), MPI.BYTE], rank, W.TAG_BIG), keep))
         self.stats["packets"] += 1
@@ -671,7 +673,23 @@ class Agent:
                     self.log.exception("node-down callback: %s", e)
 
 
+def _profiled(agent, path):
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(agent.run)
+    finally:
+        prof.dump_stats(f"{path}.{agent.node}")
+
+
 def start_thread(agent):
+    """Run the agent's loop in a daemon thread (DRAGON_AGENT_PROFILE=path: profile it into path.<node>)."""
+    path = os.environ.get("DRAGON_AGENT_PROFILE")
+    if path:
+        t = threading.Thread(target=_profiled, args=(agent, path), name="dragon-transport-agent", daemon=True)
+        t.start()
+        return t
     t = threading.Thread(target=agent.run, name="dragon-transport-agent", daemon=True)
     t.start()
     return t

@@ -49,8 +49,8 @@ E_ERROR, E_EMPTY, E_TIMEOUT, E_FULL = 0, 1, 2, 3
 TAG_PKT = 7
 TAG_BIG = 8
 
-BIG_MIN = 32 * 1024  # payloads above this go as their own MPI message (no copy into a packet)
-PACKET_MAX = 256 * 1024  # flush a packet to a node once it is this big
+BIG_MIN = 128 * 1024  # payloads above this go as their own MPI message (no copy into a packet)
+PACKET_MAX = 512 * 1024  # flush a packet to a node once it is this big
 
 U32 = struct.Struct("<I")
 U16 = struct.Struct("<H")
