@@ -1,0 +1,161 @@
+"""Cross-node benchmark: the transport agents against mpi4py Send/Recv between the same two ranks, in one run.
+
+    mpiexec -n 2 python -m dragon.transport.bench [--virtual-nodes] [--quick] [--json FILE]
+
+First the two ranks time mpi4py ``Send``/``Recv`` (numpy buffers): a stream of N messages then a 1-byte ack, and
+a ping-pong. Then each rank becomes its node's transport agent (dragon.transport.harness) and one process per
+node does the same through the agents: node 0 sends with ``RemoteChannel.send`` into a channel of node 1, whose
+process receives locally (``recv_many`` up to 8 KiB, zero-copy ``recv_message`` above) and acks/echoes back
+through the agents. Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios.
+"""
+
+import json
+import os
+import sys
+import time
+
+SIZES = [8, 64, 1024, 8192, 65536, 1 << 20]
+
+
+def counts(size, quick):
+    stream = max(200, min(60000, (96 << 20) // size))
+    rtt = max(100, min(3000, (64 << 20) // size))
+    if quick:
+        stream, rtt = max(100, stream // 10), max(50, rtt // 10)
+    return stream, rtt
+
+
+def mpi_baseline(world, comm, quick):
+    import numpy as np
+
+    res = {}
+    r = comm.Get_rank()
+    if comm.Get_size() < 2 or r > 1:
+        comm.Barrier()
+        return res
+    peer = 1 - r
+    ack = np.zeros(1, np.uint8)
+    for size in SIZES:
+        n_stream, n_rtt = counts(size, quick)
+        buf = np.zeros(size, np.uint8)
+        for rep in range(2):  # the first round warms up
+            comm.Barrier()
+            t = time.perf_counter()
+            if r == 0:
+                for _ in range(n_stream):
+                    comm.Send(buf, peer, 1)
+                comm.Recv(ack, peer, 2)
+            else:
+                for _ in range(n_stream):
+                    comm.Recv(buf, peer, 1)
+                comm.Send(ack, peer, 2)
+            dt_stream = time.perf_counter() - t
+            comm.Barrier()
+            t = time.perf_counter()
+            if r == 0:
+                for _ in range(n_rtt):
+                    comm.Send(buf, peer, 3)
+                    comm.Recv(buf, peer, 4)
+            else:
+                for _ in range(n_rtt):
+                    comm.Recv(buf, peer, 3)
+                    comm.Send(buf, peer, 4)
+            dt_rtt = time.perf_counter() - t
+        res[size] = {"stream_msgs": n_stream / dt_stream, "rtt_us": dt_rtt / n_rtt * 1e6}
+    comm.Barrier()
+    return res
+
+
+def app(quick):
+    """Run on every node by the harness: node 0 drives, node 1 receives / echoes."""
+    from dragon.transport.remote import attach
+
+    node = int(os.environ["DRAGON_NODE"])
+    chans = json.loads(os.environ["DRAGON_TEST_CHANS"])
+    if node > 1:
+        return
+    local = attach(bytes.fromhex(chans[str(node)]["a"]), node)
+    peer = attach(bytes.fromhex(chans[str(1 - node)]["a"]), 1 - node)
+    results = {}
+    for size in SIZES:
+        n_stream, n_rtt = counts(size, quick)
+        msg = b"x" * size
+        buf = bytearray(size)
+        for rep in range(2):
+            if node == 0:
+                local.recv(timeout=120)  # node 1 is ready
+                t = time.perf_counter()
+                send = peer.send
+                for _ in range(n_stream):
+                    send(msg)
+                local.recv(timeout=120)  # node 1 got them all
+                dt_stream = time.perf_counter() - t
+                t = time.perf_counter()
+                for _ in range(n_rtt):
+                    peer.send(msg)
+                    local.recv_into(buf, timeout=120)
+                dt_rtt = time.perf_counter() - t
+                results[size] = {"stream_msgs": n_stream / dt_stream, "rtt_us": dt_rtt / n_rtt * 1e6}
+            else:
+                peer.send(b"ready")
+                got = 0
+                if size <= 8192:
+                    while got < n_stream:
+                        got += len(local.recv_many(1024, timeout=120))
+                else:  # zero copy: the message stays in the pool block the agent received it into
+                    while got < n_stream:
+                        local.recv_message(timeout=120).release()
+                        got += 1
+                peer.send(b"done")
+                for _ in range(n_rtt):
+                    local.recv_into(buf, timeout=120)
+                    peer.send(buf)
+    if node == 1:
+        peer.flush(60)
+        return
+    mpi = {int(k): v for k, v in json.loads(os.environ.get("DRAGON_BENCH_MPI", "{}")).items()}
+    rows = []
+    head = (f"{'size':>8} | {'agents msg/s':>12} {'GB/s':>7} {'rtt us':>8} | {'mpi4py msg/s':>12} {'GB/s':>7} "
+            f"{'rtt us':>8} | {'stream x':>8} {'rtt x':>6}")
+    print(head)
+    print("-" * len(head))
+    for size in SIZES:
+        a, b = results[size], mpi.get(size)
+        row = {"size": size, "agents": a, "mpi4py": b}
+        line = f"{size:>8} | {a['stream_msgs']:>12.0f} {a['stream_msgs'] * size / 1e9:>7.3f} {a['rtt_us']:>8.1f} |"
+        if b:
+            row["stream_ratio"] = a["stream_msgs"] / b["stream_msgs"]
+            row["rtt_ratio"] = a["rtt_us"] / b["rtt_us"]
+            line += (f" {b['stream_msgs']:>12.0f} {b['stream_msgs'] * size / 1e9:>7.3f} {b['rtt_us']:>8.1f} |"
+                     f" {row['stream_ratio']:>8.2f} {row['rtt_ratio']:>6.1f}")
+        print(line, flush=True)
+        rows.append(row)
+    print("stream x = agents msg/s / mpi4py msg/s (target >= 0.5); rtt x = agents rtt / mpi4py rtt")
+    out = os.environ.get("DRAGON_BENCH_JSON")
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def main():
+    args = sys.argv[1:]
+    if args and args[0] == "--app":
+        app("--quick" in args)
+        return
+    virtual = "--virtual-nodes" in args
+    quick = "--quick" in args
+    if "--json" in args:
+        os.environ["DRAGON_BENCH_JSON"] = os.path.abspath(args[args.index("--json") + 1])
+    from dragon.transport import harness
+
+    def before(world, comm):
+        res = mpi_baseline(world, comm, quick)
+        if comm.Get_rank() == 0:
+            os.environ["DRAGON_BENCH_MPI"] = json.dumps(res)
+
+    app_args = ["-m", "dragon.transport.bench", "--app"] + (["--quick"] if quick else [])
+    sys.exit(harness.run(app_args, virtual, before=before))
+
+
+if __name__ == "__main__":
+    main()
