@@ -106,6 +106,10 @@ def main(argv=None):
             from benchmarks import xnode
 
             return xnode.child_main()
+        if args.inner == "xnode-harness":
+            from benchmarks import xnode
+
+            return xnode.harness_main(args)
         from benchmarks import runtime
 
         return runtime.inner_main(args)

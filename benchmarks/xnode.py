@@ -46,23 +46,31 @@ def plan(ctx):
         import dragon.transport.remote  # noqa: F401
     except Exception as e:
         why = why or f"dragon.transport is not there yet ({type(e).__name__}: {e})"
+    job = launcher + runtime.dragon_launch_cmd() + extra
+    inner_mode = "xnode"
     if not why and "--virtual-nodes" in extra:
         import subprocess
 
         h = subprocess.run(runtime.dragon_launch_cmd() + ["--help"], capture_output=True, text=True, timeout=60,
                            env=runtime.child_env())
         if "--virtual-nodes" not in h.stdout + h.stderr:
-            why = "dragon-launch has no --virtual-nodes option yet (needed for two nodes on one host)"
+            # until dragon-launch can make virtual nodes: the transport agents alone, through their harness
+            job = launcher + [sys.executable, "-m", "dragon.transport.harness", "--virtual-nodes"]
+            inner_mode = "xnode-harness"
+            ctx.note("xnode: dragon-launch has no --virtual-nodes yet; the dragon cross-node figures come from "
+                     "the transport agents run by dragon.transport.harness (same agents, no GS)")
     if why:
         ctx.skip("xnode dragon", why)
     else:
         def run():
             tmp = runtime._tmpdir(ctx)
             out = os.path.join(tmp, "xnode.json")
-            argv = launcher + runtime.dragon_launch_cmd() + extra + [
-                os.path.join(tmp, "inner.py"), "--inner", "xnode", "--inner-out", out,
+            argv = job + [
+                os.path.join(tmp, "inner.py"), "--inner", inner_mode, "--inner-out", out,
                 "--repeat", str(ctx.repeat), "--sizes", ",".join(str(s) for s in sizes),
                 "--target-time", str(ctx.target)]
+            if ctx.quick:
+                argv.append("--quick")
             res = util.run_marked(argv, timeout=900, env=runtime.child_env(), cwd=tmp, shm_filter=lambda n: False)
             runtime._note_leaks(ctx, "dragon", res)
             if not os.path.exists(out):
@@ -88,7 +96,8 @@ def plan(ctx):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# inside the dragon job
+# inside the dragon job: node 1 serves, node 0 drives. Commands are b"<op><n>:<size>", op S (stream), B (stream
+# with send_many), E (echo n messages), Q (quit); the server ends each command's output with MARKER.
 
 
 def _attach(desc):
@@ -106,59 +115,165 @@ def _attach(desc):
     return Channel.attach(desc.sdesc)
 
 
-def child_main():
-    """Node 1's side: commands come on B (local), output goes to A (on node 0)."""
-    spec = json.loads(os.environ["DRAGON_BENCH_XNODE"])
-    from dragon.globalservices import channel as gch
-
-    a = _attach(gch.query(spec["a"]))
-    b = _attach(gch.query(spec["b"]))
-    size = spec["size"]
-    payload = b"x" * size
-    nb = channels.batch_for(size)
-    batch = [payload] * nb
+def serve(out_ch, cmd_ch):
+    """Node 1's side: commands come on cmd_ch (local), output goes to out_ch (on node 0)."""
+    payloads = {}
     while True:
-        cmd = b.recv()
-        op, n = cmd[:1], int(cmd[1:])
+        cmd = bytes(cmd_ch.recv())
+        op = cmd[:1]
         if op == b"Q":
             break
+        n, size = (int(x) for x in cmd[1:].split(b":"))
+        payload = payloads.setdefault(size, b"x" * size)
         if op == b"S":
-            send = a.send
+            send = out_ch.send
             for _ in range(n):
                 send(payload)
         elif op == b"B":
+            nb = channels.batch_for(size)
+            batch = [payload] * nb
             left = n
             while left > 0:
                 k = min(nb, left)
                 items = batch if k == nb else batch[:k]
                 sent = 0
                 while sent < k:
-                    sent += a.send_many(items[sent:])
+                    sent += out_ch.send_many(items[sent:] if sent else items)
                 left -= k
         else:
-            send, recv = a.send, b.recv
+            send, recv = out_ch.send, cmd_ch.recv
             for _ in range(n):
                 send(recv())
-        a.send(MARKER)
-    for h in (a, b):
-        try:
-            h.close()
-        except Exception:
-            pass
+        out_ch.send(MARKER)
+
+
+def drive(in_ch, cmd_ch, size, repeat, target):
+    """Node 0's side for one size: returns the figures (group xnode)."""
+    payload = b"x" * size
+    T = channels.RECV_TIMEOUT
+
+    def stream(n, op=b"S"):
+        t0 = time.perf_counter()
+        cmd_ch.send(b"%s%d:%d" % (op, n, size))
+        got = 0
+        if op == b"B":
+            nb = channels.batch_for(size)
+            while got < n:
+                got += len(in_ch.recv_many(min(nb, n - got), timeout=T))
+        else:
+            recv = in_ch.recv
+            for _ in range(n):
+                recv(timeout=T)
+        dt = time.perf_counter() - t0
+        if bytes(in_ch.recv(timeout=T)) != MARKER:
+            raise RuntimeError("cross-node stream out of step")
+        return dt
+
+    def pingpong(n):
+        cmd_ch.send(b"E%d:%d" % (n, size))
+        lat = []
+        send, recv, clock = cmd_ch.send, in_ch.recv, time.perf_counter
+        for _ in range(n):
+            t = clock()
+            send(payload)
+            recv(timeout=T)
+            lat.append(clock() - t)
+        if bytes(in_ch.recv(timeout=T)) != MARKER:
+            raise RuntimeError("cross-node ping-pong out of step")
+        return lat
+
+    figures = []
+    n0 = channels.probe_count(size)
+    for peer, op in (("dragon", b"S"), ("dragon-batch", b"B")):
+        n = channels.calibrate(n0 / stream(n0, op), target, n0, 5_000_000)
+        rates = [n / stream(n, op) for _ in range(repeat)]
+        figures += channels.stream_and_rtt_figures("xnode", peer, size, rates, [], [], n, 0)
+    lat = pingpong(max(20, n0 // 20))
+    m = channels.calibrate(1.0 / util.quantile(lat, 0.5), target, 50, 200_000)
+    meds, p99s = [], []
+    for _ in range(repeat):
+        lat = pingpong(m)
+        meds.append(util.quantile(lat, 0.5) * 1e6)
+        p99s.append(util.quantile(lat, 0.99) * 1e6)
+    return figures + channels.stream_and_rtt_figures("xnode", "dragon", size, [], meds, p99s, 0, m)
+
+
+def _settings(args):
+    repeat = args.repeat or (1 if args.quick else 3)
+    target = args.target_time or (0.08 if args.quick else 0.4)
+    sizes = [int(s) for s in (args.sizes or "8,1024,65536,1048576").split(",")]
+    return repeat, target, sizes
+
+
+def _write(path, figures, skipped):
+    with open(path, "w") as f:
+        json.dump({"figures": figures, "skipped": skipped}, f)
+
+
+def child_main():
+    """Node 1's process of a dragon-launch job (started by inner_main through GS)."""
+    spec = json.loads(os.environ["DRAGON_BENCH_XNODE"])
+    from dragon.globalservices import channel as gch
+
+    a = _attach(gch.query(spec["a"]))
+    b = _attach(gch.query(spec["b"]))
+    try:
+        serve(a, b)
+    finally:
+        for h in (a, b):
+            try:
+                h.close()
+            except Exception:
+                pass
+    return 0
+
+
+def harness_main(args):
+    """Both nodes' program under ``mpiexec -n 2 python -m dragon.transport.harness --virtual-nodes``: the harness
+    gives every node a channel "a"; node 0 reads its own and commands node 1's."""
+    from dragon.transport.remote import attach
+
+    node = int(os.environ["DRAGON_NODE"])
+    chans = json.loads(os.environ["DRAGON_TEST_CHANS"])
+    a0 = attach(bytes.fromhex(chans["0"]["a"]), 0)
+    a1 = attach(bytes.fromhex(chans["1"]["a"]), 1)
+    repeat, target, sizes = _settings(args)
+    figures, skipped = [], []
+    try:
+        if node == 1:
+            serve(a0, a1)
+        elif node == 0:
+            try:
+                for size in sizes:
+                    try:
+                        figures += drive(a0, a1, size, repeat, target)
+                    except Exception as e:
+                        skipped.append({"what": f"xnode dragon {util.size_label(size)}",
+                                        "why": f"{type(e).__name__}: {e}"})
+                        break
+            finally:
+                a1.send(b"Q", timeout=10)
+                if hasattr(a1, "flush"):
+                    a1.flush(timeout=10)
+            _write(args.inner_out, figures, skipped)
+    finally:
+        for h in (a0, a1):
+            try:
+                h.close()
+            except Exception:
+                pass
     return 0
 
 
 def inner_main(args):
-    """Node 0's side: the app of the two-node job. Writes its figures to --inner-out."""
+    """Node 0's side: the app of a two-node dragon-launch job. Writes its figures to --inner-out."""
     from dragon.globalservices import channel as gch
     from dragon.globalservices import node as gnode
     from dragon.globalservices import pool as gpool
     from dragon.globalservices import process as gp
     from dragon.infrastructure.descriptors import ChannelOptions, PoolOptions, ProcessOptions
 
-    repeat = args.repeat or (1 if args.quick else 3)
-    target = args.target_time or (0.08 if args.quick else 0.4)
-    sizes = [int(s) for s in (args.sizes or "8,1024,65536,1048576").split(",")]
+    repeat, target, sizes = _settings(args)
     figures, skipped = [], []
     nodes = gnode.get_list()
     if len(nodes) < 2:
@@ -167,6 +282,7 @@ def inner_main(args):
         capacity = 1024 if size <= 65536 else 64
         pool_bytes = max(64 << 20, 2 * capacity * (size + 4096) + (16 << 20))
         made = []
+        ra = rb = child = None
         try:
             p0 = gpool.create(pool_bytes, pool_options=PoolOptions(node=0))
             made.append(("pool", p0.m_uid))
@@ -177,72 +293,34 @@ def inner_main(args):
             made.append(("chan", a.c_uid))
             b = gch.create(p1.m_uid, channel_options=opts)
             made.append(("chan", b.c_uid))
-            env = {"DRAGON_BENCH_XNODE": json.dumps({"a": a.c_uid, "b": b.c_uid, "size": size})}
+            env = {"DRAGON_BENCH_XNODE": json.dumps({"a": a.c_uid, "b": b.c_uid})}
             inner = os.path.abspath(sys.argv[0])
             child = gp.create(sys.executable, os.getcwd(), [inner, "--inner", "xnode-child"], env=env,
                               options=ProcessOptions(node=1))
             ra, rb = _attach(a), _attach(b)
-            payload = b"x" * size
-
-            def stream(n, op=b"S"):
-                t0 = time.perf_counter()
-                rb.send(b"%s%d" % (op, n))
-                got = 0
-                if op == b"B":
-                    while got < n:
-                        got += len(ra.recv_many(channels.batch_for(size), timeout=channels.RECV_TIMEOUT))
-                else:
-                    for _ in range(n):
-                        ra.recv(timeout=channels.RECV_TIMEOUT)
-                dt = time.perf_counter() - t0
-                end = ra.recv(timeout=channels.RECV_TIMEOUT)
-                assert bytes(end) == MARKER, "cross-node stream out of step"
-                return dt
-
-            def pingpong(n):
-                rb.send(b"E%d" % n)
-                lat = []
-                for _ in range(n):
-                    t = time.perf_counter()
-                    rb.send(payload)
-                    ra.recv(timeout=channels.RECV_TIMEOUT)
-                    lat.append(time.perf_counter() - t)
-                assert bytes(ra.recv(timeout=channels.RECV_TIMEOUT)) == MARKER
-                return lat
-
-            try:
-                n0 = channels.probe_count(size)
-                for peer, op in (("dragon", b"S"), ("dragon-batch", b"B")):
-                    n = channels.calibrate(n0 / stream(n0, op), target, n0, 5_000_000)
-                    rates = [n / stream(n, op) for _ in range(repeat)]
-                    figures += channels.stream_and_rtt_figures("xnode", peer, size, rates, [], [], n, 0)
-                lat = pingpong(max(20, n0 // 20))
-                m = channels.calibrate(1.0 / util.quantile(lat, 0.5), target, 50, 200_000)
-                meds, p99s = [], []
-                for _ in range(repeat):
-                    lat = pingpong(m)
-                    meds.append(util.quantile(lat, 0.5) * 1e6)
-                    p99s.append(util.quantile(lat, 0.99) * 1e6)
-                figures += channels.stream_and_rtt_figures("xnode", "dragon", size, [], meds, p99s, 0, m)
-            finally:
-                try:
-                    rb.send(b"Q0", timeout=5)
-                    gp.join(child.p_uid, timeout=30)
-                except Exception:
-                    pass
-                for h in (ra, rb):
-                    try:
-                        h.close()
-                    except Exception:
-                        pass
+            figures += drive(ra, rb, size, repeat, target)
         except Exception as e:
             skipped.append({"what": f"xnode dragon {util.size_label(size)}", "why": f"{type(e).__name__}: {e}"})
         finally:
+            if rb is not None:
+                try:
+                    rb.send(b"Q", timeout=5)
+                except Exception:
+                    pass
+            if child is not None:
+                try:
+                    gp.join(child.p_uid, timeout=30)
+                except Exception:
+                    pass
+            for h in (ra, rb):
+                try:
+                    h is not None and h.close()
+                except Exception:
+                    pass
             for kind, uid in reversed(made):
                 try:
                     (gch if kind == "chan" else gpool).destroy(uid)
                 except Exception:
                     pass
-    with open(args.inner_out, "w") as f:
-        json.dump({"figures": figures, "skipped": skipped}, f)
+    _write(args.inner_out, figures, skipped)
     return 0

@@ -117,6 +117,31 @@ def test_dragonhpc_side_by_side_leaves_nothing(tmp_path):
     # whatever it left (segments, processes) was removed by the harness; the conftest fixture checks /dev/shm
 
 
+@pytest.mark.mpi
+@pytest.mark.timeout(110)
+@pytest.mark.skipif(mpiexec_path() is None, reason="needs mpiexec (the mpich wheel)")
+def test_quick_xnode_through_the_agents(tmp_path):
+    doc, p = bench(tmp_path, "xnode", "--quick", "--sizes", "8,64K", "--plot", str(tmp_path / "x.png"))
+    all_positive(doc)
+    for size in (8, 65536):
+        for m in STREAM:
+            find(doc, "xnode", "stream", "mpi4py", m, size)
+        for m in RTT:
+            find(doc, "xnode", "rtt", "mpi4py", m, size)
+    try:
+        import dragon.transport.remote  # noqa: F401
+    except ImportError:
+        assert any("xnode dragon" in s["what"] for s in doc["skipped"])
+        return
+    for size in (8, 65536):
+        for peer in ("dragon", "dragon-batch"):
+            for m in STREAM:
+                find(doc, "xnode", "stream", peer, m, size)
+        for m in RTT:
+            find(doc, "xnode", "rtt", "dragon", m, size)
+    assert (tmp_path / "x.png").stat().st_size > 10_000
+
+
 @pytest.mark.timeout(60)
 def test_plot_without_channel_figures_says_so(tmp_path):
     png = tmp_path / "none.png"
