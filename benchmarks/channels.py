@@ -626,5 +626,6 @@ def measure_mpmc(producers, consumers, size, repeat, target_s):
             ch.destroy()
     finally:
         pool.destroy()
-    return [util.figure("channels", f"mpmc-{producers}x{consumers}", "dragon", "msg_per_s", "msg/s", "higher",
-                        rates, size=size)]
+    # one column per configuration: peer "PxC"
+    return [util.figure("channels", "mpmc", f"{producers}x{consumers}", "msg_per_s", "msg/s", "higher",
+                        rates, size=size, producers=producers, consumers=consumers)]

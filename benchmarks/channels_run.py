@@ -25,6 +25,18 @@ def parse_peers(text):
     return peers
 
 
+def mpmc_configs(p, c):
+    """1x1, 2x2, 4x4, ... up to P producers x C consumers (each side capped at its own maximum)."""
+    out, k = [], 1
+    while True:
+        cfg = (min(k, p), min(k, c))
+        if cfg not in out:
+            out.append(cfg)
+        if cfg == (p, c):
+            return out
+        k *= 2
+
+
 def plan(ctx, stream=True):
     sizes = parse_sizes(ctx.args.sizes)
     ctx.sizes = sizes
@@ -61,15 +73,16 @@ def plan(ctx, stream=True):
         steps.append(("channels mpi4py (mpiexec -n 2)", run_mpi))
     p, c = ctx.args.producers, ctx.args.consumers
     if stream and (p > 1 or c > 1):
-        if "dragon" in reasons or channels.peer_available("dragon"):
-            ctx.skip(f"channels {p}x{c} producers/consumers", reasons.get("dragon") or
-                     channels.peer_available("dragon"))
+        why = reasons.get("dragon") or channels.peer_available("dragon")
+        if why:
+            ctx.skip(f"channels {p}x{c} producers/consumers", why)
         else:
-            for size in sizes:
-                def run_mpmc(size=size):
-                    ctx.figures.extend(channels.measure_mpmc(p, c, size, ctx.repeat, ctx.target))
+            for pp, cc in mpmc_configs(p, c):
+                for size in sizes:
+                    def run_mpmc(size=size, pp=pp, cc=cc):
+                        ctx.figures.extend(channels.measure_mpmc(pp, cc, size, ctx.repeat, ctx.target))
 
-                steps.append((f"channels dragon {p}x{c} {util.size_label(size)}", run_mpmc))
+                    steps.append((f"channels dragon {pp}x{cc} {util.size_label(size)}", run_mpmc))
     if ctx.args.peers is None or "dragonhpc" in peers:
         from benchmarks import runtime
 

@@ -46,8 +46,10 @@ def build_parser():
                     help="channel peers to run (default all): " + ",".join(
                         ["dragon", "dragon-batch", "dragon-zc", "mp-queue", "mp-pipe", "faster-fifo",
                          "ff-batch", "mpi4py"]))
-    ap.add_argument("--producers", type=int, default=1, help="channels: also run P producers ...")
-    ap.add_argument("--consumers", type=int, default=1, help="... and C consumers on one dragon channel")
+    ap.add_argument("--producers", type=int, default=1,
+                    help="channels: also run 1x1, 2x2, 4x4 ... up to P producers ...")
+    ap.add_argument("--consumers", type=int, default=1,
+                    help="... and C consumers sharing one dragon channel (aggregate msg/s)")
     ap.add_argument("--target-time", type=float, default=None,
                     help="seconds per measurement (default 0.4, 0.08 with --quick)")
     ap.add_argument("--no-dragonhpc", action="store_true", help="do not run DragonHPC even if it is installed")

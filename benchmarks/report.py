@@ -22,8 +22,8 @@ TITLES = {
 
 
 def _title(group, test):
-    if test.startswith("mpmc-"):
-        return f"dragon channel, {test[5:]} producers x consumers, aggregate stream"
+    if test == "mpmc":
+        return "dragon: P producers x C consumers sharing one channel (columns PxC), aggregate stream"
     return TITLES.get((group, test), f"{group} {test}")
 
 

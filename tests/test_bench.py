@@ -51,7 +51,7 @@ def test_quick_channels_every_figure_and_plot(tmp_path):
     peers = ["dragon", "dragon-batch", "dragon-zc", "mp-pipe", "faster-fifo", "mpi4py"]
     png = tmp_path / "bench.png"
     doc, p = bench(tmp_path, "channels", "--quick", "--sizes", "8,64K", "--peers", ",".join(peers),
-                   "--no-dragonhpc", "--plot", str(png))
+                   "--no-dragonhpc", "--plot", str(png), "--producers", "2", "--consumers", "2")
     expect = [x for x in peers if peer_available(x) is None]
     assert "mp-pipe" in expect and "faster-fifo" in expect  # installed with the test extra
     for peer in expect:
@@ -63,6 +63,10 @@ def test_quick_channels_every_figure_and_plot(tmp_path):
             if peer != "dragon-batch":
                 for m in RTT:
                     find(doc, "channels", "rtt", peer, m, size)
+    if "dragon" in expect:  # 1x1 and 2x2 producers x consumers on one channel
+        for cfg in ("1x1", "2x2"):
+            for size in (8, 65536):
+                find(doc, "channels", "mpmc", cfg, "msg_per_s", size)
     all_positive(doc)
     # every peer the harness could not run is said so, never silently dropped
     said = " ".join(s["what"] for s in doc["skipped"])
