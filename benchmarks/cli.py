@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -72,7 +73,9 @@ class Context:
         self.dragonhpc = None if args.no_dragonhpc else util.dragonhpc_root()
 
     def skip(self, what, why):
-        self.skipped.append({"what": what, "why": why})
+        entry = {"what": what, "why": why}
+        if entry not in self.skipped:
+            self.skipped.append(entry)
 
     def note(self, text):
         self.notes.append(text)
@@ -120,6 +123,11 @@ def main(argv=None):
     if args.producers < 1 or args.consumers < 1:
         raise SystemExit("dragon-bench: --producers and --consumers must be at least 1")
     sel = _selection(args.what)
+    rank = next((os.environ[k] for k in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+                 if os.environ.get(k)), "0")
+    if rank != "0":  # started once per rank by mpiexec/srun: one harness is enough, it starts its own ranks
+        print(f"dragon-bench: rank {rank} has nothing to do (rank 0 runs the benchmarks)", file=sys.stderr)
+        return 0
     ctx = Context(args)
     ctx.sel = sel
     t0 = time.monotonic()

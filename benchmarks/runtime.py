@@ -59,8 +59,18 @@ def dragon_launch_cmd():
             "import sys; from launcher.launch import main; sys.argv[0] = 'dragon-launch'; sys.exit(main())"]
 
 
+def in_runtime():
+    """True when this process is itself a managed process of a dragon job (started under dragon-launch)."""
+    return bool(os.environ.get("DRAGON_GS_CD"))
+
+
+def clean_env():
+    """The environment without this job's DRAGON_* contract, for programs that must start their own runtime."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
+
+
 def child_env():
-    env = dict(os.environ)
+    env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     return env
 
@@ -237,10 +247,10 @@ def plan_startup(ctx):
             ctx.figures.append(util.figure("startup", "empty", name, "seconds", "s", "lower", walls))
         return run
 
-    steps.append(("startup: python empty.py", timed("python", [sys.executable, empty])))
+    steps.append(("startup: python empty.py", timed("python", [sys.executable, empty], env=clean_env())))
     if util.mpiexec_path():
         steps.append(("startup: mpiexec -n 1 python empty.py",
-                      timed("mpiexec", [util.mpiexec_path(), "-n", "1", sys.executable, empty])))
+                      timed("mpiexec", [util.mpiexec_path(), "-n", "1", sys.executable, empty], env=clean_env())))
     why = runtime_missing()
     if why:
         ctx.skip("startup dragon-launch", why)
@@ -253,7 +263,7 @@ def plan_startup(ctx):
                       timed("dragonhpc", [os.path.join(ctx.dragonhpc, "bin", "dragon"), "-s", empty],
                             cwd=tmp, env=dhpc_env(ctx), shm_filter=dhpc_segment)))
     else:
-        ctx.skip("startup DragonHPC", "not installed (looked for /opt/dragonhpc-venv or $DRAGONHPC_VENV)")
+        ctx.skip("startup DragonHPC", dhpc_absent(ctx))
     return steps
 
 
@@ -288,6 +298,16 @@ def _dragon_runtime_steps(ctx):
             ctx.skip(f"{p} dragon", f"dragon runtime not available: {why}")
         return []
 
+    if in_runtime():  # started under dragon-launch already: measure right here
+        def here():
+            data = measure_runtime(parts, ctx.quick, ctx.repeat)
+            ctx.figures.extend(data["figures"])
+            for s in data["skipped"]:
+                ctx.skip(s["what"], s["why"])
+            ctx.note("launch/gs measured in the dragon job dragon-bench was started in")
+
+        return [(f"{'+'.join(parts)}: dragon (this job)", here, "dragon-runtime")]
+
     def run():
         tmp = _tmpdir(ctx)
         out = os.path.join(tmp, "inner.json")
@@ -310,9 +330,14 @@ def _dragon_runtime_steps(ctx):
 
 def inner_main(args):
     """Runs under dragon-launch: the dragon side of 'launch' and 'gs'. Writes its figures to --inner-out."""
-    parts = args.inner.split(",")
-    quick = args.quick
-    repeat = args.repeat or (1 if quick else 3)
+    data = measure_runtime(args.inner.split(","), args.quick, args.repeat or (1 if args.quick else 3))
+    with open(args.inner_out, "w") as f:
+        json.dump(data, f)
+    return 0
+
+
+def measure_runtime(parts, quick, repeat):
+    """The dragon figures of 'launch' and 'gs'; needs to run inside a dragon job."""
     c = counts(quick)
     figures, skipped = [], []
     F = util.figure
@@ -371,9 +396,7 @@ def inner_main(args):
             figures.append(F("gs", "query", "dragon", "rtt_p99_us", "us", "lower", p99s))
 
         attempt("gs dragon process.query", query)
-    with open(args.inner_out, "w") as f:
-        json.dump({"figures": figures, "skipped": skipped}, f)
-    return 0
+    return {"figures": figures, "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,8 +409,14 @@ def dhpc_segment(name):
     return name.startswith("D") or name.startswith("_dragon")
 
 
+def dhpc_absent(ctx):
+    if ctx.args.no_dragonhpc:
+        return "--no-dragonhpc given"
+    return "not installed (looked for /opt/dragonhpc-venv or $DRAGONHPC_VENV)"
+
+
 def dhpc_env(ctx):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = {k: v for k, v in clean_env().items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PATH"] = os.path.join(ctx.dragonhpc, "bin") + os.pathsep + env.get("PATH", "")
     env["VIRTUAL_ENV"] = ctx.dragonhpc
     return env
@@ -399,7 +428,7 @@ def _dragonhpc_steps(ctx):
         parts.append("channels")
     if not ctx.dragonhpc:
         for p in parts:
-            ctx.skip(f"{p} DragonHPC", "not installed (looked for /opt/dragonhpc-venv or $DRAGONHPC_VENV)")
+            ctx.skip(f"{p} DragonHPC", dhpc_absent(ctx))
         return []
     if not parts:
         return []
