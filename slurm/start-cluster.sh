@@ -204,7 +204,9 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 # MPICH (the mpich wheel) gets its world from PMI-2
 MpiDefault=pmi2
-KillOnBadExit=1
+# Slurm's default: when one task of a step fails, the others run on (srun -K1 asks for the opposite), and srun
+# returns the highest exit code of all tasks
+KillOnBadExit=0
 # scancel / time limit: SIGTERM, then SIGKILL after KillWait seconds
 KillWait=10
 OverTimeLimit=0

@@ -81,6 +81,15 @@ def test_srun_keeps_the_exit_code(slurm_cluster):
     assert res.returncode == 3, (res.returncode, res.stderr)
 
 
+@pytest.mark.timeout(60)
+def test_a_failing_task_does_not_kill_the_others(slurm_cluster):
+    # KillOnBadExit=0 (Slurm's default): the step's other tasks finish, srun returns the highest exit code
+    script = 'if [ "$SLURM_PROCID" = 0 ]; then exit 3; fi; sleep 2; echo "task $SLURM_PROCID finished"'
+    res = srun(["sh", "-c", script], nodes=2, timeout=50)
+    assert res.returncode == 3, (res.returncode, res.stderr)
+    assert "task 1 finished" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(120)
 def test_sbatch_runs_and_writes_its_output(slurm_cluster, tmp_path):
     marker = new_marker()
