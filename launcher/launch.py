@@ -98,22 +98,22 @@ class Runtime:
         os.environ["DRAGON_JOB"] = self.job
         from dragon._core import core
         from dragon.channels import Channel
+        from dragon.infrastructure import messages  # before the forks: the services inherit it
         from dragon.pools import Pool
 
+        self.m = messages
         core.set_child_subreaper()
         self.pool = Pool.create(INFRA_POOL_SIZE, name="inf")
-        self.gs_ch = Channel.create(self.pool, capacity=4096)
-        self.sh_ch = Channel.create(self.pool, capacity=1024)
-        self.la_ch = Channel.create(self.pool, capacity=256)
+        # requests are small; bigger ones travel in pool blocks. Every slot is touched at creation: keep rings small.
+        self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
+        self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
+        self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
         self.chans = [self.gs_ch, self.sh_ch, self.la_ch]
         gs_cd, sh_cd, la_cd, pd = (bytes(x.sdesc) for x in (self.gs_ch, self.sh_ch, self.la_ch, self.pool))
         self.shep_pid = _fork("dragon.localservices.shepherd", self.node_index, self.job, sh_cd, gs_cd, pd)
         self.gs_pid = _fork(
             "dragon.globalservices.server", gs_cd, [sh_cd], la_cd, [n.to_wire() for n in self.nodes], [pd]
         )
-        from dragon.infrastructure import messages  # after the forks: the services import it in parallel
-
-        self.m = messages
 
     # ---- run ----------------------------------------------------------------------------------------------
     def run(self, exe, args):
@@ -282,13 +282,21 @@ class Runtime:
             _log(f"teardown: could not unlink the job's segments: {e}")
 
     def _wait_or_kill(self, pid, timeout):
-        if pid is None:
+        """Wait (on a pidfd, no polling) up to timeout for a service to exit; SIGKILL it after that."""
+        if pid is None or not self._alive(pid):
             return
-        deadline = time.monotonic() + timeout
-        while self._alive(pid) and time.monotonic() < deadline:
-            self._reap()
-            if self._alive(pid):
-                time.sleep(0.005)
+        import select
+
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # already reaped elsewhere
+            fd = None
+        if fd is not None:
+            try:
+                select.select([fd], [], [], timeout)
+            finally:
+                os.close(fd)
+        self._reap()
         if self._alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -25,11 +25,23 @@ _TABLE = {}
 
 
 class Message:
-    """Base class: subclasses set TYPE (a fixed int) and FIELDS (names, in wire order)."""
+    """Base class: subclasses set TYPE (a fixed int) and FIELDS (names, in wire order).
+
+    A class's ``__init__`` (every field a keyword defaulting to None) and ``_wire`` are generated the first time
+    it is used: requests are on the critical path of every runtime call, and a process compiles only the few
+    classes it really uses (importing this module stays cheap for every managed process)."""
 
     __slots__ = ()
     TYPE = -1
     FIELDS = ()
+
+    def __init__(self, *args, **kw):
+        _specialize(type(self))
+        type(self).__init__(self, *args, **kw)
+
+    def _wire(self):
+        _specialize(type(self))
+        return type(self)._wire(self)
 
     def __repr__(self):
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS if f != "reply")
@@ -39,28 +51,25 @@ class Message:
         return type(self) is type(other) and all(getattr(self, f) == getattr(other, f) for f in self.FIELDS)
 
 
-def _define(name, type_id, *fields):
-    """A message class with these fields (every one defaulting to None) under a fixed type id. Its __init__ and
-    wire-list method are generated: requests are on the critical path of every runtime call."""
-    ns = {}
-    params = ", ".join(f"{f}=None" for f in fields)
+def _specialize(cls):
+    """Give cls its own fast __init__ and _wire (fields as named parameters / a list display)."""
+    fields = cls.FIELDS
+    params = "".join(f", {f}=None" for f in fields)
     body = "".join(f"    self.{f} = {f}\n" for f in fields) or "    pass\n"
     values = "".join(f", self.{f}" for f in fields)
-    exec(f"def __init__(self, {params}):\n{body}\ndef _wire(self):\n    return [{type_id}{values}]\n", ns)
-    cls = type(
-        name,
-        (Message,),
-        {
-            "__slots__": fields,
-            "TYPE": type_id,
-            "FIELDS": fields,
-            "__module__": __name__,
-            "__init__": ns["__init__"],
-            "_wire": ns["_wire"],
-        },
-    )
+    ns = {}
+    exec(f"def __init__(self{params}):\n{body}\ndef _wire(self):\n    return [{cls.TYPE}{values}]\n", ns)
+    cls.__init__ = ns["__init__"]
+    cls._wire = ns["_wire"]
+
+
+def _define(name, type_id, *fields):
+    """A message class with these fields (every one defaulting to None) under a fixed type id."""
     if type_id in _TABLE:
         raise RuntimeError(f"message type id {type_id} used twice")
+    cls = type(
+        name, (Message,), {"__slots__": fields, "TYPE": type_id, "FIELDS": fields, "__module__": __name__}
+    )
     _TABLE[type_id] = cls
     return cls
 
