@@ -38,12 +38,14 @@ is_ci=0; case "${CI:-}" in 1|true|TRUE|True|yes) is_ci=1 ;; esac
 
 say() { echo "[test-all +$((SECONDS - T0))s] $*"; }
 
+# Every process the tests start inherits TESTALL_RUN_ID (deliberately not DRAGON_*: tests strip those from the
+# environments they give dragon-launch), so whatever still carries it after pytest ended was left behind.
 leftovers() {   # processes (not this script's) whose environment carries this run's id
   local p
   for p in /proc/[0-9]*; do
     p="${p#/proc/}"
     [ "$p" = "$$" ] && continue
-    grep -qaF "DRAGON_TEST_RUN=$RUN_ID" "/proc/$p/environ" 2>/dev/null || continue
+    grep -qaF "TESTALL_RUN_ID=$RUN_ID" "/proc/$p/environ" 2>/dev/null || continue
     [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" = Z ] && continue
     echo "$p"
   done
@@ -52,7 +54,7 @@ leftovers() {   # processes (not this script's) whose environment carries this r
 finish() {
   local rc=$?
   trap - EXIT INT TERM
-  unset DRAGON_TEST_RUN
+  unset TESTALL_RUN_ID
   if [ -n "$TEST_PID" ] && kill -0 "$TEST_PID" 2>/dev/null; then
     say "interrupted: stopping pytest (pid $TEST_PID)"
     kill -TERM "$TEST_PID" 2>/dev/null   # timeout passes it on to pytest
@@ -146,13 +148,13 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------------ 3. pytest
-export DRAGON_TEST_RUN="$RUN_ID"
+export TESTALL_RUN_ID="$RUN_ID"
 say "python -m pytest -ra $* (whole run limited to ${TOTAL_TIMEOUT}s)"
 # pytest runs in the background and its output is followed from the log, so that a SIGTERM or SIGINT to this
 # script is handled at once (bash runs traps only between commands, and `wait` is interruptible)
 timeout -k 30 "$TOTAL_TIMEOUT" "$PY" -m pytest -ra --durations=10 "$@" > "$LOG" 2>&1 < /dev/null &
 TEST_PID=$!
-unset DRAGON_TEST_RUN
+unset TESTALL_RUN_ID
 tail -n +1 -f --pid="$TEST_PID" "$LOG" &
 TAIL_PID=$!
 wait "$TEST_PID"
