@@ -118,10 +118,11 @@ user = P.create(PY, None, ["-c", """
 import sys
 from dragon.globalservices import channel as C
 d = C.attach('counted')
-sys.stdin.read() if False else None
+open('attached', 'w').close()
 import time; time.sleep(0.5)
 """])
-time.sleep(0.2)
+while not os.path.exists("attached"):
+    time.sleep(0.01)
 C.detach("counted")  # the creator's reference; the child still holds one
 assert C.query("counted").c_uid == rc.c_uid
 assert P.join(user.p_uid, timeout=20) == 0
