@@ -14,6 +14,7 @@ import threading
 import time
 
 from dragon.errors import (
+    ChannelEmpty,
     ChannelError,
     ChannelTimeout,
     DragonError,
@@ -99,31 +100,37 @@ class Connection:
         self.gs.send(m.encode(msg), timeout=SEND_TIMEOUT)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while tag not in self.results:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self.abandoned.add(tag)
-                    raise TimeoutError
-                if self.reading:
-                    self.cond.wait(remaining)
-                    continue
-                self.reading = True
-                self.cond.release()
-                data = None
-                try:
-                    data = self.reply.recv(timeout=remaining)
-                except (TimeoutError, ChannelError):
+            try:
+                while tag not in self.results:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError
+                    if self.reading:
+                        self.cond.wait(remaining)
+                        continue
+                    self.reading = True
+                    self.cond.release()
                     data = None
-                finally:
-                    self.cond.acquire()
-                    self.reading = False
-                    self.cond.notify_all()
-                if data is not None:
-                    resp = m.decode(data)
-                    if resp.tag in self.abandoned:
-                        self.abandoned.discard(resp.tag)
-                    else:
-                        self.results[resp.tag] = resp
+                    try:
+                        data = self.reply.recv(timeout=remaining)
+                    except (TimeoutError, ChannelEmpty):
+                        data = None
+                    finally:
+                        self.cond.acquire()
+                        self.reading = False
+                        self.cond.notify_all()
+                    if data is not None:
+                        resp = m.decode(data)
+                        if resp.tag in self.abandoned:
+                            self.abandoned.discard(resp.tag)
+                        else:
+                            self.results[resp.tag] = resp
+            except (
+                BaseException
+            ):  # timeout, Ctrl-C, a broken reply channel: the answer, if it comes, is dropped
+                if self.results.pop(tag, None) is None:
+                    self.abandoned.add(tag)
+                raise
             return self.results.pop(tag)
 
 
@@ -159,6 +166,8 @@ def call(msg_class, err_class, server_wait=False, **fields):
         raise _TIMEOUT_OF.get(err_class, ProcessTimeout)(
             f"{msg_class.__name__}: no answer from global services within {wait} s"
         ) from None
+    except ChannelError as e:
+        raise err_class(f"{msg_class.__name__}: lost contact with global services: {e}") from e
     if resp.err:
         cls = DragonError if resp.err == m.ERR_INTERNAL else _ERR_OF.get(resp.err, err_class)
         raise cls(resp.msg)
