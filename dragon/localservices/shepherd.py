@@ -78,11 +78,7 @@ class Shepherd:
         self.pools = {}  # m_uid -> Pool
         self.chans = {}  # c_uid -> Channel
         self.running = True
-        self.sel = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None, None))
-        self.todo = []  # registrations for the IO thread
+        self.sel = selectors.EpollSelector()  # epoll: other threads may register while it waits
         self.io_thread = threading.Thread(target=self._io_loop, name="shepherd-io", daemon=True)
         self.handlers = {
             m.SHProcessCreate: self.process_create,
@@ -340,9 +336,13 @@ class Shepherd:
 
     # ---- IO thread: exits and output ----------------------------------------------------------------------
     def _io_add(self, rec):
-        with self.lock:
-            self.todo.append(rec)
-        os.write(self.wake_w, b"x")
+        """Hand a new process to the IO thread. Registering with the epoll selector from this thread is safe (the
+        key is in the selector's table before the fd is in the kernel's set) and spares a wake-up per process."""
+        streams = [(n, st) for n, st in ((1, rec.popen.stdout), (2, rec.popen.stderr)) if st is not None]
+        rec.open_streams = len(streams)
+        for n, st in streams:
+            self.sel.register(st.fileno(), selectors.EVENT_READ, ("out", rec, n))
+        self.sel.register(rec.pidfd, selectors.EVENT_READ, ("pid", rec, None))
 
     def _io_loop(self):
         gs = self._attach(self.gs_cd, self.gs_node)  # this thread's own handle
@@ -360,20 +360,7 @@ class Shepherd:
             timeout = max(0.0, min(r.deadline for r in draining) - time.monotonic())
         for key, _ in sel.select(timeout):
             kind, rec, which = key.data
-            if kind == "wake":
-                try:
-                    os.read(self.wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                with self.lock:
-                    todo, self.todo = self.todo, []
-                for r in todo:
-                    sel.register(r.pidfd, selectors.EVENT_READ, ("pid", r, None))
-                    for fd_no, stream in ((1, r.popen.stdout), (2, r.popen.stderr)):
-                        if stream is not None:
-                            sel.register(stream.fileno(), selectors.EVENT_READ, ("out", r, fd_no))
-                            r.open_streams += 1
-            elif kind == "pid":
+            if kind == "pid":
                 sel.unregister(rec.pidfd)
                 os.close(rec.pidfd)
                 code = rec.popen.wait()
