@@ -204,8 +204,8 @@ def main(argv=None):
             plot.plot(doc, args.plot, labels)
             print(f"wrote {args.plot}")
         else:
-            print(f"dragon-bench: no plot written: --plot draws the channels/latency/xnode figures and this run has "
-                  f"none", file=sys.stderr)
+            print("dragon-bench: no plot written: --plot draws the channels/latency/xnode figures and this run has "
+                  "none", file=sys.stderr)
     return 0
 
 

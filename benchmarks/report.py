@@ -79,7 +79,7 @@ def _median(figures, group, test, metric, peer, size):
 def targets(figures):
     """The issues' targets, evaluated on this run's medians (None where a figure is missing)."""
     M = 1 << 20
-    g = lambda *a: _median(figures, *a)  # noqa: E731
+    g = lambda *a: _median(figures, *a)
     out = []
 
     def add(name, issue, value, op, bound, how):
@@ -127,7 +127,7 @@ def targets(figures):
 
 def _table(rows, header):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
@@ -148,7 +148,7 @@ SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s"
 def render(doc, labels=None):
     """The human-readable report of a result document (as written to --json)."""
     labels = labels or {}
-    lab = lambda p: labels.get(p, p)  # noqa: E731
+    lab = lambda p: labels.get(p, p)
     figures = doc["results"]
     out = []
     env = doc.get("env", {})

@@ -207,7 +207,7 @@ def environment():
         "slurm_nnodes": os.environ.get("SLURM_NNODES"),
     }
     try:
-        from mpi4py import MPI  # noqa: F401  (import only to read the library name; MPI_Init is lazy)
+        from mpi4py import MPI
 
         env["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
     except Exception:
@@ -291,8 +291,9 @@ def run_marked(cmd, timeout, env=None, cwd=None, shm_filter=None):
     before = shm_segments()
     t0 = time.perf_counter()
     # its own process group (not its own session: DragonHPC's launcher hangs without a session leader above it)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
-                         preexec_fn=os.setpgrp, text=True)
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd, text=True,
+                         **group)
     timed_out = False
     try:
         out, err = p.communicate(timeout=timeout)

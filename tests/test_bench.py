@@ -9,10 +9,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks import report  # noqa: E402
-from benchmarks.channels import peer_available  # noqa: E402
-from benchmarks.runtime import runtime_missing  # noqa: E402
-from benchmarks.util import dragonhpc_root, mpiexec_path  # noqa: E402
+from benchmarks import report
+from benchmarks.channels import peer_available
+from benchmarks.runtime import runtime_missing
+from benchmarks.util import dragonhpc_root, mpiexec_path
 
 STREAM = ("msg_per_s", "gb_per_s")
 RTT = ("rtt_median_us", "rtt_p99_us")
@@ -87,7 +87,7 @@ def test_quick_channels_every_figure_and_plot(tmp_path):
 
 @pytest.mark.timeout(110)
 def test_quick_runtime_parts(tmp_path):
-    doc, p = bench(tmp_path, "pool", "startup", "launch", "gs", "--quick", "--no-dragonhpc")
+    doc, _ = bench(tmp_path, "pool", "startup", "launch", "gs", "--quick", "--no-dragonhpc")
     all_positive(doc)
     for size in (64, 65536):
         find(doc, "pool", "alloc-free", "shared-memory", "ops_per_s", size)
@@ -114,7 +114,7 @@ def test_quick_runtime_parts(tmp_path):
 @pytest.mark.timeout(110)
 @pytest.mark.skipif(dragonhpc_root() is None, reason="DragonHPC is not installed")
 def test_dragonhpc_side_by_side_leaves_nothing(tmp_path):
-    doc, p = bench(tmp_path, "startup", "pool", "--quick")
+    doc, _ = bench(tmp_path, "startup", "pool", "--quick")
     find(doc, "startup", "empty", "dragonhpc", "seconds")
     find(doc, "pool", "alloc-free", "dragonhpc", "ops_per_s", 64)
     assert doc["env"]["versions"]["dragonhpc"]
@@ -125,7 +125,7 @@ def test_dragonhpc_side_by_side_leaves_nothing(tmp_path):
 @pytest.mark.timeout(110)
 @pytest.mark.skipif(mpiexec_path() is None, reason="needs mpiexec (the mpich wheel)")
 def test_quick_xnode_through_the_agents(tmp_path):
-    doc, p = bench(tmp_path, "xnode", "--quick", "--sizes", "8,64K", "--plot", str(tmp_path / "x.png"))
+    doc, _ = bench(tmp_path, "xnode", "--quick", "--sizes", "8,64K", "--plot", str(tmp_path / "x.png"))
     all_positive(doc)
     for size in (8, 65536):
         for m in STREAM:
