@@ -263,7 +263,7 @@ def test_unknown_message_gets_an_error_not_a_crash(gs):
 
 
 def test_node_down_reports_its_processes_dead_and_fails_its_requests(gs):
-    a, _ = start(gs, name="a")
+    start(gs, name="a")
     tag_join = req(gs, m.GSProcessJoin, ident="a", timeout=None)
     tag_kill = req(gs, m.GSProcessKill, ident="a", sig=15)
     shepherd_gets(gs, m.SHProcessKill)  # never answered: the node dies

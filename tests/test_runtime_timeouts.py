@@ -2,7 +2,6 @@
 late answer is dropped instead of being taken for the next request's."""
 
 import pytest
-
 from test_runtime_util import run_app
 
 APP = r"""

@@ -20,7 +20,7 @@ from dragon.infrastructure.log import get_logger
 DEFER = object()
 PENDING, RUNNING, EXITED = "pending", "running", "exited"  # as ProcessDescriptor.state
 SHEP_SEND_TIMEOUT = 10.0
-_VALID_SIGNALS = set(int(s) for s in signal.valid_signals())
+_VALID_SIGNALS = {int(s) for s in signal.valid_signals()}
 
 
 class _Fail(Exception):

@@ -57,8 +57,9 @@ def _specialize(cls):
     params = "".join(f", {f}=None" for f in fields)
     body = "".join(f"    self.{f} = {f}\n" for f in fields) or "    pass\n"
     values = "".join(f", self.{f}" for f in fields)
+    src = f"def __init__(self{params}):\n{body}\ndef _wire(self):\n    return [{cls.TYPE}{values}]\n"
     ns = {}
-    exec(f"def __init__(self{params}):\n{body}\ndef _wire(self):\n    return [{cls.TYPE}{values}]\n", ns)
+    exec(src, ns)  # noqa: S102 (source built from this module's own field names)
     cls.__init__ = ns["__init__"]
     cls._wire = ns["_wire"]
 
