@@ -23,7 +23,7 @@ class ProcessDescriptor:
 
     @classmethod
     def from_wire(cls, d):
-        return cls(**d)
+        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
 
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -72,7 +72,7 @@ class PoolDescriptor:
 
     @classmethod
     def from_wire(cls, d):
-        return cls(**d)
+        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
 
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -98,7 +98,7 @@ class ChannelDescriptor:
 
     @classmethod
     def from_wire(cls, d):
-        return cls(**d)
+        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
 
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -122,7 +122,7 @@ class NodeDescriptor:
 
     @classmethod
     def from_wire(cls, d):
-        return cls(**d)
+        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
 
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}
