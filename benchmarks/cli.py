@@ -27,9 +27,10 @@ selections (several may be given; default: all):
             (mpiexec -n 2 dragon-launch --virtual-nodes on one host, or srun on an allocation)
   all       everything above
 
-Runtime parts (launch, gs) run inside dragon-launch: the harness re-invokes itself under it. DragonHPC figures
-are taken when /opt/dragonhpc-venv (or $DRAGONHPC_VENV) exists; whatever it leaves in /dev/shm or running is
-removed and reported.
+Runtime parts (launch, gs) run inside dragon-launch: the harness re-invokes itself under it (or measures in
+place when started under dragon-launch). Started by mpiexec or srun, only rank 0 runs; it starts the ranks it
+needs itself. DragonHPC figures are taken when /opt/dragonhpc-venv (or $DRAGONHPC_VENV) exists; whatever it
+leaves in /dev/shm or running is removed and reported. Progress goes to stderr, the report to stdout.
 """
 
 
@@ -46,7 +47,7 @@ def build_parser():
     ap.add_argument("--peers", default=None,
                     help="channel peers to run (default all): " + ",".join(
                         ["dragon", "dragon-batch", "dragon-zc", "mp-queue", "mp-pipe", "faster-fifo",
-                         "ff-batch", "mpi4py"]))
+                         "ff-batch", "mpi4py", "dragonhpc"]))
     ap.add_argument("--producers", type=int, default=1,
                     help="channels: also run 1x1, 2x2, 4x4 ... up to P producers ...")
     ap.add_argument("--consumers", type=int, default=1,
@@ -130,6 +131,7 @@ def main(argv=None):
         return 0
     ctx = Context(args)
     ctx.sel = sel
+    env = util.environment()  # before the run: the load average then says how busy the machine was
     t0 = time.monotonic()
 
     from benchmarks import channels_run, runtime, xnode
@@ -180,7 +182,7 @@ def main(argv=None):
     labels = dict(LABELS, **runtime.LABELS)
     doc = {
         "tool": "dragon-bench",
-        "env": util.environment(),
+        "env": env,
         "config": {"selection": sel, "quick": ctx.quick, "repeat": ctx.repeat, "target_time_s": ctx.target,
                    "argv": sys.argv[1:] if argv is None else list(argv),
                    "wall_s": None},
@@ -191,6 +193,7 @@ def main(argv=None):
     doc["ratios"] = report.ratios(ctx.figures)
     doc["targets"] = report.targets(ctx.figures)
     doc["config"]["wall_s"] = round(time.monotonic() - t0, 2)
+    env["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(report.render(doc, labels))
     print(f"\n(run took {doc['config']['wall_s']:.1f} s)")
     if args.json:
