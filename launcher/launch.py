@@ -76,8 +76,11 @@ def _fork(module, *args):
 
 
 def _log(text):
-    sys.stderr.write(f"dragon-launch: {text}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"dragon-launch: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # no stderr: nothing must stop the teardown
+        pass
 
 
 class Runtime:
@@ -362,8 +365,11 @@ def main(argv=None):
     nodes, me = local_world()
     code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
     # everything is torn down: skip the interpreter's finalization
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
     os._exit(code)
 
 
