@@ -96,14 +96,11 @@ class PipeTransport(_Transport):
 
 
 class _PipeEnd(_End):
+    # plain blocking calls, as a user would write them (a poll() with a timeout would add a syscall per message);
+    # the driver's watchdog ends a measurement whose other side died
     def __init__(self, conn):
         self.send = conn.send_bytes
-        self.conn = conn
-
-    def recv(self):
-        if not self.conn.poll(RECV_TIMEOUT):
-            raise TimeoutError("mp.Pipe receive timed out")
-        return self.conn.recv_bytes()
+        self.recv = conn.recv_bytes
 
 
 class QueueTransport(_Transport):
@@ -126,10 +123,7 @@ class QueueTransport(_Transport):
 class _QueueEnd(_End):
     def __init__(self, out_q, in_q):
         self.send = out_q.put
-        self.in_q = in_q
-
-    def recv(self):
-        return self.in_q.get(timeout=RECV_TIMEOUT)
+        self.recv = in_q.get  # blocking, no timeout: see _PipeEnd
 
 
 class FasterFifoTransport(_Transport):
@@ -375,6 +369,37 @@ class PairError(RuntimeError):
     pass
 
 
+WATCHDOG_S = 120.0  # a measurement still running after this long has a dead or wedged other side
+
+
+class _watchdog:
+    """Interrupt the main thread's blocking receive (SIGALRM) if a measurement runs past WATCHDOG_S."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def _fire(self, signum, frame):
+        raise PairError(f"{self.what}: not done after {WATCHDOG_S:.0f} s (the other side died or is stuck)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.on = threading.current_thread() is threading.main_thread()
+        if self.on:
+            self.old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S)
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            import signal
+
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+        return False
+
+
 class Pair:
     """A parent end and a forked child end of one transport, for one message size."""
 
@@ -405,6 +430,15 @@ class Pair:
 
     def stream(self, n):
         """Receive n messages the child streams; returns seconds from the command to the last message."""
+        with _watchdog(f"{self.peer} stream"):
+            return self._stream(n)
+
+    def pingpong(self, n):
+        """n round trips; returns a list of round-trip times in seconds."""
+        with _watchdog(f"{self.peer} ping-pong"):
+            return self._pingpong(n)
+
+    def _stream(self, n):
         end = self.end
         t0 = time.perf_counter()
         self.ctrl.send(("stream", n))
@@ -422,8 +456,7 @@ class Pair:
         self._expect("done")
         return dt
 
-    def pingpong(self, n):
-        """n round trips; returns a list of round-trip times in seconds."""
+    def _pingpong(self, n):
         end = self.end
         send, recv = end.send, end.recv
         payload = b"x" * self.size
