@@ -66,6 +66,10 @@ class Connection:
         self.p_uid = int(environ.get(E.PUID, "0"))
         self.node = int(environ.get(E.NODE, "0"))
         self.gs = Channel.attach(E.dec(environ[E.GS_CD]))
+        if environ.get("DRAGON_SPIN_NS"):  # see the services' _tune_waits
+            from dragon._core import core
+
+            core.set_wait_params(spin_ns=int(environ["DRAGON_SPIN_NS"]))
         self.own_reply = None
         if E.REPLY_CD in environ and str(os.getppid()) == environ.get(E.SHEP_PID):
             self.reply = Channel.attach(E.dec(environ[E.REPLY_CD]))

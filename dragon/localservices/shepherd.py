@@ -419,6 +419,16 @@ class Shepherd:
             self.log.error("cannot report the exit of p_uid %d: %s", rec.p_uid, e)
 
 
+def _tune_waits():
+    """DRAGON_SPIN_NS: how long this service spins before sleeping in a blocking receive (the core's default
+    if unset). Spinning lowers latency on idle cores and costs CPU on busy ones."""
+    spin = os.environ.get("DRAGON_SPIN_NS")
+    if spin:
+        from dragon._core import core
+
+        core.set_wait_params(spin_ns=int(spin))
+
+
 def main(node, job, inbox_cd, gs_cd, infra_pd):
     """Entry point of the shepherd process (forked by the launcher). Serves until SHTeardown; on SIGTERM (which
     the kernel sends when the launcher dies, PR_SET_PDEATHSIG) it tears the node down and unlinks the job's
@@ -433,6 +443,7 @@ def main(node, job, inbox_cd, gs_cd, infra_pd):
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _term)
+    _tune_waits()
     shep = None
     try:
         shep = Shepherd(node, job, Channel.attach(inbox_cd), gs_cd, Pool.attach(infra_pd))
