@@ -1,6 +1,7 @@
 """Channels: send/recv variants, blocking and timeouts, wake-ups, full/empty, zero-copy, bad input."""
 import multiprocessing as mp
 import os
+import signal
 import struct
 import threading
 import time
@@ -456,3 +457,42 @@ def test_handles_pickle_to_spawned_process(ch):
     assert q.get(timeout=60) == "ok"
     proc.join(60)
     assert ch.recv(timeout=5) == b"via pickle"
+
+
+# ------------------------------------------------------------------------------------------ signals
+def _blocked_then_sigint(sdesc, what, q):
+    c = Channel.attach(sdesc)
+    try:
+        q.put("ready")
+        t = time.monotonic()
+        if what == "recv":
+            c.recv()
+        elif what == "poll":
+            c.poll()
+        elif what == "send":
+            while True:
+                c.send(b"fill")
+        elif what == "alloc":
+            c.pool.alloc(c.pool.size)
+    except KeyboardInterrupt:
+        q.put(("KeyboardInterrupt", time.monotonic() - t))
+    except BaseException as e:  # pragma: no cover - reported to the test
+        q.put((repr(e), 0))
+
+
+@pytest.mark.parametrize("what", ["recv", "poll", "send", "alloc"])
+def test_ctrl_c_interrupts_blocking_calls(pool, what):
+    c = Channel.create(pool, capacity=4, block_size=16)
+    hog = pool.alloc(pool.stats()["free_bytes"]) if what == "alloc" else None
+    q = ctx.Queue()
+    proc = ctx.Process(target=_blocked_then_sigint, args=(c.sdesc, what, q))
+    proc.start()
+    assert q.get(timeout=10) == "ready"
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGINT)
+    kind, elapsed = q.get(timeout=10)
+    proc.join(10)
+    assert kind == "KeyboardInterrupt" and elapsed < 5
+    if hog is not None:
+        pool.free(hog)
+    c.destroy()

@@ -369,3 +369,25 @@ def test_fork_child_does_not_destroy_on_exit():
         os.waitpid(pid, 0)
         assert _shm(p.name)
         p.alloc(10)
+
+
+def _blocked_alloc(sdesc, q):
+    p = Pool.attach(sdesc)
+    try:
+        p.alloc(4096)
+        q.put("allocated?")
+    except PoolError as e:
+        q.put(("PoolError", str(e)))
+
+
+def test_destroy_wakes_blocked_allocator():
+    p = Pool.create(4096)
+    p.alloc(4096)
+    q = ctx.Queue()
+    proc = ctx.Process(target=_blocked_alloc, args=(p.sdesc, q))
+    proc.start()
+    time.sleep(0.3)
+    p.destroy()
+    kind, msg = q.get(timeout=10)
+    proc.join(10)
+    assert kind == "PoolError" and "destroyed" in msg

@@ -403,7 +403,7 @@ static inline int ds_pool_alloc_wait(char *base, uint64_t nbytes, uint64_t *off,
         }
         int e = ds_futex_wait(&h->free_seq, seq, wait);
         __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
-        if (e == EINTR) return DS_INTR;
+        if (e == EINTR || e == ETIMEDOUT) return DS_INTR; /* let the caller check signals, then retry */
     }
 }
 
@@ -713,7 +713,8 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
 /*
  * Blocking claim, call without the GIL.  mode 0: send, 1: recv, 2: poll (wait until ready, claim nothing).
  * deadline: CLOCK_MONOTONIC ns or -1.  Spins ds_spin_ns, then sleeps on the futex in bounded chunks,
- * checking for dead slot owners and destroy() between chunks.  DS_INTR: a signal; retry after checking signals.
+ * checking for dead slot owners and destroy() between chunks.  DS_INTR: a signal arrived or a chunk passed;
+ * the caller checks signals (with the GIL) and calls again with the same deadline.
  */
 static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
                              uint64_t *st, int64_t deadline) {
@@ -741,9 +742,16 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
         }
         ds_relax();
     }
+    int64_t last_check = 0;
     for (;;) {
         if (!ds_ch_alive(c)) return DS_DESTROYED;
-        if (*slot) ds_ch_recover(c, *slot, *st);
+        if (*slot) { /* liveness of the slot's owner: on entry, then at most once per chunk */
+            int64_t now = ds_now();
+            if (last_check == 0 || now - last_check >= ds_wait_chunk_ns) {
+                last_check = now;
+                ds_ch_recover(c, *slot, *st);
+            }
+        }
         __atomic_add_fetch(wait_p, 1, __ATOMIC_SEQ_CST);
         DS_FENCE();
         uint32_t seq = DS_LOADS(seq_p);
@@ -757,7 +765,9 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
         }
         int e = ds_futex_wait(seq_p, seq, wait);
         __atomic_sub_fetch(wait_p, 1, __ATOMIC_SEQ_CST);
-        if (e == EINTR) return DS_INTR;
+        /* a signal, or a chunk passed: return so the caller runs PyErr_CheckSignals (a signal that arrived
+           outside the futex syscall does not interrupt it) and calls again; dead owners are checked on entry */
+        if (e == EINTR || e == ETIMEDOUT) return DS_INTR;
     }
 #undef DS_TRY
 }
