@@ -330,6 +330,7 @@ def parser():
         epilog="""examples:
   dragon-launch app.py arg1 arg2       run app.py (p_uid 1) with this interpreter
   dragon-launch /bin/hostname          run any executable as the first managed process
+  dragon-launch -m pkg.module args     run a module, like python -m
 
 inside PROGRAM: dragon.globalservices.process / pool / channel / node (see examples/hello.py)
 
@@ -347,21 +348,49 @@ DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60)."""
         metavar="SECONDS",
         help=f"time managed processes get between SIGTERM and SIGKILL at teardown (default {GRACE})",
     )
-    p.add_argument("program", help="the program to run: a .py script, or an executable")
+    p.add_argument(
+        "-m", dest="module", metavar="MODULE", help="run a Python module as the program (like python -m)"
+    )
+    p.add_argument("program", nargs="?", help="the program to run: a .py script, or an executable")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to PROGRAM")
     return p
 
 
+def _split(argv):
+    """dragon-launch's own options come first; everything from PROGRAM (or -m MODULE) on is the program's."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--grace":
+            i += 2
+        elif a.startswith("--grace=") or a in ("-h", "--help"):
+            i += 1
+        else:
+            break
+    return argv[:i], argv[i:]
+
+
 def main(argv=None):
-    ns = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, rest = _split(argv)
+    p = parser()
+    ns = p.parse_args(own)
     if ns.grace < 0:
-        parser().error("--grace must be >= 0")
-    if ns.program.endswith(".py"):
-        if not os.path.isfile(ns.program):
-            parser().error(f"no such file: {ns.program}")
-        exe, args = sys.executable, [ns.program, *ns.args]
+        p.error("--grace must be >= 0")
+    if rest[:1] == ["-m"]:
+        if len(rest) < 2:
+            p.error("-m needs a module name")
+        exe, args = sys.executable, ["-m", *rest[1:]]
+    elif not rest:
+        p.error("a program to run is required (or -m MODULE)")
+    elif rest[0].startswith("-"):
+        p.error(f"unknown option {rest[0]} (dragon-launch's options come before the program)")
+    elif rest[0].endswith(".py"):
+        if not os.path.isfile(rest[0]):
+            p.error(f"no such file: {rest[0]}")
+        exe, args = sys.executable, rest
     else:
-        exe, args = ns.program, list(ns.args)
+        exe, args = rest[0], rest[1:]
     nodes, me = local_world()
     code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
     # everything is torn down: skip the interpreter's finalization

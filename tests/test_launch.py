@@ -32,8 +32,18 @@ def test_bad_command_lines(tmp_path):
     assert r.returncode == 2 and "missing.py" in r.stderr
     r = _run("--grace", "-1", "x.py")
     assert r.returncode == 2 and "grace" in r.stderr
+    r = _run("--bogus", "x.py")
+    assert r.returncode == 2 and "--bogus" in r.stderr
+    r = _run("-m")
+    assert r.returncode == 2 and "module" in r.stderr
     r = _run("/nonexistent/program")  # not a .py: started as an executable, which cannot start
     assert r.returncode == 70 and "/nonexistent/program" in r.stderr
+
+
+def test_module_program(tmp_path):
+    (tmp_path / "mymod.py").write_text("import sys; print('mod', sys.argv[1:]); sys.exit(6)")
+    r = _run("--grace", "0.5", "-m", "mymod", "--help", "x", cwd=tmp_path)
+    assert r.returncode == 6 and r.stdout == "mod ['--help', 'x']\n", r
 
 
 def test_executable_program_and_args(tmp_path):
