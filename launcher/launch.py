@@ -141,6 +141,10 @@ class Runtime:
             _log(str(e))
             self.failed = str(e)
             code = EXIT_SERVICE_FAILED
+        except Exception as e:  # e.g. no room in /dev/shm for the infrastructure pool
+            _log(f"the runtime failed: {type(e).__name__}: {e}")
+            self.failed = str(e)
+            code = EXIT_SERVICE_FAILED
         finally:
             # finish the teardown even if a second Ctrl-C or SIGTERM comes
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
