@@ -61,6 +61,23 @@ class _Out:
         self.sid, self.dest, self.reply = sid, dest, reply
 
 
+class _Free:
+    """Keeps a block of the infrastructure pool for an MPI send; release() frees it."""
+
+    __slots__ = ("pool", "off")
+
+    def __init__(self, pool, off):
+        self.pool, self.off = pool, off
+
+    def release(self):
+        if self.off is not None:
+            try:
+                self.pool.free(self.pool.block(self.off))
+            except Exception:
+                pass
+            self.off = None
+
+
 class _Req:
     __slots__ = ("seq", "mode", "max_n", "maxlen", "deadline", "nonblock")
 
@@ -259,50 +276,50 @@ class Agent:
 
     # ---- the gateway: frames from this node's processes ---------------------------------------------------
     def _gateway(self):
-        recv = self.gw.recv_message
-        n = 0
-        while n < 256:
-            try:
-                m = recv(timeout=0)
-            except ChannelEmpty:
-                break
-            n += 1
-            mv = memoryview(m)
-            kind, flags, dest, ln, sid, seq = _HDR.unpack_from(mv)
+        try:
+            frames = self.gw.recv_many(256, timeout=0)
+        except ChannelEmpty:
+            return 0
+        unpack = _HDR.unpack_from
+        out = self.out
+        for data in frames:
+            kind, flags, dest, ln, sid, seq = unpack(data)
             if kind == W.OPEN:
-                k = W.U16.unpack_from(mv, _HS)[0]
-                reply = bytes(mv[_HS + 2 + k : _HS + ln])
-                self.outs[sid] = _Out(sid, dest, reply)
+                k = W.U16.unpack_from(data, _HS)[0]
+                self.outs[sid] = _Out(sid, dest, data[_HS + 2 + k : _HS + ln])
             elif kind == W.CLOSE:
                 self.outs.pop(sid, None)
             if dest in self.dead or dest >= len(self.ranks):
+                if flags & W.PTR:
+                    self._free_ptr(data)
                 self._fail_local(
                     sid,
                     seq if kind == W.RECV else 0,
                     f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
                 )
-                mv.release()
-                m.release()
                 continue
-            if ln > W.BIG_MIN:
-                hdr = bytearray(mv[:_HS])
-                hdr[1] |= W.BIG
-                pkt = self.out.get(dest)
+            if flags & W.PTR:  # a big payload in a pool block: the packet gets the header, MPI the block
+                off = W.U64.unpack_from(data, _HS)[0]
+                blk = self.pool.block(off)
+                hdr = bytearray(data[:_HS])
+                hdr[1] = (flags & ~W.PTR) | W.BIG
+                pkt = out.get(dest)
                 if pkt is None:
-                    pkt = self.out[dest] = bytearray()
+                    pkt = out[dest] = bytearray()
                 pkt += hdr
-                self.bigs.setdefault(dest, []).append((mv[_HS : _HS + ln], m))
+                self.bigs.setdefault(dest, []).append((memoryview(blk)[:ln], _Free(self.pool, off)))
             else:
-                pkt = self.out.get(dest)
+                pkt = out.get(dest)
                 if pkt is None:
-                    self.out[dest] = bytearray(mv)
+                    out[dest] = bytearray(data)
                 else:
-                    pkt += mv
+                    pkt += data
                     if len(pkt) > W.PACKET_MAX:
                         self._flush(dest)
-                mv.release()
-                m.release()
-        return n
+        return len(frames)
+
+    def _free_ptr(self, data):
+        _Free(self.pool, W.U64.unpack_from(data, _HS)[0]).release()
 
     def _fail_local(self, sid, seq, text):
         o = self.outs.get(sid)
@@ -322,6 +339,7 @@ class Agent:
         end = len(mv)
         pos = 0
         unpack = _HDR.unpack_from
+        run_sid, run = None, None  # consecutive small SENDs of one stream go into its channel in one call
         while pos < end:
             kind, flags, node, n, sid, seq = unpack(mv, pos)
             hpos = pos
@@ -332,6 +350,17 @@ class Agent:
             else:
                 payload = mv[pos : pos + n]
                 pos += n
+            if kind == W.SEND and not big:
+                if sid == run_sid:
+                    run.append(payload)
+                else:
+                    if run:
+                        self._in_send_run(src, run_sid, run)
+                    run_sid, run = sid, [payload]
+                continue
+            if run:
+                self._in_send_run(src, run_sid, run)
+                run_sid, run = None, None
             if kind == W.SEND:
                 self._in_send(src, sid, payload, n, bigsrc)
             elif kind == W.RECV:
@@ -355,6 +384,29 @@ class Agent:
                     except Exception as e:  # the launcher's bug must not kill the transport
                         if self.log:
                             self.log.exception("control message from node %d: %s", src, e)
+
+        if run:
+            self._in_send_run(src, run_sid, run)
+
+    def _in_send_run(self, src, sid, run):
+        s = self.ins.get((src, sid))
+        if s is None or s.err is not None:
+            return
+        k = 0
+        if not s.sendq:
+            try:
+                k = s.ch.send_many(run, timeout=0)
+            except ChannelFull:
+                k = 0
+            except ChannelError as e:
+                self._stream_error(s, str(e))
+                return
+            if k:
+                s.delivered += k
+                self.ack_due.add(s)
+        if k < len(run):
+            s.sendq.extend(bytes(x) for x in run[k:])
+            self.pending_in.add(s)
 
     def _in_open(self, src, sid, payload):
         from dragon.channels import Channel

@@ -330,43 +330,50 @@ class RemoteChannel:
     # ---- the Channel API ----------------------------------------------------------------------------------
     def send(self, data, timeout=None):
         """Send a bytes-like object. timeout: None blocks, 0 raises ChannelFull, t > 0 ChannelTimeout."""
-        self._check()
+        st = self._st
+        if self._closed or st.err is not None:
+            self._check()
         if type(data) is not bytes:
             data = memoryview(data).tobytes()
         n = len(data)
-        st = self._st
         t = None if timeout is None else _timeout_arg(timeout)
         with st.lock:
-            self._window_wait(st, n, t)
-            self._send_frame(st, data, n, t)
+            if st.sent - st.acked >= WINDOW or (
+                st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
+            ):
+                self._window_wait(st, n, t)
+            if n > W.BIG_MIN:
+                self._send_big(st, data, n, t)
+            else:
+                frame = _HDR.pack(W.SEND, 0, self.node, n, st.sid, st.sent) + data
+                try:
+                    self._gw_send(frame, timeout=GW_SEND_TIMEOUT if t is None else t)
+                except (ChannelFull, ChannelTimeout):
+                    self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
+            st.sent += 1
+            st.sent_bytes += n
+            st.sizes.append(n)
 
-    def _send_frame(self, st, data, n, t):
-        if n > W.BIG_MIN:  # one copy, straight into a gateway pool block
-            ep = self._ep
-            try:
-                blk = ep.pool.alloc(W.HSIZE + n, timeout=GW_SEND_TIMEOUT if t is None else t)
-            except Exception as e:
-                raise ChannelTimeout(
-                    f"channel on node {self.node}: no room in the node's infrastructure "
-                    f"pool for a {n}-byte message: {e}"
-                ) from None
-            mv = memoryview(blk)
-            W.HDR.pack_into(mv, 0, W.SEND, 0, self.node, n, st.sid, st.sent)
-            mv[W.HSIZE :] = data
-            mv.release()
-            try:
-                ep.gw.send_block(blk, timeout=GW_SEND_TIMEOUT if t is None else t)
-            except BaseException:
-                ep.pool.free(blk)
-                raise
-        else:
-            self._gw(
-                _HDR.pack(W.SEND, 0, self.node, n, st.sid, st.sent) + data,
-                None if t is None else (0 if t == 0 else time.monotonic() + t),
-            )
-        st.sent += 1
-        st.sent_bytes += n
-        st.sizes.append(n)
+    def _send_big(self, st, data, n, t):
+        """One copy, into a block of the node's infrastructure pool; the gateway carries only its offset and
+        the agent sends the block itself (and frees it)."""
+        ep = self._ep
+        try:
+            blk = ep.pool.alloc(n, timeout=GW_SEND_TIMEOUT if t is None else t)
+        except Exception as e:
+            raise ChannelTimeout(
+                f"channel on node {self.node}: no room in the node's infrastructure "
+                f"pool for a {n}-byte message: {e}"
+            ) from None
+        mv = memoryview(blk)
+        mv[:] = data
+        mv.release()
+        frame = _HDR.pack(W.SEND, W.PTR, self.node, n, st.sid, st.sent) + W.U64.pack(blk.offset)
+        try:
+            self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
+        except BaseException:
+            ep.pool.free(blk)
+            raise
 
     def send_many(self, messages, timeout=None):
         """Send each message in order; returns how many were sent (the timeout covers the whole call)."""

@@ -37,6 +37,7 @@ CTRL = 21  # payload: msgpack control message for the launcher (teardown, ...)
 # flags
 BIG = 1
 MANY = 2
+PTR = 4  # (gateway only) the payload is a u64 offset of a block of the node's infrastructure pool holding the data
 
 # RECV modes
 M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO = 0, 1, 2, 3, 4, 5
@@ -54,6 +55,7 @@ PACKET_MAX = 512 * 1024  # flush a packet to a node once it is this big
 
 U32 = struct.Struct("<I")
 U16 = struct.Struct("<H")
+U64 = struct.Struct("<Q")
 
 
 def pack_many(msgs):
