@@ -1,4 +1,5 @@
 """Shared-memory pools (implemented in dragon._core)."""
+
 from dragon._core.core import Block, Pool
 
-__all__ = ["Pool", "Block"]
+__all__ = ["Block", "Pool"]

@@ -1,4 +1,5 @@
 """Channels: send/recv variants, blocking and timeouts, wake-ups, full/empty, zero-copy, bad input."""
+
 import multiprocessing as mp
 import os
 import signal
@@ -42,8 +43,17 @@ def test_attributes_and_attach(pool):
 
 
 def test_send_recv_types_and_sizes(ch, pool):
-    msgs = [b"", b"a", b"x" * 64, b"y" * 65, os.urandom(100000), bytearray(b"ba"), memoryview(b"mv"),
-            np.arange(5, dtype=np.int32), np.arange(100, dtype=np.float64)]
+    msgs = [
+        b"",
+        b"a",
+        b"x" * 64,
+        b"y" * 65,
+        os.urandom(100000),
+        bytearray(b"ba"),
+        memoryview(b"mv"),
+        np.arange(5, dtype=np.int32),
+        np.arange(100, dtype=np.float64),
+    ]
     for m in msgs[:4]:
         ch.send(m)
     assert [ch.recv() for _ in range(4)] == [bytes(m) for m in msgs[:4]]
@@ -142,9 +152,8 @@ def test_send_block_zero_copy(ch, pool):
     assert pool.stats()["allocated_blocks"] == 1
     with pytest.raises(ChannelError, match="does not fit"):
         ch.send_block(pool.alloc(10), nbytes=100000)
-    with Pool.create(4096) as other:
-        with pytest.raises(ChannelError, match="another pool"):
-            ch.send_block(other.alloc(10))
+    with Pool.create(4096) as other, pytest.raises(ChannelError, match="another pool"):
+        ch.send_block(other.alloc(10))
     with pytest.raises(TypeError):
         ch.send_block(b"bytes")
     assert off >= 0
@@ -343,8 +352,15 @@ def test_use_after_close_and_destroy(pool):
     e = Channel.attach(c.sdesc)
     c.destroy()
     for h in (c, e):
-        for op in (lambda: h.send(b"x"), lambda: h.recv(0), lambda: h.recv_message(0), lambda: h.poll(0),
-                   lambda: h.send_many([b"x"]), lambda: h.recv_many(1, 0), h.destroy):
+        for op in (
+            lambda h=h: h.send(b"x"),
+            lambda h=h: h.recv(0),
+            lambda h=h: h.recv_message(0),
+            lambda h=h: h.poll(0),
+            lambda h=h: h.send_many([b"x"]),
+            lambda h=h: h.recv_many(1, 0),
+            h.destroy,
+        ):
             with pytest.raises(ChannelError, match="destroyed"):
                 op()
     with pytest.raises(ChannelError):
@@ -372,7 +388,7 @@ def test_pool_destroyed_under_channel():
 
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_create_args(pool):
-    for kw in (dict(capacity=0), dict(capacity=-1), dict(block_size=-1), dict(capacity=1 << 40)):
+    for kw in ({"capacity": 0}, {"capacity": -1}, {"block_size": -1}, {"capacity": 1 << 40}):
         with pytest.raises(ChannelError):
             Channel.create(pool, **kw)
     with pytest.raises(ChannelError, match="more than pool"):
@@ -476,7 +492,7 @@ def _blocked_then_sigint(sdesc, what, q):
             c.pool.alloc(c.pool.size)
     except KeyboardInterrupt:
         q.put(("KeyboardInterrupt", time.monotonic() - t))
-    except BaseException as e:  # pragma: no cover - reported to the test
+    except Exception as e:  # noqa: BLE001 - reported to the test
         q.put((repr(e), 0))
 
 

@@ -1,6 +1,7 @@
 """Channels under real concurrency: exactly-once delivery with many producers and consumers, and SIGKILLed
 senders/receivers in the middle of a stream (survivors keep flowing, at most the killed process's in-flight
 message is lost)."""
+
 import multiprocessing as mp
 import os
 import random
@@ -84,8 +85,10 @@ def test_exactly_once_4x4_million_mixed():
         for b in marks:
             np.frombuffer(b, dtype=np.uint8)[:] = 0
         q = ctx.Queue()
-        cons = [ctx.Process(target=_consumer, args=(ch.sdesc, pool.sdesc, marks[i].offset, nprod, per, i % 2, q))
-                for i in range(ncons)]
+        cons = [
+            ctx.Process(target=_consumer, args=(ch.sdesc, pool.sdesc, marks[i].offset, nprod, per, i % 2, q))
+            for i in range(ncons)
+        ]
         prods = [ctx.Process(target=_producer, args=(ch.sdesc, i, per, i % 2)) for i in range(nprod)]
         try:
             for pr in cons + prods:
@@ -133,16 +136,30 @@ def test_sigkill_senders_and_receivers_mid_stream():
         q = ctx.Queue()
 
         def consumer(i):
-            return ctx.Process(target=_consumer, args=(ch.sdesc, pool.sdesc, marks[i].offset, nprod, maxseq,
-                                                       i % 2, q if i < survivors_c else None))
+            return ctx.Process(
+                target=_consumer,
+                args=(
+                    ch.sdesc,
+                    pool.sdesc,
+                    marks[i].offset,
+                    nprod,
+                    maxseq,
+                    i % 2,
+                    q if i < survivors_c else None,
+                ),
+            )
 
         def producer(i, n):
             # victims send one message per call, so "in flight" is exactly one message
             victim = i >= survivors_p
-            return ctx.Process(target=_producer, args=(ch.sdesc, i, n, (i % 2) and not victim, pool.sdesc,
-                                                       progress.offset, victim))
+            return ctx.Process(
+                target=_producer,
+                args=(ch.sdesc, i, n, (i % 2) and not victim, pool.sdesc, progress.offset, victim),
+            )
 
-        procs = [consumer(i) for i in range(survivors_c)] + [producer(i, per_survivor) for i in range(survivors_p)]
+        procs = [consumer(i) for i in range(survivors_c)] + [
+            producer(i, per_survivor) for i in range(survivors_p)
+        ]
         victims = []
         try:
             for pr in procs:
@@ -180,7 +197,7 @@ def test_sigkill_senders_and_receivers_mid_stream():
         for pi in range(nprod):
             sent = int(prog[pi])  # confirmed sends; a killed producer may have had one more in flight
             got = total[pi]
-            assert got[sent + 1:].sum() == 0, "delivered a message that was never sent"
+            assert got[sent + 1 :].sum() == 0, "delivered a message that was never sent"
             missing += int(sent - got[:sent].sum())
             if pi < survivors_p:
                 assert sent == per_survivor

@@ -1,4 +1,5 @@
 """OS helpers of dragon._core the runtime uses: prctl wrappers, job naming, cleanup of a job's segments."""
+
 import os
 import signal
 
@@ -15,7 +16,7 @@ def test_os_helpers():
             core.set_pdeathsig(signal.SIGTERM)
             core.set_child_subreaper()
             os.write(w, b"ok")
-        except BaseException:
+        except OSError:
             os.write(w, b"no")
         os._exit(0)
     os.waitpid(pid, 0)

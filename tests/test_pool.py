@@ -1,4 +1,5 @@
 """Shared-memory pools: lifecycle, cross-process blocks, numpy views, blocking alloc, crashes, bad input."""
+
 import multiprocessing as mp
 import os
 import random
@@ -35,7 +36,7 @@ def test_create_attach_destroy():
     assert p.creator and isinstance(p.sdesc, bytes)
     q = Pool.attach(p.sdesc)
     assert not q.creator and q.name == p.name and q.size == p.size and q.sdesc == p.sdesc
-    assert p.stats() == dict(size=10240, free_bytes=10240, allocated_blocks=0, repairs=0)
+    assert p.stats() == {"size": 10240, "free_bytes": 10240, "allocated_blocks": 0, "repairs": 0}
     with pytest.raises(PoolError, match="already exists"):
         Pool.create(100, name="lifecycle")
     p.destroy()
@@ -324,8 +325,17 @@ def test_bad_alloc_free_block_args(pool):
 def test_garbage_truncated_and_stale_sdesc():
     p = Pool.create(4096, name="stale")
     sd = p.sdesc
-    for bad in (b"", b"x", b"garbage" * 10, sd[:-1], sd[:10], sd + b"x", b"\0" * len(sd),
-                os.urandom(len(sd)), b"DRGN" + os.urandom(60)):
+    for bad in (
+        b"",
+        b"x",
+        b"garbage" * 10,
+        sd[:-1],
+        sd[:10],
+        sd + b"x",
+        b"\0" * len(sd),
+        os.urandom(len(sd)),
+        b"DRGN" + os.urandom(60),
+    ):
         with pytest.raises(PoolError):
             Pool.attach(bad)
     with pytest.raises(TypeError):

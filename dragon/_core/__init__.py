@@ -2,6 +2,7 @@
 
 Imports nothing of the project but dragon.errors.
 """
+
 from dragon._core.core import (  # noqa: F401
     Block,
     Channel,
