@@ -2,15 +2,15 @@
 
     dragon-launch examples/hello.py [NWORKERS]
 
-The program (p_uid 1) creates a channel, starts NWORKERS copies of itself as workers (each attaches the channel
-from its descriptor and sends a greeting), receives every greeting, joins the workers and exits 0. The workers'
-own prints appear labelled with their names.
+The program (p_uid 1) makes a pool and a channel in it, starts NWORKERS copies of itself as workers (each looks
+the channel up by name, attaches it from its descriptor and sends a greeting), receives every greeting, joins
+the workers, destroys what it made and exits 0. The workers' own prints appear labelled with their names.
 """
 
 import sys
 
 from dragon.channels import Channel
-from dragon.globalservices import channel, process
+from dragon.globalservices import channel, pool, process
 
 
 def worker(index):
@@ -21,7 +21,8 @@ def worker(index):
 
 
 def main(nworkers):
-    desc = channel.create(None, user_name="greetings")  # in this node's default pool
+    mem = pool.create(1 << 20, user_name="hello-pool")
+    desc = channel.create(mem.m_uid, user_name="greetings")
     ch = Channel.attach(desc.sdesc)
     workers = [
         process.create(sys.executable, None, [__file__, "worker", str(i)], user_name=f"worker{i}")
@@ -31,7 +32,9 @@ def main(nworkers):
         print(ch.recv(timeout=30).decode())
     codes = [process.join(w.p_uid, timeout=30) for w in workers]
     print(f"workers exited with {codes}")
+    ch.close()
     channel.destroy(desc.c_uid)
+    pool.destroy(mem.m_uid)
     return 0 if codes == [0] * nworkers else 1
 
 
