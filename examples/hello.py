@@ -21,7 +21,7 @@ def worker(index):
 
 
 def main(nworkers):
-    mem = pool.create(1 << 20, user_name="hello-pool")
+    mem = pool.create(4 << 20, user_name="hello-pool")
     desc = channel.create(mem.m_uid, user_name="greetings")
     ch = Channel.attach(desc.sdesc)
     workers = [
