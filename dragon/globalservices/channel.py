@@ -10,7 +10,7 @@ and a process that exits gives back all of its. When the count reaches zero GS d
 from dragon.errors import ChannelError, ChannelTimeout
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
-from dragon.infrastructure.descriptors import ChannelDescriptor, ChannelOptions
+from dragon.infrastructure.descriptors import ChannelDescriptor, ChannelOptions, check_name_soft
 
 __all__ = [
     "create",
@@ -40,12 +40,7 @@ def create(m_uid, user_name=None, channel_options=None, soft=False):
     must be unique (``soft=True`` returns the existing channel of that name). Returns a ChannelDescriptor."""
     if m_uid is not None and (isinstance(m_uid, bool) or not isinstance(m_uid, int)):
         raise ChannelError(f"m_uid must be a pool's m_uid (int), not {m_uid!r}")
-    if user_name is not None and not isinstance(user_name, str):
-        raise ChannelError(f"user_name must be a str or None, not {user_name!r}")
-    if not isinstance(soft, bool):
-        raise ChannelError(f"soft must be a bool, not {soft!r}")
-    if soft and not user_name:
-        raise ChannelError("soft create needs a user_name")
+    check_name_soft(user_name, soft, ChannelError)
     opts = ChannelOptions.make(channel_options)
     return ChannelDescriptor.from_wire(
         _client.call(

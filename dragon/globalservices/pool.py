@@ -7,7 +7,7 @@ listed too (named ``dragon_infra_<node>``); it can hold user channels but cannot
 from dragon.errors import PoolError
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
-from dragon.infrastructure.descriptors import PoolDescriptor, PoolOptions
+from dragon.infrastructure.descriptors import PoolDescriptor, PoolOptions, check_name_soft
 
 __all__ = ["create", "get_list", "query", "destroy", "PoolDescriptor", "PoolOptions", "PoolError"]
 
@@ -23,12 +23,7 @@ def create(size, user_name=None, pool_options=None, soft=False):
     unique (``soft=True`` returns the existing pool of that name). Returns a PoolDescriptor."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise PoolError(f"pool size must be a positive int, not {size!r}")
-    if user_name is not None and not isinstance(user_name, str):
-        raise PoolError(f"user_name must be a str or None, not {user_name!r}")
-    if not isinstance(soft, bool):
-        raise PoolError(f"soft must be a bool, not {soft!r}")
-    if soft and not user_name:
-        raise PoolError("soft create needs a user_name")
+    check_name_soft(user_name, soft, PoolError)
     opts = PoolOptions.make(pool_options)
     return PoolDescriptor.from_wire(
         _client.call(

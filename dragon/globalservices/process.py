@@ -10,7 +10,7 @@ import signal as _signal
 from dragon.errors import ProcessError
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
-from dragon.infrastructure.descriptors import ProcessDescriptor, ProcessOptions
+from dragon.infrastructure.descriptors import ProcessDescriptor, ProcessOptions, check_name_soft
 
 ProcessInfo = ProcessDescriptor  # the spec's other name for it (query's rtype)
 
@@ -70,12 +70,7 @@ def create(exe, run_dir, args, env=None, user_name="", options=None, soft=False)
             isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
         ):
             raise ProcessError(f"env must be a dict of str to str (names without '='), not {env!r}")
-    if user_name is not None and not isinstance(user_name, str):
-        raise ProcessError(f"user_name must be a str, not {user_name!r}")
-    if not isinstance(soft, bool):
-        raise ProcessError(f"soft must be a bool, not {soft!r}")
-    if soft and not user_name:
-        raise ProcessError("soft create needs a user_name")
+    check_name_soft(user_name, soft, ProcessError)
     opts = ProcessOptions.make(options)
     d = _client.call(
         _m.GSProcessCreate,

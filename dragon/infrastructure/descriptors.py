@@ -136,7 +136,39 @@ def _check_node(node, err):
         raise err(f"node must be None or a node index (int >= 0), not {node!r}")
 
 
-class ProcessOptions:
+class _Options:
+    """What every options class shares: ``make`` accepts None, an instance, or a dict initializer."""
+
+    __slots__ = ()
+    _error = ValueError  # the exception class of the service the options belong to
+    _arg = "options"  # the argument's name in the API, for messages
+
+    @classmethod
+    def make(cls, options):
+        """An instance from None (defaults), an instance, or a dict initializer."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if isinstance(options, dict):
+            try:
+                return cls(**options)
+            except TypeError as e:
+                raise cls._error(f"bad {cls.__name__} initializer {options!r}: {e}") from None
+        raise cls._error(f"{cls._arg} must be a {cls.__name__}, a dict or None, not {type(options).__name__}")
+
+
+def check_name_soft(user_name, soft, err):
+    """The rules every create shares: a str name or None, a bool soft, and soft only with a name."""
+    if user_name is not None and not isinstance(user_name, str):
+        raise err(f"user_name must be a str or None, not {user_name!r}")
+    if not isinstance(soft, bool):
+        raise err(f"soft must be a bool, not {soft!r}")
+    if soft and not user_name:
+        raise err("soft create needs a user_name")
+
+
+class ProcessOptions(_Options):
     """How to start a process.
 
     node:   index of the node to run on (None: the caller's node).
@@ -147,6 +179,7 @@ class ProcessOptions:
 
     FORWARD, INHERIT, DEVNULL, STDOUT = "forward", "inherit", "devnull", "stdout"
     __slots__ = ("node", "stdout", "stderr")
+    _error, _arg = ProcessError, "options"
 
     def __init__(self, node=None, stdout=FORWARD, stderr=FORWARD):
         _check_node(node, ProcessError)
@@ -161,20 +194,6 @@ class ProcessOptions:
         self.stdout = stdout
         self.stderr = stderr
 
-    @classmethod
-    def make(cls, options):
-        """A ProcessOptions from None, a ProcessOptions, or a dict initializer."""
-        if options is None:
-            return cls()
-        if isinstance(options, cls):
-            return options
-        if isinstance(options, dict):
-            try:
-                return cls(**options)
-            except TypeError as e:
-                raise ProcessError(f"bad ProcessOptions initializer {options!r}: {e}") from None
-        raise ProcessError(f"options must be a ProcessOptions, a dict or None, not {type(options).__name__}")
-
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}
 
@@ -182,33 +201,21 @@ class ProcessOptions:
         return f"ProcessOptions(node={self.node}, stdout={self.stdout!r}, stderr={self.stderr!r})"
 
 
-class PoolOptions:
+class PoolOptions(_Options):
     """How to make a pool. node: index of the node that holds it (None: the caller's node)."""
 
     __slots__ = ("node",)
+    _error, _arg = PoolError, "pool_options"
 
     def __init__(self, node=None):
         _check_node(node, PoolError)
         self.node = node
 
-    @classmethod
-    def make(cls, options):
-        if options is None:
-            return cls()
-        if isinstance(options, cls):
-            return options
-        if isinstance(options, dict):
-            try:
-                return cls(**options)
-            except TypeError as e:
-                raise PoolError(f"bad PoolOptions initializer {options!r}: {e}") from None
-        raise PoolError(f"pool_options must be a PoolOptions, a dict or None, not {type(options).__name__}")
-
     def to_wire(self):
         return {"node": self.node}
 
 
-class ChannelOptions:
+class ChannelOptions(_Options):
     """How to make a channel.
 
     local_opts: options of the local library create call, a dict (or object) with ``capacity`` and/or
@@ -218,6 +225,7 @@ class ChannelOptions:
     """
 
     __slots__ = ("local_opts", "ref_count", "capacity", "block_size")
+    _error, _arg = ChannelError, "channel_options"
     DEFAULT_CAPACITY = 1024
     DEFAULT_BLOCK_SIZE = 1024
 
@@ -245,21 +253,6 @@ class ChannelOptions:
         self.ref_count = ref_count
         self.capacity = capacity
         self.block_size = block_size
-
-    @classmethod
-    def make(cls, options):
-        if options is None:
-            return cls()
-        if isinstance(options, cls):
-            return options
-        if isinstance(options, dict):
-            try:
-                return cls(**options)
-            except TypeError as e:
-                raise ChannelError(f"bad ChannelOptions initializer {options!r}: {e}") from None
-        raise ChannelError(
-            f"channel_options must be a ChannelOptions, a dict or None, not {type(options).__name__}"
-        )
 
     def to_wire(self):
         return {"ref_count": self.ref_count, "capacity": self.capacity, "block_size": self.block_size}
