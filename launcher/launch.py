@@ -353,6 +353,12 @@ DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60)."""
         help=f"time managed processes get between SIGTERM and SIGKILL at teardown (default {GRACE})",
     )
     p.add_argument(
+        "--virtual-nodes",
+        action="store_true",
+        help="under mpiexec: make every rank its own node (own segments, all traffic between them through the "
+        "transport agents), even when several ranks share a host",
+    )
+    p.add_argument(
         "-m", dest="module", metavar="MODULE", help="run a Python module as the program (like python -m)"
     )
     p.add_argument("program", nargs="?", help="the program to run: a .py script, or an executable")
@@ -367,7 +373,7 @@ def _split(argv):
         a = argv[i]
         if a == "--grace":
             i += 2
-        elif a.startswith("--grace=") or a in ("-h", "--help"):
+        elif a.startswith("--grace=") or a in ("-h", "--help", "--virtual-nodes"):
             i += 1
         else:
             break
@@ -395,6 +401,12 @@ def main(argv=None):
         exe, args = sys.executable, rest
     else:
         exe, args = rest[0], rest[1:]
+    from launcher import multinode
+
+    if ns.virtual_nodes or multinode.under_mpi():
+        # one runtime across the MPI job's nodes; a normal exit: after MPI, os._exit can lose the exit status
+        # on its way through mpiexec
+        sys.exit(multinode.main(exe, args, ns.virtual_nodes, grace=ns.grace))
     nodes, me = local_world()
     code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
     # everything is torn down: skip the interpreter's finalization

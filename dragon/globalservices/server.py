@@ -801,9 +801,9 @@ def _tune_waits():
         core.set_wait_params(spin_ns=int(spin))
 
 
-def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools):
+def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools, node=0, remote_attach=None):
     """Entry point of the GS process (forked by the launcher): serve until halted or until SIGTERM (which the
-    kernel sends when the launcher dies, PR_SET_PDEATHSIG)."""
+    kernel sends when the launcher dies, PR_SET_PDEATHSIG). node, remote_attach: see GlobalServices."""
     from dragon.channels import Channel
 
     # Ctrl-C is the launcher's to handle; a no-op handler, not SIG_IGN, which children would inherit
@@ -814,7 +814,15 @@ def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools):
 
     signal.signal(signal.SIGTERM, _term)
     _tune_waits()
-    gs = GlobalServices(Channel.attach(inbox_cd), shepherd_cds, launcher_cd, nodes, infra_pools)
+    gs = GlobalServices(
+        Channel.attach(inbox_cd),
+        shepherd_cds,
+        launcher_cd,
+        nodes,
+        infra_pools,
+        node=node,
+        remote_attach=remote_attach,
+    )
     gs.log.debug("global services up (pid %d)", os.getpid())
     gs.run()
     return 0

@@ -65,7 +65,13 @@ class Connection:
         self.pid = os.getpid()
         self.p_uid = int(environ.get(E.PUID, "0"))
         self.node = int(environ.get(E.NODE, "0"))
-        self.gs = Channel.attach(E.dec(environ[E.GS_CD]))
+        gs_node = int(environ.get(E.GS_NODE) or 0)
+        if gs_node != self.node:  # global services runs on another node: through the transport
+            from dragon.transport.remote import RemoteChannel
+
+            self.gs = RemoteChannel(E.dec(environ[E.GS_CD]), gs_node)
+        else:
+            self.gs = Channel.attach(E.dec(environ[E.GS_CD]))
         if environ.get("DRAGON_SPIN_NS"):  # see the services' _tune_waits
             from dragon._core import core
 

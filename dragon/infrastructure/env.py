@@ -17,6 +17,9 @@ INF_PD = "DRAGON_INF_PD"  # the node's infrastructure pool
 SHEP_PID = "DRAGON_SHEP_PID"  # pid of the shepherd that started this process (to tell a descendant from it)
 LOG = "DRAGON_LOG"  # "debug" for verbose service logs (default: warnings and errors only)
 REQUEST_TIMEOUT = "DRAGON_REQUEST_TIMEOUT"  # seconds a client waits for a reply (default 60)
+# multi-node jobs (set by the launcher of each node, inherited by its services and managed processes)
+GS_NODE = "DRAGON_GS_NODE"  # index of the node global services runs on (default 0)
+GW_CD = "DRAGON_GW_CD"  # this node's transport gateway channel (the transport agent's input)
 
 ALL = (JOB, PUID, NODE, GS_CD, LS_CD, REPLY_CD, INF_PD, SHEP_PID)
 

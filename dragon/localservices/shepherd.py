@@ -429,10 +429,10 @@ def _tune_waits():
         core.set_wait_params(spin_ns=int(spin))
 
 
-def main(node, job, inbox_cd, gs_cd, infra_pd):
+def main(node, job, inbox_cd, gs_cd, infra_pd, gs_node=0, remote_attach=None):
     """Entry point of the shepherd process (forked by the launcher). Serves until SHTeardown; on SIGTERM (which
     the kernel sends when the launcher dies, PR_SET_PDEATHSIG) it tears the node down and unlinks the job's
-    segments itself."""
+    segments itself. gs_node, remote_attach: see Shepherd (multi-node jobs)."""
     from dragon.channels import Channel
     from dragon.pools import Pool
 
@@ -446,7 +446,15 @@ def main(node, job, inbox_cd, gs_cd, infra_pd):
     _tune_waits()
     shep = None
     try:
-        shep = Shepherd(node, job, Channel.attach(inbox_cd), gs_cd, Pool.attach(infra_pd))
+        shep = Shepherd(
+            node,
+            job,
+            Channel.attach(inbox_cd),
+            gs_cd,
+            Pool.attach(infra_pd),
+            gs_node=gs_node,
+            remote_attach=remote_attach,
+        )
         shep.run()
     except SystemExit:
         if shep is not None:

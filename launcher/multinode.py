@@ -1,0 +1,351 @@
+"""dragon-launch across nodes: under ``mpiexec -n N dragon-launch [--virtual-nodes] app.py`` or
+``srun -N N --ntasks-per-node=1 dragon-launch app.py``.
+
+Every rank runs this. The ranks read their world from MPI (``dragon.transport.world``): ranks grouped into nodes
+by host (or one node per rank with ``--virtual-nodes``, each node with its own segment namespace ``<job>n<k>``).
+The lowest rank of each node is its launcher: it makes the node's infrastructure pool and channels (its
+shepherd's input, its own input, the transport gateway), exchanges their descriptors with the other nodes, runs
+the node's transport agent in a thread (the only code that speaks MPI), and starts the node's shepherd, and on
+node 0 global services too, as fresh interpreters (forking after MPI_Init is unsafe). Node 0's launcher then
+runs the program like the single-node launcher; its output, and every node's forwarded output, reach the
+terminal through the MPI launcher's own stdout forwarding, labelled by the shepherds.
+
+Control between launchers travels as CTRL frames of the transport: node 0 orders every node's teardown and
+the final exit; a node whose shepherd dies announces itself down (every agent fails the streams to it, GS
+reports its processes killed) and tells node 0, whose launcher exits non-zero naming the node once the program
+ends. Other ranks of a node only wait for the end.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from launcher.launch import EXIT_SERVICE_FAILED, GRACE, INFRA_POOL_SIZE, _log
+
+MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def under_mpi():
+    """True when started by an MPI launcher (mpiexec, or srun with a PMI) with more than one rank."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"):
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def mpi_segments():
+    """Names of the /dev/shm segments the MPI library of this process has mapped (MPICH: mpich_shm_*); a
+    shepherd whose launcher rank was killed unlinks them, which MPICH would have done at MPI_Finalize."""
+    names = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if path.startswith("/dev/shm/") and not path.startswith("/dev/shm/dragon-"):
+                    names.add(path[len("/dev/shm/"):].replace(" (deleted)", ""))
+    except OSError:
+        pass
+    return sorted(n for n in names if "/" not in n)
+
+
+def _service(kind, args):
+    """Start a service as a fresh interpreter: python -m launcher.multinode --service KIND JSON."""
+    # its own session: when a rank dies, mpiexec SIGKILLs the other ranks' process groups; the services must
+    # get the SIGTERM of PR_SET_PDEATHSIG instead, to tear their node down
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher.multinode", "--service", kind, json.dumps(args)],
+        close_fds=True,
+        start_new_session=True,
+    )
+
+
+def service_main(kind, args):
+    """Entry of a service process started by _service: follow the launcher (PR_SET_PDEATHSIG), then serve."""
+    from dragon._core import core
+
+    parent = int(args["parent"])
+    core.set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != parent:
+        return 0
+    from dragon.transport.remote import attach
+
+    h = bytes.fromhex
+    if kind == "shepherd":
+        from dragon.localservices import shepherd
+
+        try:
+            return shepherd.main(args["node"], args["job"], h(args["inbox"]), h(args["gs"]), h(args["pool"]),
+                                 gs_node=0, remote_attach=attach)
+        finally:
+            if os.getppid() != parent:  # the launcher rank died (mpiexec killed it): MPICH left its segments
+                for name in args.get("mpi_shm", ()):
+                    try:
+                        os.unlink(os.path.join("/dev/shm", name))
+                    except OSError:
+                        pass
+    if kind == "gs":
+        from dragon.globalservices import server
+
+        return server.main(h(args["inbox"]), [h(x) for x in args["shepherds"]], h(args["launcher"]),
+                           args["nodes"], [h(x) for x in args["pools"]], node=0, remote_attach=attach)
+    raise SystemExit(f"unknown service {kind}")
+
+
+def _runtime_class():
+    from launcher.launch import Runtime, ServiceDied
+
+    class NodeRuntime(Runtime):
+        """One node's launcher in a multi-node job (see the module doc)."""
+
+        def __init__(self, world, leaders, job, grace):
+            super().__init__([], world.node, grace=grace)
+            self.world, self.leaders = world, leaders
+            self.k, self.n = world.node, world.nnodes
+            self.job = world.job_of_node(job)
+            import queue
+
+            self.events = queue.Queue()
+            self.down = {}  # node -> why
+            self.torn = set()
+            self.agent = None
+            self.gw = None
+            self.lost = None  # why this node's shepherd is gone (nodes > 0)
+
+        # ---- start ------------------------------------------------------------------------------------------
+        def start(self):
+            os.environ["DRAGON_JOB"] = self.job
+            os.environ["DRAGON_NODE"] = str(self.k)
+            from dragon._core import core
+            from dragon.channels import Channel
+            from dragon.infrastructure import messages
+            from dragon.infrastructure.log import get_logger
+            from dragon.pools import Pool
+            from dragon.transport import wire as W
+            from dragon.transport.agent import Agent, start_thread
+
+            self.m = messages
+            core.set_child_subreaper()
+            self.pool = Pool.create(INFRA_POOL_SIZE, name="inf")
+            self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
+            self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
+            self.gw = Channel.create(self.pool, capacity=4096, block_size=1024 + W.HSIZE, name="gateway")
+            self.chans = [self.sh_ch, self.la_ch]
+            if self.k == 0:
+                self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
+                self.chans.append(self.gs_ch)
+            hx = lambda x: bytes(x.sdesc).hex()  # noqa: E731
+            mine = {"sh": hx(self.sh_ch), "la": hx(self.la_ch), "pool": hx(self.pool), "gw": hx(self.gw),
+                    "gs": hx(self.gs_ch) if self.k == 0 else None}
+            every = self.leaders.allgather(mine)
+            gs_cd = every[0]["gs"]
+            os.environ["DRAGON_GW_CD"] = mine["gw"]
+            os.environ["DRAGON_INF_PD"] = mine["pool"]
+            os.environ["DRAGON_GS_NODE"] = "0"
+            self.agent = Agent(self.leaders, self.k, list(range(self.n)), self.gw, self.pool,
+                               log=get_logger("transport", self.k))
+            self.agent.on_ctrl = lambda src, obj: self.events.put(("ctrl", src, obj))
+            self.agent.on_node_down = lambda node: self.events.put(("down", node, None))
+            self.agent_thread = start_thread(self.agent)
+            parent = str(os.getpid())
+            self.shep_pid = _service("shepherd", {"parent": parent, "node": self.k, "job": self.job,
+                                                  "inbox": mine["sh"], "gs": gs_cd, "pool": mine["pool"],
+                                                  "mpi_shm": mpi_segments()}).pid
+            if self.k == 0:
+                self.gs_pid = _service("gs", {"parent": parent, "inbox": gs_cd,
+                                              "shepherds": [v["sh"] for v in every], "launcher": mine["la"],
+                                              "nodes": self.world.nodes(),
+                                              "pools": [v["pool"] for v in every]}).pid
+
+        # ---- events from the agent -----------------------------------------------------------------------
+        def _events(self):
+            import queue
+
+            while True:
+                try:
+                    kind, a, b = self.events.get_nowait()
+                except queue.Empty:
+                    return
+                if kind == "down":
+                    self._node_down(a, self.down.get(a) or f"node {a} stopped answering")
+                elif b.get("op") == "dead":
+                    self._node_down(b["node"], b["why"])
+                elif b.get("op") == "torn":
+                    self.torn.add(b["node"])
+                elif b.get("op") in ("teardown", "exit"):
+                    self.orders.append(b)
+
+        def _node_down(self, node, why):
+            if node in self.down and self.down[node] is not None:
+                return
+            first = node not in self.down
+            self.down[node] = why
+            if self.k == 0 and first:
+                host = self.world.hostnames[node] if node < len(self.world.hostnames) else "?"
+                _log(f"node {node} ({host}) is down: {why}")
+                try:
+                    self.gs_ch.send(self.m.encode(self.m.GSNodeDown(node, None, why)), timeout=5)
+                except Exception as e:
+                    _log(f"cannot tell global services that node {node} is down: {e}")
+
+        def _recv(self, timeout, watch=None):
+            """Runtime._recv, also handling the agent's events (node 0: the shepherd and GS must live)."""
+            from dragon.errors import ChannelEmpty, ChannelTimeout
+
+            deadline = None if timeout is None else time.monotonic() + timeout
+            watch = (self.shep_pid, self.gs_pid) if watch is None else watch
+            while True:
+                self._reap()
+                self._events()
+                for pid in watch:
+                    if pid in self.dead:
+                        who = "local services (shepherd)" if pid == self.shep_pid else "global services"
+                        raise ServiceDied(
+                            f"{who} of node {self.k} ({self.world.hostnames[self.k]}, pid {pid}) died "
+                            f"({self._status_text(self.dead[pid])}): ending the job"
+                        )
+                slice_ = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if slice_ <= 0:
+                    return None
+                try:
+                    return self.m.decode(self.la_ch.recv(timeout=slice_))
+                except (ChannelTimeout, ChannelEmpty, TimeoutError):
+                    continue
+
+        # ---- node 0 --------------------------------------------------------------------------------------
+        def run(self, exe, args):
+            self.orders = []
+            if self.k != 0:
+                return self._serve_node()
+            code = super().run(exe, args)  # starts, runs the program, tears this node down (Runtime.teardown)
+            if self.down and code == 0:
+                code = EXIT_SERVICE_FAILED
+            if self.down:
+                _log("the job lost " + "; ".join(f"node {k} ({self.world.hostnames[k]}): {why}"
+                                                   for k, why in sorted(self.down.items())))
+            self._finish()
+            return code
+
+        def teardown(self):
+            """Every other node first (in parallel), then this one; then every agent stops."""
+            live = [k for k in range(1, self.n) if k not in self.down]
+            if self.agent is not None:
+                for k in live:
+                    self.agent.send_ctrl(k, {"op": "teardown", "grace": self.grace})
+            pool, self.pool = self.pool, None  # the agent still needs the gateway: destroyed in _finish
+            super().teardown()
+            self.pool = pool
+            deadline = time.monotonic() + self.grace + 5.0
+            while self.agent is not None and time.monotonic() < deadline and not set(live) <= self.torn | set(self.down):
+                self._events()
+                time.sleep(0.02)
+            missing = set(live) - self.torn - set(self.down)
+            if missing:
+                _log(f"teardown: no answer from node(s) {sorted(missing)}")
+
+        def _finish(self):
+            if self.agent is not None:
+                for k in range(self.n):
+                    if k != self.k:
+                        self.agent.send_ctrl(k, {"op": "exit"})
+                self.agent.stop()
+                self.agent_thread.join(10)
+            for ch in (self.gw,):
+                try:
+                    if ch is not None:
+                        ch.destroy()
+                except Exception:
+                    pass
+            if self.pool is not None:
+                try:
+                    self.pool.destroy()
+                except Exception:
+                    pass
+            from dragon._core import core
+
+            core.unlink_job_segments(self.job)
+
+        # ---- other nodes ---------------------------------------------------------------------------------
+        def _serve_node(self):
+            from launcher import cleanup
+
+            try:
+                self.start()
+            except Exception as e:
+                _log(f"node {self.k}: cannot start: {e}")
+                self._finish()
+                return EXIT_SERVICE_FAILED
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # node 0's launcher ends the job
+            exiting = False
+            torn = False
+            while not exiting:
+                self._reap()
+                self._events()
+                if self.shep_pid in self.dead and self.lost is None and not torn:
+                    self.lost = (f"local services (shepherd) of node {self.k} (pid {self.shep_pid}) died "
+                                 f"({self._status_text(self.dead[self.shep_pid])})")
+                    _log(self.lost)
+                    self.agent.send_ctrl(0, {"op": "dead", "node": self.k, "why": self.lost})
+                    self.agent.announce_down(self.k)
+                    pids = cleanup.job_pids(self.job)
+                    cleanup.kill_all(pids, signal.SIGKILL)
+                while self.orders:
+                    order = self.orders.pop(0)
+                    if order["op"] == "teardown" and not torn:
+                        torn = True
+                        self.grace = order.get("grace", self.grace)
+                        pool, self.pool = self.pool, None
+                        try:
+                            Runtime.teardown(self)
+                        finally:
+                            self.pool = pool
+                        self.agent.send_ctrl(0, {"op": "torn", "node": self.k})
+                    elif order["op"] == "exit":
+                        exiting = True
+                if not exiting:
+                    time.sleep(0.02)
+            self._finish()
+            return 0
+
+    return NodeRuntime
+
+
+def wait_barrier(comm):
+    """A barrier that sleeps instead of busy-polling (MPICH's blocking calls spin)."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.01)
+
+
+def main(exe, args, virtual, grace=GRACE):
+    """The multi-node launcher; returns this rank's exit code."""
+    from mpi4py import MPI
+
+    from dragon.transport.world import World
+
+    comm = MPI.COMM_WORLD
+    world = World(comm, virtual)
+    job = comm.bcast("j" + os.urandom(5).hex() if world.rank == 0 else None, root=0)
+    leaders = comm.Split(0 if world.leader else MPI.UNDEFINED, world.rank)
+    code = 0
+    if world.leader:
+        rt = _runtime_class()(world, leaders, job, grace)
+        code = rt.run(exe, args)
+    wait_barrier(comm)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.Finalize()
+    return code
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "--service":
+        sys.exit(service_main(sys.argv[2], json.loads(sys.argv[3])) or 0)
+    sys.exit("usage: dragon-launch (this module is its multi-node part)")
