@@ -13,7 +13,7 @@ straight from the gateway's pool block), and delivers what other agents send it:
 
 The loop never blocks in MPI. It spins while there is work or an MPI send in flight; when idle it backs off to
 sleeping on the gateway channel's futex (a local request wakes it at once; a remote one is noticed within
-``MAX_IDLE_WAIT``), so an idle agent costs well under 1% of a core.
+``MAX_IDLE_WAIT``, or ``LONG_IDLE_WAIT`` after a second of idleness), so an idle agent costs about 1% of a core.
 """
 
 import collections
@@ -28,6 +28,7 @@ from dragon.transport import wire as W
 
 SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
+LONG_IDLE_WAIT = 0.01  # ... once it has been idle for a second
 PENDING_WAIT = 0.0005  # longest sleep while requests wait here for their channel
 MAX_INFLIGHT = 256  # MPI sends in flight before the agent waits for some to finish
 
@@ -137,6 +138,9 @@ class Agent:
 
     # ---- loop ---------------------------------------------------------------------------------------------
     def run(self):
+        from dragon._core import core
+
+        core.set_wait_params(spin_ns=0)  # the loop spins itself; its sleeps on the gateway should only sleep
         self.running = True
         perf = time.perf_counter
         yield_cpu = os.sched_yield
@@ -163,7 +167,7 @@ class Agent:
             if idle < SPIN:
                 yield_cpu()  # spinning, but let the processes we serve have the core (2 cores, 4 busy processes)
                 continue
-            wait = min(MAX_IDLE_WAIT, idle * 0.25)
+            wait = min(MAX_IDLE_WAIT if idle < 1.0 else LONG_IDLE_WAIT, idle * 0.25)
             if self.pending_in or self.pending_rep:
                 wait = min(wait, PENDING_WAIT)
             self.stats["sleeps"] += 1

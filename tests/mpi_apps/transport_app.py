@@ -198,8 +198,8 @@ def case_idle():
     """An idle agent does not burn a core: report this rank's agent's CPU use (the parent process)."""
     from dragon.transport.agent import idle_cpu
 
-    time.sleep(0.5)
-    use = idle_cpu(2.0, os.getppid())
+    time.sleep(1.5)
+    use = idle_cpu(3.0, os.getppid())
     print(f"idle node {NODE}: {use:.4f}", flush=True)
 
 
