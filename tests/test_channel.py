@@ -512,3 +512,17 @@ def test_ctrl_c_interrupts_blocking_calls(pool, what):
     if hog is not None:
         pool.free(hog)
     c.destroy()
+
+
+def test_forked_child_does_not_free_parents_message(ch, pool):
+    ch.send(os.urandom(5000))
+    m = ch.recv_message()
+    before = pool.stats()["allocated_blocks"]
+    pid = os.fork()
+    if pid == 0:  # the child's copy of the Message goes away with the child: it must not free the block
+        m.release()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert pool.stats()["allocated_blocks"] == before
+    m.release()
+    assert pool.stats()["allocated_blocks"] == before - 1

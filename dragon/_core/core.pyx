@@ -359,6 +359,7 @@ cdef class Pool:
     def alloc(self, nbytes, timeout=None):
         """Allocate a block of ``nbytes``; timeout None waits for room, 0 raises PoolFull, t > 0 PoolTimeout."""
         cdef char *base = self._live()
+        cdef _Segment seg = self.seg  # keeps the mapping while the GIL is released, even if close() runs
         cdef long long n = nbytes
         cdef uint64_t off = 0
         cdef int64_t deadline
@@ -530,6 +531,7 @@ cdef class Message:
     cdef bint released
     cdef bint freed
     cdef int exports
+    cdef uint32_t owner_pid  # a forked child's copy must not free the parent's block
     cdef Py_ssize_t shape[1]
     cdef Py_ssize_t strides[1]
 
@@ -541,7 +543,7 @@ cdef class Message:
             return
         self.freed = True
         if self.in_pool:
-            if self.seg is not None and self.seg.base != NULL:
+            if self.seg is not None and self.seg.base != NULL and self.owner_pid == ds_me():
                 ds_pool_free(self.seg.base, self.off)
         elif self.ptr != NULL:
             PyMem_Free(self.ptr)
@@ -652,6 +654,8 @@ cdef class Channel:
             raise ChannelError(f"channel {name!r} needs {nbytes} bytes, more than pool {p._name!r} holds")
         if rc == DS_FULL:
             raise ChannelError(f"channel {name!r}: no room for {nbytes} bytes in pool {p._name!r}")
+        if rc == DS_DESTROYED:
+            raise ChannelError(f"channel {name!r}: pool {p._name!r} was destroyed")
         if rc != DS_OK:
             _raise(rc, K_CHAN, f"channel {name!r}")
         gen = int.from_bytes(os.urandom(8), "little") | 1
@@ -737,6 +741,8 @@ cdef class Channel:
             if rc == DS_TIMEOUT:
                 raise ChannelTimeout(f"channel {self._name!r}: no room in its pool for a {n}-byte message "
                                      f"before the timeout")
+            if rc == DS_DESTROYED:
+                raise ChannelError(f"channel {self._name!r}: its pool {self.seg.name!r} was destroyed")
             _raise(rc, K_CHAN, f"channel {self._name!r}", <uint64_t>n)
         if n >= BIG_COPY:
             with nogil:
@@ -892,6 +898,7 @@ cdef class Channel:
         n = ds_slot_len(slot)
         m.n = n
         m.seg = self.seg
+        m.owner_pid = ds_me()
         if ds_slot_is_block(slot):
             m.off = ds_slot_block_off(slot)
             m.ptr = self.c.base + m.off
