@@ -456,6 +456,8 @@ def _dragonhpc_steps(ctx):
                 ctx.figures.append(f)
         for s in data.get("skipped", []):
             ctx.skip(s["what"], s["why"])
+        if data.get("skipped"):
+            ctx.note(f"DragonHPC ({','.join(parts)}) output tail: {util.tail(res['stderr'] or res['stdout'], 4)}")
 
     # the channel part in a runtime of its own: after hundreds of launches in the same DragonHPC runtime its
     # channel child sometimes never answers
