@@ -68,7 +68,7 @@ def test_processes_on_every_node_create_join_kill_and_their_output():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "processes ok" in res.stdout
     for k in range(3):  # other nodes' output reaches the terminal, labelled
-        assert f"[hello{k}] hello from node {k}" in res.stdout, res.stdout
+        assert f"[hello{k}@{k}] hello from node {k}" in res.stdout, res.stdout
 
 
 @pytest.mark.timeout(150)

@@ -386,7 +386,8 @@ class GlobalServices:
                 run_dir=run_dir,
                 args=args,
                 env=env or {},
-                label=name if named else str(p_uid),
+                # with several nodes, output lines also say where they come from: [name@node]
+                label=(name if named else str(p_uid)) + (f"@{node}" if len(self.nodes) > 1 else ""),
                 stdout=opts.get("stdout", "forward"),
                 stderr=opts.get("stderr", "forward"),
                 head=bool(msg.head),
