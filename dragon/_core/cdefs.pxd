@@ -83,7 +83,7 @@ cdef extern from "dshm.h" nogil:
     void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap)
     int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st)
     void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
-    int ds_ch_ready(const ds_chan *c)
+    int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st)
     uint64_t ds_ch_len(const ds_chan *c)
     int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
     int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,

@@ -962,10 +962,12 @@ cdef class Channel:
         cdef uint64_t st = 0
         cdef int rc
         self._check()
-        if ds_ch_ready(&self.c):
+        if ds_ch_ready(&self.c, &slot, &st):
             return True
         cdef int64_t deadline = _deadline(timeout)
         if deadline == DL_NONBLOCK:
+            if slot != NULL and ds_ch_maybe_recover(&self.c, slot, st):
+                return bool(ds_ch_ready(&self.c, &slot, &st))
             return False
         while True:
             with nogil:

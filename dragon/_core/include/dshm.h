@@ -644,8 +644,8 @@ static inline void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
     }
 }
 
-/* is a message ready at head (non-consuming)? */
-static inline int ds_ch_ready(const ds_chan *c) {
+/* is a message ready at head (non-consuming)? If not, *slot / *st tell the head slot (for dead-owner checks) */
+static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out) {
     ds_ch_hdr *h = c->h;
     for (;;) {
         uint64_t pos = DS_LOAD(&h->head);
@@ -660,6 +660,8 @@ static inline int ds_ch_ready(const ds_chan *c) {
             continue;
         }
         if (DS_LOAD(&h->head) != pos) continue;
+        *slot = s;
+        *st_out = st;
         return 0;
     }
 }
@@ -728,7 +730,7 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
 #define DS_TRY()                                                                          \
     (mode == 0   ? ds_ch_claim_send(c, slot, lap, st)                                     \
      : mode == 1 ? ds_ch_claim_recv(c, maxlen, slot, lap, st)                             \
-                 : (ds_ch_ready(c) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
+                 : (ds_ch_ready(c, slot, st) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
     int64_t t0 = ds_now();
     for (uint64_t it = 1;; it++) {
         if (!ds_ch_alive(c)) return DS_DESTROYED;
