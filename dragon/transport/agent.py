@@ -79,6 +79,15 @@ class _Free:
             self.off = None
 
 
+class _Pending:
+    """A big payload still arriving (MPI Irecv) in a stream's queue: later messages of the stream wait behind it."""
+
+    __slots__ = ("req", "buf")
+
+    def __init__(self, req, buf):
+        self.req, self.buf = req, buf
+
+
 class _Req:
     __slots__ = ("seq", "mode", "max_n", "maxlen", "deadline", "nonblock")
 
@@ -105,6 +114,7 @@ class Agent:
         self.out = {}  # dest node -> bytearray: the packet being built
         self.bigs = {}  # dest node -> [(buffer, keepalive)] to send after that packet
         self.sends = []  # [(Request, keepalive)] MPI sends in flight
+        self.irecvs = []  # [_Pending] big payloads being received
         self.ins = {}  # (src node, sid) -> _In
         self.outs = {}  # sid -> _Out
         self.replies = {}  # reply sdesc -> Channel
@@ -160,7 +170,7 @@ class Agent:
             if work:
                 idle_since = perf()
                 continue
-            if self.sends:
+            if self.sends or self.irecvs:
                 yield_cpu()
                 continue
             idle = perf() - idle_since
@@ -428,6 +438,10 @@ class Agent:
             body = text.encode()
             self._emit(s.src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), s.sid, 0) + body)
         for item in s.sendq:
+            if type(item) is _Pending:
+                item.req.Wait()
+                self.irecvs.remove(item)
+                item = item.buf
             if hasattr(item, "pool"):
                 try:
                     item.pool.free(item)
@@ -458,6 +472,12 @@ class Agent:
                 item = s.ch.pool.alloc(n, timeout=0)
             except PoolError:
                 item = bytearray(n)
+            if not isinstance(bigsrc, collections.deque):  # from MPI: a non-blocking receive, the stream waits
+                pend = _Pending(self.comm.Irecv([item, n, self.MPI.BYTE], bigsrc, W.TAG_BIG), item)
+                self.irecvs.append(pend)
+                s.sendq.append(pend)
+                self.pending_in.add(s)
+                return
             self._big_into(src, bigsrc, item, n)
         else:
             item = payload
@@ -569,6 +589,11 @@ class Agent:
             q = s.sendq
             while q:
                 item = q[0]
+                if type(item) is _Pending:
+                    if not item.req.Test():
+                        break
+                    self.irecvs.remove(item)
+                    item = q[0] = item.buf
                 try:
                     if isinstance(item, (bytes, bytearray)):
                         s.ch.send(item, timeout=0)
@@ -718,6 +743,15 @@ class Agent:
                 self._fail_local(o.sid, 0, text)
         for key, s in list(self.ins.items()):
             if s.src == node:
+                for item in s.sendq:  # big payloads that will never finish arriving
+                    if type(item) is _Pending:
+                        try:
+                            item.req.Cancel()
+                        except Exception:
+                            pass
+                        if item in self.irecvs:
+                            self.irecvs.remove(item)
+                s.sendq.clear()
                 self._drop_in(s)
         self.out.pop(node, None)
         self.bigs.pop(node, None)
