@@ -26,7 +26,7 @@ cdef extern from "dshm.h" nogil:
     int64_t ds_now()
     int ds_init()
     uint32_t ds_me()
-    int ds_pid_dead(uint32_t pid)
+    int ds_pid_dead(uint32_t id)
     int ds_set_pdeathsig(int sig)
     int ds_set_child_subreaper()
 

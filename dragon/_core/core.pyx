@@ -158,6 +158,16 @@ def set_child_subreaper():
         raise OSError(e, os.strerror(e))
 
 
+def _claim_id():
+    """This process's claim id as stored in slots it claims: pid | start-time tag << 22 (for tests/debugging)."""
+    return ds_me()
+
+
+def _claim_dead(claim_id):
+    """Would a slot claimed with ``claim_id`` be taken over (owner gone, zombie, or pid reused)? For tests."""
+    return bool(ds_pid_dead(<uint32_t>claim_id))
+
+
 def set_wait_params(spin_ns=None, chunk_ns=None):
     """Tune blocking (this process): spin this long before sleeping; sleep in chunks this long. Returns old values."""
     global ds_spin_ns, ds_wait_chunk_ns
@@ -997,7 +1007,7 @@ cdef class Channel:
             phases = ("EMPTY", "WRITING", "FULL", "READING")
             return dict(head=buf[0], tail=buf[1], ne_seq=buf[2], ne_waiters=buf[3], nf_seq=buf[4],
                         nf_waiters=buf[5], recoveries=buf[6],
-                        slots=[(buf[7 + i] >> 32, phases[(buf[7 + i] >> 30) & 3], buf[7 + i] & 0x3fffffff)
+                        slots=[(buf[7 + i] >> 32, phases[(buf[7 + i] >> 30) & 3], buf[7 + i] & 0x3fffff)
                                for i in range(self.c.cap)])
         finally:
             PyMem_Free(buf)

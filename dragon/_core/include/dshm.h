@@ -102,35 +102,81 @@ static inline void ds_futex_wake_all(uint32_t *addr) {
 }
 
 /* ---------------------------------------------------------------- process identity and liveness */
-static uint32_t ds_pid_cache = 0;
+/*
+ * A claim carries a 30-bit "claim id": pid (22 bits: Linux pid_max <= 2^22) | 8-bit tag derived from the
+ * process's start time. A slot whose pid is alive but whose tag does not match the live process's start time
+ * belongs to a dead process whose pid was reused, so it can still be taken over (1/256 chance of a false match).
+ */
+#define DS_PID_BITS 22
+#define DS_PID_MASK ((1u << DS_PID_BITS) - 1)
+static uint32_t ds_pid_cache = 0; /* this process's claim id */
 static int64_t ds_last_liveness_check = 0;
-static int64_t ds_spin_ns = 20000;        /* spin this long before sleeping on a futex */
+static int64_t ds_spin_ns = 20000;          /* spin this long before sleeping on a futex */
 static int64_t ds_wait_chunk_ns = 50000000; /* sleep in chunks this long (dead owners, destroy, signals) */
 
-static void ds_atfork_child(void) { ds_pid_cache = (uint32_t)getpid(); ds_last_liveness_check = 0; }
+/* parse a /proc/<pid>/stat line: state char and start time (field 22); 0 on success */
+static inline int ds_parse_stat(char *buf, char *state, unsigned long long *start) {
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ' || !p[2]) return -1;
+    *state = p[2];
+    p += 2;
+    for (int field = 3; field < 22; field++) { /* skip to field 22 */
+        p = strchr(p, ' ');
+        if (!p) return -1;
+        p++;
+    }
+    unsigned long long v = 0;
+    if (*p < '0' || *p > '9') return -1;
+    while (*p >= '0' && *p <= '9') v = v * 10 + (unsigned long long)(*p++ - '0');
+    *start = v;
+    return 0;
+}
+
+static inline uint32_t ds_tag(unsigned long long start) {
+    return (uint32_t)((start * 0x9E3779B97F4A7C15ULL) >> 56);
+}
+
+/* read a stat file into buf (NUL-terminated); bytes read or -1 (errno set) */
+static inline ssize_t ds_read_stat(const char *path, char *buf, size_t len) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, len - 1);
+    close(fd);
+    if (n < 0) return -1;
+    buf[n] = 0;
+    return n;
+}
+
+static void ds_set_identity(void) { /* only open/read/close: fine in an atfork child handler */
+    uint32_t pid = (uint32_t)getpid() & DS_PID_MASK, tag = 0;
+    char buf[1024], state;
+    unsigned long long start;
+    if (ds_read_stat("/proc/self/stat", buf, sizeof buf) > 0 && ds_parse_stat(buf, &state, &start) == 0)
+        tag = ds_tag(start);
+    ds_pid_cache = (tag << DS_PID_BITS) | pid;
+}
+
+static void ds_atfork_child(void) { ds_set_identity(); ds_last_liveness_check = 0; }
 
 static inline int ds_init(void) {
-    ds_pid_cache = (uint32_t)getpid();
+    ds_set_identity();
     return pthread_atfork(NULL, NULL, ds_atfork_child);
 }
 
 static inline uint32_t ds_me(void) { return ds_pid_cache; }
 
-/* 1 if pid is gone or a zombie (killed but not yet reaped), else 0 */
-static inline int ds_pid_dead(uint32_t pid) {
-    if (pid == 0 || pid == ds_pid_cache) return 0;
+/* 1 if the claimer is gone, a zombie (killed, not yet reaped) or its pid now names another process; else 0 */
+static inline int ds_pid_dead(uint32_t id) {
+    uint32_t pid = id & DS_PID_MASK;
+    if (pid == 0 || id == ds_pid_cache) return 0;
     if (kill((pid_t)pid, 0) == -1 && errno == ESRCH) return 1;
-    char path[64], buf[512];
+    char path[64], buf[1024], state;
+    unsigned long long start;
     snprintf(path, sizeof path, "/proc/%u/stat", pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return errno == ENOENT;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return 0;
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    if (!p || p[1] != ' ') return 0;
-    return p[2] == 'Z' || p[2] == 'X';
+    if (ds_read_stat(path, buf, sizeof buf) < 0) return errno == ENOENT;
+    if (ds_parse_stat(buf, &state, &start) != 0) return 0;
+    if (state == 'Z' || state == 'X') return 1;
+    return ds_tag(start) != (id >> DS_PID_BITS);
 }
 
 static inline int ds_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 ? 0 : errno; }
@@ -688,8 +734,7 @@ static inline void ds_ch_wake_all(const ds_chan *c) {
 static inline int ds_ch_recover(const ds_chan *c, ds_slot *s, uint64_t st) {
     uint64_t ph = DS_ST_PH(st);
     if (ph != DS_PH_WRITING && ph != DS_PH_READING) return 0;
-    uint32_t pid = DS_ST_PID(st);
-    if (!ds_pid_dead(pid)) return 0;
+    if (!ds_pid_dead(DS_ST_PID(st))) return 0;
     /* take the slot over in our own name first, so two recoverers cannot both touch it */
     if (!DS_CAS(&s->state, &st, DS_ST(DS_ST_LAP(st), ph, ds_me()))) return 0;
     uint32_t flags = __atomic_load_n(&s->flags, __ATOMIC_ACQUIRE);
