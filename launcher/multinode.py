@@ -114,6 +114,7 @@ def _runtime_class():
             self.events = queue.Queue()
             self.down = {}  # node -> why
             self.torn = set()
+            self.byes = set()
             self.agent = None
             self.gw = None
             self.lost = None  # why this node's shepherd is gone (nodes > 0)
@@ -178,6 +179,8 @@ def _runtime_class():
                     self._node_down(b["node"], b["why"])
                 elif b.get("op") == "torn":
                     self.torn.add(b["node"])
+                elif b.get("op") == "bye":
+                    self.byes.add(a)
                 elif b.get("op") in ("teardown", "exit"):
                     self.orders.append(b)
 
@@ -251,9 +254,18 @@ def _runtime_class():
 
         def _finish(self):
             if self.agent is not None:
-                for k in range(self.n):
-                    if k != self.k:
+                others = set(range(self.n)) - {self.k}
+                if self.k == 0:
+                    for k in others:
                         self.agent.send_ctrl(k, {"op": "exit"})
+                # every agent's last frame to every other is a "bye"; stop once all of theirs came, so that no
+                # MPI message is left unreceived at the end
+                for k in others:
+                    self.agent.send_ctrl(k, {"op": "bye"})
+                deadline = time.monotonic() + 5.0
+                while not others <= self.byes and time.monotonic() < deadline:
+                    self._events()
+                    time.sleep(0.005)
                 self.agent.stop()
                 self.agent_thread.join(10)
             for ch in (self.gw,):

@@ -60,6 +60,26 @@ def case_processes():
     print("processes ok", flush=True)
 
 
+def case_twohosts():
+    """Two real nodes (srun -N 2 on the test cluster: separate hosts, separate /dev/shm)."""
+    assert node.get_list() == [0, 1]
+    hosts = [node.query(k).hostname for k in (0, 1)]
+    assert hosts[0] != hosts[1], hosts
+    d = process.create(PY, None, ["-c", "import socket; print('host', socket.gethostname())"],
+                       user_name="where", options={"node": 1})
+    assert process.join(d.p_uid, timeout=60) == 0
+    pd = pool.create(16 << 20, pool_options={"node": 1})
+    cd = channel.create(pd.m_uid, channel_options={"capacity": 16})
+    ch = attach(cd)
+    for i, n in enumerate(SIZES):
+        ch.send(payload(i, n))
+        assert ch.recv(timeout=30) == payload(i, n)
+    ch.close()
+    channel.destroy(cd.c_uid)
+    pool.destroy(pd.m_uid)
+    print("twohosts ok", hosts, flush=True)
+
+
 def child_query(k):
     me = process.this_process()
     assert me.node == int(k) == int(os.environ["DRAGON_NODE"]), me
@@ -186,6 +206,11 @@ def case_killagent():
     process.join(d.p_uid, timeout=60)
     time.sleep(60)  # mpiexec ends the job long before this
     print("killagent: still alive", flush=True)
+
+
+def case_killnode2():
+    """killnode with two nodes (the Slurm test)."""
+    case_killnode()
 
 
 def _shepherd_of(job):
