@@ -21,6 +21,7 @@ cdef extern from "dshm.h" nogil:
         DS_MAX_GRANULES
 
     int64_t ds_spin_ns
+    int64_t ds_yield_ns
     int64_t ds_wait_chunk_ns
 
     int64_t ds_now()

@@ -168,14 +168,17 @@ def _claim_dead(claim_id):
     return bool(ds_pid_dead(<uint32_t>claim_id))
 
 
-def set_wait_params(spin_ns=None, chunk_ns=None):
-    """Tune blocking (this process): spin this long before sleeping; sleep in chunks this long. Returns old values."""
-    global ds_spin_ns, ds_wait_chunk_ns
-    old = (ds_spin_ns, ds_wait_chunk_ns)
+def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None):
+    """Tune blocking in this process: spin ``spin_ns`` before sleeping on the futex, yielding the CPU between
+    polls after ``yield_ns``; sleep in chunks of ``chunk_ns``. Returns the old (spin_ns, chunk_ns, yield_ns)."""
+    global ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns
+    old = (ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns)
     if spin_ns is not None:
         ds_spin_ns = max(0, int(spin_ns))
     if chunk_ns is not None:
         ds_wait_chunk_ns = min(max(1000000, int(chunk_ns)), 1000000000)
+    if yield_ns is not None:
+        ds_yield_ns = max(0, int(yield_ns))
     return old
 
 

@@ -112,6 +112,7 @@ static inline void ds_futex_wake_all(uint32_t *addr) {
 static uint32_t ds_pid_cache = 0; /* this process's claim id */
 static int64_t ds_last_liveness_check = 0;
 static int64_t ds_spin_ns = 20000;          /* spin this long before sleeping on a futex */
+static int64_t ds_yield_ns = 1000;          /* after this long, yield the CPU between polls while spinning */
 static int64_t ds_wait_chunk_ns = 50000000; /* sleep in chunks this long (dead owners, destroy, signals) */
 
 /* parse a /proc/<pid>/stat line: state char and start time (field 22); 0 on success */
@@ -785,7 +786,7 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
             int64_t now = ds_now();
             if (deadline >= 0 && now >= deadline) return DS_TIMEOUT;
             if (now - t0 >= ds_spin_ns) break;
-            if (now - t0 >= ds_spin_ns / 2) sched_yield();
+            if (now - t0 >= ds_yield_ns) sched_yield();
         }
         ds_relax();
     }
