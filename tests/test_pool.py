@@ -401,3 +401,18 @@ def test_destroy_wakes_blocked_allocator():
     kind, msg = q.get(timeout=10)
     proc.join(10)
     assert kind == "PoolError" and "destroyed" in msg
+
+
+def test_fuzzed_sdesc_never_crashes(pool):
+    sd = pool.sdesc
+    rng = random.Random(3)
+    for _ in range(3000):
+        bad = bytearray(sd)
+        for _ in range(rng.randint(1, 3)):
+            bad[rng.randrange(len(bad))] = rng.randrange(256)
+        try:
+            q = Pool.attach(bytes(bad))
+        except PoolError:
+            continue
+        assert q.name == pool.name and q.size == pool.size  # only harmless bytes changed
+        q.close()
