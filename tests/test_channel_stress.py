@@ -275,3 +275,49 @@ def test_sigkill_inside_long_claims():
         assert ch._debug_state()["recoveries"] >= 1  # at least one kill landed inside a claim
         ch.destroy()
         assert pool.stats()["allocated_blocks"] == 0
+
+
+def _small_producer(ch, k, n):
+    for i in range(n):
+        ch.send(HDR.pack(k, i) + b"y" * (i % 3 * 40))  # 8, 48 (inline) and 88 bytes (pool block)
+
+
+def _small_consumer(ch, q):
+    got = []
+    while True:
+        m = ch.recv()
+        if m == STOP:
+            break
+        got.append(HDR.unpack_from(m))
+    q.put(got)
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3])
+def test_tiny_rings_exactly_once(capacity):
+    n = 10_000
+    with Pool.create(1 << 20) as pool:
+        ch = Channel.create(pool, capacity=capacity, block_size=64)
+        q = ctx.Queue()
+        cons = [ctx.Process(target=_small_consumer, args=(ch, q)) for _ in range(2)]
+        prods = [ctx.Process(target=_small_producer, args=(ch, k, n)) for k in range(2)]
+        try:
+            for pr in cons + prods:
+                pr.start()
+            for pr in prods:
+                pr.join(60)
+            for _ in cons:
+                ch.send(STOP, timeout=30)
+            res = [q.get(timeout=30) for _ in cons]
+        finally:
+            for pr in cons + prods:
+                pr.join(10)
+                if pr.is_alive():
+                    pr.kill()
+                    pr.join()
+        assert sorted(x for r in res for x in r) == [(k, i) for k in range(2) for i in range(n)]
+        for r in res:
+            for k in range(2):
+                seqs = [i for p, i in r if p == k]
+                assert seqs == sorted(seqs)
+        ch.destroy()
+        assert pool.stats()["allocated_blocks"] == 0
