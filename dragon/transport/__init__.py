@@ -1,0 +1,15 @@
+"""dragon.transport: channels across nodes.
+
+- ``world``: the job's world from MPI (ranks grouped into nodes by host, or one node per rank with
+  ``--virtual-nodes``; the lowest rank of a node is its leader).
+- ``agent``: the transport agent, one per node, a thread of the node's launcher rank: the only code that speaks
+  MPI (mpi4py point-to-point, non-blocking, never a busy-polling blocking call except to receive a packet that
+  has already arrived).
+- ``remote``: ``RemoteChannel``, the Channel API for a channel on another node, through this node's gateway
+  channel and agent; ``attach(sdesc, node)``.
+- ``wire``: the frames between processes and agents and between agents.
+- ``harness``: run one program per node with the transport only (tests, benchmark); ``bench``: the cross-node
+  benchmark against mpi4py Send/Recv.
+
+The multi-node launcher that puts these together with the services is ``launcher.multinode``.
+"""

@@ -665,6 +665,7 @@ class Agent:
             ch = self._reply_ch(o)
         except ChannelError:
             self._free(frame)
+            self._reply_gone(o.reply)
             return
         q = self.pending_rep.get(ch)
         if q:
@@ -678,8 +679,17 @@ class Agent:
         except ChannelFull:
             self.pending_rep[ch] = collections.deque([frame])
         except ChannelError:  # the process is gone
-            self.replies.pop(o.reply, None)
             self._free(frame)
+            self._reply_gone(o.reply)
+
+    def _reply_gone(self, reply):
+        """A process's reply channel is gone (it exited): forget its streams here and at their nodes."""
+        self.replies.pop(reply, None)
+        for sid, o in list(self.outs.items()):
+            if o.reply == reply:
+                del self.outs[sid]
+                if o.dest not in self.dead and o.dest < len(self.ranks):
+                    self._emit(o.dest, _HDR.pack(W.CLOSE, 0, o.dest, 0, sid, 0))
 
     def _queue_reply(self, q, frame):
         if isinstance(frame, bytes) and frame[0] == W.ACK:  # coalesce: a later ACK covers an earlier one
