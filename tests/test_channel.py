@@ -282,6 +282,10 @@ def test_timeout_semantics(ch):
     assert time.monotonic() - t >= 0.19 and isinstance(ei.value, TimeoutError)
     with pytest.raises(TypeError):
         ch.recv(timeout="soon")
+    with pytest.raises(ChannelError, match="timeout"):
+        ch.recv(timeout=float("nan"))
+    with pytest.raises(ChannelEmpty):
+        ch.recv(timeout=float("-inf"))
 
 
 def test_threads_block_without_gil(ch):

@@ -101,10 +101,13 @@ cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
     raise ChannelError(f"{what}: error {_rc_name(rc)}")
 
 
-cdef inline int64_t _deadline(object timeout) except -2:
+cdef inline int64_t _deadline(object timeout, object err=ChannelError) except -2:
+    """None: block forever; <= 0: never block; t: block up to t seconds (CLOCK_MONOTONIC deadline in ns)."""
     if timeout is None:
         return DL_FOREVER
     cdef double t = timeout
+    if t != t:
+        raise err(f"timeout must be None or a number of seconds, not {timeout!r}")
     if t <= 0:
         return DL_NONBLOCK
     if t > 1e9:
@@ -380,7 +383,7 @@ cdef class Pool:
             raise PoolError(f"cannot allocate {n} bytes")
         cdef int rc = ds_pool_try_alloc(base, <uint64_t>n, &off)
         if rc == DS_FULL:
-            deadline = _deadline(timeout)
+            deadline = _deadline(timeout, PoolError)
             if deadline != DL_NONBLOCK:
                 while True:
                     with nogil:
