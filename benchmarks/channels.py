@@ -552,7 +552,7 @@ def measure_mpi(sizes, repeat, target_s, do_stream=True, group="channels", launc
 
     ``launcher`` is the command that starts two ranks (default: this host's ``mpiexec -n 2``; across nodes the
     caller passes e.g. ``srun -N 2 --ntasks-per-node=1``)."""
-    launcher = launcher or [util.mpiexec_path(), "-n", "2"]
+    launcher = launcher or util.local_mpiexec(2)
     cmd = launcher + [sys.executable, "-m", "benchmarks.mpi_peer",
                       "--sizes", ",".join(str(s) for s in sizes), "--repeat", str(repeat), "--target", str(target_s)]
     if not do_stream:

@@ -250,7 +250,7 @@ def plan_startup(ctx):
     steps.append(("startup: python empty.py", timed("python", [sys.executable, empty], env=clean_env())))
     if util.mpiexec_path():
         steps.append(("startup: mpiexec -n 1 python empty.py",
-                      timed("mpiexec", [util.mpiexec_path(), "-n", "1", sys.executable, empty], env=clean_env())))
+                      timed("mpiexec", util.local_mpiexec(1) + [sys.executable, empty], env=clean_env())))
     why = runtime_missing()
     if why:
         ctx.skip("startup dragon-launch", why)

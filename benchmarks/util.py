@@ -181,6 +181,27 @@ def mpiexec_path():
     return shutil.which("mpiexec")
 
 
+_FLAVOR = {}
+
+
+def local_mpiexec(n):
+    """mpiexec that starts n ranks on THIS host even inside a Slurm allocation (where MPICH's Hydra would
+    otherwise spread them over the allocation's nodes)."""
+    exe = mpiexec_path()
+    if exe not in _FLAVOR:
+        try:
+            v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except Exception:
+            v = ""
+        _FLAVOR[exe] = "hydra" if "HYDRA" in v else "openmpi" if "Open MPI" in v or "OpenRTE" in v else "other"
+    flavor = _FLAVOR[exe]
+    if flavor == "hydra":
+        return [exe, "-launcher", "fork", "-n", str(n)]
+    if flavor == "openmpi":
+        return [exe, "--host", f"localhost:{n}", "-n", str(n)]
+    return [exe, "-n", str(n)]
+
+
 def environment():
     """Facts a reader needs to interpret the figures."""
     env = {

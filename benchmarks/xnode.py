@@ -26,9 +26,8 @@ def two_node_launcher():
         mpi = os.environ.get("DRAGON_BENCH_SRUN_MPI", "pmi2")  # the mpich wheel speaks PMI-2 to Slurm
         return (["srun", f"--mpi={mpi}", "-N", "2", "-n", "2", "--ntasks-per-node=1"], [],
                 f"2 Slurm nodes ({os.environ.get('SLURM_JOB_NODELIST', '?')})")
-    mpiexec = util.mpiexec_path()
-    if mpiexec:
-        return [mpiexec, "-n", "2"], ["--virtual-nodes"], "2 virtual nodes on this host"
+    if util.mpiexec_path():
+        return util.local_mpiexec(2), ["--virtual-nodes"], "2 virtual nodes on this host"
     return None, None, None
 
 
