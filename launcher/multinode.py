@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 from launcher.launch import EXIT_SERVICE_FAILED, GRACE, INFRA_POOL_SIZE, _log
@@ -49,7 +48,7 @@ def mpi_segments():
             for line in f:
                 path = line.rstrip("\n").split(None, 5)[-1]
                 if path.startswith("/dev/shm/") and not path.startswith("/dev/shm/dragon-"):
-                    names.add(path[len("/dev/shm/"):].replace(" (deleted)", ""))
+                    names.add(path[len("/dev/shm/") :].replace(" (deleted)", ""))
     except OSError:
         pass
     return sorted(n for n in names if "/" not in n)
@@ -81,8 +80,15 @@ def service_main(kind, args):
         from dragon.localservices import shepherd
 
         try:
-            return shepherd.main(args["node"], args["job"], h(args["inbox"]), h(args["gs"]), h(args["pool"]),
-                                 gs_node=0, remote_attach=attach)
+            return shepherd.main(
+                args["node"],
+                args["job"],
+                h(args["inbox"]),
+                h(args["gs"]),
+                h(args["pool"]),
+                gs_node=0,
+                remote_attach=attach,
+            )
         finally:
             if os.getppid() != parent:  # the launcher rank died (mpiexec killed it): MPICH left its segments
                 for name in args.get("mpi_shm", ()):
@@ -93,8 +99,15 @@ def service_main(kind, args):
     if kind == "gs":
         from dragon.globalservices import server
 
-        return server.main(h(args["inbox"]), [h(x) for x in args["shepherds"]], h(args["launcher"]),
-                           args["nodes"], [h(x) for x in args["pools"]], node=0, remote_attach=attach)
+        return server.main(
+            h(args["inbox"]),
+            [h(x) for x in args["shepherds"]],
+            h(args["launcher"]),
+            args["nodes"],
+            [h(x) for x in args["pools"]],
+            node=0,
+            remote_attach=attach,
+        )
     raise SystemExit(f"unknown service {kind}")
 
 
@@ -141,28 +154,55 @@ def _runtime_class():
             if self.k == 0:
                 self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
                 self.chans.append(self.gs_ch)
-            hx = lambda x: bytes(x.sdesc).hex()  # noqa: E731
-            mine = {"sh": hx(self.sh_ch), "la": hx(self.la_ch), "pool": hx(self.pool), "gw": hx(self.gw),
-                    "gs": hx(self.gs_ch) if self.k == 0 else None}
+            hx = lambda x: bytes(x.sdesc).hex()
+            mine = {
+                "sh": hx(self.sh_ch),
+                "la": hx(self.la_ch),
+                "pool": hx(self.pool),
+                "gw": hx(self.gw),
+                "gs": hx(self.gs_ch) if self.k == 0 else None,
+            }
             every = self.leaders.allgather(mine)
             gs_cd = every[0]["gs"]
             os.environ["DRAGON_GW_CD"] = mine["gw"]
             os.environ["DRAGON_INF_PD"] = mine["pool"]
             os.environ["DRAGON_GS_NODE"] = "0"
-            self.agent = Agent(self.leaders, self.k, list(range(self.n)), self.gw, self.pool,
-                               log=get_logger("transport", self.k))
+            self.agent = Agent(
+                self.leaders,
+                self.k,
+                list(range(self.n)),
+                self.gw,
+                self.pool,
+                log=get_logger("transport", self.k),
+            )
             self.agent.on_ctrl = lambda src, obj: self.events.put(("ctrl", src, obj))
             self.agent.on_node_down = lambda node: self.events.put(("down", node, None))
             self.agent_thread = start_thread(self.agent)
             parent = str(os.getpid())
-            self.shep_pid = _service("shepherd", {"parent": parent, "node": self.k, "job": self.job,
-                                                  "inbox": mine["sh"], "gs": gs_cd, "pool": mine["pool"],
-                                                  "mpi_shm": mpi_segments()}).pid
+            self.shep_pid = _service(
+                "shepherd",
+                {
+                    "parent": parent,
+                    "node": self.k,
+                    "job": self.job,
+                    "inbox": mine["sh"],
+                    "gs": gs_cd,
+                    "pool": mine["pool"],
+                    "mpi_shm": mpi_segments(),
+                },
+            ).pid
             if self.k == 0:
-                self.gs_pid = _service("gs", {"parent": parent, "inbox": gs_cd,
-                                              "shepherds": [v["sh"] for v in every], "launcher": mine["la"],
-                                              "nodes": self.world.nodes(),
-                                              "pools": [v["pool"] for v in every]}).pid
+                self.gs_pid = _service(
+                    "gs",
+                    {
+                        "parent": parent,
+                        "inbox": gs_cd,
+                        "shepherds": [v["sh"] for v in every],
+                        "launcher": mine["la"],
+                        "nodes": self.world.nodes(),
+                        "pools": [v["pool"] for v in every],
+                    },
+                ).pid
 
         # ---- events from the agent -----------------------------------------------------------------------
         def _events(self):
@@ -230,8 +270,12 @@ def _runtime_class():
             if self.down and code == 0:
                 code = EXIT_SERVICE_FAILED
             if self.down:
-                _log("the job lost " + "; ".join(f"node {k} ({self.world.hostnames[k]}): {why}"
-                                                   for k, why in sorted(self.down.items())))
+                _log(
+                    "the job lost "
+                    + "; ".join(
+                        f"node {k} ({self.world.hostnames[k]}): {why}" for k, why in sorted(self.down.items())
+                    )
+                )
             self._finish()
             return code
 
@@ -245,7 +289,11 @@ def _runtime_class():
             super().teardown()
             self.pool = pool
             deadline = time.monotonic() + self.grace + 5.0
-            while self.agent is not None and time.monotonic() < deadline and not set(live) <= self.torn | set(self.down):
+            while (
+                self.agent is not None
+                and time.monotonic() < deadline
+                and not set(live) <= self.torn | set(self.down)
+            ):
                 self._events()
                 time.sleep(0.02)
             missing = set(live) - self.torn - set(self.down)
@@ -301,8 +349,10 @@ def _runtime_class():
                 self._reap()
                 self._events()
                 if self.shep_pid in self.dead and self.lost is None and not torn:
-                    self.lost = (f"local services (shepherd) of node {self.k} (pid {self.shep_pid}) died "
-                                 f"({self._status_text(self.dead[self.shep_pid])})")
+                    self.lost = (
+                        f"local services (shepherd) of node {self.k} (pid {self.shep_pid}) died "
+                        f"({self._status_text(self.dead[self.shep_pid])})"
+                    )
                     _log(self.lost)
                     self.agent.send_ctrl(0, {"op": "dead", "node": self.k, "why": self.lost})
                     self.agent.announce_down(self.k)

@@ -3,6 +3,7 @@
 
 Every run carries a unique marker in its environment; after it, no process may carry the marker (a rank, a
 service or a managed process left behind) and no segment may be left (the autouse fixture of conftest.py)."""
+
 import os
 import shutil
 import subprocess
@@ -43,10 +44,19 @@ def launch(n, *args, timeout=100, virtual=True, program=APP):
     mark = os.urandom(6).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
     env["DRAGON_TEST_MARK"] = mark
-    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "launcher.launch",
-           *(["--virtual-nodes"] if virtual else []), program, *args]
+    cmd = [
+        mpiexec(),
+        "-n",
+        str(n),
+        sys.executable,
+        "-m",
+        "launcher.launch",
+        *(["--virtual-nodes"] if virtual else []),
+        program,
+        *args,
+    ]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         for pid in _marked(mark):
             try:

@@ -1,12 +1,13 @@
 """Multi-node dragon on the test Slurm cluster (slurm/start-cluster.sh): ``srun -N 2 --ntasks-per-node=1
 dragon-launch app.py``, two real nodes with their own hostnames, networks and /dev/shm; MPI between them goes
 over the network."""
+
 import os
-import sys
 
 import pytest
+from slurm_util import slurm_cluster, srun_dragon
 
-from slurm_util import slurm_cluster, srun_dragon  # noqa: F401 (a fixture)
+__all__ = ["slurm_cluster"]  # a fixture, imported for pytest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 

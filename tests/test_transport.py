@@ -1,5 +1,6 @@
 """The transport (agents + RemoteChannel) between virtual nodes, without the runtime services:
 mpiexec -n N python -m dragon.transport.harness --virtual-nodes tests/mpi_apps/transport_app.py CASE."""
+
 import os
 import shutil
 import subprocess
@@ -21,10 +22,19 @@ def mpiexec():
 
 
 def harness(n, *args, timeout=90):
-    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "dragon.transport.harness", "--virtual-nodes", APP,
-           *args]
+    cmd = [
+        mpiexec(),
+        "-n",
+        str(n),
+        sys.executable,
+        "-m",
+        "dragon.transport.harness",
+        "--virtual-nodes",
+        APP,
+        *args,
+    ]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{args} hung: {e.stdout}\n{e.stderr}")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -40,7 +40,7 @@ _ack_pack = W.HDR.pack
 class _In:
     """A stream arriving here: a remote process's handle to a channel of this node."""
 
-    __slots__ = ("src", "sid", "ch", "err", "sendq", "recvq", "delivered", "acked", "closing")
+    __slots__ = ("acked", "ch", "closing", "delivered", "err", "recvq", "sendq", "sid", "src")
 
     def __init__(self, src, sid):
         self.src, self.sid = src, sid
@@ -56,7 +56,7 @@ class _In:
 class _Out:
     """A stream leaving here: where its answers go."""
 
-    __slots__ = ("sid", "dest", "reply")
+    __slots__ = ("dest", "reply", "sid")
 
     def __init__(self, sid, dest, reply):
         self.sid, self.dest, self.reply = sid, dest, reply
@@ -65,7 +65,7 @@ class _Out:
 class _Free:
     """Keeps a block of the infrastructure pool for an MPI send; release() frees it."""
 
-    __slots__ = ("pool", "off")
+    __slots__ = ("off", "pool")
 
     def __init__(self, pool, off):
         self.pool, self.off = pool, off
@@ -82,14 +82,14 @@ class _Free:
 class _Pending:
     """A big payload still arriving (MPI Irecv) in a stream's queue: later messages of the stream wait behind it."""
 
-    __slots__ = ("req", "buf")
+    __slots__ = ("buf", "req")
 
     def __init__(self, req, buf):
         self.req, self.buf = req, buf
 
 
 class _Req:
-    __slots__ = ("seq", "mode", "max_n", "maxlen", "deadline", "nonblock")
+    __slots__ = ("deadline", "max_n", "maxlen", "mode", "nonblock", "seq")
 
     def __init__(self, seq, mode, max_n, maxlen, timeout):
         self.seq, self.mode, self.max_n, self.maxlen = seq, mode, max_n, maxlen
@@ -158,10 +158,10 @@ class Agent:
         while self.running:
             try:
                 work = self._step()
-            except Exception as e:  # a bug must not silently stop the node's transport
+            except Exception:  # a bug must not silently stop the node's transport
                 self.stats["errors"] += 1
                 if self.log:
-                    self.log.exception("transport agent: %s", e)
+                    self.log.exception("transport agent")
                 else:
                     import traceback
 
@@ -395,9 +395,9 @@ class Agent:
                 if self.on_ctrl is not None:
                     try:
                         self.on_ctrl(src, msgpack.unpackb(payload, raw=False))
-                    except Exception as e:  # the launcher's bug must not kill the transport
+                    except Exception:  # the launcher's bug must not kill the transport
                         if self.log:
-                            self.log.exception("control message from node %d: %s", src, e)
+                            self.log.exception("control message from node %d", src)
 
         if run:
             self._in_send_run(src, run_sid, run)
@@ -472,7 +472,9 @@ class Agent:
                 item = s.ch.pool.alloc(n, timeout=0)
             except PoolError:
                 item = bytearray(n)
-            if not isinstance(bigsrc, collections.deque):  # from MPI: a non-blocking receive, the stream waits
+            if not isinstance(
+                bigsrc, collections.deque
+            ):  # from MPI: a non-blocking receive, the stream waits
                 pend = _Pending(self.comm.Irecv([item, n, self.MPI.BYTE], bigsrc, W.TAG_BIG), item)
                 self.irecvs.append(pend)
                 s.sendq.append(pend)
@@ -768,9 +770,9 @@ class Agent:
         if self.on_node_down is not None:
             try:
                 self.on_node_down(node)
-            except Exception as e:
+            except Exception:
                 if self.log:
-                    self.log.exception("node-down callback: %s", e)
+                    self.log.exception("node-down callback")
 
 
 def _profiled(agent, path):

@@ -115,8 +115,10 @@ def app(quick):
         return
     mpi = {int(k): v for k, v in json.loads(os.environ.get("DRAGON_BENCH_MPI", "{}")).items()}
     rows = []
-    head = (f"{'size':>8} | {'agents msg/s':>12} {'GB/s':>7} {'rtt us':>8} | {'mpi4py msg/s':>12} {'GB/s':>7} "
-            f"{'rtt us':>8} | {'stream x':>8} {'rtt x':>6}")
+    head = (
+        f"{'size':>8} | {'agents msg/s':>12} {'GB/s':>7} {'rtt us':>8} | {'mpi4py msg/s':>12} {'GB/s':>7} "
+        f"{'rtt us':>8} | {'stream x':>8} {'rtt x':>6}"
+    )
     print(head)
     print("-" * len(head))
     for size in SIZES:
@@ -126,8 +128,10 @@ def app(quick):
         if b:
             row["stream_ratio"] = a["stream_msgs"] / b["stream_msgs"]
             row["rtt_ratio"] = a["rtt_us"] / b["rtt_us"]
-            line += (f" {b['stream_msgs']:>12.0f} {b['stream_msgs'] * size / 1e9:>7.3f} {b['rtt_us']:>8.1f} |"
-                     f" {row['stream_ratio']:>8.2f} {row['rtt_ratio']:>6.1f}")
+            line += (
+                f" {b['stream_msgs']:>12.0f} {b['stream_msgs'] * size / 1e9:>7.3f} {b['rtt_us']:>8.1f} |"
+                f" {row['stream_ratio']:>8.2f} {row['rtt_ratio']:>6.1f}"
+            )
         print(line, flush=True)
         rows.append(row)
     print("stream x = agents msg/s / mpi4py msg/s (target >= 0.5); rtt x = agents rtt / mpi4py rtt")

@@ -20,6 +20,7 @@ the reply channel and hands answers out).
 
 import atexit
 import itertools
+import math
 import os
 import threading
 import time
@@ -53,26 +54,26 @@ def _timeout_arg(timeout):
     if timeout is None:
         return -1.0
     t = float(timeout)
-    if t != t:
+    if math.isnan(t):
         raise ChannelError("timeout must not be NaN")
     return max(0.0, t)
 
 
 class _Stream:
     __slots__ = (
-        "sid",
-        "sent",
-        "acked",
-        "sent_bytes",
-        "acked_bytes",
-        "sizes",
-        "results",
         "abandoned",
-        "orphans",
+        "acked",
+        "acked_bytes",
         "err",
         "err_cls",
         "lock",
+        "orphans",
         "req",
+        "results",
+        "sent",
+        "sent_bytes",
+        "sid",
+        "sizes",
     )
 
     def __init__(self, sid):
@@ -306,7 +307,7 @@ class RemoteChannel:
         deadline = None if t < 0 else time.monotonic() + t + ANSWER_GRACE
         ep = self._ep
         try:
-            ok = ep.wait(lambda: req in st.results or st.err is not None, deadline)
+            ep.wait(lambda: req in st.results or st.err is not None, deadline)
         except BaseException:
             with ep.cond:
                 if req not in st.results:
@@ -398,7 +399,7 @@ class RemoteChannel:
         st = self._st
         if st.orphans:
             return st.orphans.pop(0)
-        kind, flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
+        _kind, _flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
         out = bytes(payload)
         msg.release()
         return out
@@ -411,7 +412,7 @@ class RemoteChannel:
         if st.orphans:
             out, st.orphans = st.orphans[:max_n], st.orphans[max_n:]
             return out
-        kind, flags, payload, msg = self._request(W.M_MANY, max_n, -1, timeout)
+        _kind, flags, payload, msg = self._request(W.M_MANY, max_n, -1, timeout)
         out = W.unpack_many(payload) if flags & W.MANY else [bytes(payload)]
         msg.release()
         return out
@@ -436,7 +437,7 @@ class RemoteChannel:
             st.orphans.pop(0)
             dst[: len(data)] = data
             return len(data)
-        kind, flags, payload, msg = self._request(W.M_INTO, 1, len(dst), timeout)
+        _kind, _flags, payload, msg = self._request(W.M_INTO, 1, len(dst), timeout)
         n = len(payload)
         dst[:n] = payload
         msg.release()
@@ -446,20 +447,20 @@ class RemoteChannel:
         """True once a message is ready to receive (does not consume it); False if none came in time."""
         if self._st.orphans:
             return True
-        kind, flags, payload, msg = self._request(W.M_POLL, 0, -1, timeout)
+        _kind, _flags, payload, msg = self._request(W.M_POLL, 0, -1, timeout)
         r = msgpack.unpackb(payload)
         msg.release()
         return bool(r)
 
     def _info_req(self):
         if self._info is None:
-            kind, flags, payload, msg = self._request(W.M_INFO, 0, -1, 0)
+            _kind, _flags, payload, msg = self._request(W.M_INFO, 0, -1, 0)
             self._info = msgpack.unpackb(payload)
             msg.release()
         return self._info
 
     def __len__(self):
-        kind, flags, payload, msg = self._request(W.M_LEN, 0, -1, 0)
+        _kind, _flags, payload, msg = self._request(W.M_LEN, 0, -1, 0)
         r = msgpack.unpackb(payload)
         msg.release()
         return int(r) + len(self._st.orphans)

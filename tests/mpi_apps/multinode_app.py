@@ -44,8 +44,13 @@ def case_processes():
     assert nodes == [0, 1, 2], nodes
     assert [node.query(k).index for k in nodes] == nodes
     for k in nodes:
-        d = process.create(PY, None, ["-c", "import os; print('hello from node', os.environ['DRAGON_NODE'])"],
-                           user_name=f"hello{k}", options={"node": k})
+        d = process.create(
+            PY,
+            None,
+            ["-c", "import os; print('hello from node', os.environ['DRAGON_NODE'])"],
+            user_name=f"hello{k}",
+            options={"node": k},
+        )
         assert d.node == k, d
         assert process.join(d.p_uid, timeout=60) == 0
         # a process on node k that uses global services itself (its requests come through the transport)
@@ -65,8 +70,13 @@ def case_twohosts():
     assert node.get_list() == [0, 1]
     hosts = [node.query(k).hostname for k in (0, 1)]
     assert hosts[0] != hosts[1], hosts
-    d = process.create(PY, None, ["-c", "import socket; print('host', socket.gethostname())"],
-                       user_name="where", options={"node": 1})
+    d = process.create(
+        PY,
+        None,
+        ["-c", "import socket; print('host', socket.gethostname())"],
+        user_name="where",
+        options={"node": 1},
+    )
     assert process.join(d.p_uid, timeout=60) == 0
     pd = pool.create(16 << 20, pool_options={"node": 1})
     cd = channel.create(pd.m_uid, channel_options={"capacity": 16})
@@ -116,8 +126,11 @@ def case_channels():
     # several senders on nodes 1 and 2 stream into a channel on node 0: exactly once, in order per sender
     sink = channel.create(None, user_name="sink", channel_options={"capacity": 1024})
     count = 1500
-    senders = [process.create(PY, None, [HERE, "sender", f"n{k}s{j}", str(count)], options={"node": k})
-               for k in (1, 2) for j in range(2)]
+    senders = [
+        process.create(PY, None, [HERE, "sender", f"n{k}s{j}", str(count)], options={"node": k})
+        for k in (1, 2)
+        for j in range(2)
+    ]
     expected = {f"n{k}s{j}": 0 for k in (1, 2) for j in range(2)}
     ch = attach(sink)
     got = 0
