@@ -589,3 +589,25 @@ def test_threads_mpmc_exactly_once(pool):
     assert allmsgs == sorted((k, i) for k in range(nthreads) for i in range(n_per))
     c.destroy()
     assert pool.stats()["allocated_blocks"] == 0
+
+
+def _sleep_in_recv(sdesc):
+    Channel.attach(sdesc).recv()
+
+
+def test_killed_sleeper_costs_at_most_one_spurious_wake(ch):
+    proc = ctx.Process(target=_sleep_in_recv, args=(ch.sdesc,))
+    proc.start()
+    deadline = time.monotonic() + 10
+    while ch._debug_state()["ne_waiters"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ch._debug_state()["ne_waiters"] == 1  # asleep on the futex
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    seq = ch._debug_state()["ne_seq"]
+    ch.send(b"a")  # sees the flag, wakes (nobody), clears it
+    st = ch._debug_state()
+    assert st["ne_waiters"] == 0 and st["ne_seq"] == seq + 1
+    ch.send(b"b")  # no wake-up syscall any more
+    assert ch._debug_state()["ne_seq"] == seq + 1
+    assert ch.recv() == b"a" and ch.recv() == b"b"

@@ -101,6 +101,27 @@ static inline void ds_futex_wake_all(uint32_t *addr) {
     syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+/*
+ * Sleep/wake protocol (no lost wake-up, self-healing): a sleeper reads the sequence word, THEN sets the waiting
+ * flag (seq_cst), re-checks its condition and FUTEX_WAITs on the sequence value it read. A waker makes its change
+ * visible (seq_cst), and only if the flag is set, clears it (exchange), bumps the sequence and wakes all. There is
+ * no waiter count to decrement, so a sleeper that times out, or is SIGKILLed while asleep, costs at most one
+ * spurious wake-up instead of a wake syscall on every operation forever.
+ */
+static inline void ds_wake_if_waiting(uint32_t *flag, uint32_t *seq) {
+    if (__atomic_load_n(flag, __ATOMIC_SEQ_CST) && __atomic_exchange_n(flag, 0, __ATOMIC_SEQ_CST)) {
+        __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
+        ds_futex_wake_all(seq);
+    }
+}
+
+static inline uint32_t ds_prepare_wait(uint32_t *flag, uint32_t *seq) {
+    uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
+    __atomic_store_n(flag, 1, __ATOMIC_SEQ_CST);
+    DS_FENCE();
+    return v;
+}
+
 /* ---------------------------------------------------------------- process identity and liveness */
 /*
  * A claim carries a 30-bit "claim id": pid (22 bits: Linux pid_max <= 2^22) | 8-bit tag derived from the
@@ -209,8 +230,8 @@ typedef struct {
     uint64_t hint;
     uint64_t repairs;
     DS_ALIGN64 pthread_mutex_t mutex;
-    DS_ALIGN64 uint32_t free_seq; /* futex, bumped on every free */
-    uint32_t waiters;             /* blocked allocators */
+    DS_ALIGN64 uint32_t free_seq; /* futex, bumped when a free wakes blocked allocators */
+    uint32_t waiters;             /* "somebody sleeps on free_seq" flag (see ds_wake_if_waiting) */
 } ds_pool_hdr;
 
 static inline uint64_t ds_round(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
@@ -410,8 +431,8 @@ static inline int ds_pool_free(char *base, uint64_t off) {
     h->allocated_blocks--;
     if ((uint64_t)i < h->hint) h->hint = (uint64_t)i; /* reuse what was just freed: its cache lines are hot */
     ds_pool_unlock(base);
-    __atomic_add_fetch(&h->free_seq, 1, __ATOMIC_SEQ_CST);
-    if (DS_LOADS(&h->waiters)) ds_futex_wake_all(&h->free_seq);
+    DS_FENCE();
+    ds_wake_if_waiting(&h->waiters, &h->free_seq);
     return DS_OK;
 }
 
@@ -437,19 +458,16 @@ static inline void ds_pool_mark_destroyed(char *base) {
 static inline int ds_pool_alloc_wait(char *base, uint64_t nbytes, uint64_t *off, int64_t deadline) {
     ds_pool_hdr *h = ds_ph(base);
     for (;;) {
-        __atomic_add_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
-        DS_FENCE();
-        uint32_t seq = DS_LOADS(&h->free_seq);
+        uint32_t seq = ds_prepare_wait(&h->waiters, &h->free_seq);
         int r = ds_pool_try_alloc(base, nbytes, off);
-        if (r != DS_FULL) { __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST); return r; }
+        if (r != DS_FULL) return r;
         int64_t wait = ds_wait_chunk_ns;
         if (deadline >= 0) {
             int64_t now = ds_now();
-            if (now >= deadline) { __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST); return DS_TIMEOUT; }
+            if (now >= deadline) return DS_TIMEOUT;
             if (deadline - now < wait) wait = deadline - now;
         }
         int e = ds_futex_wait(&h->free_seq, seq, wait);
-        __atomic_sub_fetch(&h->waiters, 1, __ATOMIC_SEQ_CST);
         if (e == EINTR || e == ETIMEDOUT) return DS_INTR; /* let the caller check signals, then retry */
     }
 }
@@ -485,9 +503,9 @@ typedef struct {
     DS_ALIGN64 uint64_t tail;
     DS_ALIGN64 uint64_t head;
     DS_ALIGN64 uint32_t ne_seq; /* "not empty": receivers sleep here */
-    uint32_t ne_waiters;
+    uint32_t ne_waiters;        /* flag: a receiver may be asleep */
     DS_ALIGN64 uint32_t nf_seq; /* "not full": senders sleep here */
-    uint32_t nf_waiters;
+    uint32_t nf_waiters;        /* flag: a sender may be asleep */
     DS_ALIGN64 char slots[];
 } ds_ch_hdr;
 
@@ -631,10 +649,7 @@ static inline int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *l
 static inline void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap) {
     ds_ch_hdr *h = c->h;
     DS_STORES(&s->state, DS_ST(lap, DS_PH_FULL, 0));
-    if (DS_LOADS(&h->ne_waiters)) {
-        __atomic_add_fetch(&h->ne_seq, 1, __ATOMIC_SEQ_CST);
-        ds_futex_wake_all(&h->ne_seq);
-    }
+    ds_wake_if_waiting(&h->ne_waiters, &h->ne_seq);
 }
 
 /*
@@ -685,10 +700,7 @@ static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **
 static inline void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap) {
     ds_ch_hdr *h = c->h;
     DS_STORES(&s->state, DS_ST(lap + 1, DS_PH_EMPTY, 0));
-    if (DS_LOADS(&h->nf_waiters)) {
-        __atomic_add_fetch(&h->nf_seq, 1, __ATOMIC_SEQ_CST);
-        ds_futex_wake_all(&h->nf_seq);
-    }
+    ds_wake_if_waiting(&h->nf_waiters, &h->nf_seq);
 }
 
 /* is a message ready at head (non-consuming)? If not, *slot / *st tell the head slot (for dead-owner checks) */
@@ -800,19 +812,16 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
                 ds_ch_recover(c, *slot, *st);
             }
         }
-        __atomic_add_fetch(wait_p, 1, __ATOMIC_SEQ_CST);
-        DS_FENCE();
-        uint32_t seq = DS_LOADS(seq_p);
+        uint32_t seq = ds_prepare_wait(wait_p, seq_p);
         r = DS_TRY();
-        if (r != busy) { __atomic_sub_fetch(wait_p, 1, __ATOMIC_SEQ_CST); return r; }
+        if (r != busy) return r;
         int64_t wait = ds_wait_chunk_ns;
         if (deadline >= 0) {
             int64_t now = ds_now();
-            if (now >= deadline) { __atomic_sub_fetch(wait_p, 1, __ATOMIC_SEQ_CST); return DS_TIMEOUT; }
+            if (now >= deadline) return DS_TIMEOUT;
             if (deadline - now < wait) wait = deadline - now;
         }
         int e = ds_futex_wait(seq_p, seq, wait);
-        __atomic_sub_fetch(wait_p, 1, __ATOMIC_SEQ_CST);
         /* a signal, or a chunk passed: return so the caller runs PyErr_CheckSignals (a signal that arrived
            outside the futex syscall does not interrupt it) and calls again; dead owners are checked on entry */
         if (e == EINTR || e == ETIMEDOUT) return DS_INTR;
