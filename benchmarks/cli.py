@@ -71,6 +71,7 @@ class Context:
         self.target = args.target_time or (0.08 if args.quick else 0.4)
         self.progress = util.Progress(1, enabled=not args.no_progress)
         self.figures, self.skipped, self.notes = [], [], []
+        self.cleanup = {}  # per runtime: runs, segments removed, processes killed after its runs
         self.dragonhpc = None if args.no_dragonhpc else util.dragonhpc_root()
 
     def skip(self, what, why):
@@ -189,6 +190,7 @@ def main(argv=None):
         "results": ctx.figures,
         "skipped": ctx.skipped,
         "notes": ctx.notes,
+        "cleanup": ctx.cleanup,
     }
     doc["ratios"] = report.ratios(ctx.figures)
     doc["targets"] = report.targets(ctx.figures)

@@ -200,6 +200,14 @@ def render(doc, labels=None):
                  f"{t['op']} {t['bound']:g}",
                  "not measured" if t["met"] is None else "MET" if t["met"] else "missed"] for t in tg]
         out.append(_table(rows, ["target", "issue", "ratio", "wanted", ""]))
+    cl = doc.get("cleanup") or {}
+    if cl:
+        parts = []
+        for who, c in cl.items():
+            segs = f"{len(c['shm_removed'])} /dev/shm segment(s), " if c.get("shm_checked") else ""
+            parts.append(f"{labels.get(who, who)}: {c['runs']} run(s) left {segs}{c['procs_killed']} process(es)")
+        out.append("")
+        out.append("cleanup after each runtime's runs (removed by dragon-bench): " + "; ".join(parts))
     for s in doc.get("skipped", []):
         out.append(f"skipped {s['what']}: {s['why']}")
     for n in doc.get("notes", []):

@@ -282,12 +282,16 @@ def _tmpdir(ctx):
 
 
 def _note_leaks(ctx, name, res):
+    """Count what each runtime's runs left behind (ctx.cleanup, in the JSON and the report)."""
+    c = ctx.cleanup.setdefault(name, {"runs": 0, "shm_removed": [], "procs_killed": 0,
+                                      "shm_checked": name == "dragonhpc"})
+    c["runs"] += 1
+    c["shm_removed"] += res["leaked_shm"]
+    c["procs_killed"] += len(res["leaked_procs"])
     if res["leaked_shm"] or res["leaked_procs"]:
         ctx.note(f"{LABELS.get(name, name)} left {len(res['leaked_shm'])} /dev/shm segment(s) "
                  f"({', '.join(res['leaked_shm'][:4])}{'...' if len(res['leaked_shm']) > 4 else ''}) and "
                  f"{len(res['leaked_procs'])} process(es) behind; dragon-bench removed them")
-        ctx.leaks = getattr(ctx, "leaks", [])
-        ctx.leaks.append({"who": name, "shm": res["leaked_shm"], "procs": res["leaked_procs"]})
 
 
 def _dragon_runtime_steps(ctx):

@@ -118,6 +118,7 @@ def test_dragonhpc_side_by_side_leaves_nothing(tmp_path):
     find(doc, "startup", "empty", "dragonhpc", "seconds")
     find(doc, "pool", "alloc-free", "dragonhpc", "ops_per_s", 64)
     assert doc["env"]["versions"]["dragonhpc"]
+    assert doc["cleanup"]["dragonhpc"]["runs"] >= 2 and doc["cleanup"]["dragonhpc"]["shm_checked"]
     # whatever it left (segments, processes) was removed by the harness; the conftest fixture checks /dev/shm
 
 
