@@ -611,3 +611,11 @@ def test_killed_sleeper_costs_at_most_one_spurious_wake(ch):
     ch.send(b"b")  # no wake-up syscall any more
     assert ch._debug_state()["ne_seq"] == seq + 1
     assert ch.recv() == b"a" and ch.recv() == b"b"
+
+
+def test_pickling_message_copies_payload(ch):
+    import pickle
+
+    ch.send(b"m" * 3000)
+    with ch.recv_message() as m:
+        assert pickle.loads(pickle.dumps(m)) == b"m" * 3000

@@ -416,3 +416,16 @@ def test_fuzzed_sdesc_never_crashes(pool):
             continue
         assert q.name == pool.name and q.size == pool.size  # only harmless bytes changed
         q.close()
+
+
+def test_pickling_handles_and_blocks(pool):
+    import pickle
+
+    b = pool.alloc(100)
+    memoryview(b)[:3] = b"abc"
+    q = pickle.loads(pickle.dumps(pool))
+    assert isinstance(q, Pool) and q.name == pool.name and not q.creator
+    v = pickle.loads(pickle.dumps(b))  # a non-owning view of the same block, by offset
+    assert v.offset == b.offset and bytes(memoryview(v)[:3]) == b"abc" and not v.owner
+    with pytest.raises(TypeError):
+        pickle.dumps(core._Segment.__new__(core._Segment))  # raw mappings never pickle

@@ -7,6 +7,8 @@ import os
 import struct
 import weakref
 
+cimport cython
+
 from libc.stdint cimport uint32_t, uint64_t, int64_t, UINT64_MAX
 from libc.string cimport memcpy
 from libc.errno cimport errno, EEXIST, ENOENT, EINTR
@@ -186,6 +188,7 @@ def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None):
 
 
 # ---------------------------------------------------------------------------------------------- segments
+@cython.auto_pickle(False)  # never pickle raw pointers; see __reduce__
 cdef class _Segment:
     """One mapping of one pool segment in this process; unmapped when the last Pool/Channel/Block/Message goes."""
     cdef char *base
@@ -292,6 +295,7 @@ cdef tuple _parse_sdesc(object sdesc, object err):
 
 
 # ---------------------------------------------------------------------------------------------- pool
+@cython.auto_pickle(False)  # never pickle raw pointers; see __reduce__
 cdef class Pool:
     """A shared-memory pool: one POSIX segment with a process-shared allocator working in offsets."""
     cdef _Segment seg
@@ -476,6 +480,7 @@ cdef Pool _pool_handle(_Segment seg, bint creator):
 
 
 # ---------------------------------------------------------------------------------------------- blocks
+@cython.auto_pickle(False)  # never pickle raw pointers; see __reduce__
 cdef class Block:
     """A pool block: a writable buffer (memoryview/numpy without copying) named by an offset valid everywhere."""
     cdef _Segment seg
@@ -521,8 +526,16 @@ cdef class Block:
     def freed(self):
         return self.freed
 
+    def __reduce__(self):
+        # another process gets a non-owning view of the same block (it may free it: ownership is the caller's)
+        return (_resolve_block, (self.pool.sdesc, self.offset))
+
     def __repr__(self):
         return f"<Block offset={self.offset} size={self.size}{' freed' if self.freed else ''}>"
+
+
+def _resolve_block(sdesc, offset):
+    return Pool.attach(sdesc).block(offset)
 
 
 cdef Block _block(Pool pool, uint64_t off, Py_ssize_t size, bint owner):
@@ -536,6 +549,7 @@ cdef Block _block(Pool pool, uint64_t off, Py_ssize_t size, bint owner):
 
 
 # ---------------------------------------------------------------------------------------------- messages
+@cython.auto_pickle(False)  # never pickle raw pointers; see __reduce__
 cdef class Message:
     """A received message as a writable buffer. Large messages are the pool block itself (zero copy); the block
     is freed when the Message and every view of it (memoryview, numpy array) are gone, or at release()."""
@@ -605,6 +619,9 @@ cdef class Message:
     def __len__(self):
         return self.n
 
+    def __reduce__(self):
+        return (bytes, (self.__bytes__(),))  # a copy of the payload
+
     @property
     def nbytes(self):
         return self.n
@@ -625,6 +642,7 @@ cdef class Message:
 
 
 # ---------------------------------------------------------------------------------------------- channels
+@cython.auto_pickle(False)  # never pickle raw pointers; see __reduce__
 cdef class Channel:
     """A bounded multi-producer multi-consumer lock-free queue inside a pool."""
     cdef ds_chan c
