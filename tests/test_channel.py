@@ -405,6 +405,10 @@ def test_bad_create_args(pool):
     with pytest.raises(TypeError):
         Channel.create(pool, capacity="x")
     with pytest.raises(TypeError):
+        Channel.create(pool, capacity=2.0)
+    with pytest.raises(ChannelError, match="out of range"):
+        Channel.create(pool, capacity=2**99)
+    with pytest.raises(TypeError):
         Channel()
     closed = Pool.attach(pool.sdesc)
     closed.close()

@@ -285,6 +285,10 @@ def test_bad_sizes_and_names():
         Pool.create(1 << 60)
     with pytest.raises(TypeError):
         Pool.create("big")
+    with pytest.raises(TypeError):
+        Pool.create(1.5)
+    with pytest.raises(PoolError, match="out of range"):
+        Pool.create(2**70)
     for name in ("a/b", "", "x\0y"):
         with pytest.raises(PoolError, match="invalid pool name"):
             Pool.create(1024, name=name)
@@ -303,6 +307,12 @@ def test_bad_alloc_free_block_args(pool):
         pool.alloc(-5)
     with pytest.raises(TypeError):
         pool.alloc("x")
+    with pytest.raises(TypeError):
+        pool.alloc(10.0)
+    with pytest.raises(PoolError, match="out of range"):
+        pool.alloc(2**64)
+    with pytest.raises(PoolError, match="out of range"):
+        pool.block(-(2**80))
     with pytest.raises(PoolError, match="could ever hold"):
         pool.alloc(pool.size + 1)
     with pytest.raises(TypeError):

@@ -16,6 +16,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE,
                              PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES)
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.number cimport PyNumber_Index
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from posix.mman cimport mmap, munmap, shm_open, shm_unlink, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.fcntl cimport O_RDWR, O_CREAT, O_EXCL, O_CLOEXEC
@@ -101,6 +102,14 @@ cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
     if rc == DS_CORRUPT:
         raise ChannelError(f"{what}: corrupt channel header or slot state")
     raise ChannelError(f"{what}: error {_rc_name(rc)}")
+
+
+cdef long long _int(object value, object err, str what) except? -1:
+    """An integer argument: TypeError for non-integers, ``err`` for integers that do not fit in 64 bits."""
+    try:
+        return PyNumber_Index(value)  # no silent truncation of floats
+    except OverflowError:
+        raise err(f"{what} {value} is out of range") from None
 
 
 cdef inline int64_t _deadline(object timeout, object err=ChannelError) except -2:
@@ -313,7 +322,7 @@ cdef class Pool:
     def create(size, name=None):
         """Create a pool of ``size`` bytes (rounded up to 256). The handle that creates it may destroy it."""
         global _counter
-        cdef long long req = size
+        cdef long long req = _int(size, PoolError, "pool size")
         if req <= 0:
             raise PoolError(f"pool size must be > 0, not {req}")
         cdef uint64_t nbits = (<uint64_t>req + DS_GRANULE - 1) // DS_GRANULE
@@ -380,7 +389,7 @@ cdef class Pool:
         """Allocate a block of ``nbytes``; timeout None waits for room, 0 raises PoolFull, t > 0 PoolTimeout."""
         cdef char *base = self._live()
         cdef _Segment seg = self.seg  # keeps the mapping while the GIL is released, even if close() runs
-        cdef long long n = nbytes
+        cdef long long n = _int(nbytes, PoolError, "allocation size")
         cdef uint64_t off = 0
         cdef int64_t deadline
         if n < 0:
@@ -419,7 +428,7 @@ cdef class Pool:
     def block(self, offset):
         """A non-owning Block over the allocated block at ``offset`` (e.g. received from another process)."""
         cdef char *base = self._live()
-        cdef long long off = offset
+        cdef long long off = _int(offset, PoolError, "offset")
         cdef uint64_t cap = 0
         if off < 0 or ds_pool_block_capacity(base, <uint64_t>off, &cap) != DS_OK:
             raise PoolError(f"pool {self._name!r}: offset {offset} is not an allocated block")
@@ -668,7 +677,8 @@ cdef class Channel:
         cdef Pool p = pool
         if p.seg is None or p.seg.destroyed:
             raise ChannelError(f"cannot create a channel in pool {p._name!r}: the pool handle is closed or destroyed")
-        cdef long long cap = capacity, bs = block_size
+        cdef long long cap = _int(capacity, ChannelError, "channel capacity")
+        cdef long long bs = _int(block_size, ChannelError, "channel block_size")
         if cap < 1 or cap > 0x7fffffff:
             raise ChannelError(f"channel capacity must be between 1 and 2**31-1, not {cap}")
         if bs < 0 or bs > 0x3fffffff:
@@ -832,7 +842,7 @@ cdef class Channel:
         cdef uint64_t cap = 0
         if ds_pool_block_capacity(self.c.base, b.offset, &cap) != DS_OK:
             raise ChannelError(f"channel {self._name!r}: offset {b.offset} is not an allocated block")
-        cdef long long n = b.size if nbytes is None else nbytes
+        cdef long long n = b.size if nbytes is None else _int(nbytes, ChannelError, "nbytes")
         if n < 0 or <uint64_t>n > cap or <uint64_t>n > 0xffffffffULL:
             raise ChannelError(f"channel {self._name!r}: nbytes={n} does not fit the block ({cap} bytes)")
         cdef ds_slot *slot = NULL
@@ -969,7 +979,7 @@ cdef class Channel:
 
     def recv_many(self, max_n, timeout=None):
         """Wait (per timeout) for one message, then take whatever else is queued, up to ``max_n`` in all."""
-        cdef Py_ssize_t m = max_n, k
+        cdef Py_ssize_t m = _int(max_n, ChannelError, "max_n"), k
         cdef ds_slot *slot = NULL
         cdef uint32_t lap = 0
         cdef uint64_t st = 0
