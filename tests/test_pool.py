@@ -439,3 +439,20 @@ def test_pickling_handles_and_blocks(pool):
     assert v.offset == b.offset and bytes(memoryview(v)[:3]) == b"abc" and not v.owner
     with pytest.raises(TypeError):
         pickle.dumps(core._Segment.__new__(core._Segment))  # raw mappings never pickle
+
+
+def _destroy_from_child(sdesc):
+    Pool.attach(sdesc).destroy()
+
+
+def test_destroyed_by_another_process():
+    with Pool.create(4096) as p:
+        proc = ctx.Process(target=_destroy_from_child, args=(p.sdesc,))
+        proc.start()
+        proc.join(10)
+        assert proc.exitcode == 0 and not _shm(p.name)
+        with pytest.raises(PoolError, match="destroyed"):
+            p.alloc(10)  # the header says so, in every process
+        with pytest.raises(PoolError, match="already destroyed"):
+            p.destroy()
+    # __exit__ only closed the handle: no error

@@ -463,7 +463,8 @@ cdef class Pool:
         return self
 
     def __exit__(self, *exc):
-        if self.creator and self.creator_pid == os.getpid() and self.seg is not None and not self.seg.destroyed:
+        if (self.creator and self.creator_pid == os.getpid() and self.seg is not None and not self.seg.destroyed
+                and not ds_ph(self.base).destroyed):  # not already destroyed by another process
             self.destroy()
         else:
             self.close()
