@@ -456,3 +456,36 @@ def test_destroyed_by_another_process():
         with pytest.raises(PoolError, match="already destroyed"):
             p.destroy()
     # __exit__ only closed the handle: no error
+
+
+def _scan_forever(sdesc):
+    p = Pool.attach(sdesc)
+    while True:  # every attempt scans the whole fragmented bitmap holding the mutex, then fails
+        try:
+            p.alloc(512, timeout=0)
+        except PoolFull:
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_while_holding_the_pool_mutex_is_repaired():
+    ngran = 1 << 15
+    with Pool.create(256 * ngran) as p:
+        held = [p.alloc(256) for _ in range(ngran)]
+        for b in held[::2]:  # every other granule free: no room for 2 granules, but a long search
+            p.free(b)
+        held = held[1::2]
+        for _ in range(3):
+            proc = ctx.Process(target=_scan_forever, args=(p.sdesc,))
+            proc.start()
+            time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+            b = p.alloc(1, timeout=5)  # the robust mutex hands over (EOWNERDEAD -> repair)
+            p.free(b)
+        st = p.stats()
+        assert st["repairs"] >= 1, "no kill landed inside the mutex (the search should take most of the time)"
+        assert st["allocated_blocks"] == len(held) and st["free_bytes"] == 256 * (ngran - len(held))
+        for b in held[:10]:
+            p.free(b)
+        assert p.alloc(256 * 2, timeout=0).size == 512  # the rebuilt bitmap finds the new hole
