@@ -6,7 +6,8 @@ First the two ranks time mpi4py ``Send``/``Recv`` (numpy buffers): a stream of N
 a ping-pong. Then each rank becomes its node's transport agent (dragon.transport.harness) and one process per
 node does the same through the agents: node 0 sends with ``RemoteChannel.send`` into a channel of node 1, whose
 process receives locally (``recv_many`` up to 8 KiB, zero-copy ``recv_message`` above) and acks/echoes back
-through the agents. Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios.
+through the agents. Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios (each the best of
+REPEAT rounds, for both sides: the machine may be shared).
 """
 
 import json
@@ -15,6 +16,13 @@ import sys
 import time
 
 SIZES = [8, 64, 1024, 8192, 65536, 1 << 20]
+REPEAT = 3  # rounds per size, for both sides; the best one is reported
+
+
+def _best(a, b):
+    if a is None:
+        return b
+    return {"stream_msgs": max(a["stream_msgs"], b["stream_msgs"]), "rtt_us": min(a["rtt_us"], b["rtt_us"])}
 
 
 def counts(size, quick):
@@ -38,7 +46,8 @@ def mpi_baseline(world, comm, quick):
     for size in SIZES:
         n_stream, n_rtt = counts(size, quick)
         buf = np.zeros(size, np.uint8)
-        for rep in range(2):  # the first round warms up
+        best = None
+        for _rep in range(REPEAT):  # the best round counts (a shared machine is noisy)
             comm.Barrier()
             t = time.perf_counter()
             if r == 0:
@@ -61,7 +70,8 @@ def mpi_baseline(world, comm, quick):
                     comm.Recv(buf, peer, 3)
                     comm.Send(buf, peer, 4)
             dt_rtt = time.perf_counter() - t
-        res[size] = {"stream_msgs": n_stream / dt_stream, "rtt_us": dt_rtt / n_rtt * 1e6}
+            best = _best(best, {"stream_msgs": n_stream / dt_stream, "rtt_us": dt_rtt / n_rtt * 1e6})
+        res[size] = best
     comm.Barrier()
     return res
 
@@ -81,7 +91,7 @@ def app(quick):
         n_stream, n_rtt = counts(size, quick)
         msg = b"x" * size
         buf = bytearray(size)
-        for rep in range(2):
+        for _rep in range(REPEAT):
             if node == 0:
                 local.recv(timeout=120)  # node 1 is ready
                 t = time.perf_counter()
@@ -95,7 +105,9 @@ def app(quick):
                     peer.send(msg)
                     local.recv_into(buf, timeout=120)
                 dt_rtt = time.perf_counter() - t
-                results[size] = {"stream_msgs": n_stream / dt_stream, "rtt_us": dt_rtt / n_rtt * 1e6}
+                results[size] = _best(
+                    results.get(size), {"stream_msgs": n_stream / dt_stream, "rtt_us": dt_rtt / n_rtt * 1e6}
+                )
             else:
                 peer.send(b"ready")
                 got = 0
