@@ -29,7 +29,8 @@ from dragon.errors import (ChannelEmpty, ChannelError, ChannelFull, ChannelTimeo
                            PoolTimeout)
 
 __all__ = ["Pool", "Block", "Channel", "Message", "job_id", "job_prefix", "unlink_job_segments",
-           "set_pdeathsig", "set_child_subreaper", "set_wait_params", "SDESC_VERSION"]
+           "set_pdeathsig", "set_child_subreaper", "set_wait_params", "set_remote_attach", "local_node",
+           "SDESC_VERSION"]
 
 if ds_init() != 0:
     raise ImportError("dragon._core: pthread_atfork failed")
@@ -45,13 +46,31 @@ cdef int MODE_RECV = 1
 cdef int MODE_POLL = 2
 cdef Py_ssize_t BIG_COPY = 65536   # copies at least this big run without the GIL
 
-SDESC_VERSION = 1
+SDESC_VERSION = 2
 cdef char *FMT_B = "B"
 cdef bytes SD_MAGIC = b"DRGN"
 cdef int SD_POOL = 1
 cdef int SD_CHANNEL = 2
-# magic, version, kind, name length, pool generation, pool size, channel offset, channel generation; then name
-_SD = struct.Struct("<4sBBHQQQQ")
+# magic, version, kind, name length, pool generation, pool size, channel offset, channel generation, node (the
+# index of the node whose /dev/shm holds the segment); then name
+_SD = struct.Struct("<4sBBHQQQQH")
+_remote_attach = None   # fn(sdesc, node) -> a channel handle for a channel on another node (the transport)
+
+
+def local_node():
+    """The index of the node this process runs on: env DRAGON_NODE (set by the runtime), default 0."""
+    try:
+        node = int(os.environ.get("DRAGON_NODE") or 0)
+    except ValueError:
+        return 0
+    return node if 0 <= node <= 0xFFFF else 0
+
+
+def set_remote_attach(fn):
+    """Register how Channel.attach reaches a channel on another node: fn(sdesc, node) -> handle (None: it
+    raises ChannelError). dragon.channels registers the transport's RemoteChannel."""
+    global _remote_attach
+    _remote_attach = fn
 
 _segments = weakref.WeakValueDictionary()  # (segment name, generation) -> _Segment: one mapping per process
 _counter = 0
@@ -206,6 +225,7 @@ cdef class _Segment:
     cdef uint64_t generation
     cdef uint64_t data_size
     cdef bint destroyed      # destroy() was called in this process
+    cdef int node            # the node whose /dev/shm holds it
     cdef object __weakref__
 
     def __dealloc__(self):
@@ -214,7 +234,7 @@ cdef class _Segment:
             self.base = NULL
 
 
-cdef _Segment _map_segment(str name, bint create, uint64_t nbits, uint64_t generation):
+cdef _Segment _map_segment(str name, bint create, uint64_t nbits, uint64_t generation, int node):
     cdef bytes bname = ("/" + name).encode()
     cdef int fd
     cdef struct_stat stt
@@ -257,6 +277,7 @@ cdef _Segment _map_segment(str name, bint create, uint64_t nbits, uint64_t gener
     seg.name = name
     seg.generation = generation
     seg.data_size = nbits * DS_GRANULE
+    seg.node = node
     if create:
         rc = ds_pool_init(seg.base, nbits, generation)
         if rc != 0:
@@ -270,7 +291,7 @@ cdef _Segment _map_segment(str name, bint create, uint64_t nbits, uint64_t gener
     return seg
 
 
-cdef _Segment _attach_segment(str name, uint64_t size, uint64_t generation):
+cdef _Segment _attach_segment(str name, uint64_t size, uint64_t generation, int node):
     cdef _Segment seg = _segments.get((name, generation))
     if seg is not None and not seg.destroyed:
         if seg.data_size != size:
@@ -278,7 +299,7 @@ cdef _Segment _attach_segment(str name, uint64_t size, uint64_t generation):
         return seg
     if size == 0 or size % DS_GRANULE or size // DS_GRANULE > DS_MAX_GRANULES:
         raise PoolError(f"pool {name!r}: invalid size {size} in sdesc")
-    return _map_segment(name, False, size // DS_GRANULE, generation)
+    return _map_segment(name, False, size // DS_GRANULE, generation, node)
 
 
 cdef tuple _parse_sdesc(object sdesc, object err):
@@ -287,7 +308,7 @@ cdef tuple _parse_sdesc(object sdesc, object err):
     sdesc = bytes(sdesc)
     if len(sdesc) < _SD.size:
         raise err(f"truncated sdesc ({len(sdesc)} bytes)")
-    magic, version, kind, namelen, pgen, psize, choff, chgen = _SD.unpack_from(sdesc)
+    magic, version, kind, namelen, pgen, psize, choff, chgen, node = _SD.unpack_from(sdesc)
     if magic != SD_MAGIC:
         raise err("not a dragon sdesc (bad magic)")
     if version != SDESC_VERSION:
@@ -300,7 +321,7 @@ cdef tuple _parse_sdesc(object sdesc, object err):
         raise err("corrupt sdesc (segment name is not UTF-8)") from None
     if not name.startswith("dragon-") or "/" in name or "\0" in name or len(sdesc) - _SD.size > NAME_MAX:
         raise err(f"corrupt sdesc (bad segment name {name!r})")
-    return kind, name, pgen, psize, choff, chgen
+    return kind, name, pgen, psize, choff, chgen, node
 
 
 # ---------------------------------------------------------------------------------------------- pool
@@ -314,6 +335,7 @@ cdef class Pool:
     cdef str _name
     cdef uint64_t _size
     cdef uint64_t _gen
+    cdef int _node
 
     def __init__(self, *args, **kwargs):
         raise TypeError("use Pool.create() or Pool.attach()")
@@ -348,16 +370,19 @@ cdef class Pool:
         except OSError:
             pass
         gen = int.from_bytes(os.urandom(8), "little") | 1
-        cdef _Segment seg = _map_segment(segname, True, nbits, gen)
+        cdef _Segment seg = _map_segment(segname, True, nbits, gen, local_node())
         return _pool_handle(seg, True)
 
     @staticmethod
     def attach(sdesc):
         """Attach to a pool from its sdesc (any process on the node)."""
-        kind, name, pgen, psize, choff, chgen = _parse_sdesc(sdesc, PoolError)
+        kind, name, pgen, psize, choff, chgen, node = _parse_sdesc(sdesc, PoolError)
         if kind != SD_POOL:
             raise PoolError("not a pool sdesc (kind %d)" % kind)
-        return _pool_handle(_attach_segment(name, psize, pgen), False)
+        if node != local_node():
+            raise PoolError(f"pool {name!r} lives on node {node}: a pool can only be attached on its own node "
+                            f"(this is node {local_node()}); use its channels from here")
+        return _pool_handle(_attach_segment(name, psize, pgen, node), False)
 
     cdef inline char *_live(self) except NULL:
         if self.seg is None:
@@ -369,7 +394,12 @@ cdef class Pool:
     @property
     def sdesc(self):
         return _SD.pack(SD_MAGIC, SDESC_VERSION, SD_POOL, len(self._name.encode()), self._gen, self._size, 0,
-                        0) + self._name.encode()
+                        0, self.seg.node if self.seg is not None else self._node) + self._name.encode()
+
+    @property
+    def node(self):
+        """The index of the node that holds the pool."""
+        return self._node
 
     @property
     def name(self):
@@ -486,6 +516,7 @@ cdef Pool _pool_handle(_Segment seg, bint creator):
     p._name = seg.name
     p._size = seg.data_size
     p._gen = seg.generation
+    p._node = seg.node
     return p
 
 
@@ -710,11 +741,16 @@ cdef class Channel:
     @staticmethod
     def attach(sdesc):
         """Attach to a channel from its sdesc (maps its pool too)."""
-        kind, name, pgen, psize, choff, chgen = _parse_sdesc(sdesc, ChannelError)
+        kind, name, pgen, psize, choff, chgen, node = _parse_sdesc(sdesc, ChannelError)
         if kind != SD_CHANNEL:
             raise ChannelError("not a channel sdesc (kind %d)" % kind)
+        if node != local_node():
+            if _remote_attach is None:
+                raise ChannelError(f"the channel lives on node {node} and this process (node {local_node()}) "
+                                   f"has no transport to reach it")
+            return _remote_attach(bytes(sdesc), node)
         try:
-            seg = _attach_segment(name, psize, pgen)
+            seg = _attach_segment(name, psize, pgen, node)
         except PoolError as e:
             raise ChannelError(f"cannot attach the channel's pool: {e}") from e
         return _channel_handle(_pool_handle(seg, False), choff, chgen, False)
@@ -1067,7 +1103,12 @@ cdef class Channel:
     def sdesc(self):
         bname = self.seg.name.encode()
         return _SD.pack(SD_MAGIC, SDESC_VERSION, SD_CHANNEL, len(bname), self.seg.generation, self.seg.data_size,
-                        self.offset, self.generation) + bname
+                        self.offset, self.generation, self.seg.node) + bname
+
+    @property
+    def node(self):
+        """The index of the node that holds the channel."""
+        return self.seg.node
 
     def close(self):
         """Release this handle (idempotent)."""

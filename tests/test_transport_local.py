@@ -1,0 +1,94 @@
+"""Node routing without MPI: sdescs name their node; attaching from another node goes through the transport."""
+
+import os
+
+import pytest
+
+from dragon.channels import Channel
+from dragon.errors import ChannelError, PoolError
+from dragon.pools import Pool
+
+
+@pytest.fixture
+def node_env(monkeypatch):
+    monkeypatch.setenv("DRAGON_JOB", "tl" + os.urandom(3).hex())
+    monkeypatch.setenv("DRAGON_NODE", "0")
+    for var in ("DRAGON_GW_CD", "DRAGON_INF_PD"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_sdesc_names_the_node_of_its_creator(node_env):
+    node_env.setenv("DRAGON_NODE", "3")
+    with Pool.create(1 << 20) as pool:
+        ch = Channel.create(pool, capacity=4)
+        assert pool.node == 3 and ch.node == 3
+        again = Channel.attach(ch.sdesc)  # same node: the channel itself
+        assert isinstance(again, Channel) and again.node == 3 and again.sdesc == ch.sdesc
+        assert Pool.attach(pool.sdesc).node == 3
+        ch.destroy()
+
+
+def test_attach_from_another_node_without_a_transport_is_a_clear_error(node_env):
+    with Pool.create(1 << 20) as pool:
+        ch = Channel.create(pool, capacity=4)
+        node_env.setenv("DRAGON_NODE", "1")
+        with pytest.raises(ChannelError, match="another node"):
+            Channel.attach(ch.sdesc)
+        with pytest.raises(PoolError, match="lives on node 0"):
+            Pool.attach(pool.sdesc)
+        node_env.setenv("DRAGON_NODE", "0")
+        ch.destroy()
+
+
+LOOPBACK = r"""
+import os, threading
+from mpi4py import MPI
+from dragon.channels import Channel
+from dragon.errors import ChannelEmpty
+from dragon.pools import Pool
+from dragon.transport import remote, wire as W
+from dragon.transport.agent import Agent, start_thread
+from dragon.transport.remote import RemoteChannel
+
+with Pool.create(32 << 20, name="inf") as pool:
+    gw = Channel.create(pool, capacity=256, block_size=1024 + W.HSIZE)
+    target = Channel.create(pool, capacity=4, block_size=64)
+    os.environ["DRAGON_GW_CD"] = bytes(gw.sdesc).hex()
+    os.environ["DRAGON_INF_PD"] = bytes(pool.sdesc).hex()
+    agent = Agent(MPI.COMM_SELF, 0, [0], gw, pool)
+    t = start_thread(agent)
+    try:
+        r = RemoteChannel(target.sdesc, 0)
+        big = os.urandom(300_000)
+        for data in (b"", b"x" * 64, big):
+            r.send(data)
+            assert r.recv(timeout=10) == data
+        try:
+            r.recv(timeout=0)
+            raise AssertionError("not empty")
+        except ChannelEmpty:
+            pass
+        assert r.capacity == 4
+        r.close()
+        print("loopback ok")
+    finally:
+        agent.stop()
+        t.join(10)
+        remote.endpoint().close()
+        target.destroy()
+        gw.destroy()
+"""
+
+
+def test_remote_channel_through_an_agent_loopback(node_env):
+    """An agent thread (a one-node MPI world) serving a RemoteChannel of its own process (in a subprocess: MPI
+    must not be initialised in the test process, which forks)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mpi4py")
+    res = subprocess.run(
+        [sys.executable, "-c", LOOPBACK], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0 and "loopback ok" in res.stdout, res.stdout + res.stderr
