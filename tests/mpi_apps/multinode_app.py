@@ -16,13 +16,8 @@ HERE = os.path.abspath(__file__)
 
 def attach(desc):
     """A handle to a channel from its descriptor, wherever it lives."""
-    from dragon._core import core
     from dragon.channels import Channel
 
-    if not hasattr(core, "set_remote_attach"):  # a core whose sdescs do not name their node yet
-        from dragon.transport.remote import attach as remote_attach
-
-        return remote_attach(desc.sdesc, desc.node)
     ch = Channel.attach(desc.sdesc)
     if desc.node != int(os.environ.get("DRAGON_NODE", "0")):
         from dragon.transport.remote import RemoteChannel
