@@ -557,7 +557,7 @@ def measure_mpi(sizes, repeat, target_s, do_stream=True, group="channels", launc
                       "--sizes", ",".join(str(s) for s in sizes), "--repeat", str(repeat), "--target", str(target_s)]
     if not do_stream:
         cmd.append("--no-stream")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
+    env = util.clean_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_repo_root(), env.get("PYTHONPATH")]))
     res = util.run_marked(cmd, timeout=timeout, env=env, shm_filter=lambda name: False)
     data = util.parse_json_line(res["stdout"])

@@ -64,9 +64,7 @@ def in_runtime():
     return bool(os.environ.get("DRAGON_GS_CD"))
 
 
-def clean_env():
-    """The environment without this job's DRAGON_* contract, for programs that must start their own runtime."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
+clean_env = util.clean_env
 
 
 def child_env():

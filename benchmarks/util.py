@@ -177,6 +177,16 @@ def dragonhpc_version():
         return None
 
 
+# an enclosing job's variables: a program that starts its own runtime or MPI job must not see them
+_FOREIGN = ("DRAGON_", "PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "PRTE_")
+
+
+def clean_env():
+    """The environment without an enclosing dragon job's contract or MPI launcher's variables (dragon-bench may
+    itself run under dragon-launch or mpiexec), for programs that start their own runtime or ranks."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN) or k.startswith("DRAGON_BENCH")}
+
+
 def mpiexec_path():
     return shutil.which("mpiexec")
 
@@ -190,7 +200,8 @@ def local_mpiexec(n):
     exe = mpiexec_path()
     if exe not in _FLAVOR:
         try:
-            v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+            v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30,
+                               env=clean_env()).stdout
         except Exception:
             v = ""
         _FLAVOR[exe] = "hydra" if "HYDRA" in v else "openmpi" if "Open MPI" in v or "OpenRTE" in v else "other"
@@ -227,10 +238,14 @@ def environment():
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_nnodes": os.environ.get("SLURM_NNODES"),
     }
+    # in a child: importing mpi4py.MPI here would initialize MPI in the harness (and wait for the other ranks
+    # when dragon-bench itself was started by mpiexec)
     try:
-        from mpi4py import MPI
-
-        env["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+        code = ("import mpi4py; mpi4py.rc.initialize = mpi4py.rc.finalize = False; from mpi4py import MPI; "
+                "print(MPI.Get_library_version().strip().splitlines()[0])")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                             env=clean_env())
+        env["mpi_library"] = out.stdout.strip() or None
     except Exception:
         env["mpi_library"] = None
     try:
