@@ -80,7 +80,8 @@ def plan(ctx):
             ctx.figures.extend(data["figures"])
             for s in data.get("skipped", []):
                 ctx.skip(s["what"], s["why"])
-            ctx.note(f"cross-node figures: {where}")
+            handles = sorted({f["handles"] for f in data["figures"] if f.get("handles")})
+            ctx.note(f"cross-node figures: {where}" + (f" ({'; '.join(handles)})" if handles else ""))
 
         steps.append((f"xnode: dragon through the agents ({where})", run))
 
@@ -100,18 +101,20 @@ def plan(ctx):
 
 
 def _attach(desc):
-    """A handle to a channel from its descriptor, wherever it lives."""
-    node = getattr(desc, "node", None)
-    try:
-        from dragon.transport.remote import attach
-
-        if node is not None:
-            return attach(desc.sdesc, node)
-    except ImportError:
-        pass
+    """A handle to a channel from its descriptor, wherever it lives: Channel.attach, as a user writes it (it
+    returns the transport's RemoteChannel for a channel on another node); builds whose Channel.attach cannot
+    route yet get the transport's own attach."""
     from dragon.channels import Channel
 
-    return Channel.attach(desc.sdesc)
+    try:
+        return Channel.attach(desc.sdesc)
+    except Exception:
+        node = getattr(desc, "node", None)
+        if node is None:
+            raise
+        from dragon.transport.remote import attach
+
+        return attach(desc.sdesc, node)
 
 
 def serve(out_ch, cmd_ch):
@@ -297,7 +300,8 @@ def inner_main(args):
             child = gp.create(sys.executable, os.getcwd(), [inner, "--inner", "xnode-child"], env=env,
                               options=ProcessOptions(node=1))
             ra, rb = _attach(a), _attach(b)
-            figures += drive(ra, rb, size, repeat, target)
+            handles = f"node 0 reads a {type(ra).__name__}, sends into a {type(rb).__name__}"
+            figures += [dict(f, handles=handles) for f in drive(ra, rb, size, repeat, target)]
         except Exception as e:
             skipped.append({"what": f"xnode dragon {util.size_label(size)}", "why": f"{type(e).__name__}: {e}"})
         finally:
