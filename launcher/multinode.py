@@ -386,6 +386,28 @@ def wait_barrier(comm):
         time.sleep(0.01)
 
 
+EXIT_BAD_LAYOUT = 2  # like a bad command line: nothing was started
+
+
+def layout_error(mpi_size, env=None):
+    """Why this MPI world cannot be the job's, or None.  srun without a PMI that the MPI library speaks (e.g.
+    ``--mpi=none`` where MpiDefault is none) starts N tasks that each see a world of one rank: each would run the
+    program on its own, N times.  That is refused, on every task, before anything starts."""
+    env = os.environ if env is None else env
+    try:
+        tasks = int(env.get("SLURM_STEP_NUM_TASKS", ""))
+    except ValueError:
+        return None
+    if mpi_size != 1 or tasks <= 1:
+        return None
+    return (
+        f"srun started {tasks} tasks, but MPI shows each of them a world of 1 rank: srun did not connect "
+        f"them through MPI, so each would run the program on its own.  Ask srun for the PMI of your MPI: "
+        f"srun --mpi=pmi2 (the mpich wheel) or --mpi=pmix (Open MPI), or set MpiDefault in slurm.conf.  "
+        f"The layout dragon-launch wants: srun -N NODES --ntasks-per-node=1 dragon-launch app.py"
+    )
+
+
 def main(exe, args, virtual, grace=GRACE):
     """The multi-node launcher; returns this rank's exit code."""
     from mpi4py import MPI
@@ -393,6 +415,11 @@ def main(exe, args, virtual, grace=GRACE):
     from dragon.transport.world import World
 
     comm = MPI.COMM_WORLD
+    wrong = layout_error(comm.Get_size())
+    if wrong:
+        _log(wrong)
+        MPI.Finalize()
+        return EXIT_BAD_LAYOUT
     world = World(comm, virtual)
     job = comm.bcast("j" + os.urandom(5).hex() if world.rank == 0 else None, root=0)
     leaders = comm.Split(0 if world.leader else MPI.UNDEFINED, world.rank)
