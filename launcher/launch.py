@@ -340,7 +340,17 @@ inside PROGRAM: dragon.globalservices.process / pool / channel / node (see examp
 
 exit status: PROGRAM's exit code; 128+N if signal N killed it; 130 on Ctrl-C and 143 on
 SIGTERM (the job is torn down: SIGTERM to every managed process, SIGKILL after --grace);
-70 if the runtime failed (a service died, PROGRAM could not start); 2 for a bad command line.
+70 if the runtime failed (a service died, PROGRAM could not start, a node was lost); 2 for a bad
+command line or MPI layout.
+
+across nodes (one runtime, PROGRAM runs once, on node 0):
+  srun -N NODES --ntasks-per-node=1 dragon-launch app.py      under Slurm (srun must wire MPI: --mpi=pmi2
+                                                              for the mpich wheel, --mpi=pmix for Open MPI)
+  mpiexec -n N -ppn 1 dragon-launch app.py                    one rank per host
+  mpiexec -n N dragon-launch --virtual-nodes app.py           every rank its own node, even on one host
+layout: ranks are grouped into nodes by host name; one rank per node is what the runtime uses. Extra ranks on a
+node (without --virtual-nodes) are accepted but only wait for the end. srun tasks that each see an MPI world of
+one rank (srun --mpi=none) are refused with exit status 2: each would run PROGRAM on its own.
 
 environment: DRAGON_LOG=debug for verbose service logs on stderr;
 DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60).""",
