@@ -86,8 +86,9 @@ def targets(figures):
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
         group = {2: "channels", 4: "xnode"}.get(issue) or ("startup" if "startup" in name else
                                                           "gs" if "GS" in name else "launch")
-        out.append({"target": name, "issue": issue, "group": group, "value": value, "op": op, "bound": bound,
-                    "met": met, "how": how})
+        test = "rtt" if "round trip" in name else "stream" if "stream" in name else None
+        out.append({"target": name, "issue": issue, "group": group, "test": test, "value": value, "op": op,
+                    "bound": bound, "met": met, "how": how})
 
     def ratio(a, b):
         return a / b if a is not None and b else None
@@ -191,8 +192,9 @@ def render(doc, labels=None):
             rows.append(row)
         out.append("")
         out.append(_table(rows, ["figure", "dragon variant"] + [lab(p) for p in others]))
-    groups = {f["group"] for f in figures}
-    tg = [t for t in doc.get("targets", []) if t["value"] is not None or t["group"] in groups]
+    ran = {(f["group"], f["test"]) for f in figures}
+    tg = [t for t in doc.get("targets", []) if t["value"] is not None or
+          any(g == t["group"] and (t.get("test") in (None, test)) for g, test in ran)]
     if tg:
         out.append("")
         out.append("== Targets (from the issues), on this run's medians")
