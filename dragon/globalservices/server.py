@@ -811,6 +811,9 @@ def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools, node=0, remote
     signal.signal(signal.SIGINT, lambda signum, frame: None)
 
     def _term(signum, frame):
+        # once: under Slurm (scancel, time limit) every process of the step gets SIGTERM, maybe while this one
+        # is already on its way out, where a SystemExit would only print "Exception ignored" noise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _term)
@@ -826,4 +829,5 @@ def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools, node=0, remote
     )
     gs.log.debug("global services up (pid %d)", os.getpid())
     gs.run()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # halted: exiting anyway (see _term)
     return 0
