@@ -440,6 +440,9 @@ def main(node, job, inbox_cd, gs_cd, infra_pd, gs_node=0, remote_attach=None):
     signal.signal(signal.SIGINT, lambda signum, frame: None)
 
     def _term(signum, frame):
+        # once: under Slurm (scancel, time limit) every process of the step gets SIGTERM, maybe during the
+        # teardown below or on the way out, where a second SystemExit would cut the teardown short or print noise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _term)
@@ -456,6 +459,7 @@ def main(node, job, inbox_cd, gs_cd, infra_pd, gs_node=0, remote_attach=None):
             remote_attach=remote_attach,
         )
         shep.run()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torn down: exiting anyway (see _term)
     except SystemExit:
         if shep is not None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
