@@ -25,7 +25,9 @@ import time
 
 from launcher.launch import EXIT_SERVICE_FAILED, GRACE, INFRA_POOL_SIZE, _log
 
-MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+HEARTBEAT = 1.0  # seconds between an agent's heartbeats to every other agent
+DEAD_AFTER = 15.0  # a node whose agent was silent this long is declared down (its launcher rank died)
+FINAL_BARRIER = 15.0  # how long the launchers wait for each other at the very end
 
 
 def under_mpi():
@@ -177,6 +179,7 @@ def _runtime_class():
             )
             self.agent.on_ctrl = lambda src, obj: self.events.put(("ctrl", src, obj))
             self.agent.on_node_down = lambda node: self.events.put(("down", node, None))
+            self.agent.heartbeat = (HEARTBEAT, DEAD_AFTER)
             self.agent_thread = start_thread(self.agent)
             parent = str(os.getpid())
             self.shep_pid = _service(
@@ -214,7 +217,8 @@ def _runtime_class():
                 except queue.Empty:
                     return
                 if kind == "down":
-                    self._node_down(a, self.down.get(a) or f"node {a} stopped answering")
+                    why = self.agent.down_why.get(a) if self.agent is not None else None
+                    self._node_down(a, self.down.get(a) or why or f"node {a} stopped answering")
                 elif b.get("op") == "dead":
                     self._node_down(b["node"], b["why"])
                 elif b.get("op") == "torn":
@@ -379,11 +383,15 @@ def _runtime_class():
     return NodeRuntime
 
 
-def wait_barrier(comm):
-    """A barrier that sleeps instead of busy-polling (MPICH's blocking calls spin)."""
+def wait_barrier(comm, timeout=None):
+    """A barrier that sleeps instead of busy-polling (MPICH's blocking calls spin); False after timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     req = comm.Ibarrier()
     while not req.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         time.sleep(0.01)
+    return True
 
 
 EXIT_BAD_LAYOUT = 2  # like a bad command line: nothing was started
@@ -424,10 +432,24 @@ def main(exe, args, virtual, grace=GRACE):
     job = comm.bcast("j" + os.urandom(5).hex() if world.rank == 0 else None, root=0)
     leaders = comm.Split(0 if world.leader else MPI.UNDEFINED, world.rank)
     code = 0
-    if world.leader:
+    if not world.leader:
+        wait_barrier(comm)
+    else:
         rt = _runtime_class()(world, leaders, job, grace)
         code = rt.run(exe, args)
-    wait_barrier(comm)
+        lost = any(k in rt.down for k in range(world.nnodes))
+        if not wait_barrier(
+            comm, 3.0 if lost else FINAL_BARRIER
+        ):  # a rank is gone (srun keeps the others running)
+            _log(f"rank {world.rank}: not every rank reached the end; leaving without MPI_Finalize")
+            for name in mpi_segments():  # what MPI_Finalize would have removed
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except OSError:
+                    pass
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or EXIT_SERVICE_FAILED)
     sys.stdout.flush()
     sys.stderr.flush()
     MPI.Finalize()

@@ -57,3 +57,12 @@ def test_srun_killed_node_is_noticed(slurm_cluster):
     assert "killnode ok" in res.stdout, res.stdout + res.stderr
     assert res.returncode != 0
     assert "node 1" in res.stderr and "died" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(150)
+def test_srun_killed_launcher_rank_is_noticed_by_silence(slurm_cluster):
+    """srun keeps the other tasks running when one dies: node 0's agent notices the silence of node 1's."""
+    res = run(APP, "killrank", nodes=2, timeout=140)
+    assert "killrank ok" in res.stdout, res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "node 1" in res.stderr and "is down" in res.stderr, res.stderr

@@ -125,6 +125,10 @@ class Agent:
         self.posted = collections.deque()
         self.on_ctrl = None  # callback(src node, object) for CTRL frames (the launcher)
         self.on_node_down = None  # callback(node) when a node is announced dead
+        self.heartbeat = None  # (interval, dead_after) seconds: beat to every node, declare silent ones down
+        self.next_beat = 0.0
+        self.last_seen = {}  # node -> monotonic time of its last packet
+        self.down_why = {}  # node -> why this agent declared it down
         self.running = False
         self.rbuf = bytearray(1 << 20)
         self.tmp = bytearray(0)
@@ -178,6 +182,8 @@ class Agent:
                 yield_cpu()  # spinning, but let the processes we serve have the core (2 cores, 4 busy processes)
                 continue
             wait = min(MAX_IDLE_WAIT if idle < 1.0 else LONG_IDLE_WAIT, idle * 0.25)
+            if self.heartbeat is not None:
+                wait = min(wait, max(0.0, self.next_beat - time.monotonic()))
             if self.pending_in or self.pending_rep:
                 wait = min(wait, PENDING_WAIT)
             self.stats["sleeps"] += 1
@@ -189,6 +195,8 @@ class Agent:
 
     def _step(self):
         work = self._gateway() + self._mpi()
+        if self.heartbeat is not None:
+            self._beat()
         posted = self.posted
         while posted:
             fn, args = posted.popleft()
@@ -205,6 +213,22 @@ class Agent:
         if self.sends:
             self._test_sends()
         return work
+
+    def _beat(self):
+        now = time.monotonic()
+        if now < self.next_beat:
+            return
+        interval, dead_after = self.heartbeat
+        self.next_beat = now + interval
+        for k in range(len(self.ranks)):
+            if k == self.node or k in self.dead:
+                continue
+            seen = self.last_seen.setdefault(k, now)
+            if now - seen > dead_after:
+                self.down_why.setdefault(k, f"no word from its transport agent for {now - seen:.0f} s")
+                self._node_down(k)
+            else:
+                self._emit(k, _HDR.pack(W.HEARTBEAT, 0, k, 0, 0, 0))
 
     def _finish_sends(self, timeout):
         deadline = time.monotonic() + timeout
@@ -273,6 +297,7 @@ class Agent:
             src = self.node_of.get(src_rank)
             if src is None:
                 continue
+            self.last_seen[src] = time.monotonic()
             self._packet(src, memoryview(self.rbuf)[:count], src_rank)
 
     def _big_into(self, src, bigsrc, dst, n):

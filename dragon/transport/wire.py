@@ -33,6 +33,7 @@ ERR = 13  # seq: request id (0: the whole stream is broken); node: error class (
 # agent <-> agent
 NODE_DOWN = 20  # node: the node that died
 CTRL = 21  # payload: msgpack control message for the launcher (teardown, ...)
+HEARTBEAT = 22  # nothing: "still here" (an agent that hears nothing from a node for long declares it down)
 
 # flags
 BIG = 1

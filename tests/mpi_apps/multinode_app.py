@@ -221,6 +221,20 @@ def case_killnode2():
     case_killnode()
 
 
+def case_killrank():
+    """SIGKILL node 1's launcher rank under srun (which keeps the other ranks running): node 0's agent hears
+    nothing more from it and declares the node down; its processes are reported dead, joins return."""
+    d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
+    job1 = os.environ["DRAGON_JOB"][:-1] + "1"
+    with open(f"/proc/{_shepherd_of(job1)}/stat") as f:
+        rank1 = int(f.read().rsplit(")", 1)[1].split()[1])
+    print(f"killing node 1's launcher and agent (pid {rank1})", flush=True)
+    os.kill(rank1, signal.SIGKILL)
+    code = process.join(d.p_uid, timeout=90)
+    assert code is not None and code < 0, code
+    print("killrank ok", flush=True)
+
+
 def _shepherd_of(job):
     needle = f"DRAGON_JOB={job}\0".encode()
     for d in os.listdir("/proc"):
