@@ -70,6 +70,16 @@ with Pool.create(32 << 20, name="inf") as pool:
         except ChannelEmpty:
             pass
         assert r.capacity == 4
+        pid = os.fork()  # a child uses the inherited handle: it gets its own stream and reply channel
+        if pid == 0:
+            code = 1
+            try:
+                r.send(b"from the child")
+                code = 0 if r.flush(10) else 2
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert r.recv(timeout=10) == b"from the child"
         r.close()
         print("loopback ok")
     finally:

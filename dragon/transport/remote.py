@@ -232,15 +232,20 @@ class RemoteChannel:
         self._sdesc = bytes(sdesc)
         self.node = node
         self.creator = False
-        self._ep = ep = endpoint()
-        self._st = ep.new_stream()
-        self._gw_send = ep.gw.send
         self._closed = False
         self._info = None
+        self._open()
+
+    def _open(self):
+        """A new stream from this process (also after a fork: a child cannot share its parent's)."""
+        self._ep = ep = endpoint()
+        self._pid = ep.pid
+        self._st = ep.new_stream()
+        self._gw_send = ep.gw.send
         tgt = self._sdesc
         payload = W.U16.pack(len(tgt)) + tgt + ep.reply_sdesc
         ep.gw.send(
-            _HDR.pack(W.OPEN, 0, node, len(payload), self._st.sid, 0) + payload, timeout=GW_SEND_TIMEOUT
+            _HDR.pack(W.OPEN, 0, self.node, len(payload), self._st.sid, 0) + payload, timeout=GW_SEND_TIMEOUT
         )
 
     def __repr__(self):
@@ -250,6 +255,8 @@ class RemoteChannel:
     def _check(self):
         if self._closed:
             raise ChannelError(f"remote channel on node {self.node}: this handle is closed")
+        if self._pid != os.getpid():
+            self._open()
         st = self._st
         if st.err is not None:
             raise st.err_cls(f"channel on node {self.node}: {st.err}")
@@ -332,8 +339,9 @@ class RemoteChannel:
     def send(self, data, timeout=None):
         """Send a bytes-like object. timeout: None blocks, 0 raises ChannelFull, t > 0 ChannelTimeout."""
         st = self._st
-        if self._closed or st.err is not None:
+        if self._closed or st.err is not None or self._pid != os.getpid():
             self._check()
+            st = self._st
         if type(data) is not bytes:
             data = memoryview(data).tobytes()
         n = len(data)
