@@ -4,22 +4,15 @@ options objects of the create calls. Descriptors travel from GS as plain dicts (
 from dragon.errors import ChannelError, PoolError, ProcessError
 
 
-class ProcessDescriptor:
-    """A snapshot of what global services knows about one managed process (from create(), query(), ...)."""
+class _Snapshot:
+    """What every descriptor shares: fields listed once in ``__slots__``, built from GS's plain dict, and back."""
 
-    PENDING, RUNNING, EXITED = "pending", "running", "exited"
-    __slots__ = ("p_uid", "user_name", "node", "hostname", "state", "retval", "pid", "exe", "args")
+    __slots__ = ()
+    _shown = ()  # the fields repr() shows
 
-    def __init__(self, p_uid, user_name, node, hostname, state, retval, pid, exe, args):
-        self.p_uid = p_uid
-        self.user_name = user_name
-        self.node = node
-        self.hostname = hostname
-        self.state = state
-        self.retval = retval
-        self.pid = pid
-        self.exe = exe
-        self.args = args
+    def __init__(self, **fields):
+        for k in self.__slots__:
+            setattr(self, k, fields.get(k))
 
     @classmethod
     def from_wire(cls, d):
@@ -27,6 +20,17 @@ class ProcessDescriptor:
 
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._shown)})"
+
+
+class ProcessDescriptor(_Snapshot):
+    """A snapshot of what global services knows about one managed process (from create(), query(), ...)."""
+
+    PENDING, RUNNING, EXITED = "pending", "running", "exited"
+    __slots__ = ("p_uid", "user_name", "node", "hostname", "state", "retval", "pid", "exe", "args")
+    _shown = ("p_uid", "user_name", "node", "state", "retval", "pid")
 
     @property
     def name(self):
@@ -51,84 +55,26 @@ class ProcessDescriptor:
         for k in self.__slots__:
             setattr(self, k, d[k])
 
-    def __repr__(self):
-        return (
-            f"ProcessDescriptor(p_uid={self.p_uid}, user_name={self.user_name!r}, node={self.node}, "
-            f"state={self.state!r}, retval={self.retval}, pid={self.pid})"
-        )
 
-
-class PoolDescriptor:
+class PoolDescriptor(_Snapshot):
     """A snapshot of what global services knows about one pool. Attach with dragon.pools.Pool.attach(d.sdesc)."""
 
     __slots__ = ("m_uid", "name", "node", "size", "sdesc")
-
-    def __init__(self, m_uid, name, node, size, sdesc):
-        self.m_uid = m_uid
-        self.name = name
-        self.node = node
-        self.size = size
-        self.sdesc = sdesc
-
-    @classmethod
-    def from_wire(cls, d):
-        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
-
-    def to_wire(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __repr__(self):
-        return f"PoolDescriptor(m_uid={self.m_uid}, name={self.name!r}, node={self.node}, size={self.size})"
+    _shown = ("m_uid", "name", "node", "size")
 
 
-class ChannelDescriptor:
+class ChannelDescriptor(_Snapshot):
     """A snapshot of what GS knows about one channel. Attach with dragon.channels.Channel.attach(d.sdesc)."""
 
     __slots__ = ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count", "sdesc")
-
-    def __init__(self, c_uid, m_uid, name, node, capacity, block_size, ref_count, sdesc):
-        self.c_uid = c_uid
-        self.m_uid = m_uid
-        self.name = name
-        self.node = node
-        self.capacity = capacity
-        self.block_size = block_size
-        self.ref_count = ref_count
-        self.sdesc = sdesc
-
-    @classmethod
-    def from_wire(cls, d):
-        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
-
-    def to_wire(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __repr__(self):
-        return (
-            f"ChannelDescriptor(c_uid={self.c_uid}, m_uid={self.m_uid}, name={self.name!r}, node={self.node}, "
-            f"capacity={self.capacity}, block_size={self.block_size}, ref_count={self.ref_count})"
-        )
+    _shown = ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count")
 
 
-class NodeDescriptor:
+class NodeDescriptor(_Snapshot):
     """One node of the job: its index, hostname and number of usable cpus."""
 
     __slots__ = ("index", "hostname", "cpus")
-
-    def __init__(self, index, hostname, cpus):
-        self.index = index
-        self.hostname = hostname
-        self.cpus = cpus
-
-    @classmethod
-    def from_wire(cls, d):
-        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
-
-    def to_wire(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __repr__(self):
-        return f"NodeDescriptor(index={self.index}, hostname={self.hostname!r}, cpus={self.cpus})"
+    _shown = __slots__
 
 
 def _check_node(node, err):
