@@ -10,8 +10,9 @@ node 0 global services too, as fresh interpreters (forking after MPI_Init is uns
 runs the program like the single-node launcher; its output, and every node's forwarded output, reach the
 terminal through the MPI launcher's own stdout forwarding, labelled by the shepherds.
 
-Control between launchers travels as CTRL frames of the transport: node 0 orders every node's teardown and
-the final exit; a node whose shepherd dies announces itself down (every agent fails the streams to it, GS
+Control between launchers travels as infrastructure messages (``LATeardown``, ``LATorn``, ``LAExit``,
+``LABye``, ``LANodeDead`` of ``dragon.infrastructure.messages``) in CTRL frames of the transport, routed here
+by message type: node 0 orders every node's teardown and the final exit; a node whose shepherd dies announces itself down (every agent fails the streams to it, GS
 reports its processes killed) and tells node 0, whose launcher exits non-zero naming the node once the program
 ends. Other ranks of a node only wait for the end.
 """
@@ -114,6 +115,7 @@ def service_main(kind, args):
 
 
 def _runtime_class():
+    from dragon.infrastructure import messages as m
     from launcher.launch import Runtime, ServiceDied
 
     class NodeRuntime(Runtime):
@@ -133,6 +135,14 @@ def _runtime_class():
             self.agent = None
             self.gw = None
             self.lost = None  # why this node's shepherd is gone (nodes > 0)
+            # control messages from other launchers (via the agent): message type -> handler(src node, msg)
+            self.on_ctrl = {
+                m.LANodeDead: lambda src, msg: self._node_down(msg.node, msg.why),
+                m.LATorn: lambda src, msg: self.torn.add(msg.node),
+                m.LABye: lambda src, msg: self.byes.add(src),
+                m.LATeardown: lambda src, msg: self.orders.append(msg),
+                m.LAExit: lambda src, msg: self.orders.append(msg),
+            }
 
         # ---- start ------------------------------------------------------------------------------------------
         def start(self):
@@ -219,14 +229,12 @@ def _runtime_class():
                 if kind == "down":
                     why = self.agent.down_why.get(a) if self.agent is not None else None
                     self._node_down(a, self.down.get(a) or why or f"node {a} stopped answering")
-                elif b.get("op") == "dead":
-                    self._node_down(b["node"], b["why"])
-                elif b.get("op") == "torn":
-                    self.torn.add(b["node"])
-                elif b.get("op") == "bye":
-                    self.byes.add(a)
-                elif b.get("op") in ("teardown", "exit"):
-                    self.orders.append(b)
+                else:
+                    handler = self.on_ctrl.get(type(b))
+                    if handler is None:
+                        _log(f"node {self.k}: unexpected control message from node {a}: {b!r}")
+                    else:
+                        handler(a, b)
 
         def _node_down(self, node, why):
             if node in self.down and self.down[node] is not None:
@@ -288,7 +296,7 @@ def _runtime_class():
             live = [k for k in range(1, self.n) if k not in self.down]
             if self.agent is not None:
                 for k in live:
-                    self.agent.send_ctrl(k, {"op": "teardown", "grace": self.grace})
+                    self.agent.send_ctrl(k, m.LATeardown(self.grace))
             pool, self.pool = self.pool, None  # the agent still needs the gateway: destroyed in _finish
             super().teardown()
             self.pool = pool
@@ -309,11 +317,11 @@ def _runtime_class():
                 others = set(range(self.n)) - {self.k}
                 if self.k == 0:
                     for k in others:
-                        self.agent.send_ctrl(k, {"op": "exit"})
-                # every agent's last frame to every other is a "bye"; stop once all of theirs came, so that no
+                        self.agent.send_ctrl(k, m.LAExit())
+                # every agent's last frame to every other is an LABye; stop once all of theirs came, so that no
                 # MPI message is left unreceived at the end
                 for k in others:
-                    self.agent.send_ctrl(k, {"op": "bye"})
+                    self.agent.send_ctrl(k, m.LABye())
                 deadline = time.monotonic() + 5.0
                 while not others <= self.byes and time.monotonic() < deadline:
                     self._events()
@@ -358,22 +366,23 @@ def _runtime_class():
                         f"({self._status_text(self.dead[self.shep_pid])})"
                     )
                     _log(self.lost)
-                    self.agent.send_ctrl(0, {"op": "dead", "node": self.k, "why": self.lost})
+                    self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
                     self.agent.announce_down(self.k)
                     pids = cleanup.job_pids(self.job)
                     cleanup.kill_all(pids, signal.SIGKILL)
                 while self.orders:
                     order = self.orders.pop(0)
-                    if order["op"] == "teardown" and not torn:
+                    if type(order) is m.LATeardown and not torn:
                         torn = True
-                        self.grace = order.get("grace", self.grace)
+                        if order.grace is not None:
+                            self.grace = order.grace
                         pool, self.pool = self.pool, None
                         try:
                             Runtime.teardown(self)
                         finally:
                             self.pool = pool
-                        self.agent.send_ctrl(0, {"op": "torn", "node": self.k})
-                    elif order["op"] == "exit":
+                        self.agent.send_ctrl(0, m.LATorn(self.k))
+                    elif type(order) is m.LAExit:
                         exiting = True
                 if not exiting:
                     time.sleep(0.02)

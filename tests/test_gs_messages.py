@@ -41,3 +41,31 @@ def test_fields_and_routing():
 def test_decode_rejects_garbage(data):
     with pytest.raises(ValueError):
         m.decode(data)
+
+
+def test_launcher_control_messages():
+    # what the launchers of a multi-node job send each other through the transport agents' CTRL frames
+    assert (m.LATeardown.TYPE, m.LATorn.TYPE, m.LAExit.TYPE, m.LABye.TYPE, m.LANodeDead.TYPE) == (
+        70,
+        71,
+        72,
+        73,
+        74,
+    )
+    assert m.LAProgramDone.TYPE == 75
+    for msg in (
+        m.LATeardown(grace=2.5),
+        m.LATorn(node=3),
+        m.LAExit(),
+        m.LABye(),
+        m.LANodeDead(node=2, why="local services (shepherd) of node 2 (pid 77) died (killed by SIGKILL)"),
+        m.LAProgramDone(node=1, exit_code=-9),
+    ):
+        data = m.encode(msg)
+        assert data[1] == msg.TYPE  # msgpack fixarray, then the type id as a positive fixint
+        back = m.decode(memoryview(data))  # the agent hands the decoder a view of its receive buffer
+        assert type(back) is type(msg) and back == msg
+    assert m.LATeardown().grace is None
+    assert m.decode(m.encode(m.LAExit())) != m.LABye()
+    with pytest.raises(ValueError, match="LATorn: 2 fields"):
+        m.decode(b"\x93\x47\x01\x02")  # [71, 1, 2]: an LATorn with one field too many

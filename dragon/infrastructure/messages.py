@@ -140,6 +140,20 @@ SHProcessReaped = _define("SHProcessReaped", 67, "p_uid")
 # launcher -> shepherd: terminate every managed process (SIGTERM, SIGKILL after grace), destroy everything, exit
 SHTeardown = _define("SHTeardown", 68, "tag", "reply", "grace")
 
+# ---- control between the launchers of a multi-node job (carried by the transport agents as CTRL frames) --------
+# node 0 -> node k: tear your node down (shepherd's teardown with this grace), then answer LATorn
+LATeardown = _define("LATeardown", 70, "grace")
+# node k -> node 0: node k's teardown is done
+LATorn = _define("LATorn", 71, "node")
+# node 0 -> node k: the job is over, leave (a node's harness: stop the agent)
+LAExit = _define("LAExit", 72)
+# every launcher -> every other: its last frame (stop once every other's came: no MPI message left unreceived)
+LABye = _define("LABye", 73)
+# node k -> node 0: node k's shepherd died (why: text for the user); node 0 declares it down
+LANodeDead = _define("LANodeDead", 74, "node", "why")
+# node k -> node 0 (transport harness): the program on node k exited with exit_code
+LAProgramDone = _define("LAProgramDone", 75, "node", "exit_code")
+
 
 def encode(msg):
     """Message -> bytes (msgpack array [TYPE, *fields])."""

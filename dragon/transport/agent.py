@@ -24,6 +24,7 @@ import time
 import msgpack
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
+from dragon.infrastructure import messages
 from dragon.transport import wire as W
 
 SPIN = 0.002  # keep polling this long after the last piece of work
@@ -123,7 +124,7 @@ class Agent:
         self.ack_due = set()
         self.dead = set()
         self.posted = collections.deque()
-        self.on_ctrl = None  # callback(src node, object) for CTRL frames (the launcher)
+        self.on_ctrl = None  # callback(src node, Message) for CTRL frames (the launcher)
         self.on_node_down = None  # callback(node) when a node is announced dead
         self.heartbeat = None  # (interval, dead_after) seconds: beat to every node, declare silent ones down
         self.next_beat = 0.0
@@ -140,9 +141,10 @@ class Agent:
         """Run fn(*args) in the agent's loop (thread-safe); the loop notices within MAX_IDLE_WAIT."""
         self.posted.append((fn, args))
 
-    def send_ctrl(self, dest, obj):
-        """Send a control object to the launcher beside node dest's agent (thread-safe)."""
-        self.post(self._ctrl, dest, obj)
+    def send_ctrl(self, dest, msg):
+        """Send an infrastructure message (dragon.infrastructure.messages) to the launcher beside node dest's
+        agent (thread-safe). The agent carries its encoded bytes opaquely in a CTRL frame."""
+        self.post(self._ctrl, dest, msg)
 
     def stop(self):
         self.post(self._stop)
@@ -419,7 +421,7 @@ class Agent:
             elif kind == W.CTRL:
                 if self.on_ctrl is not None:
                     try:
-                        self.on_ctrl(src, msgpack.unpackb(payload, raw=False))
+                        self.on_ctrl(src, messages.decode(payload))
                     except Exception:  # the launcher's bug must not kill the transport
                         if self.log:
                             self.log.exception("control message from node %d", src)
@@ -757,8 +759,8 @@ class Agent:
                 del self.pending_rep[ch]
 
     # ---- nodes and control --------------------------------------------------------------------------------
-    def _ctrl(self, dest, obj):
-        body = msgpack.packb(obj, use_bin_type=True)
+    def _ctrl(self, dest, msg):
+        body = messages.encode(msg)
         self._emit(dest, _HDR.pack(W.CTRL, 0, dest, len(body), 0, 0) + body)
 
     def announce_down(self, node):

@@ -53,6 +53,7 @@ def run(argv, virtual, before=None):
     os.environ["DRAGON_JOB"] = world.job_of_node(job)
     os.environ["DRAGON_NODE"] = str(world.node)
     from dragon.channels import Channel
+    from dragon.infrastructure import messages as m
     from dragon.pools import Pool
     from dragon.transport import wire as W
     from dragon.transport.agent import Agent, start_thread
@@ -68,23 +69,24 @@ def run(argv, virtual, before=None):
     done = {}
     finished = threading.Event()
 
-    def on_ctrl(src, obj):
-        if "done" in obj:
-            done[obj["done"]] = obj["code"]
-            if len(done) == world.nnodes:
-                for k in range(world.nnodes):
-                    agent._ctrl(k, {"stop": 1})
-        elif "stop" in obj:
-            agent.running = False
+    def program_done(src, msg):
+        done[msg.node] = msg.exit_code
+        if len(done) == world.nnodes:
+            for k in range(world.nnodes):
+                agent._ctrl(k, m.LAExit())
 
-    agent.on_ctrl = on_ctrl
+    def stop(src, msg):
+        agent.running = False
+
+    handlers = {m.LAProgramDone: program_done, m.LAExit: stop}
+    agent.on_ctrl = lambda src, msg: handlers[type(msg)](src, msg)
     t = start_thread(agent)
     env = _env_for(world, world.node, gw, pool, chans)
     try:
         code = subprocess.call([sys.executable, *argv], env=env)
     except KeyboardInterrupt:
         code = 130
-    agent.send_ctrl(0, {"done": world.node, "code": code})
+    agent.send_ctrl(0, m.LAProgramDone(world.node, code))
     t.join()
     finished.set()
     for ch in (gw, a, small):

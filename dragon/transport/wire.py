@@ -3,7 +3,8 @@ over MPI, and what comes back into a process's transport reply channel.
 
 This is the data plane between nodes (one frame per user message), so it is a fixed 24-byte binary header, not
 the msgpack infrastructure codec of dragon.infrastructure.messages (which travels *inside* SEND frames, as user
-data). Small results (poll, len, channel info) ride as msgpack payloads of RESULT frames.
+data, and inside CTRL frames, as the launchers' control messages). Small results (poll, len, channel info) ride as
+msgpack payloads of RESULT frames.
 
 Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
 
@@ -32,7 +33,7 @@ RESULT = 12  # seq: request id; payload: msgpack value
 ERR = 13  # seq: request id (0: the whole stream is broken); node: error class (E_*); payload: utf-8 text
 # agent <-> agent
 NODE_DOWN = 20  # node: the node that died
-CTRL = 21  # payload: msgpack control message for the launcher (teardown, ...)
+CTRL = 21  # payload: an encoded infrastructure message for the launcher (LATeardown, ...): opaque here
 HEARTBEAT = 22  # nothing: "still here" (an agent that hears nothing from a node for long declares it down)
 
 # flags
