@@ -136,7 +136,7 @@ def _runtime_class():
             self.gw = None
             self.lost = None  # why this node's shepherd is gone (nodes > 0)
             # control messages from other launchers (via the agent): message type -> handler(src node, msg)
-            self.on_ctrl = {
+            self.ctrl_handlers = {
                 m.LANodeDead: lambda src, msg: self._node_down(msg.node, msg.why),
                 m.LATorn: lambda src, msg: self.torn.add(msg.node),
                 m.LABye: lambda src, msg: self.byes.add(src),
@@ -230,7 +230,7 @@ def _runtime_class():
                     why = self.agent.down_why.get(a) if self.agent is not None else None
                     self._node_down(a, self.down.get(a) or why or f"node {a} stopped answering")
                 else:
-                    handler = self.on_ctrl.get(type(b))
+                    handler = self.ctrl_handlers.get(type(b))
                     if handler is None:
                         _log(f"node {self.k}: unexpected control message from node {a}: {b!r}")
                     else:
