@@ -160,6 +160,15 @@ class Runtime:
         ch.send(self.m.encode(msg), timeout=5)
         return self.tag
 
+    POLL_SLICE = 0.25  # seconds between looks at the services (and, multi-node, at the agent's events)
+
+    def _events(self):
+        """Hook: handle what arrived besides launcher messages (the multi-node launcher's agent events)."""
+
+    def _where(self):
+        """This node, as messages name it."""
+        return f"node {self.node_index}"
+
     def _recv(self, timeout, watch=None):
         """Next message on the launcher channel, or None after timeout; raises ServiceDied if a service in
         watch (default: shepherd and GS) died."""
@@ -169,14 +178,17 @@ class Runtime:
         watch = (self.shep_pid, self.gs_pid) if watch is None else watch
         while True:
             self._reap()
+            self._events()
             for pid in watch:
                 if pid in self.dead:
                     who = "local services (shepherd)" if pid == self.shep_pid else "global services"
                     raise ServiceDied(
-                        f"{who} of node {self.node_index} (pid {pid}) died "
+                        f"{who} of {self._where()} (pid {pid}) died "
                         f"({self._status_text(self.dead[pid])}): ending the job"
                     )
-            slice_ = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+            slice_ = (
+                self.POLL_SLICE if deadline is None else min(self.POLL_SLICE, deadline - time.monotonic())
+            )
             if slice_ <= 0:
                 return None
             try:

@@ -116,7 +116,7 @@ def service_main(kind, args):
 
 def _runtime_class():
     from dragon.infrastructure import messages as m
-    from launcher.launch import Runtime, ServiceDied
+    from launcher.launch import Runtime
 
     class NodeRuntime(Runtime):
         """One node's launcher in a multi-node job (see the module doc)."""
@@ -249,29 +249,10 @@ def _runtime_class():
                 except Exception as e:
                     _log(f"cannot tell global services that node {node} is down: {e}")
 
-        def _recv(self, timeout, watch=None):
-            """Runtime._recv, also handling the agent's events (node 0: the shepherd and GS must live)."""
-            from dragon.errors import ChannelEmpty, ChannelTimeout
+        POLL_SLICE = 0.1  # the agent's events (a node down, control from other nodes) want a quicker look
 
-            deadline = None if timeout is None else time.monotonic() + timeout
-            watch = (self.shep_pid, self.gs_pid) if watch is None else watch
-            while True:
-                self._reap()
-                self._events()
-                for pid in watch:
-                    if pid in self.dead:
-                        who = "local services (shepherd)" if pid == self.shep_pid else "global services"
-                        raise ServiceDied(
-                            f"{who} of node {self.k} ({self.world.hostnames[self.k]}, pid {pid}) died "
-                            f"({self._status_text(self.dead[pid])}): ending the job"
-                        )
-                slice_ = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-                if slice_ <= 0:
-                    return None
-                try:
-                    return self.m.decode(self.la_ch.recv(timeout=slice_))
-                except (ChannelTimeout, ChannelEmpty, TimeoutError):
-                    continue
+        def _where(self):
+            return f"node {self.k} ({self.world.hostnames[self.k]})"
 
         # ---- node 0 --------------------------------------------------------------------------------------
         def run(self, exe, args):
