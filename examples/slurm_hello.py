@@ -2,6 +2,7 @@
 
     sbatch slurm/dragon.sbatch examples/slurm_hello.py            # on 2 (or more) nodes
     srun -N 2 --ntasks-per-node=1 dragon-launch examples/slurm_hello.py [EXIT_CODE]
+    mpiexec -n 3 dragon-launch --virtual-nodes examples/slurm_hello.py   # without Slurm, 3 nodes on one host
 
 The program runs once, on node 0.  It makes, on every node k, a pool and an inbox channel, and starts one worker
 process there (ProcessOptions(node=k), i.e. options={"node": k}).  It sends each worker a number through that
@@ -33,7 +34,8 @@ def where():
 def worker(k):
     me = where()
     inbox = Channel.attach(channel.query(f"inbox{k}").sdesc)  # lives on this node
-    answers = Channel.attach(channel.query("answers").sdesc)  # lives on node 0: sends go through the transport
+    # "answers" lives on node 0: from another node, sends go through the transport agents
+    answers = Channel.attach(channel.query("answers").sdesc)
     n = int(inbox.recv(timeout=60).decode())
     total = sum(range(n))
     print(
@@ -89,7 +91,10 @@ def main(exit_code):
         pool.destroy(m_uid)
     channel.destroy(answers_d.c_uid)
     pool.destroy(home.m_uid)
-    print(f"workers exited with {codes}; hello from {len(nodes)} node(s) {'done' if ok else 'FAILED'}", flush=True)
+    print(
+        f"workers exited with {codes}; hello from {len(nodes)} node(s) {'done' if ok else 'FAILED'}",
+        flush=True,
+    )
     return exit_code if ok else 1
 
 
