@@ -26,6 +26,7 @@ import time
 
 from launcher.launch import EXIT_SERVICE_FAILED, GRACE, INFRA_POOL_SIZE, _log
 
+STARTED = time.time()  # before MPI_Init: every MPI segment of this rank is younger
 HEARTBEAT = 1.0  # seconds between an agent's heartbeats to every other agent
 DEAD_AFTER = 15.0  # a node whose agent was silent this long is declared down (its launcher rank died)
 FINAL_BARRIER = 15.0  # how long the launchers wait for each other at the very end
@@ -55,6 +56,35 @@ def mpi_segments():
     except OSError:
         pass
     return sorted(n for n in names if "/" not in n)
+
+
+def orphaned_mpi_segments(since):
+    """MPICH segments (mpich_shm_*) made since ``since`` that no live process maps any more: what a killed
+    launcher rank's MPI library left (it may make more after the services started, so the list passed to the
+    shepherd at its start is not enough)."""
+    cands = set()
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return cands
+    for n in names:
+        try:
+            if n.startswith("mpich_shm_") and os.stat(os.path.join("/dev/shm", n)).st_ctime >= since - 1.0:
+                cands.add(n)
+        except OSError:
+            continue
+    for pid in os.listdir("/proc") if cands else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        cands = {n for n in cands if f"/dev/shm/{n}" not in maps}
+        if not cands:
+            break
+    return cands
 
 
 def _service(kind, args):
@@ -93,8 +123,10 @@ def service_main(kind, args):
                 remote_attach=attach,
             )
         finally:
-            if os.getppid() != parent:  # the launcher rank died (mpiexec killed it): MPICH left its segments
-                for name in args.get("mpi_shm", ()):
+            if os.getppid() != parent:  # the launcher rank died (killed): MPICH left its segments
+                for name in set(args.get("mpi_shm", ())) | orphaned_mpi_segments(
+                    args.get("since", time.time())
+                ):
                     try:
                         os.unlink(os.path.join("/dev/shm", name))
                     except OSError:
@@ -202,6 +234,7 @@ def _runtime_class():
                     "gs": gs_cd,
                     "pool": mine["pool"],
                     "mpi_shm": mpi_segments(),
+                    "since": STARTED,
                 },
             ).pid
             if self.k == 0:
