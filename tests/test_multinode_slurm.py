@@ -60,6 +60,7 @@ def test_srun_killed_node_is_noticed(slurm_cluster):
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.mpi_leftovers_ok
 def test_srun_killed_launcher_rank_is_noticed_by_silence(slurm_cluster):
     """srun keeps the other tasks running when one dies: node 0's agent notices the silence of node 1's."""
     res = run(APP, "killrank", nodes=2, timeout=140)
