@@ -216,6 +216,24 @@ def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None):
 
 
 # ---------------------------------------------------------------------------------------------- segments
+cdef inline void _fill_buffer(Py_buffer *buf, object owner, char *p, Py_ssize_t n, Py_ssize_t *shape,
+                              Py_ssize_t *strides, int flags):
+    """A writable 1-D unsigned-byte buffer of n bytes at p, exported by owner (Block and Message)."""
+    shape[0] = n
+    strides[0] = 1
+    buf.buf = p
+    buf.obj = owner
+    buf.len = n
+    buf.readonly = 0
+    buf.itemsize = 1
+    buf.format = FMT_B if flags & PyBUF_FORMAT else NULL
+    buf.ndim = 1
+    buf.shape = shape if flags & PyBUF_ND else NULL
+    buf.strides = strides if flags & PyBUF_STRIDES == PyBUF_STRIDES else NULL
+    buf.suboffsets = NULL
+    buf.internal = NULL
+
+
 @cython.auto_pickle(False)  # never pickle raw pointers; see __reduce__
 cdef class _Segment:
     """One mapping of one pool segment in this process; unmapped when the last Pool/Channel/Block/Message goes."""
@@ -542,19 +560,7 @@ cdef class Block:
             raise PoolError(f"block at offset {self.offset} was freed (or sent)")
         if self.seg.destroyed:
             raise PoolError(f"pool {self.seg.name!r} was destroyed")
-        self.shape[0] = self.size
-        self.strides[0] = 1
-        buf.buf = self.seg.base + self.offset
-        buf.obj = self
-        buf.len = self.size
-        buf.readonly = 0
-        buf.itemsize = 1
-        buf.format = FMT_B if flags & PyBUF_FORMAT else NULL
-        buf.ndim = 1
-        buf.shape = self.shape if flags & PyBUF_ND else NULL
-        buf.strides = self.strides if flags & PyBUF_STRIDES == PyBUF_STRIDES else NULL
-        buf.suboffsets = NULL
-        buf.internal = NULL
+        _fill_buffer(buf, self, self.seg.base + self.offset, self.size, self.shape, self.strides, flags)
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer *buf):
@@ -632,19 +638,7 @@ cdef class Message:
     def __getbuffer__(self, Py_buffer *buf, int flags):
         if self.released:
             raise ChannelError("message was released")
-        self.shape[0] = self.n
-        self.strides[0] = 1
-        buf.buf = self.ptr
-        buf.obj = self
-        buf.len = self.n
-        buf.readonly = 0
-        buf.itemsize = 1
-        buf.format = FMT_B if flags & PyBUF_FORMAT else NULL
-        buf.ndim = 1
-        buf.shape = self.shape if flags & PyBUF_ND else NULL
-        buf.strides = self.strides if flags & PyBUF_STRIDES == PyBUF_STRIDES else NULL
-        buf.suboffsets = NULL
-        buf.internal = NULL
+        _fill_buffer(buf, self, self.ptr, self.n, self.shape, self.strides, flags)
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer *buf):
