@@ -29,6 +29,18 @@ class _Fail(Exception):
         self.kind = kind
 
 
+def _lookup(ident, table, names, err, what, uid):
+    """The record of a process, pool or channel by its uid (int) or name (str); _Fail(err) naming it if none."""
+    if isinstance(ident, bool) or not isinstance(ident, (int, str)):
+        raise _Fail(err, f"{what} identifier must be a {uid} (int) or a name (str), not {ident!r}")
+    r = table.get(names.get(ident) if isinstance(ident, str) else ident)
+    if r is None:
+        raise _Fail(
+            err, f"no {what} named {ident!r}" if isinstance(ident, str) else f"no {what} with {uid} {ident}"
+        )
+    return r
+
+
 def _pfail(text):
     return _Fail(m.ERR_PROCESS, text)
 
@@ -291,19 +303,7 @@ class GlobalServices:
         return node
 
     def _proc(self, ident):
-        if isinstance(ident, bool):
-            raise _pfail(f"process identifier must be a p_uid (int) or a name (str), not {ident!r}")
-        if isinstance(ident, int):
-            p = self.procs.get(ident)
-            if p is None:
-                raise _pfail(f"no process with p_uid {ident}")
-            return p
-        if isinstance(ident, str):
-            p_uid = self.proc_names.get(ident)
-            if p_uid is None:
-                raise _pfail(f"no process named {ident!r}")
-            return self.procs[p_uid]
-        raise _pfail(f"process identifier must be a p_uid (int) or a name (str), not {type(ident).__name__}")
+        return _lookup(ident, self.procs, self.proc_names, m.ERR_PROCESS, "process", "p_uid")
 
     def _pdesc(self, p):
         return {
@@ -524,16 +524,7 @@ class GlobalServices:
         return {k: r[k] for k in ("m_uid", "name", "node", "size", "sdesc")}
 
     def _pool(self, ident):
-        if isinstance(ident, bool) or not isinstance(ident, (int, str)):
-            raise _Fail(m.ERR_POOL, f"pool identifier must be an m_uid (int) or a name (str), not {ident!r}")
-        m_uid = self.pool_names.get(ident) if isinstance(ident, str) else ident
-        r = self.pools.get(m_uid)
-        if r is None:
-            raise _Fail(
-                m.ERR_POOL,
-                f"no pool {'named ' + repr(ident) if isinstance(ident, str) else 'with m_uid ' + str(ident)}",
-            )
-        return r
+        return _lookup(ident, self.pools, self.pool_names, m.ERR_POOL, "pool", "m_uid")
 
     def pool_create(self, msg):
         size, name, opts = msg.size, msg.user_name, msg.options or {}
@@ -605,18 +596,7 @@ class GlobalServices:
         }
 
     def _chan(self, ident):
-        if isinstance(ident, bool) or not isinstance(ident, (int, str)):
-            raise _Fail(
-                m.ERR_CHANNEL, f"channel identifier must be a c_uid (int) or a name (str), not {ident!r}"
-            )
-        c_uid = self.chan_names.get(ident) if isinstance(ident, str) else ident
-        c = self.chans.get(c_uid)
-        if c is None:
-            raise _Fail(
-                m.ERR_CHANNEL,
-                f"no channel {'named ' + repr(ident) if isinstance(ident, str) else 'with c_uid ' + str(ident)}",
-            )
-        return c
+        return _lookup(ident, self.chans, self.chan_names, m.ERR_CHANNEL, "channel", "c_uid")
 
     def channel_create(self, msg):
         name, opts, m_uid = msg.user_name, msg.options or {}, msg.m_uid
