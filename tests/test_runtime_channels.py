@@ -2,9 +2,11 @@
 under dragon-launch, plus the behaviour outside the runtime."""
 
 import pytest
-from test_runtime_util import run_app
+from test_runtime_util import APP_HELPERS, run_app
 
-CHANNEL_APP = r'''
+CHANNEL_APP = (
+    APP_HELPERS
+    + r'''
 import os, sys, time
 from dragon.errors import ChannelError, ChannelTimeout, PoolError, DragonError
 from dragon.globalservices import channel as C, pool as M, process as P, node as N
@@ -13,17 +15,6 @@ from dragon.globalservices.pool import PoolDescriptor, PoolOptions
 from dragon.channels import Channel
 from dragon.pools import Pool
 
-def ok(name):
-    print("ok", name, flush=True)
-
-def raises(exc, fn, *a, **kw):
-    try:
-        fn(*a, **kw)
-    except exc as e:
-        return str(e)
-    raise AssertionError(f"{fn.__name__}{a} did not raise {exc.__name__}")
-
-PY = sys.executable
 
 # nodes
 assert N.get_list() == [0]
@@ -177,6 +168,7 @@ assert C.list() == []
 ok("bad input")
 print("ALL OK")
 '''
+)
 
 
 @pytest.mark.timeout(90)

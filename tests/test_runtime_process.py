@@ -5,25 +5,16 @@ how far the app got.
 """
 
 import pytest
-from test_runtime_util import run_app
+from test_runtime_util import APP_HELPERS, run_app
 
-PROCESS_APP = r'''
+PROCESS_APP = (
+    APP_HELPERS
+    + r'''
 import os, signal, sys, threading, time
 from dragon.errors import ProcessError, ProcessTimeout, DragonError
 from dragon.globalservices import process as P
 from dragon.globalservices.process import ProcessOptions, ProcessDescriptor
 
-def ok(name):
-    print("ok", name, flush=True)
-
-def raises(exc, fn, *a, **kw):
-    try:
-        fn(*a, **kw)
-    except exc as e:
-        return str(e)
-    raise AssertionError(f"{fn.__name__}{a} did not raise {exc.__name__}")
-
-PY = sys.executable
 me = P.this_process()
 assert me.p_uid == 1 and me.is_alive and me.retval is None and me.node == 0, me
 assert me.pid == os.getpid() and me.location[0] == 0
@@ -199,6 +190,7 @@ ok("bad input")
 print("ALL OK")
 sys.exit(3)
 '''
+)
 
 
 @pytest.mark.timeout(90)

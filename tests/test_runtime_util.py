@@ -8,6 +8,23 @@ import textwrap
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# what the acceptance apps share: `ok(name)` marks a passed check, `raises(exc, fn, ...)` returns the message
+APP_HELPERS = r"""import sys
+
+def ok(name):
+    print("ok", name, flush=True)
+
+def raises(exc, fn, *a, **kw):
+    try:
+        fn(*a, **kw)
+    except exc as e:
+        return str(e)
+    raise AssertionError(f"{fn.__name__}{a} did not raise {exc.__name__}")
+
+PY = sys.executable
+"""
+
+
 def launch_env(extra=None):
     env = dict(os.environ)
     for k in [k for k in env if k.startswith("DRAGON_")]:
