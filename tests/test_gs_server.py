@@ -58,20 +58,16 @@ def shepherd_replies(g, msg, err=0, text=None, result=None):
     g.dispatch(m.Response(msg.tag, err, text, result))
 
 
-def start(g, name=None, caller=0, head=False, pid=100):
-    tag = req(
-        g,
-        m.GSProcessCreate,
-        caller=caller,
-        exe="/bin/x",
-        run_dir="/",
-        args=["a"],
-        env=None,
-        user_name=name,
-        options={},
-        soft=False,
-        head=head,
+def create_req(g, caller=0, **fields):
+    """A GSProcessCreate request with defaults for every field not given; returns the tag."""
+    base = dict(
+        exe="/bin/x", run_dir="/", args=[], env=None, user_name=None, options={}, soft=False, head=False
     )
+    return req(g, m.GSProcessCreate, caller=caller, **{**base, **fields})
+
+
+def start(g, name=None, caller=0, head=False, pid=100):
+    tag = create_req(g, caller=caller, args=["a"], user_name=name, head=head)
     sh = shepherd_gets(g, m.SHProcessCreate)
     assert sh.exe == "/bin/x" and sh.args == ["a"]
     shepherd_replies(g, sh, result={"pid": pid, "reply_cd": b"rc%d" % sh.p_uid})
@@ -93,49 +89,16 @@ def test_create_names_labels_and_uids(gs):
     assert d2["p_uid"] == 2 and d2["user_name"] and sh2.label == "2"
     r = answer(
         gs,
-        req(
-            gs,
-            m.GSProcessCreate,
-            exe="/bin/x",
-            run_dir="/",
-            args=[],
-            env=None,
-            user_name="w",
-            options={},
-            soft=False,
-            head=False,
-        ),
+        create_req(gs, user_name="w"),
     )
     assert r.err == m.ERR_PROCESS and "'w'" in r.msg
     r = answer(
         gs,
-        req(
-            gs,
-            m.GSProcessCreate,
-            exe="/bin/x",
-            run_dir="/",
-            args=[],
-            env=None,
-            user_name="w",
-            options={},
-            soft=True,
-            head=False,
-        ),
+        create_req(gs, user_name="w", soft=True),
     )
     assert r.err == 0 and r.result["p_uid"] == 1
     # a create the shepherd refuses frees the name but not the p_uid
-    tag = req(
-        gs,
-        m.GSProcessCreate,
-        exe="/no",
-        run_dir="/",
-        args=[],
-        env=None,
-        user_name="bad",
-        options={},
-        soft=False,
-        head=False,
-    )
+    tag = create_req(gs, exe="/no", user_name="bad")
     sh = shepherd_gets(gs, m.SHProcessCreate)
     shepherd_replies(gs, sh, err=m.ERR_INTERNAL, text="cannot start '/no'")
     r = answer(gs, tag)
@@ -273,17 +236,6 @@ def test_node_down_reports_its_processes_dead_and_fails_its_requests(gs):
     assert got[tag_kill].err == m.ERR_PROCESS and "down" in got[tag_kill].msg
     r = answer(
         gs,
-        req(
-            gs,
-            m.GSProcessCreate,
-            exe="/x",
-            run_dir="/",
-            args=[],
-            env=None,
-            user_name=None,
-            options={},
-            soft=False,
-            head=False,
-        ),
+        create_req(gs, exe="/x"),
     )
     assert r.err == m.ERR_PROCESS and "node 0 is down" in r.msg
