@@ -42,7 +42,7 @@ def plan(ctx):
     steps = []
     why = runtime.runtime_missing()
     try:
-        import dragon.transport.remote  # noqa: F401
+        import dragon.infrastructure.remote_channel  # noqa: F401
     except Exception as e:
         why = why or f"dragon.transport is not there yet ({type(e).__name__}: {e})"
     job = launcher + runtime.dragon_launch_cmd() + extra
@@ -112,7 +112,7 @@ def _attach(desc):
         node = getattr(desc, "node", None)
         if node is None:
             raise
-        from dragon.transport.remote import attach
+        from dragon.infrastructure.remote_channel import attach
 
         return attach(desc.sdesc, node)
 
@@ -233,7 +233,7 @@ def child_main():
 def harness_main(args):
     """Both nodes' program under ``mpiexec -n 2 python -m dragon.transport.harness --virtual-nodes``: the harness
     gives every node a channel "a"; node 0 reads its own and commands node 1's."""
-    from dragon.transport.remote import attach
+    from dragon.infrastructure.remote_channel import attach
 
     node = int(os.environ["DRAGON_NODE"])
     chans = json.loads(os.environ["DRAGON_TEST_CHANS"])

@@ -1,7 +1,7 @@
 """Lock-free shared-memory channels (implemented in dragon._core).
 
 A channel's sdesc names the node that holds it. ``Channel.attach(sdesc)`` of a channel on another node returns a
-``dragon.transport.remote.RemoteChannel``: the same API, through the node's transport agent.
+``dragon.infrastructure.remote_channel.RemoteChannel``: the same API, through the node's transport agent.
 """
 
 from dragon._core import core as _core
@@ -9,7 +9,7 @@ from dragon._core.core import Channel, Message
 
 
 def _remote_attach(sdesc, node):
-    from dragon.transport.remote import RemoteChannel
+    from dragon.infrastructure.remote_channel import RemoteChannel
 
     return RemoteChannel(sdesc, node)
 

@@ -106,7 +106,7 @@ def service_main(kind, args):
     core.set_pdeathsig(signal.SIGTERM)
     if os.getppid() != parent:
         return 0
-    from dragon.transport.remote import attach
+    from dragon.infrastructure.remote_channel import attach
 
     h = bytes.fromhex
     if kind == "shepherd":
@@ -182,10 +182,10 @@ def _runtime_class():
             os.environ["DRAGON_NODE"] = str(self.k)
             from dragon._core import core
             from dragon.channels import Channel
+            from dragon.infrastructure import frames as W
             from dragon.infrastructure import messages
             from dragon.infrastructure.log import get_logger
             from dragon.pools import Pool
-            from dragon.transport import wire as W
             from dragon.transport.agent import Agent, start_thread
 
             self.m = messages

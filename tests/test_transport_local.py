@@ -47,9 +47,9 @@ from mpi4py import MPI
 from dragon.channels import Channel
 from dragon.errors import ChannelEmpty
 from dragon.pools import Pool
-from dragon.transport import remote, wire as W
+from dragon.infrastructure import frames as W, remote_channel as remote
 from dragon.transport.agent import Agent, start_thread
-from dragon.transport.remote import RemoteChannel
+from dragon.infrastructure.remote_channel import RemoteChannel
 
 with Pool.create(32 << 20, name="inf") as pool:
     gw = Channel.create(pool, capacity=256, block_size=1024 + W.HSIZE)

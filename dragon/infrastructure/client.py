@@ -67,7 +67,7 @@ class Connection:
         self.node = int(environ.get(E.NODE, "0"))
         gs_node = int(environ.get(E.GS_NODE) or 0)
         if gs_node != self.node:  # global services runs on another node: through the transport
-            from dragon.transport.remote import RemoteChannel
+            from dragon.infrastructure.remote_channel import RemoteChannel
 
             self.gs = RemoteChannel(E.dec(environ[E.GS_CD]), gs_node)
         else:

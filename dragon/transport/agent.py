@@ -1,6 +1,6 @@
 """The transport agent: one per node, the only code of the runtime that speaks MPI.
 
-Processes of this node put frames (see ``wire``) into the node's gateway channel. The agent batches the frames
+Processes of this node put frames (see ``dragon.infrastructure.frames``) into the node's gateway channel. The agent batches the frames
 for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as their own MPI message, sent
 straight from the gateway's pool block), and delivers what other agents send it:
 
@@ -24,8 +24,8 @@ import time
 import msgpack
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
+from dragon.infrastructure import frames as W
 from dragon.infrastructure import messages
-from dragon.transport import wire as W
 
 SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)

@@ -78,7 +78,7 @@ def mpi_baseline(world, comm, quick):
 
 def app(quick):
     """Run on every node by the harness: node 0 drives, node 1 receives / echoes."""
-    from dragon.transport.remote import attach
+    from dragon.infrastructure.remote_channel import attach
 
     node = int(os.environ["DRAGON_NODE"])
     chans = json.loads(os.environ["DRAGON_TEST_CHANS"])

@@ -53,9 +53,9 @@ def run(argv, virtual, before=None):
     os.environ["DRAGON_JOB"] = world.job_of_node(job)
     os.environ["DRAGON_NODE"] = str(world.node)
     from dragon.channels import Channel
+    from dragon.infrastructure import frames as W
     from dragon.infrastructure import messages as m
     from dragon.pools import Pool
-    from dragon.transport import wire as W
     from dragon.transport.agent import Agent, start_thread
 
     pool = Pool.create(POOL_SIZE, name="inf")

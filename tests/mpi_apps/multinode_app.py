@@ -20,7 +20,7 @@ def attach(desc):
 
     ch = Channel.attach(desc.sdesc)
     if desc.node != int(os.environ.get("DRAGON_NODE", "0")):
-        from dragon.transport.remote import RemoteChannel
+        from dragon.infrastructure.remote_channel import RemoteChannel
 
         assert isinstance(ch, RemoteChannel), (ch, desc)
     return ch

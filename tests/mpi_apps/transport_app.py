@@ -11,7 +11,7 @@ import sys
 import time
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
-from dragon.transport.remote import WINDOW, RemoteChannel, attach
+from dragon.infrastructure.remote_channel import WINDOW, RemoteChannel, attach
 
 NODE = int(os.environ["DRAGON_NODE"])
 NNODES = int(os.environ["DRAGON_NNODES"])

@@ -28,7 +28,7 @@ import time
 import msgpack
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
-from dragon.transport import wire as W
+from dragon.infrastructure import frames as W
 
 GW_CD = "DRAGON_GW_CD"  # hex sdesc of this node's gateway channel (the agent's input)
 INF_PD = "DRAGON_INF_PD"  # hex sdesc of this node's infrastructure pool
