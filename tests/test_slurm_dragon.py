@@ -218,8 +218,9 @@ def run_template_until_stopped(marker, app, workdir, nodes, extra, stop=None):
 def assert_ended_by_dragon(state, job, text):
     """The job ended because dragon-launch tore it down on SIGTERM (exit 143), not by Slurm's SIGKILL."""
     assert state == "FAILED", (state, text)
+    # 143:0 is dragon-launch's own exit after its SIGTERM teardown (a process killed by the signal shows 0:15).
+    # Its "got signal 15" log line is not asserted: srun may drop a cancelled step's last stderr lines.
     assert job_info(job).get("ExitCode") == "143:0", (job_info(job), text)
-    assert "got signal 15: tearing the job down" in text, text
     # srun got no signal: it did not turn the SIGTERM into a SIGKILL of every task
     assert "forcing job termination" not in text and "Traceback" not in text, text
 
