@@ -17,6 +17,8 @@ import signal
 import sys
 import time
 
+from dragon.infrastructure import env
+
 GRACE = 1.0  # seconds between SIGTERM and SIGKILL at teardown
 INFRA_POOL_SIZE = 64 << 20
 EXIT_SERVICE_FAILED = 70  # the runtime itself failed (a service died, the program could not start)
@@ -88,7 +90,7 @@ class Runtime:
 
     def __init__(self, nodes, node_index, grace=GRACE):
         self.nodes, self.node_index, self.grace = nodes, node_index, grace
-        self.job = "j" + os.urandom(5).hex()
+        self.job = env.new_job_id()
         self.shep_pid = self.gs_pid = None
         self.dead = {}  # pid -> raw wait status of services that exited
         self.pool = None

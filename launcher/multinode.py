@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+from dragon.infrastructure import env
 from launcher.launch import EXIT_SERVICE_FAILED, GRACE, INFRA_POOL_SIZE, _log
 
 STARTED = time.time()  # before MPI_Init: every MPI segment of this rank is younger
@@ -452,7 +453,7 @@ def main(exe, args, virtual, grace=GRACE):
         MPI.Finalize()
         return EXIT_BAD_LAYOUT
     world = World(comm, virtual)
-    job = comm.bcast("j" + os.urandom(5).hex() if world.rank == 0 else None, root=0)
+    job = comm.bcast(env.new_job_id() if world.rank == 0 else None, root=0)
     leaders = comm.Split(0 if world.leader else MPI.UNDEFINED, world.rank)
     code = 0
     if not world.leader:

@@ -24,6 +24,15 @@ GW_CD = "DRAGON_GW_CD"  # this node's transport gateway channel (the transport a
 ALL = (JOB, PUID, NODE, GS_CD, LS_CD, REPLY_CD, INF_PD, SHEP_PID)
 
 
+def new_job_id(environ=None):
+    """A fresh job id. Inside a Slurm job it starts with ``s<SLURM_JOB_ID>_``, so that whatever outlives the job
+    (a segment left by a SIGKILL) can be found and removed by the job's id alone, e.g. by a Slurm epilog."""
+    environ = os.environ if environ is None else environ
+    sid = environ.get("SLURM_JOB_ID", "")
+    prefix = f"s{sid}_" if sid.isdigit() else ""
+    return f"{prefix}j{os.urandom(5).hex()}"
+
+
 def enc(sdesc):
     return bytes(sdesc).hex()
 
