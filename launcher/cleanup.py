@@ -1,5 +1,221 @@
-"""The launcher's clean-up helpers (they live in dragon.infrastructure.jobprocs, shared with the shepherd)."""
+"""Clean-up of what a job leaves behind.
 
-from dragon.infrastructure.jobprocs import children, job_pids, kill_all
+1. The launcher's helpers ``children``, ``job_pids`` and ``kill_all`` (they live in dragon.infrastructure.jobprocs,
+   shared with the shepherd, and are imported from there on first use).
 
-__all__ = ["children", "job_pids", "kill_all"]
+2. The clean-up that outlives a Slurm job, for a Slurm epilog (slurm/dragon-epilog.sh) on every node of the job:
+
+       python3 -m launcher.cleanup --slurm-job ID        # or: python3 /path/to/launcher/cleanup.py --slurm-job ID
+
+   Why it is needed: on a plain ``scancel ID`` of a batch job, and at a hard time limit, Slurm sends SIGTERM to
+   every process of the job, ``srun`` included, and ``srun`` answers its SIGTERM by having every task of its step
+   SIGKILLed at once. dragon's launchers then get no time to stop their processes and unlink their segments
+   (see slurm/README.md, "What Slurm does at scancel and at the time limit"). The epilog runs on each node after
+   Slurm has ended all of the job's processes it knows, and this:
+
+   - SIGKILLs every process whose environment has ``DRAGON_JOB=s<ID>_...`` (a dragon job started inside Slurm job
+     ID; see ``dragon.infrastructure.env.new_job_id``): managed processes that left the step's process tree;
+   - unlinks every ``/dev/shm/dragon-s<ID>_*`` segment (the pools and channels of every dragon job of Slurm job ID
+     on this node; the ``_`` ends the id, so job 12 never matches job 123's segments);
+   - with ``--mpi-uid UID`` (the epilog passes the job's user): unlinks MPI segments (``mpich_shm_*``) owned by
+     that user that no live process maps or holds open and that are older than ``--min-age`` seconds: what a
+     SIGKILLed MPICH leaves. They carry no job id, so "nobody uses it any more" is the test.
+
+   It prints one line saying what it did (``dragon-cleanup: slurm job ID: killed [...] removed [...]``) and exits
+   0 unless an argument is wrong: a failing epilog would make Slurm drain the node.
+
+This module imports only the standard library at load time, so an epilog can run it as a plain file with any
+Python 3, even one that does not have dragon installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import time
+
+__all__ = [
+    "children",
+    "job_pids",
+    "kill_all",
+    "slurm_job_pids",
+    "slurm_job_segments",
+    "orphaned_mpi_segments",
+    "clean_slurm_job",
+    "main",
+]
+
+SHM = "/dev/shm"
+MPI_PREFIXES = ("mpich_shm_",)  # the MPICH wheel's intranode segments
+
+
+def __getattr__(name):  # the launcher's helpers, imported from dragon only when asked for
+    if name in ("children", "job_pids", "kill_all"):
+        from dragon.infrastructure import jobprocs
+
+        return getattr(jobprocs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _slurm_prefix(slurm_job) -> str:
+    sid = str(slurm_job)
+    if not sid.isdigit():
+        raise ValueError(f"a Slurm job id is a number, got {slurm_job!r}")
+    return f"s{int(sid)}_"
+
+
+def _pids():
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != me:
+            yield int(d)
+
+
+def slurm_job_pids(slurm_job) -> list[int]:
+    """Live processes (no zombies) whose environment has DRAGON_JOB=s<slurm_job>_... (any dragon job of it)."""
+    needle = re.compile(rb"(?:^|\0)DRAGON_JOB=" + re.escape(_slurm_prefix(slurm_job).encode()))
+    found = []
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if needle.search(data):
+            found.append(pid)
+    return found
+
+
+def slurm_job_segments(slurm_job, shm: str = SHM) -> list[str]:
+    """Names in shm of the segments of every dragon job of Slurm job slurm_job (dragon-s<id>_*)."""
+    prefix = "dragon-" + _slurm_prefix(slurm_job)
+    try:
+        return sorted(n for n in os.listdir(shm) if n.startswith(prefix))
+    except OSError:
+        return []
+
+
+def _in_use(keys) -> set:
+    """The (st_dev, st_ino) of keys that some live process maps or holds open."""
+    keys = set(keys)
+    used = set()
+    devs = {f"{os.major(d):02x}:{os.minor(d):02x}": d for d, _ in keys}
+    for pid in _pids():
+        if not keys - used:
+            break
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) >= 5 and parts[3] in devs:
+                        key = (devs[parts[3]], int(parts[4]))
+                        if key in keys:
+                            used.add(key)
+        except (OSError, ValueError):
+            pass
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in keys:
+                used.add((st.st_dev, st.st_ino))
+    return used
+
+
+def orphaned_mpi_segments(uid: int, min_age: float = 5.0, shm: str = SHM) -> list[str]:
+    """MPI segments (mpich_shm_*) in shm owned by uid, untouched for min_age seconds, that no live process maps
+    or holds open. Processes are matched by device and inode, so another mount namespace's /dev/shm (another
+    node of the test cluster) never counts."""
+    now = time.time()
+    cands = {}
+    try:
+        names = os.listdir(shm)
+    except OSError:
+        return []
+    for n in names:
+        if not n.startswith(MPI_PREFIXES):
+            continue
+        try:
+            st = os.stat(os.path.join(shm, n), follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_uid == uid and now - max(st.st_mtime, st.st_ctime) >= min_age:
+            cands[(st.st_dev, st.st_ino)] = n
+    if not cands:
+        return []
+    used = _in_use(cands)
+    return sorted(n for k, n in cands.items() if k not in used)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 5.0, shm: str = SHM, wait: float = 5.0) -> dict:
+    """Kill the dragon processes of Slurm job slurm_job on this node, then unlink its dragon segments (and, with
+    mpi_uid, that user's orphaned MPI segments). -> {"killed": [pids], "removed": [names], "left": [pids]}."""
+    killed = slurm_job_pids(slurm_job)
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait
+    left = [p for p in killed if _alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if _alive(p)]
+    names = slurm_job_segments(slurm_job, shm)
+    if mpi_uid is not None:
+        names += orphaned_mpi_segments(int(mpi_uid), min_age, shm)
+    removed = []
+    for n in names:
+        try:
+            os.unlink(os.path.join(shm, n))
+            removed.append(n)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            print(f"dragon-cleanup: cannot remove {shm}/{n}: {e}", file=sys.stderr)
+    return {"killed": killed, "removed": removed, "left": left}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="dragon-cleanup",
+        description="Remove what a Slurm job's dragon runs left on this node: kill processes whose DRAGON_JOB "
+        "belongs to the job, unlink its /dev/shm/dragon-s<ID>_* segments (and, with --mpi-uid, that user's MPI "
+        "segments no process uses any more). Meant for a Slurm epilog (slurm/dragon-epilog.sh). Exit 0.",
+    )
+    ap.add_argument("--slurm-job", required=True, help="the Slurm job id (the epilog's $SLURM_JOB_ID)")
+    ap.add_argument("--mpi-uid", type=int, help="also unlink orphaned mpich_shm_* segments owned by this uid")
+    ap.add_argument("--min-age", type=float, default=5.0, help="MPI segments must be this old, seconds (5)")
+    ap.add_argument("--shm", default=SHM, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    try:
+        _slurm_prefix(args.slurm_job)
+    except ValueError as e:
+        ap.error(str(e))
+    host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    res = clean_slurm_job(args.slurm_job, args.mpi_uid, args.min_age, args.shm)
+    msg = f"dragon-cleanup: slurm job {args.slurm_job} on {host}: killed {res['killed']} removed {res['removed']}"
+    if res["left"]:
+        msg += f" still alive {res['left']}"
+    print(msg, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -169,6 +169,12 @@ say "bridge $BRIDGE $SUBNET.1/24, namespaces: $(node_names | sed 's/^/dragon-/' 
 if [ -e "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
   cp -n "$CONF" "$CONF.before-dragon" && say "kept the earlier $CONF as $CONF.before-dragon"
 fi
+# The epilog: slurm/dragon-epilog.sh removes what a job's dragon runs left on a node when Slurm SIGKILLed them (see
+# slurm/README.md).  A wrapper gives it the Python to use and a log (one line per job and node) for the tests.
+PYTHON3="$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null || command -v python3)"
+printf '#!/bin/sh\nexport DRAGON_EPILOG_PYTHON=%q DRAGON_EPILOG_LOG=%q\nexec %q\n' \
+  "$PYTHON3" "$BASE/log/epilog.log" "$HERE/dragon-epilog.sh" > "$BASE/etc/epilog.sh"
+chmod 755 "$BASE/etc/epilog.sh"
 mkdir -p /etc/slurm
 {
   echo "$MARK: rewritten on every start ($NODES nodes, subnet $SUBNET.0/24)"
@@ -210,6 +216,8 @@ KillOnBadExit=0
 # scancel / time limit: SIGTERM, then SIGKILL after KillWait seconds
 KillWait=10
 OverTimeLimit=0
+# on every node of a job, after its processes ended: dragon's clean-up (kills strays, unlinks its /dev/shm files)
+Epilog=$BASE/etc/epilog.sh
 InactiveLimit=0
 MinJobAge=300
 SlurmctldTimeout=30
