@@ -363,8 +363,18 @@ across nodes (one runtime, PROGRAM runs once, on node 0):
   mpiexec -n N -ppn 1 dragon-launch app.py                    one rank per host
   mpiexec -n N dragon-launch --virtual-nodes app.py           every rank its own node, even on one host
 layout: ranks are grouped into nodes by host name; one rank per node is what the runtime uses. Extra ranks on a
-node (without --virtual-nodes) are accepted but only wait for the end. srun tasks that each see an MPI world of
-one rank (srun --mpi=none) are refused with exit status 2: each would run PROGRAM on its own.
+node (without --virtual-nodes) are accepted but only wait for the end (one extra rank in all runs global
+services: see below). srun tasks that each see an MPI world of one rank (srun --mpi=none) are refused with exit
+status 2: each would run PROGRAM on its own.
+
+global services (one per job) runs beside node 0's launcher, unless it gets an MPI rank of its own: a rank that
+is no node (no managed processes there, not in node.get_list()), reached through the transport like any node.
+  srun -N 2 -n 3 dragon-launch app.py                  one rank more than hosts: the extra rank runs global
+                                                       services (automatic; --no-gs-rank keeps it beside node 0)
+  mpiexec -n 3 dragon-launch --virtual-nodes --gs-rank app.py     2 virtual nodes, the last rank runs it
+--gs-rank asks for it (the highest rank that is not its host's first; with --virtual-nodes the last rank) and is
+refused with exit status 2 if every rank is needed as a node. Node names are the Slurm node names
+(SLURMD_NODENAME) when srun started the ranks, else the host names.
 
 environment: DRAGON_LOG=debug for verbose service logs on stderr;
 DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60).""",
@@ -383,6 +393,13 @@ DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60)."""
         "transport agents), even when several ranks share a host",
     )
     p.add_argument(
+        "--gs-rank",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="across nodes: run global services on an MPI rank of its own (see below); default: only when the "
+        "world has exactly one rank more than hosts",
+    )
+    p.add_argument(
         "-m", dest="module", metavar="MODULE", help="run a Python module as the program (like python -m)"
     )
     p.add_argument("program", nargs="?", help="the program to run: a .py script, or an executable")
@@ -397,7 +414,13 @@ def _split(argv):
         a = argv[i]
         if a == "--grace":
             i += 2
-        elif a.startswith("--grace=") or a in ("-h", "--help", "--virtual-nodes"):
+        elif a.startswith("--grace=") or a in (
+            "-h",
+            "--help",
+            "--virtual-nodes",
+            "--gs-rank",
+            "--no-gs-rank",
+        ):
             i += 1
         else:
             break
@@ -427,10 +450,10 @@ def main(argv=None):
         exe, args = rest[0], rest[1:]
     from launcher import multinode
 
-    if ns.virtual_nodes or multinode.under_mpi():
+    if ns.virtual_nodes or ns.gs_rank or multinode.under_mpi():
         # one runtime across the MPI job's nodes; a normal exit: after MPI, os._exit can lose the exit status
         # on its way through mpiexec
-        sys.exit(multinode.main(exe, args, ns.virtual_nodes, grace=ns.grace))
+        sys.exit(multinode.main(exe, args, ns.virtual_nodes, grace=ns.grace, gs_rank=ns.gs_rank))
     nodes, me = local_world()
     code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
     # everything is torn down: skip the interpreter's finalization

@@ -120,54 +120,76 @@ def service_main(kind, args):
                 h(args["inbox"]),
                 h(args["gs"]),
                 h(args["pool"]),
-                gs_node=0,
+                gs_node=int(args.get("gs_node", 0)),
                 remote_attach=attach,
             )
         finally:
             if os.getppid() != parent:  # the launcher rank died (killed): MPICH left its segments
-                for name in set(args.get("mpi_shm", ())) | orphaned_mpi_segments(
-                    args.get("since", time.time())
-                ):
-                    try:
-                        os.unlink(os.path.join("/dev/shm", name))
-                    except OSError:
-                        pass
+                _unlink_mpi(args)
     if kind == "gs":
         from dragon.globalservices import server
 
-        return server.main(
-            h(args["inbox"]),
-            [h(x) for x in args["shepherds"]],
-            h(args["launcher"]),
-            args["nodes"],
-            [h(x) for x in args["pools"]],
-            node=0,
-            remote_attach=attach,
-        )
+        try:
+            return _gs_main(server, args, attach)
+        finally:
+            if args.get("job") and os.getppid() != parent:  # the GS rank's launcher died: its node is ours
+                from dragon._core import core
+
+                core.unlink_job_segments(args["job"])
+                _unlink_mpi(args)
     raise SystemExit(f"unknown service {kind}")
+
+
+def _unlink_mpi(args):
+    """Unlink what MPICH left of a killed launcher rank (it would have done so at MPI_Finalize)."""
+    for name in set(args.get("mpi_shm", ())) | orphaned_mpi_segments(args.get("since", time.time())):
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
+
+
+def _gs_main(server, args, attach):
+    h = bytes.fromhex
+    return server.main(
+        h(args["inbox"]),
+        [h(x) for x in args["shepherds"]],
+        h(args["launcher"]),
+        args["nodes"],
+        [h(x) for x in args["pools"]],
+        node=int(args.get("gs_node", 0)),
+        remote_attach=attach,
+    )
 
 
 def _runtime_class():
     from dragon.infrastructure import messages as m
-    from launcher.launch import Runtime
+    from launcher.launch import Runtime, ServiceDied
 
     class NodeRuntime(Runtime):
-        """One node's launcher in a multi-node job (see the module doc)."""
+        """One node's launcher in a multi-node job, or the global-services rank's (see the module doc)."""
 
         def __init__(self, world, leaders, job, grace):
-            super().__init__([], world.node, grace=grace)
+            super().__init__([], world.endpoint, grace=grace)
             self.world, self.leaders = world, leaders
-            self.k, self.n = world.node, world.nnodes
+            self.k, self.n = world.endpoint, world.nnodes  # this rank's transport index; the number of nodes
+            self.ne = world.endpoints  # transport endpoints: the nodes, and the GS rank if there is one
+            self.gs_k = world.gs_node  # where global services runs: node 0, or the GS rank's endpoint
+            self.gs_apart = world.gs_rank is not None
+            self.is_gs = world.is_gs
             self.job = world.job_of_node(job)
             import queue
 
             self.events = queue.Queue()
-            self.down = {}  # node -> why
+            self.down = {}  # endpoint -> why
             self.torn = set()
             self.byes = set()
             self.agent = None
             self.gw = None
-            self.lost = None  # why this node's shepherd is gone (nodes > 0)
+            self.gs_ch = None
+            self.lost = None  # why this rank's own service (shepherd, or GS on the GS rank) is gone
+            self.gs_lost = None  # why the GS rank is gone (node 0 ends the job at once)
+            self.tearing = False
             # control messages from other launchers (via the agent): message type -> handler(src node, msg)
             self.ctrl_handlers = {
                 m.LANodeDead: lambda src, msg: self._node_down(msg.node, msg.why),
@@ -192,30 +214,28 @@ def _runtime_class():
             self.m = messages
             core.set_child_subreaper()
             self.pool = Pool.create(INFRA_POOL_SIZE, name="inf")
-            self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
-            self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
             self.gw = Channel.create(self.pool, capacity=4096, block_size=1024 + W.HSIZE, name="gateway")
-            self.chans = [self.sh_ch, self.la_ch]
-            if self.k == 0:
+            self.chans = []
+            hx = lambda x: bytes(x.sdesc).hex()
+            mine = {"pool": hx(self.pool), "gw": hx(self.gw), "sh": None, "la": None, "gs": None}
+            if not self.is_gs:  # a node: its shepherd's input, its launcher's input
+                self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
+                self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
+                self.chans += [self.sh_ch, self.la_ch]
+                mine.update(sh=hx(self.sh_ch), la=hx(self.la_ch))
+            if self.k == self.gs_k:  # global services runs here (node 0, or the GS rank)
                 self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
                 self.chans.append(self.gs_ch)
-            hx = lambda x: bytes(x.sdesc).hex()
-            mine = {
-                "sh": hx(self.sh_ch),
-                "la": hx(self.la_ch),
-                "pool": hx(self.pool),
-                "gw": hx(self.gw),
-                "gs": hx(self.gs_ch) if self.k == 0 else None,
-            }
-            every = self.leaders.allgather(mine)
-            gs_cd = every[0]["gs"]
+                mine["gs"] = hx(self.gs_ch)
+            every = self.leaders.allgather(mine)  # by transport index (the communicator's rank)
+            gs_cd = every[self.gs_k]["gs"]
             os.environ["DRAGON_GW_CD"] = mine["gw"]
             os.environ["DRAGON_INF_PD"] = mine["pool"]
-            os.environ["DRAGON_GS_NODE"] = "0"
+            os.environ["DRAGON_GS_NODE"] = str(self.gs_k)
             self.agent = Agent(
                 self.leaders,
                 self.k,
-                list(range(self.n)),
+                list(range(self.ne)),
                 self.gw,
                 self.pool,
                 log=get_logger("transport", self.k),
@@ -224,30 +244,44 @@ def _runtime_class():
             self.agent.on_node_down = lambda node: self.events.put(("down", node, None))
             self.agent.heartbeat = (HEARTBEAT, DEAD_AFTER)
             self.agent_thread = start_thread(self.agent)
+            if self.k == 0 and self.gs_ch is None:  # node 0's launcher asks GS (on its rank) for the program
+                from dragon.infrastructure.remote_channel import attach
+
+                self.gs_ch = attach(bytes.fromhex(gs_cd), self.gs_k)
             parent = str(os.getpid())
-            self.shep_pid = _service(
-                "shepherd",
-                {
-                    "parent": parent,
-                    "node": self.k,
-                    "job": self.job,
-                    "inbox": mine["sh"],
-                    "gs": gs_cd,
-                    "pool": mine["pool"],
-                    "mpi_shm": mpi_segments(),
-                    "since": STARTED,
-                },
-            ).pid
-            if self.k == 0:
+            if not self.is_gs:
+                self.shep_pid = _service(
+                    "shepherd",
+                    {
+                        "parent": parent,
+                        "node": self.k,
+                        "job": self.job,
+                        "inbox": mine["sh"],
+                        "gs": gs_cd,
+                        "gs_node": self.gs_k,
+                        "pool": mine["pool"],
+                        "mpi_shm": mpi_segments(),
+                        "since": STARTED,
+                    },
+                ).pid
+            if self.k == self.gs_k:
+                nodes = range(self.n)
                 self.gs_pid = _service(
                     "gs",
                     {
                         "parent": parent,
                         "inbox": gs_cd,
-                        "shepherds": [v["sh"] for v in every],
-                        "launcher": mine["la"],
+                        "shepherds": [every[k]["sh"] for k in nodes],
+                        "launcher": every[0]["la"],
                         "nodes": self.world.nodes(),
-                        "pools": [v["pool"] for v in every],
+                        "pools": [every[k]["pool"] for k in nodes],
+                        "gs_node": self.gs_k,
+                        # on a rank of its own, GS cleans that rank up if its launcher is killed
+                        **(
+                            {"job": self.job, "mpi_shm": mpi_segments(), "since": STARTED}
+                            if self.is_gs
+                            else {}
+                        ),
                     },
                 ).pid
 
@@ -259,38 +293,48 @@ def _runtime_class():
                 try:
                     kind, a, b = self.events.get_nowait()
                 except queue.Empty:
-                    return
+                    break
                 if kind == "down":
                     why = self.agent.down_why.get(a) if self.agent is not None else None
-                    self._node_down(a, self.down.get(a) or why or f"node {a} stopped answering")
+                    self._node_down(
+                        a, self.down.get(a) or why or f"{self.world.describe(a)} stopped answering"
+                    )
                 else:
                     handler = self.ctrl_handlers.get(type(b))
                     if handler is None:
-                        _log(f"node {self.k}: unexpected control message from node {a}: {b!r}")
+                        _log(f"{self._where()}: unexpected control message from {a}: {b!r}")
                     else:
                         handler(a, b)
+            if self.gs_lost and self.k == 0 and not self.tearing:
+                raise ServiceDied(
+                    f"global services is gone ({self.world.describe(self.gs_k)}: {self.gs_lost}): ending the job"
+                )
 
         def _node_down(self, node, why):
             if node in self.down and self.down[node] is not None:
                 return
             first = node not in self.down
             self.down[node] = why
+            if self.gs_apart and node == self.gs_k:
+                self.gs_lost = why
             if self.k == 0 and first:
-                host = self.world.hostnames[node] if node < len(self.world.hostnames) else "?"
-                _log(f"node {node} ({host}) is down: {why}")
-                try:
-                    self.gs_ch.send(self.m.encode(self.m.GSNodeDown(node, None, why)), timeout=5)
-                except Exception as e:
-                    _log(f"cannot tell global services that node {node} is down: {e}")
+                _log(f"{self.world.describe(node)} is down: {why}")
+                if self.gs_lost is None:
+                    try:
+                        self.gs_ch.send(self.m.encode(self.m.GSNodeDown(node, None, why)), timeout=5)
+                    except Exception as e:
+                        _log(f"cannot tell global services that node {node} is down: {e}")
 
         POLL_SLICE = 0.1  # the agent's events (a node down, control from other nodes) want a quicker look
 
         def _where(self):
-            return f"node {self.k} ({self.world.hostnames[self.k]})"
+            return self.world.describe(self.k)
 
         # ---- node 0 --------------------------------------------------------------------------------------
         def run(self, exe, args):
             self.orders = []
+            if self.is_gs:
+                return self._serve_gs()
             if self.k != 0:
                 return self._serve_node()
             code = super().run(exe, args)  # starts, runs the program, tears this node down (Runtime.teardown)
@@ -299,15 +343,14 @@ def _runtime_class():
             if self.down:
                 _log(
                     "the job lost "
-                    + "; ".join(
-                        f"node {k} ({self.world.hostnames[k]}): {why}" for k, why in sorted(self.down.items())
-                    )
+                    + "; ".join(f"{self.world.describe(k)}: {why}" for k, why in sorted(self.down.items()))
                 )
             self._finish()
             return code
 
         def teardown(self):
-            """Every other node first (in parallel), then this one; then every agent stops."""
+            """Every other node first (in parallel), then this one, then the GS rank; then every agent stops."""
+            self.tearing = True
             live = [k for k in range(1, self.n) if k not in self.down]
             if self.agent is not None:
                 for k in live:
@@ -315,7 +358,13 @@ def _runtime_class():
             pool, self.pool = self.pool, None  # the agent still needs the gateway: destroyed in _finish
             super().teardown()
             self.pool = pool
-            deadline = time.monotonic() + self.grace + 5.0
+            self._await_torn(live, self.grace + 5.0)
+            if self.agent is not None and self.gs_apart and self.gs_k not in self.down:
+                self.agent.send_ctrl(self.gs_k, m.LATeardown(self.grace))
+                self._await_torn([self.gs_k], 5.0)
+
+        def _await_torn(self, live, timeout):
+            deadline = time.monotonic() + timeout
             while (
                 self.agent is not None
                 and time.monotonic() < deadline
@@ -325,11 +374,12 @@ def _runtime_class():
                 time.sleep(0.02)
             missing = set(live) - self.torn - set(self.down)
             if missing:
-                _log(f"teardown: no answer from node(s) {sorted(missing)}")
+                _log(f"teardown: no answer from {', '.join(self.world.describe(k) for k in sorted(missing))}")
 
         def _finish(self):
+            self.tearing = True
             if self.agent is not None:
-                others = set(range(self.n)) - {self.k}
+                others = set(range(self.ne)) - {self.k}
                 if self.k == 0:
                     for k in others:
                         self.agent.send_ctrl(k, m.LAExit())
@@ -404,6 +454,54 @@ def _runtime_class():
             self._finish()
             return 0
 
+        # ---- the global-services rank ----------------------------------------------------------------------
+        def _serve_gs(self):
+            """Run global services and this rank's agent until node 0 orders the end. GS dying is announced
+            like a node dying: node 0's launcher then ends the job at once, naming this rank."""
+            try:
+                self.start()
+            except Exception as e:
+                _log(f"{self._where()}: cannot start: {e}")
+                self._finish()
+                return EXIT_SERVICE_FAILED
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # node 0's launcher ends the job
+            exiting = False
+            while not exiting:
+                self._reap()
+                self._events()
+                if self.gs_pid in self.dead and self.lost is None and not self.tearing:
+                    self.lost = f"global services (pid {self.gs_pid}) died ({self._status_text(self.dead[self.gs_pid])})"
+                    _log(f"{self._where()}: {self.lost}")
+                    self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
+                    self.agent.announce_down(self.k)  # requests to GS fail at once instead of timing out
+                if (
+                    0 in self.down and not self.tearing
+                ):  # node 0's launcher is gone: nobody will order the end
+                    _log(f"{self._where()}: {self.world.describe(0)} is gone: stopping")
+                    break
+                while self.orders:
+                    order = self.orders.pop(0)
+                    if type(order) is m.LATeardown and not self.tearing:
+                        self.tearing = True
+                        self._stop_gs()
+                        self.agent.send_ctrl(0, m.LATorn(self.k))
+                    elif type(order) is m.LAExit:
+                        exiting = True
+                if not exiting:
+                    time.sleep(0.02)
+            self._stop_gs()
+            self._finish()
+            return 0
+
+        def _stop_gs(self):
+            if self._alive(self.gs_pid):
+                try:
+                    self.gs_ch.send(self.m.encode(self.m.GSHalt()), timeout=1)
+                except Exception:
+                    pass
+                self._wait_or_kill(self.gs_pid, 2.0)
+
     return NodeRuntime
 
 
@@ -440,28 +538,35 @@ def layout_error(mpi_size, env=None):
     )
 
 
-def main(exe, args, virtual, grace=GRACE):
-    """The multi-node launcher; returns this rank's exit code."""
+def main(exe, args, virtual, grace=GRACE, gs_rank=None):
+    """The multi-node launcher; returns this rank's exit code.  gs_rank: True (--gs-rank), None (automatic) or
+    False (--no-gs-rank): whether global services gets a rank of its own (dragon.transport.world)."""
     from mpi4py import MPI
 
     from dragon.transport.world import World
 
     comm = MPI.COMM_WORLD
     wrong = layout_error(comm.Get_size())
+    world = None
+    if not wrong:
+        world = World(comm, virtual, gs_rank=gs_rank)
+        wrong = world.error
     if wrong:
-        _log(wrong)
+        if world is None or world.rank == 0:  # every rank knows; one says it
+            _log(wrong)
         MPI.Finalize()
         return EXIT_BAD_LAYOUT
-    world = World(comm, virtual)
     job = comm.bcast(env.new_job_id() if world.rank == 0 else None, root=0)
-    leaders = comm.Split(0 if world.leader else MPI.UNDEFINED, world.rank)
+    serves = world.leader or world.is_gs  # runs a node's launcher and agent, or the GS rank's
+    # the agents' communicator: its rank is the transport index (node k is k, the GS rank is nnodes)
+    leaders = comm.Split(0 if serves else MPI.UNDEFINED, world.endpoint if serves else 0)
     code = 0
-    if not world.leader:
+    if not serves:
         wait_barrier(comm)
     else:
         rt = _runtime_class()(world, leaders, job, grace)
         code = rt.run(exe, args)
-        lost = any(k in rt.down for k in range(world.nnodes))
+        lost = any(k in rt.down for k in range(world.endpoints))
         if not wait_barrier(
             comm, 3.0 if lost else FINAL_BARRIER
         ):  # a rank is gone (srun keeps the others running)

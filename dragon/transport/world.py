@@ -1,40 +1,133 @@
-"""The job's world as MPI gives it: which rank is which node, who runs the node's services and agent.
+"""The job's world as MPI gives it: which rank is which node, who runs the node's services and agent, and which
+rank (if any) runs global services on its own.
 
-``World(comm, virtual)``: every rank calls it (collective). Ranks are grouped into nodes by host name (first
-appearance order, so rank 0 is on node 0), or, with ``virtual=True``, each rank is its own node. The lowest rank
-of a node is its *leader*: it runs the node's transport agent (and the launcher's work for the node); other
-ranks of the node only wait for the end of the job.
+``World(comm, virtual, gs_rank)``: every rank calls it (collective). Ranks are grouped into nodes by their real
+host (``uname``; first appearance order, so rank 0 is on node 0), or, with ``virtual=True``, each rank is its own
+node. The lowest rank of a node is its *leader*: it runs the node's transport agent (and the launcher's work for
+the node); other ranks of the node only wait for the end of the job.
+
+**The global-services rank** (``gs_rank_of``): global services runs on a rank of its own, which is no node (no
+shepherd, no managed process, not in ``node.get_list()``) but has a transport agent, at transport index
+``nnodes`` (``DRAGON_GS_NODE``), when
+
+- ``gs_rank=True`` (``dragon-launch --gs-rank``): the highest-numbered rank that is not its host's lowest rank
+  (with ``--virtual-nodes``: the last rank); refused if every rank is needed as a node;
+- ``gs_rank=None`` (the default) and, without ``--virtual-nodes``, the world has exactly one rank more than hosts
+  (``srun -N 2 -n 3``): that extra rank;
+- never with ``gs_rank=False`` (``--no-gs-rank``).
+
+Otherwise global services runs beside node 0's launcher, on node 0 (``DRAGON_GS_NODE=0``).
+
+**Node names** (``node_name``): the Slurm node name (``SLURMD_NODENAME``) when srun itself started this rank,
+else ``uname``. They only name nodes; grouping is always by real host.
 """
 
 import os
 
 
+def node_name(environ, rank, size, uname=None):
+    """The name of this rank's node as users know it: ``SLURMD_NODENAME`` if srun started this very rank (a job
+    step, ``SLURM_PROCID`` equal to the MPI rank, ``SLURM_STEP_NUM_TASKS`` equal to the MPI world's size), else
+    ``uname``.  mpiexec copies its own environment to every rank, so inside an sbatch script every rank of an
+    ``mpiexec`` would see the batch host's SLURMD_NODENAME: those checks refuse it (``World`` also drops the
+    Slurm names if they disagree with the real hosts)."""
+    uname = os.uname().nodename if uname is None else uname
+    name = environ.get("SLURMD_NODENAME", "")
+    if not name or not environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", "")).isdigit():
+        return uname
+    if environ.get("SLURM_PROCID") != str(rank) or environ.get("SLURM_STEP_NUM_TASKS") != str(size):
+        return uname
+    return name
+
+
+def consistent_names(hosts, names):
+    """names (one per rank) if they map one-to-one onto the real hosts, else the hosts themselves."""
+    fwd, back = {}, {}
+    for h, n in zip(hosts, names):
+        if fwd.setdefault(h, n) != n or back.setdefault(n, h) != h:
+            return list(hosts)
+    return list(names)
+
+
+def gs_rank_of(hosts, virtual, want):
+    """(GS rank or None, error text or None) for a world whose rank r runs on real host hosts[r]; want: True
+    (--gs-rank), None (automatic) or False (--no-gs-rank).  See the module doc."""
+    size = len(hosts)
+    if want is False:
+        return None, None
+    if virtual:
+        if not want:
+            return None, None
+        if size < 2:
+            return None, (
+                f"--gs-rank: global services needs a rank of its own besides at least one node, and the MPI "
+                f"world has {size} rank: start one rank more than nodes, e.g. mpiexec -n 3 dragon-launch "
+                f"--virtual-nodes --gs-rank app.py (2 nodes + global services)"
+            )
+        return size - 1, None
+    first = {}
+    extras = [r for r, h in enumerate(hosts) if first.setdefault(h, r) != r]
+    if want is None:
+        return (extras[0], None) if len(extras) == 1 else (None, None)
+    if not extras:
+        return None, (
+            f"--gs-rank: global services needs a rank of its own, but every one of the {size} MPI rank(s) is the "
+            f"only rank of its host ({len(first)} host(s)): start one rank more than nodes, e.g. srun -N "
+            f"{len(first)} -n {size + 1} dragon-launch app.py, or mpiexec -n 3 dragon-launch --virtual-nodes "
+            f"--gs-rank app.py on one host"
+        )
+    return extras[-1], None
+
+
 class World:
-    def __init__(self, comm, virtual=False):
+    def __init__(self, comm, virtual=False, gs_rank=None):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.virtual = bool(virtual)
-        me = (os.uname().nodename, len(os.sched_getaffinity(0)))
+        uname = os.uname().nodename
+        me = (uname, node_name(os.environ, self.rank, self.size, uname), len(os.sched_getaffinity(0)))
         everyone = comm.allgather(me)
+        hosts = [e[0] for e in everyone]
+        names = consistent_names(hosts, [e[1] for e in everyone])
+        self.gs_rank, self.error = gs_rank_of(hosts, self.virtual, gs_rank)
+        node_ranks = [r for r in range(self.size) if r != self.gs_rank]
         if self.virtual:
-            node_of_rank = list(range(self.size))
+            node_of_rank = {r: k for k, r in enumerate(node_ranks)}
         else:
             index = {}
-            node_of_rank = [index.setdefault(h, len(index)) for h, _ in everyone]
-        self.node_of_rank = node_of_rank
-        self.nnodes = max(node_of_rank) + 1
-        self.node = node_of_rank[self.rank]
-        self.node_ranks = [node_of_rank.index(k) for k in range(self.nnodes)]  # leader rank of each node
-        self.leader = self.node_ranks[self.node] == self.rank
-        self.hostnames = [everyone[r][0] for r in self.node_ranks]
-        self.cpus = [everyone[r][1] for r in self.node_ranks]
+            node_of_rank = {r: index.setdefault(hosts[r], len(index)) for r in node_ranks}
+        self.node_of_rank = [node_of_rank.get(r) for r in range(self.size)]  # None: the GS rank
+        self.nnodes = max(node_of_rank.values()) + 1 if node_of_rank else 0
+        self.node_ranks = [
+            min(r for r, k in node_of_rank.items() if k == n) for n in range(self.nnodes)
+        ]  # leader rank of each node
+        self.is_gs = self.rank == self.gs_rank
+        self.node = self.node_of_rank[self.rank]
+        self.leader = not self.is_gs and self.node_ranks[self.node] == self.rank
+        self.hostnames = [names[r] for r in self.node_ranks]
+        self.cpus = [everyone[r][2] for r in self.node_ranks]
+        # transport endpoints: node k is endpoint k; the GS rank (if any) is endpoint nnodes
+        self.gs_node = self.nnodes if self.gs_rank is not None else 0
+        self.endpoints = self.nnodes + (self.gs_rank is not None)
+        self.gs_host = names[self.gs_rank] if self.gs_rank is not None else None
+        self.endpoint = self.gs_node if self.is_gs else self.node  # this rank's index among the endpoints
 
     def nodes(self):
-        """[{index, hostname, cpus}] of every node (what global services lists)."""
+        """[{index, hostname, cpus}] of every node (what global services lists; never the GS rank)."""
         return [{"index": k, "hostname": self.hostnames[k], "cpus": self.cpus[k]} for k in range(self.nnodes)]
+
+    def describe(self, k):
+        """Endpoint k as messages name it: ``node 1 (host)`` or ``the global-services rank 2 (host)``."""
+        if self.gs_rank is not None and k == self.gs_node:
+            return f"the global-services rank {self.gs_rank} ({self.gs_host})"
+        host = self.hostnames[k] if 0 <= k < len(self.hostnames) else "?"
+        return f"node {k} ({host})"
 
     def job_of_node(self, job, node=None):
         """The segment namespace (DRAGON_JOB) of a node: every node has its own, so that virtual nodes on one
-        host never share a segment, and cleanup of one node never touches another's."""
+        host never share a segment, and cleanup of one node never touches another's; the GS rank's is
+        ``<job>gs``."""
+        if node is None and self.is_gs:
+            return f"{job}gs"
         return f"{job}n{self.node if node is None else node}"
