@@ -21,8 +21,24 @@ cdef extern from "dshm.h" nogil:
         DS_MAX_GRANULES
 
     int64_t ds_spin_ns
+    int64_t ds_spin_max_ns
     int64_t ds_yield_ns
     int64_t ds_wait_chunk_ns
+
+    ctypedef struct ds_stats_t:
+        uint64_t waits
+        uint64_t yields
+        uint64_t switches
+        uint64_t sleeps
+        uint64_t wakes
+    ds_stats_t ds_stats
+
+    ctypedef struct ds_adapt:
+        int64_t spin
+        int64_t budget
+
+    ctypedef struct ds_wait_ctx:
+        int64_t t0
 
     int64_t ds_now()
     int ds_init()
@@ -67,6 +83,7 @@ cdef extern from "dshm.h" nogil:
         uint64_t stride
         uint64_t block_size
         uint64_t generation
+        ds_adapt ad[2]
 
     uint64_t ds_ch_nbytes(uint64_t capacity, uint64_t block_size)
     void ds_ch_init(char *base, uint64_t off, uint64_t capacity, uint64_t block_size,
@@ -87,7 +104,7 @@ cdef extern from "dshm.h" nogil:
     int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st)
     uint64_t ds_ch_len(const ds_chan *c)
     int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
-    int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
-                   uint64_t *st, int64_t deadline)
+    int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
+                   uint64_t *st, int64_t deadline, ds_wait_ctx *w)
     void ds_ch_destroy(const ds_chan *c)
     void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslots)

@@ -10,7 +10,7 @@ import weakref
 cimport cython
 
 from libc.stdint cimport uint32_t, uint64_t, int64_t, UINT64_MAX
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libc.errno cimport errno, EEXIST, ENOENT, EINTR
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE,
@@ -29,7 +29,8 @@ from dragon.errors import (ChannelEmpty, ChannelError, ChannelFull, ChannelTimeo
                            PoolTimeout)
 
 __all__ = ["Pool", "Block", "Channel", "Message", "job_id", "job_prefix", "unlink_job_segments",
-           "set_pdeathsig", "set_child_subreaper", "set_wait_params", "set_remote_attach", "local_node",
+           "set_pdeathsig", "set_child_subreaper", "set_wait_params", "wait_stats", "set_remote_attach",
+           "local_node",
            "SDESC_VERSION"]
 
 if ds_init() != 0:
@@ -201,18 +202,42 @@ def _claim_dead(claim_id):
     return bool(ds_pid_dead(<uint32_t>claim_id))
 
 
-def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None):
-    """Tune blocking in this process: spin ``spin_ns`` before sleeping on the futex, yielding the CPU between
-    polls after ``yield_ns``; sleep in chunks of ``chunk_ns``. Returns the old (spin_ns, chunk_ns, yield_ns)."""
-    global ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns
-    old = (ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns)
-    if spin_ns is not None:
-        ds_spin_ns = max(0, int(spin_ns))
+def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None, spin_max_ns=None):
+    """Tune blocking waits in this process (every channel handle learns within these bounds, per direction).
+
+    A blocked call keeps the CPU for a budget between ``spin_ns`` and ``spin_max_ns`` (learned from its recent
+    waits: twice their length, down to ``spin_ns`` after a wait longer than ``spin_max_ns``), then sleeps on the
+    futex in chunks of ``chunk_ns``. Within the budget it spins at most ``yield_ns`` (less once yielding is seen to
+    let the peer run on this CPU), then calls sched_yield between polls. Giving ``spin_ns`` without
+    ``spin_max_ns`` fixes the budget at ``spin_ns`` (no learning; 0: sleep at once).
+    Returns the old (spin_ns, chunk_ns, yield_ns, spin_max_ns)."""
+    global ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns
+    old = (ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns)
+    cdef int64_t lo = ds_spin_ns if spin_ns is None else max(0, min(int(spin_ns), 10**9))
+    cdef int64_t hi = ds_spin_max_ns
+    if spin_max_ns is not None:
+        hi = max(0, min(int(spin_max_ns), 10**9))
+    elif spin_ns is not None:
+        hi = lo
+    if hi < lo:
+        raise ValueError(f"spin_max_ns ({hi}) must not be less than spin_ns ({lo})")
+    ds_spin_ns, ds_spin_max_ns = lo, hi
     if chunk_ns is not None:
         ds_wait_chunk_ns = min(max(1000000, int(chunk_ns)), 1000000000)
     if yield_ns is not None:
-        ds_yield_ns = max(0, int(yield_ns))
+        ds_yield_ns = max(0, min(int(yield_ns), 10**9))
     return old
+
+
+def wait_stats(reset=False):
+    """Counters of this process's blocking waits since import, fork or the last reset: ``waits`` (calls that had
+    to wait), ``yields`` (sched_yield calls), ``switches`` (yields that let another task run), ``sleeps``
+    (FUTEX_WAIT calls), ``wakes`` (FUTEX_WAKE calls: one per sleep of a peer, none when nobody sleeps)."""
+    out = dict(waits=ds_stats.waits, yields=ds_stats.yields, switches=ds_stats.switches, sleeps=ds_stats.sleeps,
+               wakes=ds_stats.wakes)
+    if reset:
+        memset(&ds_stats, 0, sizeof(ds_stats))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- segments
@@ -766,6 +791,7 @@ cdef class Channel:
     cdef int _block(self, int mode, int rc, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
                     int64_t deadline) except -1:
         """Finish a claim whose first (GIL-held) attempt returned rc: wait without the GIL, or raise."""
+        cdef ds_wait_ctx w
         if rc == DS_FULL or rc == DS_EMPTY:
             if deadline == DL_NONBLOCK:
                 if slot[0] != NULL and ds_ch_maybe_recover(&self.c, slot[0], st[0]):
@@ -775,9 +801,10 @@ cdef class Channel:
                     else:
                         rc = ds_ch_claim_recv(&self.c, maxlen, slot, lap, st)
             else:
+                memset(&w, 0, sizeof(w))
                 while True:
                     with nogil:
-                        rc = ds_ch_wait(&self.c, mode, maxlen, slot, lap, st, deadline)
+                        rc = ds_ch_wait(&self.c, mode, maxlen, slot, lap, st, deadline, &w)
                     if rc != DS_INTR:
                         break
                     PyErr_CheckSignals()
@@ -1044,9 +1071,11 @@ cdef class Channel:
             if slot != NULL and ds_ch_maybe_recover(&self.c, slot, st):
                 return bool(ds_ch_ready(&self.c, &slot, &st))
             return False
+        cdef ds_wait_ctx w
+        memset(&w, 0, sizeof(w))
         while True:
             with nogil:
-                rc = ds_ch_wait(&self.c, MODE_POLL, 0, &slot, &lap, &st, deadline)
+                rc = ds_ch_wait(&self.c, MODE_POLL, 0, &slot, &lap, &st, deadline, &w)
             if rc != DS_INTR:
                 break
             PyErr_CheckSignals()
@@ -1060,6 +1089,11 @@ cdef class Channel:
     def __len__(self):
         self._check()
         return ds_ch_len(&self.c)
+
+    def _wait_state(self):
+        """What this handle learned about its blocking waits (ns): pure spin and budget, for send and recv."""
+        return dict(send=dict(spin_ns=self.c.ad[0].spin, budget_ns=self.c.ad[0].budget),
+                    recv=dict(spin_ns=self.c.ad[1].spin, budget_ns=self.c.ad[1].budget))
 
     def _debug_state(self):
         """Snapshot of the ring for debugging: counters, waiters and (lap, phase, pid) of every slot."""

@@ -85,6 +85,28 @@ static inline int64_t ds_now(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/*
+ * Blocking waits (see ds_ch_wait): poll with pause for up to the learned pure-spin time (<= ds_yield_ns), then poll
+ * with sched_yield between polls until the learned budget (ds_spin_ns .. ds_spin_max_ns) is used up, then sleep on
+ * the futex in chunks of ds_wait_chunk_ns. The learned values live in each handle (ds_chan.ad), per direction.
+ */
+static int64_t ds_spin_ns = 20000;          /* keep the CPU at least this long before sleeping on a futex */
+static int64_t ds_spin_max_ns = 100000;     /* ... and at most this long (the budget adapts in between) */
+static int64_t ds_yield_ns = 5000;          /* spin at most this long before yielding the CPU between polls */
+static int64_t ds_wait_chunk_ns = 50000000; /* sleep in chunks this long (dead owners, destroy, signals) */
+static int64_t ds_switch_ns = 1500;         /* a sched_yield that took longer let another task run */
+
+/* per-process counters of the slow path (syscalls), for tests and tuning; relaxed atomics */
+typedef struct {
+    uint64_t waits;        /* blocking waits that had to wait (first try failed) */
+    uint64_t yields;       /* sched_yield calls */
+    uint64_t switches;     /* ... of which let another task run (took > ds_switch_ns) */
+    uint64_t sleeps;       /* FUTEX_WAIT calls */
+    uint64_t wakes;        /* FUTEX_WAKE calls */
+} ds_stats_t;
+static ds_stats_t ds_stats;
+#define DS_COUNT(field) __atomic_add_fetch(&ds_stats.field, 1, __ATOMIC_RELAXED)
+
 /* returns 0 (woken or value changed) or an errno (ETIMEDOUT, EINTR, EAGAIN) */
 static inline int ds_futex_wait(uint32_t *addr, uint32_t val, int64_t timeout_ns) {
     struct timespec ts, *tp = NULL;
@@ -93,11 +115,13 @@ static inline int ds_futex_wait(uint32_t *addr, uint32_t val, int64_t timeout_ns
         ts.tv_nsec = timeout_ns % 1000000000LL;
         tp = &ts;
     }
+    DS_COUNT(sleeps);
     long r = syscall(SYS_futex, addr, FUTEX_WAIT, val, tp, NULL, 0);
     return r == 0 ? 0 : errno;
 }
 
 static inline void ds_futex_wake_all(uint32_t *addr) {
+    DS_COUNT(wakes);
     syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
@@ -107,6 +131,9 @@ static inline void ds_futex_wake_all(uint32_t *addr) {
  * visible (seq_cst), and only if the flag is set, clears it (exchange), bumps the sequence and wakes all. There is
  * no waiter count to decrement, so a sleeper that times out, or is SIGKILLed while asleep, costs at most one
  * spurious wake-up instead of a wake syscall on every operation forever.
+ * A woken sleeper re-tries its condition BEFORE it sets the flag again: setting it first and then finding the
+ * message (the usual case after a wake) would leave the flag set, and the next operation would make a wake
+ * syscall for nobody. So one sleep costs exactly one FUTEX_WAKE, and nothing sleeping costs none.
  */
 static inline void ds_wake_if_waiting(uint32_t *flag, uint32_t *seq) {
     if (__atomic_load_n(flag, __ATOMIC_SEQ_CST) && __atomic_exchange_n(flag, 0, __ATOMIC_SEQ_CST)) {
@@ -132,9 +159,6 @@ static inline uint32_t ds_prepare_wait(uint32_t *flag, uint32_t *seq) {
 #define DS_PID_MASK ((1u << DS_PID_BITS) - 1)
 static uint32_t ds_pid_cache = 0; /* this process's claim id */
 static int64_t ds_last_liveness_check = 0;
-static int64_t ds_spin_ns = 20000;          /* spin this long before sleeping on a futex */
-static int64_t ds_yield_ns = 1000;          /* after this long, yield the CPU between polls while spinning */
-static int64_t ds_wait_chunk_ns = 50000000; /* sleep in chunks this long (dead owners, destroy, signals) */
 
 /* parse a /proc/<pid>/stat line: state char and start time (field 22); 0 on success */
 static inline int ds_parse_stat(char *buf, char *state, unsigned long long *start) {
@@ -178,7 +202,11 @@ static void ds_set_identity(void) { /* only open/read/close: fine in an atfork c
     ds_pid_cache = (tag << DS_PID_BITS) | pid;
 }
 
-static void ds_atfork_child(void) { ds_set_identity(); ds_last_liveness_check = 0; }
+static void ds_atfork_child(void) {
+    ds_set_identity();
+    ds_last_liveness_check = 0;
+    memset(&ds_stats, 0, sizeof ds_stats);
+}
 
 static inline int ds_init(void) {
     ds_set_identity();
@@ -458,8 +486,10 @@ static inline void ds_pool_mark_destroyed(char *base) {
 static inline int ds_pool_alloc_wait(char *base, uint64_t nbytes, uint64_t *off, int64_t deadline) {
     ds_pool_hdr *h = ds_ph(base);
     for (;;) {
+        int r = ds_pool_try_alloc(base, nbytes, off); /* before the flag: see ds_wake_if_waiting */
+        if (r != DS_FULL) return r;
         uint32_t seq = ds_prepare_wait(&h->waiters, &h->free_seq);
-        int r = ds_pool_try_alloc(base, nbytes, off);
+        r = ds_pool_try_alloc(base, nbytes, off);
         if (r != DS_FULL) return r;
         int64_t wait = ds_wait_chunk_ns;
         if (deadline >= 0) {
@@ -516,6 +546,12 @@ typedef struct {
     char data[];
 } ds_slot;
 
+/* what a handle learned about its waits in one direction (see ds_ch_wait) */
+typedef struct {
+    int64_t spin;   /* pure spin (pause between polls) before yielding, ns */
+    int64_t budget; /* spin + yield before sleeping on the futex, ns */
+} ds_adapt;
+
 /* per-process view of a channel (lives inside the Cython object) */
 typedef struct {
     char *base; /* pool mapping */
@@ -524,6 +560,7 @@ typedef struct {
     uint64_t stride;
     uint64_t block_size;
     uint64_t generation;
+    ds_adapt ad[2]; /* [0]: waits for room (send), [1]: waits for a message (recv, poll) */
 } ds_chan;
 
 static inline uint64_t ds_ch_stride(uint64_t block_size) {
@@ -581,6 +618,10 @@ static inline int ds_ch_open(char *base, uint64_t off, uint64_t generation, ds_c
     c->stride = h->stride;
     c->block_size = h->block_size;
     c->generation = generation;
+    for (int i = 0; i < 2; i++) {
+        c->ad[i].spin = ds_yield_ns;
+        c->ad[i].budget = ds_spin_ns;
+    }
     return DS_OK;
 }
 
@@ -771,16 +812,64 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
 }
 
 /*
- * Blocking claim, call without the GIL.  mode 0: send, 1: recv, 2: poll (wait until ready, claim nothing).
- * deadline: CLOCK_MONOTONIC ns or -1.  Spins ds_spin_ns, then sleeps on the futex in bounded chunks,
- * checking for dead slot owners and destroy() between chunks.  DS_INTR: a signal arrived or a chunk passed;
- * the caller checks signals (with the GIL) and calls again with the same deadline.
+ * Blocking waits.  A futex sleep is expensive here in a way the sleeper does not pay alone: the wake-up takes
+ * 20-40 us on a VM (the idle vCPU halted), and a peer that sleeps in turn while it waits for the late answer makes
+ * the round trip slow for as long as both sides keep timing out their spin (the "slow mode" of ping-pong). So a
+ * wait keeps the CPU for a budget learned from its recent waits (ds_spin_ns .. ds_spin_max_ns): twice the last
+ * waits, so that a short wait, or one that was only long because the peer was waking up, is spun through next time;
+ * a wait longer than the cap brings the budget back down (an idle receiver sleeps after ds_spin_ns).
+ * Within the budget it polls with `pause` for up to ds_yield_ns, then calls sched_yield between polls: when the
+ * peer runs on the same CPU (2 cores shared by more runnable processes), spinning only delays it, so the pure-spin
+ * time is learned too: 0 once yields are seen to hand the CPU to someone (a yield that took > ds_switch_ns) and
+ * the wait ended soon after, back to ds_yield_ns once yields find nobody else to run.
  */
-static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
-                             uint64_t *st, int64_t deadline) {
+typedef struct { /* one blocking call, across its DS_INTR returns: zero it before the first call */
+    int64_t t0;         /* when the wait began (0: not yet) */
+    int64_t last_check; /* last liveness check of the slot's owner */
+    int64_t spin;       /* this wait's pure-spin time and budget (from the handle's ds_adapt) */
+    int64_t budget;
+    int sleeping;       /* the spin phase is over */
+    int yielded;        /* a sched_yield was made */
+    int switched;       /* ... and one let another task run */
+    int slept;          /* a FUTEX_WAIT was made */
+} ds_wait_ctx;
+
+#define DS_SHORT_WAIT_NS 20000 /* a wait that ended this soon after a yield handed the CPU away: the peer took it */
+
+static inline int64_t ds_clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+static inline int64_t ds_budget_max(void) { return ds_spin_max_ns > ds_spin_ns ? ds_spin_max_ns : ds_spin_ns; }
+
+/* a wait of dur ns just ended (satisfied, or timed out after dur >= the cap): move the handle's learned values */
+static inline void ds_adapt_learn(ds_adapt *a, const ds_wait_ctx *w, int64_t dur) {
+    int64_t lo = ds_spin_ns, hi = ds_budget_max(), ymax = ds_yield_ns, target;
+    target = dur >= hi ? lo : ds_clamp(2 * dur, lo, hi);
+    a->budget = ds_clamp(a->budget + (target - a->budget) / 2, lo, hi);
+    if (!w->yielded || w->slept) target = ymax;                 /* ended while spinning / says nothing of the CPU */
+    else if (w->switched && dur < DS_SHORT_WAIT_NS) target = 0; /* the peer ran on our CPU when we yielded */
+    else target = ymax;                                        /* nobody else wanted our CPU: spinning is cheaper */
+    a->spin = ds_clamp(a->spin + (target - a->spin) / 2, 0, ymax);
+}
+
+static inline int ds_wait_end(ds_adapt *a, const ds_wait_ctx *w, int r) {
+    if (r == DS_OK || r == DS_TIMEOUT) {
+        int64_t dur = ds_now() - w->t0;
+        if (r == DS_OK || dur >= ds_budget_max()) ds_adapt_learn(a, w, dur);
+    }
+    return r;
+}
+
+/*
+ * Blocking claim, call without the GIL.  mode 0: send, 1: recv, 2: poll (wait until ready, claim nothing).
+ * deadline: CLOCK_MONOTONIC ns or -1.  Spins (see above), then sleeps on the futex in bounded chunks, checking
+ * for dead slot owners and destroy() between chunks.  DS_INTR: a signal arrived or a chunk passed; the caller
+ * checks signals (with the GIL) and calls again with the same deadline and the same *w (so it does not spin again).
+ */
+static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
+                             int64_t deadline, ds_wait_ctx *w) {
     ds_ch_hdr *h = c->h;
     uint32_t *seq_p = mode == 0 ? &h->nf_seq : &h->ne_seq;
     uint32_t *wait_p = mode == 0 ? &h->nf_waiters : &h->ne_waiters;
+    ds_adapt *ad = &c->ad[mode == 0 ? 0 : 1];
     int busy = mode == 0 ? DS_FULL : DS_EMPTY;
     int r;
     *st = 0;
@@ -789,38 +878,59 @@ static inline int ds_ch_wait(const ds_chan *c, int mode, uint64_t maxlen, ds_slo
     (mode == 0   ? ds_ch_claim_send(c, slot, lap, st)                                     \
      : mode == 1 ? ds_ch_claim_recv(c, maxlen, slot, lap, st)                             \
                  : (ds_ch_ready(c, slot, st) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
-    int64_t t0 = ds_now();
-    for (uint64_t it = 1;; it++) {
-        if (!ds_ch_alive(c)) return DS_DESTROYED;
-        r = DS_TRY();
-        if (r != busy) return r;
-        if ((it & 31) == 0) {
-            int64_t now = ds_now();
-            if (deadline >= 0 && now >= deadline) return DS_TIMEOUT;
-            if (now - t0 >= ds_spin_ns) break;
-            if (now - t0 >= ds_yield_ns) sched_yield();
-        }
-        ds_relax();
+    if (w->t0 == 0) {
+        w->t0 = ds_now();
+        w->spin = ds_clamp(ad->spin, 0, ds_yield_ns);
+        w->budget = ds_clamp(ad->budget, ds_spin_ns, ds_budget_max());
+        DS_COUNT(waits);
     }
-    int64_t last_check = 0;
+    if (!w->sleeping) {
+        for (uint32_t it = 1;; it++) {
+            if (!ds_ch_alive(c)) return DS_DESTROYED;
+            r = DS_TRY();
+            if (r != busy) return ds_wait_end(ad, w, r);
+            if (!w->yielded && (it & 7) && w->spin > 0) { /* pure spin: read the clock every 8 polls */
+                ds_relax();
+                continue;
+            }
+            int64_t now = ds_now();
+            if (deadline >= 0 && now >= deadline) return ds_wait_end(ad, w, DS_TIMEOUT);
+            if (now - w->t0 >= w->budget) break;
+            if (now - w->t0 < w->spin) {
+                ds_relax();
+                continue;
+            }
+            sched_yield();
+            DS_COUNT(yields);
+            w->yielded = 1;
+            if (ds_now() - now > ds_switch_ns) {
+                w->switched = 1;
+                DS_COUNT(switches);
+            }
+        }
+        w->sleeping = 1;
+    }
     for (;;) {
         if (!ds_ch_alive(c)) return DS_DESTROYED;
+        r = DS_TRY(); /* before the flag: a woken sleeper finds its message without setting it again */
+        if (r != busy) return ds_wait_end(ad, w, r);
         if (*slot) { /* liveness of the slot's owner: on entry, then at most once per chunk */
             int64_t now = ds_now();
-            if (last_check == 0 || now - last_check >= ds_wait_chunk_ns) {
-                last_check = now;
-                ds_ch_recover(c, *slot, *st);
+            if (w->last_check == 0 || now - w->last_check >= ds_wait_chunk_ns) {
+                w->last_check = now;
+                if (ds_ch_recover(c, *slot, *st)) continue;
             }
         }
         uint32_t seq = ds_prepare_wait(wait_p, seq_p);
         r = DS_TRY();
-        if (r != busy) return r;
+        if (r != busy) return ds_wait_end(ad, w, r);
         int64_t wait = ds_wait_chunk_ns;
         if (deadline >= 0) {
             int64_t now = ds_now();
-            if (now >= deadline) return DS_TIMEOUT;
+            if (now >= deadline) return ds_wait_end(ad, w, DS_TIMEOUT);
             if (deadline - now < wait) wait = deadline - now;
         }
+        w->slept = 1;
         int e = ds_futex_wait(seq_p, seq, wait);
         /* a signal, or a chunk passed: return so the caller runs PyErr_CheckSignals (a signal that arrived
            outside the futex syscall does not interrupt it) and calls again; dead owners are checked on entry */
