@@ -124,7 +124,7 @@ def service_main(kind, args):
                 remote_attach=attach,
             )
         finally:
-            if os.getppid() != parent:  # the launcher rank died (killed): MPICH left its segments
+            if _parent_died(parent):  # the launcher rank died (killed): MPICH left its segments
                 _unlink_mpi(args)
     if kind == "gs":
         from dragon.globalservices import server
@@ -132,12 +132,32 @@ def service_main(kind, args):
         try:
             return _gs_main(server, args, attach)
         finally:
-            if args.get("job") and os.getppid() != parent:  # the GS rank's launcher died: its node is ours
+            if args.get("job") and _parent_died(parent):  # the GS rank's launcher died: its segments are ours
                 from dragon._core import core
 
                 core.unlink_job_segments(args["job"])
                 _unlink_mpi(args)
     raise SystemExit(f"unknown service {kind}")
+
+
+def _parent_died(parent, wait=1.0):
+    """True if the launcher that started this service is dead or dying.  PR_SET_PDEATHSIG fires when the
+    launcher's main thread exits, while its other threads (the agent's) may still keep the process, and so
+    getppid(), alive for a moment: a parent whose main thread is a zombie counts as dead.  A SIGTERM from
+    elsewhere (scancel) leaves the parent alive: then this waits up to ``wait`` seconds and says no."""
+    deadline = time.monotonic() + wait
+    while True:
+        if os.getppid() != parent:
+            return True
+        try:
+            with open(f"/proc/{parent}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZXx":
+                    return True
+        except (OSError, IndexError):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _unlink_mpi(args):
@@ -307,7 +327,8 @@ def _runtime_class():
                         handler(a, b)
             if self.gs_lost and self.k == 0 and not self.tearing:
                 raise ServiceDied(
-                    f"global services is gone ({self.world.describe(self.gs_k)}: {self.gs_lost}): ending the job"
+                    f"global services is gone: {self.world.describe(self.gs_k)} is down ({self.gs_lost}): "
+                    "ending the job"
                 )
 
         def _node_down(self, node, why):
@@ -317,13 +338,12 @@ def _runtime_class():
             self.down[node] = why
             if self.gs_apart and node == self.gs_k:
                 self.gs_lost = why
-            if self.k == 0 and first:
+            if self.k == 0 and first and self.gs_lost is None:  # (GS lost: _events ends the job, naming it)
                 _log(f"{self.world.describe(node)} is down: {why}")
-                if self.gs_lost is None:
-                    try:
-                        self.gs_ch.send(self.m.encode(self.m.GSNodeDown(node, None, why)), timeout=5)
-                    except Exception as e:
-                        _log(f"cannot tell global services that node {node} is down: {e}")
+                try:
+                    self.gs_ch.send(self.m.encode(self.m.GSNodeDown(node, None, why)), timeout=5)
+                except Exception as e:
+                    _log(f"cannot tell global services that node {node} is down: {e}")
 
         POLL_SLICE = 0.1  # the agent's events (a node down, control from other nodes) want a quicker look
 
@@ -471,7 +491,8 @@ def _runtime_class():
                 self._reap()
                 self._events()
                 if self.gs_pid in self.dead and self.lost is None and not self.tearing:
-                    self.lost = f"global services (pid {self.gs_pid}) died ({self._status_text(self.dead[self.gs_pid])})"
+                    status = self._status_text(self.dead[self.gs_pid])
+                    self.lost = f"its global-services process (pid {self.gs_pid}) died ({status})"
                     _log(f"{self._where()}: {self.lost}")
                     self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
                     self.agent.announce_down(self.k)  # requests to GS fail at once instead of timing out

@@ -40,10 +40,11 @@ def _marked(mark):
     return found
 
 
-def launch(n, *args, timeout=100, virtual=True, program=APP):
+def launch(n, *args, timeout=100, virtual=True, program=APP, flags=(), env_extra=None):
     mark = os.urandom(6).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
     env["DRAGON_TEST_MARK"] = mark
+    env.update(env_extra or {})
     cmd = [
         mpiexec(),
         "-n",
@@ -52,6 +53,7 @@ def launch(n, *args, timeout=100, virtual=True, program=APP):
         "-m",
         "launcher.launch",
         *(["--virtual-nodes"] if virtual else []),
+        *flags,
         program,
         *args,
     ]
@@ -120,3 +122,66 @@ def test_a_killed_agent_ends_the_job_and_leaves_nothing():
     assert "killing node 1's launcher" in res.stdout, res.stdout + res.stderr
     assert "still alive" not in res.stdout
     assert res.returncode != 0
+
+
+# ---- global services on an MPI rank of its own (dragon-launch --gs-rank; see dragon.transport.world) ----------
+GS_APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "gsrank_app.py")
+
+
+@pytest.mark.timeout(120)
+def test_gs_on_its_own_rank_serves_both_nodes_and_is_not_a_node():
+    """mpiexec -n 3 --virtual-nodes --gs-rank: nodes 0 and 1, rank 2 runs GS alone (no shepherd there)."""
+    res = launch(3, "gsrank", program=GS_APP, flags=["--gs-rank"], env_extra={"DRAGON_TEST_VIRTUAL": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "gsrank ok" in res.stdout, res.stdout + res.stderr
+    for k in (0, 1):
+        assert f"[child{k}@{k}] child on node {k} nodes [0, 1]" in res.stdout, res.stdout
+
+
+@pytest.mark.timeout(120)
+def test_killed_global_services_on_its_rank_ends_the_job_naming_it():
+    res = launch(3, "killgs", program=GS_APP, flags=["--gs-rank"])
+    assert "killing global services" in res.stdout, res.stdout + res.stderr
+    assert "still alive" not in res.stdout
+    assert res.returncode == 70, res.stdout + res.stderr
+    assert "global services is gone: the global-services rank 2" in res.stderr, res.stderr
+    assert "died (killed by signal 9)" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_killed_gs_rank_launcher_ends_the_job_and_leaves_nothing():
+    res = launch(3, "killgsrank", program=GS_APP, flags=["--gs-rank"])
+    assert "killing the global-services rank's launcher" in res.stdout, res.stdout + res.stderr
+    assert "still alive" not in res.stdout
+    assert res.returncode != 0
+
+
+@pytest.mark.timeout(60)
+def test_one_rank_more_than_hosts_runs_gs_on_it_unless_told_not_to(tmp_path):
+    prog = tmp_path / "where.py"
+    prog.write_text(
+        "import os\nfrom dragon.globalservices import node\n"
+        "print('nodes', node.get_list(), 'gs', os.environ['DRAGON_GS_NODE'], flush=True)\n"
+    )
+    res = launch(2, program=str(prog), virtual=False)  # one host, two ranks: the extra one runs GS
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "nodes [0] gs 1" in res.stdout, res.stdout
+    res = launch(2, program=str(prog), virtual=False, flags=["--no-gs-rank"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "nodes [0] gs 0" in res.stdout, res.stdout
+    res = launch(3, program=str(prog), virtual=False)  # two extra ranks: not automatic
+    assert "nodes [0] gs 0" in res.stdout, res.stdout
+    res = launch(3, program=str(prog), virtual=False, flags=["--gs-rank"])  # asked: the last extra rank
+    assert "nodes [0] gs 1" in res.stdout, res.stdout
+
+
+@pytest.mark.timeout(60)
+def test_gs_rank_without_a_spare_rank_is_refused_on_every_rank(tmp_path):
+    prog = tmp_path / "never.py"
+    prog.write_text("print('RAN', flush=True)\n")
+    for virtual in (True, False):
+        res = launch(1, program=str(prog), virtual=virtual, flags=["--gs-rank"])
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "RAN" not in res.stdout
+        assert "--gs-rank: global services needs a rank of its own" in res.stderr, res.stderr
+        assert res.stderr.count("--gs-rank:") == 1, res.stderr
