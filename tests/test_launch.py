@@ -110,3 +110,55 @@ def test_forwarded_output_arrives_while_the_process_runs(tmp_path):
         t0 = time.monotonic()
         assert proc.wait(timeout=10) == 128 + signal.SIGTERM
         assert time.monotonic() - t0 < 5
+
+
+# ---- the multi-node layout rules (dragon.transport.world), with given environments and host lists -------------
+def test_node_name_is_slurms_only_when_srun_started_this_rank():
+    from dragon.transport.world import node_name
+
+    srun = {"SLURMD_NODENAME": "nid01", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "3"}
+    assert node_name(srun, 1, 3, uname="host-b") == "nid01"
+    # the sbatch shell's variables, copied by mpiexec to every rank: not this rank's own
+    assert node_name(srun, 2, 3, uname="host-c") == "host-c"  # SLURM_PROCID is another rank's
+    assert node_name(srun, 1, 4, uname="host-b") == "host-b"  # the step is not this MPI world
+    batch = {"SLURMD_NODENAME": "nid01", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0"}  # no job step
+    assert node_name(batch, 0, 1, uname="host-a") == "host-a"
+    assert node_name({**srun, "SLURMD_NODENAME": ""}, 1, 3, uname="host-b") == "host-b"
+    assert node_name({}, 0, 2, uname="host-a") == "host-a"
+    old = {k: v for k, v in srun.items() if k != "SLURM_STEP_ID"} | {"SLURM_STEPID": "4"}
+    assert node_name(old, 1, 3, uname="host-b") == "nid01"
+
+
+def test_slurm_names_are_used_only_if_they_match_the_real_hosts_one_to_one():
+    from dragon.transport.world import consistent_names
+
+    assert consistent_names(["a", "a", "b"], ["n1", "n1", "n2"]) == ["n1", "n1", "n2"]
+    assert consistent_names(["a", "b"], ["n1", "n1"]) == ["a", "b"]  # one name inherited by two hosts
+    assert consistent_names(["a", "a"], ["n1", "a"]) == ["a", "a"]  # one host, two names
+
+
+def test_which_rank_runs_global_services():
+    from dragon.transport.world import gs_rank_of
+
+    two = ["a", "b"]
+    assert gs_rank_of(["a", "a", "b"], False, None) == (1, None)  # srun -N 2 -n 3 (block): the extra rank
+    assert gs_rank_of(["a", "b", "a"], False, None) == (2, None)  # cyclic
+    assert gs_rank_of(["a", "a", "b"], False, False) == (None, None)  # --no-gs-rank
+    assert gs_rank_of(["a", "a", "b", "b"], False, None) == (None, None)  # two extra ranks: not automatic
+    assert gs_rank_of(["a", "a", "b", "b"], False, True) == (3, None)  # asked: the highest extra rank
+    assert gs_rank_of(two, False, None) == (None, None)
+    assert gs_rank_of(["a", "a", "a"], True, None) == (None, None)  # virtual nodes: only when asked
+    assert gs_rank_of(["a", "a", "a"], True, True) == (2, None)
+    rank, why = gs_rank_of(two, False, True)  # every rank is needed as a node
+    assert rank is None and "--gs-rank" in why and "srun -N 2 -n 3" in why
+    rank, why = gs_rank_of(["a"], True, True)
+    assert rank is None and "mpiexec -n 3" in why
+
+
+def test_gs_rank_without_mpi_is_refused(tmp_path):
+    (tmp_path / "x.py").write_text("print('RAN')")
+    r = _run("--gs-rank", "x.py", cwd=tmp_path)
+    assert r.returncode == 2 and "RAN" not in r.stdout, r
+    assert "--gs-rank: global services needs a rank of its own" in r.stderr, r.stderr
+    r = _run("--help")
+    assert "--gs-rank" in r.stdout and "--no-gs-rank" in r.stdout and "srun -N 2 -n 3" in r.stdout
