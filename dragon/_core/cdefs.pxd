@@ -38,7 +38,7 @@ cdef extern from "dshm.h" nogil:
         int64_t budget
 
     ctypedef struct ds_wait_ctx:
-        int64_t t0
+        int started
 
     int64_t ds_now()
     int ds_init()

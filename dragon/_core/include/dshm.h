@@ -824,7 +824,9 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
  * the wait ended soon after, back to ds_yield_ns once yields find nobody else to run.
  */
 typedef struct { /* one blocking call, across its DS_INTR returns: zero it before the first call */
-    int64_t t0;         /* when the wait began (0: not yet) */
+    int started;        /* the budget below was set */
+    int64_t t0;         /* when the wait began (0: not read yet: the first clock read is after 16 polls) */
+    int64_t last;       /* the last clock read */
     int64_t last_check; /* last liveness check of the slot's owner */
     int64_t spin;       /* this wait's pure-spin time and budget (from the handle's ds_adapt) */
     int64_t budget;
@@ -843,16 +845,18 @@ static inline int64_t ds_budget_max(void) { return ds_spin_max_ns > ds_spin_ns ?
 static inline void ds_adapt_learn(ds_adapt *a, const ds_wait_ctx *w, int64_t dur) {
     int64_t lo = ds_spin_ns, hi = ds_budget_max(), ymax = ds_yield_ns, target;
     target = dur >= hi ? lo : ds_clamp(2 * dur, lo, hi);
-    a->budget = ds_clamp(a->budget + (target - a->budget) / 2, lo, hi);
+    a->budget = ds_clamp((a->budget + target) / 2, lo, hi); /* halfway (rounds down: 1 -> 0) */
+    if (!w->yielded && w->spin == 0) return;                   /* found at the first poll: says nothing */
     if (!w->yielded || w->slept) target = ymax;                 /* ended while spinning / says nothing of the CPU */
     else if (w->switched && dur < DS_SHORT_WAIT_NS) target = 0; /* the peer ran on our CPU when we yielded */
     else target = ymax;                                        /* nobody else wanted our CPU: spinning is cheaper */
-    a->spin = ds_clamp(a->spin + (target - a->spin) / 2, 0, ymax);
+    a->spin = ds_clamp((a->spin + target) / 2, 0, ymax);
 }
 
 static inline int ds_wait_end(ds_adapt *a, const ds_wait_ctx *w, int r) {
     if (r == DS_OK || r == DS_TIMEOUT) {
-        int64_t dur = ds_now() - w->t0;
+        /* ended while spinning: the last clock read is close enough (no clock read on the fast path) */
+        int64_t dur = !w->t0 ? 0 : (w->yielded || w->sleeping ? ds_now() : w->last) - w->t0;
         if (r == DS_OK || dur >= ds_budget_max()) ds_adapt_learn(a, w, dur);
     }
     return r;
@@ -878,22 +882,24 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
     (mode == 0   ? ds_ch_claim_send(c, slot, lap, st)                                     \
      : mode == 1 ? ds_ch_claim_recv(c, maxlen, slot, lap, st)                             \
                  : (ds_ch_ready(c, slot, st) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
-    if (w->t0 == 0) {
-        w->t0 = ds_now();
+    if (!w->started) {
+        w->started = 1;
         w->spin = ds_clamp(ad->spin, 0, ds_yield_ns);
         w->budget = ds_clamp(ad->budget, ds_spin_ns, ds_budget_max());
-        DS_COUNT(waits);
+        /* not an atomic add on the fast path: a lost count between threads does not matter */
+        __atomic_store_n(&ds_stats.waits, __atomic_load_n(&ds_stats.waits, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
     }
     if (!w->sleeping) {
         for (uint32_t it = 1;; it++) {
             if (!ds_ch_alive(c)) return DS_DESTROYED;
             r = DS_TRY();
             if (r != busy) return ds_wait_end(ad, w, r);
-            if (!w->yielded && (it & 7) && w->spin > 0) { /* pure spin: read the clock every 8 polls */
+            if (!w->yielded && (it & 15) && w->spin > 0) { /* pure spin: read the clock every 16 polls */
                 ds_relax();
                 continue;
             }
-            int64_t now = ds_now();
+            int64_t now = w->last = ds_now();
+            if (!w->t0) w->t0 = now; /* (the first polls took well under a microsecond) */
             if (deadline >= 0 && now >= deadline) return ds_wait_end(ad, w, DS_TIMEOUT);
             if (now - w->t0 >= w->budget) break;
             if (now - w->t0 < w->spin) {
