@@ -6,7 +6,14 @@ import os
 import time
 
 import pytest
-from slurm_util import no_leaked_node_segments, pids_with_marker, slurm_cluster, srun_dragon
+from slurm_util import (
+    dragon_launch_cmd,
+    no_leaked_node_segments,
+    pids_with_marker,
+    slurm_cluster,
+    srun,
+    srun_dragon,
+)
 
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
 
@@ -19,11 +26,15 @@ pytestmark = [
 ]
 
 
-def run(*args, **kw):
-    """srun_dragon with a marker in the environment; no process may carry it afterwards, on any node."""
+def run(*args, tasks=None, **kw):
+    """srun_dragon with a marker in the environment; no process may carry it afterwards, on any node.  tasks:
+    srun -N nodes -n tasks (at most 2 per node) instead of one task per node."""
     mark = "DRAGON_TEST_MARK=" + os.urandom(6).hex()
     env = {"DRAGON_TEST_MARK": mark.split("=", 1)[1]}
-    res = srun_dragon(*args, env=env, **kw)
+    if tasks is None:
+        res = srun_dragon(*args, env=env, **kw)
+    else:
+        res = srun([*dragon_launch_cmd(), *args], ntasks_per_node=2, extra=["-n", str(tasks)], env=env, **kw)
     deadline = time.monotonic() + 5
     while pids_with_marker(mark) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -67,3 +78,36 @@ def test_srun_killed_launcher_rank_is_noticed_by_silence(slurm_cluster):
     assert "killrank ok" in res.stdout, res.stdout + res.stderr
     assert res.returncode != 0
     assert "node 1" in res.stderr and "is down" in res.stderr, res.stderr
+
+
+# ---- global services on a rank of its own: srun -N 2 -n 3 (block distribution: ranks 0, 1 on node 0) ----------
+GS_APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "gsrank_app.py")
+
+
+@pytest.mark.timeout(150)
+def test_srun_one_extra_task_runs_global_services(slurm_cluster):
+    res = run(GS_APP, "gsrank", tasks=3, nodes=2, timeout=140)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"gsrank ok {slurm_cluster.nodes[:2]!r}" in res.stdout, res.stdout + res.stderr
+    for k in (0, 1):
+        assert f"[child{k}@{k}] child on node {k} nodes [0, 1]" in res.stdout, res.stdout
+
+
+@pytest.mark.timeout(120)
+def test_srun_killed_global_services_ends_the_job_naming_its_rank(slurm_cluster):
+    res = run(GS_APP, "killgs", tasks=3, nodes=2, timeout=110)
+    assert "killing global services" in res.stdout, res.stdout + res.stderr
+    assert "still alive" not in res.stdout
+    assert res.returncode == 70, res.stdout + res.stderr
+    assert "global services is gone: the global-services rank 1" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.mpi_leftovers_ok
+def test_srun_killed_gs_rank_is_noticed_by_silence(slurm_cluster):
+    """srun keeps the other tasks running: node 0's agent hears nothing more from the GS rank and ends the job."""
+    res = run(GS_APP, "killgsrank", tasks=3, nodes=2, timeout=140)
+    assert "killing the global-services rank's launcher" in res.stdout, res.stdout + res.stderr
+    assert "still alive" not in res.stdout
+    assert res.returncode != 0
+    assert "global services is gone: the global-services rank 1" in res.stderr, res.stderr
