@@ -185,3 +185,24 @@ def test_gs_rank_without_a_spare_rank_is_refused_on_every_rank(tmp_path):
         assert "RAN" not in res.stdout
         assert "--gs-rank: global services needs a rank of its own" in res.stderr, res.stderr
         assert res.stderr.count("--gs-rank:") == 1, res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_slurm_variables_copied_to_every_rank_do_not_rename_the_nodes(tmp_path):
+    """mpiexec inside an sbatch script copies the batch shell's SLURMD_NODENAME to every rank: rank 0's looks like
+    its own (SLURM_PROCID 0), the others' do not; the names must then be the hosts', on every node."""
+    prog = tmp_path / "names.py"
+    prog.write_text(
+        "from dragon.globalservices import node\n"
+        "print('names', [node.query(k).hostname for k in node.get_list()], flush=True)\n"
+    )
+    fake = {
+        "SLURMD_NODENAME": "batchhost",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_NUM_TASKS": "2",
+    }
+    res = launch(2, program=str(prog), env_extra=fake)
+    assert res.returncode == 0, res.stdout + res.stderr
+    host = os.uname().nodename
+    assert f"names [{host!r}, {host!r}]" in res.stdout, res.stdout
