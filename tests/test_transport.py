@@ -69,3 +69,8 @@ def test_idle_agents_do_not_burn_a_core():
     uses = [float(x) for x in re.findall(r"idle node \d+: (\d+\.\d{4})", out)]
     assert len(uses) == 2, out
     assert max(uses) < 0.05, uses  # a busy-polling agent would use ~1.0
+
+
+@pytest.mark.timeout(100)
+def test_zero_copy_api_send_block_recv_message_and_destroy_across_nodes():
+    assert "zerocopy ok" in harness(2, "zerocopy")

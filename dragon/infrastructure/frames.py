@@ -14,6 +14,9 @@ Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
 - SEND: ``seq`` is the stream's message number (0, 1, ...); the receiving agent answers with cumulative ACKs.
 - RECV/POLL/LEN/INFO: ``seq`` is the request id; the answer (DATA, RESULT or ERR) echoes it.
 - BIG flag: the payload is not in the MPI packet but follows as its own MPI message on TAG_BIG (in order).
+- NEXT flag (agent -> process): the DATA payload is the next message of the reply channel (the agent is the only
+  writer of a process's reply channel and always puts the two back to back), so ``recv_message`` of a remote
+  channel hands out a Message over the pool block the payload landed in.
 """
 
 import struct
@@ -40,9 +43,13 @@ HEARTBEAT = 22  # nothing: "still here" (an agent that hears nothing from a node
 BIG = 1
 MANY = 2
 PTR = 4  # (gateway only) the payload is a u64 offset of a block of the node's infrastructure pool holding the data
+NEXT = (
+    8  # (reply channel only) a DATA frame whose payload is not in the frame but is the reply channel's next
+)
+#           message (n bytes): the process receives it as its own Message, so a big one is never copied again
 
 # RECV modes
-M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO = 0, 1, 2, 3, 4, 5
+M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO, M_DESTROY = 0, 1, 2, 3, 4, 5, 6
 REQ = struct.Struct("<BIqd")  # mode, max_n, maxlen (-1: any), timeout (-1.0: forever)
 
 # ERR classes (in the node field of an ERR frame)

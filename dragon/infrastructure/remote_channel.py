@@ -1,7 +1,20 @@
 """A channel that lives on another node, used through this node's transport agent with the Channel API.
 
-``RemoteChannel(sdesc, node)`` has send / send_many / recv / recv_many / recv_into / poll / len / close and the
-same timeouts and exceptions as a local ``dragon.channels.Channel``. Each handle is one *stream* (random 64-bit
+``RemoteChannel(sdesc, node)`` has the API of a local ``dragon.channels.Channel`` (send / send_block / send_many /
+recv / recv_message / recv_many / recv_into / poll / len / flush / close / destroy, capacity / block_size / name /
+pool) with the same timeouts and exceptions. Where a remote channel differs:
+
+- ``pool`` is this node's *staging* pool (the node's infrastructure pool), not the channel's own pool (which lives
+  on the other node and cannot be mapped here): ``send_block`` takes a block of it, so ``ch.pool.alloc(n)``,
+  fill, ``ch.send_block(blk)`` is zero-copy on this side for a local and a remote channel alike. A block sent
+  this way belongs to the transport (the agent sends it over MPI straight from the block and frees it); the
+  core gives Python no way to mark the Block object as sent, so using or freeing it afterwards is a bug this
+  handle cannot catch (small blocks are copied and freed at once, which does mark them).
+- ``recv_message`` returns a core ``Message``: a payload that arrives over MPI lands in a block of the staging
+  pool and the Message is that block (zero copy, freed at ``release()``), as for a local channel.
+- ``destroy()`` destroys the channel on its node (the remote agent calls ``Channel.destroy``); like the local
+  call it bypasses global services' bookkeeping, so channels made through global services should be destroyed
+  with ``dragon.globalservices.channel.destroy``. Each handle is one *stream* (random 64-bit
 id): its frames go into this node's gateway channel, the agent ships them to the channel's node, whose agent
 performs them on the real channel and sends the answers back into this process's transport reply channel.
 
@@ -27,6 +40,7 @@ import time
 
 import msgpack
 
+from dragon._core.core import Block
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 from dragon.infrastructure import frames as W
 
@@ -37,6 +51,10 @@ NODE = "DRAGON_NODE"
 WINDOW = 512  # unacknowledged messages per stream
 WINDOW_BYTES = 8 << 20  # unacknowledged payload bytes per stream
 ANSWER_GRACE = 30.0  # how much longer than its own timeout a request waits for the remote answer
+NEXT_WAIT = (
+    30.0  # a NEXT header's payload is put right behind it by the agent: waiting this long means it died
+)
+PTR_MIN = 16 * 1024  # sends above this go through a staging block the agent sends from (no copy into frames)
 GW_SEND_TIMEOUT = 30.0  # a gateway that stays full this long means the agent is gone
 REPLY_CAPACITY = 256
 REPLY_BLOCK = 512
@@ -114,6 +132,7 @@ class Endpoint:
         self.streams = {}
         self.cond = threading.Condition()
         self.reading = False
+        self.loop = None  # a private channel that turns bytes into a Message (rare: see as_message)
         atexit.register(self.close)
 
     def close(self):
@@ -125,15 +144,67 @@ class Endpoint:
             except Exception:
                 pass
         ch, self.reply = self.reply, None
+        for c in (ch, self.loop):
+            if c is not None:
+                try:
+                    c.destroy()
+                except Exception:
+                    pass
+        self.loop = None
+
+    def as_message(self, data):
+        """A Message holding data (bytes, or already a Message): what recv_message hands out for an answer that
+        was kept as bytes (an abandoned receive's data, returned later)."""
+        if not isinstance(data, (bytes, bytearray)):
+            return data
+        from dragon.channels import Channel
+
+        with self.cond:
+            if self.loop is None:
+                self.loop = Channel.create(self.pool, capacity=1, block_size=REPLY_BLOCK)
+            self.loop.send(data, timeout=0)
+            return self.loop.recv_message(timeout=0)
+
+    def _read(self, timeout, limit=64):
+        """Read up to limit answers from the reply channel (waiting per timeout for the first) as (header,
+        payload) pairs: a NEXT header's payload is the message right behind it."""
+        got = []
+        recv = self.reply.recv_message
         try:
-            ch.destroy()
-        except Exception:
-            pass
+            m = recv(timeout=timeout)
+        except (ChannelEmpty, ChannelTimeout):
+            return got
+        while True:
+            nxt = None
+            if m.nbytes >= W.HSIZE and memoryview(m)[1] & W.NEXT:
+                try:
+                    nxt = recv(timeout=NEXT_WAIT)
+                except (ChannelEmpty, ChannelTimeout):
+                    nxt = False
+            got.append((m, nxt))
+            if len(got) >= limit:
+                return got
+            try:
+                m = recv(timeout=0)
+            except ChannelEmpty:
+                return got
 
     # ---- answers ------------------------------------------------------------------------------------------
-    def _dispatch(self, msg):
+    def _dispatch(self, msg, nxt=None):
         mv = memoryview(msg)
         kind, flags, node, n, sid, seq = _HDR.unpack_from(mv)
+        if flags & W.NEXT:  # the payload is its own Message
+            mv.release()
+            msg.release()
+            if nxt is False:
+                kind, flags, node = W.ERR, 0, W.E_ERROR
+                msg = b"the transport agent did not deliver a payload"
+                mv = memoryview(_HDR.pack(kind, 0, node, len(msg), sid, seq) + msg)
+                n = len(msg)
+                msg = _Bytes()
+            else:
+                msg = nxt
+                mv = None
         st = self.streams.get(sid)
         if st is None:
             msg.release()
@@ -152,13 +223,16 @@ class Endpoint:
         elif seq in st.abandoned:
             st.abandoned.discard(seq)
             if kind == W.DATA:
+                if mv is None:
+                    st.orphans.append(msg)  # kept as the Message (recv_message returns it as it is)
+                    return
                 data = bytes(mv[W.HSIZE :])
                 st.orphans.extend(W.unpack_many(data) if flags & W.MANY else [data])
             msg.release()
         else:
             if kind == W.ERR:
                 flags |= node << 8  # the error class rides in the node field
-            st.results[seq] = (kind, flags, mv[W.HSIZE : W.HSIZE + n], msg)
+            st.results[seq] = (kind, flags, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], msg)
 
     def drain(self):
         """Take every answer already queued (non-blocking), unless another thread is reading."""
@@ -166,11 +240,11 @@ class Endpoint:
             if self.reading:
                 return
             while True:
-                try:
-                    msg = self.reply.recv_message(timeout=0)
-                except ChannelEmpty:
+                got = self._read(0)
+                for msg, nxt in got:
+                    self._dispatch(msg, nxt)
+                if len(got) < 64:
                     break
-                self._dispatch(msg)
             self.cond.notify_all()
 
     def wait(self, pred, deadline):
@@ -187,25 +261,36 @@ class Endpoint:
                     continue
                 self.reading = True
                 self.cond.release()
-                got = []
+                got = ()
                 try:
-                    try:
-                        got.append(self.reply.recv_message(timeout=remaining))
-                        while len(got) < 64:
-                            got.append(self.reply.recv_message(timeout=0))
-                    except (ChannelEmpty, ChannelTimeout):
-                        pass
+                    got = self._read(remaining)
                 finally:
                     self.cond.acquire()
                     self.reading = False
-                    for msg in got:
-                        self._dispatch(msg)
+                    for msg, nxt in got:
+                        self._dispatch(msg, nxt)
                     self.cond.notify_all()
 
     def new_stream(self):
         sid = int.from_bytes(os.urandom(8), "little") | 1
         st = self.streams[sid] = _Stream(sid)
         return st
+
+
+class _Bytes:
+    """Stands in for a Message whose payload never came (an ERR made up by the process itself)."""
+
+    def release(self):
+        pass
+
+
+def _orphan_bytes(st):
+    o = st.orphans.pop(0)
+    if isinstance(o, bytes):
+        return o
+    out = bytes(o)
+    o.release()
+    return out
 
 
 _ep = None
@@ -233,6 +318,7 @@ class RemoteChannel:
         self.node = node
         self.creator = False
         self._closed = False
+        self._destroyed = False
         self._info = None
         self._open()
 
@@ -254,6 +340,8 @@ class RemoteChannel:
     # ---- helpers ------------------------------------------------------------------------------------------
     def _check(self):
         if self._closed:
+            if self._destroyed:
+                raise ChannelError(f"channel on node {self.node} was destroyed")
             raise ChannelError(f"remote channel on node {self.node}: this handle is closed")
         if self._pid != os.getpid():
             self._open()
@@ -343,7 +431,11 @@ class RemoteChannel:
             self._check()
             st = self._st
         if type(data) is not bytes:
-            data = memoryview(data).tobytes()
+            data = memoryview(data)
+            if not data.c_contiguous:
+                data = data.tobytes()
+            elif data.itemsize != 1 or data.ndim != 1:
+                data = data.cast("B")
         n = len(data)
         t = None if timeout is None else _timeout_arg(timeout)
         with st.lock:
@@ -351,7 +443,7 @@ class RemoteChannel:
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
             ):
                 self._window_wait(st, n, t)
-            if n > W.BIG_MIN:
+            if n > PTR_MIN:
                 self._send_big(st, data, n, t)
             else:
                 frame = _HDR.pack(W.SEND, 0, self.node, n, st.sid, st.sent) + data
@@ -364,25 +456,73 @@ class RemoteChannel:
             st.sizes.append(n)
 
     def _send_big(self, st, data, n, t):
-        """One copy, into a block of the node's infrastructure pool; the gateway carries only its offset and
-        the agent sends the block itself (and frees it)."""
+        """One copy, into a block of the node's staging pool; the gateway carries only its offset and the agent
+        sends the block itself (and frees it)."""
         ep = self._ep
         try:
             blk = ep.pool.alloc(n, timeout=GW_SEND_TIMEOUT if t is None else t)
         except Exception as e:
             raise ChannelTimeout(
-                f"channel on node {self.node}: no room in the node's infrastructure "
-                f"pool for a {n}-byte message: {e}"
+                f"channel on node {self.node}: no room in the node's staging pool for a {n}-byte message: {e}"
             ) from None
         mv = memoryview(blk)
         mv[:] = data
         mv.release()
+        self._send_ptr(st, blk, n, t)
+
+    def _send_ptr(self, st, blk, n, t):
         frame = _HDR.pack(W.SEND, W.PTR, self.node, n, st.sid, st.sent) + W.U64.pack(blk.offset)
         try:
             self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
         except BaseException:
-            ep.pool.free(blk)
+            self._ep.pool.free(blk)
             raise
+
+    def send_block(self, block, nbytes=None, timeout=None):
+        """Hand a block of this node's staging pool (``self.pool``) to the channel without copying it: the agent
+        sends it over MPI straight from the block and frees it. The block belongs to the transport from then
+        on (do not use or free it); on a timeout (ChannelFull / ChannelTimeout) it stays with the caller."""
+        self._check()
+        if not isinstance(block, Block):
+            raise TypeError(f"send_block() takes a Block, not {type(block).__name__}")
+        ep = self._ep
+        if block.pool.name != ep.pool.name:
+            raise ChannelError(
+                f"channel on node {self.node}: the block belongs to another pool ({block.pool.name!r}); a remote "
+                f"channel sends blocks of this node's staging pool (channel.pool, {ep.pool.name!r})"
+            )
+        if block.freed:
+            raise ChannelError(
+                f"channel on node {self.node}: the block at offset {block.offset} was freed or sent"
+            )
+        if nbytes is None:
+            n = block.size
+        elif isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
+        else:
+            n = nbytes
+        if n < 0 or n > block.size or n > 0xFFFFFFFF:
+            raise ChannelError(
+                f"channel on node {self.node}: nbytes={n} does not fit the block ({block.size} bytes)"
+            )
+        st = self._st
+        t = None if timeout is None else _timeout_arg(timeout)
+        with st.lock:
+            if st.sent - st.acked >= WINDOW or (
+                st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
+            ):
+                self._window_wait(st, n, t)
+            if n > PTR_MIN:
+                self._send_ptr(st, block, n, t)
+            else:  # small: a copy into the frame costs less than a separate MPI message; the block is freed here
+                mv = memoryview(block)
+                frame = _HDR.pack(W.SEND, 0, self.node, n, st.sid, st.sent) + mv[:n]
+                mv.release()
+                self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
+                ep.pool.free(block)
+            st.sent += 1
+            st.sent_bytes += n
+            st.sizes.append(n)
 
     def send_many(self, messages, timeout=None):
         """Send each message in order; returns how many were sent (the timeout covers the whole call)."""
@@ -406,11 +546,25 @@ class RemoteChannel:
         """Receive one message as bytes. timeout: None blocks, 0 raises ChannelEmpty, t > 0 ChannelTimeout."""
         st = self._st
         if st.orphans:
-            return st.orphans.pop(0)
+            return _orphan_bytes(st)
         _kind, _flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
         out = bytes(payload)
         msg.release()
         return out
+
+    def recv_message(self, timeout=None):
+        """Receive one message as a ``Message`` (a buffer; call ``release()`` when done). The payload is where
+        the agent received it, a block of this node's staging pool for a large message: it is not copied again.
+        timeout: None blocks, 0 raises ChannelEmpty, t > 0 ChannelTimeout."""
+        st = self._st
+        if st.orphans:
+            return self._ep.as_message(st.orphans.pop(0))
+        _kind, flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
+        if flags & W.NEXT:
+            return msg
+        data = bytes(payload)
+        msg.release()
+        return self._ep.as_message(data)
 
     def recv_many(self, max_n, timeout=None):
         """Wait (per timeout) for one message, then take whatever else is queued, up to max_n in all."""
@@ -418,8 +572,7 @@ class RemoteChannel:
             raise ChannelError(f"recv_many: max_n must be >= 1, not {max_n}")
         st = self._st
         if st.orphans:
-            out, st.orphans = st.orphans[:max_n], st.orphans[max_n:]
-            return out
+            return [_orphan_bytes(st) for _ in range(min(max_n, len(st.orphans)))]
         _kind, flags, payload, msg = self._request(W.M_MANY, max_n, -1, timeout)
         out = W.unpack_many(payload) if flags & W.MANY else [bytes(payload)]
         msg.release()
@@ -442,7 +595,7 @@ class RemoteChannel:
                     f"channel on node {self.node}: receive buffer too small for the next "
                     f"message ({len(data)} bytes); the message stays queued"
                 )
-            st.orphans.pop(0)
+            data = _orphan_bytes(st)
             dst[: len(data)] = data
             return len(data)
         _kind, _flags, payload, msg = self._request(W.M_INTO, 1, len(dst), timeout)
@@ -515,11 +668,20 @@ class RemoteChannel:
                 pass
             ep.streams.pop(self._st.sid, None)
 
+    @property
+    def pool(self):
+        """This node's staging pool: ``send_block`` takes its blocks (the channel's own pool is on its node)."""
+        self._check()
+        return self._ep.pool
+
     def destroy(self):
-        raise ChannelError(
-            f"channel on node {self.node}: a remote channel cannot be destroyed through a "
-            f"handle; use dragon.globalservices.channel.destroy"
-        )
+        """Destroy the channel on its node (once; as the local call, blocked senders and receivers there wake
+        with ChannelError, later calls on any handle raise ChannelError). This handle is closed."""
+        self._check()
+        _kind, _flags, _payload, msg = self._request(W.M_DESTROY, 0, -1, 0)
+        msg.release()
+        self._destroyed = True
+        self.close()
 
     def __enter__(self):
         self._check()

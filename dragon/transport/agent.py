@@ -573,6 +573,9 @@ class Agent:
                         return False
                 elif mode == W.M_LEN:
                     self._result(s, r.seq, len(ch))
+                elif mode == W.M_DESTROY:
+                    ch.destroy()
+                    self._result(s, r.seq, True)
                 elif mode == W.M_INFO:
                     self._result(
                         s, r.seq, {"capacity": ch.capacity, "block_size": ch.block_size, "name": ch.name}
@@ -657,10 +660,29 @@ class Agent:
     # ---- answers for this node's processes ----------------------------------------------------------------
     def _answer(self, sid, hdr, payload, n, big, src, bigsrc):
         o = self.outs.get(sid)
-        if big:
-            if o is None:
+        if o is None:
+            if big:
                 self._big_into(src, bigsrc, None, n)
-                return
+            return
+        if hdr[0] == W.DATA and not hdr[1] & W.MANY:
+            # a header (NEXT) and the payload as the next message: the process gets the payload as a Message
+            # of its own (recv_message), a big one in the pool block it was received into (no copy)
+            head = bytearray(hdr)
+            head[1] = (head[1] & ~W.BIG) | W.NEXT
+            if big:
+                try:
+                    body = self.pool.alloc(n, timeout=0)
+                    mv = memoryview(body)
+                    self._big_into(src, bigsrc, mv, n)
+                    mv.release()
+                except PoolError:
+                    body = bytearray(n)
+                    self._big_into(src, bigsrc, body, n)
+            else:
+                body = bytearray(payload)  # (never bytes: queued ACKs, which are, coalesce)
+            self._to_reply(o, bytes(head), body)
+            return
+        if big:
             try:
                 blk = self.pool.alloc(_HS + n, timeout=0)
                 mv = memoryview(blk)
@@ -676,8 +698,6 @@ class Agent:
                 self._big_into(src, bigsrc, memoryview(buf)[_HS:], n)
                 frame = bytes(buf)
         else:
-            if o is None:
-                return
             frame = bytes(hdr) + bytes(payload)
         self._to_reply(o, frame)
 
@@ -689,26 +709,35 @@ class Agent:
             ch = self.replies[o.reply] = Channel.attach(o.reply)
         return ch
 
-    def _to_reply(self, o, frame):
+    def _to_reply(self, o, frame, body=None):
+        """Put a frame (and, for a NEXT header, its payload right behind it) into the process's reply channel;
+        what does not fit waits here, in order."""
         try:
             ch = self._reply_ch(o)
         except ChannelError:
             self._free(frame)
+            self._free(body)
             self._reply_gone(o.reply)
             return
         q = self.pending_rep.get(ch)
         if q:
             self._queue_reply(q, frame)
+            if body is not None:
+                q.append(body)
             return
         try:
-            if isinstance(frame, bytes):
-                ch.send(frame, timeout=0)
-            else:
-                ch.send_block(frame, timeout=0)
+            for i, f in enumerate((frame, body)):
+                if f is None:
+                    break
+                if isinstance(f, (bytes, bytearray)):
+                    ch.send(f, timeout=0)
+                else:
+                    ch.send_block(f, timeout=0)
         except ChannelFull:
-            self.pending_rep[ch] = collections.deque([frame])
+            self.pending_rep[ch] = collections.deque([frame, body][i : 2 if body is not None else 1])
         except ChannelError:  # the process is gone
             self._free(frame)
+            self._free(body)
             self._reply_gone(o.reply)
 
     def _reply_gone(self, reply):
@@ -731,7 +760,7 @@ class Agent:
 
     @staticmethod
     def _free(frame):
-        if not isinstance(frame, (bytes, bytearray)):
+        if frame is not None and not isinstance(frame, (bytes, bytearray)):
             try:
                 frame.pool.free(frame)
             except Exception:
@@ -743,7 +772,7 @@ class Agent:
             while q:
                 f = q[0]
                 try:
-                    if isinstance(f, bytes):
+                    if isinstance(f, (bytes, bytearray)):
                         ch.send(f, timeout=0)
                     else:
                         ch.send_block(f, timeout=0)
