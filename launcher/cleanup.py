@@ -130,16 +130,14 @@ def _in_use(keys) -> set:
     return used
 
 
-def orphaned_mpi_segments(uid: int, min_age: float = 5.0, shm: str = SHM) -> list[str]:
-    """MPI segments (mpich_shm_*) in shm owned by uid, untouched for min_age seconds, that no live process maps
-    or holds open. Processes are matched by device and inode, so another mount namespace's /dev/shm (another
-    node of the test cluster) never counts."""
+def _mpi_unused(uid: int, shm: str) -> dict:
+    """{name: age in seconds} of the MPI segments in shm owned by uid that no live process maps or holds open."""
     now = time.time()
     cands = {}
     try:
         names = os.listdir(shm)
     except OSError:
-        return []
+        return {}
     for n in names:
         if not n.startswith(MPI_PREFIXES):
             continue
@@ -147,12 +145,24 @@ def orphaned_mpi_segments(uid: int, min_age: float = 5.0, shm: str = SHM) -> lis
             st = os.stat(os.path.join(shm, n), follow_symlinks=False)
         except OSError:
             continue
-        if st.st_uid == uid and now - max(st.st_mtime, st.st_ctime) >= min_age:
-            cands[(st.st_dev, st.st_ino)] = n
-    if not cands:
-        return []
-    used = _in_use(cands)
-    return sorted(n for k, n in cands.items() if k not in used)
+        if st.st_uid == uid:
+            cands[(st.st_dev, st.st_ino)] = (n, now - max(st.st_mtime, st.st_ctime))
+    used = _in_use(cands) if cands else set()
+    return dict(v for k, v in cands.items() if k not in used)
+
+
+def orphaned_mpi_segments(uid: int, min_age: float = 2.0, shm: str = SHM, wait: bool = False) -> list[str]:
+    """MPI segments (mpich_shm_*) in shm owned by uid, unchanged for min_age seconds, that no live process maps
+    or holds open (a segment just made may not be mapped yet by its maker). Processes are matched by device and
+    inode, so another mount namespace's /dev/shm (another node of the test cluster) never counts. With wait, unused
+    segments younger than min_age are waited for (if that takes at most 3 s) and looked at again: an epilog right after a
+    job that failed within a second still removes what its MPI library left."""
+    unused = _mpi_unused(uid, shm)
+    young = [min_age - age for age in unused.values() if age < min_age]
+    if wait and young and max(young) <= 3.0:
+        time.sleep(max(young) + 0.05)
+        unused = _mpi_unused(uid, shm)
+    return sorted(n for n, age in unused.items() if age >= min_age)
 
 
 def _alive(pid: int) -> bool:
@@ -163,7 +173,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 5.0, shm: str = SHM, wait: float = 5.0) -> dict:
+def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 2.0, shm: str = SHM, wait: float = 5.0) -> dict:
     """Kill the dragon processes of Slurm job slurm_job on this node, then unlink its dragon segments (and, with
     mpi_uid, that user's orphaned MPI segments). -> {"killed": [pids], "removed": [names], "left": [pids]}."""
     killed = slurm_job_pids(slurm_job)
@@ -179,7 +189,7 @@ def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 5.0, shm: str = SH
         left = [p for p in left if _alive(p)]
     names = slurm_job_segments(slurm_job, shm)
     if mpi_uid is not None:
-        names += orphaned_mpi_segments(int(mpi_uid), min_age, shm)
+        names += orphaned_mpi_segments(int(mpi_uid), min_age, shm, wait=True)
     removed = []
     for n in names:
         try:
@@ -201,7 +211,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--slurm-job", required=True, help="the Slurm job id (the epilog's $SLURM_JOB_ID)")
     ap.add_argument("--mpi-uid", type=int, help="also unlink orphaned mpich_shm_* segments owned by this uid")
-    ap.add_argument("--min-age", type=float, default=5.0, help="MPI segments must be this old, seconds (5)")
+    ap.add_argument("--min-age", type=float, default=2.0, help="MPI segments must be this old, seconds (2)")
     ap.add_argument("--shm", default=SHM, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:

@@ -138,7 +138,7 @@ def assert_torn_down(marker, dragon_job, nodes):
 
 
 def ready_line(text):
-    m = re.search(r"ready: slurm job (\d+) dragon job (j[0-9a-f]+n\d+)", text)
+    m = re.search(r"ready: slurm job (\d+) dragon job ((?:s\d+_)?j[0-9a-f]+n\d+)", text)
     assert m, text
     return int(m.group(1)), m.group(2)
 
