@@ -92,7 +92,7 @@ static inline int64_t ds_now(void) {
  */
 static int64_t ds_spin_ns = 20000;          /* keep the CPU at least this long before sleeping on a futex */
 static int64_t ds_spin_max_ns = 100000;     /* ... and at most this long (the budget adapts in between) */
-static int64_t ds_yield_ns = 5000;          /* spin at most this long before yielding the CPU between polls */
+static int64_t ds_yield_ns = 1000;          /* spin at most this long before yielding the CPU between polls */
 static int64_t ds_wait_chunk_ns = 50000000; /* sleep in chunks this long (dead owners, destroy, signals) */
 static int64_t ds_switch_ns = 1500;         /* a sched_yield that took longer let another task run */
 
