@@ -355,3 +355,45 @@ def no_leaked_node_segments(slurm_cluster, request):
         for n, names in new.items():  # do not let one leak fail every later test
             node_exec(n, ["rm", "-f", *[f"/dev/shm/{name}" for name in names]])
         pytest.fail(f"test left shared-memory segments behind on the nodes: {new}")
+
+
+# ------------------------------------------------------------------------------------------------ the epilog
+EPILOG_LOG = BASE / "log" / "epilog.log"  # start-cluster.sh's epilog (slurm/dragon-epilog.sh) appends here
+
+
+def epilog_lines(job_id: int) -> dict[str, str]:
+    """{node: the epilog's line} for Slurm job job_id, from every node whose epilog has run for it."""
+    try:
+        text = EPILOG_LOG.read_text()
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        m = re.match(rf"dragon-cleanup: slurm job {job_id} on (\S+): ", line)
+        if m:
+            found[m.group(1)] = line
+    return found
+
+
+def wait_epilog(job_id: int, nodes, timeout: float = 60) -> dict[str, str]:
+    """Wait until the epilog has run for job_id on every node in nodes; return {node: line}.  Raises TimeoutError
+    (the cluster must run slurm/dragon-epilog.sh: restart it with slurm/start-cluster.sh if it predates that)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = epilog_lines(job_id)
+        if all(n in lines for n in nodes):
+            return {n: lines[n] for n in nodes}
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no epilog line for job {job_id} on {sorted(set(nodes) - set(lines))} after {timeout} s in "
+                f"{EPILOG_LOG} (is Epilog= set? `scontrol show config | grep -i epilog`)"
+            )
+        time.sleep(0.2)
+
+
+def epilog_did(line: str) -> tuple[list[int], list[str]]:
+    """(pids killed, names removed) from one epilog line."""
+    m = re.search(r"killed \[([0-9, ]*)\] removed \[(.*?)\]", line)
+    if not m:
+        raise ValueError(f"not an epilog line: {line!r}")
+    return [int(x) for x in m.group(1).replace(",", " ").split()], re.findall(r"'([^']+)'", m.group(2))
