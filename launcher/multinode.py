@@ -10,6 +10,13 @@ node 0 global services too, as fresh interpreters (forking after MPI_Init is uns
 runs the program like the single-node launcher; its output, and every node's forwarded output, reach the
 terminal through the MPI launcher's own stdout forwarding, labelled by the shepherds.
 
+Global services runs beside node 0's launcher, or on a rank of its own (``--gs-rank``, or automatically when the
+world has exactly one rank more than hosts: the rule is in ``dragon.transport.world``). That rank is no node: it
+runs a transport agent (transport index ``nnodes``, which ``DRAGON_GS_NODE`` names, so that every client and
+shepherd reaches GS through the agents) and GS, in its own segment namespace ``<job>gs``. Node 0 tears it down
+last; if its GS process dies it announces itself down, and node 0's launcher ends the job at once (exit status 70,
+naming the rank); if the rank itself dies, mpiexec ends the job, or (srun) node 0's agent notices its silence.
+
 Control between launchers travels as infrastructure messages (``LATeardown``, ``LATorn``, ``LAExit``,
 ``LABye``, ``LANodeDead`` of ``dragon.infrastructure.messages``) in CTRL frames of the transport, routed here
 by message type: node 0 orders every node's teardown and the final exit; a node whose shepherd dies announces itself down (every agent fails the streams to it, GS
@@ -140,24 +147,17 @@ def service_main(kind, args):
     raise SystemExit(f"unknown service {kind}")
 
 
-def _parent_died(parent, wait=1.0):
+def _parent_died(parent):
     """True if the launcher that started this service is dead or dying.  PR_SET_PDEATHSIG fires when the
     launcher's main thread exits, while its other threads (the agent's) may still keep the process, and so
-    getppid(), alive for a moment: a parent whose main thread is a zombie counts as dead.  A SIGTERM from
-    elsewhere (scancel) leaves the parent alive: then this waits up to ``wait`` seconds and says no."""
-    deadline = time.monotonic() + wait
-    while True:
-        if os.getppid() != parent:
-            return True
-        try:
-            with open(f"/proc/{parent}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in "ZXx":
-                    return True
-        except (OSError, IndexError):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
+    getppid(), alive for a moment: a launcher whose main thread is a zombie counts as dead."""
+    if os.getppid() != parent:
+        return True
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZXx"
+    except (OSError, IndexError):
+        return True
 
 
 def _unlink_mpi(args):
