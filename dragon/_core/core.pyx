@@ -213,20 +213,29 @@ def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None, spin_max_ns=None
     Returns the old (spin_ns, chunk_ns, yield_ns, spin_max_ns)."""
     global ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns
     old = (ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns)
-    cdef int64_t lo = ds_spin_ns if spin_ns is None else max(0, min(int(spin_ns), 10**9))
+    cdef int64_t lo = ds_spin_ns if spin_ns is None else _ns(spin_ns, 0, "spin_ns")
     cdef int64_t hi = ds_spin_max_ns
     if spin_max_ns is not None:
-        hi = max(0, min(int(spin_max_ns), 10**9))
+        hi = _ns(spin_max_ns, 0, "spin_max_ns")
     elif spin_ns is not None:
         hi = lo
     if hi < lo:
         raise ValueError(f"spin_max_ns ({hi}) must not be less than spin_ns ({lo})")
-    ds_spin_ns, ds_spin_max_ns = lo, hi
-    if chunk_ns is not None:
-        ds_wait_chunk_ns = min(max(1000000, int(chunk_ns)), 1000000000)
-    if yield_ns is not None:
-        ds_yield_ns = max(0, min(int(yield_ns), 10**9))
+    cdef int64_t chunk = ds_wait_chunk_ns if chunk_ns is None else _ns(chunk_ns, 1000000, "chunk_ns")
+    cdef int64_t yld = ds_yield_ns if yield_ns is None else _ns(yield_ns, 0, "yield_ns")
+    ds_spin_ns, ds_spin_max_ns, ds_wait_chunk_ns, ds_yield_ns = lo, hi, chunk, yld
     return old
+
+
+cdef int64_t _ns(object value, int64_t lo, str what) except -1:
+    """A duration in ns for set_wait_params: a number (TypeError otherwise), clamped to [lo, 1 s]."""
+    if isinstance(value, float) and value == value:
+        value = int(value)
+    try:
+        v = PyNumber_Index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a number of nanoseconds, not {type(value).__name__}") from None
+    return max(lo, min(v, 1000000000))
 
 
 def wait_stats(reset=False):
