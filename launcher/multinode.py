@@ -484,14 +484,21 @@ def _runtime_class():
                 _log(f"{self._where()}: cannot start: {e}")
                 self._finish()
                 return EXIT_SERVICE_FAILED
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # node 0's launcher ends the job
+            # ... also on SIGTERM; but scancel and a time limit send it to every process of the job step at once,
+            # GS included, which then exits 0 while node 0's launcher is already ending the job: not a loss
+            sigterm = []
+            signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(signum))
             exiting = False
             while not exiting:
                 self._reap()
                 self._events()
                 if self.gs_pid in self.dead and self.lost is None and not self.tearing:
                     status = self._status_text(self.dead[self.gs_pid])
+                    if sigterm and status == "exit code 0":
+                        self.lost = "ended by SIGTERM with the rest of the job"
+                        continue
                     self.lost = f"its global-services process (pid {self.gs_pid}) died ({status})"
                     _log(f"{self._where()}: {self.lost}")
                     self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
