@@ -372,8 +372,9 @@ is no node (no managed processes there, not in node.get_list()), reached through
   srun -N 2 -n 3 dragon-launch app.py                  one rank more than hosts: the extra rank runs global
                                                        services (automatic; --no-gs-rank keeps it beside node 0)
   mpiexec -n 3 dragon-launch --virtual-nodes --gs-rank app.py     2 virtual nodes, the last rank runs it
---gs-rank asks for it (the highest rank that is not its host's first; with --virtual-nodes the last rank) and is
-refused with exit status 2 if every rank is needed as a node. Node names are the Slurm node names
+--gs-rank asks for it: the highest rank that is not its host's first; if there is none (one rank per host), or
+with --virtual-nodes, the last rank (srun -N 3 --ntasks-per-node=1 --gs-rank: 2 nodes and a host for global
+services). Refused with exit status 2 in a world of one rank. Node names are the Slurm node names
 (SLURMD_NODENAME) when srun started the ranks, else the host names.
 
 environment: DRAGON_LOG=debug for verbose service logs on stderr;

@@ -116,7 +116,12 @@ def test_forwarded_output_arrives_while_the_process_runs(tmp_path):
 def test_node_name_is_slurms_only_when_srun_started_this_rank():
     from dragon.transport.world import node_name
 
-    srun = {"SLURMD_NODENAME": "nid01", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "3"}
+    srun = {
+        "SLURMD_NODENAME": "nid01",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "3",
+    }
     assert node_name(srun, 1, 3, uname="host-b") == "nid01"
     # the sbatch shell's variables, copied by mpiexec to every rank: not this rank's own
     assert node_name(srun, 2, 3, uname="host-c") == "host-c"  # SLURM_PROCID is another rank's
@@ -149,10 +154,10 @@ def test_which_rank_runs_global_services():
     assert gs_rank_of(two, False, None) == (None, None)
     assert gs_rank_of(["a", "a", "a"], True, None) == (None, None)  # virtual nodes: only when asked
     assert gs_rank_of(["a", "a", "a"], True, True) == (2, None)
-    rank, why = gs_rank_of(two, False, True)  # every rank is needed as a node
-    assert rank is None and "--gs-rank" in why and "srun -N 2 -n 3" in why
-    rank, why = gs_rank_of(["a"], True, True)
-    assert rank is None and "mpiexec -n 3" in why
+    assert gs_rank_of(["a", "b", "c"], False, True) == (2, None)  # one rank per host: the last host is GS's
+    for virtual in (False, True):
+        rank, why = gs_rank_of(["a"], virtual, True)  # no rank to spare
+        assert rank is None and "--gs-rank" in why and "srun -N 2 -n 3" in why and "mpiexec -n 3" in why
 
 
 def test_gs_rank_without_mpi_is_refused(tmp_path):

@@ -18,7 +18,9 @@ SHEP_PID = "DRAGON_SHEP_PID"  # pid of the shepherd that started this process (t
 LOG = "DRAGON_LOG"  # "debug" for verbose service logs (default: warnings and errors only)
 REQUEST_TIMEOUT = "DRAGON_REQUEST_TIMEOUT"  # seconds a client waits for a reply (default 60)
 # multi-node jobs (set by the launcher of each node, inherited by its services and managed processes)
-GS_NODE = "DRAGON_GS_NODE"  # index of the node global services runs on (default 0)
+# where global services runs, as a transport index (default 0): node 0, or the number of nodes when GS has an MPI
+# rank of its own, which is no node (dragon-launch --gs-rank; see dragon.transport.world)
+GS_NODE = "DRAGON_GS_NODE"
 GW_CD = "DRAGON_GW_CD"  # this node's transport gateway channel (the transport agent's input)
 
 ALL = (JOB, PUID, NODE, GS_CD, LS_CD, REPLY_CD, INF_PD, SHEP_PID)

@@ -10,8 +10,9 @@ the node); other ranks of the node only wait for the end of the job.
 shepherd, no managed process, not in ``node.get_list()``) but has a transport agent, at transport index
 ``nnodes`` (``DRAGON_GS_NODE``), when
 
-- ``gs_rank=True`` (``dragon-launch --gs-rank``): the highest-numbered rank that is not its host's lowest rank
-  (with ``--virtual-nodes``: the last rank); refused if every rank is needed as a node;
+- ``gs_rank=True`` (``dragon-launch --gs-rank``): the highest-numbered rank that is not its host's lowest rank;
+  if every host has one rank, or with ``--virtual-nodes``, the last rank (a host of its own then runs no node);
+  refused in a world of one rank;
 - ``gs_rank=None`` (the default) and, without ``--virtual-nodes``, the world has exactly one rank more than hosts
   (``srun -N 2 -n 3``): that extra rank;
 - never with ``gs_rank=False`` (``--no-gs-rank``).
@@ -58,25 +59,23 @@ def gs_rank_of(hosts, virtual, want):
     if virtual:
         if not want:
             return None, None
-        if size < 2:
-            return None, (
-                f"--gs-rank: global services needs a rank of its own besides at least one node, and the MPI "
-                f"world has {size} rank: start one rank more than nodes, e.g. mpiexec -n 3 dragon-launch "
-                f"--virtual-nodes --gs-rank app.py (2 nodes + global services)"
-            )
-        return size - 1, None
+        return (size - 1, None) if size >= 2 else _one_rank()
     first = {}
     extras = [r for r, h in enumerate(hosts) if first.setdefault(h, r) != r]
     if want is None:
         return (extras[0], None) if len(extras) == 1 else (None, None)
-    if not extras:
-        return None, (
-            f"--gs-rank: global services needs a rank of its own, but every one of the {size} MPI rank(s) is the "
-            f"only rank of its host ({len(first)} host(s)): start one rank more than nodes, e.g. srun -N "
-            f"{len(first)} -n {size + 1} dragon-launch app.py, or mpiexec -n 3 dragon-launch --virtual-nodes "
-            f"--gs-rank app.py on one host"
-        )
-    return extras[-1], None
+    if extras:
+        return extras[-1], None
+    # one rank per host: the last host is given to global services alone
+    return (size - 1, None) if size >= 2 else _one_rank()
+
+
+def _one_rank():
+    return None, (
+        "--gs-rank: global services needs a rank of its own besides at least one node, and the MPI world has "
+        "1 rank: start one rank more than nodes, e.g. srun -N 2 -n 3 dragon-launch app.py, or "
+        "mpiexec -n 3 dragon-launch --virtual-nodes --gs-rank app.py on one host"
+    )
 
 
 class World:
