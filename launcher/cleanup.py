@@ -7,19 +7,23 @@
 
        python3 -m launcher.cleanup --slurm-job ID        # or: python3 /path/to/launcher/cleanup.py --slurm-job ID
 
-   Why it is needed: on a plain ``scancel ID`` of a batch job, and at a hard time limit, Slurm sends SIGTERM to
-   every process of the job, ``srun`` included, and ``srun`` answers its SIGTERM by having every task of its step
-   SIGKILLed at once. dragon's launchers then get no time to stop their processes and unlink their segments
-   (see slurm/README.md, "What Slurm does at scancel and at the time limit"). The epilog runs on each node after
-   Slurm has ended all of the job's processes it knows, and this:
+   Why it is needed: at ``scancel ID`` and at the time limit Slurm sends SIGTERM to every process of the job at
+   once and SIGKILL KillWait seconds later (slurm/README.md has the measured details). dragon's teardown on that
+   SIGTERM normally finishes well within KillWait, but not always (an overloaded node, a short KillWait, every
+   task SIGKILLed at once), and a process that left the step's process tree is never signalled by Slurm's
+   proctrack/linuxproc at all. The epilog runs on each node after Slurm has ended the job's processes it knows:
 
    - SIGKILLs every process whose environment has ``DRAGON_JOB=s<ID>_...`` (a dragon job started inside Slurm job
-     ID; see ``dragon.infrastructure.env.new_job_id``): managed processes that left the step's process tree;
+     ID; see ``dragon.infrastructure.env.new_job_id``);
    - unlinks every ``/dev/shm/dragon-s<ID>_*`` segment (the pools and channels of every dragon job of Slurm job ID
      on this node; the ``_`` ends the id, so job 12 never matches job 123's segments);
-   - with ``--mpi-uid UID`` (the epilog passes the job's user): unlinks MPI segments (``mpich_shm_*``) owned by
-     that user that no live process maps or holds open and that are older than ``--min-age`` seconds: what a
-     SIGKILLed MPICH leaves. They carry no job id, so "nobody uses it any more" is the test.
+   - unlinks the MPICH segments of the job's steps: MPICH names them ``mpich_shm_<W>_<node>`` (and
+     ``mpich_vci_<W>_<node>``) with W the 32-bit FNV-1a hash of the PMI key-value space name, which Slurm's PMI-2
+     makes ``<job id>.<step id>``; so they are found by the job id alone (steps 0..9999), and removed when no live
+     process maps or holds them;
+   - with ``--mpi-uid UID`` (the epilog passes the job's user) also any other MPICH segment of that user that no
+     live process maps or holds open and that is older than ``--min-age`` seconds (e.g. an mpiexec's inside the
+     job, whose names carry no Slurm job id).
 
    It prints one line saying what it did (``dragon-cleanup: slurm job ID: killed [...] removed [...]``) and exits
    0 unless an argument is wrong: a failing epilog would make Slurm drain the node.
@@ -44,12 +48,15 @@ __all__ = [
     "slurm_job_pids",
     "slurm_job_segments",
     "orphaned_mpi_segments",
+    "mpich_world_id",
+    "slurm_job_mpi_segments",
     "clean_slurm_job",
     "main",
 ]
 
 SHM = "/dev/shm"
-MPI_PREFIXES = ("mpich_shm_",)  # the MPICH wheel's intranode segments
+MPI_PREFIXES = ("mpich_shm_", "mpich_vci_")  # MPICH's intranode segments
+MAX_STEPS = 10000  # steps of a job whose MPICH segments are recognised by name
 
 
 def __getattr__(name):  # the launcher's helpers, imported from dragon only when asked for
@@ -165,6 +172,38 @@ def orphaned_mpi_segments(uid: int, min_age: float = 2.0, shm: str = SHM, wait: 
     return sorted(n for n, age in unused.items() if age >= min_age)
 
 
+def mpich_world_id(kvsname: str) -> str:
+    """MPICH's world id of a PMI key-value space (32-bit FNV-1a, as hex): the W in mpich_shm_<W>_<node>."""
+    h = 2166136261
+    for b in kvsname.encode():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return f"{h:x}"
+
+
+def slurm_job_mpi_segments(slurm_job, shm: str = SHM) -> list[str]:
+    """MPICH segments in shm made by a step of Slurm job slurm_job (PMI-2 names its space <job>.<step>) that no
+    live process maps or holds open."""
+    _slurm_prefix(slurm_job)
+    pat = re.compile(r"(?:mpich_shm|mpich_vci)_([0-9a-f]+)_\d+$")
+    try:
+        found = {n: m.group(1) for n in os.listdir(shm) if (m := pat.match(n))}
+    except OSError:
+        return []
+    if not found:
+        return []
+    ours = {mpich_world_id(f"{int(slurm_job)}.{step}") for step in range(MAX_STEPS)}
+    keys = {}
+    for n, w in found.items():
+        if w in ours:
+            try:
+                st = os.stat(os.path.join(shm, n), follow_symlinks=False)
+            except OSError:
+                continue
+            keys[(st.st_dev, st.st_ino)] = n
+    used = _in_use(keys) if keys else set()
+    return sorted(n for k, n in keys.items() if k not in used)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -174,8 +213,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 2.0, shm: str = SHM, wait: float = 5.0) -> dict:
-    """Kill the dragon processes of Slurm job slurm_job on this node, then unlink its dragon segments (and, with
-    mpi_uid, that user's orphaned MPI segments). -> {"killed": [pids], "removed": [names], "left": [pids]}."""
+    """Kill the dragon processes of Slurm job slurm_job on this node, then unlink its dragon segments and its
+    steps' unused MPICH segments (and, with mpi_uid, that user's other orphaned MPICH segments). -> {"killed": [pids], "removed": [names], "left": [pids]}."""
     killed = slurm_job_pids(slurm_job)
     for pid in killed:
         try:
@@ -187,9 +226,9 @@ def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 2.0, shm: str = SH
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
         left = [p for p in left if _alive(p)]
-    names = slurm_job_segments(slurm_job, shm)
+    names = slurm_job_segments(slurm_job, shm) + slurm_job_mpi_segments(slurm_job, shm)
     if mpi_uid is not None:
-        names += orphaned_mpi_segments(int(mpi_uid), min_age, shm, wait=True)
+        names += [n for n in orphaned_mpi_segments(int(mpi_uid), min_age, shm, wait=True) if n not in names]
     removed = []
     for n in names:
         try:
@@ -206,8 +245,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="dragon-cleanup",
         description="Remove what a Slurm job's dragon runs left on this node: kill processes whose DRAGON_JOB "
-        "belongs to the job, unlink its /dev/shm/dragon-s<ID>_* segments (and, with --mpi-uid, that user's MPI "
-        "segments no process uses any more). Meant for a Slurm epilog (slurm/dragon-epilog.sh). Exit 0.",
+        "belongs to the job, unlink its /dev/shm/dragon-s<ID>_* segments and its steps' MPICH segments (and, with "
+        "--mpi-uid, that user's other MPICH segments no process uses any more). Meant for a Slurm epilog (slurm/dragon-epilog.sh). Exit 0.",
     )
     ap.add_argument("--slurm-job", required=True, help="the Slurm job id (the epilog's $SLURM_JOB_ID)")
     ap.add_argument("--mpi-uid", type=int, help="also unlink orphaned mpich_shm_* segments owned by this uid")

@@ -172,3 +172,33 @@ def test_launcher_helpers_still_importable():
     assert job_pids("no-such-job-" + fake_slurm_job()) == []
     with pytest.raises(AttributeError):
         cleanup.no_such_thing  # noqa: B018
+
+
+def fnv1a(text):
+    h = 2166136261
+    for b in text.encode():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return f"{h:x}"
+
+
+@pytest.mark.timeout(60)
+def test_mpich_segments_of_the_jobs_steps_are_found_by_name(shm, procs):
+    # MPICH names its segments after a hash of the PMI space, which Slurm's PMI-2 calls <job>.<step>: the
+    # epilog finds a job's own segments without --mpi-uid and without waiting for them to age
+    sid = fake_slurm_job()
+    assert fnv1a("9.0") == "e200f4fa"  # seen on the test cluster: job 9, step 0 made mpich_shm_e200f4fa_0
+    step0, step3 = f"mpich_shm_{fnv1a(sid + '.0')}_0", f"mpich_vci_{fnv1a(sid + '.3')}_1"
+    mapped = f"mpich_shm_{fnv1a(sid + '.1')}_0"
+    other_job = f"mpich_shm_{fnv1a(sid + '1.0')}_0"
+    for n in (step0, step3, mapped, other_job):
+        (shm / n).write_bytes(b"\1" * 4096)
+    mapper = procs(
+        f"import mmap, os, time\nfd = os.open({str(shm / mapped)!r}, os.O_RDWR)\n"
+        "m = mmap.mmap(fd, 4096)\nprint('ready', flush=True)\ntime.sleep(120)\n",
+        stdout=subprocess.PIPE,
+    )
+    assert mapper.stdout.readline().strip() == b"ready"
+    res = run_cleanup("--slurm-job", sid, "--shm", str(shm))
+    assert res.returncode == 0, res.stderr
+    assert reported(res.stdout)[1] == {step0, step3}, res.stdout
+    assert {p.name for p in shm.iterdir()} == {mapped, other_job}

@@ -288,6 +288,8 @@ def test_node_names_are_slurms(slurm_cluster, tmp_path):
         assert head["descs"][k] == {"node": k, "query_node": k}, head
         assert d["desc_node"] == k and d["DRAGON_NODE"] == str(k), d
         assert d["SLURMD_NODENAME"] == d["host"] == order[k], d
+        # node.query(k).hostname is the SLURMD_NODENAME that node k's own processes see
+        assert head["hosts"][k] == d["SLURMD_NODENAME"], (head, d)
         assert d["SLURM_NODEID"] == str(k), d
         assert f"[id{k}@{k}] IDENT" in res.stdout, res.stdout  # the forwarded output's label names the node
     assert wait_no_marker(marker, timeout=20) == []
