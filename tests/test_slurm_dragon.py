@@ -221,15 +221,16 @@ def assert_ended_by_dragon(state, job, text):
     # 143:0 is dragon-launch's own exit after its SIGTERM teardown (a process killed by the signal shows 0:15).
     # Its "got signal 15" log line is not asserted: srun may drop a cancelled step's last stderr lines.
     assert job_info(job).get("ExitCode") == "143:0", (job_info(job), text)
-    # srun got no signal: it did not turn the SIGTERM into a SIGKILL of every task
+    # srun got no signal (Slurm's own SIGTERM at scancel/the limit reaches srun too: "forcing job termination")
     assert "forcing job termination" not in text and "Traceback" not in text, text
 
 
 @pytest.mark.timeout(240)
 def test_time_limit_of_the_template_tears_down_every_node(slurm_cluster, tmp_path):
-    # Slurm's smallest limit is one minute.  The template's --signal=TERM@120 warns dragon (not srun: srun would
-    # answer Slurm's own SIGTERM at the limit with a SIGKILL of every task, and leave /dev/shm to chance) before
-    # the limit; here 20 s before it, which Slurm's periodic check turns into ~30-40 s after the start.
+    # Slurm's smallest limit is one minute.  The template's --signal=TERM@120 warns dragon (the tasks, not srun or
+    # the batch shell) before the limit, so that the program is stopped on purpose and nothing is left to the SIGKILL
+    # that follows the limit's SIGTERM; here 20 s before it, which Slurm's periodic check turns into ~30-40 s after
+    # the start.  (The hard limit without a warning: tests/test_slurm_teardown.py.)
     marker = new_marker()
     nodes = slurm_cluster.nodes[:2]
     app = tmp_path / "forever.py"
