@@ -3,6 +3,7 @@ dragon-launch app.py``, two real nodes with their own hostnames, networks and /d
 over the network."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -10,9 +11,11 @@ from slurm_util import (
     dragon_launch_cmd,
     no_leaked_node_segments,
     pids_with_marker,
+    scancel,
     slurm_cluster,
     srun,
     srun_dragon,
+    wait_for_file,
 )
 
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
@@ -111,3 +114,35 @@ def test_srun_killed_gs_rank_is_noticed_by_silence(slurm_cluster):
     assert "still alive" not in res.stdout
     assert res.returncode != 0
     assert "global services is gone: the global-services rank 1" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(150)
+def test_scancel_tears_down_the_nodes_and_the_gs_rank(slurm_cluster, tmp_path):
+    """scancel: Slurm's SIGTERM reaches every process of the step at once, GS and its rank too; the job ends by
+    dragon's teardown (143), quietly (GS going with the rest is no loss), and leaves nothing on any node."""
+    mark = os.urandom(6).hex()
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    name = f"gsr{mark}"
+    cmd = ["srun", "-N", "2", "-n", "3", "--time=3", "-J", name, *dragon_launch_cmd(), GS_APP, "forever"]
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=dict(os.environ, DRAGON_TEST_MARK=mark))
+    try:
+        wait_for_file(out, timeout=90, contains="ready")
+        job = subprocess.run(
+            ["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.split()
+        assert len(job) == 1, job
+        scancel(int(job[0]))
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.read_text() + err.read_text()
+    assert rc != 0, text
+    assert "still alive" not in text and "Traceback" not in text, text
+    assert "the job lost" not in text and "global services is gone" not in text, text
+    deadline = time.monotonic() + 10
+    while pids_with_marker(f"DRAGON_TEST_MARK={mark}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pids_with_marker(f"DRAGON_TEST_MARK={mark}")

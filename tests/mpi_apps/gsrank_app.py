@@ -143,6 +143,15 @@ def case_killgsrank():
     print("killgsrank: still alive", flush=True)
 
 
+def case_forever():
+    """A sleeping process on every node, then wait to be cancelled."""
+    for k in node.get_list():
+        process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": k})
+    print("ready", flush=True)
+    time.sleep(120)
+    print("forever: still alive", flush=True)
+
+
 def case_rtt(count="300"):
     """Round trips of a GS query (node.get_list) from node 0 and from a process on node 1: min and median us."""
     here = _rtt(int(count))
