@@ -28,6 +28,11 @@
    It prints one line saying what it did (``dragon-cleanup: slurm job ID: killed [...] removed [...]``) and exits
    0 unless an argument is wrong: a failing epilog would make Slurm drain the node.
 
+3. ``--stale`` (or ``remove_stale_slurm_segments()``), for a launcher at start on a node whose site runs no such
+   epilog: unlinks the ``dragon-s<ID>_*`` segments of Slurm jobs that no live process belongs to (none has
+   ``SLURM_JOB_ID=<ID>``) and that no live process maps or holds open. Unprivileged, it can only unlink the
+   caller's own files (/dev/shm is sticky).
+
 This module imports only the standard library at load time, so an epilog can run it as a plain file with any
 Python 3, even one that does not have dragon installed.
 """
@@ -51,6 +56,8 @@ __all__ = [
     "mpich_world_id",
     "slurm_job_mpi_segments",
     "clean_slurm_job",
+    "stale_slurm_segments",
+    "remove_stale_slurm_segments",
     "main",
 ]
 
@@ -241,6 +248,67 @@ def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 2.0, shm: str = SH
     return {"killed": killed, "removed": removed, "left": left}
 
 
+def _slurm_jobs_alive() -> set:
+    """Slurm job ids that some live process (no zombie) of this machine has in its environment (SLURM_JOB_ID)."""
+    pat = re.compile(rb"(?:^|\0)SLURM_JOB_ID=(\d+)(?:\0|$)")
+    alive = set()
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                m = pat.search(f.read())
+        except OSError:
+            continue
+        if m and _alive(pid):
+            alive.add(m.group(1).decode())
+    me = os.environ.get("SLURM_JOB_ID", "")
+    if me.isdigit():
+        alive.add(me)
+    return alive
+
+
+def stale_slurm_segments(shm: str = SHM) -> list[str]:
+    """dragon segments of Slurm jobs that are over on this node: dragon-s<ID>_* where no live process has
+    SLURM_JOB_ID=<ID> in its environment (every task of a running job has it, dragon's launchers included) and
+    no live process maps or holds the segment. What an epilog would have removed, for sites without it. Only the
+    owner can unlink a file of /dev/shm (sticky), so a user's clean-up never touches another user's segments."""
+    pat = re.compile(r"dragon-s(\d+)_")
+    try:
+        cands = {n: m.group(1) for n in os.listdir(shm) if (m := pat.match(n))}
+    except OSError:
+        return []
+    if not cands:
+        return []
+    alive = _slurm_jobs_alive()
+    keys = {}
+    for n, job in cands.items():
+        if job in alive:
+            continue
+        try:
+            st = os.stat(os.path.join(shm, n), follow_symlinks=False)
+        except OSError:
+            continue
+        keys[(st.st_dev, st.st_ino)] = n
+    used = _in_use(keys) if keys else set()
+    return sorted(n for k, n in keys.items() if k not in used)
+
+
+def remove_stale_slurm_segments(shm: str = SHM) -> list[str]:
+    """Unlink stale_slurm_segments() that this user may unlink; -> the names removed. Never raises (a launcher
+    may call it at start, best effort)."""
+    removed = []
+    try:
+        names = stale_slurm_segments(shm)
+    except Exception:
+        return removed
+    for n in names:
+        try:
+            os.unlink(os.path.join(shm, n))
+            removed.append(n)
+        except OSError:
+            pass
+    return removed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="dragon-cleanup",
@@ -248,11 +316,20 @@ def main(argv=None) -> int:
         "belongs to the job, unlink its /dev/shm/dragon-s<ID>_* segments and its steps' MPICH segments (and, with "
         "--mpi-uid, that user's other MPICH segments no process uses any more). Meant for a Slurm epilog (slurm/dragon-epilog.sh). Exit 0.",
     )
-    ap.add_argument("--slurm-job", required=True, help="the Slurm job id (the epilog's $SLURM_JOB_ID)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--slurm-job", help="the Slurm job id (the epilog's $SLURM_JOB_ID)")
+    what.add_argument(
+        "--stale",
+        action="store_true",
+        help="instead: unlink the dragon-s<ID>_* segments of Slurm jobs no live process belongs to (no epilog)",
+    )
     ap.add_argument("--mpi-uid", type=int, help="also unlink orphaned mpich_shm_* segments owned by this uid")
     ap.add_argument("--min-age", type=float, default=2.0, help="MPI segments must be this old, seconds (2)")
     ap.add_argument("--shm", default=SHM, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.stale:
+        print(f"dragon-cleanup: stale: removed {remove_stale_slurm_segments(args.shm)}", flush=True)
+        return 0
     try:
         _slurm_prefix(args.slurm_job)
     except ValueError as e:

@@ -202,3 +202,36 @@ def test_mpich_segments_of_the_jobs_steps_are_found_by_name(shm, procs):
     assert res.returncode == 0, res.stderr
     assert reported(res.stdout)[1] == {step0, step3}, res.stdout
     assert {p.name for p in shm.iterdir()} == {mapped, other_job}
+
+
+@pytest.mark.timeout(60)
+def test_stale_removes_only_segments_of_slurm_jobs_nobody_belongs_to(shm, procs):
+    # for a launcher at start on a node without the epilog: segments of Slurm jobs that are over on this machine
+    running, over, mapped_job = fake_slurm_job(), fake_slurm_job(), fake_slurm_job()
+    names = {
+        "running": f"dragon-s{running}_j0123456789n0-inf",
+        "over": f"dragon-s{over}_j0123456789n1-m3",
+        "mapped": f"dragon-s{mapped_job}_jabcdef0123n0-inf",
+        "no_slurm": "dragon-j0123456789-inf",
+        "not_dragon": f"mpich_shm_{over}_0",
+    }
+    for n in names.values():
+        (shm / n).write_bytes(b"\0" * 4096)
+    task = procs(SLEEPER, {"SLURM_JOB_ID": running})  # a task of a running job: its segments stay
+    mapper = procs(  # a process that maps a segment, without SLURM_JOB_ID (e.g. given an environment of its own)
+        f"import mmap, os, time\nfd = os.open({str(shm / names['mapped'])!r}, os.O_RDWR)\n"
+        "m = mmap.mmap(fd, 4096)\nprint('ready', flush=True)\ntime.sleep(120)\n",
+        stdout=subprocess.PIPE,
+    )
+    assert mapper.stdout.readline().strip() == b"ready"
+    time.sleep(0.3)
+    res = run_cleanup("--stale", "--shm", str(shm))
+    assert res.returncode == 0, res.stderr
+    assert f"removed ['{names['over']}']" in res.stdout, res.stdout
+    assert {p.name for p in shm.iterdir()} == set(names.values()) - {names["over"]}
+    # once the job's last task is gone, its segments are stale too
+    task.kill()
+    task.wait(timeout=10)
+    res = run_cleanup("--stale", "--shm", str(shm))
+    assert f"removed ['{names['running']}']" in res.stdout, res.stdout
+    assert mapper.poll() is None
