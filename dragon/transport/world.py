@@ -98,9 +98,10 @@ class World:
             node_of_rank = {r: index.setdefault(hosts[r], len(index)) for r in node_ranks}
         self.node_of_rank = [node_of_rank.get(r) for r in range(self.size)]  # None: the GS rank
         self.nnodes = max(node_of_rank.values()) + 1 if node_of_rank else 0
-        self.node_ranks = [
-            min(r for r, k in node_of_rank.items() if k == n) for n in range(self.nnodes)
-        ]  # leader rank of each node
+        leaders = {}
+        for r in node_ranks:  # in rank order: the first rank seen on a node leads it
+            leaders.setdefault(node_of_rank[r], r)
+        self.node_ranks = [leaders[n] for n in range(self.nnodes)]  # leader rank of each node
         self.is_gs = self.rank == self.gs_rank
         self.node = self.node_of_rank[self.rank]
         self.leader = not self.is_gs and self.node_ranks[self.node] == self.rank
