@@ -374,8 +374,9 @@ is no node (no managed processes there, not in node.get_list()), reached through
   mpiexec -n 3 dragon-launch --virtual-nodes --gs-rank app.py     2 virtual nodes, the last rank runs it
 --gs-rank asks for it: the highest rank that is not its host's first; if there is none (one rank per host), or
 with --virtual-nodes, the last rank (srun -N 3 --ntasks-per-node=1 --gs-rank: 2 nodes and a host for global
-services). Refused with exit status 2 in a world of one rank. Node names are the Slurm node names
-(SLURMD_NODENAME) when srun started the ranks, else the host names.
+services). Refused with exit status 2 in a world of one rank. On its own rank, GS has a core to itself, but
+node 0's requests cross the transport too (a round trip ~10x longer than beside node 0; other nodes' about the
+same). Node names are the Slurm node names (SLURMD_NODENAME) when srun started the ranks, else the host names.
 
 environment: DRAGON_LOG=debug for verbose service logs on stderr;
 DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60).""",
