@@ -454,6 +454,10 @@ class RemoteChannel:
             st.sent += 1
             st.sent_bytes += n
             st.sizes.append(n)
+            if not st.sent & 63 and st.sent - st.acked >= 64:
+                # take the acks that came meanwhile: a sender that never waits would otherwise leave them to
+                # fill its reply channel (the agent then holds them back and retries)
+                self._ep.drain()
 
     def _send_big(self, st, data, n, t):
         """One copy, into a block of the node's staging pool; the gateway carries only its offset and the agent

@@ -811,6 +811,11 @@ class Agent:
     def _retry_replies(self):
         for ch in list(self.pending_rep):
             q = self.pending_rep[ch]
+            try:
+                if len(ch) >= ch.capacity:  # still full: do not pay for a ChannelFull every loop
+                    continue
+            except ChannelError:
+                pass  # gone: the send below says so and cleans up
             while q:
                 f = q[0]
                 try:
