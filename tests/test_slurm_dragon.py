@@ -16,6 +16,7 @@ import pytest
 from slurm_util import (
     REPO,
     dragon_launch_cmd,
+    epilog_did,
     job_info,
     new_marker,
     no_leaked_node_segments,
@@ -24,6 +25,7 @@ from slurm_util import (
     scancel,
     slurm_cluster,
     srun,
+    wait_epilog,
     wait_for_file,
     wait_job,
     wait_no_marker,
@@ -127,14 +129,18 @@ def started_everywhere(marker, dragon_job, nodes):
         assert any(s.startswith(f"dragon-{re.sub(r'n[0-9]+$', '', dragon_job)}n{k}-") for s in segs[n]), segs
 
 
-def assert_torn_down(marker, dragon_job, nodes):
-    """No process of the job on any node, no segment of the dragon job in any node's /dev/shm."""
+def assert_torn_down(marker, dragon_job, nodes, job=None):
+    """No process of the job on any node, no segment of the dragon job in any node's /dev/shm; with the Slurm job
+    id: and dragon did it itself, within Slurm's KillWait: the epilog (slurm/dragon-epilog.sh) found nothing."""
     left = wait_no_marker(marker, timeout=20)
     assert not left, f"processes of the job survived: {job_processes(marker)}"
     deadline = time.monotonic() + 5
     while any(segments_of(dragon_job, nodes).values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(segments_of(dragon_job, nodes).values()), segments_of(dragon_job, nodes)
+    if job is not None:
+        lines = wait_epilog(job, nodes, timeout=60)
+        assert all(epilog_did(line) == ([], []) for line in lines.values()), lines
 
 
 def ready_line(text):
@@ -196,7 +202,7 @@ def test_scancel_of_srun_dragon_launch_tears_down_every_node(slurm_cluster, tmp_
     # Slurm signals every process of the step, the services too: they end quietly
     assert "Traceback" not in err.read_text() + out.read_text(), err.read_text()
     assert wait_job(job, timeout=30) == "CANCELLED"
-    assert_torn_down(marker, djob, nodes)
+    assert_torn_down(marker, djob, nodes, job)
 
 
 def run_template_until_stopped(marker, app, workdir, nodes, extra, stop=None):
@@ -239,7 +245,7 @@ def test_time_limit_of_the_template_tears_down_every_node(slurm_cluster, tmp_pat
         marker, app, tmp_path, nodes, ["--time=1", "--signal=TERM@20"]
     )
     assert_ended_by_dragon(state, job, text)  # before the limit: not TIMEOUT
-    assert_torn_down(marker, djob, nodes)
+    assert_torn_down(marker, djob, nodes, job)
 
 
 @pytest.mark.timeout(150)
@@ -253,7 +259,7 @@ def test_scancel_signal_term_of_the_template_tears_down_every_node(slurm_cluster
         marker, app, tmp_path, nodes, ["--time=3"], stop=lambda job: scancel(job, signal="TERM")
     )
     assert_ended_by_dragon(state, job, text)
-    assert_torn_down(marker, djob, nodes)
+    assert_torn_down(marker, djob, nodes, job)
 
 
 # ------------------------------------------------------------------------------------------------ 3. node identity

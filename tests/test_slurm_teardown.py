@@ -1,7 +1,7 @@
 """Ending an sbatch job of dragon the hard ways, on the real test cluster: a plain `scancel JOBID`, the job's hard
 time limit (no --signal warning) and `scancel --signal=KILL` (every task SIGKILLed at once, dragon gets no time at
 all). Whatever happens inside the job, afterwards no process of the job and no segment (dragon's or MPICH's) may be
-left on either node: dragon's own teardown on SIGTERM does it in the first two cases, the epilog
+left on either node: dragon's own teardown on SIGTERM does it in the first two cases (the epilog finds nothing), the epilog
 (slurm/dragon-epilog.sh, which start-cluster.sh configures) in the last, and also for a process of the job that is
 outside Slurm's process tracking. slurm/README.md has the facts these tests rest on.
 
@@ -87,14 +87,17 @@ def start(tmp_path, marker, nodes, script, time_limit):
     return job, out, djob
 
 
-def assert_nothing_left(job, marker, djob, nodes):
+def assert_nothing_left(job, marker, djob, nodes, by_dragon=False):
     """After the epilog ran on both nodes: no process with the marker, no segment of any dragon job of this Slurm
-    job on either node (MPICH's: the fixture). -> {node: epilog line}."""
+    job on either node (MPICH's: the fixture); by_dragon: and the epilog found nothing to do (dragon's own
+    teardown on Slurm's SIGTERM finished within KillWait). -> {node: epilog line}."""
     lines = wait_epilog(job, nodes, timeout=60)
     left = wait_no_marker(marker, timeout=10)
     assert not left, f"processes of the job survived: {job_processes(marker)}; epilog: {lines}"
     segs = segments_of(djob, nodes)
     assert not any(segs.values()), (segs, lines)
+    if by_dragon:
+        assert all(epilog_did(line) == ([], []) for line in lines.values()), lines
     return lines
 
 
@@ -112,7 +115,7 @@ def test_plain_scancel_of_an_sbatch_job_leaves_nothing_on_any_node(slurm_cluster
     assert state == "CANCELLED", (state, out.read_text())
     text = out.read_text()
     assert "Traceback" not in text, text
-    assert_nothing_left(job, marker, djob, nodes)
+    assert_nothing_left(job, marker, djob, nodes, by_dragon=True)
 
 
 @pytest.mark.timeout(240)
@@ -127,7 +130,7 @@ def test_hard_time_limit_of_an_sbatch_job_leaves_nothing_on_any_node(slurm_clust
     text = out.read_text()
     assert state == "TIMEOUT", (state, text)
     assert "DUE TO TIME LIMIT" in text and "Traceback" not in text, text
-    assert_nothing_left(job, marker, djob, nodes)
+    assert_nothing_left(job, marker, djob, nodes, by_dragon=True)
 
 
 def sigkill_dragon(marker, exclude=()):
