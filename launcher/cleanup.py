@@ -46,19 +46,16 @@ import signal
 import sys
 import time
 
-__all__ = [
-    "children",
-    "job_pids",
-    "kill_all",
+__all__ = [  # and, imported from dragon on first use: children, job_pids, kill_all
+    "clean_slurm_job",
+    "main",
+    "mpich_world_id",
+    "orphaned_mpi_segments",
+    "remove_stale_slurm_segments",
+    "slurm_job_mpi_segments",
     "slurm_job_pids",
     "slurm_job_segments",
-    "orphaned_mpi_segments",
-    "mpich_world_id",
-    "slurm_job_mpi_segments",
-    "clean_slurm_job",
     "stale_slurm_segments",
-    "remove_stale_slurm_segments",
-    "main",
 ]
 
 SHM = "/dev/shm"
@@ -298,7 +295,7 @@ def remove_stale_slurm_segments(shm: str = SHM) -> list[str]:
     removed = []
     try:
         names = stale_slurm_segments(shm)
-    except Exception:
+    except (OSError, ValueError):
         return removed
     for n in names:
         try:

@@ -375,7 +375,9 @@ def no_leaked_node_segments(slurm_cluster, request):
     start = time.monotonic()
     while True:
         other = running_jobs_segment_test()
-        new = {n: sorted(x for x in set(node_shm(n)) - before[n] if not other(x)) for n in slurm_cluster.nodes}
+        new = {
+            n: sorted(x for x in set(node_shm(n)) - before[n] if not other(x)) for n in slurm_cluster.nodes
+        }
         new = {n: names for n, names in new.items() if names}
         waited = time.monotonic() - start
         mpi_only = all(x.startswith("mpich_") for names in new.values() for x in names)

@@ -57,7 +57,11 @@ def fake_slurm_job():
 def run_cleanup(*args, timeout=60):
     # -I: no site-packages, no PYTHONPATH: what an epilog with a bare python3 has
     return subprocess.run(
-        [sys.executable, "-I", str(CLEANUP), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-I", str(CLEANUP), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -79,7 +83,11 @@ def wait_dead(p, timeout=10):
 @pytest.mark.timeout(60)
 def test_removes_the_jobs_processes_and_segments_and_nothing_else(shm, procs):
     sid = fake_slurm_job()
-    mine = [f"dragon-s{sid}_j0123456789n0-inf", f"dragon-s{sid}_j0123456789n0-m3", f"dragon-s{sid}_jabcdef0123-m1"]
+    mine = [
+        f"dragon-s{sid}_j0123456789n0-inf",
+        f"dragon-s{sid}_j0123456789n0-m3",
+        f"dragon-s{sid}_jabcdef0123-m1",
+    ]
     others = [f"dragon-s{sid}1_j0123456789n0-inf", "dragon-j0123456789-inf", f"mpich_shm_{sid}_0", "x"]
     for n in mine + others:
         (shm / n).write_bytes(b"\0" * 4096)
@@ -218,7 +226,8 @@ def test_stale_removes_only_segments_of_slurm_jobs_nobody_belongs_to(shm, procs)
     for n in names.values():
         (shm / n).write_bytes(b"\0" * 4096)
     task = procs(SLEEPER, {"SLURM_JOB_ID": running})  # a task of a running job: its segments stay
-    mapper = procs(  # a process that maps a segment, without SLURM_JOB_ID (e.g. given an environment of its own)
+    # a process that maps a segment, without SLURM_JOB_ID (e.g. given an environment of its own)
+    mapper = procs(
         f"import mmap, os, time\nfd = os.open({str(shm / names['mapped'])!r}, os.O_RDWR)\n"
         "m = mmap.mmap(fd, 4096)\nprint('ready', flush=True)\ntime.sleep(120)\n",
         stdout=subprocess.PIPE,

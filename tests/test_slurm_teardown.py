@@ -1,9 +1,10 @@
 """Ending an sbatch job of dragon the hard ways, on the real test cluster: a plain `scancel JOBID`, the job's hard
-time limit (no --signal warning) and `scancel --signal=KILL` (every task SIGKILLed at once, dragon gets no time at
-all). Whatever happens inside the job, afterwards no process of the job and no segment (dragon's or MPICH's) may be
-left on either node: dragon's own teardown on SIGTERM does it in the first two cases (the epilog finds nothing), the epilog
-(slurm/dragon-epilog.sh, which start-cluster.sh configures) in the last, and also for a process of the job that is
-outside Slurm's process tracking. slurm/README.md has the facts these tests rest on.
+time limit (no --signal warning), and every dragon process SIGKILLed at once (dragon gets no time at all; to Slurm,
+`scancel --signal=KILL` is a plain scancel, so the test kills them itself). Afterwards no process of the job and no
+segment (dragon's or MPICH's) may be left on either node. In the first two cases dragon's own teardown on Slurm's
+SIGTERM does it within KillWait (the epilog finds nothing); in the last the epilog (slurm/dragon-epilog.sh, which
+start-cluster.sh configures) does, also for a process of the job outside Slurm's process tracking.
+slurm/README.md has the facts these tests rest on.
 
 Every test checks both nodes' own /dev/shm for any new entry (fixture `no_leaked_node_segments`, MPICH's
 segments included) and every process carrying the job's unique marker, after the epilog has run on both nodes."""
@@ -167,7 +168,7 @@ def test_sigkill_of_every_task_and_a_stray_are_cleaned_by_the_epilog(slurm_clust
     stray = None
     try:
         base = re.sub(r"n\d+$", "", djob)
-        seg = sorted(segments_of(djob, nodes)[nodes[1]])[0]
+        seg = min(segments_of(djob, nodes)[nodes[1]])
         stray = subprocess.Popen(
             [
                 "nsenter",
