@@ -14,7 +14,9 @@
 #
 # Enable it (site admin, on every compute node):
 #   1. make this file and dragon's launcher/cleanup.py readable on the nodes (a shared file system is fine; the
-#      clean-up needs only Python 3's standard library, not dragon's compiled parts);
+#      clean-up needs only Python 3's standard library, not dragon's compiled parts).  The epilog runs as root:
+#      both files (and the directories above them) must be writable by root only, e.g. a root-owned copy in
+#      /etc/slurm or /opt, never a user's checkout;
 #   2. in slurm.conf:  Epilog=/path/to/dragon/slurm/dragon-epilog.sh
 #      (a site that already has an epilog calls this script from it, or uses a directory: Epilog=/etc/slurm/epilog.d/*)
 #   3. `scontrol reconfigure`.

@@ -84,6 +84,7 @@ cluster_up() {
   alive_from "$MUNGE_DIR/munged.pid" munged && alive_from "$BASE/run/slurmctld.pid" slurmctld || return 1
   local n states
   for n in $(node_names); do alive_from "$BASE/run/slurmd-$n.pid" slurmd || return 1; done
+  grep -q "^Epilog=$BASE/etc/epilog.sh\$" "$CONF" && [ -x "$BASE/etc/epilog.sh" ] || return 1   # older start: no epilog
   [ "$(cat "$BASE/nodes" 2>/dev/null)" = "$NODES" ] || return 1
   states="$(timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null | sort -u)" || return 1
   [ "$(echo "$states" | wc -l)" -eq "$NODES" ] || return 1
