@@ -38,6 +38,8 @@ SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
 LONG_IDLE_WAIT = 0.01  # ... once it has been idle for a second
 PENDING_WAIT = 0.0005  # longest sleep while requests wait here for their channel
+ACK_EVERY = 64  # acknowledge a stream's deliveries once this many are unacknowledged ...
+ACK_DELAY = 0.0002  # ... or the oldest has waited this long, or a packet goes to its node anyway
 MAX_INFLIGHT = 256  # MPI sends in flight before the agent waits for some to finish
 NAP = 0.0001  # a spinning agent that hears only acks from other nodes sleeps this long between polls instead
 
@@ -49,7 +51,19 @@ _ack_pack = W.HDR.pack
 class _In:
     """A stream arriving here: a remote process's handle to a channel of this node."""
 
-    __slots__ = ("acked", "ch", "closing", "delivered", "err", "recvq", "sendq", "sid", "src")
+    __slots__ = (
+        "ack_now",
+        "ack_t",
+        "acked",
+        "ch",
+        "closing",
+        "delivered",
+        "err",
+        "recvq",
+        "sendq",
+        "sid",
+        "src",
+    )
 
     def __init__(self, src, sid):
         self.src, self.sid = src, sid
@@ -59,6 +73,8 @@ class _In:
         self.recvq = collections.deque()
         self.delivered = 0
         self.acked = 0
+        self.ack_t = 0.0  # when the oldest delivery not yet acknowledged was seen by _acks
+        self.ack_now = False  # a big payload was delivered: acknowledge at once (the byte window is tight)
         self.closing = False
 
 
@@ -209,6 +225,8 @@ class Agent:
                 wait = min(wait, max(0.0, self.next_beat - time.monotonic()))
             if self.pending_in or self.pending_rep:
                 wait = min(wait, PENDING_WAIT)
+            if self.ack_due:
+                wait = min(wait, ACK_DELAY)
             self.stats["sleeps"] += 1
             try:
                 self.gw.poll(timeout=wait)
@@ -537,6 +555,7 @@ class Agent:
                 self._big_into(src, bigsrc, None, n)
             return
         if payload is None:  # BIG: receive straight into a block of the target channel's pool
+            s.ack_now = True
             try:
                 item = s.ch.pool.alloc(n, timeout=0)
             except PoolError:
@@ -693,11 +712,27 @@ class Agent:
         return work
 
     def _acks(self):
+        """Acknowledge deliveries, lazily: an ack rides along with other frames to the stream's node when there
+        are any, else it waits for ACK_EVERY deliveries or ACK_DELAY (the sender's window is 512 messages / 8
+        MiB, so a late ack costs it nothing while it keeps sending; a round trip pays no ack packets)."""
+        now = time.perf_counter()
+        out = self.out
+        done = []
         for s in self.ack_due:
-            if s.delivered != s.acked:
+            k = s.delivered - s.acked
+            if k <= 0:
+                done.append(s)
+                continue
+            if not s.ack_t:
+                s.ack_t = now
+            if s.ack_now or k >= ACK_EVERY or s.src in out or now - s.ack_t >= ACK_DELAY:
                 s.acked = s.delivered
+                s.ack_t = 0.0
+                s.ack_now = False
                 self._emit(s.src, _ack_pack(W.ACK, 0, 0, 0, s.sid, s.delivered))
-        self.ack_due.clear()
+                done.append(s)
+        for s in done:
+            self.ack_due.discard(s)
 
     # ---- answers for this node's processes ----------------------------------------------------------------
     def _answer(self, sid, hdr, payload, n, big, src, bigsrc):
