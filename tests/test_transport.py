@@ -74,3 +74,8 @@ def test_idle_agents_do_not_burn_a_core():
 @pytest.mark.timeout(100)
 def test_zero_copy_api_send_block_recv_message_and_destroy_across_nodes():
     assert "zerocopy ok" in harness(2, "zerocopy")
+
+
+@pytest.mark.timeout(150)
+def test_big_messages_from_several_senders_many_in_flight_exactly_once_in_order():
+    assert "bigmulti ok 120" in harness(3, "bigmulti", "30", timeout=140)

@@ -127,6 +127,56 @@ def _sender(target_node, tag, count):
     out.close()
 
 
+BIG_SIZES = [20_000, 128 * 1024, 128 * 1024 + 1, 300_000, 1 << 20, 5]
+
+
+def _big_sender(target_node, tag, count):
+    """A separate process streaming count numbered messages of BIG_SIZES (every path: inline, staging block
+    copied into the packet, MPI message of its own, send_block) to target_node's channel a."""
+    out = ch(target_node, "a")
+    for i in range(count):
+        n = BIG_SIZES[i % len(BIG_SIZES)]
+        head = b"%s:%d:" % (tag.encode(), i)
+        body = head + payload(i, n)
+        if i % 3 == 2 and len(body) > 16 * 1024:
+            blk = out.pool.alloc(len(body))
+            memoryview(blk)[:] = body
+            out.send_block(blk)
+        else:
+            out.send(body)
+    out.flush(60)
+    out.close()
+
+
+def case_bigmulti():
+    """Several senders on every other node stream big messages into node 0's channel: several payloads in
+    flight per stream, exactly once, in order per sender, intact."""
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 30
+    per_node = 2
+    if NODE == 0:
+        a = ch(0, "a")
+        expected = {f"n{k}p{j}": 0 for k in range(1, NNODES) for j in range(per_node)}
+        total = count * len(expected)
+        for _ in range(total):
+            with a.recv_message(timeout=60) as m:
+                body = bytes(m)
+            tag, i, rest = body.split(b":", 2)
+            tag, i = tag.decode(), int(i)
+            assert expected[tag] == i, (tag, i, expected[tag])
+            assert rest == payload(i, BIG_SIZES[i % len(BIG_SIZES)]), (tag, i, len(rest))
+            expected[tag] = i + 1
+        time.sleep(0.3)
+        expect(ChannelEmpty, a.recv, timeout=0)  # nothing duplicated
+        print("bigmulti ok", total, flush=True)
+    else:
+        procs = [
+            subprocess.Popen([sys.executable, __file__, "bigsender", str(0), f"n{NODE}p{j}", str(count)])
+            for j in range(per_node)
+        ]
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+
+
 def case_multi():
     """Several senders on every other node stream into node 0's channel: exactly once, in order per sender."""
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
@@ -174,6 +224,13 @@ def case_full():
         t = time.monotonic()
         expect(ChannelTimeout, s.send, b"late", timeout=0.3)
         assert time.monotonic() - t >= 0.29
+        # send_block into the full window: refused the same way, and the block stays the caller's
+        for size in (64, 100_000):
+            blk = s.pool.alloc(size)
+            expect(ChannelFull, s.send_block, blk, timeout=0)
+            expect(ChannelTimeout, s.send_block, blk, timeout=0.1)
+            assert not blk.freed
+            s.pool.free(blk)
         ch(1, "a").send(b"drain %d" % sent)
         # blocked send: completes once node 1 drains
         s.send(b"m%d" % sent, timeout=60)
@@ -317,5 +374,7 @@ if __name__ == "__main__":
     case = sys.argv[1]
     if case == "sender":
         _sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    elif case == "bigsender":
+        _big_sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     else:
         globals()["case_" + case]()
