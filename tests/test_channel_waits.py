@@ -180,7 +180,8 @@ def test_blocked_alloc_woken_once(pool):
 
 # ------------------------------------------------------------------------------------------ learning
 def test_budget_grows_for_short_waits_and_shrinks_after_long_ones(pool, params):
-    core.set_wait_params(spin_ns=20000, spin_max_ns=50_000_000)
+    # no yields: a yield that loses the CPU to another process (other load on this machine) also lowers the budget
+    core.set_wait_params(spin_ns=20000, spin_max_ns=50_000_000, yield_ns=10**9)
     c = Channel.create(pool, capacity=4, block_size=16)
     out = Channel.attach(c.sdesc)
     gaps = [0.001] * 12 + [0.08] * 4  # waits far below the cap, then longer than it
@@ -249,6 +250,7 @@ def test_peer_on_the_same_cpu_gets_it_at_once(pool):
 
 # ------------------------------------------------------------------------------------------ CPU when idle
 def _busy_then_idle(sdesc, ack_sd, n, q):
+    core.set_wait_params(yield_ns=10**9)  # (see test_budget_grows_...)
     c, ack = Channel.attach(sdesc), Channel.attach(ack_sd)
     budgets = []
     for _ in range(n):

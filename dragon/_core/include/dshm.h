@@ -818,25 +818,32 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
  * wait keeps the CPU for a budget learned from its recent waits (ds_spin_ns .. ds_spin_max_ns): twice the last
  * waits, so that a short wait, or one that was only long because the peer was waking up, is spun through next time;
  * a wait longer than the cap brings the budget back down (an idle receiver sleeps after ds_spin_ns).
- * Within the budget it polls with `pause` for up to ds_yield_ns, then calls sched_yield between polls: when the
- * peer runs on the same CPU (2 cores shared by more runnable processes), spinning only delays it, so the pure-spin
- * time is learned too: 0 once yields are seen to hand the CPU to someone (a yield that took > ds_switch_ns) and
- * the wait ended soon after, back to ds_yield_ns once yields find nobody else to run.
+ * Within the budget it polls with `pause` and calls sched_yield every ds_yield_ns (1 us): when the peer is queued
+ * on the same CPU (2 cores shared by more runnable processes), spinning only delays it, so this pure-spin time is
+ * learned per handle: 0 (yield at every poll) once the message was there right after a yield that let another
+ * task run (the yield took > ds_switch_ns), back to ds_yield_ns when yields find nobody else to run or run a
+ * stranger (no message after it). Pause-spinning longer than ~1 us between yields halved 1x1 streaming on this VM;
+ * yielding at every poll when the peer is not on this CPU hands the CPU to other processes more often (64 KiB round
+ * trips got slower). A yield that lost the CPU for long (another process's time slice) ends the spinning: a
+ * sleeper is woken with priority, a yielder competes as a CPU hog; such a wait also brings the budget down.
  */
 typedef struct { /* one blocking call, across its DS_INTR returns: zero it before the first call */
     int started;        /* the budget below was set */
     int64_t t0;         /* when the wait began (0: not read yet: the first clock read is after 16 polls) */
     int64_t last;       /* the last clock read */
     int64_t last_check; /* last liveness check of the slot's owner */
+    int64_t next_yield; /* no sched_yield before this (pure spin between yields) */
     int64_t spin;       /* this wait's pure-spin time and budget (from the handle's ds_adapt) */
     int64_t budget;
     int sleeping;       /* the spin phase is over */
     int yielded;        /* a sched_yield was made */
-    int switched;       /* ... and one let another task run */
+    int switched;       /* ... and the last one let another task run */
+    int stranger;       /* a yield let another task run and the message was still not there after it */
+    int lost;           /* a yield lost the CPU for long (someone else's time slice) */
     int slept;          /* a FUTEX_WAIT was made */
 } ds_wait_ctx;
 
-#define DS_SHORT_WAIT_NS 20000 /* a wait that ended this soon after a yield handed the CPU away: the peer took it */
+#define DS_SHORT_WAIT_NS 20000 /* a peer sharing our CPU answers within this once it gets the CPU */
 
 static inline int64_t ds_clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 static inline int64_t ds_budget_max(void) { return ds_spin_max_ns > ds_spin_ns ? ds_spin_max_ns : ds_spin_ns; }
@@ -844,12 +851,15 @@ static inline int64_t ds_budget_max(void) { return ds_spin_max_ns > ds_spin_ns ?
 /* a wait of dur ns just ended (satisfied, or timed out after dur >= the cap): move the handle's learned values */
 static inline void ds_adapt_learn(ds_adapt *a, const ds_wait_ctx *w, int64_t dur) {
     int64_t lo = ds_spin_ns, hi = ds_budget_max(), ymax = ds_yield_ns, target;
-    target = dur >= hi ? lo : ds_clamp(2 * dur, lo, hi);
+    /* a yield that lost the CPU to someone else's time slice: keeping the CPU here means competing with that
+       process; sleeping gets this one back at once when the message comes (wake-up preemption) */
+    target = dur >= hi || w->lost ? lo : ds_clamp(2 * dur, lo, hi);
     a->budget = ds_clamp((a->budget + target) / 2, lo, hi); /* halfway (rounds down: 1 -> 0) */
-    if (!w->yielded && w->spin == 0) return;                   /* found at the first poll: says nothing */
-    if (!w->yielded || w->slept) target = ymax;                 /* ended while spinning / says nothing of the CPU */
-    else if (w->switched && dur < DS_SHORT_WAIT_NS) target = 0; /* the peer ran on our CPU when we yielded */
-    else target = ymax;                                        /* nobody else wanted our CPU: spinning is cheaper */
+    if (!w->yielded && w->spin == 0) return; /* found at the first poll: says nothing */
+    if (w->yielded && w->switched && !w->stranger && !w->slept && dur < DS_SHORT_WAIT_NS)
+        target = 0; /* the message was there right after a yield let another task run: the peer shares our CPU */
+    else
+        target = ymax; /* found while spinning, yields found nobody else to run, or ran a stranger */
     a->spin = ds_clamp((a->spin + target) / 2, 0, ymax);
 }
 
@@ -902,16 +912,22 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
             if (!w->t0) w->t0 = now; /* (the first polls took well under a microsecond) */
             if (deadline >= 0 && now >= deadline) return ds_wait_end(ad, w, DS_TIMEOUT);
             if (now - w->t0 >= w->budget) break;
-            if (now - w->t0 < w->spin) {
+            if (!w->yielded) w->next_yield = w->t0 + w->spin;
+            if (now < w->next_yield) {
                 ds_relax();
                 continue;
             }
+            if (w->switched) w->stranger = 1; /* the last yield let someone run, and the message is not here */
             sched_yield();
             DS_COUNT(yields);
             w->yielded = 1;
-            if (ds_now() - now > ds_switch_ns) {
-                w->switched = 1;
-                DS_COUNT(switches);
+            int64_t after = ds_now(), took = after - now;
+            w->next_yield = after + w->spin; /* spin as long between yields: fewer chances to lose the CPU */
+            w->switched = took > ds_switch_ns;
+            if (w->switched) DS_COUNT(switches);
+            if (took > DS_SHORT_WAIT_NS && ds_spin_max_ns > ds_spin_ns) { /* lost the CPU for long: sleep */
+                w->lost = 1;
+                break;
             }
         }
         w->sleeping = 1;
