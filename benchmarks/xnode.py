@@ -152,6 +152,7 @@ def serve(out_ch, cmd_ch):
 def drive(in_ch, cmd_ch, size, repeat, target):
     """Node 0's side for one size: returns the figures (group xnode)."""
     payload = b"x" * size
+    buf = bytearray(size)  # node 0 receives into a preallocated buffer or zero copy, like mpi4py's Recv
     T = channels.RECV_TIMEOUT
 
     def stream(n, op=b"S"):
@@ -162,10 +163,14 @@ def drive(in_ch, cmd_ch, size, repeat, target):
             nb = channels.batch_for(size)
             while got < n:
                 got += len(in_ch.recv_many(min(nb, n - got), timeout=T))
-        else:
-            recv = in_ch.recv
+        elif size > 8192:  # zero copy, as mpi4py's Recv leaves the data in place: a Message over the pool block
+            recv = in_ch.recv_message
             for _ in range(n):
-                recv(timeout=T)
+                recv(timeout=T).release()
+        else:  # into a preallocated buffer, as mpi4py's Recv
+            recv = in_ch.recv_into
+            for _ in range(n):
+                recv(buf, timeout=T)
         dt = time.perf_counter() - t0
         if bytes(in_ch.recv(timeout=T)) != MARKER:
             raise RuntimeError("cross-node stream out of step")
@@ -174,11 +179,11 @@ def drive(in_ch, cmd_ch, size, repeat, target):
     def pingpong(n):
         cmd_ch.send(b"E%d:%d" % (n, size))
         lat = []
-        send, recv, clock = cmd_ch.send, in_ch.recv, time.perf_counter
+        send, recv, clock = cmd_ch.send, in_ch.recv_into, time.perf_counter
         for _ in range(n):
             t = clock()
             send(payload)
-            recv(timeout=T)
+            recv(buf, timeout=T)
             lat.append(clock() - t)
         if bytes(in_ch.recv(timeout=T)) != MARKER:
             raise RuntimeError("cross-node ping-pong out of step")
