@@ -1,10 +1,11 @@
 #!/bin/sh
 # slurm/dragon-epilog.sh - a Slurm epilog that removes what dragon jobs left on a node (site admins: see below).
 #
-# Why: on a plain `scancel JOBID` of a batch job and at a job's hard time limit, Slurm sends SIGTERM to `srun` as
-# well as to the tasks, and srun answers by having every task SIGKILLed at once (see slurm/README.md).  dragon's
-# launchers then cannot stop their processes or unlink their shared memory, and files can stay in the node's
-# /dev/shm (RAM!) until the node reboots.  An epilog runs on every node of a job after Slurm has ended the job's
+# Why: on `scancel JOBID` and at a job's time limit Slurm sends SIGTERM to every process of the job at once and
+# SIGKILLs what is left KillWait seconds later (see slurm/README.md).  dragon tears down within those seconds, but
+# a teardown slower than KillWait, `scancel --signal=KILL`, or a process that left the step's process tree can
+# still leave files in the node's /dev/shm (RAM!) until the node reboots.  An epilog runs on every node of a job
+# after Slurm has ended the job's
 # processes, as root, whatever the job did, so it can finish the clean-up:
 #   - kill every process whose environment has DRAGON_JOB=s<SLURM_JOB_ID>_... (processes that left the job's
 #     process tree, which Slurm's proctrack/linuxproc cannot find);
