@@ -5,8 +5,7 @@
 # SIGKILLs what is left KillWait seconds later (see slurm/README.md).  dragon tears down within those seconds, but
 # a teardown slower than KillWait, `scancel --signal=KILL`, or a process that left the step's process tree can
 # still leave files in the node's /dev/shm (RAM!) until the node reboots.  An epilog runs on every node of a job
-# after Slurm has ended the job's
-# processes, as root, whatever the job did, so it can finish the clean-up:
+# after Slurm has ended the job's processes, as root, whatever the job did, so it can finish the clean-up:
 #   - kill every process whose environment has DRAGON_JOB=s<SLURM_JOB_ID>_... (processes that left the job's
 #     process tree, which Slurm's proctrack/linuxproc cannot find);
 #   - unlink /dev/shm/dragon-s<SLURM_JOB_ID>_* (dragon names every segment after the Slurm job it runs in);
