@@ -12,8 +12,8 @@ straight from the gateway's pool block), and delivers what other agents send it:
   that does not fit waits here (ACKs coalesce, so that too is bounded).
 
 The loop never blocks in MPI. It spins (yielding the CPU) while there is work or an MPI send in flight; while
-only acknowledgements come from other nodes (this node streams out, nobody there waits on it) it sleeps ``NAP``
-between polls instead, leaving the core to the processes it serves; when idle it backs off to sleeping on the
+it only ships big payloads out and hears only acknowledgements back (this node streams out, no answer is awaited)
+it sleeps ``NAP`` between polls instead, leaving the core to the processes it serves; when idle it backs off to sleeping on the
 gateway channel's futex (a local request wakes it at once; a remote one is noticed within ``MAX_IDLE_WAIT``, or
 ``LONG_IDLE_WAIT`` after a second of idleness), so an idle agent costs about 1% of a core.
 
@@ -155,7 +155,9 @@ class Agent:
         self.last_seen = {}  # node -> monotonic time of its last packet
         self.down_why = {}  # node -> why this agent declared it down
         self.running = False
-        self.urgent_at = 0.0  # perf_counter time of the last frame from another node that someone waits on
+        self.urgent_at = (
+            0.0  # when a frame that someone waits on last came in or went out (not acks, big payloads)
+        )
         self.rbuf = bytearray(1 << 20)
         self.tmp = bytearray(0)
         self.status = MPI.Status()
@@ -364,6 +366,7 @@ class Agent:
             return 0
         unpack = _HDR.unpack_from
         out = self.out
+        nbig = 0
         for data in frames:
             kind, flags, dest, ln, sid, seq = unpack(data)
             if kind == W.OPEN:
@@ -404,6 +407,7 @@ class Agent:
                     pkt = out[dest] = bytearray()
                 pkt += hdr
                 self.bigs.setdefault(dest, []).append((memoryview(blk)[:ln], _Free(self.pool, off)))
+                nbig += 1
             else:
                 pkt = out.get(dest)
                 if pkt is None:
@@ -412,6 +416,8 @@ class Agent:
                     pkt += data
                     if len(pkt) > W.PACKET_MAX:
                         self._flush(dest)
+        if nbig < len(frames):  # a request or small message went out: its answer may be on its way back
+            self.urgent_at = time.perf_counter()
         return len(frames)
 
     def _free_ptr(self, data):
