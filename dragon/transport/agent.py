@@ -443,9 +443,10 @@ class Agent:
         unpack = _HDR.unpack_from
         run_sid, run = None, None  # consecutive small SENDs of one stream go into its channel in one call
         urgent = False
+        ack, beat = W.ACK, W.HEARTBEAT
         while pos < end:
             kind, flags, node, n, sid, seq = unpack(mv, pos)
-            if kind != W.ACK and kind != W.HEARTBEAT:
+            if not urgent and kind != ack and kind != beat:
                 urgent = True
             hpos = pos
             pos += _HS
