@@ -20,7 +20,6 @@ import time
 from dragon.infrastructure import env
 
 GRACE = 1.0  # seconds between SIGTERM and SIGKILL at teardown
-INFRA_POOL_SIZE = 64 << 20
 EXIT_SERVICE_FAILED = 70  # the runtime itself failed (a service died, the program could not start)
 
 
@@ -108,7 +107,7 @@ class Runtime:
 
         self.m = messages
         core.set_child_subreaper()
-        self.pool = Pool.create(INFRA_POOL_SIZE, name="inf")
+        self.pool = Pool.create(env.infra_pool_size(), name="inf")
         # requests are small; bigger ones travel in pool blocks. Every slot is touched at creation: keep rings small.
         self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
         self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)

@@ -32,12 +32,13 @@ import sys
 import time
 
 from dragon.infrastructure import env
-from launcher.launch import EXIT_SERVICE_FAILED, GRACE, INFRA_POOL_SIZE, _log
+from launcher.launch import EXIT_SERVICE_FAILED, GRACE, _log
 
 STARTED = time.time()  # before MPI_Init: every MPI segment of this rank is younger
 HEARTBEAT = 1.0  # seconds between an agent's heartbeats to every other agent
 DEAD_AFTER = 15.0  # a node whose agent was silent this long is declared down (its launcher rank died)
 FINAL_BARRIER = 15.0  # how long the launchers wait for each other at the very end
+TERM_ALONE_AFTER = 3.0  # a node's launcher that got SIGTERM tears its node down itself if node 0 has not by then
 
 
 def under_mpi():
@@ -186,6 +187,9 @@ def _runtime_class():
     from dragon.infrastructure import messages as m
     from launcher.launch import Runtime, ServiceDied
 
+    class _StartFailed(ServiceDied):
+        """Some rank could not make its node's pool or channels; every rank knows (node 0 says it)."""
+
     class NodeRuntime(Runtime):
         """One node's launcher in a multi-node job, or the global-services rank's (see the module doc)."""
 
@@ -210,6 +214,7 @@ def _runtime_class():
             self.lost = None  # why this rank's own service (shepherd, or GS on the GS rank) is gone
             self.gs_lost = None  # why the GS rank is gone (node 0 ends the job at once)
             self.tearing = False
+            self.bye_wait = 5.0  # how long _finish waits for the other agents' last frames
             # control messages from other launchers (via the agent): message type -> handler(src node, msg)
             self.ctrl_handlers = {
                 m.LANodeDead: lambda src, msg: self._node_down(msg.node, msg.why),
@@ -233,21 +238,27 @@ def _runtime_class():
 
             self.m = messages
             core.set_child_subreaper()
-            self.pool = Pool.create(INFRA_POOL_SIZE, name="inf")
-            self.gw = Channel.create(self.pool, capacity=4096, block_size=1024 + W.HSIZE, name="gateway")
             self.chans = []
             hx = lambda x: bytes(x.sdesc).hex()
-            mine = {"pool": hx(self.pool), "gw": hx(self.gw), "sh": None, "la": None, "gs": None}
-            if not self.is_gs:  # a node: its shepherd's input, its launcher's input
-                self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
-                self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
-                self.chans += [self.sh_ch, self.la_ch]
-                mine.update(sh=hx(self.sh_ch), la=hx(self.la_ch))
-            if self.k == self.gs_k:  # global services runs here (node 0, or the GS rank)
-                self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
-                self.chans.append(self.gs_ch)
-                mine["gs"] = hx(self.gs_ch)
+            try:
+                self.pool = Pool.create(env.infra_pool_size(), name="inf")
+                self.gw = Channel.create(self.pool, capacity=4096, block_size=1024 + W.HSIZE, name="gateway")
+                mine = {"pool": hx(self.pool), "gw": hx(self.gw), "sh": None, "la": None, "gs": None}
+                if not self.is_gs:  # a node: its shepherd's input, its launcher's input
+                    self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
+                    self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
+                    self.chans += [self.sh_ch, self.la_ch]
+                    mine.update(sh=hx(self.sh_ch), la=hx(self.la_ch))
+                if self.k == self.gs_k:  # global services runs here (node 0, or the GS rank)
+                    self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
+                    self.chans.append(self.gs_ch)
+                    mine["gs"] = hx(self.gs_ch)
+            except Exception as e:  # every rank must still reach the allgather, or the others wait in it forever
+                mine = {"error": f"{self._where()}: {type(e).__name__}: {e}"}
             every = self.leaders.allgather(mine)  # by transport index (the communicator's rank)
+            failed = [x["error"] for x in every if "error" in x]
+            if failed:
+                raise _StartFailed("the job cannot start: " + "; ".join(failed))
             gs_cd = every[self.gs_k]["gs"]
             os.environ["DRAGON_GW_CD"] = mine["gw"]
             os.environ["DRAGON_INF_PD"] = mine["pool"]
@@ -384,6 +395,8 @@ def _runtime_class():
                 self._await_torn([self.gs_k], 5.0)
 
         def _await_torn(self, live, timeout):
+            if self.agent is None:  # the start failed before the agents: nobody to wait for
+                return
             deadline = time.monotonic() + timeout
             while (
                 self.agent is not None
@@ -407,8 +420,8 @@ def _runtime_class():
                 # MPI message is left unreceived at the end
                 for k in others:
                     self.agent.send_ctrl(k, m.LABye())
-                deadline = time.monotonic() + 5.0
-                while not others <= self.byes and time.monotonic() < deadline:
+                deadline = time.monotonic() + self.bye_wait
+                while not others - set(self.down) <= self.byes and time.monotonic() < deadline:
                     self._events()
                     time.sleep(0.005)
                 self.agent.stop()
@@ -435,16 +448,40 @@ def _runtime_class():
             try:
                 self.start()
             except Exception as e:
-                _log(f"node {self.k}: cannot start: {e}")
+                if not isinstance(e, _StartFailed):
+                    _log(f"node {self.k}: cannot start: {e}")
                 self._finish()
                 return EXIT_SERVICE_FAILED
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # node 0's launcher ends the job
+            # ... also on SIGTERM, but scancel and a time limit send it to every process of the job at once and
+            # SIGKILL KillWait seconds later: if node 0 has not ordered the teardown soon after, do it here
+            sigterm = []
+            signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(time.monotonic()))
             exiting = False
             torn = False
             while not exiting:
                 self._reap()
                 self._events()
+                alone = None
+                if 0 in self.down:
+                    alone = f"{self.world.describe(0)} is gone ({self.down[0]})"
+                elif sigterm and time.monotonic() - sigterm[0] > TERM_ALONE_AFTER:
+                    alone = f"got SIGTERM and no teardown from node 0 within {TERM_ALONE_AFTER:g} s"
+                if alone is not None:
+                    if not torn:
+                        _log(f"node {self.k}: {alone}: tearing this node down")
+                        if 0 not in self.down:  # node 0 learns it now, not from the heartbeats' silence
+                            self.agent.send_ctrl(0, m.LANodeDead(self.k, f"its launcher {alone}"))
+                            self.agent.announce_down(self.k)
+                        torn = True
+                        pool, self.pool = self.pool, None
+                        try:
+                            Runtime.teardown(self)
+                        finally:
+                            self.pool = pool
+                    self.bye_wait = 1.0
+                    break
                 if self.shep_pid in self.dead and self.lost is None and not torn:
                     self.lost = (
                         f"local services (shepherd) of node {self.k} (pid {self.shep_pid}) died "
@@ -481,7 +518,8 @@ def _runtime_class():
             try:
                 self.start()
             except Exception as e:
-                _log(f"{self._where()}: cannot start: {e}")
+                if not isinstance(e, _StartFailed):
+                    _log(f"{self._where()}: cannot start: {e}")
                 self._finish()
                 return EXIT_SERVICE_FAILED
             for sig in (signal.SIGINT, signal.SIGHUP):

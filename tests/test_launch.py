@@ -167,3 +167,16 @@ def test_gs_rank_without_mpi_is_refused(tmp_path):
     assert "--gs-rank: global services needs a rank of its own" in r.stderr, r.stderr
     r = _run("--help")
     assert "--gs-rank" in r.stdout and "--no-gs-rank" in r.stdout and "srun -N 2 -n 3" in r.stdout
+
+
+@pytest.mark.timeout(10)
+def test_infra_pool_size_from_the_environment():
+    from dragon.infrastructure.env import infra_pool_size
+
+    assert infra_pool_size({}) == 64 << 20
+    assert infra_pool_size({"DRAGON_INFRA_POOL_SIZE": "128M"}) == 128 << 20
+    assert infra_pool_size({"DRAGON_INFRA_POOL_SIZE": "1g"}) == 1 << 30
+    assert infra_pool_size({"DRAGON_INFRA_POOL_SIZE": " 4096 "}) == 4096
+    for bad in ("x", "0", "-5M", "1.5G", "M"):
+        with pytest.raises(ValueError, match="DRAGON_INFRA_POOL_SIZE"):
+            infra_pool_size({"DRAGON_INFRA_POOL_SIZE": bad})

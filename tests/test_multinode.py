@@ -124,6 +124,38 @@ def test_a_killed_agent_ends_the_job_and_leaves_nothing():
     assert res.returncode != 0
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_to_one_node_alone_tears_it_down_and_node_0_hears_of_it():
+    res = launch(3, "termrank")
+    assert "termrank ok" in res.stdout, res.stdout + res.stderr
+    assert "node 1: got SIGTERM" in res.stderr, res.stderr
+    assert res.returncode == 70, res.stdout + res.stderr  # the job lost a node
+    # node 0 heard it from node 1, not from 15 s of heartbeat silence (DEAD_AFTER)
+    assert "stopped answering" not in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_that_cannot_start_fails_the_job_on_every_rank_without_a_hang(tmp_path):
+    """Node 1 cannot make its infrastructure pool's channels: every rank still gets past the exchange of
+    descriptors (an allgather) and the job ends at once, naming node 1."""
+    prog = tmp_path / "never.py"
+    prog.write_text("print('the program ran', flush=True)\n")
+    mark = os.urandom(6).hex()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
+    env["DRAGON_TEST_MARK"] = mark
+    py = [sys.executable, "-m", "launcher.launch", "--virtual-nodes", str(prog)]
+    cmd = [mpiexec(), "-n", "1", *py, ":", "-n", "1", "env", "DRAGON_INFRA_POOL_SIZE=4K", *py, ":", "-n", "1", *py]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 70, res.stdout + res.stderr
+    assert "the program ran" not in res.stdout
+    assert "the job cannot start: node 1" in res.stderr and "ChannelError" in res.stderr, res.stderr
+    assert res.stderr.count("the job cannot start") == 1, res.stderr  # said once, by node 0
+    deadline = time.monotonic() + 5
+    while _marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _marked(mark)
+
+
 # ---- global services on an MPI rank of its own (dragon-launch --gs-rank; see dragon.transport.world) ----------
 GS_APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "gsrank_app.py")
 

@@ -15,6 +15,7 @@ LS_CD = "DRAGON_LS_CD"  # this node's shepherd input channel
 REPLY_CD = "DRAGON_REPLY_CD"  # this process's own reply channel (made by the shepherd before spawn)
 INF_PD = "DRAGON_INF_PD"  # the node's infrastructure pool
 SHEP_PID = "DRAGON_SHEP_PID"  # pid of the shepherd that started this process (to tell a descendant from it)
+INFRA_POOL_SIZE = "DRAGON_INFRA_POOL_SIZE"  # bytes of each node's infrastructure pool (suffix K, M or G; default 64M)
 LOG = "DRAGON_LOG"  # "debug" for verbose service logs (default: warnings and errors only)
 REQUEST_TIMEOUT = "DRAGON_REQUEST_TIMEOUT"  # seconds a client waits for a reply (default 60)
 # multi-node jobs (set by the launcher of each node, inherited by its services and managed processes)
@@ -33,6 +34,19 @@ def new_job_id(environ=None):
     sid = environ.get("SLURM_JOB_ID", "")
     prefix = f"s{sid}_" if sid.isdigit() else ""
     return f"{prefix}j{os.urandom(5).hex()}"
+
+
+def infra_pool_size(environ=None, default=64 << 20):
+    """The size of a node's infrastructure pool (service channels, gateway, staging): DRAGON_INFRA_POOL_SIZE."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(INFRA_POOL_SIZE, "").strip()
+    if not text:
+        return default
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) == 0:
+        raise ValueError(f"{INFRA_POOL_SIZE}={text!r}: expected a size in bytes such as 67108864, 64M or 1G")
+    return int(digits) * scale
 
 
 def enc(sdesc):

@@ -235,6 +235,20 @@ def case_killrank():
     print("killrank ok", flush=True)
 
 
+def case_termrank():
+    """SIGTERM to node 1's launcher rank alone (node 0 never orders a teardown): after a few seconds it tears its
+    node down itself and tells node 0, whose joins then return at once (not after the heartbeats' silence)."""
+    d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
+    job1 = os.environ["DRAGON_JOB"][:-1] + "1"
+    with open(f"/proc/{_shepherd_of(job1)}/stat") as f:
+        rank1 = int(f.read().rsplit(")", 1)[1].split()[1])
+    print(f"SIGTERM to node 1's launcher (pid {rank1})", flush=True)
+    os.kill(rank1, signal.SIGTERM)
+    code = process.join(d.p_uid, timeout=60)
+    assert code is not None and code < 0, code
+    print("termrank ok", flush=True)
+
+
 def _shepherd_of(job):
     needle = f"DRAGON_JOB={job}\0".encode()
     for d in os.listdir("/proc"):
