@@ -34,7 +34,6 @@ cdef extern from "dshm.h" nogil:
     ds_stats_t ds_stats
 
     ctypedef struct ds_adapt:
-        int64_t spin
         int64_t budget
 
     ctypedef struct ds_wait_ctx:

@@ -207,9 +207,9 @@ def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None, spin_max_ns=None
 
     A blocked call keeps the CPU for a budget between ``spin_ns`` and ``spin_max_ns`` (learned from its recent
     waits: twice their length, down to ``spin_ns`` after a wait longer than ``spin_max_ns``), then sleeps on the
-    futex in chunks of ``chunk_ns``. Within the budget it spins at most ``yield_ns`` (less once yielding is seen to
-    let the peer run on this CPU), then calls sched_yield between polls. Giving ``spin_ns`` without
-    ``spin_max_ns`` fixes the budget at ``spin_ns`` (no learning; 0: sleep at once).
+    futex in chunks of ``chunk_ns``. Within the budget it polls, calling sched_yield every ``yield_ns`` (at every
+    poll when the peer last ran on this CPU). Giving ``spin_ns`` without ``spin_max_ns`` fixes the budget at
+    ``spin_ns`` (no learning, no yield-at-once; 0: sleep at once).
     Returns the old (spin_ns, chunk_ns, yield_ns, spin_max_ns)."""
     global ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns
     old = (ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns)
@@ -1100,14 +1100,14 @@ cdef class Channel:
         return ds_ch_len(&self.c)
 
     def _wait_state(self):
-        """What this handle learned about its blocking waits (ns): pure spin and budget, for send and recv."""
-        return dict(send=dict(spin_ns=self.c.ad[0].spin, budget_ns=self.c.ad[0].budget),
-                    recv=dict(spin_ns=self.c.ad[1].spin, budget_ns=self.c.ad[1].budget))
+        """What this handle learned about its blocking waits: the budget (ns of CPU kept before sleeping on the
+        futex) when waiting for room (send) and for a message (recv, poll)."""
+        return dict(send=dict(budget_ns=self.c.ad[0].budget), recv=dict(budget_ns=self.c.ad[1].budget))
 
     def _debug_state(self):
         """Snapshot of the ring for debugging: counters, waiters and (lap, phase, pid) of every slot."""
         self._check()
-        cdef uint64_t *buf = <uint64_t *>PyMem_Malloc((7 + self.c.cap) * 8)
+        cdef uint64_t *buf = <uint64_t *>PyMem_Malloc((9 + self.c.cap) * 8)
         if buf == NULL:
             raise MemoryError()
         try:
@@ -1115,7 +1115,9 @@ cdef class Channel:
             phases = ("EMPTY", "WRITING", "FULL", "READING")
             return dict(head=buf[0], tail=buf[1], ne_seq=buf[2], ne_waiters=buf[3], nf_seq=buf[4],
                         nf_waiters=buf[5], recoveries=buf[6],
-                        slots=[(buf[7 + i] >> 32, phases[(buf[7 + i] >> 30) & 3], buf[7 + i] & 0x3fffff)
+                        ne_cpu=None if buf[7] == 0xffffffff else buf[7],
+                        nf_cpu=None if buf[8] == 0xffffffff else buf[8],
+                        slots=[(buf[9 + i] >> 32, phases[(buf[9 + i] >> 30) & 3], buf[9 + i] & 0x3fffff)
                                for i in range(self.c.cap)])
         finally:
             PyMem_Free(buf)

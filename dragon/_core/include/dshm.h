@@ -86,13 +86,13 @@ static inline int64_t ds_now(void) {
 }
 
 /*
- * Blocking waits (see ds_ch_wait): poll with pause for up to the learned pure-spin time (<= ds_yield_ns), then poll
- * with sched_yield between polls until the learned budget (ds_spin_ns .. ds_spin_max_ns) is used up, then sleep on
- * the futex in chunks of ds_wait_chunk_ns. The learned values live in each handle (ds_chan.ad), per direction.
+ * Blocking waits (see ds_ch_wait): poll with pause, and sched_yield every ds_yield_ns (at every poll when the peer
+ * runs on this CPU), until the budget learned per handle and direction (ds_chan.ad, ds_spin_ns .. ds_spin_max_ns)
+ * is used up, then sleep on the futex in chunks of ds_wait_chunk_ns.
  */
 static int64_t ds_spin_ns = 20000;          /* keep the CPU at least this long before sleeping on a futex */
 static int64_t ds_spin_max_ns = 100000;     /* ... and at most this long (the budget adapts in between) */
-static int64_t ds_yield_ns = 1000;          /* spin at most this long before yielding the CPU between polls */
+static int64_t ds_yield_ns = 1000;          /* pause-spin this long between yields (0 if the peer is on this CPU) */
 static int64_t ds_wait_chunk_ns = 50000000; /* sleep in chunks this long (dead owners, destroy, signals) */
 static int64_t ds_switch_ns = 1500;         /* a sched_yield that took longer let another task run */
 
@@ -534,8 +534,10 @@ typedef struct {
     DS_ALIGN64 uint64_t head;
     DS_ALIGN64 uint32_t ne_seq; /* "not empty": receivers sleep here */
     uint32_t ne_waiters;        /* flag: a receiver may be asleep */
+    uint32_t ne_cpu;            /* the CPU of the last sender (a hint for waiting receivers, see ds_ch_wait) */
     DS_ALIGN64 uint32_t nf_seq; /* "not full": senders sleep here */
     uint32_t nf_waiters;        /* flag: a sender may be asleep */
+    uint32_t nf_cpu;            /* the CPU of the last receiver (a hint for waiting senders) */
     DS_ALIGN64 char slots[];
 } ds_ch_hdr;
 
@@ -548,9 +550,8 @@ typedef struct {
 
 /* what a handle learned about its waits in one direction (see ds_ch_wait) */
 typedef struct {
-    int64_t spin;   /* pure spin (pause between polls) before yielding, ns */
-    int64_t budget; /* spin + yield before sleeping on the futex, ns */
-    uint32_t waits; /* waits so far (every 64th wait in yield mode sleeps at once, see ds_ch_wait) */
+    int64_t budget; /* how long to keep the CPU (spin, yield) before sleeping on the futex, ns */
+    uint32_t waits; /* waits with the peer on this CPU so far (every 64th sleeps at once, see ds_ch_wait) */
 } ds_adapt;
 
 /* per-process view of a channel (lives inside the Cython object) */
@@ -589,6 +590,7 @@ static inline void ds_ch_init(char *base, uint64_t off, uint64_t capacity, uint6
     h->nbytes = ds_ch_nbytes(capacity, block_size);
     if (namelen >= DS_CH_NAME) namelen = DS_CH_NAME - 1;
     memcpy(h->name, name, namelen);
+    h->ne_cpu = h->nf_cpu = UINT32_MAX;
     for (uint64_t i = 0; i < capacity; i++) {
         ds_slot *s = (ds_slot *)(h->slots + i * h->stride);
         s->state = DS_ST(0, DS_PH_EMPTY, 0);
@@ -620,8 +622,8 @@ static inline int ds_ch_open(char *base, uint64_t off, uint64_t generation, ds_c
     c->block_size = h->block_size;
     c->generation = generation;
     for (int i = 0; i < 2; i++) {
-        c->ad[i].spin = ds_yield_ns;
         c->ad[i].budget = ds_spin_ns;
+        c->ad[i].waits = 0;
     }
     return DS_OK;
 }
@@ -688,8 +690,16 @@ static inline int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *l
     }
 }
 
+/* record the CPU this process runs on (sched_getcpu reads glibc's rseq area: a few ns); stored only when it changed,
+   in the line the commit reads anyway for the waiting flag */
+static inline void ds_note_cpu(uint32_t *p) {
+    uint32_t cpu = (uint32_t)sched_getcpu();
+    if (__atomic_load_n(p, __ATOMIC_RELAXED) != cpu) __atomic_store_n(p, cpu, __ATOMIC_RELAXED);
+}
+
 static inline void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap) {
     ds_ch_hdr *h = c->h;
+    ds_note_cpu(&h->ne_cpu);
     DS_STORES(&s->state, DS_ST(lap, DS_PH_FULL, 0));
     ds_wake_if_waiting(&h->ne_waiters, &h->ne_seq);
 }
@@ -741,6 +751,7 @@ static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **
 
 static inline void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap) {
     ds_ch_hdr *h = c->h;
+    ds_note_cpu(&h->nf_cpu);
     DS_STORES(&s->state, DS_ST(lap + 1, DS_PH_EMPTY, 0));
     ds_wake_if_waiting(&h->nf_waiters, &h->nf_seq);
 }
@@ -819,51 +830,41 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
  * wait keeps the CPU for a budget learned from its recent waits (ds_spin_ns .. ds_spin_max_ns): twice the last
  * waits, so that a short wait, or one that was only long because the peer was waking up, is spun through next time;
  * a wait longer than the cap brings the budget back down (an idle receiver sleeps after ds_spin_ns).
- * Within the budget it polls with `pause` and calls sched_yield every ds_yield_ns (1 us): when the peer is queued
- * on the same CPU (2 cores shared by more runnable processes), spinning only delays it, so this pure-spin time is
- * learned per handle: 0 (yield at every poll) once the message was there right after a yield that let another
- * task run (the yield took > ds_switch_ns), back to ds_yield_ns when yields find nobody else to run or run a
- * stranger (no message after it). Pause-spinning longer than ~1 us between yields halved 1x1 streaming on this VM;
- * yielding at every poll when the peer is not on this CPU hands the CPU to other processes more often (64 KiB round
- * trips got slower). A yield that lost the CPU for long (another process's time slice) ends the spinning: a
- * sleeper is woken with priority, a yielder competes as a CPU hog; such a wait also brings the budget down.
- * In yield mode every 64th wait sleeps at once, so that the scheduler gets a chance to place this process on
- * another CPU that became free (yields never move a task).
+ *
+ * Within the budget it polls with `pause` and calls sched_yield every ds_yield_ns (1 us). Pause-spinning longer
+ * between yields halved 1x1 streaming on this VM. But when the peer is queued on this very CPU (2 cores shared by
+ * more runnable processes) spinning only delays it, and the round trip was 7.5 us instead of 4: so a wait whose
+ * peer last committed on this CPU (ne_cpu / nf_cpu, which every commit keeps up to date) yields at every poll.
+ * Yields never move a task to a CPU that became free, a wake-up does: so every 64th such wait sleeps at once
+ * (a pair pinned to one CPU and then freed otherwise stayed in the 4 us mode for half its round trips).
+ * A yield that lost the CPU for long (another process's time slice; not a yield to the peer on this CPU, which may
+ * well work that long) ends the spinning: a sleeper is woken with priority, a yielder competes as a CPU hog
+ * (gap-30us ping-pong with a busy process had a 4 ms p99); such a wait also brings the budget down. Neither of these applies to a fixed budget (ds_spin_max_ns == ds_spin_ns).
  */
 typedef struct { /* one blocking call, across its DS_INTR returns: zero it before the first call */
-    int started;        /* the budget below was set */
+    int started;        /* spin and budget below were set */
     int64_t t0;         /* when the wait began (0: not read yet: the first clock read is after 16 polls) */
     int64_t last;       /* the last clock read */
     int64_t last_check; /* last liveness check of the slot's owner */
     int64_t next_yield; /* no sched_yield before this (pure spin between yields) */
-    int64_t spin;       /* this wait's pure-spin time and budget (from the handle's ds_adapt) */
+    int64_t spin;       /* pure spin between yields in this wait (0: the peer shares this CPU) and its budget */
     int64_t budget;
     int sleeping;       /* the spin phase is over */
     int yielded;        /* a sched_yield was made */
-    int switched;       /* ... and the last one let another task run */
-    int stranger;       /* a yield let another task run and the message was still not there after it */
     int lost;           /* a yield lost the CPU for long (someone else's time slice) */
-    int slept;          /* a FUTEX_WAIT was made */
 } ds_wait_ctx;
 
-#define DS_SHORT_WAIT_NS 20000 /* a peer sharing our CPU answers within this once it gets the CPU */
+#define DS_LOST_NS 20000 /* a sched_yield that took this long ran someone else's time slice */
 
 static inline int64_t ds_clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 static inline int64_t ds_budget_max(void) { return ds_spin_max_ns > ds_spin_ns ? ds_spin_max_ns : ds_spin_ns; }
 
-/* a wait of dur ns just ended (satisfied, or timed out after dur >= the cap): move the handle's learned values */
+/* a wait of dur ns just ended (satisfied, or timed out after dur >= the cap): move the handle's budget halfway to
+   twice the wait (rounding down), or back towards ds_spin_ns after a long wait or a yield that lost the CPU */
 static inline void ds_adapt_learn(ds_adapt *a, const ds_wait_ctx *w, int64_t dur) {
-    int64_t lo = ds_spin_ns, hi = ds_budget_max(), ymax = ds_yield_ns, target;
-    /* a yield that lost the CPU to someone else's time slice: keeping the CPU here means competing with that
-       process; sleeping gets this one back at once when the message comes (wake-up preemption) */
-    target = dur >= hi || w->lost ? lo : ds_clamp(2 * dur, lo, hi);
-    a->budget = ds_clamp((a->budget + target) / 2, lo, hi); /* halfway (rounds down: 1 -> 0) */
-    if (!w->yielded && w->spin == 0) return; /* found at the first poll: says nothing */
-    if (w->yielded && w->switched && !w->stranger && !w->slept && dur < DS_SHORT_WAIT_NS)
-        target = 0; /* the message was there right after a yield let another task run: the peer shares our CPU */
-    else
-        target = ymax; /* found while spinning, yields found nobody else to run, or ran a stranger */
-    a->spin = ds_clamp((a->spin + target) / 2, 0, ymax);
+    int64_t lo = ds_spin_ns, hi = ds_budget_max();
+    int64_t target = dur >= hi || w->lost ? lo : ds_clamp(2 * dur, lo, hi);
+    a->budget = ds_clamp((a->budget + target) / 2, lo, hi);
 }
 
 static inline int ds_wait_end(ds_adapt *a, const ds_wait_ctx *w, int r) {
@@ -896,13 +897,15 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
      : mode == 1 ? ds_ch_claim_recv(c, maxlen, slot, lap, st)                             \
                  : (ds_ch_ready(c, slot, st) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
     if (!w->started) {
+        int adaptive = ds_spin_max_ns > ds_spin_ns;
+        uint32_t peer_cpu = __atomic_load_n(mode == 0 ? &h->nf_cpu : &h->ne_cpu, __ATOMIC_RELAXED);
         w->started = 1;
-        w->spin = ds_clamp(ad->spin, 0, ds_yield_ns);
+        w->spin = adaptive && peer_cpu == (uint32_t)sched_getcpu() ? 0 : ds_yield_ns;
         w->budget = ds_clamp(ad->budget, ds_spin_ns, ds_budget_max());
         /* yield mode keeps both processes runnable on one CPU, and the scheduler only moves a task to a freed CPU
            when it wakes up: so every 64th wait in yield mode sleeps at once (a pair pinned together and then
            freed stayed in the 4 us same-CPU mode for half its round trips without this, 7% with it) */
-        if (w->spin == 0 && (++ad->waits & 63) == 0 && ds_spin_max_ns > ds_spin_ns) w->budget = 0;
+        if (w->spin == 0 && (++ad->waits & 63) == 0) w->budget = 0;
         /* not an atomic add on the fast path: a lost count between threads does not matter */
         __atomic_store_n(&ds_stats.waits, __atomic_load_n(&ds_stats.waits, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
     }
@@ -924,15 +927,14 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
                 ds_relax();
                 continue;
             }
-            if (w->switched) w->stranger = 1; /* the last yield let someone run, and the message is not here */
             sched_yield();
             DS_COUNT(yields);
             w->yielded = 1;
             int64_t after = ds_now(), took = after - now;
             w->next_yield = after + w->spin; /* spin as long between yields: fewer chances to lose the CPU */
-            w->switched = took > ds_switch_ns;
-            if (w->switched) DS_COUNT(switches);
-            if (took > DS_SHORT_WAIT_NS && ds_spin_max_ns > ds_spin_ns) { /* lost the CPU for long: sleep */
+            if (took > ds_switch_ns) DS_COUNT(switches);
+            /* lost the CPU for long to someone else (not to the peer, which may work that long): sleep */
+            if (took > DS_LOST_NS && w->spin > 0 && ds_spin_max_ns > ds_spin_ns) {
                 w->lost = 1;
                 break;
             }
@@ -959,7 +961,6 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
             if (now >= deadline) return ds_wait_end(ad, w, DS_TIMEOUT);
             if (deadline - now < wait) wait = deadline - now;
         }
-        w->slept = 1;
         int e = ds_futex_wait(seq_p, seq, wait);
         /* a signal, or a chunk passed: return so the caller runs PyErr_CheckSignals (a signal that arrived
            outside the futex syscall does not interrupt it) and calls again; dead owners are checked on entry */
@@ -968,7 +969,8 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
 #undef DS_TRY
 }
 
-/* debugging snapshot: out[0..7) = head, tail, ne_seq, ne_waiters, nf_seq, nf_waiters, recoveries; then slots */
+/* debugging snapshot: out[0..9) = head, tail, ne_seq, ne_waiters, nf_seq, nf_waiters, recoveries, ne_cpu, nf_cpu;
+   then slots */
 static inline void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslots) {
     ds_ch_hdr *h = c->h;
     out[0] = DS_LOAD(&h->head);
@@ -978,8 +980,10 @@ static inline void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslo
     out[4] = DS_LOAD(&h->nf_seq);
     out[5] = DS_LOAD(&h->nf_waiters);
     out[6] = DS_LOAD(&h->recoveries);
+    out[7] = DS_LOAD(&h->ne_cpu);
+    out[8] = DS_LOAD(&h->nf_cpu);
     for (uint64_t i = 0; i < nslots && i < c->cap; i++)
-        out[7 + i] = DS_LOAD(&((ds_slot *)(h->slots + i * c->stride))->state);
+        out[9 + i] = DS_LOAD(&((ds_slot *)(h->slots + i * c->stride))->state);
 }
 
 /* destroy: mark, wake everybody, free the pool blocks of queued messages. Caller frees the channel block. */
