@@ -451,6 +451,12 @@ def main(argv=None):
         exe, args = rest[0], rest[1:]
     from launcher import multinode
 
+    if os.environ.get("SLURM_JOB_ID"):  # segments that SIGKILLed jobs left on this node, where no epilog runs
+        from launcher import cleanup
+
+        gone = cleanup.remove_stale_slurm_segments()
+        if gone:
+            _log(f"removed {len(gone)} segment(s) that ended Slurm jobs left in /dev/shm: {' '.join(gone[:5])}")
     if ns.virtual_nodes or ns.gs_rank or multinode.under_mpi():
         # one runtime across the MPI job's nodes; a normal exit: after MPI, os._exit can lose the exit status
         # on its way through mpiexec

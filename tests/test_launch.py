@@ -180,3 +180,35 @@ def test_infra_pool_size_from_the_environment():
     for bad in ("x", "0", "-5M", "1.5G", "M"):
         with pytest.raises(ValueError, match="DRAGON_INFRA_POOL_SIZE"):
             infra_pool_size({"DRAGON_INFRA_POOL_SIZE": bad})
+
+
+@pytest.mark.timeout(60)
+def test_under_slurm_the_launcher_removes_segments_of_ended_slurm_jobs(tmp_path):
+    """A node where a SIGKILLed job left segments and no epilog runs: the next dragon-launch of a Slurm job there
+    removes segments of Slurm jobs no live process belongs to, and keeps its own job's and a mapped one's."""
+    import mmap
+
+    dead = f"dragon-s{os.getpid()}7_jdead00000-inf"  # an ended Slurm job's (no process has its id)
+    mine_id = str(900000000 + os.getpid())
+    own = f"dragon-s{mine_id}_jother0000-inf"  # same Slurm job as the launcher: alive
+    mapped = f"dragon-s{os.getpid()}8_jmapped0000-inf"  # ended job, but a live process maps it
+    paths = [os.path.join("/dev/shm", n) for n in (dead, own, mapped)]
+    for p in paths:
+        with open(p, "wb") as f:
+            f.write(b"\0" * 4096)
+    fd = os.open(paths[2], os.O_RDWR)
+    mm = mmap.mmap(fd, 4096)
+    try:
+        r = run_app(tmp_path, "print('ran', flush=True)", env={"SLURM_JOB_ID": mine_id})
+        assert r.returncode == 0 and "ran" in r.stdout, r.stderr
+        assert not os.path.exists(paths[0]), "the ended job's segment is still there"
+        assert os.path.exists(paths[1]) and os.path.exists(paths[2])
+        assert "removed 1 segment(s) that ended Slurm jobs left" in r.stderr and dead in r.stderr, r.stderr
+    finally:
+        mm.close()
+        os.close(fd)
+        for p in paths:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
