@@ -13,6 +13,6 @@ from dragon._core.core import (  # noqa: F401
     set_child_subreaper,
     set_pdeathsig,
     set_wait_params,
-    wait_stats,
     unlink_job_segments,
+    wait_stats,
 )
