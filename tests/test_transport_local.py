@@ -102,3 +102,13 @@ def test_remote_channel_through_an_agent_loopback(node_env):
         [sys.executable, "-c", LOOPBACK], check=False, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0 and "loopback ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_remote_channel_has_the_local_channel_api():
+    """Every public call of a local Channel exists on RemoteChannel, but the constructors (a RemoteChannel comes
+    from Channel.attach of another node's sdesc)."""
+    from dragon.infrastructure.remote_channel import RemoteChannel
+
+    local = {n for n in dir(Channel) if not n.startswith("_")} | {"__len__", "__enter__", "__exit__"}
+    missing = {n for n in local - {"create", "attach"} if not hasattr(RemoteChannel, n)}
+    assert not missing, missing

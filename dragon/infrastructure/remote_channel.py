@@ -315,8 +315,7 @@ class RemoteChannel:
         if isinstance(node, bool) or not isinstance(node, int) or node < 0 or node > 0xFFFF:
             raise ChannelError(f"bad node index {node!r}")
         self._sdesc = bytes(sdesc)
-        self.node = node
-        self.creator = False
+        self._node = node
         self._closed = False
         self._destroyed = False
         self._info = None
@@ -645,6 +644,16 @@ class RemoteChannel:
     @property
     def sdesc(self):
         return self._sdesc
+
+    @property
+    def node(self):
+        """The index of the node that holds the channel."""
+        return self._node
+
+    @property
+    def creator(self):
+        """Always False: a handle through the transport never made the channel."""
+        return False
 
     @property
     def closed(self):

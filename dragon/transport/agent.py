@@ -205,8 +205,9 @@ class Agent:
             if work:
                 idle_since = perf()
                 continue
-            if self.irecvs:  # MPI progress is what moves big payloads into our blocks: keep calling it
-                yield_cpu()
+            if self.irecvs:
+                # MPI progress is what moves big payloads into our blocks (MPI's one copy, done by this thread):
+                # keep calling it without giving the core away, this is the stream's bottleneck
                 continue
             now = perf()
             if self.sends or now - idle_since < SPIN:
