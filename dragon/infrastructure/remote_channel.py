@@ -14,9 +14,12 @@ pool) with the same timeouts and exceptions. Where a remote channel differs:
   pool and the Message is that block (zero copy, freed at ``release()``), as for a local channel.
 - ``destroy()`` destroys the channel on its node (the remote agent calls ``Channel.destroy``); like the local
   call it bypasses global services' bookkeeping, so channels made through global services should be destroyed
-  with ``dragon.globalservices.channel.destroy``. Each handle is one *stream* (random 64-bit
-id): its frames go into this node's gateway channel, the agent ships them to the channel's node, whose agent
-performs them on the real channel and sends the answers back into this process's transport reply channel.
+  with ``dragon.globalservices.channel.destroy``.
+
+Each handle is one *stream* (random 64-bit id): its frames go into this node's gateway channel, the agent ships
+them to the channel's node, whose agent performs them on the real channel and sends the answers back into this
+process's transport reply channel. Sends above ``PTR_MIN`` are copied once into a staging block (or handed over
+as one, ``send_block``) whose offset the gateway frame carries; the agent ships it from there.
 
 Sends are windowed: a send returns once its message is in the gateway (it will be delivered exactly once, in
 order, unless the channel is destroyed or its node dies; that is then reported by a later call on the handle).
@@ -51,9 +54,8 @@ NODE = "DRAGON_NODE"
 WINDOW = 512  # unacknowledged messages per stream
 WINDOW_BYTES = 8 << 20  # unacknowledged payload bytes per stream
 ANSWER_GRACE = 30.0  # how much longer than its own timeout a request waits for the remote answer
-NEXT_WAIT = (
-    30.0  # a NEXT header's payload is put right behind it by the agent: waiting this long means it died
-)
+# a NEXT header's payload is put right behind it by the agent: waiting this long for it means the agent died
+NEXT_WAIT = 30.0
 PTR_MIN = 16 * 1024  # sends above this go through a staging block the agent sends from (no copy into frames)
 GW_SEND_TIMEOUT = 30.0  # a gateway that stays full this long means the agent is gone
 REPLY_CAPACITY = 256
@@ -295,6 +297,15 @@ def _orphan_bytes(st):
 
 _ep = None
 _ep_lock = threading.Lock()
+_forks = 0  # forks into this process (a child's handles must open streams of their own)
+
+
+def _forked():
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def endpoint():
@@ -325,12 +336,13 @@ class RemoteChannel:
         """A new stream from this process (also after a fork: a child cannot share its parent's)."""
         self._ep = ep = endpoint()
         self._pid = ep.pid
+        self._forks = _forks
         self._st = ep.new_stream()
         self._gw_send = ep.gw.send
         tgt = self._sdesc
         payload = W.U16.pack(len(tgt)) + tgt + ep.reply_sdesc
         ep.gw.send(
-            _HDR.pack(W.OPEN, 0, self.node, len(payload), self._st.sid, 0) + payload, timeout=GW_SEND_TIMEOUT
+            _HDR.pack(W.OPEN, 0, self._node, len(payload), self._st.sid, 0) + payload, timeout=GW_SEND_TIMEOUT
         )
 
     def __repr__(self):
@@ -396,7 +408,7 @@ class RemoteChannel:
         t = _timeout_arg(timeout)
         st = self._st
         req = next(st.req)
-        frame = _HDR.pack(W.RECV, 0, self.node, W.REQ.size, st.sid, req) + W.REQ.pack(mode, max_n, maxlen, t)
+        frame = _HDR.pack(W.RECV, 0, self._node, W.REQ.size, st.sid, req) + W.REQ.pack(mode, max_n, maxlen, t)
         self._gw(frame, None)
         deadline = None if t < 0 else time.monotonic() + t + ANSWER_GRACE
         ep = self._ep
@@ -426,7 +438,7 @@ class RemoteChannel:
     def send(self, data, timeout=None):
         """Send a bytes-like object. timeout: None blocks, 0 raises ChannelFull, t > 0 ChannelTimeout."""
         st = self._st
-        if self._closed or st.err is not None or self._pid != os.getpid():
+        if self._closed or st.err is not None or self._forks != _forks:  # (getpid is a syscall per send)
             self._check()
             st = self._st
         if type(data) is not bytes:
@@ -445,7 +457,7 @@ class RemoteChannel:
             if n > PTR_MIN:
                 self._send_big(st, data, n, t)
             else:
-                frame = _HDR.pack(W.SEND, 0, self.node, n, st.sid, st.sent) + data
+                frame = _HDR.pack(W.SEND, 0, self._node, n, st.sid, st.sent) + data
                 try:
                     self._gw_send(frame, timeout=GW_SEND_TIMEOUT if t is None else t)
                 except (ChannelFull, ChannelTimeout):
@@ -471,15 +483,16 @@ class RemoteChannel:
         mv = memoryview(blk)
         mv[:] = data
         mv.release()
-        self._send_ptr(st, blk, n, t)
+        try:
+            self._send_ptr(st, blk, n, t)
+        except BaseException:
+            ep.pool.free(blk)
+            raise
 
     def _send_ptr(self, st, blk, n, t):
-        frame = _HDR.pack(W.SEND, W.PTR, self.node, n, st.sid, st.sent) + W.U64.pack(blk.offset)
-        try:
-            self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
-        except BaseException:
-            self._ep.pool.free(blk)
-            raise
+        """The gateway frame that hands blk to the agent (if it raises, blk is still the caller's)."""
+        frame = _HDR.pack(W.SEND, W.PTR, self._node, n, st.sid, st.sent) + W.U64.pack(blk.offset)
+        self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
 
     def send_block(self, block, nbytes=None, timeout=None):
         """Hand a block of this node's staging pool (``self.pool``) to the channel without copying it: the agent
@@ -519,7 +532,7 @@ class RemoteChannel:
                 self._send_ptr(st, block, n, t)
             else:  # small: a copy into the frame costs less than a separate MPI message; the block is freed here
                 mv = memoryview(block)
-                frame = _HDR.pack(W.SEND, 0, self.node, n, st.sid, st.sent) + mv[:n]
+                frame = _HDR.pack(W.SEND, 0, self._node, n, st.sid, st.sent) + mv[:n]
                 mv.release()
                 self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
                 ep.pool.free(block)
@@ -676,7 +689,7 @@ class RemoteChannel:
         ep = self._ep
         if ep.pid == os.getpid() and ep.reply is not None:
             try:
-                ep.gw.send(_HDR.pack(W.CLOSE, 0, self.node, 0, self._st.sid, 0), timeout=1)
+                ep.gw.send(_HDR.pack(W.CLOSE, 0, self._node, 0, self._st.sid, 0), timeout=1)
             except Exception:
                 pass
             ep.streams.pop(self._st.sid, None)
