@@ -693,7 +693,7 @@ static inline int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *l
 /* record the CPU this process runs on (sched_getcpu reads glibc's rseq area: a few ns); stored only when it changed,
    in the line the commit reads anyway for the waiting flag */
 static inline void ds_note_cpu(uint32_t *p) {
-    uint32_t cpu = (uint32_t)sched_getcpu();
+    uint32_t cpu = (uint32_t)sched_getcpu(); /* -1 (never on Linux) is UINT32_MAX: "unknown" */
     if (__atomic_load_n(p, __ATOMIC_RELAXED) != cpu) __atomic_store_n(p, cpu, __ATOMIC_RELAXED);
 }
 
@@ -897,10 +897,10 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
      : mode == 1 ? ds_ch_claim_recv(c, maxlen, slot, lap, st)                             \
                  : (ds_ch_ready(c, slot, st) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
     if (!w->started) {
-        int adaptive = ds_spin_max_ns > ds_spin_ns;
+        int adaptive = ds_spin_max_ns > ds_spin_ns, me = sched_getcpu();
         uint32_t peer_cpu = __atomic_load_n(mode == 0 ? &h->nf_cpu : &h->ne_cpu, __ATOMIC_RELAXED);
         w->started = 1;
-        w->spin = adaptive && peer_cpu == (uint32_t)sched_getcpu() ? 0 : ds_yield_ns;
+        w->spin = adaptive && me >= 0 && peer_cpu == (uint32_t)me ? 0 : ds_yield_ns;
         w->budget = ds_clamp(ad->budget, ds_spin_ns, ds_budget_max());
         /* yield mode keeps both processes runnable on one CPU, and the scheduler only moves a task to a freed CPU
            when it wakes up: so every 64th wait in yield mode sleeps at once (a pair pinned together and then
