@@ -85,7 +85,9 @@ WHAT = [
     "  mpi4py: Send from a prefilled numpy buffer, Recv into a preallocated numpy buffer (MPI copies once).",
     "  dragon 'send': RemoteChannel.send(bytes) copies the payload into a staging block (one copy that mpi4py's",
     "    sender does not make), the agents ship it over MPI; 'send_block': a staging block from channel.pool is",
-    "    handed over as allocated (payload produced in place, as mpi4py's prefilled buffer), no copy by the sender.",
+    "    handed over as allocated (payload produced in place, as mpi4py's prefilled buffer), no copy by the sender;",
+    "    its blocks are never written, so MPI reads them cold from memory: it can be slower than 'send', whose copy",
+    "    leaves the payload in cache (mpi4py resends one cache-warm buffer).",
     "  dragon receiver: recv_message (zero copy: the pool block the agent received into) above 8 KiB,",
     "    recv_many (copies into bytes) up to 8 KiB. Round trip: recv_into a preallocated buffer on both sides.",
 ]
