@@ -40,6 +40,7 @@ LONG_IDLE_WAIT = 0.01  # ... once it has been idle for a second
 PENDING_WAIT = 0.0005  # longest sleep while requests wait here for their channel
 ACK_EVERY = 64  # acknowledge a stream's deliveries once this many are unacknowledged ...
 ACK_DELAY = 0.0002  # ... or the oldest has waited this long, or a packet goes to its node anyway
+ACK_BYTES = 2 << 20  # ... or this many bytes of big payloads (a quarter of the sender's byte window) landed
 MAX_INFLIGHT = 256  # MPI sends in flight before the agent waits for some to finish
 NAP = 0.0001  # a spinning agent that hears only acks from other nodes sleeps this long between polls instead
 
@@ -52,7 +53,7 @@ class _In:
     """A stream arriving here: a remote process's handle to a channel of this node."""
 
     __slots__ = (
-        "ack_now",
+        "ack_bytes",
         "ack_t",
         "acked",
         "ch",
@@ -74,7 +75,9 @@ class _In:
         self.delivered = 0
         self.acked = 0
         self.ack_t = 0.0  # when the oldest delivery not yet acknowledged was seen by _acks
-        self.ack_now = False  # a big payload was delivered: acknowledge at once (the byte window is tight)
+        self.ack_bytes = (
+            0  # big payload bytes delivered since the last ack (the sender's byte window is tight)
+        )
         self.closing = False
 
 
@@ -563,7 +566,7 @@ class Agent:
                 self._big_into(src, bigsrc, None, n)
             return
         if payload is None:  # BIG: receive straight into a block of the target channel's pool
-            s.ack_now = True
+            s.ack_bytes += n
             try:
                 item = s.ch.pool.alloc(n, timeout=0)
             except PoolError:
@@ -721,8 +724,9 @@ class Agent:
 
     def _acks(self):
         """Acknowledge deliveries, lazily: an ack rides along with other frames to the stream's node when there
-        are any, else it waits for ACK_EVERY deliveries or ACK_DELAY (the sender's window is 512 messages / 8
-        MiB, so a late ack costs it nothing while it keeps sending; a round trip pays no ack packets)."""
+        are any, else it waits for ACK_EVERY deliveries, ACK_BYTES of big payloads or ACK_DELAY (the sender's
+        window is 512 messages / 8 MiB, so a late ack costs it nothing while it keeps sending; a round trip pays
+        no ack packets, a stream of big payloads one per ACK_BYTES)."""
         now = time.perf_counter()
         out = self.out
         done = []
@@ -733,10 +737,10 @@ class Agent:
                 continue
             if not s.ack_t:
                 s.ack_t = now
-            if s.ack_now or k >= ACK_EVERY or s.src in out or now - s.ack_t >= ACK_DELAY:
+            if s.ack_bytes >= ACK_BYTES or k >= ACK_EVERY or s.src in out or now - s.ack_t >= ACK_DELAY:
                 s.acked = s.delivered
                 s.ack_t = 0.0
-                s.ack_now = False
+                s.ack_bytes = 0
                 self._emit(s.src, _ack_pack(W.ACK, 0, 0, 0, s.sid, s.delivered))
                 done.append(s)
         for s in done:
