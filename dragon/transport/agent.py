@@ -1,7 +1,7 @@
 """The transport agent: one per node, the only code of the runtime that speaks MPI.
 
-Processes of this node put frames (see ``dragon.infrastructure.frames``) into the node's gateway channel. The agent batches the frames
-for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as their own MPI message, sent
+Processes of this node put frames (see ``dragon.infrastructure.frames``) into the node's gateway channel. The
+agent batches the frames for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as their own MPI message, sent
 straight from the gateway's pool block), and delivers what other agents send it:
 
 - SEND frames go into the target channel, in arrival order per stream; a full channel keeps the rest of the
@@ -11,11 +11,11 @@ straight from the gateway's pool block), and delivers what other agents send it:
 - Answers (ACK, DATA, RESULT, ERR) coming back are put into the requesting process's reply channel; an answer
   that does not fit waits here (ACKs coalesce, so that too is bounded).
 
-The loop never blocks in MPI. It spins (yielding the CPU) while there is work or an MPI send in flight; while
-it only ships big payloads out and hears only acknowledgements back (this node streams out, no answer is awaited)
-it sleeps ``NAP`` between polls instead, leaving the core to the processes it serves; when idle it backs off to sleeping on the
-gateway channel's futex (a local request wakes it at once; a remote one is noticed within ``MAX_IDLE_WAIT``, or
-``LONG_IDLE_WAIT`` after a second of idleness), so an idle agent costs about 1% of a core.
+The loop never blocks in MPI. It spins (yielding the CPU) while there is work or an MPI send in flight; while it
+only ships big payloads out and hears only acknowledgements back (this node streams out, no answer is awaited) it
+sleeps ``NAP`` between polls instead, leaving the core to the processes it serves; when idle it backs off to
+sleeping on the gateway channel's futex (a local request wakes it at once; a remote one is noticed within
+``MAX_IDLE_WAIT``, or ``LONG_IDLE_WAIT`` after a second of idleness), so an idle agent costs about 1% of a core.
 
 A payload in a staging block (PTR frame) up to ``BIG_MIN`` is copied into the packet and the block freed at once;
 a bigger one goes as its own MPI message straight from the block, and the receiving agent posts its receive
@@ -75,9 +75,7 @@ class _In:
         self.delivered = 0
         self.acked = 0
         self.ack_t = 0.0  # when the oldest delivery not yet acknowledged was seen by _acks
-        self.ack_bytes = (
-            0  # big payload bytes delivered since the last ack (the sender's byte window is tight)
-        )
+        self.ack_bytes = 0  # big payload bytes delivered since the last ack (the byte window is tight)
         self.closing = False
 
 
@@ -158,9 +156,7 @@ class Agent:
         self.last_seen = {}  # node -> monotonic time of its last packet
         self.down_why = {}  # node -> why this agent declared it down
         self.running = False
-        self.urgent_at = (
-            0.0  # when a frame that someone waits on last came in or went out (not acks, big payloads)
-        )
+        self.urgent_at = 0.0  # last time a frame someone waits on came in or went out (not acks, big ones)
         self.rbuf = bytearray(1 << 20)
         self.tmp = bytearray(0)
         self.status = MPI.Status()

@@ -9,8 +9,10 @@ process receives locally (``recv_many`` up to 8 KiB, zero-copy ``recv_message`` 
 through the agents. Above 16 KiB a second row streams with ``send_block`` (blocks of the staging pool, no copy by
 the sender, as mpi4py sends its prefilled buffer). The output says what each side does.
 
-    --sizes 8,1048576   only these sizes        --repeat N   rounds per size (default 3) Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios (each the best of
-REPEAT rounds, for both sides: the machine may be shared).
+Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios (each the best of
+REPEAT rounds, for both sides: the machine may be shared), and the load average at the end.
+
+    --sizes 8,1048576   only these sizes        --repeat N   rounds per size (default 3)
 """
 
 import json
