@@ -1,8 +1,8 @@
 """The transport agent: one per node, the only code of the runtime that speaks MPI.
 
 Processes of this node put frames (see ``dragon.infrastructure.frames``) into the node's gateway channel. The
-agent batches the frames for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as their own MPI message, sent
-straight from the gateway's pool block), and delivers what other agents send it:
+agent batches the frames for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as
+their own MPI message, sent straight from the staging pool block), and delivers what other agents send it:
 
 - SEND frames go into the target channel, in arrival order per stream; a full channel keeps the rest of the
   stream queued here (bounded by the sender's window) and retried; cumulative ACKs go back as messages land.
