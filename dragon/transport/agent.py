@@ -567,15 +567,16 @@ class Agent:
                 item = s.ch.pool.alloc(n, timeout=0)
             except PoolError:
                 item = bytearray(n)
-            if not isinstance(
-                bigsrc, collections.deque
-            ):  # from MPI: a non-blocking receive, the stream waits
-                pend = _Pending(self.comm.Irecv([item, n, self.MPI.BYTE], bigsrc, W.TAG_BIG), item)
-                self.irecvs.append(pend)
-                s.sendq.append(pend)
-                self.pending_in.add(s)
-                return
-            self._big_into(src, bigsrc, item, n)
+            if not isinstance(bigsrc, collections.deque):  # from MPI: a non-blocking receive
+                req = self.comm.Irecv([item, n, self.MPI.BYTE], bigsrc, W.TAG_BIG)
+                if s.sendq or not req.Test():  # (MPI's copy is usually done by the time Irecv returns)
+                    pend = _Pending(req, item)  # the stream waits for it
+                    self.irecvs.append(pend)
+                    s.sendq.append(pend)
+                    self.pending_in.add(s)
+                    return
+            else:
+                self._big_into(src, bigsrc, item, n)
         else:
             item = payload
         if not s.sendq:
