@@ -12,7 +12,7 @@ the sender, as mpi4py sends its prefilled buffer). The output says what each sid
 Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios (each the best of
 REPEAT rounds, for both sides: the machine may be shared), and the load average at the end.
 
-    --sizes 8,1048576   only these sizes        --repeat N   rounds per size (default 3)
+    --sizes 8,1048576   only these sizes        --repeat N   rounds per size (default 5)
 """
 
 import json
@@ -21,7 +21,7 @@ import sys
 import time
 
 SIZES = [8, 64, 1024, 8192, 65536, 1 << 20]
-REPEAT = 3  # rounds per size, for both sides; the best one is reported
+REPEAT = 5  # rounds per size, for both sides; the best one is reported (a shared machine is noisy)
 
 
 def _best(a, b):
