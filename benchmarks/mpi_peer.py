@@ -22,7 +22,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     import numpy as np
-    from mpi4py import MPI
+
+    from dragon.transport.world import init_mpi
+
+    MPI = init_mpi()
 
     from benchmarks.channels import calibrate, probe_count
     from benchmarks.util import JSON_MARK, quantile

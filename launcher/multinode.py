@@ -607,9 +607,9 @@ def layout_error(mpi_size, env=None):
 def main(exe, args, virtual, grace=GRACE, gs_rank=None):
     """The multi-node launcher; returns this rank's exit code.  gs_rank: True (--gs-rank), None (automatic) or
     False (--no-gs-rank): whether global services gets a rank of its own (dragon.transport.world)."""
-    from mpi4py import MPI
+    from dragon.transport.world import World, init_mpi
 
-    from dragon.transport.world import World
+    MPI = init_mpi()
 
     comm = MPI.COMM_WORLD
     wrong = layout_error(comm.Get_size())

@@ -212,3 +212,17 @@ def test_under_slurm_the_launcher_removes_segments_of_ended_slurm_jobs(tmp_path)
                 os.unlink(p)
             except OSError:
                 pass
+
+
+@pytest.mark.timeout(10)
+def test_mpich_wheel_under_srun_pmi2_uses_the_ofi_netmod_unless_the_user_chose():
+    from dragon.transport.world import mpi_netmod_workaround as rule
+
+    wheel = "MPICH Version:      5.0.2\nMPICH Device:       ch4:ucx ofi\n"
+    srun = {"PMI_FD": "5", "SLURM_STEP_ID": "0"}
+    assert rule(wheel, srun) == "ofi"
+    assert rule(wheel, {**srun, "MPIR_CVAR_CH4_NETMOD": "ucx"}) is None  # the user's choice
+    assert rule(wheel, {"PMI_FD": "5"}) is None  # mpiexec's PMI, not srun's
+    assert rule(wheel, {"SLURM_STEP_ID": "0"}) is None  # srun without PMI-2 wiring
+    assert rule("MPICH Version: 4.1\nMPICH Device: ch4:ofi\n", srun) is None
+    assert rule("Open MPI v4.1.4", srun) is None

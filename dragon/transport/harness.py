@@ -34,9 +34,9 @@ def _env_for(world, node, gw, pool, chans):
 def run(argv, virtual, before=None):
     """before(world, comm): called on every rank after the world is known, before the agents start (the
     benchmark measures raw MPI there). Returns this rank's exit code."""
-    from mpi4py import MPI
+    from dragon.transport.world import World, init_mpi
 
-    from dragon.transport.world import World
+    MPI = init_mpi()
 
     comm = MPI.COMM_WORLD
     world = World(comm, virtual)

@@ -25,6 +25,36 @@ else ``uname``. They only name nodes; grouping is always by real host.
 
 import os
 
+NETMOD_VAR = "MPIR_CVAR_CH4_NETMOD"
+
+
+def mpi_netmod_workaround(library_version, environ):
+    """The MPICH netmod to force before MPI_Init, or None. The ``mpich`` wheel (MPICH 5.0.2, ch4:ucx and ofi)
+    under srun's PMI-2 fails in MPI_Init now and then (``mpi/pmi2: value not properly terminated``, UCX ``failed
+    to unpack address``) in a way that depends on the process's heap layout (a longer program path was enough to
+    trigger it, every time); the ofi netmod never did in the same runs. A user's own choice is kept."""
+    if NETMOD_VAR in environ or "PMI_FD" not in environ or "SLURM_STEP_ID" not in environ:
+        return None
+    if "MPICH" in library_version and "ch4:ucx" in library_version and "ofi" in library_version:
+        return "ofi"
+    return None
+
+
+def init_mpi():
+    """Initialize MPI (thread-multiple) for a dragon rank, with mpi_netmod_workaround(); -> mpi4py's MPI module."""
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = True  # at exit, unless the caller finalized already
+    from mpi4py import MPI
+
+    if not MPI.Is_initialized():
+        netmod = mpi_netmod_workaround(MPI.Get_library_version(), os.environ)
+        if netmod is not None:
+            os.environ[NETMOD_VAR] = netmod
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    return MPI
+
 
 def node_name(environ, rank, size, uname=None):
     """The name of this rank's node as users know it: ``SLURMD_NODENAME`` if srun started this very rank (a job
