@@ -150,11 +150,14 @@ def sigkill_dragon(marker, exclude=()):
             continue
         if b"DRAGON_JOB=" in environ or b"dragon-launch" in cmdline or b"launcher." in cmdline:
             pids.append(pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    # stop them all first: a launcher SIGKILLed before its shepherd would otherwise give the shepherd time for a
+    # teardown of its own (PR_SET_PDEATHSIG), which then SIGTERMs the job's processes, the stray included
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
     return pids
 
 
