@@ -460,6 +460,7 @@ def _runtime_class():
             signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(time.monotonic()))
             exiting = False
             torn = False
+            shep_gone = None  # when the shepherd was seen gone with exit code 0
             while not exiting:
                 self._reap()
                 self._events()
@@ -483,15 +484,21 @@ def _runtime_class():
                     self.bye_wait = 1.0
                     break
                 if self.shep_pid in self.dead and self.lost is None and not torn:
-                    self.lost = (
-                        f"local services (shepherd) of node {self.k} (pid {self.shep_pid}) died "
-                        f"({self._status_text(self.dead[self.shep_pid])})"
-                    )
-                    _log(self.lost)
-                    self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
-                    self.agent.announce_down(self.k)
-                    pids = cleanup.job_pids(self.job)
-                    cleanup.kill_all(pids, signal.SIGKILL)
+                    status = self._status_text(self.dead[self.shep_pid])
+                    # scancel / time limit: the shepherd got the SIGTERM too and tore its processes down (exit
+                    # 0); that is the job ending, not a loss. Our own SIGTERM may come a moment after its exit.
+                    orderly = status == "exit code 0"
+                    if orderly and shep_gone is None:
+                        shep_gone = time.monotonic()
+                    if orderly and sigterm:
+                        self.lost = "ended by SIGTERM with the rest of the job"
+                    elif not orderly or time.monotonic() - shep_gone > 1.0:
+                        self.lost = f"local services (shepherd) of node {self.k} (pid {self.shep_pid}) died ({status})"
+                        _log(self.lost)
+                        self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
+                        self.agent.announce_down(self.k)
+                        pids = cleanup.job_pids(self.job)
+                        cleanup.kill_all(pids, signal.SIGKILL)
                 while self.orders:
                     order = self.orders.pop(0)
                     if type(order) is m.LATeardown and not torn:
