@@ -378,7 +378,8 @@ node 0's requests cross the transport too (a round trip ~10x longer than beside 
 same). Node names are the Slurm node names (SLURMD_NODENAME) when srun started the ranks, else the host names.
 
 environment: DRAGON_LOG=debug for verbose service logs on stderr;
-DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60).""",
+DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60);
+DRAGON_INFRA_POOL_SIZE=size of each node's infrastructure pool (default 64M; K, M, G suffixes).""",
     )
     p.add_argument(
         "--grace",
