@@ -56,6 +56,7 @@ __all__ = [  # and, imported from dragon on first use: children, job_pids, kill_
     "slurm_job_pids",
     "slurm_job_segments",
     "stale_slurm_segments",
+    "unused_segments",
 ]
 
 SHM = "/dev/shm"
@@ -184,28 +185,36 @@ def mpich_world_id(kvsname: str) -> str:
     return f"{h:x}"
 
 
+def _matching(shm: str, pattern) -> dict:
+    """{name: the pattern's first group} of the files in shm whose name matches pattern."""
+    try:
+        return {n: m.group(1) for n in os.listdir(shm) if (m := pattern.match(n))}
+    except OSError:
+        return {}
+
+
+def unused_segments(shm: str, names) -> list[str]:
+    """The names (files of shm) that no live process maps or holds open, sorted."""
+    keys = {}
+    for n in names:
+        try:
+            st = os.stat(os.path.join(shm, n), follow_symlinks=False)
+        except OSError:
+            continue
+        keys[(st.st_dev, st.st_ino)] = n
+    used = _in_use(keys) if keys else set()
+    return sorted(n for k, n in keys.items() if k not in used)
+
+
 def slurm_job_mpi_segments(slurm_job, shm: str = SHM) -> list[str]:
     """MPICH segments in shm made by a step of Slurm job slurm_job (PMI-2 names its space <job>.<step>) that no
     live process maps or holds open."""
     _slurm_prefix(slurm_job)
-    pat = re.compile(r"(?:mpich_shm|mpich_vci)_([0-9a-f]+)_\d+$")
-    try:
-        found = {n: m.group(1) for n in os.listdir(shm) if (m := pat.match(n))}
-    except OSError:
-        return []
+    found = _matching(shm, re.compile(r"(?:mpich_shm|mpich_vci)_([0-9a-f]+)_\d+$"))
     if not found:
         return []
     ours = {mpich_world_id(f"{int(slurm_job)}.{step}") for step in range(MAX_STEPS)}
-    keys = {}
-    for n, w in found.items():
-        if w in ours:
-            try:
-                st = os.stat(os.path.join(shm, n), follow_symlinks=False)
-            except OSError:
-                continue
-            keys[(st.st_dev, st.st_ino)] = n
-    used = _in_use(keys) if keys else set()
-    return sorted(n for k, n in keys.items() if k not in used)
+    return unused_segments(shm, [n for n, w in found.items() if w in ours])
 
 
 def _alive(pid: int) -> bool:
@@ -268,25 +277,11 @@ def stale_slurm_segments(shm: str = SHM) -> list[str]:
     SLURM_JOB_ID=<ID> in its environment (every task of a running job has it, dragon's launchers included) and
     no live process maps or holds the segment. What an epilog would have removed, for sites without it. Only the
     owner can unlink a file of /dev/shm (sticky), so a user's clean-up never touches another user's segments."""
-    pat = re.compile(r"dragon-s(\d+)_")
-    try:
-        cands = {n: m.group(1) for n in os.listdir(shm) if (m := pat.match(n))}
-    except OSError:
-        return []
+    cands = _matching(shm, re.compile(r"dragon-s(\d+)_"))
     if not cands:
         return []
     alive = _slurm_jobs_alive()
-    keys = {}
-    for n, job in cands.items():
-        if job in alive:
-            continue
-        try:
-            st = os.stat(os.path.join(shm, n), follow_symlinks=False)
-        except OSError:
-            continue
-        keys[(st.st_dev, st.st_ino)] = n
-    used = _in_use(keys) if keys else set()
-    return sorted(n for k, n in keys.items() if k not in used)
+    return unused_segments(shm, [n for n, job in cands.items() if job not in alive])
 
 
 def remove_stale_slurm_segments(shm: str = SHM) -> list[str]:

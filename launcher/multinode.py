@@ -68,32 +68,24 @@ def mpi_segments():
 
 
 def orphaned_mpi_segments(since):
-    """MPICH segments (mpich_shm_*) made since ``since`` that no live process maps any more: what a killed
-    launcher rank's MPI library left (it may make more after the services started, so the list passed to the
-    shepherd at its start is not enough)."""
-    cands = set()
+    """MPICH segments (mpich_shm_*) made since ``since`` that no live process maps or holds any more: what a
+    killed launcher rank's MPI library left (it may make more after the services started, so the list passed to
+    the shepherd at its start is not enough)."""
+    from launcher import cleanup
+
+    shm = "/dev/shm"
+    cands = []
     try:
-        names = os.listdir("/dev/shm")
+        names = [n for n in os.listdir(shm) if n.startswith("mpich_shm_")]
     except OSError:
-        return cands
+        names = []
     for n in names:
         try:
-            if n.startswith("mpich_shm_") and os.stat(os.path.join("/dev/shm", n)).st_ctime >= since - 1.0:
-                cands.add(n)
-        except OSError:
+            if os.stat(os.path.join(shm, n)).st_ctime >= since - 1.0:
+                cands.append(n)
+        except OSError:  # gone meanwhile
             continue
-    for pid in os.listdir("/proc") if cands else ():
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                maps = f.read()
-        except OSError:
-            continue
-        cands = {n for n in cands if f"/dev/shm/{n}" not in maps}
-        if not cands:
-            break
-    return cands
+    return set(cleanup.unused_segments(shm, cands))
 
 
 def _service(kind, args):
@@ -386,9 +378,7 @@ def _runtime_class():
             if self.agent is not None:
                 for k in live:
                     self.agent.send_ctrl(k, m.LATeardown(self.grace))
-            pool, self.pool = self.pool, None  # the agent still needs the gateway: destroyed in _finish
-            super().teardown()
-            self.pool = pool
+            self._teardown_here()
             self._await_torn(live, self.grace + 5.0)
             if self.agent is not None and self.gs_apart and self.gs_k not in self.down:
                 self.agent.send_ctrl(self.gs_k, m.LATeardown(self.grace))
@@ -442,22 +432,44 @@ def _runtime_class():
             core.unlink_job_segments(self.job)
 
         # ---- other nodes ---------------------------------------------------------------------------------
-        def _serve_node(self):
-            from launcher import cleanup
-
+        def _start_serving(self):
+            """start() on a rank that then serves until node 0 orders the end (another node, the GS rank).
+            -> the list its SIGTERMs are noted in (monotonic times), or None if the start failed."""
             try:
                 self.start()
             except Exception as e:
                 if not isinstance(e, _StartFailed):
-                    _log(f"node {self.k}: cannot start: {e}")
+                    _log(f"{self._where()}: cannot start: {e}")
                 self._finish()
-                return EXIT_SERVICE_FAILED
+                return None
             for sig in (signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # node 0's launcher ends the job
-            # ... also on SIGTERM, but scancel and a time limit send it to every process of the job at once and
-            # SIGKILL KillWait seconds later: if node 0 has not ordered the teardown soon after, do it here
+            # ... also on SIGTERM, but scancel and a time limit send it to every process of the job at once (this
+            # rank's services included) and SIGKILL KillWait seconds later: the loops decide what it means
             sigterm = []
             signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(time.monotonic()))
+            return sigterm
+
+        def _teardown_here(self):
+            """This node's processes and services (Runtime.teardown), keeping the pool: the agent still needs
+            the gateway, destroyed in _finish."""
+            pool, self.pool = self.pool, None
+            try:
+                Runtime.teardown(self)
+            finally:
+                self.pool = pool
+
+        def _announce_lost(self, why):
+            """Tell node 0 this rank is lost, and every agent that it is down (requests to it fail at once)."""
+            self.agent.send_ctrl(0, m.LANodeDead(self.k, why))
+            self.agent.announce_down(self.k)
+
+        def _serve_node(self):
+            from launcher import cleanup
+
+            sigterm = self._start_serving()
+            if sigterm is None:
+                return EXIT_SERVICE_FAILED
             exiting = False
             torn = False
             shep_gone = None  # when the shepherd was seen gone with exit code 0
@@ -473,14 +485,9 @@ def _runtime_class():
                     if not torn:
                         _log(f"node {self.k}: {alone}: tearing this node down")
                         if 0 not in self.down:  # node 0 learns it now, not from the heartbeats' silence
-                            self.agent.send_ctrl(0, m.LANodeDead(self.k, f"its launcher {alone}"))
-                            self.agent.announce_down(self.k)
+                            self._announce_lost(f"its launcher {alone}")
                         torn = True
-                        pool, self.pool = self.pool, None
-                        try:
-                            Runtime.teardown(self)
-                        finally:
-                            self.pool = pool
+                        self._teardown_here()
                     self.bye_wait = 1.0
                     break
                 if self.shep_pid in self.dead and self.lost is None and not torn:
@@ -495,8 +502,7 @@ def _runtime_class():
                     elif not orderly or time.monotonic() - shep_gone > 1.0:
                         self.lost = f"local services (shepherd) of node {self.k} (pid {self.shep_pid}) died ({status})"
                         _log(self.lost)
-                        self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
-                        self.agent.announce_down(self.k)
+                        self._announce_lost(self.lost)
                         pids = cleanup.job_pids(self.job)
                         cleanup.kill_all(pids, signal.SIGKILL)
                 while self.orders:
@@ -505,11 +511,7 @@ def _runtime_class():
                         torn = True
                         if order.grace is not None:
                             self.grace = order.grace
-                        pool, self.pool = self.pool, None
-                        try:
-                            Runtime.teardown(self)
-                        finally:
-                            self.pool = pool
+                        self._teardown_here()
                         self.agent.send_ctrl(0, m.LATorn(self.k))
                     elif type(order) is m.LAExit:
                         exiting = True
@@ -521,20 +523,11 @@ def _runtime_class():
         # ---- the global-services rank ----------------------------------------------------------------------
         def _serve_gs(self):
             """Run global services and this rank's agent until node 0 orders the end. GS dying is announced
-            like a node dying: node 0's launcher then ends the job at once, naming this rank."""
-            try:
-                self.start()
-            except Exception as e:
-                if not isinstance(e, _StartFailed):
-                    _log(f"{self._where()}: cannot start: {e}")
-                self._finish()
+            like a node dying: node 0's launcher then ends the job at once, naming this rank. A GS that exits 0
+            after the job's SIGTERM (scancel, time limit) is not a loss: node 0 is already ending the job."""
+            sigterm = self._start_serving()
+            if sigterm is None:
                 return EXIT_SERVICE_FAILED
-            for sig in (signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)  # node 0's launcher ends the job
-            # ... also on SIGTERM; but scancel and a time limit send it to every process of the job step at once,
-            # GS included, which then exits 0 while node 0's launcher is already ending the job: not a loss
-            sigterm = []
-            signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(signum))
             exiting = False
             while not exiting:
                 self._reap()
@@ -546,8 +539,7 @@ def _runtime_class():
                         continue
                     self.lost = f"its global-services process (pid {self.gs_pid}) died ({status})"
                     _log(f"{self._where()}: {self.lost}")
-                    self.agent.send_ctrl(0, m.LANodeDead(self.k, self.lost))
-                    self.agent.announce_down(self.k)  # requests to GS fail at once instead of timing out
+                    self._announce_lost(self.lost)  # requests to GS fail at once instead of timing out
                 if (
                     0 in self.down and not self.tearing
                 ):  # node 0's launcher is gone: nobody will order the end

@@ -206,9 +206,7 @@ def case_killagent():
     tear their node down (no process or segment may survive; the test checks)."""
     d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
     channel.create(pool.create(8 << 20, pool_options={"node": 2}).m_uid)
-    job1 = os.environ["DRAGON_JOB"][:-1] + "1"
-    with open(f"/proc/{_shepherd_of(job1)}/stat") as f:
-        rank1 = int(f.read().rsplit(")", 1)[1].split()[1])
+    rank1 = _launcher_of_node1()
     print(f"killing node 1's launcher and agent (pid {rank1})", flush=True)
     os.kill(rank1, signal.SIGKILL)
     process.join(d.p_uid, timeout=60)
@@ -225,9 +223,7 @@ def case_killrank():
     """SIGKILL node 1's launcher rank under srun (which keeps the other ranks running): node 0's agent hears
     nothing more from it and declares the node down; its processes are reported dead, joins return."""
     d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
-    job1 = os.environ["DRAGON_JOB"][:-1] + "1"
-    with open(f"/proc/{_shepherd_of(job1)}/stat") as f:
-        rank1 = int(f.read().rsplit(")", 1)[1].split()[1])
+    rank1 = _launcher_of_node1()
     print(f"killing node 1's launcher and agent (pid {rank1})", flush=True)
     os.kill(rank1, signal.SIGKILL)
     code = process.join(d.p_uid, timeout=90)
@@ -239,14 +235,18 @@ def case_termrank():
     """SIGTERM to node 1's launcher rank alone (node 0 never orders a teardown): after a few seconds it tears its
     node down itself and tells node 0, whose joins then return at once (not after the heartbeats' silence)."""
     d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
-    job1 = os.environ["DRAGON_JOB"][:-1] + "1"
-    with open(f"/proc/{_shepherd_of(job1)}/stat") as f:
-        rank1 = int(f.read().rsplit(")", 1)[1].split()[1])
+    rank1 = _launcher_of_node1()
     print(f"SIGTERM to node 1's launcher (pid {rank1})", flush=True)
     os.kill(rank1, signal.SIGTERM)
     code = process.join(d.p_uid, timeout=60)
     assert code is not None and code < 0, code
     print("termrank ok", flush=True)
+
+
+def _launcher_of_node1():
+    """The pid of node 1's launcher rank: its shepherd's parent."""
+    with open(f"/proc/{_shepherd_of(os.environ['DRAGON_JOB'][:-1] + '1')}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def _shepherd_of(job):
