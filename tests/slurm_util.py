@@ -357,6 +357,16 @@ def running_jobs_segment_test():
     return other
 
 
+# the pytest marks of a module whose tests run dragon on the cluster's nodes: their own /dev/shm are checked (by
+# no_leaked_node_segments), not this host's, which other programs may use
+ON_NODES = [
+    pytest.mark.slurm,
+    pytest.mark.mpi,
+    pytest.mark.allow_leaks,
+    pytest.mark.usefixtures("no_leaked_node_segments"),
+]
+
+
 @pytest.fixture
 def no_leaked_node_segments(slurm_cluster, request):
     """Fail a test that leaves a new entry in any node's own /dev/shm (tests/conftest.py checks only this host's).

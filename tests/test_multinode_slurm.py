@@ -8,6 +8,7 @@ import time
 
 import pytest
 from slurm_util import (
+    ON_NODES,
     dragon_launch_cmd,
     no_leaked_node_segments,
     pids_with_marker,
@@ -20,13 +21,7 @@ from slurm_util import (
 
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
 
-# the nodes' own /dev/shm are checked; this host's is not used by these tests (other programs may use it)
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.mpi,
-    pytest.mark.allow_leaks,
-    pytest.mark.usefixtures("no_leaked_node_segments"),
-]
+pytestmark = ON_NODES
 
 
 def run(*args, tasks=None, **kw):

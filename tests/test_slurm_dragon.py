@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from slurm_util import (
+    ON_NODES,
     REPO,
     dragon_launch_cmd,
     epilog_did,
@@ -34,13 +35,7 @@ from slurm_util import (
 
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
 
-# the nodes' own /dev/shm are checked; this host's is not used by these tests (other programs may use it)
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.mpi,
-    pytest.mark.allow_leaks,
-    pytest.mark.usefixtures("no_leaked_node_segments"),
-]
+pytestmark = ON_NODES
 
 TEMPLATE = REPO / "slurm" / "dragon.sbatch"
 HELLO = REPO / "examples" / "slurm_hello.py"

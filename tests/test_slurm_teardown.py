@@ -17,6 +17,7 @@ import sys
 
 import pytest
 from slurm_util import (
+    ON_NODES,
     epilog_did,
     new_marker,
     no_leaked_node_segments,
@@ -42,12 +43,7 @@ from test_slurm_dragon import (
 
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.mpi,
-    pytest.mark.allow_leaks,  # the nodes' /dev/shm are checked, not this host's
-    pytest.mark.usefixtures("no_leaked_node_segments"),
-]
+pytestmark = ON_NODES
 
 # A process of the job that Slurm does not track (what proctrack/linuxproc loses: re-parented to init): it has the
 # job's DRAGON_JOB and maps one of the job's segments on its node.
