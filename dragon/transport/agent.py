@@ -42,7 +42,8 @@ ACK_EVERY = 64  # acknowledge a stream's deliveries once this many are unacknowl
 ACK_DELAY = 0.0002  # ... or the oldest has waited this long, or a packet goes to its node anyway
 ACK_BYTES = 2 << 20  # ... or this many bytes of big payloads (a quarter of the sender's byte window) landed
 MAX_INFLIGHT = 256  # MPI sends in flight before the agent waits for some to finish
-NAP = 0.0001  # a spinning agent that hears only acks from other nodes sleeps this long between polls instead
+MPI_BUDGET = 0.00005  # longest run of incoming packets handled before the agent acks and sends what it has
+NAP = 0.00005  # a spinning agent that hears only acks from other nodes sleeps this long between polls instead
 
 _HDR = W.HDR
 _HS = W.HSIZE
@@ -325,9 +326,14 @@ class Agent:
             self.sends = left
 
     def _mpi(self):
+        """Take the packets other agents sent, for at most MPI_BUDGET seconds: the rest of the step (acks, the
+        packets this node sends) must not wait behind a queue of big payloads, each one MPI copy long."""
         comm, st, MPI = self.comm, self.status, self.MPI
         n = 0
+        until = time.perf_counter() + MPI_BUDGET
         while True:
+            if n and time.perf_counter() > until:
+                return n
             msg = comm.Improbe(MPI.ANY_SOURCE, W.TAG_PKT, st)
             if msg is None:
                 return n
