@@ -79,3 +79,35 @@ def test_zero_copy_api_send_block_recv_message_and_destroy_across_nodes():
 @pytest.mark.timeout(150)
 def test_big_messages_from_several_senders_many_in_flight_exactly_once_in_order():
     assert "bigmulti ok 120" in harness(3, "bigmulti", "30", timeout=140)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_mpiexec_stops_the_programs_and_removes_the_segments(tmp_path):
+    """A time limit or a kill of the job: the harness stops its node's program and still removes its segments."""
+    prog = tmp_path / "sleeper.py"
+    prog.write_text(
+        "import os, time\nprint('ready', os.environ['DRAGON_NODE'], os.getpid(), flush=True)\ntime.sleep(120)\n"
+    )
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "dragon.transport.harness", "--virtual-nodes", str(prog)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids, seen = [], []
+    try:
+        while len(pids) < 2:
+            line = proc.stdout.readline()
+            assert line, "the harness ended before both programs started: " + "".join(seen)
+            seen.append(line)
+            if line.startswith("ready"):
+                pids.append(int(line.split()[2]))
+        job_segments = [n for n in os.listdir("/dev/shm") if n.startswith("dragon-t") and n.endswith("-inf")]
+        assert job_segments, os.listdir("/dev/shm")
+        proc.terminate()
+        out, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, out
+    for pid in pids:  # the programs were stopped, not orphaned
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+    left = [n for n in job_segments if os.path.exists(os.path.join("/dev/shm", n))]
+    assert not left, left

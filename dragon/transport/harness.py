@@ -11,6 +11,7 @@ segments go, and each rank exits with its program's exit code.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +30,35 @@ def _env_for(world, node, gw, pool, chans):
         DRAGON_TEST_CHANS=json.dumps(chans),
     )
     return env
+
+
+def _run_program(cmd, env):
+    """Run the node's program -> its exit code. SIGTERM (mpiexec or srun passing on a kill, a time limit) or
+    Ctrl-C stops it (SIGTERM, then SIGKILL after 10 s) and returns 128 + the signal, so that the agents still
+    stop together and the node's segments are removed."""
+    proc = subprocess.Popen(cmd, env=env)
+    got = []
+
+    def on_term(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        signum = got[0] if got else signal.SIGINT
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except OSError:
+            pass
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run(argv, virtual, before=None):
@@ -82,10 +112,7 @@ def run(argv, virtual, before=None):
     agent.on_ctrl = lambda src, msg: handlers[type(msg)](src, msg)
     t = start_thread(agent)
     env = _env_for(world, world.node, gw, pool, chans)
-    try:
-        code = subprocess.call([sys.executable, *argv], env=env)
-    except KeyboardInterrupt:
-        code = 130
+    code = _run_program([sys.executable, *argv], env)
     agent.send_ctrl(0, m.LAProgramDone(world.node, code))
     t.join()
     finished.set()
