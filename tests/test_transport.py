@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,18 +87,19 @@ def test_sigterm_to_mpiexec_stops_the_programs_and_removes_the_segments(tmp_path
     """A time limit or a kill of the job: the harness stops its node's program and still removes its segments."""
     prog = tmp_path / "sleeper.py"
     prog.write_text(
-        "import os, time\nprint('ready', os.environ['DRAGON_NODE'], os.getpid(), flush=True)\ntime.sleep(120)\n"
+        "import os, sys, time\n"
+        "open(os.path.join(sys.argv[1], 'ready' + os.environ['DRAGON_NODE']), 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"
     )
-    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "dragon.transport.harness", "--virtual-nodes", str(prog)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pids, seen = [], []
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "dragon.transport.harness", "--virtual-nodes"]
+    proc = subprocess.Popen(cmd + [str(prog), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        while len(pids) < 2:
-            line = proc.stdout.readline()
-            assert line, "the harness ended before both programs started: " + "".join(seen)
-            seen.append(line)
-            if line.startswith("ready"):
-                pids.append(int(line.split()[2]))
+        marks = [tmp_path / "ready0", tmp_path / "ready1"]
+        deadline = time.monotonic() + 30
+        while not all(m.exists() and m.read_text() for m in marks):  # (both programs run)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        pids = [int(m.read_text()) for m in marks]
         job_segments = [n for n in os.listdir("/dev/shm") if n.startswith("dragon-t") and n.endswith("-inf")]
         assert job_segments, os.listdir("/dev/shm")
         proc.terminate()
