@@ -205,6 +205,8 @@ def _runtime_class():
             self.gs_ch = None
             self.lost = None  # why this rank's own service (shepherd, or GS on the GS rank) is gone
             self.gs_lost = None  # why the GS rank is gone (node 0 ends the job at once)
+            self.agent_lost = None  # why this rank's transport agent stopped by itself
+            self.agent_stopping = False
             self.tearing = False
             self.bye_wait = 5.0  # how long _finish waits for the other agents' last frames
             # control messages from other launchers (via the agent): message type -> handler(src node, msg)
@@ -328,6 +330,12 @@ def _runtime_class():
                         _log(f"{self._where()}: unexpected control message from {a}: {b!r}")
                     else:
                         handler(a, b)
+            thread = getattr(self, "agent_thread", None)
+            if self.agent_lost is None and thread is not None and not thread.is_alive() and not self.agent_stopping:
+                self.agent_lost = f"the transport agent of {self._where()} stopped: {self.agent.failed or 'its thread ended'}"
+                _log(self.agent_lost)
+                if self.k == 0 and not self.is_gs and not self.tearing:
+                    raise ServiceDied(self.agent_lost + ": ending the job")
             if self.gs_lost and self.k == 0 and not self.tearing:
                 raise ServiceDied(
                     f"global services is gone: {self.world.describe(self.gs_k)} is down ({self.gs_lost}): "
@@ -414,6 +422,7 @@ def _runtime_class():
                 while not others - set(self.down) <= self.byes and time.monotonic() < deadline:
                     self._events()
                     time.sleep(0.005)
+                self.agent_stopping = True
                 self.agent.stop()
                 self.agent_thread.join(10)
             for ch in (self.gw,):
@@ -481,6 +490,8 @@ def _runtime_class():
                     alone = f"{self.world.describe(0)} is gone ({self.down[0]})"
                 elif sigterm and time.monotonic() - sigterm[0] > TERM_ALONE_AFTER:
                     alone = f"got SIGTERM and no teardown from node 0 within {TERM_ALONE_AFTER:g} s"
+                elif self.agent_lost:  # cut off: node 0 hears of it from the silence of the heartbeats
+                    alone = "lost its transport agent"
                 if alone is not None:
                     if not torn:
                         _log(f"node {self.k}: {alone}: tearing this node down")
@@ -518,7 +529,7 @@ def _runtime_class():
                 if not exiting:
                     time.sleep(0.02)
             self._finish()
-            return 0
+            return 0  # (mpiexec would kill every rank at a non-zero exit: node 0 tells the job's end)
 
         # ---- the global-services rank ----------------------------------------------------------------------
         def _serve_gs(self):
@@ -544,6 +555,8 @@ def _runtime_class():
                     0 in self.down and not self.tearing
                 ):  # node 0's launcher is gone: nobody will order the end
                     _log(f"{self._where()}: {self.world.describe(0)} is gone: stopping")
+                    break
+                if self.agent_lost and not self.tearing:  # cut off from node 0: it hears of it from the silence
                     break
                 while self.orders:
                     order = self.orders.pop(0)

@@ -124,6 +124,27 @@ def test_a_killed_agent_ends_the_job_and_leaves_nothing():
     assert res.returncode != 0
 
 
+@pytest.mark.timeout(90)
+def test_a_node_whose_agent_stops_tears_itself_down_and_the_job_ends_naming_it(tmp_path):
+    """A process on node 1 destroys its node's gateway channel (a user's bug): node 1's agent stops, its launcher
+    says so and tears the node down, node 0 hears of it from the heartbeats' silence and ends the job (70)."""
+    prog = tmp_path / "gw.py"
+    prog.write_text(
+        "import os, sys\n"
+        "from dragon.globalservices import process\n"
+        "code = ('import os; from dragon.channels import Channel; '\n"
+        "        'Channel.attach(bytes.fromhex(os.environ[\"DRAGON_GW_CD\"])).destroy()')\n"
+        "d = process.create(sys.executable, None, ['-c', code], options={'node': 1})\n"
+        "process.join(d.p_uid, timeout=30)\n"
+        "print('gateway destroyed', flush=True)\n"
+    )
+    res = launch(2, program=str(prog), timeout=80)
+    assert "gateway destroyed" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 70, res.stdout + res.stderr
+    assert "the transport agent of node 1" in res.stderr and "gateway channel is gone" in res.stderr, res.stderr
+    assert "the job lost node 1" in res.stderr, res.stderr
+
+
 @pytest.mark.timeout(120)
 def test_sigterm_to_one_node_alone_tears_it_down_and_node_0_hears_of_it():
     res = launch(3, "termrank")

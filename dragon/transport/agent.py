@@ -43,6 +43,7 @@ ACK_DELAY = 0.0002  # ... or the oldest has waited this long, or a packet goes t
 ACK_BYTES = 2 << 20  # ... or this many bytes of big payloads (a quarter of the sender's byte window) landed
 MAX_INFLIGHT = 256  # MPI sends in flight before the agent waits for some to finish
 MPI_BUDGET = 0.00005  # longest run of incoming packets handled before the agent acks and sends what it has
+MAX_ERRORS_IN_ROW = 100  # a step that raises this many times in a row stops the agent (the launcher reports it)
 NAP = 0.00005  # a spinning agent that hears only acks from other nodes sleeps this long between polls instead
 
 _HDR = W.HDR
@@ -157,6 +158,7 @@ class Agent:
         self.last_seen = {}  # node -> monotonic time of its last packet
         self.down_why = {}  # node -> why this agent declared it down
         self.running = False
+        self.failed = None  # why the loop ended by itself (None: stopped, or still running)
         self.urgent_at = 0.0  # last time a frame someone waits on came in or went out (not acks, big ones)
         self.rbuf = bytearray(1 << 20)
         self.tmp = bytearray(0)
@@ -190,17 +192,24 @@ class Agent:
         sleep = time.sleep
         yield_cpu = os.sched_yield
         idle_since = perf()
+        in_row = 0  # steps in a row that raised
         while self.running:
             try:
                 work = self._step()
-            except Exception:  # a bug must not silently stop the node's transport
+                in_row = 0
+            except Exception as e:  # a bug must not silently stop the node's transport ...
                 self.stats["errors"] += 1
-                if self.log:
-                    self.log.exception("transport agent")
-                else:
-                    import traceback
+                in_row += 1
+                if in_row <= 3:
+                    if self.log:
+                        self.log.exception("transport agent")
+                    else:
+                        import traceback
 
-                    traceback.print_exc()
+                        traceback.print_exc()
+                if in_row >= MAX_ERRORS_IN_ROW:  # ... nor fill the log with one error, every step, forever
+                    self.failed = f"{type(e).__name__}: {e} (in {in_row} steps in a row)"
+                    break
                 work = 1
             if work:
                 idle_since = perf()
@@ -233,7 +242,9 @@ class Agent:
             self.stats["sleeps"] += 1
             try:
                 self.gw.poll(timeout=wait)
-            except ChannelError:
+            except ChannelError as e:
+                if self.running:
+                    self.failed = f"its gateway channel is gone ({e})"
                 self.running = False
         self._finish_sends(5.0)
 
@@ -938,12 +949,21 @@ def _timer_slack(ns):
         pass
 
 
+def _guarded(agent):
+    """The agent's thread: an exception that ends the loop is noted in agent.failed (the launcher reports it)."""
+    try:
+        agent.run()
+    except BaseException as e:
+        agent.failed = agent.failed or f"{type(e).__name__}: {e}"
+        raise
+
+
 def _profiled(agent, path):
     import cProfile
 
     prof = cProfile.Profile()
     try:
-        prof.runcall(agent.run)
+        prof.runcall(_guarded, agent)
     finally:
         prof.dump_stats(f"{path}.{agent.node}")
 
@@ -970,7 +990,7 @@ def start_thread(agent):
         t = threading.Thread(target=_profiled, args=(agent, path), name="dragon-transport-agent", daemon=True)
         t.start()
         return t
-    t = threading.Thread(target=agent.run, name="dragon-transport-agent", daemon=True)
+    t = threading.Thread(target=_guarded, args=(agent,), name="dragon-transport-agent", daemon=True)
     t.start()
     return t
 
