@@ -379,7 +379,10 @@ same). Node names are the Slurm node names (SLURMD_NODENAME) when srun started t
 
 environment: DRAGON_LOG=debug for verbose service logs on stderr;
 DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60);
-DRAGON_INFRA_POOL_SIZE=size of each node's infrastructure pool (default 64M; K, M, G suffixes).""",
+DRAGON_INFRA_POOL_SIZE=size of each node's infrastructure pool (default 64M; K, M, G suffixes);
+DRAGON_CPU_BINDING=keep keeps the CPU binding srun or mpiexec gave each rank for its node's services and
+processes (default node: every CPU the rank's cgroup allows; a binding to one task's core would put the node's
+whole job on that core).""",
     )
     p.add_argument(
         "--grace",

@@ -40,13 +40,14 @@ def _marked(mark):
     return found
 
 
-def launch(n, *args, timeout=100, virtual=True, program=APP, flags=(), env_extra=None):
+def launch(n, *args, timeout=100, virtual=True, program=APP, flags=(), env_extra=None, mpiexec_flags=()):
     mark = os.urandom(6).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
     env["DRAGON_TEST_MARK"] = mark
     env.update(env_extra or {})
     cmd = [
         mpiexec(),
+        *mpiexec_flags,
         "-n",
         str(n),
         sys.executable,
@@ -259,3 +260,32 @@ def test_slurm_variables_copied_to_every_rank_do_not_rename_the_nodes(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     host = os.uname().nodename
     assert f"names [{host!r}, {host!r}]" in res.stdout, res.stdout
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_bound_to_one_core_gives_its_node_every_cpu_unless_told_to_keep_it(tmp_path):
+    """mpiexec -bind-to core (like srun's task binding) binds each rank to one core: the node's processes would
+    all share it. By default a node takes every CPU it may use; DRAGON_CPU_BINDING=keep keeps the binding."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("one CPU: nothing to widen")
+    prog = tmp_path / "aff.py"
+    prog.write_text(
+        "import os, sys\n"
+        "from dragon.globalservices import process\n"
+        "print('cpus app', sorted(os.sched_getaffinity(0)), flush=True)\n"
+        "code = \"import os; print('cpus node', os.environ['DRAGON_NODE'], sorted(os.sched_getaffinity(0)))\"\n"
+        "for k in (0, 1):\n"
+        "    d = process.create(sys.executable, None, ['-c', code], options={'node': k})\n"
+        "    assert process.join(d.p_uid, timeout=30) == 0\n"
+    )
+    bound = ("-bind-to", "core")
+    res = launch(2, program=str(prog), mpiexec_flags=bound)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"cpus app {allowed}" in res.stdout, res.stdout
+    for k in (0, 1):
+        assert f"cpus node {k} {allowed}" in res.stdout, res.stdout
+    res = launch(2, program=str(prog), mpiexec_flags=bound, env_extra={"DRAGON_CPU_BINDING": "keep"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    kept = [line for line in res.stdout.splitlines() if "cpus node" in line]
+    assert len(kept) == 2 and all(line.count(",") == 0 for line in kept), res.stdout  # one CPU each

@@ -24,6 +24,7 @@ else ``uname``. They only name nodes; grouping is always by real host.
 """
 
 import os
+import sys
 
 NETMOD_VAR = "MPIR_CVAR_CH4_NETMOD"
 
@@ -161,3 +162,23 @@ class World:
         if node is None and self.is_gs:
             return f"{job}gs"
         return f"{job}n{self.node if node is None else node}"
+
+
+CPU_BINDING = "DRAGON_CPU_BINDING"  # node (default): a serving rank takes every CPU it may use; keep: as bound
+
+
+def widen_cpu_binding(environ=os.environ):
+    """srun (--cpu-bind, task/affinity) and mpiexec (-bind-to) bind a rank to the CPUs of one task, but a serving
+    rank runs a whole node's services, agent and managed processes, which inherit its binding: so it takes every
+    CPU its cgroup allows it (the kernel keeps sched_setaffinity inside the cpuset), unless DRAGON_CPU_BINDING=keep.
+    Call it before anything is started. -> the CPU set now."""
+    mode = environ.get(CPU_BINDING, "node").strip().lower() or "node"
+    if mode not in ("node", "keep"):
+        print(f"dragon: {CPU_BINDING}={mode!r}: expected 'node' or 'keep'; using 'node'", file=sys.stderr)
+        mode = "node"
+    if mode == "node":
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        except OSError:  # (no CPU of the range allowed: keep what we have)
+            pass
+    return os.sched_getaffinity(0)
