@@ -22,6 +22,7 @@ import time
 
 SIZES = [8, 64, 1024, 8192, 65536, 1 << 20]
 REPEAT = 5  # rounds per size, for both sides; the best one is reported (a shared machine is noisy)
+CROWDED = 3.0  # mpi4py's big round trip this many times two of its stream messages: its ranks shared a core
 
 
 def _best(a, b):
@@ -190,6 +191,9 @@ def app(quick):
             print(line, flush=True)
             rows.append(row)
     print("stream x = agents msg/s / mpi4py msg/s (target >= 0.5); rtt x = agents rtt / mpi4py rtt")
+    crowded = placement_warning(mpi)
+    if crowded:
+        print(crowded)
     print(
         f"each figure: the best of {REPEAT} rounds (both sides); load average at the end: {os.getloadavg()[0]:.2f}"
     )
@@ -197,6 +201,25 @@ def app(quick):
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def placement_warning(mpi):
+    """A note when mpi4py's own big round trip is far slower than two of its stream messages: its two ranks then
+    shared a core for much of the run (on a small machine the scheduler does that now and then; mpiexec -bind-to
+    core forces it), and the agents' threads were crowded the same way. None when the figures look sound."""
+    for size in sorted(mpi, reverse=True):
+        b = mpi[size]
+        if size < 65536 or not b.get("stream_msgs") or not b.get("rtt_us"):
+            continue
+        two = 2e6 / b["stream_msgs"]  # two stream messages, in us
+        if b["rtt_us"] > CROWDED * two:
+            return (
+                f"note: mpi4py's own {size}-byte round trip ({b['rtt_us']:.0f} us) took {b['rtt_us'] / two:.1f}x two "
+                f"of its stream messages ({two:.0f} us): its ranks shared a core for much of this run, and so did "
+                "the agents' threads; the ratios of this run are not representative (see benchmarks/README.md)"
+            )
+        return None
+    return None
 
 
 def _opts(args):
