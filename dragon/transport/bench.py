@@ -205,8 +205,8 @@ def app(quick):
 
 def placement_warning(mpi):
     """A note when mpi4py's own big round trip is far slower than two of its stream messages: its two ranks then
-    shared a core for much of the run (on a small machine the scheduler does that now and then; mpiexec -bind-to
-    core forces it), and the agents' threads were crowded the same way. None when the figures look sound."""
+    shared a core for much of the run (on a small machine the scheduler does that now and then), and the agents'
+    threads were crowded the same way. None when the figures look sound."""
     for size in sorted(mpi, reverse=True):
         b = mpi[size]
         if size < 65536 or not b.get("stream_msgs") or not b.get("rtt_us"):
