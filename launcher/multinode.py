@@ -332,10 +332,11 @@ def _runtime_class():
                         handler(a, b)
             thread = getattr(self, "agent_thread", None)
             if self.agent_lost is None and thread is not None and not thread.is_alive() and not self.agent_stopping:
-                self.agent_lost = f"the transport agent of {self._where()} stopped: {self.agent.failed or 'its thread ended'}"
-                _log(self.agent_lost)
+                why = self.agent.failed or "its thread ended"
+                self.agent_lost = f"the transport agent of {self._where()} stopped: {why}"
                 if self.k == 0 and not self.is_gs and not self.tearing:
                     raise ServiceDied(self.agent_lost + ": ending the job")
+                _log(self.agent_lost)
             if self.gs_lost and self.k == 0 and not self.tearing:
                 raise ServiceDied(
                     f"global services is gone: {self.world.describe(self.gs_k)} is down ({self.gs_lost}): "
@@ -393,7 +394,7 @@ def _runtime_class():
                 self._await_torn([self.gs_k], 5.0)
 
         def _await_torn(self, live, timeout):
-            if self.agent is None:  # the start failed before the agents: nobody to wait for
+            if self.agent is None or self.agent_lost:  # no agents yet, or ours is gone: no answer can come
                 return
             deadline = time.monotonic() + timeout
             while (
@@ -418,7 +419,7 @@ def _runtime_class():
                 # MPI message is left unreceived at the end
                 for k in others:
                     self.agent.send_ctrl(k, m.LABye())
-                deadline = time.monotonic() + self.bye_wait
+                deadline = time.monotonic() + (0 if self.agent_lost else self.bye_wait)
                 while not others - set(self.down) <= self.byes and time.monotonic() < deadline:
                     self._events()
                     time.sleep(0.005)
@@ -647,9 +648,10 @@ def main(exe, args, virtual, grace=GRACE, gs_rank=None):
         rt = _runtime_class()(world, leaders, job, grace)
         code = rt.run(exe, args)
         lost = any(k in rt.down for k in range(world.endpoints))
-        if not wait_barrier(
-            comm, 3.0 if lost else FINAL_BARRIER
-        ):  # a rank is gone (srun keeps the others running)
+        wait = 3.0 if lost else FINAL_BARRIER
+        if rt.agent_lost and world.node != 0:  # node 0 learns of it from the heartbeats' silence, then ends too
+            wait = DEAD_AFTER + FINAL_BARRIER
+        if not wait_barrier(comm, wait):  # a rank is gone (srun keeps the others running)
             _log(f"rank {world.rank}: not every rank reached the end; leaving without MPI_Finalize")
             for name in mpi_segments():  # what MPI_Finalize would have removed
                 try:
