@@ -242,6 +242,12 @@ def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 2.0, shm: str = SH
     names = slurm_job_segments(slurm_job, shm) + slurm_job_mpi_segments(slurm_job, shm)
     if mpi_uid is not None:
         names += [n for n in orphaned_mpi_segments(int(mpi_uid), min_age, shm, wait=True) if n not in names]
+    return {"killed": killed, "removed": _unlink(shm, names, say=True), "left": left}
+
+
+def _unlink(shm: str, names, say: bool) -> list[str]:
+    """Unlink shm/name for each name -> those removed (one already gone is skipped; another failure is printed
+    when say, else skipped: a best-effort clean-up at start must stay quiet)."""
     removed = []
     for n in names:
         try:
@@ -250,8 +256,9 @@ def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 2.0, shm: str = SH
         except FileNotFoundError:
             pass
         except OSError as e:
-            print(f"dragon-cleanup: cannot remove {shm}/{n}: {e}", file=sys.stderr)
-    return {"killed": killed, "removed": removed, "left": left}
+            if say:
+                print(f"dragon-cleanup: cannot remove {shm}/{n}: {e}", file=sys.stderr)
+    return removed
 
 
 def _slurm_jobs_alive() -> set:
@@ -287,18 +294,11 @@ def stale_slurm_segments(shm: str = SHM) -> list[str]:
 def remove_stale_slurm_segments(shm: str = SHM) -> list[str]:
     """Unlink stale_slurm_segments() that this user may unlink; -> the names removed. Never raises (a launcher
     may call it at start, best effort)."""
-    removed = []
     try:
         names = stale_slurm_segments(shm)
     except (OSError, ValueError):
-        return removed
-    for n in names:
-        try:
-            os.unlink(os.path.join(shm, n))
-            removed.append(n)
-        except OSError:
-            pass
-    return removed
+        return []
+    return _unlink(shm, names, say=False)
 
 
 def main(argv=None) -> int:

@@ -206,7 +206,6 @@ def _runtime_class():
             self.lost = None  # why this rank's own service (shepherd, or GS on the GS rank) is gone
             self.gs_lost = None  # why the GS rank is gone (node 0 ends the job at once)
             self.agent_lost = None  # why this rank's transport agent stopped by itself
-            self.agent_stopping = False
             self.tearing = False
             self.bye_wait = 5.0  # how long _finish waits for the other agents' last frames
             # control messages from other launchers (via the agent): message type -> handler(src node, msg)
@@ -330,10 +329,9 @@ def _runtime_class():
                         _log(f"{self._where()}: unexpected control message from {a}: {b!r}")
                     else:
                         handler(a, b)
-            thread = getattr(self, "agent_thread", None)
-            if self.agent_lost is None and thread is not None and not thread.is_alive() and not self.agent_stopping:
-                why = self.agent.failed or "its thread ended"
-                self.agent_lost = f"the transport agent of {self._where()} stopped: {why}"
+            # (the agent notes why whenever its loop ends by itself, never when it was told to stop)
+            if self.agent_lost is None and self.agent is not None and self.agent.failed:
+                self.agent_lost = f"the transport agent of {self._where()} stopped: {self.agent.failed}"
                 if self.k == 0 and not self.is_gs and not self.tearing:
                     raise ServiceDied(self.agent_lost + ": ending the job")
                 _log(self.agent_lost)
@@ -423,7 +421,6 @@ def _runtime_class():
                 while not others - set(self.down) <= self.byes and time.monotonic() < deadline:
                     self._events()
                     time.sleep(0.005)
-                self.agent_stopping = True
                 self.agent.stop()
                 self.agent_thread.join(10)
             for ch in (self.gw,):

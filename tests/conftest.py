@@ -58,3 +58,12 @@ def no_leaked_segments(request):
             except OSError:
                 pass
         pytest.fail(f"test left shared-memory segments behind: {sorted(new)}")
+
+
+@pytest.fixture
+def pool():
+    """A 4 MiB pool of this process, destroyed after the test (a module may define its own size)."""
+    from dragon.pools import Pool
+
+    with Pool.create(1 << 22) as p:
+        yield p

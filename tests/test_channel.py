@@ -19,12 +19,6 @@ ctx = mp.get_context("fork")
 
 
 @pytest.fixture
-def pool():
-    with Pool.create(1 << 22) as p:
-        yield p
-
-
-@pytest.fixture
 def ch(pool):
     c = Channel.create(pool, capacity=8, block_size=64)
     yield c

@@ -20,12 +20,6 @@ ctx = mp.get_context("fork")
 
 
 @pytest.fixture
-def pool():
-    with Pool.create(1 << 22) as p:
-        yield p
-
-
-@pytest.fixture
 def params():
     """Restore this process's wait parameters after a test that changes them."""
     old = core.set_wait_params()

@@ -222,25 +222,25 @@ def case_killnode2():
 def case_killrank():
     """SIGKILL node 1's launcher rank under srun (which keeps the other ranks running): node 0's agent hears
     nothing more from it and declares the node down; its processes are reported dead, joins return."""
-    d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
-    rank1 = _launcher_of_node1()
-    print(f"killing node 1's launcher and agent (pid {rank1})", flush=True)
-    os.kill(rank1, signal.SIGKILL)
-    code = process.join(d.p_uid, timeout=90)
-    assert code is not None and code < 0, code
+    _signal_node1_launcher(signal.SIGKILL, "killing node 1's launcher and agent", 90)
     print("killrank ok", flush=True)
 
 
 def case_termrank():
     """SIGTERM to node 1's launcher rank alone (node 0 never orders a teardown): after a few seconds it tears its
     node down itself and tells node 0, whose joins then return at once (not after the heartbeats' silence)."""
+    _signal_node1_launcher(signal.SIGTERM, "SIGTERM to node 1's launcher", 60)
+    print("termrank ok", flush=True)
+
+
+def _signal_node1_launcher(sig, what, timeout):
+    """Start a sleeper on node 1, send sig to node 1's launcher rank: the sleeper's join must return, as killed."""
     d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
     rank1 = _launcher_of_node1()
-    print(f"SIGTERM to node 1's launcher (pid {rank1})", flush=True)
-    os.kill(rank1, signal.SIGTERM)
-    code = process.join(d.p_uid, timeout=60)
+    print(f"{what} (pid {rank1})", flush=True)
+    os.kill(rank1, sig)
+    code = process.join(d.p_uid, timeout=timeout)
     assert code is not None and code < 0, code
-    print("termrank ok", flush=True)
 
 
 def _launcher_of_node1():

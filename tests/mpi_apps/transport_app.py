@@ -169,12 +169,18 @@ def case_bigmulti():
         expect(ChannelEmpty, a.recv, timeout=0)  # nothing duplicated
         print("bigmulti ok", total, flush=True)
     else:
-        procs = [
-            subprocess.Popen([sys.executable, __file__, "bigsender", str(0), f"n{NODE}p{j}", str(count)])
-            for j in range(per_node)
-        ]
-        for p in procs:
-            assert p.wait(timeout=120) == 0
+        _run_senders("bigsender", per_node, count)
+
+
+def _run_senders(kind, per_node, count):
+    """per_node processes of this node, each running `transport_app.py kind 0 n<node>p<j> count` (a stream of
+    count tagged messages into node 0's channel "a"); they must all succeed."""
+    procs = [
+        subprocess.Popen([sys.executable, __file__, kind, str(0), f"n{NODE}p{j}", str(count)])
+        for j in range(per_node)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
 
 
 def case_multi():
@@ -198,12 +204,7 @@ def case_multi():
         expect(ChannelEmpty, a.recv, timeout=0)  # nothing duplicated
         print("multi ok", got, flush=True)
     else:
-        procs = [
-            subprocess.Popen([sys.executable, __file__, "sender", str(0), f"n{NODE}p{j}", str(count)])
-            for j in range(per_node)
-        ]
-        for p in procs:
-            assert p.wait(timeout=120) == 0
+        _run_senders("sender", per_node, count)
 
 
 def case_full():
