@@ -102,6 +102,7 @@ cdef extern from "dshm.h" nogil:
     void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
     int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st)
     uint64_t ds_ch_len(const ds_chan *c)
+    void ds_ch_positions(const ds_chan *c, uint64_t *head, uint64_t *tail)
     int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
     int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
                    uint64_t *st, int64_t deadline, ds_wait_ctx *w)

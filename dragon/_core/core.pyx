@@ -1099,6 +1099,16 @@ cdef class Channel:
         self._check()
         return ds_ch_len(&self.c)
 
+    def _positions(self):
+        """``(head, tail)``: how many messages receivers have taken from the channel since it was made, and how
+        many slots senders have claimed. A message whose send has returned lies below ``tail``, and it has been
+        taken (or, if its sender died mid-send, skipped) once ``head`` is past that ``tail``: a reader can wait
+        for everything written before a moment this way."""
+        self._check()
+        cdef uint64_t head, tail
+        ds_ch_positions(&self.c, &head, &tail)
+        return head, tail
+
     def _wait_state(self):
         """What this handle learned about its blocking waits: the budget (ns of CPU kept before sleeping on the
         futex) when waiting for room (send) and for a message (recv, poll)."""

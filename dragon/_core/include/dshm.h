@@ -785,6 +785,13 @@ static inline uint64_t ds_ch_len(const ds_chan *c) {
     return tail - head > c->cap ? c->cap : tail - head;
 }
 
+/* How many slots receivers have taken (head) and senders have claimed (tail) since the channel was made: every
+ * message whose send has returned sits below tail, and has been taken once head is past it. */
+static inline void ds_ch_positions(const ds_chan *c, uint64_t *head, uint64_t *tail) {
+    *head = DS_LOAD(&c->h->head);
+    *tail = DS_LOAD(&c->h->tail);
+}
+
 static inline void ds_ch_wake_all(const ds_chan *c) {
     ds_ch_hdr *h = c->h;
     __atomic_add_fetch(&h->ne_seq, 1, __ATOMIC_SEQ_CST);
