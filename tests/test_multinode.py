@@ -5,74 +5,21 @@ Every run carries a unique marker in its environment; after it, no process may c
 service or a managed process left behind) and no segment may be left (the autouse fixture of conftest.py)."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 
+import mpi_util
 import pytest
+from mpi_util import marked, mpiexec
 
 pytestmark = pytest.mark.mpi
 
 APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "multinode_app.py")
 
 
-def mpiexec():
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    path = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
-    if path is None:
-        pytest.skip("no mpiexec: pip install '.[mpi]' brings mpi4py and the mpich wheel")
-    return path
-
-
-def _marked(mark):
-    needle = f"DRAGON_TEST_MARK={mark}".encode()
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/environ", "rb") as f:
-                if needle in f.read():
-                    found.append(int(d))
-        except OSError:
-            pass
-    return found
-
-
-def launch(n, *args, timeout=100, virtual=True, program=APP, flags=(), env_extra=None, mpiexec_flags=()):
-    mark = os.urandom(6).hex()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
-    env["DRAGON_TEST_MARK"] = mark
-    env.update(env_extra or {})
-    cmd = [
-        mpiexec(),
-        *mpiexec_flags,
-        "-n",
-        str(n),
-        sys.executable,
-        "-m",
-        "launcher.launch",
-        *(["--virtual-nodes"] if virtual else []),
-        *flags,
-        program,
-        *args,
-    ]
-    try:
-        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        for pid in _marked(mark):
-            try:
-                os.kill(pid, 9)
-            except OSError:
-                pass
-        pytest.fail(f"dragon-launch {args} hung:\n{e.stdout}\n{e.stderr}")
-    deadline = time.monotonic() + 5
-    while _marked(mark) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = _marked(mark)
-    assert not left, f"processes left behind: {left}"
-    return res
+def launch(n, *args, program=APP, **kw):
+    return mpi_util.launch(n, program, *args, **kw)
 
 
 @pytest.mark.timeout(120)
@@ -173,9 +120,9 @@ def test_a_rank_that_cannot_start_fails_the_job_on_every_rank_without_a_hang(tmp
     assert "the job cannot start: node 1" in res.stderr and "ChannelError" in res.stderr, res.stderr
     assert res.stderr.count("the job cannot start") == 1, res.stderr  # said once, by node 0
     deadline = time.monotonic() + 5
-    while _marked(mark) and time.monotonic() < deadline:
+    while marked(mark) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _marked(mark)
+    assert not marked(mark)
 
 
 # ---- global services on an MPI rank of its own (dragon-launch --gs-rank; see dragon.transport.world) ----------
