@@ -3,24 +3,16 @@ mpiexec -n N python -m dragon.transport.harness --virtual-nodes tests/mpi_apps/t
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+from mpi_util import mpiexec
 
 pytestmark = pytest.mark.mpi
 
 APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "transport_app.py")
-
-
-def mpiexec():
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    path = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
-    if path is None:
-        pytest.skip("no mpiexec: pip install '.[mpi]' brings mpi4py and the mpich wheel")
-    return path
 
 
 def harness(n, *args, timeout=90):
@@ -75,6 +67,11 @@ def test_idle_agents_do_not_burn_a_core():
 @pytest.mark.timeout(100)
 def test_zero_copy_api_send_block_recv_message_and_destroy_across_nodes():
     assert "zerocopy ok" in harness(2, "zerocopy")
+
+
+@pytest.mark.timeout(100)
+def test_messages_taken_for_abandoned_receives_go_back_and_a_destroyed_channel_fails_flush():
+    assert "abandon ok" in harness(2, "abandon")
 
 
 @pytest.mark.timeout(150)

@@ -11,7 +11,17 @@ Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
 - From a process (gateway): ``node`` is the destination node; from an agent (MPI): frames are addressed by the
   MPI source/destination rank, ``node`` is left as the process wrote it (or names a node for NODE_DOWN).
 - A stream is one (process handle, remote channel) pair: ``sid`` is random 64-bit, chosen by the process.
+- OPEN: the process's pid and start time ride along, so its node's agent knows when the process is gone (by
+  whatever ending) and can retire what it left: close its streams behind its last frames, put back into their
+  channels the messages received for it that it never took, destroy its reply channel. BYE (at exit) says so
+  at once; it is the only sign of a process in another pid namespace than the agent's.
 - SEND: ``seq`` is the stream's message number (0, 1, ...); the receiving agent answers with cumulative ACKs.
+- PUTBACK: a message that a receive took from a channel but nobody will take from the transport (the receive was
+  abandoned, the handle closed, the process died) goes back into that channel; it carries the channel's sdesc, so
+  it needs no open stream. A message taken from a channel is thus delivered or returned, never dropped.
+- CLOSE / CLOSED: a stream's end, in order behind its frames; the channel's agent answers CLOSED (behind every
+  answer it sent on the stream) to the process's agent, and that agent to the process, so each side forgets the
+  stream only once nothing more can come for it.
 - RECV/POLL/LEN/INFO: ``seq`` is the request id; the answer (DATA, RESULT or ERR) echoes it.
 - BIG flag: the payload is not in the MPI packet but follows as its own MPI message on TAG_BIG (in order).
 - NEXT flag (agent -> process): the DATA payload is the next message of the reply channel (the agent is the only
@@ -25,15 +35,18 @@ HDR = struct.Struct("<BBHIQQ")
 HSIZE = HDR.size  # 24
 
 # process -> agent -> remote agent
-OPEN = 1  # payload: u16 len + target channel sdesc + reply channel sdesc (of the process, on the source node)
+OPEN = 1  # payload: u16 len + target channel sdesc + OPENER (pid, start time) + reply channel sdesc (of the process)
 SEND = 2  # payload: the message
 RECV = 3  # payload: REQ (mode, max_n, maxlen, timeout)
 CLOSE = 4
+PUTBACK = 5  # payload: u16 len + channel sdesc + the message (flag MANY: a packed list); sid and seq unused
+BYE = 6  # (gateway only) payload: the reply channel sdesc of a process that ends: its last frame
 # remote agent -> agent -> process reply channel
 ACK = 10  # seq: number of this stream's messages delivered so far
 DATA = 11  # seq: request id; payload: one message, or (flag MANY) a packed list
 RESULT = 12  # seq: request id; payload: msgpack value
 ERR = 13  # seq: request id (0: the whole stream is broken); node: error class (E_*); payload: utf-8 text
+CLOSED = 14  # the stream's CLOSE was handled: nothing more will come for it
 # agent <-> agent
 NODE_DOWN = 20  # node: the node that died
 CTRL = 21  # payload: an encoded infrastructure message for the launcher (LATeardown, ...): opaque here
@@ -51,6 +64,7 @@ NEXT = (
 # RECV modes
 M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO, M_DESTROY = 0, 1, 2, 3, 4, 5, 6
 REQ = struct.Struct("<BIqd")  # mode, max_n, maxlen (-1: any), timeout (-1.0: forever)
+OPENER = struct.Struct("<IQQ")  # who opened a stream: pid, start time, pid namespace (see jobprocs)
 
 # ERR classes (in the node field of an ERR frame)
 E_ERROR, E_EMPTY, E_TIMEOUT, E_FULL = 0, 1, 2, 3
@@ -74,6 +88,18 @@ def pack_many(msgs):
         parts.append(U32.pack(len(x)))
         parts.append(x)
     return b"".join(parts)
+
+
+def prefix_sdesc(sdesc, rest):
+    """A payload that starts with a channel's sdesc (u16 length, the sdesc) and goes on with rest: OPEN (rest:
+    OPENER + reply sdesc) and PUTBACK (rest: the message, or with flag MANY a packed list)."""
+    return U16.pack(len(sdesc)) + bytes(sdesc) + bytes(rest)
+
+
+def split_sdesc(payload):
+    """(sdesc, the rest) of a payload that starts with a u16-prefixed sdesc (OPEN, PUTBACK)."""
+    (k,) = U16.unpack_from(payload, 0)
+    return bytes(payload[2 : 2 + k]), payload[2 + k :]
 
 
 def unpack_many(buf):

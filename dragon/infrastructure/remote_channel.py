@@ -22,16 +22,21 @@ process's transport reply channel. Sends above ``PTR_MIN`` are copied once into 
 as one, ``send_block``) whose offset the gateway frame carries; the agent ships it from there.
 
 Sends are windowed: a send returns once its message is in the gateway (it will be delivered exactly once, in
-order, unless the channel is destroyed or its node dies; that is then reported by a later call on the handle).
+order, unless the channel is destroyed or its node dies; that is then reported by a later call on the handle),
+whatever the process does next: the agent ships what is in the gateway after the process is gone too, and
+closes its streams only behind their last frames.
 At most ``WINDOW`` messages (and ``WINDOW_BYTES``) of a stream are unacknowledged; a send that finds the window
 full waits for the remote agent's acknowledgements, so a full remote channel stops the sender after at most a
 window (timeout 0: ChannelFull, t: ChannelTimeout, None: wait). Receives, poll and len are request/answer: the
 remote agent applies the timeout on its side and always answers exactly once (data, or timeout), so no message
-is lost when a receive times out.
+is lost when a receive times out. A message taken for a receive that nobody waits for any more (interrupted by
+Ctrl-C or an exception, or its handle closed, or its process gone) goes back into its channel (PUTBACK), at its
+tail: it is received once, by someone, never dropped.
 
 Every process has one ``Endpoint``: the gateway handle and its reply channel (in the node's infrastructure
-pool, destroyed at exit). All threads share it (leader/follower: whoever waits and finds nobody reading reads
-the reply channel and hands answers out).
+pool). All threads share it (leader/follower: whoever waits and finds nobody reading reads the reply channel and
+hands answers out). The process never destroys its reply channel: its node's agent does, once the process is
+gone (it learns the pid from the streams' OPEN frames), after putting back what was left in it.
 """
 
 import atexit
@@ -46,6 +51,7 @@ import msgpack
 from dragon._core.core import Block
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 from dragon.infrastructure import frames as W
+from dragon.infrastructure import jobprocs
 
 GW_CD = "DRAGON_GW_CD"  # hex sdesc of this node's gateway channel (the agent's input)
 INF_PD = "DRAGON_INF_PD"  # hex sdesc of this node's infrastructure pool
@@ -84,28 +90,30 @@ class _Stream:
         "abandoned",
         "acked",
         "acked_bytes",
+        "closed",
         "err",
         "err_cls",
         "lock",
-        "orphans",
+        "node",
         "req",
         "results",
+        "sdesc",
         "sent",
         "sent_bytes",
         "sid",
         "sizes",
     )
 
-    def __init__(self, sid):
-        self.sid = sid
+    def __init__(self, sid, node, sdesc):
+        self.sid, self.node, self.sdesc = sid, node, sdesc
+        self.closed = False  # the handle closed it: forgotten once the agent's CLOSED comes back
         self.sent = 0
         self.acked = 0
         self.sent_bytes = 0
         self.acked_bytes = 0
         self.sizes = []  # payload sizes of the unacknowledged sends (window in bytes)
         self.results = {}  # request id -> (kind, flags, payload memoryview, Message)
-        self.abandoned = set()
-        self.orphans = []  # data answers to receives whose caller gave up (returned by later receives)
+        self.abandoned = set()  # request ids nobody waits for: their data goes back into the channel
         self.err = None
         self.err_cls = ChannelError
         self.lock = threading.Lock()
@@ -131,32 +139,40 @@ class Endpoint:
         self.pool = Pool.attach(bytes.fromhex(env[INF_PD]))
         self.reply = Channel.create(self.pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
         self.reply_sdesc = bytes(self.reply.sdesc)
+        self.opener = W.OPENER.pack(self.pid, jobprocs.start_time(self.pid) or 0, jobprocs.pid_namespace())
         self.streams = {}
+        self.closing = 0  # streams closed by their handle whose CLOSED has not come back yet
+        self.closed = False
         self.cond = threading.Condition()
         self.reading = False
         self.loop = None  # a private channel that turns bytes into a Message (rare: see as_message)
         atexit.register(self.close)
 
     def close(self):
-        if os.getpid() != self.pid or self.reply is None:
+        """At exit: end the streams and say BYE (the agent would find the process gone by its pid; this is
+        sooner). The reply channel is the agent's to destroy: it may still hold data to put back."""
+        if os.getpid() != self.pid or self.closed:
             return
-        for st in list(self.streams.values()):
+        self.closed = True
+        try:
+            for st in list(self.streams.values()):
+                if not st.closed:
+                    self.gw.send(_HDR.pack(W.CLOSE, 0, st.node, 0, st.sid, 0), timeout=0)
+            self.gw.send(
+                _HDR.pack(W.BYE, 0, self.node, len(self.reply_sdesc), 0, 0) + self.reply_sdesc, timeout=0
+            )
+        except Exception:
+            pass  # (a full gateway: the agent finds the process gone by its pid)
+        if self.loop is not None:
             try:
-                self.gw.send(_HDR.pack(W.CLOSE, 0, 0, 0, st.sid, 0), timeout=0)
+                self.loop.destroy()
             except Exception:
                 pass
-        ch, self.reply = self.reply, None
-        for c in (ch, self.loop):
-            if c is not None:
-                try:
-                    c.destroy()
-                except Exception:
-                    pass
-        self.loop = None
+            self.loop = None
 
     def as_message(self, data):
         """A Message holding data (bytes, or already a Message): what recv_message hands out for an answer that
-        was kept as bytes (an abandoned receive's data, returned later)."""
+        came inline in its frame."""
         if not isinstance(data, (bytes, bytearray)):
             return data
         from dragon.channels import Channel
@@ -218,23 +234,34 @@ class Endpoint:
                 st.acked_bytes += sum(st.sizes[:k])
                 del st.sizes[:k]
             msg.release()
+        elif kind == W.CLOSED:  # the agent has closed the stream: every answer of it came before this
+            del self.streams[sid]
+            if st.closed:  # (not one that Endpoint.close ended at exit)
+                self.closing -= 1
+            msg.release()
         elif kind == W.ERR and seq == 0:
             st.err = bytes(mv[W.HSIZE :]).decode(errors="replace")
             st.err_cls = _ERRCLS.get(node, ChannelError)
             msg.release()
-        elif seq in st.abandoned:
+        elif seq in st.abandoned or st.closed:
             st.abandoned.discard(seq)
-            if kind == W.DATA:
-                if mv is None:
-                    st.orphans.append(msg)  # kept as the Message (recv_message returns it as it is)
-                    return
-                data = bytes(mv[W.HSIZE :])
-                st.orphans.extend(W.unpack_many(data) if flags & W.MANY else [data])
+            if kind == W.DATA:  # taken from the channel for a receive nobody waits for: back into the channel
+                self.putback(st, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], flags)
             msg.release()
         else:
             if kind == W.ERR:
                 flags |= node << 8  # the error class rides in the node field
             st.results[seq] = (kind, flags, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], msg)
+
+    def putback(self, st, data, flags=0):
+        """Return data (a message, or with flag MANY a packed list) to the channel of stream st, through the
+        agents: it goes back at the channel's tail, for any receiver."""
+        payload = W.prefix_sdesc(st.sdesc, data)
+        frame = _HDR.pack(W.PUTBACK, flags & W.MANY, st.node, len(payload), 0, 0) + payload
+        try:
+            self.gw.send(frame, timeout=GW_SEND_TIMEOUT)
+        except ChannelError:
+            pass  # the agent has not taken anything for GW_SEND_TIMEOUT: this node is going down with it
 
     def drain(self):
         """Take every answer already queued (non-blocking), unless another thread is reading."""
@@ -273,9 +300,11 @@ class Endpoint:
                         self._dispatch(msg, nxt)
                     self.cond.notify_all()
 
-    def new_stream(self):
+    def new_stream(self, node, sdesc):
+        if self.closing:  # take the CLOSED answers of streams closed earlier (a loop of short-lived handles)
+            self.drain()
         sid = int.from_bytes(os.urandom(8), "little") | 1
-        st = self.streams[sid] = _Stream(sid)
+        st = self.streams[sid] = _Stream(sid, node, sdesc)
         return st
 
 
@@ -284,15 +313,6 @@ class _Bytes:
 
     def release(self):
         pass
-
-
-def _orphan_bytes(st):
-    o = st.orphans.pop(0)
-    if isinstance(o, bytes):
-        return o
-    out = bytes(o)
-    o.release()
-    return out
 
 
 _ep = None
@@ -311,10 +331,10 @@ os.register_at_fork(after_in_child=_forked)
 def endpoint():
     global _ep
     e = _ep
-    if e is not None and e.pid == os.getpid() and e.reply is not None:
+    if e is not None and e.pid == os.getpid() and not e.closed:
         return e
     with _ep_lock:
-        if _ep is None or _ep.pid != os.getpid() or _ep.reply is None:
+        if _ep is None or _ep.pid != os.getpid() or _ep.closed:
             _ep = Endpoint()
         return _ep
 
@@ -337,10 +357,9 @@ class RemoteChannel:
         self._ep = ep = endpoint()
         self._pid = ep.pid
         self._forks = _forks
-        self._st = ep.new_stream()
+        self._st = ep.new_stream(self._node, self._sdesc)
         self._gw_send = ep.gw.send
-        tgt = self._sdesc
-        payload = W.U16.pack(len(tgt)) + tgt + ep.reply_sdesc
+        payload = W.prefix_sdesc(self._sdesc, ep.opener + ep.reply_sdesc)
         ep.gw.send(
             _HDR.pack(W.OPEN, 0, self._node, len(payload), self._st.sid, 0) + payload, timeout=GW_SEND_TIMEOUT
         )
@@ -560,9 +579,6 @@ class RemoteChannel:
 
     def recv(self, timeout=None):
         """Receive one message as bytes. timeout: None blocks, 0 raises ChannelEmpty, t > 0 ChannelTimeout."""
-        st = self._st
-        if st.orphans:
-            return _orphan_bytes(st)
         _kind, _flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
         out = bytes(payload)
         msg.release()
@@ -572,9 +588,6 @@ class RemoteChannel:
         """Receive one message as a ``Message`` (a buffer; call ``release()`` when done). The payload is where
         the agent received it, a block of this node's staging pool for a large message: it is not copied again.
         timeout: None blocks, 0 raises ChannelEmpty, t > 0 ChannelTimeout."""
-        st = self._st
-        if st.orphans:
-            return self._ep.as_message(st.orphans.pop(0))
         _kind, flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
         if flags & W.NEXT:
             return msg
@@ -586,9 +599,6 @@ class RemoteChannel:
         """Wait (per timeout) for one message, then take whatever else is queued, up to max_n in all."""
         if max_n < 1:
             raise ChannelError(f"recv_many: max_n must be >= 1, not {max_n}")
-        st = self._st
-        if st.orphans:
-            return [_orphan_bytes(st) for _ in range(min(max_n, len(st.orphans)))]
         _kind, flags, payload, msg = self._request(W.M_MANY, max_n, -1, timeout)
         out = W.unpack_many(payload) if flags & W.MANY else [bytes(payload)]
         msg.release()
@@ -603,17 +613,6 @@ class RemoteChannel:
             raise TypeError(f"recv_into() needs a writable contiguous buffer: {e}") from None
         if dst.readonly:
             raise TypeError("recv_into() needs a writable buffer")
-        st = self._st
-        if st.orphans:
-            data = st.orphans[0]
-            if len(data) > len(dst):
-                raise ChannelError(
-                    f"channel on node {self.node}: receive buffer too small for the next "
-                    f"message ({len(data)} bytes); the message stays queued"
-                )
-            data = _orphan_bytes(st)
-            dst[: len(data)] = data
-            return len(data)
         _kind, _flags, payload, msg = self._request(W.M_INTO, 1, len(dst), timeout)
         n = len(payload)
         dst[:n] = payload
@@ -622,8 +621,6 @@ class RemoteChannel:
 
     def poll(self, timeout=None):
         """True once a message is ready to receive (does not consume it); False if none came in time."""
-        if self._st.orphans:
-            return True
         _kind, _flags, payload, msg = self._request(W.M_POLL, 0, -1, timeout)
         r = msgpack.unpackb(payload)
         msg.release()
@@ -640,7 +637,7 @@ class RemoteChannel:
         _kind, _flags, payload, msg = self._request(W.M_LEN, 0, -1, 0)
         r = msgpack.unpackb(payload)
         msg.release()
-        return int(r) + len(self._st.orphans)
+        return int(r)
 
     @property
     def capacity(self):
@@ -687,12 +684,16 @@ class RemoteChannel:
             return
         self._closed = True
         ep = self._ep
-        if ep.pid == os.getpid() and ep.reply is not None:
+        if ep.pid == os.getpid() and not ep.closed:
+            st = self._st
+            with ep.cond:  # answers that come for it from now on go back (data) or are dropped
+                st.closed = True
+                ep.closing += 1
             try:
-                ep.gw.send(_HDR.pack(W.CLOSE, 0, self._node, 0, self._st.sid, 0), timeout=1)
-            except Exception:
-                pass
-            ep.streams.pop(self._st.sid, None)
+                ep.gw.send(_HDR.pack(W.CLOSE, 0, self._node, 0, st.sid, 0), timeout=1)
+            except Exception:  # the agent closes it once this process is gone; no CLOSED comes before that
+                with ep.cond:
+                    ep.closing -= 1
 
     @property
     def pool(self):

@@ -11,6 +11,14 @@ their own MPI message, sent straight from the staging pool block), and delivers 
 - Answers (ACK, DATA, RESULT, ERR) coming back are put into the requesting process's reply channel; an answer
   that does not fit waits here (ACKs coalesce, so that too is bounded).
 
+Nothing a process sent is lost with the process, and nothing taken from a channel for it is dropped: the agent
+owns what each process of its node leaves in the transport. It knows the process from its streams' OPEN frames
+(pid and start time) and watches it (a pidfd); once the process is gone, by any ending, or its reply channel is,
+the agent *retires* it: when the gateway has been read past every frame the process wrote (the ring's tail at
+that moment), it closes the process's streams behind those frames, puts back into their channels the messages
+received for it that it never took (PUTBACK), and destroys its reply channel. A closed stream stays known here
+(a tombstone) until nothing more can come for it, so an answer that arrives late goes back to its channel too.
+
 The loop never blocks in MPI. It spins (yielding the CPU) while there is work or an MPI send in flight; while it
 only ships big payloads out and hears only acknowledgements back (this node streams out, no answer is awaited) it
 sleeps ``NAP`` between polls instead, leaving the core to the processes it serves; when idle it backs off to
@@ -25,6 +33,7 @@ but MPI's own. Several such payloads are in flight at once (up to the sender's w
 
 import collections
 import os
+import select
 import threading
 import time
 
@@ -32,7 +41,7 @@ import msgpack
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
 from dragon.infrastructure import frames as W
-from dragon.infrastructure import messages
+from dragon.infrastructure import jobprocs, messages
 
 SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
@@ -43,11 +52,14 @@ ACK_DELAY = 0.0002  # ... or the oldest has waited this long, or a packet goes t
 ACK_BYTES = 2 << 20  # ... or this many bytes of big payloads (a quarter of the sender's byte window) landed
 MAX_INFLIGHT = 256  # MPI sends in flight before the agent waits for some to finish
 MPI_BUDGET = 0.00005  # longest run of incoming packets handled before the agent acks and sends what it has
-MAX_ERRORS_IN_ROW = 100  # a step that raises this many times in a row stops the agent (the launcher reports it)
+MAX_ERRORS_IN_ROW = 100  # a step that raises this often in a row stops the agent (the launcher says so)
 NAP = 0.00005  # a spinning agent that hears only acks from other nodes sleeps this long between polls instead
+REAP_EVERY = 0.05  # how often the agent looks for processes of its node that are gone (a poll of pidfds)
+SWEEP_EVERY = 1.0  # ... and, for processes it could not open a pidfd for, reads their /proc/<pid>/stat
 
 _HDR = W.HDR
 _HS = W.HSIZE
+_PIDNS = jobprocs.pid_namespace()
 _ack_pack = W.HDR.pack
 
 
@@ -82,12 +94,34 @@ class _In:
 
 
 class _Out:
-    """A stream leaving here: where its answers go."""
+    """A stream leaving here: where its answers go, and where a message received for it goes back to (target).
 
-    __slots__ = ("dest", "reply", "sid")
+    Once closed (by the process, or when the process is gone) it stays as a tombstone until nothing more can come
+    for it: the channel's agent has answered CLOSED (far_closed), and the process has read past the CLOSED frame
+    put into its reply channel (read_past), or the process was retired."""
 
-    def __init__(self, sid, dest, reply):
-        self.sid, self.dest, self.reply = sid, dest, reply
+    __slots__ = ("closed", "dest", "ep", "far_closed", "read_past", "reply", "sid", "target", "until")
+
+    def __init__(self, sid, dest, target, ep):
+        self.sid, self.dest, self.target, self.ep = sid, dest, target, ep
+        self.reply = ep.reply
+        self.closed = False
+        self.far_closed = False
+        self.read_past = False
+        self.until = None  # the reply channel's tail once the CLOSED frame is in it
+
+
+class _Ep:
+    """A process of this node that uses remote channels: its reply channel, its streams, how it is watched."""
+
+    __slots__ = ("fd", "foreign", "mark", "pid", "reply", "sids", "start")
+
+    def __init__(self, reply, pid, start):
+        self.reply, self.pid, self.start = reply, pid, start
+        self.sids = set()
+        self.fd = None  # a pidfd (readable once the process has exited)
+        self.foreign = False  # in another pid namespace than this agent: not watched by pid
+        self.mark = None  # retiring: the gateway's tail when the process was found gone
 
 
 class _Free:
@@ -114,6 +148,16 @@ class _Pending:
 
     def __init__(self, req, buf):
         self.req, self.buf = req, buf
+
+
+class _Body:
+    """The payload of a NEXT header that went into a reply channel, waiting here for room behind it (the header is
+    kept for the case where the payload must go back to its channel instead)."""
+
+    __slots__ = ("body", "hdr")
+
+    def __init__(self, hdr, body):
+        self.hdr, self.body = hdr, body
 
 
 class _Req:
@@ -151,6 +195,15 @@ class Agent:
         self.ack_due = set()
         self.dead = set()
         self.posted = collections.deque()
+        self.eps = {}  # reply sdesc -> _Ep: the processes of this node with streams
+        self.ep_fds = {}  # pidfd -> _Ep
+        self.poller = select.poll()
+        self.next_reap = 0.0
+        self.next_sweep = 0.0
+        self.retiring = []  # _Ep found gone, retired once the gateway is read past their mark
+        self.lingering = set()  # closed _Out whose far end has closed, waiting for the process to read past
+        self.backq = {}  # channel sdesc -> deque of messages to put back into that channel of this node
+        self.back_chs = {}  # channel sdesc -> Channel (attached for PUTBACK)
         self.on_ctrl = None  # callback(src node, Message) for CTRL frames (the launcher)
         self.on_node_down = None  # callback(node) when a node is announced dead
         self.heartbeat = None  # (interval, dead_after) seconds: beat to every node, declare silent ones down
@@ -235,7 +288,7 @@ class Agent:
             wait = min(MAX_IDLE_WAIT if idle < 1.0 else LONG_IDLE_WAIT, idle * 0.25)
             if self.heartbeat is not None:
                 wait = min(wait, max(0.0, self.next_beat - time.monotonic()))
-            if self.pending_in or self.pending_rep:
+            if self.pending_in or self.pending_rep or self.backq:
                 wait = min(wait, PENDING_WAIT)
             if self.ack_due:
                 wait = min(wait, ACK_DELAY)
@@ -247,6 +300,9 @@ class Agent:
                     self.failed = f"its gateway channel is gone ({e})"
                 self.running = False
         self._finish_sends(5.0)
+        for fd in self.ep_fds:
+            os.close(fd)
+        self.ep_fds.clear()
 
     def _step(self):
         work = self._gateway() + self._mpi()
@@ -263,6 +319,12 @@ class Agent:
             self._retry_replies()
         if self.ack_due:
             self._acks()
+        if self.backq:
+            work += self._retry_back()
+        if (self.eps or self.lingering) and time.monotonic() >= self.next_reap:
+            self._reap()
+        if self.retiring:
+            self._retire_due()
         if self.out:
             work += self._flush_all()
         if self.sends:
@@ -387,18 +449,23 @@ class Agent:
         for data in frames:
             kind, flags, dest, ln, sid, seq = unpack(data)
             if kind == W.OPEN:
-                k = W.U16.unpack_from(data, _HS)[0]
-                self.outs[sid] = _Out(sid, dest, data[_HS + 2 + k : _HS + ln])
+                self._open_out(sid, dest, data[_HS : _HS + ln])
             elif kind == W.CLOSE:
-                self.outs.pop(sid, None)
+                self._close_out(self.outs.get(sid), forward=False)
+            elif kind == W.BYE:  # the process ends: nothing of it comes after this
+                ep = self.eps.get(bytes(data[_HS : _HS + ln]))
+                if ep is not None:
+                    self._retire(ep)
+                continue
             if dest in self.dead or dest >= len(self.ranks):
                 if flags & W.PTR:
                     self._free_ptr(data)
-                self._fail_local(
-                    sid,
-                    seq if kind == W.RECV else 0,
-                    f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
-                )
+                if kind != W.CLOSE and kind != W.PUTBACK:
+                    self._fail_local(
+                        sid,
+                        seq if kind == W.RECV else 0,
+                        f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
+                    )
                 continue
             if flags & W.PTR:  # a payload in a pool block: the packet gets the header, MPI the block
                 off = W.U64.unpack_from(data, _HS)[0]
@@ -436,6 +503,58 @@ class Agent:
         if nbig < len(frames):  # a request or small message went out: its answer may be on its way back
             self.urgent_at = time.perf_counter()
         return len(frames)
+
+    def _open_out(self, sid, dest, payload):
+        """A process opened a stream (OPEN frame): note where its answers go, and the process, to watch it."""
+        target, rest = W.split_sdesc(payload)
+        pid, start, pidns = W.OPENER.unpack_from(rest)
+        reply = bytes(rest[W.OPENER.size :])
+        ep = self.eps.get(reply)
+        if ep is None:
+            ep = self.eps[reply] = _Ep(reply, pid, start)
+            if pidns == _PIDNS:
+                self._watch(ep)
+            else:  # its pid means another process here: it is retired by its BYE (or its reply channel's end)
+                ep.foreign = True
+        self.outs[sid] = _Out(sid, dest, target, ep)
+        ep.sids.add(sid)
+
+    def _close_out(self, o, forward):
+        """A stream of this node ends: by the process's CLOSE frame (which goes on to the channel's node as it
+        is: forward=False), or because the process is gone (the agent sends CLOSE itself). It stays as a
+        tombstone until the channel's agent has answered CLOSED."""
+        if o is None or o.closed:
+            return
+        o.closed = True
+        if o.dest in self.dead or o.dest >= len(self.ranks):
+            o.far_closed = True
+        elif forward:
+            self._emit(o.dest, _HDR.pack(W.CLOSE, 0, o.dest, 0, o.sid, 0))
+        if o.ep.mark is None:  # the process is there: it forgets the stream when it reads this
+            self._to_reply(o, _HDR.pack(W.CLOSED, 0, 0, 0, o.sid, 0))
+        else:
+            o.read_past = True
+        self._forget_if_done(o)
+
+    def _forget_if_done(self, o):
+        if not o.far_closed:
+            return
+        if not o.read_past and o.until is not None:
+            ch = self.replies.get(o.reply)
+            if ch is None:
+                o.read_past = True
+            else:
+                try:
+                    o.read_past = ch._positions()[0] >= o.until
+                except ChannelError:
+                    o.read_past = True
+        if o.read_past:
+            self.lingering.discard(o)
+            if self.outs.get(o.sid) is o:
+                del self.outs[o.sid]
+            o.ep.sids.discard(o.sid)
+        else:
+            self.lingering.add(o)
 
     def _free_ptr(self, data):
         _Free(self.pool, W.U64.unpack_from(data, _HS)[0]).release()
@@ -491,13 +610,16 @@ class Agent:
             elif kind == W.OPEN:
                 self._in_open(src, sid, payload)
             elif kind == W.CLOSE:
-                s = self.ins.get((src, sid))
-                if s is not None:
-                    s.closing = True
-                    if not s.sendq:
-                        self._drop_in(s)
+                self._in_close(src, sid)
             elif kind in (W.ACK, W.DATA, W.RESULT, W.ERR):
                 self._answer(sid, mv[hpos : hpos + _HS], payload, n, big, src, bigsrc)
+            elif kind == W.CLOSED:
+                o = self.outs.get(sid)
+                if o is not None and o.closed:
+                    o.far_closed = True
+                    self._forget_if_done(o)
+            elif kind == W.PUTBACK:
+                self._in_putback(payload, flags)
             elif kind == W.NODE_DOWN:
                 self._node_down(node)
             elif kind == W.CTRL:
@@ -542,6 +664,66 @@ class Agent:
             s.ch = Channel.attach(bytes(payload[2 : 2 + k]))
         except (ChannelError, TypeError) as e:
             self._stream_error(s, f"cannot attach the channel: {e}")
+
+    def _in_close(self, src, sid):
+        """A stream from another node ends: its queued sends are still delivered; requests still waiting are
+        answered with an error (no receive takes a message for it any more); CLOSED goes back behind every
+        answer sent on it."""
+        s = self.ins.get((src, sid))
+        if s is not None:
+            s.closing = True
+            for r in s.recvq:
+                self._err(s, r.seq, W.E_ERROR, "the handle was closed")
+            s.recvq.clear()
+            if not s.sendq:
+                self._drop_in(s)
+        self._emit(src, _HDR.pack(W.CLOSED, 0, src, 0, sid, 0))
+
+    def _in_putback(self, payload, flags):
+        """Messages that were taken from a channel of this node and that nobody will receive through the
+        transport: back into the channel (at its tail), in order, as room allows."""
+        sdesc, body = W.split_sdesc(payload)
+        msgs = W.unpack_many(body) if flags & W.MANY else [bytes(body)]
+        q = self.backq.get(sdesc)
+        if q is None:
+            q = self.backq[sdesc] = collections.deque()
+        q.extend(msgs)
+
+    def _retry_back(self):
+        work = 0
+        for sdesc in list(self.backq):
+            q = self.backq[sdesc]
+            try:
+                ch = self._back_ch(sdesc)
+                while q:
+                    ch.send(q[0], timeout=0)
+                    q.popleft()
+                    work += 1
+            except ChannelFull:
+                continue
+            except (ChannelError, TypeError) as e:  # destroyed: there is nowhere to put them
+                if self.log:
+                    self.log.warning("%d message(s) could not be put back into their channel: %s", len(q), e)
+                self.back_chs.pop(sdesc, None)
+            del self.backq[sdesc]
+        return work
+
+    def _back_ch(self, sdesc):
+        ch = self.back_chs.get(sdesc)
+        if ch is None:
+            from dragon.channels import Channel
+
+            if len(self.back_chs) >= 64:  # keep a few handles for the next put-backs, not every one
+                self.back_chs.pop(next(iter(self.back_chs))).close()
+            ch = self.back_chs[sdesc] = Channel.attach(sdesc)
+        return ch
+
+    def _putback(self, o, body, flags=0):
+        """A message received for stream o that its process will not take: back to its channel's node."""
+        if o.dest in self.dead or o.dest >= len(self.ranks):
+            return  # the channel went with its node
+        payload = W.prefix_sdesc(o.target, body)
+        self._emit(o.dest, _HDR.pack(W.PUTBACK, flags & W.MANY, o.dest, len(payload), 0, 0) + payload)
 
     def _stream_error(self, s, text):
         if s.err is None:
@@ -763,9 +945,15 @@ class Agent:
     # ---- answers for this node's processes ----------------------------------------------------------------
     def _answer(self, sid, hdr, payload, n, big, src, bigsrc):
         o = self.outs.get(sid)
-        if o is None:
-            if big:
-                self._big_into(src, bigsrc, None, n)
+        if o is None or o.closed:
+            if o is None or hdr[0] != W.DATA:  # (no stream: nothing is waiting for it, and no data comes)
+                if big:
+                    self._big_into(src, bigsrc, None, n)
+                return
+            if big:  # a receive of a stream that is closed took this message: back into its channel
+                payload = bytearray(n)
+                self._big_into(src, bigsrc, payload, n)
+            self._putback(o, payload, hdr[1])
             return
         if hdr[0] == W.DATA and not hdr[1] & W.MANY:
             # a header (NEXT) and the payload as the next message: the process gets the payload as a Message
@@ -818,8 +1006,7 @@ class Agent:
         try:
             ch = self._reply_ch(o)
         except ChannelError:
-            self._free(frame)
-            self._free(body)
+            self._lost_answers([frame, body])
             self._reply_gone(o.reply)
             return
         q = self.pending_rep.get(ch)
@@ -836,21 +1023,152 @@ class Agent:
                     ch.send(f, timeout=0)
                 else:
                     ch.send_block(f, timeout=0)
+            if type(frame) is bytes and frame[0] == W.CLOSED:
+                self._closed_sent(ch, frame)
         except ChannelFull:
-            self.pending_rep[ch] = collections.deque([frame, body][i : 2 if body is not None else 1])
-        except ChannelError:  # the process is gone
-            self._free(frame)
-            self._free(body)
+            q = [frame] if body is None else [frame, body] if i == 0 else [_Body(frame, body)]
+            self.pending_rep[ch] = collections.deque(q)
+        except ChannelError:  # the reply channel is gone
+            self._lost_answers([frame, body])
             self._reply_gone(o.reply)
 
     def _reply_gone(self, reply):
-        """A process's reply channel is gone (it exited): forget its streams here and at their nodes."""
-        self.replies.pop(reply, None)
-        for sid, o in list(self.outs.items()):
-            if o.reply == reply:
-                del self.outs[sid]
-                if o.dest not in self.dead and o.dest < len(self.ranks):
-                    self._emit(o.dest, _HDR.pack(W.CLOSE, 0, o.dest, 0, sid, 0))
+        """A process's reply channel is gone (or was never valid): retire the process."""
+        ep = self.eps.get(reply)
+        if ep is not None:
+            self._retire(ep)
+
+    # ---- the processes of this node: watched, and retired when gone -----------------------------------------
+    def _watch(self, ep):
+        """Watch ep's process with a pidfd (readable once it exits); without one (no pidfd support, no file
+        descriptor left) it is found gone by the slower /proc sweep."""
+        if jobprocs.start_time(ep.pid) != ep.start:  # gone already, or the pid is another process's now
+            self._retire(ep)
+            return
+        try:
+            fd = os.pidfd_open(ep.pid)
+        except (OSError, AttributeError):
+            return
+        if jobprocs.start_time(ep.pid) != ep.start:  # (the pid may have been reused before the pidfd opened)
+            os.close(fd)
+            self._retire(ep)
+            return
+        ep.fd = fd
+        self.ep_fds[fd] = ep
+        self.poller.register(fd, select.POLLIN)
+
+    def _reap(self):
+        """Retire the processes that are gone; forget the closed streams that nothing more can come for."""
+        now = time.monotonic()
+        self.next_reap = now + REAP_EVERY
+        if self.ep_fds:
+            for fd, _ev in self.poller.poll(0):
+                ep = self.ep_fds.get(fd)
+                if ep is not None:
+                    self._retire(ep)
+        if now >= self.next_sweep:
+            self.next_sweep = now + SWEEP_EVERY
+            for ep in list(self.eps.values()):
+                if (
+                    ep.fd is None
+                    and not ep.foreign
+                    and ep.mark is None
+                    and jobprocs.start_time(ep.pid) != ep.start
+                ):
+                    self._retire(ep)
+        for o in list(self.lingering):
+            self._forget_if_done(o)
+
+    def _retire(self, ep):
+        """ep's process is gone (or its reply channel is): retire it once the gateway has been read past every
+        frame it wrote, i.e. past the gateway's tail now."""
+        if ep.mark is not None:
+            return
+        ep.mark = self.gw._positions()[1]
+        self.retiring.append(ep)
+        if ep.fd is not None:
+            self.poller.unregister(ep.fd)
+            del self.ep_fds[ep.fd]
+            os.close(ep.fd)
+            ep.fd = None
+
+    def _retire_due(self):
+        head = self.gw._positions()[0]
+        for ep in [ep for ep in self.retiring if head >= ep.mark]:
+            self.retiring.remove(ep)
+            self._retire_now(ep)
+
+    def _retire_now(self, ep):
+        """Close the streams of a process that is gone (behind all its frames, which are shipped now), put back
+        into their channels the messages received for it that it never took, destroy its reply channel."""
+        for sid in list(ep.sids):
+            o = self.outs.get(sid)
+            if o is not None:
+                self._close_out(o, forward=True)
+        ch = self.replies.pop(ep.reply, None)
+        if ch is None:
+            try:
+                from dragon.channels import Channel
+
+                ch = Channel.attach(ep.reply)
+            except (ChannelError, TypeError):
+                ch = None
+        if ch is not None:
+            items = []  # what is in the reply channel, then what waited here to go in, as bytes
+            while True:
+                try:
+                    m = ch.recv_message(timeout=0)
+                except (ChannelEmpty, ChannelError):
+                    break
+                items.append(bytes(m))
+                m.release()
+            self._putback_answers(items)
+            self._lost_answers(self.pending_rep.pop(ch, ()))
+            try:
+                ch.destroy()
+            except ChannelError:
+                ch.close()
+        for sid in list(ep.sids):
+            o = self.outs.get(sid)
+            if o is not None:
+                o.read_past = True
+                self._forget_if_done(o)
+        del self.eps[ep.reply]
+
+    def _lost_answers(self, frames):
+        """Answers that cannot go into their reply channel (bytes or pool blocks; a NEXT header's payload is the
+        one behind it): the data among them goes back to its channels, the blocks are freed."""
+        items = []
+        for f in frames:
+            for x in (f.hdr, f.body) if type(f) is _Body else (f,):
+                if x is not None:
+                    items.append(bytes(x) if isinstance(x, (bytes, bytearray)) else bytes(memoryview(x)))
+                    self._free(x)
+        self._putback_answers(items)
+
+    def _putback_answers(self, items):
+        """The answers a process never read (frames as bytes; a NEXT header's payload is the item behind it): the
+        data among them goes back to the channels it was taken from."""
+        i = 0
+        while i < len(items):
+            kind, flags, _node, n, sid, _seq = _HDR.unpack_from(items[i])
+            if flags & W.NEXT:
+                body = items[i + 1] if i + 1 < len(items) else None
+                i += 2
+            else:
+                body = memoryview(items[i])[_HS : _HS + n]
+                i += 1
+            o = self.outs.get(sid)
+            if kind == W.DATA and body is not None and o is not None:
+                self._putback(o, body, flags)
+
+    def _closed_sent(self, ch, frame):
+        """A CLOSED frame went into a process's reply channel: once the process has read up to here, it has
+        seen every answer of that stream."""
+        o = self.outs.get(W.U64.unpack_from(frame, 8)[0])
+        if o is not None:
+            o.until = ch._positions()[1]
+            self._forget_if_done(o)
 
     def _queue_reply(self, q, frame):
         if isinstance(frame, bytes) and frame[0] == W.ACK:  # coalesce: a later ACK covers an earlier one
@@ -880,18 +1198,26 @@ class Agent:
             while q:
                 f = q[0]
                 try:
-                    if isinstance(f, (bytes, bytearray)):
-                        ch.send(f, timeout=0)
+                    m = f.body if type(f) is _Body else f
+                    if isinstance(m, (bytes, bytearray)):
+                        ch.send(m, timeout=0)
                     else:
-                        ch.send_block(f, timeout=0)
+                        ch.send_block(m, timeout=0)
                 except ChannelFull:
                     break
-                except ChannelError:
-                    for f in q:
-                        self._free(f)
+                except ChannelError:  # the reply channel is gone
+                    self._lost_answers(q)
                     q.clear()
+                    for reply, c in list(self.replies.items()):
+                        if c is ch:
+                            self._reply_gone(reply)
                     break
                 q.popleft()
+                if type(f) is bytes:
+                    if f[1] & W.NEXT and q:  # its payload is next: keep the header with it until it is in
+                        q[0] = _Body(f, q[0])
+                    elif f[0] == W.CLOSED:
+                        self._closed_sent(ch, f)
             if not q:
                 del self.pending_rep[ch]
 
@@ -916,7 +1242,11 @@ class Agent:
         text = f"node {node} is down"
         for o in list(self.outs.values()):
             if o.dest == node:
-                self._fail_local(o.sid, 0, text)
+                if o.closed:  # nothing more comes from there
+                    o.far_closed = True
+                    self._forget_if_done(o)
+                else:
+                    self._fail_local(o.sid, 0, text)
         for key, s in list(self.ins.items()):
             if s.src == node:
                 for item in s.sendq:  # big payloads that will never finish arriving

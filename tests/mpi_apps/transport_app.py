@@ -362,6 +362,87 @@ def case_zerocopy():
         assert isinstance(Block, type)
 
 
+class Interrupted(Exception):
+    pass
+
+
+def _interrupted_recv(r, after=0.3):
+    """A receive on r that a signal interrupts (as Ctrl-C would) while its request waits on the other node."""
+    import signal
+
+    def stop(signum, frame):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, after)
+    try:
+        got = r.recv(timeout=20)
+        raise AssertionError(f"the receive was not interrupted: {got!r}")
+    except Interrupted:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def case_abandon():
+    """Messages taken from a channel for receives nobody waits for any more go back into the channel: a receive
+    interrupted, then its handle closed; a receive interrupted in a process that then exits without reading.
+    A sender whose channel is destroyed on its node gets ChannelError from flush."""
+    if NODE == 0:
+        r = ch(1, "a")
+        _interrupted_recv(r)
+        ch(1, "small").send(b"send late")  # node 1 sends it now: the abandoned request takes it
+        time.sleep(1.0)
+        r.close()
+        assert ch(1, "a").recv(timeout=10) == b"late"  # put back into the channel, not lost with the handle
+        child = subprocess.run([sys.executable, __file__, "abandoner"], timeout=60)
+        assert child.returncode == 0
+        assert ch(1, "a").recv(timeout=10) == b"late2"  # put back by the agent when the process was gone
+        expect(ChannelEmpty, ch(1, "a").recv, timeout=0)
+        # a channel destroyed under a sender
+        s = attach(bytes.fromhex(ch(0, "small").recv(timeout=30).decode()), 1)
+        s.send(b"1")
+        assert s.flush(10)
+        ch(1, "small").send(b"destroy")
+        assert ch(0, "small").recv(timeout=30) == b"destroyed"
+        s.send(b"2")  # (in the window: it returns; the agent there finds the channel gone)
+        try:
+            s.flush(10)
+            raise AssertionError("flush to a destroyed channel did not raise")
+        except ChannelError as e:
+            assert "destroyed" in str(e), e
+        expect(ChannelError, s.send, b"3")
+        ch(1, "small").send(b"done")
+        print("abandon ok", flush=True)
+    elif NODE == 1:
+        from dragon.channels import Channel
+        from dragon.pools import Pool
+
+        a, small = ch(1, "a"), ch(1, "small")
+        assert small.recv(timeout=30) == b"send late"
+        a.send(b"late")
+        assert small.recv(timeout=30) == b"send late2"
+        a.send(b"late2")
+        inf = Pool.attach(bytes.fromhex(os.environ["DRAGON_INF_PD"]))
+        victim = Channel.create(inf, capacity=8, block_size=64)
+        ch(0, "small").send(bytes(victim.sdesc).hex().encode())
+        assert small.recv(timeout=30) == b"destroy"
+        victim.destroy()
+        ch(0, "small").send(b"destroyed")
+        assert small.recv(timeout=30) == b"done"
+
+
+def _abandoner():
+    """(case_abandon) A receive interrupted with its request waiting on node 1, which then sends; this process
+    exits without reading what came for it."""
+    r = ch(1, "a")
+    _interrupted_recv(r)
+    ch(1, "small").send(b"send late2")
+    time.sleep(1.0)  # the message arrives in this process's reply channel, which it never reads
+    os._exit(0)
+
+
 def case_idle():
     """An idle agent does not burn a core: report this rank's agent's CPU use (the parent process)."""
     from dragon.transport.agent import idle_cpu
@@ -377,5 +458,7 @@ if __name__ == "__main__":
         _sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     elif case == "bigsender":
         _big_sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    elif case == "abandoner":
+        _abandoner()
     else:
         globals()["case_" + case]()
