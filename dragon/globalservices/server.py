@@ -391,6 +391,7 @@ class GlobalServices:
                 stdout=opts.get("stdout", "forward"),
                 stderr=opts.get("stderr", "forward"),
                 head=bool(msg.head),
+                zygote=bool(opts.get("zygote", False)),
             ),
             created,
         )

@@ -121,13 +121,16 @@ class ProcessOptions(_Options):
     stdout, stderr: FORWARD (default: printed by dragon-launch, each line labelled ``[user_name or p_uid]``),
             INHERIT (printed unlabelled), DEVNULL, or a file path (opened for appending, relative to run_dir);
             stderr may also be STDOUT (merged into stdout).
+    zygote: for ``exe`` = this Python with args ``-c CODE ...`` or ``-m MODULE ...``: fork the process from the
+            node's zygote (a Python that has imported dragon once: a fork instead of an interpreter start). The
+            process is the same managed process; a request that is not eligible starts as usual.
     """
 
     FORWARD, INHERIT, DEVNULL, STDOUT = "forward", "inherit", "devnull", "stdout"
-    __slots__ = ("node", "stdout", "stderr")
+    __slots__ = ("node", "stdout", "stderr", "zygote")
     _error, _arg = ProcessError, "options"
 
-    def __init__(self, node=None, stdout=FORWARD, stderr=FORWARD):
+    def __init__(self, node=None, stdout=FORWARD, stderr=FORWARD, zygote=False):
         _check_node(node, ProcessError)
         for what, v in (("stdout", stdout), ("stderr", stderr)):
             if not isinstance(v, str) or not v:
@@ -136,15 +139,21 @@ class ProcessOptions(_Options):
                 )
         if stdout == self.STDOUT:
             raise ProcessError("ProcessOptions.stdout cannot be STDOUT")
+        if not isinstance(zygote, bool):
+            raise ProcessError(f"ProcessOptions.zygote must be a bool, not {zygote!r}")
         self.node = node
         self.stdout = stdout
         self.stderr = stderr
+        self.zygote = zygote
 
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}
 
     def __repr__(self):
-        return f"ProcessOptions(node={self.node}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+        return (
+            f"ProcessOptions(node={self.node}, stdout={self.stdout!r}, stderr={self.stderr!r}, "
+            f"zygote={self.zygote})"
+        )
 
 
 class PoolOptions(_Options):

@@ -127,6 +127,7 @@ SHProcessCreate = _define(
     "stdout",
     "stderr",
     "head",
+    "zygote",  # True: fork it from the node's pre-imported Python if it is `python -c/-m ...` (else as usual)
 )
 SHProcessKill = _define("SHProcessKill", 61, "tag", "reply", "p_uid", "sig")
 SHPoolCreate = _define("SHPoolCreate", 62, "tag", "reply", "m_uid", "size")

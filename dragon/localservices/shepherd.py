@@ -22,6 +22,7 @@ from dragon.infrastructure import env as E
 from dragon.infrastructure import jobprocs
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
+from dragon.localservices import zygote as _zygote
 
 DRAIN_AFTER_EXIT = 0.5  # how long output pipes may stay open (held by grandchildren) after a process exits
 REPLY_CAPACITY = 64  # answers a process can have waiting (its threads share one reply channel)
@@ -78,6 +79,7 @@ class Shepherd:
         self.pools = {}  # m_uid -> Pool
         self.chans = {}  # c_uid -> Channel
         self.running = True
+        self.zygote = _zygote.Zygote(self.log, os.environ)  # started at the first request that asks for it
         self.sel = selectors.EpollSelector()  # epoll: other threads may register while it waits
         self.io_thread = threading.Thread(target=self._io_loop, name="shepherd-io", daemon=True)
         self.handlers = {
@@ -186,7 +188,10 @@ class Shepherd:
             out, f1 = self._stream(msg.stdout, run_dir, msg.head, False)
             err, f2 = self._stream(msg.stderr, run_dir, msg.head, True)
             files = [f for f in (f1, f2) if f is not None]
-            popen = subprocess.Popen(
+            popen = None
+            if msg.zygote:  # a Python child forked from the node's zygote (None: not eligible, or not up yet)
+                popen = self.zygote.spawn([msg.exe, *msg.args], env, run_dir, out, err)
+            popen = popen or subprocess.Popen(
                 [msg.exe, *msg.args],
                 cwd=run_dir,
                 env=env,
@@ -203,7 +208,7 @@ class Shepherd:
             for f in files:
                 f.close()
         rec = _Managed(msg.p_uid, popen, msg.label, reply_ch)
-        rec.pidfd = os.pidfd_open(popen.pid)
+        rec.pidfd = _zygote.pidfd_of(popen)
         with self.lock:
             self.procs[msg.p_uid] = rec
         # answer first, so that GS hears of the process before its exit
@@ -312,6 +317,7 @@ class Shepherd:
         for r in recs:
             if r.exit_code is None:
                 self.log.error("p_uid %d (pid %d) survived SIGKILL", r.p_uid, r.popen.pid)
+        self.zygote.close()
         for what in (self.chans, self.pools):
             for obj in what.values():
                 try:
