@@ -44,5 +44,10 @@ class ProcessTimeout(ProcessError, TimeoutError):
     """A request about processes did not get an answer in time."""
 
 
+class NotSupported(DragonError, NotImplementedError):
+    """What dragon cannot do by design (e.g. pass a file descriptor to a process that may run on another
+    node)."""
+
+
 class RuntimeNotFound(DragonError):
     """The caller is not running under dragon-launch, so there is no global services to talk to."""

@@ -36,17 +36,22 @@ def new_job_id(environ=None):
     return f"{prefix}j{os.urandom(5).hex()}"
 
 
-def infra_pool_size(environ=None, default=64 << 20):
-    """The size of a node's infrastructure pool (service channels, gateway, staging): DRAGON_INFRA_POOL_SIZE."""
+def size_setting(name, default, environ=None):
+    """A size in bytes from environment variable ``name`` (suffix K, M or G allowed); default if unset."""
     environ = os.environ if environ is None else environ
-    text = environ.get(INFRA_POOL_SIZE, "").strip()
+    text = environ.get(name, "").strip()
     if not text:
         return default
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
     digits = text[:-1] if scale > 1 else text
     if not digits.isdigit() or int(digits) == 0:
-        raise ValueError(f"{INFRA_POOL_SIZE}={text!r}: expected a size in bytes such as 67108864, 64M or 1G")
+        raise ValueError(f"{name}={text!r}: expected a size in bytes such as 67108864, 64M or 1G")
     return int(digits) * scale
+
+
+def infra_pool_size(environ=None, default=64 << 20):
+    """The size of a node's infrastructure pool (service channels, gateway, staging): DRAGON_INFRA_POOL_SIZE."""
+    return size_setting(INFRA_POOL_SIZE, default, environ)
 
 
 def enc(sdesc):

@@ -1,6 +1,6 @@
-"""The node's zygote: a Python process that has imported dragon (and dragon.mp) once and forks a child for each
-managed process the shepherd asks it to start, so that a Python child costs a fork, not an interpreter start
-and its imports (about 50 ms each; the stdlib's forkserver does the same for multiprocessing).
+"""The node's zygote: a Python process that has imported dragon (and dragon.mp) once and forks a child for
+each managed process the shepherd asks it to start, so that a Python child costs a fork, not an interpreter
+start and its imports (about 50 ms each; the stdlib's forkserver does the same for multiprocessing).
 
 A request is eligible when the program is this interpreter run as ``python -c CODE [args]`` or ``python -m
 MODULE [args]`` with no interpreter option the zygote lacks (it has those its environment implies, e.g.
@@ -38,7 +38,7 @@ import msgpack
 from dragon.infrastructure import env as E
 
 # what the zygote imports before it says it is ready (DRAGON_ZYGOTE_PRELOAD adds a comma-separated list)
-PRELOAD = ("dragon",)
+PRELOAD = ("dragon.mp._child",)
 # environment variables that change how an interpreter starts: a child whose environment sets one differently
 # from the zygote's is started with Popen (PYTHONUNBUFFERED is handled in the child)
 _STARTUP_VARS = (

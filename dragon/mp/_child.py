@@ -1,0 +1,71 @@
+"""The start of a dragon Process: ``python -c "from dragon.mp._child import main; main()"``, usually forked
+from its node's zygote (which has imported this module and what it needs).
+
+As with 'spawn': the preparation data is unpickled and applied first (sys.path, the working directory, the
+main module imported as ``__mp_main__``), then the Process object, then it runs. It ends like a forked
+multiprocessing child: the process's own exit steps (its atexit handlers, multiprocessing's finalizers, stdio
+flushed), then ``os._exit`` (a full interpreter teardown in a forked process costs ~20 ms of copy-on-write
+faults for nothing). A daemon Process also watches its parent and terminates itself when the parent is gone.
+"""
+
+import atexit
+import base64
+import multiprocessing  # noqa: F401 (registers the start method: dragon's import hook, or register() below)
+import os
+import pickle
+import signal
+import threading
+from multiprocessing import process, spawn, util
+
+import dragon  # noqa: F401
+from dragon.mp import context, popen
+
+# what the zygote preloads along with this module: the modules a child usually needs
+import dragon.mp.connection  # noqa: F401, E402  isort: skip
+import dragon.mp.queues  # noqa: F401, E402  isort: skip
+import dragon.mp.synchronize  # noqa: F401, E402  isort: skip
+
+
+def _payload():
+    text = os.environ.pop(popen.BOOT_ENV, None)
+    if text is not None:
+        return base64.b64decode(text)
+    from dragon.mp import heap
+
+    ch = heap.attach(bytes.fromhex(os.environ.pop(popen.BOOT_CD_ENV)))
+    try:
+        return ch.recv(timeout=60)
+    finally:
+        ch.close()
+
+
+def _watch_parent(sentinel):
+    """A daemon Process ends when its parent does (even one that was killed)."""
+    import select
+
+    def watch():
+        select.select([sentinel], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dragon-mp-daemon-watch", daemon=True).start()
+
+
+def main():
+    context.register()
+    data = memoryview(_payload())
+    n = int.from_bytes(data[:8], "little")
+    process.current_process()._inheriting = True
+    try:
+        spawn.prepare(pickle.loads(data[8 : 8 + n]))
+        obj = pickle.loads(data[8 + n :])
+    finally:
+        del process.current_process()._inheriting
+    sentinel = popen._parent_sentinel()
+    if obj.daemon and sentinel is not None:
+        _watch_parent(sentinel)
+    code = obj._bootstrap(parent_sentinel=sentinel)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        util._flush_std_streams()
+        os._exit(code)

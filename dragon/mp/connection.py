@@ -1,0 +1,408 @@
+"""Pipe and Connection over dragon channels (``multiprocessing.connection``'s API), usable from any node.
+
+``Pipe(duplex)`` makes one channel per direction in this process's heap. A Connection is picklable (as a
+Process argument, or through a queue) and works wherever it lands: on another node its channels are
+RemoteChannels.
+
+End of file, as with a pipe: ``recv()`` raises EOFError once every handle of the other end is closed and what
+they sent has been read. Handles are counted in-band: each writing handle has a token; pickling a handle
+announces the token of the copy it makes (HELLO, before the pickle exists, so before the copy can send or
+close), and closing one (explicitly, when it is garbage, or when its process exits) sends BYE. A reader that
+has seen the BYE of every token it knows raises EOFError. (A writer killed by a signal sends no BYE: its
+readers then wait, as they would on a pipe a surviving process keeps open.) Connections without end-of-file
+(the two ends of a SimpleQueue, queues' readers) send no markers.
+
+``fileno()`` is a real descriptor (an eventfd made readable by a watcher thread while something can be read),
+so ``multiprocessing.connection.wait()`` works on these connections, mixed with sockets, pipes and sentinels.
+"""
+
+import os
+import struct
+import threading
+import weakref
+from multiprocessing import util
+from multiprocessing.context import BufferTooShort
+
+from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
+from dragon.mp import heap, serial
+
+HELLO, BYE = 0x10, 0x11
+_MARK = struct.Struct("<BQ")
+CAPACITY = 1024  # messages in flight per direction (a full channel blocks the sender, like a full pipe)
+BLOCK = 512  # messages up to this size are stored inline in the channel's slots
+CLOSE_WAIT = 5.0  # how long a close waits for room to say BYE (a reader that no longer reads)
+
+_open_writers = weakref.WeakSet()  # writing handles of this process: told BYE at exit
+_exit_hooked = None
+
+
+def _hook_exit():
+    global _exit_hooked
+    if _exit_hooked != os.getpid():
+        _exit_hooked = os.getpid()
+        util.Finalize(None, _close_writers, exitpriority=20)
+
+
+def _close_writers():
+    for c in list(_open_writers):
+        c._say_bye()
+
+
+def _token():
+    return int.from_bytes(os.urandom(8), "little") or 1
+
+
+def _deadline(timeout):
+    import time
+
+    return None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+
+def _left(deadline):
+    import time
+
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Connection:
+    """One end of a Pipe (readable, writable or both)."""
+
+    def __init__(self, send_sd=None, recv_sd=None, *, token=None, live=None, owned=None):
+        """send_sd/recv_sd: sdesc of the channel written / read. token: this handle's writing token (None: it
+        sends no markers). live: the tokens of the writers of recv_sd this reader waits for (None: no
+        end-of-file). owned: the heap's record of the channels (in the process that made them)."""
+        self._send_sd, self._recv_sd = send_sd, recv_sd
+        self._send = heap.attach(send_sd) if send_sd is not None else None
+        self._recv = heap.attach(recv_sd) if recv_sd is not None else None
+        self._token = token
+        self._live = live
+        self._early = set()  # tokens whose BYE came before their HELLO (from different nodes)
+        self._eof = False
+        self._pending = None  # a message read ahead (by poll, or the readiness watcher)
+        self._rlock = threading.RLock()
+        self._closed = False
+        self._ready = None
+        self._owned = owned
+        if token is not None:
+            _open_writers.add(self)
+            _hook_exit()
+
+    # ---- attributes -------------------------------------------------------------------------------------
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def readable(self):
+        return self._recv_sd is not None
+
+    @property
+    def writable(self):
+        return self._send_sd is not None
+
+    def _check_closed(self):
+        if self._closed:
+            raise OSError("handle is closed")
+
+    def _check_readable(self):
+        if self._recv_sd is None:
+            raise OSError("connection is write-only")
+
+    def _check_writable(self):
+        if self._send_sd is None:
+            raise OSError("connection is read-only")
+
+    def fileno(self):
+        """A descriptor that is readable while this connection has something to read (or is at end of
+        file)."""
+        self._check_closed()
+        self._check_readable()
+        if self._ready is None:
+            self._ready = _Readiness(self)
+        return self._ready.fd
+
+    # ---- writing ----------------------------------------------------------------------------------------
+    def send(self, obj):
+        """Send a picklable object (large buffers travel in a pool block, unpickled without a copy)."""
+        self._check_closed()
+        self._check_writable()
+        try:
+            serial.send_obj(self._send, obj)
+        except ChannelError as e:
+            raise OSError(f"send failed: {e}") from e
+
+    def send_bytes(self, buf, offset=0, size=None):
+        """Send the bytes of a bytes-like object (or a slice of it)."""
+        self._check_closed()
+        self._check_writable()
+        m = memoryview(buf)
+        if m.itemsize > 1:
+            m = m.cast("B")
+        n = m.nbytes
+        if offset < 0:
+            raise ValueError("offset is negative")
+        if n < offset:
+            raise ValueError("buffer length < offset")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError("size is negative")
+        elif offset + size > n:
+            raise ValueError("buffer length < offset + size")
+        try:
+            serial.send_raw(self._send, m[offset : offset + size])
+        except ChannelError as e:
+            raise OSError(f"send failed: {e}") from e
+
+    # ---- reading ----------------------------------------------------------------------------------------
+    def _marker(self, msg):
+        """Account for a HELLO/BYE; True if msg was one."""
+        k = serial.kind(msg)
+        if k not in (HELLO, BYE):
+            return False
+        if len(msg) != _MARK.size:
+            raise ChannelError(f"corrupt marker of {len(msg)} bytes")
+        _, tok = _MARK.unpack(memoryview(msg))
+        if self._live is not None:
+            if k == HELLO:
+                if tok in self._early:
+                    self._early.discard(tok)
+                else:
+                    self._live[tok] = True
+            elif tok in self._live:
+                del self._live[tok]
+            else:
+                self._early.add(tok)
+            if not self._live and not self._early:
+                self._eof = True
+        return True
+
+    def _take(self, timeout):
+        """The next data message (caller holds _rlock); EOFError at end of file; None on timeout."""
+        if self._pending is not None:
+            msg, self._pending = self._pending, None
+            return msg
+        deadline = _deadline(timeout)
+        while True:
+            if self._eof:
+                raise EOFError
+            try:
+                msg = self._recv.recv_message(timeout=_left(deadline))
+            except (ChannelEmpty, ChannelTimeout):
+                return None
+            except ChannelError as e:
+                raise OSError(f"receive failed: {e}") from e
+            if not self._marker(msg):
+                return msg
+
+    def _next(self):
+        self._check_closed()
+        self._check_readable()
+        with self._rlock:
+            msg = self._take(None)
+        if self._ready is not None:
+            self._ready.refresh(self)
+        return msg
+
+    def recv(self):
+        """Receive an object sent with send() (or the unpickled bytes of send_bytes())."""
+        msg = self._next()
+        try:
+            return serial.load(msg)
+        finally:
+            msg.release()
+
+    def recv_bytes(self, maxlength=None):
+        """Receive the bytes of one message."""
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        msg = self._next()
+        data = serial.load_bytes(msg)
+        msg.release()
+        if maxlength is not None and len(data) > maxlength:
+            self.close()
+            raise OSError("bad message length")
+        return data
+
+    def recv_bytes_into(self, buf, offset=0):
+        """Receive one message into a writable buffer at offset; returns its length (BufferTooShort if it does
+        not fit: the exception's args[0] is the whole message)."""
+        with memoryview(buf) as m:
+            itemsize = m.itemsize
+            size = m.nbytes
+            if offset < 0 or offset > size:
+                raise ValueError("offset out of bounds")
+            data = self.recv_bytes()
+            if len(data) > size - offset:
+                raise BufferTooShort(data)
+            m.cast("B")[offset : offset + len(data)] = data
+        return len(data) // itemsize if itemsize > 1 else len(data)
+
+    def poll(self, timeout=0.0):
+        """Whether there is something to read (or end of file) within timeout seconds (None: wait)."""
+        self._check_closed()
+        self._check_readable()
+        return self._poll(timeout)
+
+    def _poll(self, timeout):
+        if self._live is None:  # no markers: look without taking (other processes may read the same channel)
+            if self._pending is not None:
+                return True
+            try:
+                return bool(self._recv.poll(timeout=timeout))
+            except ChannelError as e:
+                raise OSError(f"poll failed: {e}") from e
+        with self._rlock:
+            if self._pending is not None or self._eof:
+                return True
+            try:
+                msg = self._take(timeout)
+            except EOFError:
+                return True
+            if msg is None:
+                return False
+            self._pending = msg
+            return True
+
+    # ---- closing ----------------------------------------------------------------------------------------
+    def _say_bye(self):
+        tok, self._token = self._token, None
+        if tok is None or self._send is None:
+            return
+        try:
+            self._send.send(_MARK.pack(BYE, tok), timeout=CLOSE_WAIT)
+        except ChannelError:
+            pass  # the reader's channel is gone or stuck full: nobody is waiting for this end of file
+        _open_writers.discard(self)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self._say_bye()
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.stop()
+        for ch in (self._send, self._recv):
+            if ch is not None:
+                try:
+                    ch.close()
+                except ChannelError:
+                    pass
+        self._pending = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # at interpreter exit, or a half-built handle
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        self._check_closed()
+        token = None
+        if self._token is not None:  # the copy is a new writer: announce it before anything can come from it
+            token = _token()
+            self._send.send(_MARK.pack(HELLO, token))
+        if self._owned is not None:
+            self._owned.shared = True
+        with self._rlock:
+            live = None if self._live is None else dict(self._live)
+        return (_rebuild, (self._send_sd, self._recv_sd, token, live))
+
+    def __repr__(self):
+        what = "rw" if self.readable and self.writable else ("r" if self.readable else "w")
+        return f"<dragon Connection {what}{' closed' if self._closed else ''}>"
+
+
+def _rebuild(send_sd, recv_sd, token, live):
+    return Connection(send_sd, recv_sd, token=token, live=live)
+
+
+def Pipe(duplex=True):
+    """Two Connections joined by channels of this process's heap: (a, b), a's sends reach b and (if duplex)
+    b's reach a. With duplex=False, a only reads and b only writes."""
+    a = heap.channel(CAPACITY, BLOCK)
+    if not duplex:
+        owned = heap.Owned([a])
+        t = _token()
+        return (
+            Connection(None, bytes(a.sdesc), live={t: True}, owned=owned),
+            Connection(bytes(a.sdesc), None, token=t, owned=owned),
+        )
+    b = heap.channel(CAPACITY, BLOCK)
+    owned = heap.Owned([a, b])
+    ta, tb = _token(), _token()
+    return (
+        Connection(bytes(a.sdesc), bytes(b.sdesc), token=ta, live={tb: True}, owned=owned),
+        Connection(bytes(b.sdesc), bytes(a.sdesc), token=tb, live={ta: True}, owned=owned),
+    )
+
+
+class _Readiness:
+    """An eventfd that is readable while the connection has something to read: a watcher thread sets it when
+    something arrives; whoever reads re-checks it at once (so a wait() right after a recv() is exact)."""
+
+    PERIOD = 0.5  # the watcher looks at least this often (a reader elsewhere may have taken the message)
+
+    def __init__(self, conn):
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.is_set = False
+        self.lock = threading.Lock()
+        self.conn = weakref.ref(conn)
+        self.woken = threading.Event()
+        self.stopped = False
+        threading.Thread(target=self._run, name="dragon-mp-readiness", daemon=True).start()
+
+    def _set(self, on):
+        if on and not self.is_set:
+            os.eventfd_write(self.fd, 1)
+        elif not on and self.is_set:
+            try:
+                os.eventfd_read(self.fd)
+            except BlockingIOError:
+                pass
+        self.is_set = on
+
+    def refresh(self, conn):
+        """Make the descriptor say whether conn has something to read now (after a read)."""
+        with self.lock:
+            try:
+                self._set(conn._poll(0))
+            except OSError:
+                self._set(True)  # broken: let the reader find out
+        self.woken.set()
+
+    def stop(self):
+        self.stopped = True
+        self.woken.set()
+
+    def _run(self):
+        try:
+            while not self.stopped:
+                conn = self.conn()
+                if conn is None or conn._closed:
+                    break
+                with self.lock:
+                    try:
+                        ready = conn._poll(0)
+                    except OSError:
+                        ready = True
+                    self._set(ready)
+                if ready:
+                    del conn
+                    self.woken.wait(self.PERIOD / 2)
+                    self.woken.clear()
+                    continue
+                try:  # wait for something to arrive without holding the reader's lock
+                    conn._recv.poll(timeout=self.PERIOD)
+                except ChannelError:
+                    pass
+                del conn
+        finally:
+            os.close(self.fd)

@@ -1,0 +1,115 @@
+"""This process's heap: the pool its multiprocessing objects (channels of queues, pipes and locks; shared
+values) live in, and the rules of their lifetime.
+
+Each process that makes such an object makes one pool on its node the first time (a POSIX segment of
+``DRAGON_MP_HEAP_SIZE`` bytes, default 1 GiB: sparse, only what is used costs memory) and destroys it when it
+exits (the last of multiprocessing's exit steps, after its children were joined); objects a process made are
+its heap's: they live as long as the process (as multiprocessing's do in practice: a parent outlives the
+children it shares them with). An object that was never sent to another process is freed as soon as it is
+garbage. What a crashed process leaves is unlinked when the job ends (dragon-launch removes every segment of
+the job).
+
+Channels made here are the core's channels (no global-services round trip): any process of the job attaches
+one by its sdesc, and on another node that gives a RemoteChannel (through the transport agents).
+"""
+
+import os
+import threading
+from multiprocessing import util
+
+from dragon.infrastructure import env as E
+
+HEAP_SIZE_ENV = "DRAGON_MP_HEAP_SIZE"
+DEFAULT_HEAP = 1 << 30
+
+_lock = threading.Lock()
+_pool = None
+_pid = None
+_finalizers = []
+
+
+def heap_size():
+    return E.size_setting(HEAP_SIZE_ENV, DEFAULT_HEAP)
+
+
+def pool():
+    """This process's heap pool (made on first use)."""
+    global _pool, _pid
+    p = _pool
+    if p is not None and _pid == os.getpid():
+        return p
+    with _lock:
+        if _pool is None or _pid != os.getpid():
+            from dragon.pools import Pool
+
+            _pool = Pool.create(heap_size())
+            _pid = os.getpid()
+            # after multiprocessing's exit function has joined the children (they may still use our objects)
+            util.Finalize(None, _destroy, args=(_pid,), exitpriority=-100)
+        return _pool
+
+
+def channel(capacity, block_size):
+    """A new channel in this process's heap."""
+    from dragon.channels import Channel
+
+    return Channel.create(pool(), capacity=capacity, block_size=block_size)
+
+
+def at_exit(fn):
+    """Call fn() before the heap is destroyed at exit (objects that must tell others they are going)."""
+    _finalizers.append(fn)
+
+
+def _destroy(pid):
+    global _pool
+    if pid != os.getpid() or _pool is None:
+        return
+    for fn in reversed(_finalizers):
+        try:
+            fn()
+        except Exception:
+            pass
+    try:
+        _pool.destroy()
+    except Exception:
+        pass
+    _pool = None
+
+
+def here():
+    """This process's node index."""
+    return int(os.environ.get(E.NODE, "0"))
+
+
+def attach(sdesc):
+    """A handle of the channel sdesc names (a RemoteChannel if it is on another node)."""
+    from dragon.channels import Channel
+
+    return Channel.attach(sdesc)
+
+
+class Owned:
+    """The channels (and blocks) one object made in this heap. When the object is garbage they are destroyed,
+    unless the object was sent to another process (``shared``): then they live as long as the heap."""
+
+    __slots__ = ("chans", "blocks", "shared", "pid", "__weakref__")
+
+    def __init__(self, chans=(), blocks=()):
+        self.chans, self.blocks = list(chans), list(blocks)
+        self.shared = False
+        self.pid = os.getpid()
+
+    def __del__(self):
+        if self.shared or self.pid != os.getpid() or _pool is None:
+            return
+        for ch in self.chans:
+            try:
+                ch.destroy()
+            except Exception:
+                pass
+        for blk in self.blocks:
+            try:
+                _pool.free(blk)
+            except Exception:
+                pass

@@ -1,0 +1,297 @@
+"""Starting a dragon Process: what ``Process.start()`` does under the 'dragon' start method.
+
+The child is pickled as with 'spawn' (preparation data, then the Process object: the child imports the main
+module as ``__mp_main__``) and started as a managed process (``dragon.globalservices.process.create``), forked
+from its node's zygote when it can be (``ProcessOptions(zygote=True)``). The pickles go in the child's
+environment, or through a channel when they are big. The child gets this process's environment, except what is
+the runtime's or, on another node, that node's own (``DRAGON_*``, Slurm's and MPI's variables).
+
+The sentinel is a real file descriptor, as ``multiprocessing.connection.wait()`` needs: for a child on this
+node, a pidfd (readable when it exits); for a child elsewhere, the read end of a pipe whose write end is
+closed when global services reports the exit (``ExitWatcher``, one thread per parent watching all its remote
+children).
+"""
+
+import base64
+import itertools
+import os
+import select
+import signal
+import threading
+from multiprocessing import context as _mpctx
+from multiprocessing import spawn, util
+
+from dragon.errors import NotSupported, ProcessError
+from dragon.mp import heap, serial
+
+BOOT = "from dragon.mp._child import main; main()"
+BOOT_ENV = "DRAGON_MP_BOOT"  # the pickles, base64
+BOOT_CD_ENV = "DRAGON_MP_BOOT_CD"  # or: the sdesc (hex) of a channel holding them
+PARENT_ENV = "DRAGON_MP_PARENT"  # "p_uid:node:pid" of the parent
+BOOT_ENV_MAX = 64 * 1024
+# variables a child does not take from its parent: the runtime's (set by the child's shepherd), and, for a
+# child on another node, what describes the parent's node or its place in Slurm/MPI
+_NOT_INHERITED = ("DRAGON_",)
+_NODE_LOCAL = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_", "I_MPI_", "HOSTNAME")
+_PASSED_DRAGON = ("DRAGON_MP_", "DRAGON_ZYGOTE_PRELOAD", "DRAGON_LOG", "DRAGON_REQUEST_TIMEOUT")
+
+_rr = itertools.count()
+_nodes = None
+
+
+def _node_count():
+    global _nodes
+    if _nodes is None:
+        from dragon.globalservices import node
+
+        _nodes = len(node.get_list())
+    return _nodes
+
+
+def pick_node(process_obj):
+    from dragon.mp.context import chosen_node
+
+    node = chosen_node(process_obj)
+    if node is not None:
+        return node
+    n = _node_count()
+    return (heap.here() + next(_rr)) % n if n > 1 else heap.here()
+
+
+def child_env(node):
+    here = node == heap.here()
+    env = {}
+    for k, v in os.environ.items():
+        if k.startswith(_NOT_INHERITED) and not k.startswith(_PASSED_DRAGON):
+            continue
+        if not here and k.startswith(_NODE_LOCAL):
+            continue
+        env[k] = v
+    return env
+
+
+class DragonPopen:
+    method = "dragon"
+
+    def __init__(self, process_obj):
+        util._flush_std_streams()
+        self.returncode = None
+        self.finalizer = None
+        self._boot_ch = None
+        self._wakeup = None  # write end of a remote child's sentinel pipe
+        self._launch(process_obj)
+
+    # multiprocessing's reducers ask the Popen to pass file descriptors to the child (fd-based Connections,
+    # sockets): a dragon process may run on another node, so it cannot take them
+    def duplicate_for_child(self, fd):
+        raise NotSupported(
+            f"file descriptor {fd} cannot be passed to a dragon process (it may run on another node): pass a "
+            "dragon Pipe/Queue instead of an fd-based connection or a socket"
+        )
+
+    def DupFd(self, fd):
+        return self.duplicate_for_child(fd)
+
+    def _launch(self, process_obj):
+        from dragon.globalservices import process
+        from dragon.globalservices.process import ProcessOptions
+
+        prep = spawn.get_preparation_data(process_obj._name)
+        _mpctx.set_spawning_popen(self)
+        try:
+            prep = serial.dumps(prep)
+            payload = len(prep).to_bytes(8, "little") + prep + serial.dumps(process_obj)
+        finally:
+            _mpctx.set_spawning_popen(None)
+        node = pick_node(process_obj)
+        env = child_env(node)
+        env[PARENT_ENV] = f"{os.environ.get('DRAGON_PUID', '0')}:{heap.here()}:{os.getpid()}"
+        if len(payload) <= BOOT_ENV_MAX:
+            env[BOOT_ENV] = base64.b64encode(payload).decode()
+        else:
+            self._boot_ch = heap.channel(capacity=1, block_size=64)
+            self._boot_ch.send(payload)
+            env[BOOT_CD_ENV] = bytes(self._boot_ch.sdesc).hex()
+        exe = os.fsdecode(spawn.get_executable())
+        args = [*util._args_from_interpreter_flags(), "-c", BOOT]
+        try:
+            desc = process.create(
+                exe, os.getcwd(), args, env=env, options=ProcessOptions(node=node, zygote=True)
+            )
+        except BaseException:
+            self._drop_boot()
+            raise
+        self.pid = desc.pid
+        self.p_uid = desc.p_uid
+        self.node = desc.node
+        if desc.node == heap.here():
+            try:
+                self.sentinel = os.pidfd_open(desc.pid)
+            except ProcessLookupError:  # gone already (its exit code comes from global services)
+                self.sentinel = _ready_fd()
+        else:
+            self.sentinel, self._wakeup = os.pipe()
+            watcher().add(self)
+        self.finalizer = util.Finalize(self, _close_all, (self,))
+
+    def _drop_boot(self):
+        ch, self._boot_ch = self._boot_ch, None
+        if ch is not None:
+            try:
+                ch.destroy()
+            except Exception:
+                pass
+
+    def _exited(self, code):
+        """The child has exited with code (from global services)."""
+        if self.returncode is None:
+            self.returncode = code
+        self._drop_boot()
+        w, self._wakeup = self._wakeup, None
+        if w is not None:
+            os.close(w)
+
+    def poll(self, flag=os.WNOHANG):
+        if self.returncode is None:
+            if self._wakeup is None and not _readable(self.sentinel):
+                return None  # a child on this node that has not exited: no need to ask
+            return self.wait(None if self._wakeup is None else 0)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            from dragon.globalservices import process
+
+            if timeout is not None:
+                timeout = max(0.0, timeout)
+            code = process.join(self.p_uid, timeout)
+            if code is not None:
+                self._exited(code)
+        return self.returncode
+
+    def _signal(self, sig):
+        if self.returncode is None:
+            from dragon.globalservices import process
+
+            try:
+                process.kill(self.p_uid, sig)
+            except ProcessError:
+                if self.wait(0) is None:  # it has not exited: a real failure
+                    raise
+
+    def terminate(self):
+        self._signal(signal.SIGTERM)
+
+    def kill(self):
+        self._signal(signal.SIGKILL)
+
+    def close(self):
+        if self.finalizer is not None:
+            self.finalizer()
+
+
+def _close_all(popen):
+    for fd in (popen.sentinel, popen._wakeup):
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    popen._wakeup = None
+    popen._drop_boot()
+    w = _watcher
+    if w is not None:
+        w.discard(popen)
+
+
+def _readable(fd):
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _ready_fd():
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+class ExitWatcher:
+    """One thread per process that watches its children on other nodes (multi_join on all of them) and closes
+    the write end of each one's sentinel pipe when it exits. A child added while a multi_join is pending is
+    included in the next one (at most WATCH_PERIOD later); join() and poll() close the pipe at once anyway."""
+
+    WATCH_PERIOD = 0.25
+
+    def __init__(self):
+        self.lock = threading.Condition()
+        self.popens = {}  # p_uid -> DragonPopen
+        self.thread = threading.Thread(target=self._run, name="dragon-mp-exit-watcher", daemon=True)
+        self.thread.start()
+
+    def add(self, popen):
+        with self.lock:
+            self.popens[popen.p_uid] = popen
+            self.lock.notify()
+
+    def discard(self, popen):
+        with self.lock:
+            self.popens.pop(popen.p_uid, None)
+
+    def _run(self):
+        from dragon.globalservices import process
+
+        while True:
+            with self.lock:
+                while not self.popens:
+                    self.lock.wait()
+                uids = list(self.popens)
+            try:
+                exited, _ = process.multi_join(uids, timeout=self.WATCH_PERIOD)
+            except Exception:
+                exited = None
+                threading.Event().wait(self.WATCH_PERIOD)
+            for p_uid, code in exited or ():
+                with self.lock:
+                    popen = self.popens.pop(p_uid, None)
+                if popen is not None:
+                    popen._exited(code)
+
+
+_watcher = None
+_watcher_lock = threading.Lock()
+
+
+def watcher():
+    global _watcher
+    with _watcher_lock:
+        if _watcher is None or not _watcher.thread.is_alive():
+            _watcher = ExitWatcher()
+        return _watcher
+
+
+def _parent_sentinel():
+    """An fd that becomes readable when this process's parent exits (for multiprocessing.parent_process())."""
+    try:
+        p_uid, node, pid = (int(x) for x in os.environ[PARENT_ENV].split(":"))
+    except (KeyError, ValueError):
+        return None
+    if node == heap.here():
+        try:
+            return os.pidfd_open(pid)
+        except ProcessLookupError:
+            return _ready_fd()
+    if not p_uid:
+        return None
+    r, w = os.pipe()
+
+    def watch():
+        from dragon.globalservices import process
+
+        try:
+            process.join(p_uid)
+        finally:
+            os.close(w)
+
+    threading.Thread(target=watch, name="dragon-mp-parent-watcher", daemon=True).start()
+    return r

@@ -1,0 +1,308 @@
+"""Queue, JoinableQueue and SimpleQueue over a dragon channel, usable from processes on any node.
+
+A Queue is one channel in its creator's heap: ``put`` pickles in the caller and sends (no feeder thread on the
+way, unless the channel is full), ``get`` receives and unpickles; several producers and consumers on any nodes
+share it (each message is received exactly once). Large buffers (numpy arrays) travel in a pool block and are
+received without a copy (see ``serial``).
+
+A bounded queue (``maxsize`` up to MAX_CAPACITY) is a channel of that capacity: ``put`` blocks, or raises
+``queue.Full``, exactly when the queue holds maxsize items. An unbounded queue's channel holds CAPACITY items;
+past that, ``put`` keeps items in this process and a feeder thread sends them as room appears, so ``put``
+never blocks (as with the stdlib, a process waits at exit until its buffered items are sent, unless
+``cancel_join_thread()``). As with the stdlib, an object that cannot be pickled is reported by
+``_on_queue_feeder_error`` (printed), not raised by ``put``.
+
+Unlike the stdlib's, these queues can also be sent through other queues and pipes, and passed to Pool tasks.
+"""
+
+import collections
+import queue as _queue
+import threading
+import weakref
+from multiprocessing import util
+
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
+from dragon.mp import heap, serial
+from dragon.mp.connection import Connection
+
+CAPACITY = 1024
+MAX_CAPACITY = 1 << 16
+BLOCK = 512
+_FULL = (ChannelFull, ChannelTimeout)
+
+
+def _timeout(block, timeout):
+    if not block:
+        return 0
+    return None if timeout is None else max(0.0, timeout)
+
+
+class Queue:
+    """multiprocessing.Queue on a dragon channel."""
+
+    def __init__(self, maxsize=0, *, ctx=None):
+        self._maxsize = maxsize if maxsize > 0 else 0
+        cap = maxsize if 0 < maxsize <= MAX_CAPACITY else CAPACITY
+        ch = heap.channel(cap, BLOCK)
+        self._setup(bytes(ch.sdesc), self._maxsize, ch)
+        self._owned = heap.Owned([ch])
+
+    def _setup(self, sdesc, maxsize, ch=None):
+        self._sdesc = sdesc
+        self._maxsize = maxsize
+        self._ch = ch if ch is not None else heap.attach(sdesc)
+        self._owned = None
+        self._closed = False
+        self._reader_conn = None
+        self._buffer = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+        self._stopping = []  # non-empty: the process is exiting (a list, so the finalizer needs no ref to us)
+        self._joincancelled = False
+        self._finalizer = None
+
+    def __reduce__(self):
+        if self._owned is not None:
+            self._owned.shared = True
+        return (_rebuild, (type(self), self._sdesc, self._maxsize, self._extra_state()))
+
+    def _extra_state(self):
+        return None
+
+    # ---- put -------------------------------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+
+    def put(self, obj, block=True, timeout=None):
+        self._check_open()
+        try:
+            data, bufs = serial.dumps_oob(obj)
+        except Exception as e:
+            self._on_queue_feeder_error(e, obj)
+            return
+        if self._maxsize:
+            try:
+                self._send(data, bufs, _timeout(block, timeout))
+            except _FULL:
+                raise _queue.Full from None
+            return
+        with self._cond:
+            if not self._buffer:
+                try:
+                    self._send(data, bufs, 0)
+                    return
+                except _FULL:
+                    pass
+            self._buffer.append((data, bufs))
+            if self._thread is None:
+                self._start_thread()
+            self._cond.notify()
+
+    def put_nowait(self, obj):
+        return self.put(obj, False)
+
+    def _send(self, data, bufs, timeout):
+        if bufs:
+            serial._send_framed(self._ch, data, bufs, 0, timeout)
+        else:
+            self._ch.send(data, timeout=timeout)
+
+    def _start_thread(self):
+        self._thread = threading.Thread(target=self._feed, name="QueueFeederThread", daemon=True)
+        self._thread.start()
+        # at exit: the feeder stops once it has sent what it holds, and the process waits for that
+        util.Finalize(self, Queue._finalize_close, [self._cond, self._stopping], exitpriority=10)
+        if not self._joincancelled:
+            self._finalizer = util.Finalize(
+                self, Queue._finalize_join, [weakref.ref(self._thread)], exitpriority=-5
+            )
+
+    @staticmethod
+    def _finalize_close(cond, stopping):
+        with cond:
+            stopping.append(True)
+            cond.notify()
+
+    @staticmethod
+    def _finalize_join(twr):
+        t = twr()
+        if t is not None:
+            t.join()
+
+    def _feed(self):
+        """Send what put() kept while the channel was full, in order; ends once closed and empty."""
+        while True:
+            with self._cond:
+                while not self._buffer and not self._closed and not self._stopping:
+                    self._cond.wait()
+                if not self._buffer:
+                    return
+                data, bufs = self._buffer[0]
+            try:
+                self._send(data, bufs, 0.05)
+            except _FULL:
+                continue
+            except ChannelError as e:  # the queue is gone (its creator exited): nothing can be delivered
+                self._on_queue_feeder_error(e, None)
+                with self._cond:
+                    self._buffer.clear()
+                return
+            with self._cond:
+                self._buffer.popleft()
+
+    @staticmethod
+    def _on_queue_feeder_error(e, obj):
+        """Called when an object cannot be pickled (or sent); override it to handle that differently."""
+        import traceback
+
+        traceback.print_exc()
+
+    # ---- get -------------------------------------------------------------------------------------------
+    def get(self, block=True, timeout=None):
+        self._check_open()
+        try:
+            msg = self._ch.recv_message(timeout=_timeout(block, timeout))
+        except (ChannelEmpty, ChannelTimeout):
+            raise _queue.Empty from None
+        try:
+            return serial.load(msg)
+        finally:
+            msg.release()
+            r = self._reader_conn
+            if r is not None and r._ready is not None:
+                r._ready.refresh(r)
+
+    def get_nowait(self):
+        return self.get(False)
+
+    def qsize(self):
+        """Items in the queue (including those this process still holds for the feeder)."""
+        return len(self._ch) + len(self._buffer)
+
+    def empty(self):
+        return self.qsize() == 0
+
+    def full(self):
+        return bool(self._maxsize) and len(self._ch) >= self._maxsize
+
+    @property
+    def _reader(self):
+        """A read-only Connection on the queue's channel (for multiprocessing.connection.wait())."""
+        if self._reader_conn is None:
+            self._reader_conn = Connection(None, self._sdesc)
+        return self._reader_conn
+
+    # ---- closing ---------------------------------------------------------------------------------------
+    def close(self):
+        """This process will put no more; the feeder (if any) sends what it holds, then stops."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+
+    def join_thread(self):
+        if not self._closed:
+            raise AssertionError("join_thread() needs close() first")
+        if self._thread is not None:
+            self._thread.join()
+
+    def cancel_join_thread(self):
+        """Do not wait at exit for this process's buffered items to be sent (they may be lost)."""
+        self._joincancelled = True
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+
+
+class JoinableQueue(Queue):
+    """A Queue with task_done() and join()."""
+
+    def __init__(self, maxsize=0, *, ctx=None):
+        super().__init__(maxsize, ctx=ctx)
+        ctx = ctx or _dragon_ctx()
+        self._unfinished_tasks = ctx.Semaphore(0)
+        self._jcond = ctx.Condition()
+
+    def _extra_state(self):
+        return (self._unfinished_tasks, self._jcond)
+
+    def _set_extra(self, state):
+        self._unfinished_tasks, self._jcond = state
+
+    def put(self, obj, block=True, timeout=None):
+        self._check_open()
+        with self._jcond:  # counted before it can be taken (and task_done() called for it)
+            self._unfinished_tasks.release()
+            try:
+                super().put(obj, block, timeout)
+            except BaseException:
+                self._unfinished_tasks.acquire(False)
+                raise
+
+    def task_done(self):
+        with self._jcond:
+            if not self._unfinished_tasks.acquire(False):
+                raise ValueError("task_done() called too many times")
+            if self._unfinished_tasks._semlock._is_zero():
+                self._jcond.notify_all()
+
+    def join(self):
+        with self._jcond:
+            if not self._unfinished_tasks._semlock._is_zero():
+                self._jcond.wait()
+
+
+class SimpleQueue:
+    """multiprocessing.SimpleQueue on a dragon channel (its _reader/_writer are this package's
+    Connections)."""
+
+    def __init__(self, *, ctx=None):
+        ch = heap.channel(CAPACITY, BLOCK)
+        sd = bytes(ch.sdesc)
+        self._setup(sd)
+        self._owned = heap.Owned([ch])
+
+    def _setup(self, sdesc):
+        self._sdesc = sdesc
+        self._reader = Connection(None, sdesc)
+        self._writer = Connection(sdesc, None)
+        self._owned = None
+
+    def __reduce__(self):
+        if self._owned is not None:
+            self._owned.shared = True
+        return (_rebuild_simple, (type(self), self._sdesc))
+
+    def get(self):
+        return self._reader.recv()
+
+    def put(self, obj):
+        self._writer.send(obj)
+
+    def empty(self):
+        return len(self._reader._recv) == 0
+
+    def close(self):
+        self._reader.close()
+        self._writer.close()
+
+
+def _dragon_ctx():
+    from multiprocessing import context
+
+    return context._concrete_contexts["dragon"]
+
+
+def _rebuild(cls, sdesc, maxsize, extra):
+    q = cls.__new__(cls)
+    q._setup(sdesc, maxsize)
+    if extra is not None:
+        q._set_extra(extra)
+    return q
+
+
+def _rebuild_simple(cls, sdesc):
+    q = cls.__new__(cls)
+    q._setup(sdesc)
+    return q

@@ -1,0 +1,216 @@
+"""How objects travel through this package's channels (queues, pipes, pool tasks, process start).
+
+A message is one channel message, whose first byte says what it holds:
+
+- ``0x80``: a pickle (the pickle's own PROTO opcode), sent inline or, when big, in a pool block by the
+  channel;
+- ``FRAMED``: a pickle whose large buffers (numpy arrays, bytearrays: protocol 5's out-of-band buffers) follow
+  it in the same pool block, 64-byte aligned. The sender copies each buffer once, into the block, and hands
+  the block over (``send_block``); the receiver unpickles straight from the block (``recv_message``): a
+  received array is a view of the block, which is freed when the array is gone. A framed message may also
+  carry raw bytes (``Connection.send_bytes`` of a large buffer) instead of a pickle;
+- ``RAW``: raw bytes (``Connection.send_bytes``) follow;
+- other values are control markers of the connection layer (see ``connection.py``).
+
+Everything read from a channel is checked before it is used: a frame whose lengths do not fit its message
+raises ``ChannelError``. (Unpickling itself trusts the sender, as multiprocessing does: every process of a job
+is the same user's.)
+"""
+
+import copyreg
+import io
+import pickle
+import struct
+from multiprocessing.reduction import ForkingPickler
+
+from dragon.channels import Channel
+from dragon.errors import ChannelError, PoolError
+
+PROTOCOL = 5
+FRAMED = 0x01
+RAW = 0x02
+OOB_MIN = 4096  # buffers smaller than this are pickled in-band
+RAW_FRAME_MIN = 64 * 1024  # send_bytes payloads above this go framed (one copy instead of two)
+ALIGN = 64
+_HDR = struct.Struct(
+    "<BBHIQ"
+)  # kind, flags (1: raw bytes instead of a pickle), 0, number of buffers, main length
+_LEN = struct.Struct("<Q")
+F_RAW = 1
+
+_overrides = {}  # type -> reducer: what this package pickles differently from ForkingPickler (see override())
+_table_key = None
+_table = None
+
+
+def override(cls, reducer):
+    """Pickle ``cls`` with ``reducer`` in this package's pickler (e.g. refuse what cannot cross nodes)."""
+    global _table_key
+    _overrides[cls] = reducer
+    _table_key = None
+
+
+def _dispatch_table():
+    """ForkingPickler's table plus ours, rebuilt only when a registry changed (it is read by every
+    pickler)."""
+    global _table, _table_key
+    key = (len(copyreg.dispatch_table), len(ForkingPickler._extra_reducers))
+    if key != _table_key:
+        t = dict(copyreg.dispatch_table)
+        t.update(ForkingPickler._extra_reducers)
+        t.update(_overrides)
+        _table, _table_key = t, key
+    return _table
+
+
+class Pickler(pickle.Pickler):
+    """multiprocessing's ForkingPickler with this package's overrides, protocol 5, optional out-of-band
+    buffers."""
+
+    def __init__(self, file, buffer_callback=None):
+        super().__init__(file, PROTOCOL, buffer_callback=buffer_callback)
+        self.dispatch_table = _dispatch_table()
+
+
+def dumps(obj):
+    """bytes of obj (in-band only)."""
+    f = io.BytesIO()
+    Pickler(f).dump(obj)
+    return f.getvalue()
+
+
+def dumps_oob(obj):
+    """(pickle bytes, [PickleBuffer]): buffers of at least OOB_MIN bytes are left out of the pickle."""
+    bufs = []
+
+    def keep(pb):
+        try:
+            n = pb.raw().nbytes
+        except BufferError:  # not contiguous: in-band
+            return True
+        if n < OOB_MIN:
+            return True
+        bufs.append(pb)
+        return False
+
+    f = io.BytesIO()
+    Pickler(f, buffer_callback=keep).dump(obj)
+    return f.getvalue(), bufs
+
+
+def _align(n):
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def _send_framed(ch, main, bufs, flags, timeout):
+    """One pool block: header, main (pickle or raw bytes), buffers; handed to the channel without a copy."""
+    sizes = [b.raw().nbytes for b in bufs]
+    head = _HDR.size + _LEN.size * len(sizes)
+    off = _align(head)
+    offs = []
+    pos = _align(off + len(main))
+    for n in sizes:
+        offs.append(pos)
+        pos = _align(pos + n)
+    total = max(pos, off + len(main))
+    pool = ch.pool
+    try:
+        blk = pool.alloc(total, timeout=timeout)
+    except PoolError as e:
+        if isinstance(ch, Channel):
+            raise
+        raise PoolError(
+            f"a {total}-byte message for node {ch.node} must fit in this node's staging pool ({pool.size} "
+            f"bytes; DRAGON_INFRA_POOL_SIZE sets it): {e}"
+        ) from e
+    try:
+        mv = memoryview(blk)
+        _HDR.pack_into(mv, 0, FRAMED, flags, 0, len(sizes), len(main))
+        for i, n in enumerate(sizes):
+            _LEN.pack_into(mv, _HDR.size + _LEN.size * i, n)
+        mv[off : off + len(main)] = main
+        for b, o, n in zip(bufs, offs, sizes):
+            mv[o : o + n] = b.raw().cast("B")
+        mv.release()
+        ch.send_block(blk, nbytes=total, timeout=timeout)
+    except BaseException:
+        if not blk.freed:
+            pool.free(blk)
+        raise
+
+
+def send_obj(ch, obj, timeout=None):
+    """Pickle obj into one message of ch (framed when it has large buffers)."""
+    data, bufs = dumps_oob(obj)
+    if bufs:
+        _send_framed(ch, data, bufs, 0, timeout)
+    else:
+        ch.send(data, timeout=timeout)
+
+
+def send_raw(ch, buf, timeout=None):
+    """Raw bytes (a bytes-like object) as one message."""
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes >= RAW_FRAME_MIN:
+        _send_framed(ch, mv, (), F_RAW, timeout)
+    else:
+        ch.send(b"\x02" + mv, timeout=timeout)
+
+
+def _frame(mv):
+    """-> (flags, main view, [buffer views]) of a framed message, every length checked against the message."""
+    n = mv.nbytes
+    if n < _HDR.size:
+        raise ChannelError(f"corrupt message: {n} bytes is shorter than a frame header")
+    _, flags, _, nbufs, main_len = _HDR.unpack_from(mv, 0)
+    head = _HDR.size + _LEN.size * nbufs
+    if head > n:
+        raise ChannelError(f"corrupt message: {nbufs} buffers do not fit {n} bytes")
+    off = _align(head)
+    if off + main_len > n:
+        raise ChannelError(f"corrupt message: a {main_len}-byte body does not fit {n} bytes")
+    main = mv[off : off + main_len]
+    pos = _align(off + main_len)
+    bufs = []
+    for i in range(nbufs):
+        (size,) = _LEN.unpack_from(mv, _HDR.size + _LEN.size * i)
+        if pos + size > n:
+            raise ChannelError(f"corrupt message: buffer {i} ({size} bytes) does not fit {n} bytes")
+        bufs.append(mv[pos : pos + size])
+        pos = _align(pos + size)
+    return flags, main, bufs
+
+
+def kind(msg):
+    """The first byte of a received message (a bytes-like object); ChannelError if it is empty."""
+    if not len(msg):
+        raise ChannelError("corrupt message: empty")
+    return memoryview(msg)[0]
+
+
+def load(msg):
+    """The object in a received message (bytes or a core Message). Raw bytes come back as bytes."""
+    k = kind(msg)
+    if k == 0x80:
+        return pickle.loads(msg)
+    if k == RAW:
+        return pickle.loads(memoryview(msg)[1:])
+    if k == FRAMED:
+        flags, main, bufs = _frame(memoryview(msg))
+        return pickle.loads(main, buffers=bufs) if not flags & F_RAW else pickle.loads(main)
+    raise ChannelError(f"corrupt message: unknown kind {k:#x}")
+
+
+def load_bytes(msg):
+    """The message as bytes, the way a pipe would hand them over: a pickle's bytes, or the raw payload."""
+    k = kind(msg)
+    if k == 0x80:
+        return bytes(msg)
+    if k == RAW:
+        return bytes(memoryview(msg)[1:])
+    if k == FRAMED:
+        flags, main, bufs = _frame(memoryview(msg))
+        if flags & F_RAW:
+            return bytes(main)
+        return dumps(pickle.loads(main, buffers=bufs))  # rare: the bytes of a pickle whose buffers were apart
+    raise ChannelError(f"corrupt message: unknown kind {k:#x}")

@@ -1,0 +1,20 @@
+"""The 'dragon' start method across nodes: ``mpiexec -n 3 dragon-launch --virtual-nodes app`` (every rank a
+node with its own segments: objects made on node 0 are used from nodes 1 and 2 through the transport agents).
+Processes go round-robin over the nodes by default. Nothing may be left behind (mpi_util.launch checks the
+processes, conftest the segments)."""
+
+import os
+
+import mpi_util
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+APPS = os.path.join(os.path.dirname(__file__), "mpi_apps")
+
+
+@pytest.mark.timeout(200)
+def test_objects_between_processes_on_three_nodes():
+    res = mpi_util.launch(3, os.path.join(APPS, "mp_objects_app.py"), timeout=190)
+    assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout + res.stderr
+    assert "every item once (children on nodes [0, 1, 2])" in res.stdout
