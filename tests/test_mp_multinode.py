@@ -18,3 +18,18 @@ def test_objects_between_processes_on_three_nodes():
     res = mpi_util.launch(3, os.path.join(APPS, "mp_objects_app.py"), timeout=190)
     assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout + res.stderr
     assert "every item once (children on nodes [0, 1, 2])" in res.stdout
+
+
+@pytest.mark.timeout(200)
+def test_pool_and_executor_with_workers_on_three_nodes():
+    res = mpi_util.launch(3, os.path.join(APPS, "mp_pool_app.py"), timeout=190)
+    assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout + res.stderr
+    assert (
+        "errors (workers on nodes [0, 1, 2])" in res.stdout and "(workers on nodes [0, 1, 2])" in res.stdout
+    )
+
+
+@pytest.mark.timeout(90)
+def test_an_app_that_dies_with_a_busy_pool_on_three_nodes_leaves_nothing_behind():
+    res = mpi_util.launch(3, os.path.join(APPS, "mp_pool_app.py"), "crash", timeout=80)
+    assert "crashing" in res.stdout and res.returncode == 3, res.stdout + res.stderr

@@ -24,6 +24,7 @@ from dragon.mp import context, popen
 import dragon.mp.connection  # noqa: F401, E402  isort: skip
 import dragon.mp.queues  # noqa: F401, E402  isort: skip
 import dragon.mp.synchronize  # noqa: F401, E402  isort: skip
+import dragon.mp.pool  # noqa: F401, E402  isort: skip
 
 
 def _payload():

@@ -20,7 +20,9 @@ is the same user's.)
 import copyreg
 import io
 import pickle
+import socket
 import struct
+from multiprocessing import connection as _mpconn
 from multiprocessing.reduction import ForkingPickler
 
 from dragon.channels import Channel
@@ -48,6 +50,25 @@ def override(cls, reducer):
     global _table_key
     _overrides[cls] = reducer
     _table_key = None
+
+
+def _reduce_fd_connection(conn):
+    from dragon.mp import relay
+
+    return relay.reduce_fd_connection(conn)
+
+
+def _refuse_socket(sock):
+    from dragon.errors import NotSupported
+
+    raise NotSupported(
+        f"{sock!r} cannot be sent to a dragon process: a socket is a file descriptor, and the process may "
+        "run on another node"
+    )
+
+
+override(_mpconn.Connection, _reduce_fd_connection)
+override(socket.socket, _refuse_socket)
 
 
 def _dispatch_table():

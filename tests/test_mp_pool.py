@@ -1,0 +1,42 @@
+"""Pool and ProcessPoolExecutor of the 'dragon' start method on one node (tests/mpi_apps/mp_pool_app.py; the
+same app runs across three virtual nodes in test_mp_multinode.py), and an app that dies with a busy pool."""
+
+import os
+import subprocess
+import time
+
+import pytest
+from test_runtime_util import launch_cmd, launch_env
+
+APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "mp_pool_app.py")
+
+
+def _run(tmp_path, *args, timeout=190):
+    mark = os.urandom(6).hex()
+    r = subprocess.run(
+        launch_cmd(APP, *args),
+        cwd=tmp_path,
+        env=launch_env({"DRAGON_TEST_MARK": mark}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    from mpi_util import marked
+
+    deadline = time.monotonic() + 5
+    while marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not marked(mark), "processes left behind"
+    return r
+
+
+@pytest.mark.timeout(200)
+def test_pool_and_executor_on_one_node(tmp_path):
+    r = _run(tmp_path)
+    assert "ALL OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+@pytest.mark.timeout(60)
+def test_an_app_that_dies_with_a_busy_pool_leaves_nothing_behind(tmp_path):
+    r = _run(tmp_path, "crash", timeout=50)
+    assert "crashing" in r.stdout and r.returncode == 3, r.stdout + r.stderr
