@@ -15,7 +15,7 @@ import os
 import pickle
 import signal
 import threading
-from multiprocessing import process, spawn, util
+from multiprocessing import process, resource_tracker, spawn, util
 
 import dragon  # noqa: F401
 from dragon.mp import context, popen
@@ -40,6 +40,19 @@ def _payload():
         ch.close()
 
 
+def _share_tracker():
+    """Use the parent's resource tracker (as 'spawn' does), when the parent passed it (same node)."""
+    text = os.environ.pop(popen.TRACKER_ENV, None)
+    if text:
+        pid, fd = text.split(":")
+        try:
+            fd = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # the parent is gone: this process starts its own tracker if it needs one
+        os.set_blocking(fd, True)
+        resource_tracker._resource_tracker._fd = fd
+
+
 def _watch_parent(sentinel):
     """A daemon Process ends when its parent does (even one that was killed)."""
     import select
@@ -53,6 +66,7 @@ def _watch_parent(sentinel):
 
 def main():
     context.register()
+    _share_tracker()
     data = memoryview(_payload())
     n = int.from_bytes(data[:8], "little")
     process.current_process()._inheriting = True

@@ -225,18 +225,19 @@ class Connection:
         return data
 
     def recv_bytes_into(self, buf, offset=0):
-        """Receive one message into a writable buffer at offset; returns its length (BufferTooShort if it does
-        not fit: the exception's args[0] is the whole message)."""
+        """Receive one message into a writable buffer, ``offset`` bytes in; returns its length in bytes
+        (BufferTooShort if it does not fit: the exception's args[0] is the whole message)."""
         with memoryview(buf) as m:
-            itemsize = m.itemsize
             size = m.nbytes
-            if offset < 0 or offset > size:
-                raise ValueError("offset out of bounds")
+            if offset < 0:
+                raise ValueError("negative offset")
+            if offset > size:
+                raise ValueError("offset too large")
             data = self.recv_bytes()
             if len(data) > size - offset:
                 raise BufferTooShort(data)
             m.cast("B")[offset : offset + len(data)] = data
-        return len(data) // itemsize if itemsize > 1 else len(data)
+        return len(data)
 
     def poll(self, timeout=0.0):
         """Whether there is something to read (or end of file) within timeout seconds (None: wait)."""

@@ -244,6 +244,10 @@ class _PoolState:
             self.kick_reaper()
             self.fail_all(WorkerLostError("the pool was terminated before this task finished"))
 
+    def work_left(self):
+        with self.lock:
+            return bool(self.sources or self.requeued)
+
     def finished(self):
         """close(): every task handed out and answered, every worker told to stop and gone."""
         with self.lock:
@@ -334,7 +338,7 @@ class _PoolState:
             )
             self.set(job, i, (False, err))
             self.requeued.extendleft(reversed(w.held))
-        if self.state == RUN:
+        if self.state == RUN or (self.state == CLOSE and self.work_left()):
             with self.lock:
                 self.start_worker()
             self.kick_reaper()

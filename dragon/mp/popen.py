@@ -13,27 +13,30 @@ children).
 """
 
 import base64
+import fcntl
 import itertools
 import os
 import select
 import signal
+import stat
 import threading
 from multiprocessing import context as _mpctx
-from multiprocessing import spawn, util
+from multiprocessing import resource_tracker, spawn, util
 
-from dragon.errors import NotSupported, ProcessError
+from dragon.errors import ChannelError, NotSupported, ProcessError
 from dragon.mp import heap, serial
 
 BOOT = "from dragon.mp._child import main; main()"
 BOOT_ENV = "DRAGON_MP_BOOT"  # the pickles, base64
 BOOT_CD_ENV = "DRAGON_MP_BOOT_CD"  # or: the sdesc (hex) of a channel holding them
 PARENT_ENV = "DRAGON_MP_PARENT"  # "p_uid:node:pid" of the parent
+TRACKER_ENV = "DRAGON_MP_TRACKER"  # "pid:fd": the parent's resource tracker pipe, for a child on its node
 BOOT_ENV_MAX = 64 * 1024
 # variables a child does not take from its parent: the runtime's (set by the child's shepherd), and, for a
 # child on another node, what describes the parent's node or its place in Slurm/MPI
 _NOT_INHERITED = ("DRAGON_",)
 _NODE_LOCAL = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_", "I_MPI_", "HOSTNAME")
-_PASSED_DRAGON = ("DRAGON_MP_", "DRAGON_ZYGOTE_PRELOAD", "DRAGON_LOG", "DRAGON_REQUEST_TIMEOUT")
+_PASSED_DRAGON = ("DRAGON_MP_HEAP_SIZE", "DRAGON_ZYGOTE_PRELOAD", "DRAGON_LOG", "DRAGON_REQUEST_TIMEOUT")
 
 _rr = itertools.count()
 _nodes = None
@@ -70,6 +73,52 @@ def child_env(node):
     return env
 
 
+class _Held:
+    """What a Popen keeps for its child: descriptors the child reopens (until it exits), the boot channel, the
+    sentinel (until the Popen is closed). Apart from the Popen, so that its finalizer holds no reference to
+    it."""
+
+    __slots__ = ("fds", "chans", "sentinel", "wakeup")
+
+    def __init__(self):
+        self.fds, self.chans = [], []
+        self.sentinel = self.wakeup = None
+
+    def child_done(self):
+        fds, self.fds = self.fds, []
+        chans, self.chans = self.chans, []
+        for fd in fds:
+            os.close(fd)
+        for ch in chans:
+            try:
+                ch.destroy()
+            except ChannelError:
+                pass
+        w, self.wakeup = self.wakeup, None
+        if w is not None:
+            os.close(w)
+
+    def close(self):
+        self.child_done()
+        fd, self.sentinel = self.sentinel, None
+        if fd is not None:
+            os.close(fd)
+
+
+class _ProcFd:
+    """A descriptor of the parent that a child on the same node reopens through /proc (multiprocessing's
+    DupFd: a heap arena, a file). The parent keeps its copy open until the child has exited."""
+
+    def __init__(self, pid, fd):
+        self.pid, self.fd = pid, fd
+        self.mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+    def detach(self):
+        fd = os.open(f"/proc/{self.pid}/fd/{self.fd}", self.mode | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        return fd
+
+
 class DragonPopen:
     method = "dragon"
 
@@ -77,85 +126,88 @@ class DragonPopen:
         util._flush_std_streams()
         self.returncode = None
         self.finalizer = None
-        self._boot_ch = None
-        self._wakeup = None  # write end of a remote child's sentinel pipe
+        self._held = _Held()
         self._launch(process_obj)
 
-    # multiprocessing's reducers ask the Popen to pass file descriptors to the child (fd-based Connections,
-    # sockets): a dragon process may run on another node, so it cannot take them
+    # multiprocessing's reducers ask the Popen for file descriptors (a heap arena, the resource tracker's
+    # pipe): a child on this node reopens them through /proc; a child on another node cannot have them
     def duplicate_for_child(self, fd):
-        raise NotSupported(
-            f"file descriptor {fd} cannot be passed to a dragon process (it may run on another node): pass a "
-            "dragon Pipe/Queue instead of an fd-based connection or a socket"
-        )
+        if self.node != heap.here():
+            raise NotSupported(
+                f"file descriptor {fd} cannot be passed to a process on node {self.node}: use a dragon "
+                "Queue/Pipe/Value, or place the process on this node (node=, dragon.mp.placement)"
+            )
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise NotSupported(
+                f"a socket (file descriptor {fd}) cannot be passed to a dragon process: use a dragon Pipe"
+            )
+        dup = os.dup(fd)
+        self._held.fds.append(dup)
+        return dup
 
     def DupFd(self, fd):
-        return self.duplicate_for_child(fd)
+        return _ProcFd(os.getpid(), fd)
 
     def _launch(self, process_obj):
         from dragon.globalservices import process
         from dragon.globalservices.process import ProcessOptions
 
+        self.node = pick_node(process_obj)
+        env = child_env(self.node)
+        env[PARENT_ENV] = f"{os.environ.get('DRAGON_PUID', '0')}:{heap.here()}:{os.getpid()}"
         prep = spawn.get_preparation_data(process_obj._name)
         _mpctx.set_spawning_popen(self)
         try:
             prep = serial.dumps(prep)
             payload = len(prep).to_bytes(8, "little") + prep + serial.dumps(process_obj)
+            tracker = resource_tracker._resource_tracker._fd
+            if tracker is not None and self.node == heap.here():  # share it, as 'spawn' does
+                env[TRACKER_ENV] = f"{os.getpid()}:{self.duplicate_for_child(tracker)}"
+        except BaseException:
+            self._held.close()
+            raise
         finally:
             _mpctx.set_spawning_popen(None)
-        node = pick_node(process_obj)
-        env = child_env(node)
-        env[PARENT_ENV] = f"{os.environ.get('DRAGON_PUID', '0')}:{heap.here()}:{os.getpid()}"
         if len(payload) <= BOOT_ENV_MAX:
             env[BOOT_ENV] = base64.b64encode(payload).decode()
         else:
-            self._boot_ch = heap.channel(capacity=1, block_size=64)
-            self._boot_ch.send(payload)
-            env[BOOT_CD_ENV] = bytes(self._boot_ch.sdesc).hex()
+            ch = heap.channel(capacity=1, block_size=64)
+            self._held.chans.append(ch)
+            ch.send(payload)
+            env[BOOT_CD_ENV] = bytes(ch.sdesc).hex()
         exe = os.fsdecode(spawn.get_executable())
         args = [*util._args_from_interpreter_flags(), "-c", BOOT]
         try:
             desc = process.create(
-                exe, os.getcwd(), args, env=env, options=ProcessOptions(node=node, zygote=True)
+                exe, os.getcwd(), args, env=env, options=ProcessOptions(node=self.node, zygote=True)
             )
         except BaseException:
-            self._drop_boot()
+            self._held.close()
             raise
         self.pid = desc.pid
         self.p_uid = desc.p_uid
-        self.node = desc.node
         if desc.node == heap.here():
             try:
                 self.sentinel = os.pidfd_open(desc.pid)
             except ProcessLookupError:  # gone already (its exit code comes from global services)
                 self.sentinel = _ready_fd()
         else:
-            self.sentinel, self._wakeup = os.pipe()
+            self.sentinel, self._held.wakeup = os.pipe()
             watcher().add(self)
-        self.finalizer = util.Finalize(self, _close_all, (self,))
-
-    def _drop_boot(self):
-        ch, self._boot_ch = self._boot_ch, None
-        if ch is not None:
-            try:
-                ch.destroy()
-            except Exception:
-                pass
+        self._held.sentinel = self.sentinel
+        self.finalizer = util.Finalize(self, self._held.close)
 
     def _exited(self, code):
         """The child has exited with code (from global services)."""
         if self.returncode is None:
             self.returncode = code
-        self._drop_boot()
-        w, self._wakeup = self._wakeup, None
-        if w is not None:
-            os.close(w)
+        self._held.child_done()
 
     def poll(self, flag=os.WNOHANG):
         if self.returncode is None:
-            if self._wakeup is None and not _readable(self.sentinel):
+            if self._held.wakeup is None and not _readable(self.sentinel):
                 return None  # a child on this node that has not exited: no need to ask
-            return self.wait(None if self._wakeup is None else 0)
+            return self.wait(None if self._held.wakeup is None else 0)
         return self.returncode
 
     def wait(self, timeout=None):
@@ -188,20 +240,9 @@ class DragonPopen:
     def close(self):
         if self.finalizer is not None:
             self.finalizer()
-
-
-def _close_all(popen):
-    for fd in (popen.sentinel, popen._wakeup):
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    popen._wakeup = None
-    popen._drop_boot()
-    w = _watcher
-    if w is not None:
-        w.discard(popen)
+        w = _watcher
+        if w is not None:
+            w.discard(self)
 
 
 def _readable(fd):

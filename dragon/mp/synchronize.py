@@ -46,13 +46,10 @@ class _TokenSemaphore:
             raise ValueError("semaphore initial value is larger than its maximum")
         exact = maxvalue <= MAX_UNITS
         ch = heap.channel(maxvalue if exact else COUNTED_CAPACITY, 8)
-        if exact:
-            if value:
-                ch.send_many([_ONE] * value, timeout=0)
-        elif value:
-            ch.send(_TOKEN.pack(value), timeout=0)
         self._setup(bytes(ch.sdesc), maxvalue, ch)
         self._owned = heap.Owned([ch])
+        if value:
+            self._put(value)
 
     def _setup(self, sdesc, maxvalue, ch=None):
         self._sdesc, self._maxvalue = sdesc, maxvalue
@@ -101,31 +98,33 @@ class _TokenSemaphore:
             return False
         except ChannelError as e:
             raise OSError(f"{self._kind} is gone: {e}") from e
-        if not self._exact:
-            (n,) = _TOKEN.unpack(data) if len(data) == _TOKEN.size else (1,)
+        if not self._exact and data != _ONE:
+            n = _TOKEN.unpack(data)[0] if len(data) == _TOKEN.size else 1
             if n > 1:
                 self._put(n - 1)
         return True
 
     def _put(self, n):
-        """Add n units (raise ValueError if a bounded semaphore would exceed its maximum)."""
-        if self._exact:
+        """Add n units as unit tokens while they fit (so get_value() stays exact); raise ValueError if a
+        bounded semaphore would exceed its maximum; past the capacity, merge the rest into one token."""
+        while n > 0:
             try:
                 self._ch.send(_ONE, timeout=0)
+                n -= 1
+                continue
             except ChannelFull:
-                raise ValueError("semaphore or lock released too many times") from None
-            return
-        while True:
-            try:
-                self._ch.send(_TOKEN.pack(n), timeout=0)
-                return
-            except ChannelFull:
-                pass
-            try:  # full of tokens: merge one into ours and try again
+                if self._exact:
+                    raise ValueError("semaphore or lock released too many times") from None
+            try:  # full of tokens: merge one into ours and send that
                 data = self._ch.recv(timeout=0)
             except _EMPTY:
                 continue
-            n += _TOKEN.unpack(data)[0] if len(data) == _TOKEN.size else 1
+            m = _TOKEN.unpack(data)[0] if len(data) == _TOKEN.size else 1
+            try:
+                self._ch.send(_TOKEN.pack(m + n), timeout=0)
+                n = 0
+            except ChannelFull:  # someone filled the slot we freed: keep what we hold and try again
+                n += m
 
     def acquire(self, block=True, timeout=None):
         if not self._take(block, timeout):
