@@ -394,8 +394,12 @@ def _become(req_msg, out, err):
             os.dup2(fd, target)
             os.close(fd)
     os.chdir(req_msg["cwd"])
-    os.environ.clear()
-    os.environ.update(req_msg["env"])
+    env = req_msg["env"]
+    for k in [k for k in os.environ if k not in env]:
+        del os.environ[k]
+    for k, v in env.items():  # only what differs from the zygote's (most of it does not)
+        if os.environ.get(k) != v:
+            os.environ[k] = v
     return req_msg["prog"]
 
 
@@ -436,6 +440,9 @@ def main():
                     __import__(name.strip())
                 except Exception as e:  # the user's list: the zygote works without it
                     print(f"dragon zygote: cannot preload {name.strip()!r}: {e!r}", file=sys.stderr)
+        import gc
+
+        gc.freeze()  # what is here now stays out of the children's collections (no copy-on-write faults)
         req.send(b"ready" + msgpack.packb(subprocess._args_from_interpreter_flags()))
     except BaseException as e:
         try:

@@ -10,34 +10,56 @@ faults for nothing). A daemon Process also watches its parent and terminates its
 
 import atexit
 import base64
+import marshal
 import multiprocessing  # noqa: F401 (registers the start method: dragon's import hook, or register() below)
 import os
 import pickle
+import runpy
 import signal
+import sys
 import threading
+import types
 from multiprocessing import process, resource_tracker, spawn, util
 
 import dragon  # noqa: F401
-from dragon.mp import context, popen
+from dragon.mp import context, heap, popen
 
 # what the zygote preloads along with this module: the modules a child usually needs
 import dragon.mp.connection  # noqa: F401, E402  isort: skip
 import dragon.mp.queues  # noqa: F401, E402  isort: skip
 import dragon.mp.synchronize  # noqa: F401, E402  isort: skip
 import dragon.mp.pool  # noqa: F401, E402  isort: skip
+import pkgutil  # noqa: F401, E402  isort: skip  (spawn.prepare imports the main module with runpy, which uses it)
 
 
 def _payload():
     text = os.environ.pop(popen.BOOT_ENV, None)
     if text is not None:
         return base64.b64decode(text)
-    from dragon.mp import heap
-
     ch = heap.attach(bytes.fromhex(os.environ.pop(popen.BOOT_CD_ENV)))
     try:
         return ch.recv(timeout=60)
     finally:
         ch.close()
+
+
+def _prepare(prep):
+    """spawn.prepare, except that the main script arrives compiled from the parent (when it could send it):
+    __mp_main__ is made as spawn makes it (runpy's way of running a script), without compiling it again."""
+    code = prep.pop("dragon_main_code", None)
+    path = prep.get("init_main_from_path")
+    if code is None or path is None:
+        return spawn.prepare(prep)
+    del prep["init_main_from_path"]
+    spawn.prepare(prep)
+    current = sys.modules["__main__"]
+    if os.path.splitext(os.path.basename(path))[0] == "ipython" or getattr(current, "__file__", None) == path:
+        return  # as spawn._fixup_main_from_path
+    spawn.old_main_modules.append(current)
+    main_module = types.ModuleType("__mp_main__")
+    content = runpy._run_module_code(marshal.loads(code), None, "__mp_main__", pkg_name="", script_name=path)
+    main_module.__dict__.update(content)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = main_module
 
 
 def _share_tracker():
@@ -71,10 +93,12 @@ def main():
     n = int.from_bytes(data[:8], "little")
     process.current_process()._inheriting = True
     try:
-        spawn.prepare(pickle.loads(data[8 : 8 + n]))
+        _prepare(pickle.loads(data[8 : 8 + n]))
         obj = pickle.loads(data[8 + n :])
     finally:
         del process.current_process()._inheriting
+    text = os.environ.pop(popen.STATUS_ENV, None)
+    status = heap.attach(bytes.fromhex(text)) if text else None
     sentinel = popen._parent_sentinel()
     if obj.daemon and sentinel is not None:
         _watch_parent(sentinel)
@@ -83,4 +107,15 @@ def main():
         atexit._run_exitfuncs()
     finally:
         util._flush_std_streams()
+        _say_exit(status, code)
         os._exit(code)
+
+
+def _say_exit(status, code):
+    """Tell the parent (on this node) the exit code, so it need not ask global services."""
+    if status is None:
+        return
+    try:
+        status.send(popen._STATUS.pack(popen.STATUS_MAGIC, code), timeout=0)
+    except Exception:  # the parent is gone, or its heap: global services still knows
+        pass

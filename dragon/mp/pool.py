@@ -27,7 +27,7 @@ from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
 from dragon.mp import heap, serial
 
 RUN, CLOSE, TERMINATE = _mpool.RUN, _mpool.CLOSE, _mpool.TERMINATE
-CREDITS = 4  # tasks a worker may hold (the one it runs and the next ones)
+CREDITS = 4  # tasks a worker may hold (the one it runs and the next ones), handed over in one message
 RESULTS_CAPACITY = 4096
 BLOCK = 512
 
@@ -57,31 +57,51 @@ def _describe_exit(code):
 
 
 # ---- the worker ----------------------------------------------------------------------------------------
+def _run(task):
+    job, i, func, args, kwds = task
+    try:
+        return (job, i, (True, func(*args, **kwds)))
+    except Exception as e:
+        return (job, i, (False, ExceptionWithTraceback(e, e.__traceback__)))
+
+
+def _answer(results, wid, done):
+    """Send finished tasks' results in one message (a result that cannot be pickled: MaybeEncodingError)."""
+    try:
+        serial.send_obj(results, ("done", wid, done))
+    except ChannelError:
+        raise
+    except Exception:
+        fixed = []
+        for job, i, result in done:
+            try:
+                serial.dumps_oob(result)
+            except Exception as e:
+                result = (False, MaybeEncodingError(e, result[1]))
+            fixed.append((job, i, result))
+        serial.send_obj(results, ("done", wid, fixed))
+
+
 def worker(results_sd, wid, initializer, initargs, maxtasks, credits):
-    """A pool worker: take tasks from its own inbox, answer on the pool's result channel."""
+    """A pool worker: take tasks from its own inbox (in batches: what the pool could hand out at once), answer
+    each on the pool's result channel before it starts the next one (so the oldest unanswered task of a worker
+    that died is the one it was running)."""
     results = heap.attach(results_sd)
     inbox = heap.channel(credits + 1, BLOCK)
     if initializer is not None:
         initializer(*initargs)
     serial.send_obj(results, ("ready", wid, bytes(inbox.sdesc)))
     completed = 0
+    tasks = collections.deque()
     while maxtasks is None or completed < maxtasks:
-        msg = inbox.recv_message()
-        task = serial.load(msg)
-        msg.release()
-        if task is None:
-            break
-        job, i, func, args, kwds = task
-        try:
-            result = (True, func(*args, **kwds))
-        except Exception as e:
-            result = (False, ExceptionWithTraceback(e, e.__traceback__))
-        try:
-            serial.send_obj(results, ("done", wid, job, i, result))
-        except Exception as e:
-            wrapped = MaybeEncodingError(e, result[1])
-            serial.send_obj(results, ("done", wid, job, i, (False, wrapped)))
-        task = job = result = func = args = kwds = None
+        if not tasks:
+            msg = inbox.recv_message()
+            batch = serial.load(msg)
+            msg.release()
+            if batch is None:
+                break
+            tasks.extend(batch)
+        _answer(results, wid, [_run(tasks.popleft())])
         completed += 1
 
 
@@ -279,25 +299,45 @@ class _PoolState:
         return None
 
     def dispatch(self):
-        """Hand tasks to every ready worker with room, until tasks or room run out."""
+        """Hand tasks to every ready worker with room (one message per worker), until tasks or room run
+        out."""
         limit = self.maxtasks
         for w in list(self.workers.values()):
-            while w.ready and not w.stopping and len(w.held) < CREDITS and (limit is None or w.sent < limit):
+            if not w.ready or w.stopping:
+                continue
+            room = CREDITS - len(w.held)
+            if limit is not None:
+                room = min(room, limit - w.sent)
+            batch = []
+            while len(batch) < room:
                 task = self.next_task()
                 if task is None:
-                    return
-                try:
-                    serial.send_obj(w.inbox, task)
-                except ChannelError as e:  # the worker's inbox is gone: it is dying; the reaper will say
-                    self.requeued.appendleft(task)
-                    w.ready = False
-                    util.debug(f"pool worker {w.wid} cannot take tasks: {e}")
                     break
-                except Exception as e:  # the task cannot be pickled
-                    self.set(task[0], task[1], (False, e))
-                    continue
-                w.held.append(task)
-                w.sent += 1
+                batch.append(task)
+            if not batch:
+                if room > 0:
+                    return  # no task left for anyone
+                continue
+            try:
+                serial.send_obj(w.inbox, batch)
+            except ChannelError as e:  # the worker's inbox is gone: it is dying; the reaper will say
+                self.requeued.extendleft(reversed(batch))
+                w.ready = False
+                util.debug(f"pool worker {w.wid} cannot take tasks: {e}")
+                continue
+            except Exception:  # a task cannot be pickled: fail it, hand out the others
+                good = []
+                for task in batch:
+                    try:
+                        serial.dumps_oob(task)
+                        good.append(task)
+                    except Exception as e:
+                        self.set(task[0], task[1], (False, e))
+                if good:
+                    self.requeued.extendleft(reversed(good))
+                continue
+            w.held.extend(batch)
+            w.sent += len(batch)
 
     def set(self, job, i, obj):
         try:
@@ -308,11 +348,12 @@ class _PoolState:
     def handle(self, msg):
         kind = msg[0]
         if kind == "done":
-            _, wid, job, i, result = msg
+            _, wid, done = msg
             w = self.workers.get(wid)
-            if w is not None and w.held:
-                w.held.popleft()
-            self.set(job, i, result)
+            for job, i, result in done:
+                if w is not None and w.held:
+                    w.held.popleft()
+                self.set(job, i, result)
         elif kind == "ready":
             _, wid, inbox = msg
             w = self.workers.get(wid)

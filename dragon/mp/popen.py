@@ -15,11 +15,15 @@ children).
 import base64
 import fcntl
 import itertools
+import marshal
 import os
 import select
 import signal
 import stat
+import struct
+import sys
 import threading
+import time
 from multiprocessing import context as _mpctx
 from multiprocessing import resource_tracker, spawn, util
 
@@ -31,6 +35,11 @@ BOOT_ENV = "DRAGON_MP_BOOT"  # the pickles, base64
 BOOT_CD_ENV = "DRAGON_MP_BOOT_CD"  # or: the sdesc (hex) of a channel holding them
 PARENT_ENV = "DRAGON_MP_PARENT"  # "p_uid:node:pid" of the parent
 TRACKER_ENV = "DRAGON_MP_TRACKER"  # "pid:fd": the parent's resource tracker pipe, for a child on its node
+STATUS_ENV = (
+    "DRAGON_MP_STATUS_CD"  # sdesc (hex) of the channel a child on the parent's node says its exit code in
+)
+STATUS_MAGIC = 0x5A
+_STATUS = struct.Struct("<Bq")
 BOOT_ENV_MAX = 64 * 1024
 # variables a child does not take from its parent: the runtime's (set by the child's shepherd), and, for a
 # child on another node, what describes the parent's node or its place in Slurm/MPI
@@ -78,11 +87,11 @@ class _Held:
     sentinel (until the Popen is closed). Apart from the Popen, so that its finalizer holds no reference to
     it."""
 
-    __slots__ = ("fds", "chans", "sentinel", "wakeup")
+    __slots__ = ("fds", "chans", "sentinel", "wakeup", "status")
 
     def __init__(self):
         self.fds, self.chans = [], []
-        self.sentinel = self.wakeup = None
+        self.sentinel = self.wakeup = self.status = None
 
     def child_done(self):
         fds, self.fds = self.fds, []
@@ -97,6 +106,12 @@ class _Held:
         w, self.wakeup = self.wakeup, None
         if w is not None:
             os.close(w)
+        st, self.status = self.status, None
+        if st is not None:
+            try:
+                st.destroy()
+            except ChannelError:
+                pass
 
     def close(self):
         self.child_done()
@@ -156,6 +171,9 @@ class DragonPopen:
         env = child_env(self.node)
         env[PARENT_ENV] = f"{os.environ.get('DRAGON_PUID', '0')}:{heap.here()}:{os.getpid()}"
         prep = spawn.get_preparation_data(process_obj._name)
+        main_code = _main_code(prep)
+        if main_code is not None:
+            prep["dragon_main_code"] = main_code
         _mpctx.set_spawning_popen(self)
         try:
             prep = serial.dumps(prep)
@@ -175,6 +193,11 @@ class DragonPopen:
             self._held.chans.append(ch)
             ch.send(payload)
             env[BOOT_CD_ENV] = bytes(ch.sdesc).hex()
+        if (
+            self.node == heap.here()
+        ):  # the child says its exit code here: no round trip through GS to learn it
+            self._held.status = heap.channel(capacity=1, block_size=16)
+            env[STATUS_ENV] = bytes(self._held.status.sdesc).hex()
         exe = os.fsdecode(spawn.get_executable())
         args = [*util._args_from_interpreter_flags(), "-c", BOOT]
         try:
@@ -203,11 +226,32 @@ class DragonPopen:
             self.returncode = code
         self._held.child_done()
 
+    def _from_status(self):
+        """The exit code the child said before exiting (it has exited: its pidfd is readable), or None if it
+        did not say (killed by a signal): then global services knows it."""
+        st = self._held.status
+        if st is None:
+            return None
+        try:
+            data = st.recv(timeout=0)
+        except ChannelError:
+            return None
+        if len(data) != _STATUS.size:
+            return None
+        magic, code = _STATUS.unpack(data)
+        return code if magic == STATUS_MAGIC else None
+
     def poll(self, flag=os.WNOHANG):
         if self.returncode is None:
-            if self._held.wakeup is None and not _readable(self.sentinel):
-                return None  # a child on this node that has not exited: no need to ask
-            return self.wait(None if self._held.wakeup is None else 0)
+            if self._held.wakeup is None:  # a child on this node: its pidfd says whether it exited
+                if not _readable(self.sentinel, 0):
+                    return None
+                code = self._from_status()
+                if code is not None:
+                    self._exited(code)
+                    return code
+                return self.wait(None)
+            return self.wait(0)
         return self.returncode
 
     def wait(self, timeout=None):
@@ -216,6 +260,14 @@ class DragonPopen:
 
             if timeout is not None:
                 timeout = max(0.0, timeout)
+            if self._held.wakeup is None and self.sentinel is not None:
+                if not _readable(self.sentinel, timeout):
+                    return None
+                code = self._from_status()
+                if code is not None:
+                    self._exited(code)
+                    return code
+                timeout = None  # it has exited: global services will know at once
             code = process.join(self.p_uid, timeout)
             if code is not None:
                 self._exited(code)
@@ -245,10 +297,45 @@ class DragonPopen:
             w.discard(self)
 
 
-def _readable(fd):
+_main_cache = {}
+
+
+def _main_code(prep):
+    """The main script compiled (marshal), for a child that imports it as __mp_main__: compiling it again in
+    every child is most of a child's start. None when the child cannot use it (another interpreter, a main
+    module imported by name) or the file cannot be read; cached per file version."""
+    path = prep.get("init_main_from_path")
+    if path is None or os.path.realpath(os.fsdecode(spawn.get_executable())) != os.path.realpath(
+        sys.executable
+    ):
+        return None
+    try:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
+        code = _main_cache.get(key)
+        if code is None:
+            with open(path, "rb") as f:
+                source = f.read()
+            code = marshal.dumps(compile(source, path, "exec", dont_inherit=True))
+            _main_cache.clear()
+            _main_cache[key] = code
+        return code
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _readable(fd, timeout):
+    """Whether fd becomes readable within timeout seconds (None: wait). Signals get through (PEP 475)."""
     p = select.poll()
     p.register(fd, select.POLLIN)
-    return bool(p.poll(0))
+    if timeout is None:
+        return bool(p.poll())
+    deadline = time.monotonic() + timeout
+    while True:
+        if p.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
 def _ready_fd():

@@ -28,6 +28,9 @@ from dragon.mp.connection import Connection
 CAPACITY = 1024
 MAX_CAPACITY = 1 << 16
 BLOCK = 512
+SPILL_WAIT = (
+    0.001  # an unbounded queue's put waits this long for room before it keeps the item for the feeder
+)
 _FULL = (ChannelFull, ChannelTimeout)
 
 
@@ -57,6 +60,7 @@ class Queue:
         self._buffer = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._thread = None
+        self._sending = False  # the feeder is sending the buffer's head (outside the lock)
         self._stopping = []  # non-empty: the process is exiting (a list, so the finalizer needs no ref to us)
         self._joincancelled = False
         self._finalizer = None
@@ -87,17 +91,20 @@ class Queue:
             except _FULL:
                 raise _queue.Full from None
             return
+        if not self._buffer:  # nothing of ours waits: straight into the channel
+            try:
+                self._send(data, bufs, SPILL_WAIT)
+                return
+            except _FULL:
+                pass
         with self._cond:
-            if not self._buffer:
-                try:
-                    self._send(data, bufs, 0)
-                    return
-                except _FULL:
-                    pass
             self._buffer.append((data, bufs))
-            if self._thread is None:
-                self._start_thread()
-            self._cond.notify()
+            if not self._sending:
+                self._flush_locked()
+            if self._buffer:
+                if self._thread is None:
+                    self._start_thread()
+                self._cond.notify()
 
     def put_nowait(self, obj):
         return self.put(obj, False)
@@ -130,26 +137,48 @@ class Queue:
         if t is not None:
             t.join()
 
+    def _flush_locked(self):
+        """Send what this process keeps, in order, while it fits (the caller holds _cond; nobody is
+        sending)."""
+        buf = self._buffer
+        while buf:
+            data, bufs = buf[0]
+            try:
+                self._send(data, bufs, 0)
+            except _FULL:
+                return
+            buf.popleft()
+
     def _feed(self):
-        """Send what put() kept while the channel was full, in order; ends once closed and empty."""
+        """Send what put() kept while the channel was full, in order; ends once closed (or exiting) and empty.
+        put() itself sends what fits whenever it runs; this thread waits for room when nobody puts."""
         while True:
             with self._cond:
                 while not self._buffer and not self._closed and not self._stopping:
                     self._cond.wait()
+                self._flush_locked()
                 if not self._buffer:
-                    return
+                    if self._closed or self._stopping:
+                        return
+                    continue
                 data, bufs = self._buffer[0]
+                self._sending = True
+            sent = False
             try:
                 self._send(data, bufs, 0.05)
+                sent = True
             except _FULL:
-                continue
+                pass
             except ChannelError as e:  # the queue is gone (its creator exited): nothing can be delivered
                 self._on_queue_feeder_error(e, None)
                 with self._cond:
                     self._buffer.clear()
+                    self._sending = False
                 return
             with self._cond:
-                self._buffer.popleft()
+                self._sending = False
+                if sent:
+                    self._buffer.popleft()
 
     @staticmethod
     def _on_queue_feeder_error(e, obj):
