@@ -9,7 +9,7 @@ import time
 
 from benchmarks import util
 
-SELECTIONS = ["channels", "latency", "launch", "gs", "pool", "startup", "xnode"]
+SELECTIONS = ["channels", "latency", "launch", "gs", "pool", "startup", "xnode", "mp"]
 
 DESCRIPTION = """\
 Benchmarks dragon against its peers in one run and prints a table of results and ratios.
@@ -25,6 +25,9 @@ selections (several may be given; default: all):
   startup   wall time of an empty program: dragon-launch vs python, mpiexec -n 1, DragonHPC
   xnode     cross-node stream and round trip through the transport agents vs mpi4py between the same ranks
             (mpiexec -n 2 dragon-launch --virtual-nodes on one host, or srun on an allocation)
+  mp        multiprocessing on the 'dragon' start method vs the stdlib's fork/forkserver/spawn and DragonHPC:
+            Process start+join, Pool.map of 100,000 trivial tasks (chunksize 1 and 64), Queue of small
+            objects and of 16 MiB arrays, Pipe round trip; Pool.map across 3 virtual nodes
   all       everything above
 
 Runtime parts (launch, gs) run inside dragon-launch: the harness re-invokes itself under it (or measures in
@@ -38,7 +41,7 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="dragon-bench", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="*", default=["all"], metavar="SELECTION",
-                    help="channels, latency, launch, gs, pool, startup, xnode or all (default all)")
+                    help="channels, latency, launch, gs, pool, startup, xnode, mp or all (default all)")
     ap.add_argument("--quick", action="store_true", help="short measurements, one repeat: the whole run < 1 min")
     ap.add_argument("--repeat", type=int, default=None, help="repeats per figure (default 3, 1 with --quick)")
     ap.add_argument("--json", metavar="FILE", help="write every figure and the environment to FILE")
@@ -135,7 +138,7 @@ def main(argv=None):
     env = util.environment()  # before the run: the load average then says how busy the machine was
     t0 = time.monotonic()
 
-    from benchmarks import channels_run, runtime, xnode
+    from benchmarks import channels_run, mp_bench, runtime, xnode
 
     plans = {
         "channels": lambda: channels_run.plan(ctx, stream=True),
@@ -145,6 +148,7 @@ def main(argv=None):
         "pool": lambda: runtime.plan_pool(ctx),
         "startup": lambda: runtime.plan_startup(ctx),
         "xnode": lambda: xnode.plan(ctx),
+        "mp": lambda: mp_bench.plan(ctx),
     }
     # each plan is a list of (label, callable) steps; the progress bar counts steps
     steps = []
@@ -180,7 +184,7 @@ def main(argv=None):
     from benchmarks import report
     from benchmarks.channels import LABELS
 
-    labels = dict(LABELS, **runtime.LABELS)
+    labels = {**LABELS, **runtime.LABELS, **mp_bench.LABELS}
     doc = {
         "tool": "dragon-bench",
         "env": env,

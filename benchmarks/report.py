@@ -18,6 +18,14 @@ TITLES = {
     ("gs", "query"): "GS request round trip (process.query)",
     ("pool", "alloc-free"): "Pool alloc+free",
     ("startup", "empty"): "Startup: wall time of an empty program",
+    ("mp", "process-start-join"): "multiprocessing: Process start+join of a trivial target, one at a time",
+    ("mp", "pool-map-c1"): "multiprocessing: Pool.map of 100,000 trivial tasks, chunksize 1",
+    ("mp", "pool-map-c64"): "multiprocessing: Pool.map of 100,000 trivial tasks, chunksize 64",
+    ("mp", "pool-map-c1-3nodes"): "multiprocessing: dragon Pool.map, workers on 3 virtual nodes, chunksize 1",
+    ("mp", "pool-map-c64-3nodes"): "multiprocessing: dragon Pool.map, workers on 3 virtual nodes, chunksize 64",
+    ("mp", "queue-stream"): "multiprocessing: Queue of small objects between two processes",
+    ("mp", "queue-array"): "multiprocessing: 16 MiB numpy arrays through a Queue",
+    ("mp", "pipe-rtt"): "multiprocessing: Pipe round trip of a small object",
 }
 
 
@@ -82,11 +90,12 @@ def targets(figures):
     g = lambda *a: _median(figures, *a)
     out = []
 
-    def add(name, issue, value, op, bound, how):
+    def add(name, issue, value, op, bound, how, group=None, test=None):
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-        group = {2: "channels", 4: "xnode"}.get(issue) or ("startup" if "startup" in name else
-                                                          "gs" if "GS" in name else "launch")
-        test = "rtt" if "round trip" in name else "stream" if "stream" in name else None
+        group = group or {2: "channels", 4: "xnode"}.get(issue) or ("startup" if "startup" in name else
+                                                                   "gs" if "GS" in name else "launch")
+        if group != "mp":
+            test = "rtt" if "round trip" in name else "stream" if "stream" in name else None
         out.append({"target": name, "issue": issue, "group": group, "test": test, "value": value, "op": op,
                     "bound": bound, "met": met, "how": how})
 
@@ -125,6 +134,21 @@ def targets(figures):
     xb = [b for b in xb if b is not None]
     add("cross-node 8 B stream, dragon / mpi4py", 4,
         ratio(max(xb) if xb else None, g("xnode", "stream", "msg_per_s", "mpi4py", 8)), ">=", 0.5, "msg/s ratio")
+    mp_ = lambda test, metric, peer, size=None: g("mp", test, metric, peer, size)  # noqa: E731
+    for name, test, metric, peer, op, bound, size in (
+        ("Process start+join, dragon / mp forkserver", "process-start-join", "per_s", "mp-forkserver", ">=", 1,
+         None),
+        ("Pool.map chunksize 1, dragon / mp fork Pool", "pool-map-c1", "tasks_per_s", "mp-fork", ">=", 1, None),
+        ("Pool.map chunksize 64, dragon / mp fork Pool", "pool-map-c64", "tasks_per_s", "mp-fork", ">=", 1, None),
+        ("Queue of small objects, dragon / mp.Queue (fork)", "queue-stream", "msg_per_s", "mp-fork", ">=", 3, None),
+        ("16 MiB array through a Queue, dragon / mp.Queue (fork)", "queue-array", "gb_per_s", "mp-fork", ">=", 2,
+         16 * M),
+        ("Pipe round trip, dragon / mp.Pipe (fork)", "pipe-rtt", "rtt_median_us", "mp-fork", "<=", 0.5, None),
+        ("Process start+join, dragon / DragonHPC", "process-start-join", "per_s", "dragonhpc", ">=", 30, None),
+        ("Pool.map chunksize 1, dragon / DragonHPC", "pool-map-c1", "tasks_per_s", "dragonhpc", ">=", 20, None),
+    ):
+        add(name, 12, ratio(mp_(test, metric, "dragon", size), mp_(test, metric, peer, size)), op, bound,
+            f"{metric} ratio", group="mp", test=test)
     return out
 
 
@@ -136,16 +160,17 @@ def _table(rows, header):
 
 
 PEER_ORDER = ["dragon", "dragon-batch", "dragon-zc", "mpi4py", "faster-fifo", "ff-batch", "mp-pipe", "mp-queue",
-              "popen", "mp-fork", "mp-spawn", "mp-manager", "shared-memory", "python", "mpiexec", "dragonhpc"]
+              "popen", "mp-fork", "mp-forkserver", "mp-spawn", "mp-manager", "shared-memory", "python", "mpiexec",
+              "dragonhpc", "dragon-3vn"]
 METRIC_SHORT = {"msg_per_s": "msg/s", "rtt_median_us": "RTT median", "per_s": "rate", "seconds": "wall time",
-                "ops_per_s": "op/s"}
+                "ops_per_s": "op/s", "tasks_per_s": "tasks/s", "gb_per_s": "GB/s"}
 
 
 def peer_rank(p):
     return PEER_ORDER.index(p) if p in PEER_ORDER else len(PEER_ORDER)
 
 
-SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s")
+SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s", "tasks_per_s")
 
 
 def render(doc, labels=None):
@@ -171,7 +196,7 @@ def render(doc, labels=None):
         out.append("")
         out.append(f"== {_title(group, test)}: {metric} ({figs[0]['unit']}, {better})")
         out.append(_table(rows, ["size"] + [lab(p) for p in peers]))
-    rat = [r for r in doc.get("ratios", ratios(figures)) if r["metric"] in SUMMARY_METRICS]
+    rat = [r for r in doc.get("ratios", ratios(figures)) if r["metric"] in SUMMARY_METRICS or r["group"] == "mp"]
     if rat:
         out.append("")
         out.append("== RATIOS: how many times better dragon is than each peer (>1: dragon wins; for times and"

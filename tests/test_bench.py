@@ -200,3 +200,26 @@ def test_transport_bench_flags_a_run_whose_mpi4py_ranks_shared_a_core():
     note = placement_warning({**small, 1 << 20: {"stream_msgs": 15300, "rtt_us": 1013.0}})
     assert note and "shared a core" in note and "1048576-byte" in note
     assert placement_warning(small) is None  # no big size measured: nothing to judge by
+
+
+@pytest.mark.timeout(200)
+def test_quick_mp_every_figure_and_target(tmp_path):
+    if runtime_missing():
+        pytest.skip(runtime_missing())
+    doc, p = bench(tmp_path, "mp", "--quick", "--no-dragonhpc", timeout=190)
+    peers = ["dragon", "mp-fork", "mp-forkserver", "mp-spawn"]
+    tests = {"process-start-join": "per_s", "pool-map-c1": "tasks_per_s", "pool-map-c64": "tasks_per_s",
+             "queue-stream": "msg_per_s", "pipe-rtt": "rtt_median_us"}
+    for test, metric in tests.items():
+        for peer in peers:
+            find(doc, "mp", test, peer, metric)
+    for peer in peers:
+        find(doc, "mp", "queue-array", peer, "gb_per_s", 16 << 20)
+    if mpiexec_path():
+        for test in ("pool-map-c1-3nodes", "pool-map-c64-3nodes"):
+            find(doc, "mp", test, "dragon-3vn", "tasks_per_s")
+    all_positive(doc)
+    issue12 = [t for t in doc["targets"] if t["issue"] == 12]
+    assert len(issue12) == 8 and all(t["value"] is not None for t in issue12 if "DragonHPC" not in t["target"])
+    assert any(r["group"] == "mp" and r["peer"] == "mp-forkserver" for r in doc["ratios"])
+    assert "Pool.map of 100,000 trivial tasks" in p.stdout

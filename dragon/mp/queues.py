@@ -16,6 +16,7 @@ Unlike the stdlib's, these queues can also be sent through other queues and pipe
 """
 
 import collections
+import pickle
 import queue as _queue
 import threading
 import weakref
@@ -79,7 +80,8 @@ class Queue:
             raise ValueError(f"Queue {self!r} is closed")
 
     def put(self, obj, block=True, timeout=None):
-        self._check_open()
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
         try:
             data, bufs = serial.dumps_oob(obj)
         except Exception as e:
@@ -189,13 +191,17 @@ class Queue:
 
     # ---- get -------------------------------------------------------------------------------------------
     def get(self, block=True, timeout=None):
-        self._check_open()
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
         try:
-            msg = self._ch.recv_message(timeout=_timeout(block, timeout))
+            msg = self._ch.recv_message(
+                timeout=None if block and timeout is None else _timeout(block, timeout)
+            )
         except (ChannelEmpty, ChannelTimeout):
             raise _queue.Empty from None
         try:
-            return serial.load(msg)
+            # a message that fits a slot is a plain pickle (a queue sends nothing else inline)
+            return pickle.loads(msg) if not msg.in_pool else serial.load(msg)
         finally:
             msg.release()
             r = self._reader_conn

@@ -72,8 +72,11 @@ override(_mpconn.Connection, _reduce_fd_connection)
 override(socket.socket, _refuse_socket)
 
 
+_copyreg_table, _forking_table = copyreg.dispatch_table, ForkingPickler._extra_reducers
+
+
 def _live_key():
-    return (len(copyreg.dispatch_table), len(ForkingPickler._extra_reducers), len(_overrides))
+    return len(_copyreg_table) + (len(_forking_table) << 20) + (len(_overrides) << 40)
 
 
 def _dispatch_table():
@@ -129,7 +132,9 @@ class _Reusable:
         return False
 
     def dump(self, obj):
-        key = _live_key()
+        key = (
+            len(_copyreg_table) + (len(_forking_table) << 20) + (len(_overrides) << 40)
+        )  # _live_key(), inline
         if key != self.key:
             self.p.dispatch_table = _dispatch_table()
             self.key = key
