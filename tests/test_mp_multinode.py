@@ -18,6 +18,7 @@ def test_objects_between_processes_on_three_nodes():
     res = mpi_util.launch(3, os.path.join(APPS, "mp_objects_app.py"), timeout=190)
     assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout + res.stderr
     assert "every item once (children on nodes [0, 1, 2])" in res.stdout
+    assert "Manager dict and list (used from nodes [0, 1, 2])" in res.stdout
 
 
 @pytest.mark.timeout(200)
@@ -33,3 +34,12 @@ def test_pool_and_executor_with_workers_on_three_nodes():
 def test_an_app_that_dies_with_a_busy_pool_on_three_nodes_leaves_nothing_behind():
     res = mpi_util.launch(3, os.path.join(APPS, "mp_pool_app.py"), "crash", timeout=80)
     assert "crashing" in res.stdout and res.returncode == 3, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_example_pool_spreads_over_three_nodes():
+    example = os.path.join(os.path.dirname(APPS), os.pardir, "examples", "mp_pool_pi.py")
+    res = mpi_util.launch(3, os.path.abspath(example), "4000000", timeout=110)
+    assert res.returncode == 0 and "pi ~ 3.14" in res.stdout, res.stdout + res.stderr
+    counted = res.stdout.split("batches per node: ")[1].splitlines()[0]
+    assert counted.count("node ") == 3, counted  # every node counted some

@@ -18,4 +18,5 @@ def test_objects_between_processes_on_one_node(tmp_path):
     )
     assert "ALL OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert "every item once (children on nodes [0])" in r.stdout
+    assert "Manager dict and list (used from nodes [0])" in r.stdout
     assert "Can't pickle local object" in r.stderr  # the unpicklable object was reported, not raised

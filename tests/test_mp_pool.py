@@ -40,3 +40,17 @@ def test_pool_and_executor_on_one_node(tmp_path):
 def test_an_app_that_dies_with_a_busy_pool_leaves_nothing_behind(tmp_path):
     r = _run(tmp_path, "crash", timeout=50)
     assert "crashing" in r.stdout and r.returncode == 3, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_example_pool_estimates_pi(tmp_path):
+    example = os.path.join(os.path.dirname(os.path.dirname(APP)), os.pardir, "examples", "mp_pool_pi.py")
+    r = subprocess.run(
+        launch_cmd(os.path.abspath(example), "2000000"),
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert r.returncode == 0 and "pi ~ 3.14" in r.stdout, r.stdout + r.stderr

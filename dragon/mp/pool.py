@@ -1,9 +1,10 @@
 """Pool: multiprocessing.pool.Pool's API with workers on every node of the runtime.
 
 How it works. Each worker makes an inbox channel on its own node and says READY on the pool's result channel.
-One scheduler thread in the pool's process owns everything: it hands tasks to workers (at most CREDITS
-outstanding each, so that tasks spread over the workers as they finish, and a lazy iterable is only read as
-fast as workers take it), and receives results, worker exits (from a reaper thread that waits on the workers'
+One scheduler thread in the pool's process owns everything: it hands tasks to workers (one at a time while
+they are long, so that they spread over the workers as these finish; up to CREDITS in one message while they
+are short, so that round trips overlap; a lazy iterable is only read as fast as workers take it), and receives
+results, worker exits (from a reaper thread that waits on the workers'
 sentinels) and wake-ups from user threads on that one channel. Because the pool knows which tasks each worker
 holds, a worker that dies is replaced and the task it was running fails with ``WorkerLostError`` naming the
 worker and its exit (the stdlib's Pool waits for ever); its other tasks go to other workers. An exception in a
@@ -18,6 +19,7 @@ import collections
 import itertools
 import os
 import threading
+import time
 import warnings
 from multiprocessing import pool as _mpool
 from multiprocessing import util
@@ -27,7 +29,11 @@ from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
 from dragon.mp import heap, serial
 
 RUN, CLOSE, TERMINATE = _mpool.RUN, _mpool.CLOSE, _mpool.TERMINATE
-CREDITS = 4  # tasks a worker may hold (the one it runs and the next ones), handed over in one message
+CREDITS = (
+    4  # at most, tasks a worker may hold (the one it runs and the next ones), handed over in one message
+)
+FAST_TASK = 0.002  # a task answered this soon earns its worker one more held task (up to CREDITS)
+SLOW_TASK = 0.02  # a task that took longer brings its worker back to one
 RESULTS_CAPACITY = 4096
 BLOCK = 512
 
@@ -106,15 +112,27 @@ def worker(results_sd, wid, initializer, initargs, maxtasks, credits):
 
 
 class _Worker:
-    __slots__ = ("wid", "process", "inbox", "held", "sent", "ready", "stopping")
+    __slots__ = ("wid", "process", "inbox", "held", "sent", "ready", "stopping", "credits", "since")
 
     def __init__(self, wid, process):
         self.wid, self.process = wid, process
         self.inbox = None
-        self.held = collections.deque()  # (job, i, task) sent and not answered, oldest first
+        self.held = collections.deque()  # tasks sent and not answered, oldest first
         self.sent = 0
         self.ready = False
         self.stopping = False
+        self.credits = 1  # how many tasks it may hold: more while its tasks are short (see answered())
+        self.since = 0.0  # when its oldest held task could start (sent, or the previous one answered)
+
+    def answered(self, now):
+        """A task came back: short tasks earn the worker more held tasks (their round trips overlap), a long
+        one brings it back to one (so that long tasks spread over every worker)."""
+        took = now - self.since
+        self.since = now
+        if took < FAST_TASK:
+            self.credits = min(CREDITS, self.credits + 1)
+        elif took > SLOW_TASK:
+            self.credits = 1
 
 
 class _Notifier:
@@ -305,7 +323,7 @@ class _PoolState:
         for w in list(self.workers.values()):
             if not w.ready or w.stopping:
                 continue
-            room = CREDITS - len(w.held)
+            room = w.credits - len(w.held)
             if limit is not None:
                 room = min(room, limit - w.sent)
             batch = []
@@ -336,6 +354,8 @@ class _PoolState:
                 if good:
                     self.requeued.extendleft(reversed(good))
                 continue
+            if not w.held:
+                w.since = time.monotonic()
             w.held.extend(batch)
             w.sent += len(batch)
 
@@ -350,9 +370,11 @@ class _PoolState:
         if kind == "done":
             _, wid, done = msg
             w = self.workers.get(wid)
+            now = time.monotonic()
             for job, i, result in done:
                 if w is not None and w.held:
                     w.held.popleft()
+                    w.answered(now)
                 self.set(job, i, result)
         elif kind == "ready":
             _, wid, inbox = msg

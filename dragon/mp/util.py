@@ -20,15 +20,23 @@ def cpu_count():
 def start_manager(ctx):
     """multiprocessing's SyncManager with its server on this process's node.
 
-    Its server is a dragon Process placed on this node; it listens on a Unix socket, so processes on this
-    node's host can use its proxies. A proxy used on another host fails when it connects (the socket is not
-    there)."""
+    The server is a dragon Process placed on this node. It listens on TCP at this host's address when the
+    hostname resolves to one that is not loopback, so its proxies work from every node; otherwise on a Unix
+    socket, for processes on this node's host only (elsewhere connecting fails)."""
+    import socket
     from multiprocessing.managers import SyncManager
 
     from dragon.mp import heap
     from dragon.mp.context import placement
 
-    m = SyncManager(ctx=ctx)
+    address = None
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+        if not ip.startswith("127."):
+            address = (ip, 0)
+    except OSError:
+        pass
+    m = SyncManager(address=address, ctx=ctx)
     with placement(heap.here()):
         m.start()
     return m

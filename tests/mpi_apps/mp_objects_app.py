@@ -93,6 +93,11 @@ def shared_child(v, arr, s, raw, q):
     q.put((arr[:], len(arr), s.value, raw[0]))
 
 
+def manager_child(d, lst, k):
+    d[k] = int(os.environ["DRAGON_NODE"])
+    lst.append(k)
+
+
 def joinable_child(jq):
     while True:
         x = jq.get(timeout=30)
@@ -341,6 +346,17 @@ def main():
         v.value += 1
     assert v.value == 8.5
     ok("Value, Array, RawArray")
+
+    # a Manager's proxies, used from every node
+    with mp.Manager() as m:
+        d, lst = m.dict(), m.list()
+        ps = [run(manager_child, d, lst, k) for k in range(3)]
+        for p in ps:
+            p.join(60)
+            assert p.exitcode == 0, p.exitcode
+        assert sorted(lst) == [0, 1, 2] and set(d) == {0, 1, 2}, (list(lst), dict(d))
+        where = sorted(set(d.values()))
+    ok(f"Manager dict and list (used from nodes {where})")
     print("ALL OK", flush=True)
 
 
