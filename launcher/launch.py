@@ -382,7 +382,10 @@ DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60);
 DRAGON_INFRA_POOL_SIZE=size of each node's infrastructure pool (default 64M; K, M, G suffixes);
 DRAGON_CPU_BINDING=keep keeps the CPU binding srun or mpiexec gave each rank for its node's services and
 processes (default node: every CPU the rank's cgroup allows; a binding to one task's core would put the node's
-whole job on that core).""",
+whole job on that core);
+DRAGON_ZYGOTE_PRELOAD=mod1,mod2 modules each node's zygote imports before it forks Python children (e.g. what
+multiprocessing children of the 'dragon' start method import);
+DRAGON_MP_HEAP_SIZE=size of the pool each process makes for its multiprocessing objects (default 1G, sparse).""",
     )
     p.add_argument(
         "--grace",
