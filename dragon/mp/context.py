@@ -7,7 +7,6 @@ import multiprocessing
 import multiprocessing.context as _mpctx
 from multiprocessing import process as _mpprocess
 
-from dragon.errors import RuntimeNotFound
 from dragon.infrastructure import env as E
 
 _node_choice = contextvars.ContextVar("dragon_mp_node", default=None)
@@ -232,10 +231,3 @@ def register():
     get_all_start_methods.__doc__ = all_methods.__doc__
     default_cls.get_all_start_methods = get_all_start_methods
     multiprocessing.get_all_start_methods = _mpctx._default_context.get_all_start_methods
-
-
-def require_runtime():
-    if not E.in_runtime():
-        raise RuntimeNotFound(
-            "the 'dragon' start method needs the dragon runtime: run the program with dragon-launch"
-        )

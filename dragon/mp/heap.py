@@ -21,11 +21,11 @@ from dragon.infrastructure import env as E
 
 HEAP_SIZE_ENV = "DRAGON_MP_HEAP_SIZE"
 DEFAULT_HEAP = 1 << 30
+MIN_HEAP = 16 << 20
 
 _lock = threading.Lock()
 _pool = None
 _pid = None
-_finalizers = []
 
 
 def heap_size():
@@ -40,13 +40,26 @@ def pool():
         return p
     with _lock:
         if _pool is None or _pid != os.getpid():
-            from dragon.pools import Pool
-
-            _pool = Pool.create(heap_size())
+            _pool = _create(heap_size())
             _pid = os.getpid()
             # after multiprocessing's exit function has joined the children (they may still use our objects)
             util.Finalize(None, _destroy, args=(_pid,), exitpriority=-100)
         return _pool
+
+
+def _create(size):
+    """A pool of size bytes, or of a quarter as much while /dev/shm has not room for it (a small tmpfs: the
+    heap is sparse, but the core checks the free space for the whole size), down to MIN_HEAP."""
+    from dragon.errors import PoolError
+    from dragon.pools import Pool
+
+    while True:
+        try:
+            return Pool.create(size)
+        except PoolError:
+            if size // 4 < MIN_HEAP:
+                raise
+            size //= 4
 
 
 def channel(capacity, block_size):
@@ -56,20 +69,10 @@ def channel(capacity, block_size):
     return Channel.create(pool(), capacity=capacity, block_size=block_size)
 
 
-def at_exit(fn):
-    """Call fn() before the heap is destroyed at exit (objects that must tell others they are going)."""
-    _finalizers.append(fn)
-
-
 def _destroy(pid):
     global _pool
     if pid != os.getpid() or _pool is None:
         return
-    for fn in reversed(_finalizers):
-        try:
-            fn()
-        except Exception:
-            pass
     try:
         _pool.destroy()
     except Exception:
