@@ -6,12 +6,13 @@ __version__ = "0.1.0"
 
 
 class _RegisterStartMethod:
-    """Registers multiprocessing's 'dragon' start method (dragon.mp) right after ``multiprocessing`` is imported.
+    """Registers multiprocessing's 'dragon' start method (dragon.mp) right after ``multiprocessing`` is
+    imported.
 
-    A meta path finder that finds nothing itself: it wraps the loader of the real ``multiprocessing`` package so
-    that the registration runs once the package has executed. ``import dragon`` usually comes before ``import
-    multiprocessing``, and importing multiprocessing just to register would cost every managed process ~10 ms
-    (they all import dragon)."""
+    A meta path finder that finds nothing itself: it wraps the loader of the real ``multiprocessing`` package
+    so that the registration runs once the package has executed. ``import dragon`` usually comes before
+    ``import multiprocessing``, and importing multiprocessing just to register would cost every managed
+    process ~10 ms (they all import dragon)."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "multiprocessing":

@@ -1,6 +1,6 @@
-"""The node's zygote (dragon.localservices.zygote): ``ProcessOptions(zygote=True)`` forks a Python child from a
-pre-imported interpreter; the child must be the same managed process a fresh ``python -c/-m`` would have been.
-Run under dragon-launch; each check prints ``ok <name>``."""
+"""The node's zygote (dragon.localservices.zygote): ``ProcessOptions(zygote=True)`` forks a Python child from
+a pre-imported interpreter; the child must be the same managed process a fresh ``python -c/-m`` would have
+been. Run under dragon-launch; each check prints ``ok <name>``."""
 
 import pytest
 from test_runtime_util import APP_HELPERS, run_app
@@ -34,7 +34,8 @@ while True:
 ok("zygote up")
 
 os.mkdir("sub")
-code = ("import os, sys; print('ARGV', sys.argv); print('CWD', os.getcwd()); print('FOO', os.environ['FOO']); "
+code = ("import os, sys; print('ARGV', sys.argv); print('CWD', os.getcwd()); "
+        "print('FOO', os.environ['FOO']); "
         "print('PATH0', repr(sys.path[0])); print('MAIN', __name__); "
         "print('SHEP', os.environ['DRAGON_SHEP_PID'] == str(os.getppid())); sys.exit(5)")
 d = P.create(PY, "sub", ["-c", code, "a", "b"], env={"FOO": "bar"}, options=Z, user_name="zc")
@@ -58,7 +59,8 @@ ok("uncaught exception")
 
 d = P.create(PY, None, ["-c", "import atexit, threading, time\n"
                          "atexit.register(lambda: print('atexit ran', flush=True))\n"
-                         "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True))).start()"],
+                         "threading.Thread(target=lambda: (time.sleep(0.3), "
+                         "print('thread done', flush=True))).start()"],
              options=Z, user_name="ender")
 assert P.join(d.p_uid, timeout=20) == 0
 ok("normal interpreter exit")
@@ -91,7 +93,7 @@ def test_zygote_children_are_the_programs_they_were_asked_to_be(tmp_path):
     r = run_app(tmp_path, ZYGOTE_APP, timeout=110)
     out, err = r.stdout, r.stderr
     assert "ALL OK" in out and r.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
-    assert f"[zc] ARGV ['-c', 'a', 'b']" in out
+    assert "[zc] ARGV ['-c', 'a', 'b']" in out
     assert f"[zc] CWD {tmp_path / 'sub'}" in out
     assert "[zc] FOO bar" in out and "[zc] PATH0 ''" in out and "[zc] MAIN __main__" in out
     assert "[zc] SHEP True" in out  # a zygote child knows its parent as the process that started it
