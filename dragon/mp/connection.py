@@ -8,9 +8,10 @@ End of file, as with a pipe: ``recv()`` raises EOFError once every handle of the
 they sent has been read. Handles are counted in-band: each writing handle has a token; pickling a handle
 announces the token of the copy it makes (HELLO, before the pickle exists, so before the copy can send or
 close), and closing one (explicitly, when it is garbage, or when its process exits) sends BYE. A reader that
-has seen the BYE of every token it knows raises EOFError. (A writer killed by a signal sends no BYE: its
-readers then wait, as they would on a pipe a surviving process keeps open.) Connections without end-of-file
-(the two ends of a SimpleQueue, queues' readers) send no markers.
+has seen the BYE of every token it knows raises EOFError. A writer killed by a signal sends no BYE: each
+copy also says which process holds it (CLAIM, when it is unpickled), and a reader that has waited GONE_CHECK
+seconds twice in a row while global services reports every one of those processes exited is at end of file.
+Connections without end-of-file (the two ends of a SimpleQueue, queues' readers) send no markers.
 
 ``fileno()`` is a real descriptor (an eventfd made readable by a watcher thread while something can be read),
 so ``multiprocessing.connection.wait()`` works on these connections, mixed with sockets, pipes and sentinels.
@@ -27,11 +28,14 @@ from multiprocessing.context import BufferTooShort
 from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
 from dragon.mp import heap, serial
 
-HELLO, BYE = 0x10, 0x11
-_MARK = struct.Struct("<BQ")
+HELLO, BYE, CLAIM = 0x10, 0x11, 0x12
+_MARK = struct.Struct("<BQ")  # HELLO or BYE, token
+_CLAIM = struct.Struct("<BQQ")  # CLAIM, token, p_uid of the process that holds it
+GONE_CHECK = 1.0  # a reader that waited this long for data asks whether its writers' processes still run
 CAPACITY = 1024  # messages in flight per direction (a full channel blocks the sender, like a full pipe)
 BLOCK = 512  # messages up to this size are stored inline in the channel's slots
 CLOSE_WAIT = 5.0  # how long a close waits for room to say BYE (a reader that no longer reads)
+_MARKER_SIZES = (_MARK.size, _CLAIM.size)
 
 _open_writers = weakref.WeakSet()  # writing handles of this process: told BYE at exit
 _exit_hooked = None
@@ -78,6 +82,8 @@ class Connection:
         self._token = token
         self._live = live
         self._early = set()  # tokens whose BYE came before their HELLO (from different nodes)
+        self._claims = {}  # token -> p_uid of the process holding it (CLAIM)
+        self._gone = False  # the last check found every writer's process gone (EOF if the next one does too)
         self._eof = False
         self._pending = None  # a message read ahead (by poll, or the readiness watcher)
         self._rlock = threading.RLock()
@@ -164,8 +170,12 @@ class Connection:
 
     # ---- reading ----------------------------------------------------------------------------------------
     def _marker(self, msg):
-        """Account for a HELLO/BYE; True if msg was one."""
+        """Account for a HELLO/BYE/CLAIM; True if msg was one."""
         k = serial.kind(msg)
+        if k == CLAIM and len(msg) == _CLAIM.size:
+            _, tok, p_uid = _CLAIM.unpack(memoryview(msg))
+            self._claims[tok] = p_uid
+            return True
         if k not in (HELLO, BYE):
             return False
         if len(msg) != _MARK.size:
@@ -176,14 +186,46 @@ class Connection:
                 if tok in self._early:
                     self._early.discard(tok)
                 else:
-                    self._live[tok] = True
+                    self._live[tok] = 0
             elif tok in self._live:
                 del self._live[tok]
+                self._claims.pop(tok, None)
             else:
                 self._early.add(tok)
             if not self._live and not self._early:
                 self._eof = True
         return True
+
+    def _idle_check(self):
+        """The end-of-file check of a reader that waited (for the readiness watcher, which waits without the
+        reader's lock)."""
+        with self._rlock:
+            if self._live is None or self._eof or self._pending is not None:
+                return
+            gone = self._writers_gone()
+            if gone and self._gone:
+                self._eof = True
+            self._gone = gone
+
+    def _writers_gone(self):
+        """True if every writing handle this reader waits for is held by a process that has exited (a writer
+        killed by a signal says no BYE). A handle not yet claimed by a process counts as alive."""
+        if self._early or not self._live:
+            return False
+        me = _my_puid()
+        uids = set()
+        for tok, p_uid in self._live.items():
+            p_uid = self._claims.get(tok) or p_uid
+            if not p_uid or p_uid == me:
+                return False
+            uids.add(p_uid)
+        from dragon.globalservices import process
+
+        try:
+            exited, _ = process.multi_join(sorted(uids), timeout=0)
+        except Exception:  # not under the runtime, or GS busy: not known to be gone
+            return False
+        return exited is not None and {u for u, _ in exited} >= uids
 
     def _take(self, timeout):
         """The next data message (caller holds _rlock); EOFError at end of file; None on timeout."""
@@ -195,13 +237,24 @@ class Connection:
         while True:
             if self._eof:
                 raise EOFError
+            left = None if deadline is None else _left(deadline)
+            watch = self._live is not None and (left is None or left > GONE_CHECK)
             try:
-                msg = recv(timeout=None if deadline is None else _left(deadline))
+                msg = recv(timeout=GONE_CHECK if watch else left)
             except (ChannelEmpty, ChannelTimeout):
-                return None
+                if not watch:
+                    return None
+                # nothing for a while: end of file once two checks in a row find every writer's process gone
+                # (the second one lets what a writer sent just before it died arrive first)
+                gone = self._writers_gone()
+                if gone and self._gone:
+                    self._eof = True
+                self._gone = gone
+                continue
             except ChannelError as e:
                 raise OSError(f"receive failed: {e}") from e
-            if len(msg) != _MARK.size or not self._marker(msg):  # markers have one size: skip the look
+            self._gone = False
+            if len(msg) not in _MARKER_SIZES or not self._marker(msg):  # skip the look at ordinary data
                 return msg
 
     def _next(self):
@@ -337,7 +390,17 @@ class Connection:
 
 
 def _rebuild(send_sd, recv_sd, token, live):
-    return Connection(send_sd, recv_sd, token=token, live=live)
+    c = Connection(send_sd, recv_sd, token=token, live=live)
+    if token is not None and _my_puid():  # say which process holds the new writer (see _writers_gone)
+        try:
+            c._send.send(_CLAIM.pack(CLAIM, token, _my_puid()), timeout=CLOSE_WAIT)
+        except ChannelError:
+            pass
+    return c
+
+
+def _my_puid():
+    return int(os.environ.get("DRAGON_PUID", "0"))
 
 
 def Pipe(duplex=True):
@@ -348,15 +411,15 @@ def Pipe(duplex=True):
         owned = heap.Owned([a])
         t = _token()
         return (
-            Connection(None, bytes(a.sdesc), live={t: True}, owned=owned),
+            Connection(None, bytes(a.sdesc), live={t: _my_puid()}, owned=owned),
             Connection(bytes(a.sdesc), None, token=t, owned=owned),
         )
     b = heap.channel(CAPACITY, BLOCK)
     owned = heap.Owned([a, b])
     ta, tb = _token(), _token()
     return (
-        Connection(bytes(a.sdesc), bytes(b.sdesc), token=ta, live={tb: True}, owned=owned),
-        Connection(bytes(b.sdesc), bytes(a.sdesc), token=tb, live={ta: True}, owned=owned),
+        Connection(bytes(a.sdesc), bytes(b.sdesc), token=ta, live={tb: _my_puid()}, owned=owned),
+        Connection(bytes(b.sdesc), bytes(a.sdesc), token=tb, live={ta: _my_puid()}, owned=owned),
     )
 
 
@@ -416,7 +479,8 @@ class _Readiness:
                     self.woken.clear()
                     continue
                 try:  # wait for something to arrive without holding the reader's lock
-                    conn._recv.poll(timeout=self.PERIOD)
+                    if not conn._recv.poll(timeout=self.PERIOD):
+                        conn._idle_check()
                 except ChannelError:
                     pass
                 del conn

@@ -86,6 +86,9 @@ def _pump_out(ch, dst):
         dst.close()
 
 
+_RELAY = 0  # the relay's token is held by a thread of the relaying process: its BYE comes at the fd's EOF
+
+
 def reduce_fd_connection(conn):
     """Pickle a stdlib Connection as a dragon Connection on relay channels."""
     recv_sd = tok = send_sd = None
@@ -97,4 +100,4 @@ def reduce_fd_connection(conn):
 
 
 def _rebuild(send_sd, recv_sd, tok):
-    return Connection(send_sd, recv_sd, live=None if tok is None else {tok: True})
+    return Connection(send_sd, recv_sd, live=None if tok is None else {tok: _RELAY})

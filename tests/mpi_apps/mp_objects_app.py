@@ -47,6 +47,12 @@ def pipe_child(conn, wconn):
     # no close(): the end of file comes from this process's exit
 
 
+def killed_writer(w, q):
+    w.send("before dying")
+    q.put(os.getpid())
+    time.sleep(60)
+
+
 def locked_adds(lock, v, n):
     for _ in range(n):
         with lock:
@@ -260,6 +266,26 @@ def main():
     except OSError:
         pass
     ok("pipe: objects, bytes, 3 MiB, EOF, poll, errors")
+
+    # a writer killed by a signal (no goodbye): its reader still reaches end of file, wait() says so
+    r, w = mp.Pipe(duplex=False)
+    kq = mp.Queue()
+    p = run(killed_writer, w, kq)
+    w.close()
+    kq.get(timeout=60)
+    p.kill()
+    p.join(30)
+    from multiprocessing.connection import wait as _wait
+
+    assert r.recv() == "before dying"
+    t = time.monotonic()
+    assert _wait([r], 30) == [r]
+    try:
+        r.recv()
+        raise AssertionError("no end of file after the writer was killed")
+    except EOFError:
+        pass
+    ok(f"pipe: end of file after its writer was killed ({time.monotonic() - t:.1f} s)")
 
     # multiprocessing.connection.wait() on these connections and queues' readers
     from multiprocessing.connection import wait
