@@ -42,7 +42,7 @@ def plan(ctx):
     steps = []
     why = runtime.runtime_missing()
     try:
-        import dragon.infrastructure.remote_channel  # noqa: F401
+        import dragon._core.remote  # noqa: F401
     except Exception as e:
         why = why or f"dragon.transport is not there yet ({type(e).__name__}: {e})"
     job = launcher + runtime.dragon_launch_cmd() + extra
@@ -102,19 +102,10 @@ def plan(ctx):
 
 def _attach(desc):
     """A handle to a channel from its descriptor, wherever it lives: Channel.attach, as a user writes it (it
-    returns the transport's RemoteChannel for a channel on another node); builds whose Channel.attach cannot
-    route yet get the transport's own attach."""
+    returns the transport's RemoteChannel for a channel on another node)."""
     from dragon.channels import Channel
 
-    try:
-        return Channel.attach(desc.sdesc)
-    except Exception:
-        node = getattr(desc, "node", None)
-        if node is None:
-            raise
-        from dragon.infrastructure.remote_channel import attach
-
-        return attach(desc.sdesc, node)
+    return Channel.attach(desc.sdesc)
 
 
 def serve(out_ch, cmd_ch):
@@ -238,12 +229,12 @@ def child_main():
 def harness_main(args):
     """Both nodes' program under ``mpiexec -n 2 python -m dragon.transport.harness --virtual-nodes``: the harness
     gives every node a channel "a"; node 0 reads its own and commands node 1's."""
-    from dragon.infrastructure.remote_channel import attach
+    from dragon.channels import Channel
 
     node = int(os.environ["DRAGON_NODE"])
     chans = json.loads(os.environ["DRAGON_TEST_CHANS"])
-    a0 = attach(bytes.fromhex(chans["0"]["a"]), 0)
-    a1 = attach(bytes.fromhex(chans["1"]["a"]), 1)
+    a0 = Channel.attach(bytes.fromhex(chans["0"]["a"]))
+    a1 = Channel.attach(bytes.fromhex(chans["1"]["a"]))
     repeat, target, sizes = _settings(args)
     figures, skipped = [], []
     try:

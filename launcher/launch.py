@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from dragon.infrastructure import env
+from dragon import env
 
 GRACE = 1.0  # seconds between SIGTERM and SIGKILL at teardown
 EXIT_SERVICE_FAILED = 70  # the runtime itself failed (a service died, the program could not start)

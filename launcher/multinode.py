@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from dragon.infrastructure import env
+from dragon import env
 from launcher.launch import EXIT_SERVICE_FAILED, GRACE, _log
 
 STARTED = time.time()  # before MPI_Init: every MPI segment of this rank is younger
@@ -107,8 +107,6 @@ def service_main(kind, args):
     core.set_pdeathsig(signal.SIGTERM)
     if os.getppid() != parent:
         return 0
-    from dragon.infrastructure.remote_channel import attach
-
     h = bytes.fromhex
     if kind == "shepherd":
         from dragon.localservices import shepherd
@@ -120,8 +118,6 @@ def service_main(kind, args):
                 h(args["inbox"]),
                 h(args["gs"]),
                 h(args["pool"]),
-                gs_node=int(args.get("gs_node", 0)),
-                remote_attach=attach,
             )
         finally:
             if _parent_died(parent):  # the launcher rank died (killed): MPICH left its segments
@@ -130,7 +126,7 @@ def service_main(kind, args):
         from dragon.globalservices import server
 
         try:
-            return _gs_main(server, args, attach)
+            return _gs_main(server, args)
         finally:
             if args.get("job") and _parent_died(parent):  # the GS rank's launcher died: its segments are ours
                 from dragon._core import core
@@ -162,7 +158,7 @@ def _unlink_mpi(args):
             pass
 
 
-def _gs_main(server, args, attach):
+def _gs_main(server, args):
     h = bytes.fromhex
     return server.main(
         h(args["inbox"]),
@@ -171,7 +167,6 @@ def _gs_main(server, args, attach):
         args["nodes"],
         [h(x) for x in args["pools"]],
         node=int(args.get("gs_node", 0)),
-        remote_attach=attach,
     )
 
 
@@ -222,8 +217,8 @@ def _runtime_class():
             os.environ["DRAGON_JOB"] = self.job
             os.environ["DRAGON_NODE"] = str(self.k)
             from dragon._core import core
+            from dragon._core import frames as W
             from dragon.channels import Channel
-            from dragon.infrastructure import frames as W
             from dragon.infrastructure import messages
             from dragon.infrastructure.log import get_logger
             from dragon.pools import Pool
@@ -269,9 +264,9 @@ def _runtime_class():
             self.agent.heartbeat = (HEARTBEAT, DEAD_AFTER)
             self.agent_thread = start_thread(self.agent)
             if self.k == 0 and self.gs_ch is None:  # node 0's launcher asks GS (on its rank) for the program
-                from dragon.infrastructure.remote_channel import attach
+                from dragon._core.core import Channel
 
-                self.gs_ch = attach(bytes.fromhex(gs_cd), self.gs_k)
+                self.gs_ch = Channel.attach(bytes.fromhex(gs_cd))
             parent = str(os.getpid())
             if not self.is_gs:
                 self.shep_pid = _service(
@@ -282,7 +277,6 @@ def _runtime_class():
                         "job": self.job,
                         "inbox": mine["sh"],
                         "gs": gs_cd,
-                        "gs_node": self.gs_k,
                         "pool": mine["pool"],
                         "mpi_shm": mpi_segments(),
                         "since": STARTED,

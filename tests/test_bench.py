@@ -134,7 +134,7 @@ def test_quick_xnode_through_the_agents(tmp_path):
         for m in RTT:
             find(doc, "xnode", "rtt", "mpi4py", m, size)
     try:
-        import dragon.infrastructure.remote_channel  # noqa: F401
+        import dragon._core.remote  # noqa: F401
     except ImportError:
         assert any("xnode dragon" in s["what"] for s in doc["skipped"])
         return

@@ -47,9 +47,9 @@ from mpi4py import MPI
 from dragon.channels import Channel
 from dragon.errors import ChannelEmpty
 from dragon.pools import Pool
-from dragon.infrastructure import frames as W, remote_channel as remote
+from dragon._core import frames as W, remote
 from dragon.transport.agent import Agent, start_thread
-from dragon.infrastructure.remote_channel import RemoteChannel
+from dragon._core.remote import RemoteChannel
 
 with Pool.create(32 << 20, name="inf") as pool:
     gw = Channel.create(pool, capacity=256, block_size=1024 + W.HSIZE)
@@ -107,7 +107,7 @@ def test_remote_channel_through_an_agent_loopback(node_env):
 def test_remote_channel_has_the_local_channel_api():
     """Every public call of a local Channel exists on RemoteChannel, but the constructors (a RemoteChannel comes
     from Channel.attach of another node's sdesc)."""
-    from dragon.infrastructure.remote_channel import RemoteChannel
+    from dragon._core.remote import RemoteChannel
 
     local = {n for n in dir(Channel) if not n.startswith("_")} | {"__len__", "__enter__", "__exit__"}
     missing = {n for n in local - {"create", "attach"} if not hasattr(RemoteChannel, n)}

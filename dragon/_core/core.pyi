@@ -2,9 +2,11 @@
 
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any
 
 from typing_extensions import Buffer, Self
+
+from dragon._core.api import ChannelLike
 
 SDESC_VERSION: int
 
@@ -16,7 +18,6 @@ def set_child_subreaper() -> None: ...
 def _claim_id() -> int: ...
 def _claim_dead(claim_id: int) -> bool: ...
 def local_node() -> int: ...
-def set_remote_attach(fn: Callable[[bytes, int], Any] | None) -> None: ...
 def set_wait_params(
     spin_ns: int | None = ...,
     chunk_ns: int | None = ...,
@@ -82,7 +83,7 @@ class Channel:
     @staticmethod
     def create(pool: Pool, capacity: int = ..., block_size: int = ..., name: str | None = ...) -> Channel: ...
     @staticmethod
-    def attach(sdesc: bytes) -> Channel: ...
+    def attach(sdesc: bytes) -> ChannelLike: ...  # a RemoteChannel when the sdesc names another node
     @property
     def sdesc(self) -> bytes: ...
     @property

@@ -29,7 +29,7 @@ from dragon.errors import (ChannelEmpty, ChannelError, ChannelFull, ChannelTimeo
                            PoolTimeout)
 
 __all__ = ["Pool", "Block", "Channel", "Message", "job_id", "job_prefix", "unlink_job_segments",
-           "set_pdeathsig", "set_child_subreaper", "set_wait_params", "wait_stats", "set_remote_attach",
+           "set_pdeathsig", "set_child_subreaper", "set_wait_params", "wait_stats",
            "local_node",
            "SDESC_VERSION"]
 
@@ -55,7 +55,6 @@ cdef int SD_CHANNEL = 2
 # magic, version, kind, name length, pool generation, pool size, channel offset, channel generation, node (the
 # index of the node whose /dev/shm holds the segment); then name
 _SD = struct.Struct("<4sBBHQQQQH")
-_remote_attach = None   # fn(sdesc, node) -> a channel handle for a channel on another node (the transport)
 
 
 def local_node():
@@ -67,11 +66,6 @@ def local_node():
     return node if 0 <= node <= 0xFFFF else 0
 
 
-def set_remote_attach(fn):
-    """Register how Channel.attach reaches a channel on another node: fn(sdesc, node) -> handle (None: it
-    raises ChannelError). dragon.channels registers the transport's RemoteChannel."""
-    global _remote_attach
-    _remote_attach = fn
 
 _segments = weakref.WeakValueDictionary()  # (segment name, generation) -> _Segment: one mapping per process
 _counter = 0
@@ -768,15 +762,15 @@ cdef class Channel:
 
     @staticmethod
     def attach(sdesc):
-        """Attach to a channel from its sdesc (maps its pool too)."""
+        """Attach to a channel from its sdesc (maps its pool too). The sdesc names the node that holds the
+        channel: a channel of another node is reached through this node's transport agent, and the handle is a
+        ``dragon._core.remote.RemoteChannel`` with the same API (both are ``ChannelLike``)."""
         kind, name, pgen, psize, choff, chgen, node = _parse_sdesc(sdesc, ChannelError)
         if kind != SD_CHANNEL:
             raise ChannelError("not a channel sdesc (kind %d)" % kind)
         if node != local_node():
-            if _remote_attach is None:
-                raise ChannelError(f"the channel lives on node {node} and this process (node {local_node()}) "
-                                   f"has no transport to reach it")
-            return _remote_attach(bytes(sdesc), node)
+            from dragon._core.remote import RemoteChannel
+            return RemoteChannel(bytes(sdesc), node)
         try:
             seg = _attach_segment(name, psize, pgen, node)
         except PoolError as e:

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+from dragon._core.core import Channel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
@@ -85,20 +86,16 @@ class _Waiter:
 
 
 class GlobalServices:
-    def __init__(self, inbox, shepherd_cds, launcher_cd, nodes, infra_pools, node=0, remote_attach=None):
+    def __init__(self, inbox, shepherd_cds, launcher_cd, nodes, infra_pools, node=0):
         """inbox: this service's input Channel; shepherd_cds[i]: sdesc of node i's shepherd input channel;
         nodes: list of dicts {index, hostname, cpus}; infra_pools: list of sdescs of each node's infra pool;
-        node: the node GS runs on (the launcher's channel is on node 0); remote_attach(sdesc, node): how to reach
-        a channel on another node (the transport), None on a single node."""
-        from dragon.channels import Channel
-
-        self._Channel = Channel
+        node: the transport index GS runs on (a channel's sdesc names its node: Channel.attach reaches the
+        others through the transport)."""
         self.inbox = inbox
         self.inbox_sdesc = bytes(inbox.sdesc)
         self.node = node
-        self.remote_attach = remote_attach
-        self.shepherds = [self._attach(sd, i) for i, sd in enumerate(shepherd_cds)]
-        self.launcher = self._attach(launcher_cd, 0) if launcher_cd else None
+        self.shepherds = [Channel.attach(sd) for sd in shepherd_cds]
+        self.launcher = Channel.attach(launcher_cd) if launcher_cd else None
         self.nodes = list(nodes)
         self.log = get_logger("gs", 0)
         self.replies = {}  # reply sdesc -> attached Channel (cache)
@@ -200,7 +197,7 @@ class GlobalServices:
         ch = self.replies.get(reply)
         try:
             if ch is None:
-                ch = self.replies[reply] = self._attach(reply, self._node_of(getattr(to, "caller", 0)))
+                ch = self.replies[reply] = Channel.attach(reply)
             ch.send(m.encode(m.Response(to.tag, err, text, result)), timeout=0)
         except ChannelFull:
             self.log.error("reply channel full: dropped the answer to request %s", to.tag)
@@ -208,19 +205,10 @@ class GlobalServices:
             self.log.error("cannot answer request %s: %s", to.tag, e)
 
     def _node_of(self, caller):
-        """The node a caller's reply channel is on: its managed process's node (a process it started itself
-        runs there too); the launcher (caller 0) is on node 0."""
+        """The node of a caller: its managed process's node (a process it started itself runs there too); the
+        launcher (caller 0) is on node 0. Where a create puts its object when the caller names no node."""
         p = self.procs.get(caller)
         return p.node if p is not None else 0
-
-    def _attach(self, sdesc, node):
-        """The one place GS attaches a channel: local ones directly, others through remote_attach (the transport,
-        when the job has several nodes)."""
-        if node == self.node:
-            return self._Channel.attach(sdesc)
-        if self.remote_attach is None:
-            raise ChannelError(f"node {node} is not reachable from global services on node {self.node}")
-        return self.remote_attach(sdesc, node)
 
     def ask_shepherd(self, node, msg, cont):
         msg.tag = next(self.tags)
@@ -782,11 +770,9 @@ def _tune_waits():
         core.set_wait_params(spin_ns=int(spin))
 
 
-def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools, node=0, remote_attach=None):
+def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools, node=0):
     """Entry point of the GS process (forked by the launcher): serve until halted or until SIGTERM (which the
-    kernel sends when the launcher dies, PR_SET_PDEATHSIG). node, remote_attach: see GlobalServices."""
-    from dragon.channels import Channel
-
+    kernel sends when the launcher dies, PR_SET_PDEATHSIG). node: see GlobalServices."""
     # Ctrl-C is the launcher's to handle; a no-op handler, not SIG_IGN, which children would inherit
     signal.signal(signal.SIGINT, lambda signum, frame: None)
 
@@ -805,7 +791,6 @@ def main(inbox_cd, shepherd_cds, launcher_cd, nodes, infra_pools, node=0, remote
         nodes,
         infra_pools,
         node=node,
-        remote_attach=remote_attach,
     )
     gs.log.debug("global services up (pid %d)", os.getpid())
     gs.run()

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 
+from dragon import env as E
 from dragon.errors import (
     ChannelEmpty,
     ChannelError,
@@ -24,7 +25,6 @@ from dragon.errors import (
     ProcessTimeout,
     RuntimeNotFound,
 )
-from dragon.infrastructure import env as E
 from dragon.infrastructure import messages as m
 
 _TIMEOUT_OF = {ProcessError: ProcessTimeout, PoolError: PoolTimeout, ChannelError: ChannelTimeout}
@@ -65,13 +65,7 @@ class Connection:
         self.pid = os.getpid()
         self.p_uid = int(environ.get(E.PUID, "0"))
         self.node = int(environ.get(E.NODE, "0"))
-        gs_node = int(environ.get(E.GS_NODE) or 0)
-        if gs_node != self.node:  # global services runs on another node: through the transport
-            from dragon.infrastructure.remote_channel import RemoteChannel
-
-            self.gs = RemoteChannel(E.dec(environ[E.GS_CD]), gs_node)
-        else:
-            self.gs = Channel.attach(E.dec(environ[E.GS_CD]))
+        self.gs = Channel.attach(E.dec(environ[E.GS_CD]))  # (through the transport if GS is on another node)
         if environ.get("DRAGON_SPIN_NS"):  # see the services' _tune_waits
             from dragon._core import core
 

@@ -17,8 +17,9 @@ import subprocess
 import threading
 import time
 
+from dragon import env as E
+from dragon._core.core import Channel, Pool
 from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout, DragonError
-from dragon.infrastructure import env as E
 from dragon.infrastructure import jobprocs
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
@@ -55,17 +56,10 @@ class _Managed:
 
 
 class Shepherd:
-    def __init__(
-        self, node, job, inbox, gs_cd, infra_pool, out_fd=1, err_fd=2, gs_node=0, remote_attach=None
-    ):
-        """node: this node's index; gs_cd: sdesc of the GS input channel, on node gs_node; remote_attach(sdesc,
-        node): how to reach a channel on another node (the transport), None on a single node; out_fd/err_fd:
-        where forwarded output goes."""
-        from dragon.channels import Channel
-
-        self.Channel = Channel
+    def __init__(self, node, job, inbox, gs_cd, infra_pool, out_fd=1, err_fd=2):
+        """node: this node's index; gs_cd: sdesc of the GS input channel (on whichever node: Channel.attach
+        reaches it through the transport); out_fd/err_fd: where forwarded output goes."""
         self.node, self.job = node, job
-        self.gs_node, self.remote_attach = gs_node, remote_attach
         self.inbox = inbox
         self.inbox_sdesc = bytes(inbox.sdesc)
         self.gs_cd = gs_cd
@@ -130,22 +124,10 @@ class Shepherd:
         try:
             ch = self.replies.get(reply)
             if ch is None:
-                # answers go to GS, or to this node's launcher (teardown)
-                ch = self.replies[reply] = self._attach(
-                    reply, self.gs_node if reply == self.gs_cd else self.node
-                )
+                ch = self.replies[reply] = Channel.attach(reply)  # GS's, or this node's launcher's
             ch.send(m.encode(m.Response(msg.tag, err, text, result)), timeout=5)
         except ChannelError as e:
             self.log.error("cannot answer %s: %s", type(msg).__name__, e)
-
-    def _attach(self, sdesc, node):
-        """The one place the shepherd attaches a channel it did not make: local ones directly, others through
-        remote_attach (the transport)."""
-        if node == self.node:
-            return self.Channel.attach(sdesc)
-        if self.remote_attach is None:
-            raise ChannelError(f"node {node} is not reachable from the shepherd of node {self.node}")
-        return self.remote_attach(sdesc, node)
 
     def _stream(self, how, run_dir, head, for_stderr):
         """-> (Popen argument, file to close after spawn or None)."""
@@ -164,7 +146,7 @@ class Shepherd:
         run_dir = msg.run_dir or os.getcwd()
         if not os.path.isdir(run_dir):
             return m.ERR_PROCESS, f"cannot start {msg.exe!r}: run_dir {run_dir!r} is not a directory", None
-        reply_ch = self.Channel.create(self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
+        reply_ch = Channel.create(self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
         files = []
         try:
             env = dict(os.environ)
@@ -260,7 +242,7 @@ class Shepherd:
 
     def channel_create(self, msg):
         try:
-            ch = self.Channel.create(
+            ch = Channel.create(
                 self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size
             )
         except DragonError as e:
@@ -345,7 +327,7 @@ class Shepherd:
         self.sel.register(rec.pidfd, selectors.EVENT_READ, ("pid", rec, None))
 
     def _io_loop(self):
-        gs = self._attach(self.gs_cd, self.gs_node)  # this thread's own handle
+        gs = Channel.attach(self.gs_cd)  # this thread's own handle
         draining = []
         while True:
             try:
@@ -429,13 +411,10 @@ def _tune_waits():
         core.set_wait_params(spin_ns=int(spin))
 
 
-def main(node, job, inbox_cd, gs_cd, infra_pd, gs_node=0, remote_attach=None):
+def main(node, job, inbox_cd, gs_cd, infra_pd):
     """Entry point of the shepherd process (forked by the launcher). Serves until SHTeardown; on SIGTERM (which
     the kernel sends when the launcher dies, PR_SET_PDEATHSIG) it tears the node down and unlinks the job's
-    segments itself. gs_node, remote_attach: see Shepherd (multi-node jobs)."""
-    from dragon.channels import Channel
-    from dragon.pools import Pool
-
+    segments itself."""
     # Ctrl-C is the launcher's to handle; a no-op handler, not SIG_IGN, which children would inherit
     signal.signal(signal.SIGINT, lambda signum, frame: None)
 
@@ -455,8 +434,6 @@ def main(node, job, inbox_cd, gs_cd, infra_pd, gs_node=0, remote_attach=None):
             Channel.attach(inbox_cd),
             gs_cd,
             Pool.attach(infra_pd),
-            gs_node=gs_node,
-            remote_attach=remote_attach,
         )
         shep.run()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torn down: exiting anyway (see _term)

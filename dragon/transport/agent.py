@@ -1,6 +1,6 @@
 """The transport agent: one per node, the only code of the runtime that speaks MPI.
 
-Processes of this node put frames (see ``dragon.infrastructure.frames``) into the node's gateway channel. The
+Processes of this node put frames (see ``dragon._core.frames``) into the node's gateway channel. The
 agent batches the frames for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as
 their own MPI message, sent straight from the staging pool block), and delivers what other agents send it:
 
@@ -39,9 +39,11 @@ import time
 
 import msgpack
 
+from dragon._core import frames as W
+from dragon._core.core import Channel
+from dragon._core.remote import pid_namespace, start_time
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
-from dragon.infrastructure import frames as W
-from dragon.infrastructure import jobprocs, messages
+from dragon.infrastructure import messages
 
 SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
@@ -59,7 +61,7 @@ SWEEP_EVERY = 1.0  # ... and, for processes it could not open a pidfd for, reads
 
 _HDR = W.HDR
 _HS = W.HSIZE
-_PIDNS = jobprocs.pid_namespace()
+_PIDNS = pid_namespace()
 _ack_pack = W.HDR.pack
 
 
@@ -656,8 +658,6 @@ class Agent:
             self.pending_in.add(s)
 
     def _in_open(self, src, sid, payload):
-        from dragon.channels import Channel
-
         s = self.ins[(src, sid)] = _In(src, sid)
         k = W.U16.unpack_from(payload, 0)[0]
         try:
@@ -711,8 +711,6 @@ class Agent:
     def _back_ch(self, sdesc):
         ch = self.back_chs.get(sdesc)
         if ch is None:
-            from dragon.channels import Channel
-
             if len(self.back_chs) >= 64:  # keep a few handles for the next put-backs, not every one
                 self.back_chs.pop(next(iter(self.back_chs))).close()
             ch = self.back_chs[sdesc] = Channel.attach(sdesc)
@@ -995,8 +993,6 @@ class Agent:
     def _reply_ch(self, o):
         ch = self.replies.get(o.reply)
         if ch is None:
-            from dragon.channels import Channel
-
             ch = self.replies[o.reply] = Channel.attach(o.reply)
         return ch
 
@@ -1042,14 +1038,14 @@ class Agent:
     def _watch(self, ep):
         """Watch ep's process with a pidfd (readable once it exits); without one (no pidfd support, no file
         descriptor left) it is found gone by the slower /proc sweep."""
-        if jobprocs.start_time(ep.pid) != ep.start:  # gone already, or the pid is another process's now
+        if start_time(ep.pid) != ep.start:  # gone already, or the pid is another process's now
             self._retire(ep)
             return
         try:
             fd = os.pidfd_open(ep.pid)
         except (OSError, AttributeError):
             return
-        if jobprocs.start_time(ep.pid) != ep.start:  # (the pid may have been reused before the pidfd opened)
+        if start_time(ep.pid) != ep.start:  # (the pid may have been reused before the pidfd opened)
             os.close(fd)
             self._retire(ep)
             return
@@ -1073,7 +1069,7 @@ class Agent:
                     ep.fd is None
                     and not ep.foreign
                     and ep.mark is None
-                    and jobprocs.start_time(ep.pid) != ep.start
+                    and start_time(ep.pid) != ep.start
                 ):
                     self._retire(ep)
         for o in list(self.lingering):
@@ -1108,8 +1104,6 @@ class Agent:
         ch = self.replies.pop(ep.reply, None)
         if ch is None:
             try:
-                from dragon.channels import Channel
-
                 ch = Channel.attach(ep.reply)
             except (ChannelError, TypeError):
                 ch = None

@@ -102,14 +102,14 @@ def _modes(size):
 
 def app(quick):
     """Run on every node by the harness: node 0 drives, node 1 receives / echoes."""
-    from dragon.infrastructure.remote_channel import attach
+    from dragon._core.core import Channel
 
     node = int(os.environ["DRAGON_NODE"])
     chans = json.loads(os.environ["DRAGON_TEST_CHANS"])
     if node > 1:
         return
-    local = attach(bytes.fromhex(chans[str(node)]["a"]), node)
-    peer = attach(bytes.fromhex(chans[str(1 - node)]["a"]), 1 - node)
+    local = Channel.attach(bytes.fromhex(chans[str(node)]["a"]))
+    peer = Channel.attach(bytes.fromhex(chans[str(1 - node)]["a"]))
     results = {}
     for size in SIZES:
         n_stream, n_rtt = counts(size, quick)

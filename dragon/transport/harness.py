@@ -83,8 +83,8 @@ def run(argv, virtual, before=None):
     widen_cpu_binding()  # as dragon-launch: the node's agent and program get the CPUs the rank may use
     os.environ["DRAGON_JOB"] = world.job_of_node(job)
     os.environ["DRAGON_NODE"] = str(world.node)
+    from dragon._core import frames as W
     from dragon.channels import Channel
-    from dragon.infrastructure import frames as W
     from dragon.infrastructure import messages as m
     from dragon.pools import Pool
     from dragon.transport.agent import Agent, start_thread

@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 
+from dragon._core.core import Channel
+from dragon._core.remote import WINDOW, RemoteChannel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
-from dragon.infrastructure.remote_channel import WINDOW, RemoteChannel, attach
 
 NODE = int(os.environ["DRAGON_NODE"])
 NNODES = int(os.environ["DRAGON_NNODES"])
@@ -19,7 +20,7 @@ CHANS = json.loads(os.environ["DRAGON_TEST_CHANS"])
 
 
 def ch(node, name):
-    return attach(bytes.fromhex(CHANS[str(node)][name]), node)
+    return Channel.attach(bytes.fromhex(CHANS[str(node)][name]))
 
 
 def expect(exc, fn, *a, **kw):
@@ -323,8 +324,8 @@ def case_zerocopy():
             time.sleep(0.05)
         assert _staging_blocks(staging) == before, (_staging_blocks(staging), before, staging.stats())
         # destroy: a channel node 1 made for it
-        v = attach(victim_sd, 1)
-        v2 = attach(victim_sd, 1)
+        v = Channel.attach(victim_sd)
+        v2 = Channel.attach(victim_sd)
         v.send(b"doomed")
         assert v.flush(10)
         v.destroy()
@@ -352,8 +353,6 @@ def case_zerocopy():
         ch(0, "small").send(b"filled")
         time.sleep(0.8)
         a.send(b"late")
-        from dragon.channels import Channel
-
         inf = Pool.attach(bytes.fromhex(os.environ["DRAGON_INF_PD"]))
         victim = Channel.create(inf, capacity=8, block_size=64)
         ch(0, "small").send(bytes(victim.sdesc).hex().encode())
@@ -401,7 +400,7 @@ def case_abandon():
         assert ch(1, "a").recv(timeout=10) == b"late2"  # put back by the agent when the process was gone
         expect(ChannelEmpty, ch(1, "a").recv, timeout=0)
         # a channel destroyed under a sender
-        s = attach(bytes.fromhex(ch(0, "small").recv(timeout=30).decode()), 1)
+        s = Channel.attach(bytes.fromhex(ch(0, "small").recv(timeout=30).decode()))
         s.send(b"1")
         assert s.flush(10)
         ch(1, "small").send(b"destroy")
@@ -416,7 +415,6 @@ def case_abandon():
         ch(1, "small").send(b"done")
         print("abandon ok", flush=True)
     elif NODE == 1:
-        from dragon.channels import Channel
         from dragon.pools import Pool
 
         a, small = ch(1, "a"), ch(1, "small")

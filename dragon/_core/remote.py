@@ -1,6 +1,7 @@
 """A channel that lives on another node, used through this node's transport agent with the Channel API.
 
-``RemoteChannel(sdesc, node)`` has the API of a local ``dragon.channels.Channel`` (send / send_block / send_many /
+``Channel.attach(sdesc)`` of a channel whose sdesc names another node returns a ``RemoteChannel``: it has the API
+of a local ``dragon._core.core.Channel`` (both satisfy ``ChannelLike``) (send / send_block / send_many /
 recv / recv_message / recv_many / recv_into / poll / len / flush / close / destroy, capacity / block_size / name /
 pool) with the same timeouts and exceptions. Where a remote channel differs:
 
@@ -48,14 +49,10 @@ import time
 
 import msgpack
 
-from dragon._core.core import Block
+from dragon import env as E
+from dragon._core import frames as W
+from dragon._core.core import Block, Channel, Pool
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
-from dragon.infrastructure import frames as W
-from dragon.infrastructure import jobprocs
-
-GW_CD = "DRAGON_GW_CD"  # hex sdesc of this node's gateway channel (the agent's input)
-INF_PD = "DRAGON_INF_PD"  # hex sdesc of this node's infrastructure pool
-NODE = "DRAGON_NODE"
 
 WINDOW = 512  # unacknowledged messages per stream
 WINDOW_BYTES = 8 << 20  # unacknowledged payload bytes per stream
@@ -124,22 +121,19 @@ class Endpoint:
     """This process's connection to its node's transport agent."""
 
     def __init__(self):
-        from dragon.channels import Channel
-        from dragon.pools import Pool
-
         env = os.environ
-        if GW_CD not in env or INF_PD not in env:
+        if E.GW_CD not in env or E.INF_PD not in env:
             raise ChannelError(
                 "this channel lives on another node, and this process has no transport agent to reach it "
                 "(DRAGON_GW_CD/DRAGON_INF_PD unset: not started by a multi-node dragon-launch)"
             )
         self.pid = os.getpid()
-        self.node = int(env.get(NODE, "0"))
-        self.gw = Channel.attach(bytes.fromhex(env[GW_CD]))
-        self.pool = Pool.attach(bytes.fromhex(env[INF_PD]))
+        self.node = int(env.get(E.NODE, "0"))
+        self.gw = Channel.attach(E.dec(env[E.GW_CD]))
+        self.pool = Pool.attach(E.dec(env[E.INF_PD]))
         self.reply = Channel.create(self.pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
         self.reply_sdesc = bytes(self.reply.sdesc)
-        self.opener = W.OPENER.pack(self.pid, jobprocs.start_time(self.pid) or 0, jobprocs.pid_namespace())
+        self.opener = W.OPENER.pack(self.pid, start_time(self.pid) or 0, pid_namespace())
         self.streams = {}
         self.closing = 0  # streams closed by their handle whose CLOSED has not come back yet
         self.closed = False
@@ -175,8 +169,6 @@ class Endpoint:
         came inline in its frame."""
         if not isinstance(data, (bytes, bytearray)):
             return data
-        from dragon.channels import Channel
-
         with self.cond:
             if self.loop is None:
                 self.loop = Channel.create(self.pool, capacity=1, block_size=REPLY_BLOCK)
@@ -727,11 +719,20 @@ class RemoteChannel:
         return (RemoteChannel, (self._sdesc, self.node))
 
 
-def attach(sdesc, node):
-    """A handle to the channel ``sdesc`` that lives on ``node``: the channel itself on this node, else a
-    RemoteChannel."""
-    if node == int(os.environ.get(NODE, "0")):
-        from dragon.channels import Channel
 
-        return Channel.attach(sdesc)
-    return RemoteChannel(sdesc, node)
+def start_time(pid):
+    """When process pid started (clock ticks after boot, from /proc/<pid>/stat), or None if there is no such
+    process. A pid with another start time than the one noted earlier is another process (the pid was reused)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_namespace():
+    """This process's pid namespace (an inode number; 0 if unknown): pids mean the same process only within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0

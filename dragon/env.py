@@ -1,4 +1,7 @@
-"""The environment contract between the runtime and every managed process.
+"""The environment contract between the runtime and every managed process: every ``DRAGON_*`` variable.
+
+A leaf module (it imports nothing of the project), like ``dragon.errors``: every layer, ``dragon._core``
+included, reads and writes the runtime's environment variables through the names defined here.
 
 The shepherd puts these variables into the environment of each process it starts (on top of the inherited
 environment and the user's ``env``). Serialized descriptors are hex strings. A process with no ``DRAGON_GS_CD``

@@ -64,7 +64,7 @@ NEXT = (
 # RECV modes
 M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO, M_DESTROY = 0, 1, 2, 3, 4, 5, 6
 REQ = struct.Struct("<BIqd")  # mode, max_n, maxlen (-1: any), timeout (-1.0: forever)
-OPENER = struct.Struct("<IQQ")  # who opened a stream: pid, start time, pid namespace (see jobprocs)
+OPENER = struct.Struct("<IQQ")  # who opened a stream: pid, start time, pid namespace (see dragon._core.remote)
 
 # ERR classes (in the node field of an ERR frame)
 E_ERROR, E_EMPTY, E_TIMEOUT, E_FULL = 0, 1, 2, 3
