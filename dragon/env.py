@@ -14,20 +14,21 @@ JOB = "DRAGON_JOB"  # job id: prefix of every shared-memory segment of the job
 PUID = "DRAGON_PUID"  # this process's p_uid
 NODE = "DRAGON_NODE"  # index of the node this process runs on
 GS_CD = "DRAGON_GS_CD"  # global services input channel
-LS_CD = "DRAGON_LS_CD"  # this node's shepherd input channel
 REPLY_CD = "DRAGON_REPLY_CD"  # this process's own reply channel (made by the shepherd before spawn)
 INF_PD = "DRAGON_INF_PD"  # the node's infrastructure pool
 SHEP_PID = "DRAGON_SHEP_PID"  # pid of the shepherd that started this process (to tell a descendant from it)
 INFRA_POOL_SIZE = "DRAGON_INFRA_POOL_SIZE"  # bytes of each node's infrastructure pool (suffix K, M or G; default 64M)
 LOG = "DRAGON_LOG"  # "debug" for verbose service logs (default: warnings and errors only)
 REQUEST_TIMEOUT = "DRAGON_REQUEST_TIMEOUT"  # seconds a client waits for a reply (default 60)
+SERVICE_TIMEOUT = "DRAGON_SERVICE_TIMEOUT"  # seconds a service may leave its launcher's pings unanswered (30)
 # multi-node jobs (set by the launcher of each node, inherited by its services and managed processes)
 # where global services runs, as a transport index (default 0): node 0, or the number of nodes when GS has an MPI
 # rank of its own, which is no node (dragon-launch --gs-rank; see dragon.transport.world)
 GS_NODE = "DRAGON_GS_NODE"
 GW_CD = "DRAGON_GW_CD"  # this node's transport gateway channel (the transport agent's input)
+SPIN_NS = "DRAGON_SPIN_NS"  # how long blocking receives of the services and clients spin before they sleep (ns)
 
-ALL = (JOB, PUID, NODE, GS_CD, LS_CD, REPLY_CD, INF_PD, SHEP_PID)
+ALL = (JOB, PUID, NODE, GS_CD, REPLY_CD, INF_PD, SHEP_PID)
 
 
 def new_job_id(environ=None):
@@ -52,6 +53,27 @@ def infra_pool_size(environ=None, default=64 << 20):
     return int(digits) * scale
 
 
+def spin_ns(environ=None):
+    """DRAGON_SPIN_NS as an int (None if unset or not a number: the core's default applies)."""
+    text = (os.environ if environ is None else environ).get(SPIN_NS, "")
+    return int(text) if text.strip().isdigit() else None
+
+
+def seconds(name, default, environ=None):
+    """A positive number of seconds from the environment variable name (default if unset; ValueError naming the
+    variable if it is not a positive number)."""
+    text = (os.environ if environ is None else environ).get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name}={text!r}: expected a positive number of seconds")
+    return value
+
+
 def enc(sdesc):
     return bytes(sdesc).hex()
 
@@ -60,14 +82,15 @@ def dec(text):
     return bytes.fromhex(text)
 
 
-def contract(job, p_uid, node, gs_cd, ls_cd, reply_cd, inf_pd, shep_pid):
-    """The variables a managed process gets (sdescs as bytes in, hex strings out)."""
+def contract(job, p_uid, node, gs_cd, reply_cd, inf_pd, shep_pid):
+    """The variables a managed process gets (sdescs as bytes in, hex strings out). Not among them: the inboxes of
+    the shepherds and the launchers, and the job's key (see dragon.infrastructure.messages): a managed process
+    reaches the runtime only through global services' public inbox."""
     return {
         JOB: job,
         PUID: str(p_uid),
         NODE: str(node),
         GS_CD: enc(gs_cd),
-        LS_CD: enc(ls_cd),
         REPLY_CD: enc(reply_cd),
         INF_PD: enc(inf_pd),
         SHEP_PID: str(shep_pid),

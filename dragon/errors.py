@@ -46,3 +46,35 @@ class ProcessTimeout(ProcessError, TimeoutError):
 
 class RuntimeNotFound(DragonError):
     """The caller is not running under dragon-launch, so there is no global services to talk to."""
+
+
+# ---- the one error-code registry: the code of each class travels in Response.err and the transport's ERR frames
+_CODES = {
+    DragonError: 1,
+    PoolError: 10,
+    PoolFull: 11,
+    PoolTimeout: 12,
+    ChannelError: 20,
+    ChannelFull: 21,
+    ChannelEmpty: 22,
+    ChannelTimeout: 23,
+    ProcessError: 30,
+    ProcessTimeout: 31,
+    RuntimeNotFound: 40,
+}
+_CLASSES = {code: cls for cls, code in _CODES.items()}
+
+
+def code_of(error):
+    """The code of an error class or instance (that of its nearest registered base; DragonError's for others)."""
+    cls = error if isinstance(error, type) else type(error)
+    for klass in cls.__mro__:
+        code = _CODES.get(klass)
+        if code is not None:
+            return code
+    return _CODES[DragonError]
+
+
+def from_code(code):
+    """The error class of a code (DragonError for an unknown one)."""
+    return _CLASSES.get(code, DragonError)

@@ -18,23 +18,18 @@ from dragon.errors import (
     ChannelEmpty,
     ChannelError,
     ChannelTimeout,
-    DragonError,
     PoolError,
     PoolTimeout,
     ProcessError,
     ProcessTimeout,
     RuntimeNotFound,
+    from_code,
 )
 from dragon.infrastructure import messages as m
 
 _TIMEOUT_OF = {ProcessError: ProcessTimeout, PoolError: PoolTimeout, ChannelError: ChannelTimeout}
-_ERR_OF = {
-    m.ERR_PROCESS: ProcessError,
-    m.ERR_POOL: PoolError,
-    m.ERR_CHANNEL: ChannelError,
-    m.ERR_TIMEOUT: ChannelTimeout,
-}
 SEND_TIMEOUT = 30.0
+MAX_REQUEST = 4 << 20  # bytes of one encoded request (a bigger one is refused before it is sent)
 
 
 def _request_timeout():
@@ -66,10 +61,10 @@ class Connection:
         self.p_uid = int(environ.get(E.PUID, "0"))
         self.node = int(environ.get(E.NODE, "0"))
         self.gs = Channel.attach(E.dec(environ[E.GS_CD]))  # (through the transport if GS is on another node)
-        if environ.get("DRAGON_SPIN_NS"):  # see the services' _tune_waits
+        if E.spin_ns() is not None:  # (as the services: dragon.infrastructure.service.service_process)
             from dragon._core import core
 
-            core.set_wait_params(spin_ns=int(environ["DRAGON_SPIN_NS"]))
+            core.set_wait_params(spin_ns=E.spin_ns())
         self.own_reply = None
         if E.REPLY_CD in environ and str(os.getppid()) == environ.get(E.SHEP_PID):
             self.reply = Channel.attach(E.dec(environ[E.REPLY_CD]))
@@ -101,7 +96,7 @@ class Connection:
         Raises TimeoutError (None) if no reply came in time; the caller turns that into its own class."""
         tag = next(self.tags)  # atomic under the GIL
         msg.tag, msg.reply, msg.caller = tag, self.reply_sdesc, self.p_uid
-        self.gs.send(m.encode(msg), timeout=SEND_TIMEOUT)
+        self.gs.send(encode_request(msg), timeout=SEND_TIMEOUT)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             try:
@@ -124,7 +119,12 @@ class Connection:
                         self.reading = False
                         self.cond.notify_all()
                     if data is not None:
-                        resp = m.decode(data)
+                        try:
+                            resp = m.decode(data)
+                        except ValueError:  # (only global services writes here: garbage is dropped)
+                            continue
+                        if type(resp) is not m.Response:
+                            continue
                         if resp.tag in self.abandoned:
                             self.abandoned.discard(resp.tag)
                         else:
@@ -136,6 +136,21 @@ class Connection:
                     self.abandoned.add(tag)
                 raise
             return self.results.pop(tag)
+
+
+class _Unsendable(ValueError):
+    pass
+
+
+def encode_request(msg):
+    """The bytes of a request, or _Unsendable saying why it cannot be sent (nothing is sent then)."""
+    try:
+        data = m.encode(msg)
+    except (OverflowError, UnicodeError, TypeError, ValueError) as e:  # ints beyond 64 bits, lone surrogates
+        raise _Unsendable(f"cannot be sent: {type(e).__name__}: {e}") from None
+    if len(data) > MAX_REQUEST:
+        raise _Unsendable(f"is too large to send ({len(data)} bytes; the limit is {MAX_REQUEST} bytes)")
+    return data
 
 
 _conn = None
@@ -166,6 +181,8 @@ def call(msg_class, err_class, server_wait=False, **fields):
     msg = msg_class(**fields)
     try:
         resp = conn.request(msg, wait)
+    except _Unsendable as e:
+        raise err_class(f"{msg_class.__name__}: the request {e}") from None
     except TimeoutError:
         raise _TIMEOUT_OF.get(err_class, ProcessTimeout)(
             f"{msg_class.__name__}: no answer from global services within {wait} s"
@@ -173,8 +190,7 @@ def call(msg_class, err_class, server_wait=False, **fields):
     except ChannelError as e:
         raise err_class(f"{msg_class.__name__}: lost contact with global services: {e}") from e
     if resp.err:
-        cls = DragonError if resp.err == m.ERR_INTERNAL else _ERR_OF.get(resp.err, err_class)
-        raise cls(resp.msg)
+        raise from_code(resp.err)(resp.msg)
     return resp.result
 
 

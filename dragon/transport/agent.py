@@ -43,7 +43,6 @@ from dragon._core import frames as W
 from dragon._core.core import Channel
 from dragon._core.remote import pid_namespace, start_time
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
-from dragon.infrastructure import messages
 
 SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
@@ -62,6 +61,7 @@ SWEEP_EVERY = 1.0  # ... and, for processes it could not open a pidfd for, reads
 _HDR = W.HDR
 _HS = W.HSIZE
 _PIDNS = pid_namespace()
+_FROM_PROCESSES = frozenset((W.OPEN, W.SEND, W.RECV, W.CLOSE, W.PUTBACK, W.BYE))  # what a gateway accepts
 _ack_pack = W.HDR.pack
 
 
@@ -206,7 +206,7 @@ class Agent:
         self.lingering = set()  # closed _Out whose far end has closed, waiting for the process to read past
         self.backq = {}  # channel sdesc -> deque of messages to put back into that channel of this node
         self.back_chs = {}  # channel sdesc -> Channel (attached for PUTBACK)
-        self.on_ctrl = None  # callback(src node, Message) for CTRL frames (the launcher)
+        self.on_ctrl = None  # callback(src node, bytes) for CTRL frames (the launcher decodes them)
         self.on_node_down = None  # callback(node) when a node is announced dead
         self.heartbeat = None  # (interval, dead_after) seconds: beat to every node, declare silent ones down
         self.next_beat = 0.0
@@ -225,10 +225,11 @@ class Agent:
         """Run fn(*args) in the agent's loop (thread-safe); the loop notices within MAX_IDLE_WAIT."""
         self.posted.append((fn, args))
 
-    def send_ctrl(self, dest, msg):
-        """Send an infrastructure message (dragon.infrastructure.messages) to the launcher beside node dest's
-        agent (thread-safe). The agent carries its encoded bytes opaquely in a CTRL frame."""
-        self.post(self._ctrl, dest, msg)
+    def send_ctrl(self, dest, data):
+        """Send an encoded infrastructure message (a launcher's control message, with the job's key) to the
+        launcher beside node dest's agent (thread-safe). The agent carries the bytes opaquely in a CTRL frame;
+        only the launchers send and read them (on_ctrl(src, bytes)): no process can, through its gateway."""
+        self.post(self._ctrl, dest, data)
 
     def stop(self):
         self.post(self._stop)
@@ -449,59 +450,70 @@ class Agent:
         out = self.out
         nbig = 0
         for data in frames:
-            kind, flags, dest, ln, sid, seq = unpack(data)
-            if kind == W.OPEN:
-                self._open_out(sid, dest, data[_HS : _HS + ln])
-            elif kind == W.CLOSE:
-                self._close_out(self.outs.get(sid), forward=False)
-            elif kind == W.BYE:  # the process ends: nothing of it comes after this
-                ep = self.eps.get(bytes(data[_HS : _HS + ln]))
-                if ep is not None:
-                    self._retire(ep)
-                continue
-            if dest in self.dead or dest >= len(self.ranks):
-                if flags & W.PTR:
-                    self._free_ptr(data)
-                if kind != W.CLOSE and kind != W.PUTBACK:
-                    self._fail_local(
-                        sid,
-                        seq if kind == W.RECV else 0,
-                        f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
-                    )
-                continue
-            if flags & W.PTR:  # a payload in a pool block: the packet gets the header, MPI the block
-                off = W.U64.unpack_from(data, _HS)[0]
-                blk = self.pool.block(off)
-                if ln <= W.BIG_MIN:  # not worth an MPI message (and its handling) of its own: into the packet
+            try:
+                kind, flags, dest, ln, sid, seq = unpack(data)
+                if kind not in _FROM_PROCESSES:  # (frames only agents send: a process may not forge them)
+                    self._refuse(data, f"a process may not send {kind=} frames")
+                    continue
+                if len(data) != _HS + (8 if flags & W.PTR else ln):  # (it would misframe the packet it joins)
+                    self._refuse(data, f"a {len(data)}-byte frame whose header says {ln} bytes of payload")
+                    continue
+                if kind == W.OPEN:
+                    self._open_out(sid, dest, data[_HS : _HS + ln])
+                elif kind == W.CLOSE:
+                    self._close_out(self.outs.get(sid), forward=False)
+                elif kind == W.BYE:  # the process ends: nothing of it comes after this
+                    ep = self.eps.get(bytes(data[_HS : _HS + ln]))
+                    if ep is not None:
+                        self._retire(ep)
+                    continue
+                if dest in self.dead or dest >= len(self.ranks):
+                    if flags & W.PTR:
+                        self._free_ptr(data)
+                    if kind != W.CLOSE and kind != W.PUTBACK:
+                        self._fail_local(
+                            sid,
+                            seq if kind == W.RECV else 0,
+                            f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
+                        )
+                    continue
+                if flags & W.PTR:  # a payload in a pool block: the packet gets the header, MPI the block
+                    off = W.U64.unpack_from(data, _HS)[0]
+                    blk = self.pool.block(off)
+                    if ln > blk.size:
+                        raise ValueError(f"a staging block of {blk.size} bytes cannot hold the {ln} it claims")
+                    if ln <= W.BIG_MIN:  # not worth an MPI message (and its handling) of its own: into the packet
+                        hdr = bytearray(data[:_HS])
+                        hdr[1] = flags & ~W.PTR
+                        pkt = out.get(dest)
+                        if pkt is None:
+                            pkt = out[dest] = bytearray()
+                        pkt += hdr
+                        mv = memoryview(blk)
+                        pkt += mv[:ln]
+                        mv.release()
+                        self.pool.free(blk)
+                        if len(pkt) > W.PACKET_MAX:
+                            self._flush(dest)
+                        continue
                     hdr = bytearray(data[:_HS])
-                    hdr[1] = flags & ~W.PTR
+                    hdr[1] = (flags & ~W.PTR) | W.BIG
                     pkt = out.get(dest)
                     if pkt is None:
                         pkt = out[dest] = bytearray()
                     pkt += hdr
-                    mv = memoryview(blk)
-                    pkt += mv[:ln]
-                    mv.release()
-                    self.pool.free(blk)
-                    if len(pkt) > W.PACKET_MAX:
-                        self._flush(dest)
-                    continue
-                hdr = bytearray(data[:_HS])
-                hdr[1] = (flags & ~W.PTR) | W.BIG
-                pkt = out.get(dest)
-                if pkt is None:
-                    pkt = out[dest] = bytearray()
-                pkt += hdr
-                self.bigs.setdefault(dest, []).append((memoryview(blk)[:ln], _Free(self.pool, off)))
-                nbig += 1
-            else:
-                pkt = out.get(dest)
-                if pkt is None:
-                    out[dest] = bytearray(data)
+                    self.bigs.setdefault(dest, []).append((memoryview(blk)[:ln], _Free(self.pool, off)))
+                    nbig += 1
                 else:
-                    pkt += data
-                    if len(pkt) > W.PACKET_MAX:
-                        self._flush(dest)
+                    pkt = out.get(dest)
+                    if pkt is None:
+                        out[dest] = bytearray(data)
+                    else:
+                        pkt += data
+                        if len(pkt) > W.PACKET_MAX:
+                            self._flush(dest)
+            except Exception as e:  # a bad frame drops itself only (logged), never the rest of the batch
+                self._refuse(data, f"{type(e).__name__}: {e}")
         if nbig < len(frames):  # a request or small message went out: its answer may be on its way back
             self.urgent_at = time.perf_counter()
         return len(frames)
@@ -558,6 +570,14 @@ class Agent:
         else:
             self.lingering.add(o)
 
+    def _refuse(self, data, why):
+        """A frame the agent will not act on (from a process, or a process's payload that another agent
+        forwarded): logged (the first few, then every 1000th)."""
+        self.stats["refused"] += 1
+        n = self.stats["refused"]
+        if self.log and (n <= 10 or n % 1000 == 0):
+            self.log.error("refused a frame (%d so far): %s", n, why)
+
     def _free_ptr(self, data):
         _Free(self.pool, W.U64.unpack_from(data, _HS)[0]).release()
 
@@ -605,32 +625,30 @@ class Agent:
             if run:
                 self._in_send_run(src, run_sid, run)
                 run_sid, run = None, None
-            if kind == W.SEND:
-                self._in_send(src, sid, payload, n, bigsrc)
-            elif kind == W.RECV:
-                self._in_recv(src, sid, seq, payload)
-            elif kind == W.OPEN:
-                self._in_open(src, sid, payload)
-            elif kind == W.CLOSE:
-                self._in_close(src, sid)
-            elif kind in (W.ACK, W.DATA, W.RESULT, W.ERR):
-                self._answer(sid, mv[hpos : hpos + _HS], payload, n, big, src, bigsrc)
-            elif kind == W.CLOSED:
-                o = self.outs.get(sid)
-                if o is not None and o.closed:
-                    o.far_closed = True
-                    self._forget_if_done(o)
-            elif kind == W.PUTBACK:
-                self._in_putback(payload, flags)
-            elif kind == W.NODE_DOWN:
-                self._node_down(node)
-            elif kind == W.CTRL:
-                if self.on_ctrl is not None:
-                    try:
-                        self.on_ctrl(src, messages.decode(payload))
-                    except Exception:  # the launcher's bug must not kill the transport
-                        if self.log:
-                            self.log.exception("control message from node %d", src)
+            try:
+                if kind == W.SEND:
+                    self._in_send(src, sid, payload, n, bigsrc)
+                elif kind == W.RECV:
+                    self._in_recv(src, sid, seq, payload)
+                elif kind == W.OPEN:
+                    self._in_open(src, sid, payload)
+                elif kind == W.CLOSE:
+                    self._in_close(src, sid)
+                elif kind in (W.ACK, W.DATA, W.RESULT, W.ERR):
+                    self._answer(sid, mv[hpos : hpos + _HS], payload, n, big, src, bigsrc)
+                elif kind == W.CLOSED:
+                    o = self.outs.get(sid)
+                    if o is not None and o.closed:
+                        o.far_closed = True
+                        self._forget_if_done(o)
+                elif kind == W.PUTBACK:
+                    self._in_putback(payload, flags)
+                elif kind == W.NODE_DOWN:
+                    self._node_down(node)
+                elif kind == W.CTRL and self.on_ctrl is not None:
+                    self.on_ctrl(src, bytes(payload))
+            except Exception as e:  # (a process wrote the payload: a bad one costs its own frame, not the packet)
+                self._refuse(payload, f"kind {kind} from node {src}: {type(e).__name__}: {e}")
 
         if run:
             self._in_send_run(src, run_sid, run)
@@ -1216,8 +1234,7 @@ class Agent:
                 del self.pending_rep[ch]
 
     # ---- nodes and control --------------------------------------------------------------------------------
-    def _ctrl(self, dest, msg):
-        body = messages.encode(msg)
+    def _ctrl(self, dest, body):
         self._emit(dest, _HDR.pack(W.CTRL, 0, dest, len(body), 0, 0) + body)
 
     def announce_down(self, node):

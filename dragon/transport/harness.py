@@ -70,7 +70,7 @@ def run(argv, virtual, before=None):
 
     comm = MPI.COMM_WORLD
     world = World(comm, virtual)
-    job = comm.bcast("t" + os.urandom(4).hex() if world.rank == 0 else None, root=0)
+    job, key = comm.bcast(("t" + os.urandom(4).hex(), os.urandom(8)) if world.rank == 0 else None, root=0)
     if before is not None:
         before(world, comm)
     # the leaders' communicator: node k's agent is its rank k
@@ -100,21 +100,27 @@ def run(argv, virtual, before=None):
     done = {}
     finished = threading.Event()
 
-    def program_done(src, msg):
+    def program_done(msg):
         done[msg.node] = msg.exit_code
         if len(done) == world.nnodes:
             for k in range(world.nnodes):
-                agent._ctrl(k, m.LAExit())
+                agent._ctrl(k, m.encode(m.LAExit(key=key)))
 
-    def stop(src, msg):
+    def stop(msg):
         agent.running = False
 
     handlers = {m.LAProgramDone: program_done, m.LAExit: stop}
-    agent.on_ctrl = lambda src, msg: handlers[type(msg)](src, msg)
+
+    def on_ctrl(src, data):
+        msg = m.decode(data)
+        if msg.CONTROL and msg.key == key and type(msg) in handlers:
+            handlers[type(msg)](msg)
+
+    agent.on_ctrl = on_ctrl
     t = start_thread(agent)
     env = _env_for(world, world.node, gw, pool, chans)
     code = _run_program([sys.executable, *argv], env)
-    agent.send_ctrl(0, m.LAProgramDone(world.node, code))
+    agent.send_ctrl(0, m.encode(m.LAProgramDone(key=key, node=world.node, exit_code=code)))
     t.join()
     finished.set()
     for ch in (gw, a, small):
