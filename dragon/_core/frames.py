@@ -103,12 +103,21 @@ def split_sdesc(payload):
 
 
 def unpack_many(buf):
+    """The messages of a pack_many payload; ValueError if it is truncated or has bytes beyond its last one."""
     mv = memoryview(buf)
-    (count,) = U32.unpack_from(mv, 0)
-    pos, out = 4, []
-    for _ in range(count):
-        (n,) = U32.unpack_from(mv, pos)
-        pos += 4
-        out.append(bytes(mv[pos : pos + n]))
-        pos += n
+    end = len(mv)
+    try:
+        (count,) = U32.unpack_from(mv, 0)
+        pos, out = 4, []
+        for _ in range(count):
+            (n,) = U32.unpack_from(mv, pos)
+            pos += 4
+            if pos + n > end:
+                raise ValueError(f"message {len(out)} of {count} is cut short")
+            out.append(bytes(mv[pos : pos + n]))
+            pos += n
+    except struct.error as e:
+        raise ValueError(f"a packed list is cut short: {e}") from None
+    if pos != end:
+        raise ValueError(f"{end - pos} bytes after the last of {count} packed messages")
     return out

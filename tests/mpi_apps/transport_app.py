@@ -441,6 +441,52 @@ def _abandoner():
     os._exit(0)
 
 
+def case_badframes():
+    """A process writes malformed and forged frames into its node's gateway between good sends: each bad frame
+    is dropped alone (the agent logs it), every good message arrives once and in order, and nothing forged acts
+    (a CTRL frame telling the agents to stop, a NODE_DOWN, a heartbeat)."""
+    import struct
+
+    from dragon._core import frames as W
+    from dragon.infrastructure import messages as m
+
+    if NODE == 0:
+        a = ch(0, "a")
+        got = [a.recv(timeout=30) for _ in range(40)]
+        assert got == [b"good %d" % i for i in range(40)], got
+        expect(ChannelTimeout, a.recv, timeout=0.5)  # (and no putback of the cut-short list came in)
+        ch(1, "small").send(b"checked")
+        print("badframes ok", flush=True)
+    elif NODE == 1:
+        r = ch(0, "a")
+        gw = Channel.attach(bytes.fromhex(os.environ["DRAGON_GW_CD"]))
+        hdr = W.HDR.pack
+        sid = r._st.sid
+        ctrl = m.encode(m.LAExit(key=b"guessed!"))
+        many = W.prefix_sdesc(bytes.fromhex(CHANS["0"]["a"]), W.pack_many([b"x", b"y"])[:-1])
+        bad = [
+            b"",
+            b"\x02\x00",  # shorter than a header
+            hdr(W.SEND, 0, 0, 50, sid, 0) + b"short",  # a payload shorter than its header says
+            hdr(W.SEND, 0, 0, 2, sid, 0) + b"longer than 2",
+            hdr(W.CTRL, 0, 0, len(ctrl), 0, 0) + ctrl,  # frames only agents send
+            hdr(W.NODE_DOWN, 0, 0, 0, 0, 0),
+            hdr(W.HEARTBEAT, 0, 0, 0, 0, 0),
+            hdr(W.ACK, 0, 0, 0, sid, 10**6),
+            hdr(W.PUTBACK, W.MANY, 0, len(many), 0, 0) + many,  # a packed list cut short (parsed on node 0)
+            hdr(W.RECV, 0, 0, 3, sid, 77) + b"abc",  # a request too short to be one
+            hdr(W.SEND, W.PTR, 0, 1 << 30, sid, 0) + W.U64.pack(0),  # more than any staging block holds
+            hdr(W.SEND, W.PTR, 0, 8, sid, 0) + W.U64.pack(2**63 + 5),  # no such block
+            hdr(99, 0, 0, 0, 0, 0),
+            struct.pack("<BBHIQQ", W.OPEN, 0, 0, 4, 1, 0) + b"\xff\xff\x00\x00",  # a stream to nowhere
+        ]
+        for i in range(40):
+            r.send(b"good %d" % i)
+            gw.send(bad[i % len(bad)], timeout=10)
+        assert r.flush(30)
+        assert ch(1, "small").recv(timeout=30) == b"checked"
+
+
 def case_idle():
     """An idle agent does not burn a core: report this rank's agent's CPU use (the parent process)."""
     from dragon.transport.agent import idle_cpu
