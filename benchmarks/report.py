@@ -2,7 +2,7 @@
 the issues set, each marked met or missed."""
 from __future__ import annotations
 
-from benchmarks.util import human, size_label
+from benchmarks.util import BENCH_EXTRA, IN_BENCH_EXTRA, NEEDS, human, size_label
 
 # peers that are dragon itself; the first one present in a block is the one ratios are taken from
 DRAGON_PRIMARY = ["dragon", "dragon-batch", "dragon-zc"]
@@ -148,6 +148,24 @@ def peer_rank(p):
 SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s")
 
 
+def skipped_lines(skipped):
+    """One line per reason a part was not measured, naming everything it kept out; for a piece that is not
+    installed, what to install (and, once, the extra that installs them all)."""
+    groups = {}
+    for s in skipped:
+        groups.setdefault(s.get("need") or s["why"], []).append(s)
+    lines = []
+    for entries in groups.values():
+        need = entries[0].get("need")
+        line = f"skipped {', '.join(dict.fromkeys(s['what'] for s in entries))}: {entries[0]['why']}"
+        lines.append(line + (f" ({NEEDS[need][1]})" if need in NEEDS else ""))
+    needs = {s.get("need") for s in skipped}
+    if needs & IN_BENCH_EXTRA:
+        but = " but DragonHPC" if "DragonHPC" in needs else ""
+        lines.append(f"{BENCH_EXTRA} installs every missing piece above{but}")
+    return lines
+
+
 def render(doc, labels=None):
     """The human-readable report of a result document (as written to --json)."""
     labels = labels or {}
@@ -210,8 +228,7 @@ def render(doc, labels=None):
             parts.append(f"{labels.get(who, who)}: {c['runs']} run(s) left {segs}{c['procs_killed']} process(es)")
         out.append("")
         out.append("cleanup after each runtime's runs (removed by dragon-bench): " + "; ".join(parts))
-    for s in doc.get("skipped", []):
-        out.append(f"skipped {s['what']}: {s['why']}")
+    out += skipped_lines(doc.get("skipped", []))
     for n in doc.get("notes", []):
         out.append(f"note: {n}")
     return "\n".join(out)

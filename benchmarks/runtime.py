@@ -51,10 +51,11 @@ def runtime_missing():
 
 
 def dragon_launch_cmd():
-    exe = shutil.which("dragon-launch")
+    """dragon-launch of this python: its console script (next to python; PATH's may be another install's), or
+    the same entry point through the interpreter when the script is not installed (no pip install)."""
+    exe = util.beside_python("dragon-launch")
     if exe:
         return [exe]
-    # the console script is not installed (no pip install): the same entry point through the interpreter
     return [sys.executable, "-c",
             "import sys; from launcher.launch import main; sys.argv[0] = 'dragon-launch'; sys.exit(main())"]
 
@@ -246,7 +247,10 @@ def plan_startup(ctx):
         return run
 
     steps.append(("startup: python empty.py", timed("python", [sys.executable, empty], env=clean_env())))
-    if util.mpiexec_path():
+    lacking = util.missing("mpiexec")
+    for r in lacking:
+        ctx.skip("startup mpiexec -n 1", **r)
+    if not lacking:
         steps.append(("startup: mpiexec -n 1 python empty.py",
                       timed("mpiexec", util.local_mpiexec(1) + [sys.executable, empty], env=clean_env())))
     why = runtime_missing()
@@ -261,7 +265,8 @@ def plan_startup(ctx):
                       timed("dragonhpc", [os.path.join(ctx.dragonhpc, "bin", "dragon"), "-s", empty],
                             cwd=tmp, env=dhpc_env(ctx), shm_filter=dhpc_segment)))
     else:
-        ctx.skip("startup DragonHPC", dhpc_absent(ctx))
+        for r in dhpc_absent(ctx):
+            ctx.skip("startup DragonHPC", **r)
     return steps
 
 
@@ -412,9 +417,10 @@ def dhpc_segment(name):
 
 
 def dhpc_absent(ctx):
+    """Why DragonHPC is not measured, as skip reasons (see util.missing)."""
     if ctx.args.no_dragonhpc:
-        return "--no-dragonhpc given"
-    return "not installed (looked for /opt/dragonhpc-venv or $DRAGONHPC_VENV)"
+        return [{"why": "--no-dragonhpc given"}]
+    return util.missing("DragonHPC")
 
 
 def dhpc_env(ctx):
@@ -430,7 +436,8 @@ def _dragonhpc_steps(ctx):
         parts.append("channels")
     if not ctx.dragonhpc:
         for p in parts:
-            ctx.skip(f"{p} DragonHPC", dhpc_absent(ctx))
+            for r in dhpc_absent(ctx):
+                ctx.skip(f"{p} DragonHPC", **r)
         return []
     if not parts:
         return []

@@ -36,11 +36,13 @@ def plan(ctx):
 
     sizes = parse_sizes(ctx.args.sizes)
     launcher, extra, where = two_node_launcher()
-    if launcher is None:
-        ctx.skip("xnode", "neither srun (in a 2-node allocation) nor mpiexec is available")
+    if launcher is None:  # outside a 2-node Slurm allocation, mpiexec starts the two ranks
+        for r in util.missing("mpiexec"):
+            ctx.skip("xnode", **r)
         return []
     steps = []
-    why = runtime.runtime_missing()
+    lacking = util.missing("mpi4py")  # the transport agents speak MPI
+    why = None if lacking else runtime.runtime_missing()
     try:
         import dragon._core.remote  # noqa: F401
     except Exception as e:
@@ -58,9 +60,10 @@ def plan(ctx):
             inner_mode = "xnode-harness"
             ctx.note("xnode: dragon-launch has no --virtual-nodes yet; the dragon cross-node figures come from "
                      "the transport agents run by dragon.transport.harness (same agents, no GS)")
-    if why:
-        ctx.skip("xnode dragon", why)
-    else:
+    reasons = lacking or ([{"why": why}] if why else [])
+    for r in reasons:
+        ctx.skip("xnode dragon", **r)
+    if not reasons:
         def run():
             tmp = runtime._tmpdir(ctx)
             out = os.path.join(tmp, "xnode.json")
@@ -91,7 +94,11 @@ def plan(ctx):
         if why:
             ctx.skip("xnode mpi4py", why)
 
-    steps.append((f"xnode: mpi4py ({where})", run_mpi))
+    lacking = util.missing("mpi4py", "numpy")  # benchmarks/mpi_peer.py, with numpy buffers
+    for r in lacking:
+        ctx.skip("xnode mpi4py", **r)
+    if not lacking:
+        steps.append((f"xnode: mpi4py ({where})", run_mpi))
     return steps
 
 
