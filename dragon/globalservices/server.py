@@ -20,8 +20,7 @@ PENDING, RUNNING, EXITED = "pending", "running", "exited"  # as ProcessDescripto
 
 def _lookup(ident, table, names, err, what, uid):
     """The record of a process, pool or channel by its uid (int) or name (str); err naming it if none."""
-    checks.ident(ident, err, what, uid)
-    r = table.get(names.get(ident) if isinstance(ident, str) else ident)
+    r = table.get(ident) if type(ident) is int else table.get(names.get(checks.ident(ident, err, what, uid)))
     if r is None:
         raise err(f"no {what} named {ident!r}" if isinstance(ident, str) else f"no {what} with {uid} {ident}")
     return r

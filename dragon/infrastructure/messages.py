@@ -39,10 +39,11 @@ class Message:
     TYPE: ClassVar[int] = -1
     FIELDS: ClassVar[tuple] = ()
     CONTROL: ClassVar[bool] = False
+    REQUEST: ClassVar[bool] = False  # answered with a (Control)Response
 
     def __init_subclass__(cls, type_id=None, control=None, **kw):
         super().__init_subclass__(**kw)
-        own = [f for f in cls.__dict__.get("__annotations__", {}) if f not in ("TYPE", "FIELDS", "CONTROL")]
+        own = [f for f in cls.__dict__.get("__annotations__", {}) if f.upper() != f]
         cls.FIELDS = tuple(f for f in cls.FIELDS if f not in own) + tuple(own)
         if control and not cls.CONTROL:  # the job's key comes first
             cls.__annotations__ = {"key": bytes, **cls.__dict__.get("__annotations__", {})}
@@ -134,6 +135,7 @@ def _specialize(cls):
 class Request(Message):
     """Every request: answered with a Response carrying its tag, into its reply channel."""
 
+    REQUEST = True
     tag: int
     reply: bytes
 

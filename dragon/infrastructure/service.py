@@ -161,18 +161,18 @@ class Service:
         try:
             res = handler(msg)
         except DragonError as e:
-            if isinstance(msg, m.Request):
+            if t.REQUEST:
                 self.fail(msg, e)
             else:
                 self.log.error("%s: %s", t.__name__, e)
             return
         except Exception as e:
             self.log.exception("%s failed on %s", self.NAME, t.__name__)
-            if isinstance(msg, m.Request):
+            if t.REQUEST:
                 self.fail(msg, DragonError(f"{self.NAME} failed on {t.__name__}: {e!r}"))
             return
-        if res is not DEFER and isinstance(msg, m.Request):
-            self.answer(msg, res)
+        if res is not DEFER and t.REQUEST:
+            self._respond(msg, 0, None, res)
 
     def reject(self, kind, text, msg=None):
         """A message the service will not act on: logged (rate-limited), answered with an error if it is a request
@@ -180,7 +180,7 @@ class Service:
         n = self.bad[kind] = self.bad.get(kind, 0) + 1
         if n <= LOG_FIRST or n % self.LOG_EVERY == 0:
             self.log.error("bad message (%s, %d so far): %s", kind, n, text)
-        if isinstance(msg, m.Request) and type(msg.reply) is bytes and type(msg.tag) is int:
+        if msg is not None and msg.REQUEST and type(msg.reply) is bytes and type(msg.tag) is int:
             self.fail(msg, DragonError(f"{self.NAME}: {text}"))
 
     # ---- answers and requests -------------------------------------------------------------------------------
