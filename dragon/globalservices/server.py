@@ -85,6 +85,8 @@ class GlobalServices(Service):
         self.procs, self.proc_names = {}, {}
         self.pools, self.pool_names = {}, {}
         self.chans, self.chan_names = {}, {}
+        self.infra = {}  # node -> m_uid of its infrastructure pool
+        self.in_pool = {}  # m_uid -> set of the c_uids of the channels in it (no scan of every channel)
         self.chan_joiners = {}  # channel name -> [waiter]
         self.owed = {}  # reply sdesc -> set of waiters owing an answer into it
         self.next_puid, self.next_muid, self.next_cuid = 1, 1, 1
@@ -348,6 +350,8 @@ class GlobalServices(Service):
         }
         if name:
             self.pool_names[name] = m_uid
+        if infra:
+            self.infra[node] = m_uid
 
     @staticmethod
     def _pool_wire(r):
@@ -405,9 +409,9 @@ class GlobalServices(Service):
             raise PoolError(
                 f"pool {r['m_uid']} ({r['name']!r}) belongs to the runtime and cannot be destroyed"
             )
-        inside = [c["c_uid"] for c in self.chans.values() if c["m_uid"] == r["m_uid"]]
+        inside = sorted(self.in_pool.get(r["m_uid"], ()))
         if inside:
-            raise PoolError(f"pool {r['m_uid']} still holds channels {inside}: destroy them first")
+            raise PoolError(f"pool {r['m_uid']} still holds channels {inside[:20]}: destroy them first")
         del self.pools[r["m_uid"]]
         if r["name"]:
             self.pool_names.pop(r["name"], None)
@@ -443,7 +447,7 @@ class GlobalServices(Service):
         checks.positive_int(block_size, ChannelError, "block_size")
         if m_uid is None:  # the caller's node's default (infrastructure) pool
             node = self._node_of(msg.caller)
-            m_uid = next(r["m_uid"] for r in self.pools.values() if r["infra"] and r["node"] == node)
+            m_uid = self.infra[node]
         if m_uid not in self.pools:
             raise ChannelError(f"channel.create: no pool with m_uid {m_uid!r}")
         if name:
@@ -484,6 +488,7 @@ class GlobalServices(Service):
                 "holders": set(),
             }
             self.chans[c_uid] = c
+            self.in_pool.setdefault(m_uid, set()).add(c_uid)
             self._ref(c, caller)
             wire = self._chan_wire(c)
             self.answer(msg, wire)
@@ -527,6 +532,11 @@ class GlobalServices(Service):
 
     def _remove_chan(self, c):
         del self.chans[c["c_uid"]]
+        inside = self.in_pool.get(c["m_uid"])
+        if inside is not None:
+            inside.discard(c["c_uid"])
+            if not inside:
+                del self.in_pool[c["m_uid"]]
         if c["name"]:
             self.chan_names.pop(c["name"], None)
         for u in c["holders"]:
