@@ -136,14 +136,16 @@ def _destroy(sdesc):
 class _Watched:
     """A service process the launcher watches: its exit (waitpid) and its answers to pings."""
 
-    __slots__ = ("ch", "pid", "seen", "what")
+    __slots__ = ("ch", "pid", "seen", "up", "what")
 
     def __init__(self, pid, what, ch):
         self.pid, self.what, self.ch = pid, what, ch
         self.seen = time.monotonic()
+        self.up = False  # it answered a ping: its loop runs
 
     def pong(self, resp):
         self.seen = time.monotonic()
+        self.up = True
 
 
 class Runtime(Service):
@@ -262,7 +264,10 @@ class Runtime(Service):
             if self.owner_fd is None:
                 return 0  # it is gone already
             self.client_poll.register(self.owner_fd, select.POLLIN)
-        serving.ready(self.client_info())
+        # up means serving: the services' loops run (a SIGKILL from now on leaves nothing behind)
+        self.serve(until=lambda: self.stop_why is not None or all(w.up for w in self.watched.values()))
+        if self.stop_why is None:
+            serving.ready(self.client_info())
         self.serve(until=lambda: self.stop_why is not None)
         return 0
 

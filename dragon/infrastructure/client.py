@@ -55,8 +55,8 @@ class Connection:
         environ = os.environ
         if E.GS_CD not in environ:
             raise RuntimeNotFound(
-                "not running under the dragon runtime (no global services to talk to): "
-                "start the program with dragon-launch, e.g. `dragon-launch app.py`"
+                "not running under the dragon runtime (no global services to talk to): call dragon.init() "
+                "first, or start the program with dragon-launch, e.g. `dragon-launch app.py`"
             )
         from dragon._core.core import Channel
 

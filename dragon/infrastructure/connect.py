@@ -77,7 +77,13 @@ def read(path):
 
 def alive(info):
     """True while the runtime of info runs (its node 0 launcher, the same process as when the file was
-    written)."""
+    written, and not a zombie that its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{info['pid']}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                return False
+    except (OSError, IndexError):
+        return False
     return start_time(info["pid"]) == info["start"]
 
 
