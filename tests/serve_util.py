@@ -30,7 +30,8 @@ def names():
 
 
 def pool_names():
-    return sorted(pool.query(u).name for u in pool.get_list() if not pool.query(u).name.startswith("dragon_infra"))
+    found = [pool.query(u).name for u in pool.get_list()]
+    return sorted(n for n in found if not n.startswith("dragon_infra"))
 
 
 def wait_for(path, timeout=60):
@@ -40,6 +41,89 @@ def wait_for(path, timeout=60):
         time.sleep(0.02)
 """
 )
+
+# client scripts shared by the tests of one host and of the Slurm cluster (argv: names of clients)
+MAKE = r"""
+import sys
+h = dragon.init()
+me, last = sys.argv[1], max(node.get_list())
+assert h.mode == "connected" and h.client < 0, h
+process.create("/bin/sleep", None, ["100"], user_name=me + "_sleep", options={"node": last})
+pd = pool.create(1 << 20, user_name=me + "_pool", pool_options={"node": last})
+cd = channel.create(pd.m_uid, user_name=me + "_ch", channel_options={"capacity": 8, "block_size": 256})
+ch = Channel.attach(cd.sdesc)  # (through node 0's transport agent when last > 0)
+ch.send(b"hello " + me.encode())
+assert ch.recv(timeout=30) == b"hello " + me.encode()
+code = "from dragon.globalservices import process; print('from', process.this_process().node)"
+kid = process.create(PY, None, ["-c", code], options={"node": last})
+assert process.join(kid.p_uid, timeout=60) == 0
+ok("made " + me)
+"""
+
+SEES_NOTHING_OF = r"""
+import sys
+dragon.init()
+other = sys.argv[1]
+assert names() == [], names()
+assert pool_names() == [], pool_names()
+assert process.query(other + "_sleep").state == "exited"
+assert process.query(other + "_sleep").retval == -9
+raises(Exception, channel.query, other + "_ch")
+ok("released")
+"""
+
+AT_ONCE = r"""
+import sys
+dragon.init()
+me, other = sys.argv[1], sys.argv[2]
+leaver, stayer = sorted([me, other])  # the first in order leaves first: what it made goes, the other's stays
+last = max(node.get_list())
+process.create("/bin/sleep", None, ["100"], user_name=me + "_sleep", options={"node": last})
+pool.create(1 << 20, user_name=me + "_pool", pool_options={"node": last})
+open(me + ".ready", "w").close()
+wait_for(other + ".ready")
+assert {me + "_sleep", other + "_sleep"} <= set(names()), names()
+ok("both")
+open(me + ".checked", "w").close()
+if me == leaver:
+    wait_for(stayer + ".checked")
+    sys.exit(0)
+deadline = time.monotonic() + 20
+while leaver + "_sleep" in names() or leaver + "_pool" in pool_names():
+    assert time.monotonic() < deadline, (names(), pool_names())
+    time.sleep(0.05)
+assert names() == [me + "_sleep"] and pool_names() == [me + "_pool"], (names(), pool_names())
+ok(f"{leaver} released, {me} kept")
+"""
+
+MID_USE = r"""
+import sys
+h = dragon.init()
+last = max(node.get_list())
+s = process.create("/bin/sleep", None, ["100"], user_name="k_sleep", options={"node": last})
+pd = pool.create(1 << 20, user_name="k_pool", pool_options={"node": last})
+cd = channel.create(pd.m_uid, user_name="k_ch", channel_options={"capacity": 64, "block_size": 256})
+ch = Channel.attach(cd.sdesc)
+print("PID", s.pid, flush=True)
+n = 0
+while True:  # SIGKILLed in the middle of this
+    ch.send(b"x" * 100)
+    ch.recv(timeout=30)
+    n += 1
+    if n == 20:
+        print("READY", flush=True)
+"""
+
+AFTER_KILL = r"""
+dragon.init()
+deadline = time.monotonic() + 10
+while names() or pool_names():
+    assert time.monotonic() < deadline, (names(), pool_names())
+    time.sleep(0.05)
+raises(Exception, channel.query, "k_ch")
+assert process.query("k_sleep").retval == -9
+ok("released after SIGKILL")
+"""
 
 
 def wait_gone(mark, job, within=10.0):

@@ -13,7 +13,17 @@ import subprocess
 import time
 
 import pytest
-from serve_util import client, serving, start_client, wait_gone
+from serve_util import (
+    AFTER_KILL,
+    AT_ONCE,
+    MAKE,
+    MID_USE,
+    SEES_NOTHING_OF,
+    client,
+    serving,
+    start_client,
+    wait_gone,
+)
 from test_runtime_util import launch_cmd, launch_env
 
 pytestmark = pytest.mark.timeout(180)
@@ -23,35 +33,6 @@ LAYOUTS = [
     pytest.param(3, (), id="3vnodes", marks=pytest.mark.mpi),
     pytest.param(3, ("--gs-rank",), id="2vnodes+gsrank", marks=pytest.mark.mpi),
 ]
-
-MAKE = r"""
-import sys
-h = dragon.init()
-me, last = sys.argv[1], max(node.get_list())
-assert h.mode == "connected" and h.client < 0, h
-process.create("/bin/sleep", None, ["100"], user_name=me + "_sleep", options={"node": last})
-pd = pool.create(1 << 20, user_name=me + "_pool", pool_options={"node": last})
-cd = channel.create(pd.m_uid, user_name=me + "_ch", channel_options={"capacity": 8, "block_size": 256})
-ch = Channel.attach(cd.sdesc)  # (through node 0's transport agent when last > 0)
-ch.send(b"hello " + me.encode())
-assert ch.recv(timeout=30) == b"hello " + me.encode()
-code = "from dragon.globalservices import process; print('from', process.this_process().node)"
-kid = process.create(PY, None, ["-c", code], options={"node": last})
-assert process.join(kid.p_uid, timeout=60) == 0
-ok("made " + me)
-"""
-
-SEES_NOTHING_OF = r"""
-import sys
-dragon.init()
-other = sys.argv[1]
-assert names() == [], names()
-assert pool_names() == [], pool_names()
-assert process.query(other + "_sleep").state == "exited"
-assert process.query(other + "_sleep").retval == -9
-raises(Exception, channel.query, other + "_ch")
-ok("released")
-"""
 
 
 @pytest.mark.parametrize(("nodes", "flags"), LAYOUTS)
@@ -64,30 +45,6 @@ def test_clients_one_after_the_other(tmp_path, nodes, flags):
         b = client(tmp_path, srv.path, SEES_NOTHING_OF, ["a"], name="b.py")
         assert b.returncode == 0, b.stdout + b.stderr
         assert "ok released" in b.stdout
-
-
-AT_ONCE = r"""
-import sys
-dragon.init()
-me, other = sys.argv[1], sys.argv[2]
-last = max(node.get_list())
-process.create("/bin/sleep", None, ["100"], user_name=me + "_sleep", options={"node": last})
-pool.create(1 << 20, user_name=me + "_pool", pool_options={"node": last})
-open(me + ".ready", "w").close()
-wait_for(other + ".ready")
-assert {me + "_sleep", other + "_sleep"} <= set(names()), names()
-ok("both")
-open(me + ".checked", "w").close()
-if me == "a":
-    wait_for("b.checked")
-    sys.exit(0)  # a leaves first: what it made goes, b's stays
-deadline = time.monotonic() + 20
-while "a_sleep" in names() or "a_pool" in pool_names():
-    assert time.monotonic() < deadline, (names(), pool_names())
-    time.sleep(0.05)
-assert names() == ["b_sleep"] and pool_names() == ["b_pool"], (names(), pool_names())
-ok("a released, b kept")
-"""
 
 
 @pytest.mark.parametrize(("nodes", "flags"), LAYOUTS[:2])
@@ -104,36 +61,6 @@ def test_clients_at_the_same_time(tmp_path, nodes, flags):
             tmp_path, srv.path, "dragon.init()\nassert names() == [] and pool_names() == []\nok('empty')"
         )
         assert "ok empty" in after.stdout, after.stdout + after.stderr
-
-
-MID_USE = r"""
-import sys
-h = dragon.init()
-last = max(node.get_list())
-s = process.create("/bin/sleep", None, ["100"], user_name="k_sleep", options={"node": last})
-pd = pool.create(1 << 20, user_name="k_pool", pool_options={"node": last})
-cd = channel.create(pd.m_uid, user_name="k_ch", channel_options={"capacity": 64, "block_size": 256})
-ch = Channel.attach(cd.sdesc)
-print("PID", s.pid, flush=True)
-n = 0
-while True:  # SIGKILLed in the middle of this
-    ch.send(b"x" * 100)
-    ch.recv(timeout=30)
-    n += 1
-    if n == 20:
-        print("READY", flush=True)
-"""
-
-AFTER_KILL = r"""
-dragon.init()
-deadline = time.monotonic() + 10
-while names() or pool_names():
-    assert time.monotonic() < deadline, (names(), pool_names())
-    time.sleep(0.05)
-raises(Exception, channel.query, "k_ch")
-assert process.query("k_sleep").retval == -9
-ok("released after SIGKILL")
-"""
 
 
 @pytest.mark.parametrize(("nodes", "flags"), LAYOUTS[:2])

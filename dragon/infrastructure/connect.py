@@ -103,7 +103,8 @@ def check(path, info):
 
 
 def remove(path, pid):
-    """Remove the file at path if it is still the one launcher pid wrote (a new server may have replaced it)."""
+    """Remove the file at path if it is still the one launcher pid wrote (a new server may have replaced
+    it)."""
     try:
         with open(path) as f:
             if json.load(f).get("pid") != pid:
