@@ -196,6 +196,8 @@ def _start_local():
     finally:
         os.close(w)
     try:
+        import dragon.infrastructure.client  # noqa: F401 (loaded while the runtime starts: two cores work)
+
         info = _read_ready(r, proc)
         saved = _set_env(info["env"])
         try:

@@ -264,8 +264,10 @@ class Runtime(Service):
             if self.owner_fd is None:
                 return 0  # it is gone already
             self.client_poll.register(self.owner_fd, select.POLLIN)
-        # up means serving: the services' loops run (a SIGKILL from now on leaves nothing behind)
-        self.serve(until=lambda: self.stop_why is not None or all(w.up for w in self.watched.values()))
+        if serving.owner is None:
+            # a server's file means its services' loops run (a SIGKILL from then on leaves nothing behind);
+            # an owner waits anyway (for GS's answer to its registration) and loads its own code meanwhile
+            self.serve(until=lambda: self.stop_why is not None or all(w.up for w in self.watched.values()))
         if self.stop_why is None:
             serving.ready(self.client_info())
         self.serve(until=lambda: self.stop_why is not None)
