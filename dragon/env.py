@@ -33,8 +33,13 @@ TEST_CHANS = "DRAGON_TEST_CHANS"  # (dragon.transport.harness) json {node: {name
 BENCH_MPI = "DRAGON_BENCH_MPI"  # (dragon.transport.bench, between its processes) mpi4py's figures, json
 BENCH_JSON = "DRAGON_BENCH_JSON"  # (dragon.transport.bench, between its processes) where --json writes
 SPIN_NS = "DRAGON_SPIN_NS"  # how long blocking receives of the services and clients spin before they sleep (ns)
+# clients: processes outside the job that dragon.init() attached (dragon.attach)
+CONNECT = "DRAGON_CONNECT"  # the connection file dragon.init() attaches to (dragon-launch --serve writes it)
 
 ALL = (JOB, PUID, NODE, GS_CD, REPLY_CD, INF_PD, SHEP_PID)
+# what a client is given (dragon.init() puts it into os.environ): GS's public inbox, node 0's infrastructure
+# pool and transport gateway, the job and the node; never a reply channel (it makes its own) nor the job's key
+CLIENT = (JOB, NODE, GS_CD, INF_PD, GW_CD, GS_NODE)
 
 
 def new_job_id(environ=None):
