@@ -236,7 +236,7 @@ from dragon.globalservices import channel, pool, process
 for _ in range(10):
     d = process.create("/bin/true", None, [])
     assert process.join(d.p_uid, timeout=30) == 0
-pd = pool.create(1 << 20)
+pd = pool.create(4 << 20)
 channel.destroy(channel.create(pd.m_uid).c_uid)
 pool.destroy(pd.m_uid)
 print("done", flush=True)
