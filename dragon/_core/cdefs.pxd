@@ -60,7 +60,6 @@ cdef extern from "dshm.h" nogil:
     int ds_pool_init(char *base, uint64_t nbits, uint64_t generation)
     int ds_pool_check(char *base, uint64_t map_size, uint64_t generation)
     int ds_pool_try_alloc(char *base, uint64_t nbytes, uint64_t *off)
-    int ds_pool_alloc_wait(char *base, uint64_t nbytes, uint64_t *off, int64_t deadline)
     int ds_pool_block_capacity(char *base, uint64_t off, uint64_t *cap)
     int ds_pool_free(char *base, uint64_t off)
     int ds_pool_stats(char *base, uint64_t *free_bytes, uint64_t *blocks, uint64_t *repairs)
@@ -104,7 +103,25 @@ cdef extern from "dshm.h" nogil:
     uint64_t ds_ch_len(const ds_chan *c)
     void ds_ch_positions(const ds_chan *c, uint64_t *head, uint64_t *tail)
     int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
-    int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
-                   uint64_t *st, int64_t deadline, ds_wait_ctx *w)
     void ds_ch_destroy(const ds_chan *c)
+
+    # one blocking call (core.pyx's _wait)
+    enum:
+        DS_OP_SEND
+        DS_OP_RECV
+        DS_OP_POLL
+        DS_OP_ALLOC
+
+    ctypedef struct ds_op:
+        int kind
+        ds_chan *c
+        char *base
+        uint64_t n
+        ds_slot *slot
+        uint32_t lap
+        uint64_t st
+        uint64_t off
+        ds_wait_ctx w
+
+    int ds_op_wait(ds_op *op, int64_t deadline)
     void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslots)

@@ -77,23 +77,22 @@ cdef class Channel:
     cdef int _block(self, int mode, int rc, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
                     int64_t deadline) except -1:
         """Finish a claim whose first (GIL-held) attempt returned rc: wait without the GIL, or raise."""
-        cdef ds_wait_ctx w
+        cdef ds_op op
         if rc == DS_FULL or rc == DS_EMPTY:
             if deadline == DL_NONBLOCK:
                 if slot[0] != NULL and ds_ch_maybe_recover(&self.c, slot[0], st[0]):
                     slot[0] = NULL
-                    if mode == MODE_SEND:
+                    if mode == DS_OP_SEND:
                         rc = ds_ch_claim_send(&self.c, slot, lap, st)
                     else:
                         rc = ds_ch_claim_recv(&self.c, maxlen, slot, lap, st)
             else:
-                memset(&w, 0, sizeof(w))
-                while True:
-                    with nogil:
-                        rc = ds_ch_wait(&self.c, mode, maxlen, slot, lap, st, deadline, &w)
-                    if rc != DS_INTR:
-                        break
-                    PyErr_CheckSignals()
+                memset(&op, 0, sizeof(op))
+                op.kind = mode
+                op.c = &self.c
+                op.n = maxlen
+                rc = _wait(&op, deadline)
+                slot[0], lap[0], st[0] = op.slot, op.lap, op.st
         if rc != DS_OK:
             if rc == DS_DESTROYED:
                 self._check()
@@ -108,7 +107,7 @@ cdef class Channel:
         if <uint64_t>n <= self.c.block_size:
             rc = ds_ch_claim_send(&self.c, &slot, &lap, &st)
             if rc != DS_OK:
-                self._block(MODE_SEND, rc, 0, &slot, &lap, &st, deadline)
+                self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, deadline)
             ds_slot_put_inline(slot, p, <uint32_t>n)
             ds_ch_commit_send(&self.c, slot, lap)
             return 0
@@ -116,13 +115,8 @@ cdef class Channel:
             raise ChannelError(f"channel {self._name!r}: messages are limited to 4 GiB - 1, not {n} bytes")
         cdef char *base = self.c.base
         rc = ds_pool_try_alloc(base, <uint64_t>n, &off)
-        if rc == DS_FULL and deadline != DL_NONBLOCK:
-            while True:
-                with nogil:
-                    rc = ds_pool_alloc_wait(base, <uint64_t>n, &off, deadline)
-                if rc != DS_INTR:
-                    break
-                PyErr_CheckSignals()
+        if rc == DS_FULL:
+            rc = _alloc_wait(base, <uint64_t>n, &off, deadline)
         if rc != DS_OK:
             if rc == DS_FULL:
                 raise ChannelFull(f"channel {self._name!r}: no room in its pool for a {n}-byte message")
@@ -140,7 +134,7 @@ cdef class Channel:
         try:
             rc = ds_ch_claim_send(&self.c, &slot, &lap, &st)
             if rc != DS_OK:
-                self._block(MODE_SEND, rc, 0, &slot, &lap, &st, deadline)
+                self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, deadline)
         except BaseException:
             ds_pool_free(base, off)
             raise
@@ -194,7 +188,7 @@ cdef class Channel:
         cdef uint64_t st = 0
         cdef int rc = ds_ch_claim_send(&self.c, &slot, &lap, &st)
         if rc != DS_OK:
-            self._block(MODE_SEND, rc, 0, &slot, &lap, &st, _deadline(timeout))
+            self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, _deadline(timeout))
         ds_slot_put_block(slot, b.offset, <uint32_t>n)
         ds_ch_commit_send(&self.c, slot, lap)
         b.freed = True
@@ -233,7 +227,7 @@ cdef class Channel:
         self._check()
         cdef int rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
         if rc != DS_OK:
-            self._block(MODE_RECV, rc, UINT64_MAX, &slot, &lap, &st,
+            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st,
                         DL_FOREVER if timeout is None else _deadline(timeout))
         return self._take_bytes(slot, lap)
 
@@ -254,7 +248,7 @@ cdef class Channel:
         try:
             rc = ds_ch_claim_recv(&self.c, <uint64_t>view.len, &slot, &lap, &st)
             if rc != DS_OK:
-                self._block(MODE_RECV, rc, <uint64_t>view.len, &slot, &lap, &st, _deadline(timeout))
+                self._block(DS_OP_RECV, rc, <uint64_t>view.len, &slot, &lap, &st, _deadline(timeout))
             n = ds_slot_len(slot)
             if not ds_slot_is_block(slot):
                 memcpy(view.buf, ds_slot_data(slot), n)
@@ -282,7 +276,7 @@ cdef class Channel:
         self._check()
         cdef int rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
         if rc != DS_OK:
-            self._block(MODE_RECV, rc, UINT64_MAX, &slot, &lap, &st, _deadline(timeout))
+            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, _deadline(timeout))
         n = ds_slot_len(slot)
         m.n = n
         m.seg = self.seg
@@ -334,7 +328,7 @@ cdef class Channel:
         out = []
         rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
         if rc != DS_OK:
-            self._block(MODE_RECV, rc, UINT64_MAX, &slot, &lap, &st, _deadline(timeout))
+            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, _deadline(timeout))
         out.append(self._take_bytes(slot, lap))
         for k in range(1, m):
             rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
@@ -346,7 +340,6 @@ cdef class Channel:
     def poll(self, timeout=None):
         """True once a message is ready to receive (does not consume it); False if none came in time."""
         cdef ds_slot *slot = NULL
-        cdef uint32_t lap = 0
         cdef uint64_t st = 0
         cdef int rc
         self._check()
@@ -357,14 +350,11 @@ cdef class Channel:
             if slot != NULL and ds_ch_maybe_recover(&self.c, slot, st):
                 return bool(ds_ch_ready(&self.c, &slot, &st))
             return False
-        cdef ds_wait_ctx w
-        memset(&w, 0, sizeof(w))
-        while True:
-            with nogil:
-                rc = ds_ch_wait(&self.c, MODE_POLL, 0, &slot, &lap, &st, deadline, &w)
-            if rc != DS_INTR:
-                break
-            PyErr_CheckSignals()
+        cdef ds_op op
+        memset(&op, 0, sizeof(op))
+        op.kind = DS_OP_POLL
+        op.c = &self.c
+        rc = _wait(&op, deadline)
         if rc == DS_OK:
             return True
         if rc == DS_TIMEOUT:

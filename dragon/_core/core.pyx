@@ -44,9 +44,6 @@ cdef int64_t DL_FOREVER = -1   # deadline encodings: block forever / never block
 cdef int64_t DL_NONBLOCK = 0
 cdef int K_POOL = 0
 cdef int K_CHAN = 1
-cdef int MODE_SEND = 0
-cdef int MODE_RECV = 1
-cdef int MODE_POLL = 2
 cdef Py_ssize_t BIG_COPY = 65536   # copies at least this big run without the GIL
 
 _segments = weakref.WeakValueDictionary()  # (segment name, generation) -> _Segment: one mapping per process

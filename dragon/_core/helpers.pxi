@@ -90,6 +90,19 @@ cdef int64_t _ns(object value, int64_t lo, str what) except -1:
     return max(lo, min(v, 1000000000))
 
 
+cdef int _wait(ds_op *op, int64_t deadline) except -1:
+    """The one blocking loop of dragon._core: wait for ``op`` without the GIL, in chunks of ``ds_wait_chunk_ns``,
+    and run the signal handlers between chunks (so Ctrl-C raises KeyboardInterrupt even when the signal missed
+    the futex syscall). Returns the outcome of the wait (a DS_* code other than DS_INTR)."""
+    cdef int rc
+    while True:
+        with nogil:
+            rc = ds_op_wait(op, deadline)
+        if rc != DS_INTR:
+            return rc
+        PyErr_CheckSignals()
+
+
 def wait_stats(reset=False):
     """Counters of this process's blocking waits since import, fork or the last reset: ``waits`` (calls that had
     to wait), ``yields`` (sched_yield calls), ``switches`` (yields that let another task run), ``sleeps``

@@ -86,19 +86,11 @@ cdef class Pool:
         cdef _Segment seg = self.seg  # keeps the mapping while the GIL is released, even if close() runs
         cdef long long n = _int(nbytes, PoolError, "allocation size")
         cdef uint64_t off = 0
-        cdef int64_t deadline
         if n < 0:
             raise PoolError(f"cannot allocate {n} bytes")
         cdef int rc = ds_pool_try_alloc(base, <uint64_t>n, &off)
         if rc == DS_FULL:
-            deadline = _deadline(timeout, PoolError)
-            if deadline != DL_NONBLOCK:
-                while True:
-                    with nogil:
-                        rc = ds_pool_alloc_wait(base, <uint64_t>n, &off, deadline)
-                    if rc != DS_INTR:
-                        break
-                    PyErr_CheckSignals()
+            rc = _alloc_wait(base, <uint64_t>n, &off, _deadline(timeout, PoolError))
         if rc != DS_OK:
             _raise(rc, K_POOL, f"pool {self._name!r}", <uint64_t>n)
         return _block(self, off, n, True)
@@ -170,6 +162,21 @@ cdef class Pool:
     def __repr__(self):
         state = "closed" if self.seg is None else ("destroyed" if self.seg.destroyed else "open")
         return f"<Pool {self._name!r} size={self._size} {state}>"
+
+
+cdef int _alloc_wait(char *base, uint64_t n, uint64_t *off, int64_t deadline) except -1:
+    """Finish an allocation whose first (GIL-held) attempt found no room: wait per deadline (a non-blocking call
+    does not wait). Returns the C outcome; ``off`` is the block's offset if it is DS_OK."""
+    if deadline == DL_NONBLOCK:
+        return DS_FULL
+    cdef ds_op op
+    memset(&op, 0, sizeof(op))
+    op.kind = DS_OP_ALLOC
+    op.base = base
+    op.n = n
+    cdef int rc = _wait(&op, deadline)
+    off[0] = op.off
+    return rc
 
 
 cdef Pool _pool_handle(_Segment seg, bint creator):

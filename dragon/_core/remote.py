@@ -65,12 +65,12 @@ REPLY_CAPACITY = 256
 REPLY_BLOCK = 512
 
 _HDR = W.HDR
-_ERRCLS = {
-    W.E_ERROR: ChannelError,
-    W.E_EMPTY: ChannelEmpty,
-    W.E_TIMEOUT: ChannelTimeout,
-    W.E_FULL: ChannelFull,
-}
+
+
+def _channel_error(payload):
+    """(class, text) of an ERR frame's payload; a code that is not a channel error's reads as ChannelError."""
+    cls, text = W.parse_err(payload)
+    return (cls if issubclass(cls, ChannelError) else ChannelError), text
 
 
 def _timeout_arg(timeout):
@@ -207,10 +207,9 @@ class Endpoint:
             mv.release()
             msg.release()
             if nxt is False:
-                kind, flags, node = W.ERR, 0, W.E_ERROR
-                msg = b"the transport agent did not deliver a payload"
-                mv = memoryview(_HDR.pack(kind, 0, node, len(msg), sid, seq) + msg)
-                n = len(msg)
+                text = "the transport agent did not deliver a payload"
+                mv = memoryview(W.err_frame(sid, seq, ChannelError, text))
+                kind, flags, node, n, sid, seq = _HDR.unpack_from(mv)
                 msg = _Bytes()
             else:
                 msg = nxt
@@ -232,8 +231,7 @@ class Endpoint:
                 self.closing -= 1
             msg.release()
         elif kind == W.ERR and seq == 0:
-            st.err = bytes(mv[W.HSIZE :]).decode(errors="replace")
-            st.err_cls = _ERRCLS.get(node, ChannelError)
+            st.err_cls, st.err = _channel_error(mv[W.HSIZE : W.HSIZE + n])
             msg.release()
         elif seq in st.abandoned or st.closed:
             st.abandoned.discard(seq)
@@ -241,8 +239,6 @@ class Endpoint:
                 self.putback(st, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], flags)
             msg.release()
         else:
-            if kind == W.ERR:
-                flags |= node << 8  # the error class rides in the node field
             st.results[seq] = (kind, flags, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], msg)
 
     def putback(self, st, data, flags=0):
@@ -439,8 +435,7 @@ class RemoteChannel:
             raise ChannelTimeout(f"channel on node {self.node}: no answer from the node's transport agent")
         kind, flags, payload, msg = res
         if kind == W.ERR:
-            text = bytes(payload).decode(errors="replace")
-            cls = _ERRCLS.get(flags >> 8, ChannelError)
+            cls, text = _channel_error(payload)
             msg.release()
             raise cls(f"channel on node {self.node}: {text}")
         return kind, flags, payload, msg

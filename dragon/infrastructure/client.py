@@ -18,22 +18,16 @@ from dragon.errors import (
     ChannelEmpty,
     ChannelError,
     ChannelTimeout,
-    DragonError,
     PoolError,
     PoolTimeout,
     ProcessError,
     ProcessTimeout,
     RuntimeNotFound,
+    from_code,
 )
 from dragon.infrastructure import messages as m
 
 _TIMEOUT_OF = {ProcessError: ProcessTimeout, PoolError: PoolTimeout, ChannelError: ChannelTimeout}
-_ERR_OF = {
-    m.ERR_PROCESS: ProcessError,
-    m.ERR_POOL: PoolError,
-    m.ERR_CHANNEL: ChannelError,
-    m.ERR_TIMEOUT: ChannelTimeout,
-}
 SEND_TIMEOUT = 30.0
 
 
@@ -173,8 +167,7 @@ def call(msg_class, err_class, server_wait=False, **fields):
     except ChannelError as e:
         raise err_class(f"{msg_class.__name__}: lost contact with global services: {e}") from e
     if resp.err:
-        cls = DragonError if resp.err == m.ERR_INTERNAL else _ERR_OF.get(resp.err, err_class)
-        raise cls(resp.msg)
+        raise from_code(resp.err)(resp.msg)  # (Response.err is a dragon.errors wire code)
     return resp.result
 
 

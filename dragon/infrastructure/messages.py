@@ -13,13 +13,16 @@ global services, ``caller`` (the sender's p_uid, 0 when it is not a managed proc
 from msgpack import packb as _packb
 from msgpack import unpackb as _unpackb
 
-# error kinds carried by Response.err (the client maps them to dragon.errors classes)
+from dragon.errors import ChannelError, ChannelTimeout, DragonError, PoolError, ProcessError, code_of
+
+# Response.err: 0 (no error) or the wire code of a dragon.errors class, which the client raises (from_code).
+# These names are the codes the services answer with today.
 OK = 0
-ERR_PROCESS = 1
-ERR_POOL = 2
-ERR_CHANNEL = 3
-ERR_TIMEOUT = 4  # a server-side timeout that the caller must see as TimeoutError (channel.join)
-ERR_INTERNAL = 5
+ERR_PROCESS = code_of(ProcessError)
+ERR_POOL = code_of(PoolError)
+ERR_CHANNEL = code_of(ChannelError)
+ERR_TIMEOUT = code_of(ChannelTimeout)  # a server-side timeout the caller sees as TimeoutError (channel.join)
+ERR_INTERNAL = code_of(DragonError)
 
 _TABLE = {}
 

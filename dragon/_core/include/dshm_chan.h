@@ -478,6 +478,29 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
 #undef DS_TRY
 }
 
+/*
+ * One blocking call of core.pyx, carried across the DS_INTR returns of its wait: what it waits for and what it got.
+ * core.pyx has one wait loop (_wait) for every kind: it calls ds_op_wait without the GIL and, on DS_INTR (a signal,
+ * or a chunk of ds_wait_chunk_ns passed), runs the signal handlers and calls again with the same op.
+ */
+enum { DS_OP_SEND = 0, DS_OP_RECV = 1, DS_OP_POLL = 2, DS_OP_ALLOC = 3 }; /* SEND..POLL: ds_ch_wait's modes */
+typedef struct {
+    int kind;      /* DS_OP_* */
+    ds_chan *c;    /* SEND, RECV, POLL: the channel */
+    char *base;    /* ALLOC: the pool */
+    uint64_t n;    /* RECV: the longest message to take; ALLOC: the size */
+    ds_slot *slot; /* SEND, RECV: the slot claimed (or the one in the way) */
+    uint32_t lap;
+    uint64_t st;
+    uint64_t off;  /* ALLOC: the block allocated */
+    ds_wait_ctx w; /* zeroed before the first call */
+} ds_op;
+
+static inline int ds_op_wait(ds_op *op, int64_t deadline) {
+    if (op->kind == DS_OP_ALLOC) return ds_pool_alloc_wait(op->base, op->n, &op->off, deadline);
+    return ds_ch_wait(op->c, op->kind, op->n, &op->slot, &op->lap, &op->st, deadline, &op->w);
+}
+
 /* debugging snapshot: out[0..9) = head, tail, ne_seq, ne_waiters, nf_seq, nf_waiters, recoveries, ne_cpu, nf_cpu;
    then slots */
 static inline void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslots) {
