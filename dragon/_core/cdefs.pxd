@@ -14,6 +14,8 @@ cdef extern from "dshm.h" nogil:
         DS_BADARG
         DS_TOO_SMALL
         DS_STALE
+        DS_BUSY
+        DS_LOCKED
 
     enum:
         DS_GRANULE
@@ -64,6 +66,7 @@ cdef extern from "dshm.h" nogil:
     int ds_pool_free(char *base, uint64_t off)
     int ds_pool_stats(char *base, uint64_t *free_bytes, uint64_t *blocks, uint64_t *repairs)
     void ds_pool_mark_destroyed(char *base)
+    void ds_pool_unlock(char *base)
 
     # channel
     ctypedef struct ds_ch_hdr:
@@ -111,6 +114,7 @@ cdef extern from "dshm.h" nogil:
         DS_OP_RECV
         DS_OP_POLL
         DS_OP_ALLOC
+        DS_OP_LOCK
 
     ctypedef struct ds_op:
         int kind

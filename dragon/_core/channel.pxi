@@ -6,8 +6,11 @@ cdef class Channel:
         raise TypeError("use Channel.create() or Channel.attach()")
 
     @staticmethod
-    def create(pool, capacity=1024, block_size=1024, name=None):
-        """Create a channel in ``pool``: ``capacity`` slots, messages up to ``block_size`` bytes stored inline."""
+    def create(pool, capacity=1024, block_size=1024, name=None, timeout=None):
+        """Create a channel in ``pool``: ``capacity`` slots, messages up to ``block_size`` bytes stored inline.
+        A pool without room raises ChannelError at once; ``timeout`` bounds the wait for the pool's lock, which
+        another process holds for microseconds unless it is stopped (None: as long as it takes; 0: a short
+        grace, then ChannelError; t: ChannelTimeout after t seconds)."""
         global _counter
         if not isinstance(pool, Pool):
             raise TypeError(f"Channel.create() needs a Pool, not {type(pool).__name__}")
@@ -31,6 +34,11 @@ cdef class Channel:
         cdef uint64_t nbytes = ds_ch_nbytes(<uint64_t>cap, <uint64_t>bs)
         cdef uint64_t off = 0
         cdef int rc = ds_pool_try_alloc(p.base, nbytes, &off)
+        if rc == DS_BUSY:
+            rc = _alloc_wait(p.base, nbytes, &off, rc, _deadline(timeout))
+        if rc == DS_BUSY or rc == DS_LOCKED:
+            raise (ChannelError if rc == DS_BUSY else ChannelTimeout)(
+                f"channel {name!r}: the lock of pool {p._name!r} is held by another process (stopped?)")
         if rc == DS_TOO_BIG:
             raise ChannelError(f"channel {name!r} needs {nbytes} bytes, more than pool {p._name!r} holds")
         if rc == DS_FULL:
@@ -115,8 +123,8 @@ cdef class Channel:
             raise ChannelError(f"channel {self._name!r}: messages are limited to 4 GiB - 1, not {n} bytes")
         cdef char *base = self.c.base
         rc = ds_pool_try_alloc(base, <uint64_t>n, &off)
-        if rc == DS_FULL:
-            rc = _alloc_wait(base, <uint64_t>n, &off, deadline)
+        if rc == DS_FULL or rc == DS_BUSY:
+            rc = _alloc_wait(base, <uint64_t>n, &off, rc, deadline)
         if rc != DS_OK:
             if rc == DS_FULL:
                 raise ChannelFull(f"channel {self._name!r}: no room in its pool for a {n}-byte message")

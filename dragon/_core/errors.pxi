@@ -2,7 +2,7 @@
 cdef str _rc_name(int rc):
     return {DS_OK: "OK", DS_FULL: "FULL", DS_EMPTY: "EMPTY", DS_TIMEOUT: "TIMEOUT", DS_TOO_BIG: "TOO_BIG",
             DS_DESTROYED: "DESTROYED", DS_CORRUPT: "CORRUPT", DS_INTR: "INTR", DS_BADARG: "BADARG",
-            DS_TOO_SMALL: "TOO_SMALL", DS_STALE: "STALE"}.get(rc, str(rc))
+            DS_TOO_SMALL: "TOO_SMALL", DS_STALE: "STALE", DS_BUSY: "BUSY", DS_LOCKED: "LOCKED"}.get(rc, str(rc))
 
 
 cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
@@ -22,6 +22,10 @@ cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
             raise PoolError(f"{what}: stale sdesc (the pool was destroyed and recreated)")
         if rc == DS_CORRUPT:
             raise PoolError(f"{what}: corrupt pool header or mutex")
+        if rc == DS_BUSY:
+            raise PoolFull(f"{what}: its lock is held by another process (stopped?): no allocation right now")
+        if rc == DS_LOCKED:
+            raise PoolTimeout(f"{what}: its lock stayed held by another process (stopped?) until the timeout")
         raise PoolError(f"{what}: error {_rc_name(rc)}")
     if rc == DS_FULL:
         raise ChannelFull(f"{what} is full")
@@ -42,6 +46,11 @@ cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
         raise ChannelError(f"{what}: the sdesc does not point at an allocated block of its pool")
     if rc == DS_CORRUPT:
         raise ChannelError(f"{what}: corrupt channel header or slot state")
+    if rc == DS_BUSY:
+        raise ChannelFull(f"{what}: the lock of its pool is held by another process (stopped?)")
+    if rc == DS_LOCKED:
+        raise ChannelTimeout(f"{what}: the lock of its pool stayed held by another process (stopped?) until the "
+                             f"timeout")
     raise ChannelError(f"{what}: error {_rc_name(rc)}")
 
 

@@ -89,8 +89,8 @@ cdef class Pool:
         if n < 0:
             raise PoolError(f"cannot allocate {n} bytes")
         cdef int rc = ds_pool_try_alloc(base, <uint64_t>n, &off)
-        if rc == DS_FULL:
-            rc = _alloc_wait(base, <uint64_t>n, &off, _deadline(timeout, PoolError))
+        if rc == DS_FULL or rc == DS_BUSY:
+            rc = _alloc_wait(base, <uint64_t>n, &off, rc, _deadline(timeout, PoolError))
         if rc != DS_OK:
             _raise(rc, K_POOL, f"pool {self._name!r}", <uint64_t>n)
         return _block(self, off, n, True)
@@ -129,6 +129,21 @@ cdef class Pool:
             _raise(rc, K_POOL, f"pool {self._name!r}")
         return dict(size=self._size, free_bytes=free_bytes, allocated_blocks=blocks, repairs=repairs)
 
+    def _debug_lock(self, hold, timeout=None):
+        """Take (``hold`` true; waiting per timeout, without the GIL) or release this pool's lock: for tests of
+        what other processes do while one holds it (and is stopped). Never use it otherwise."""
+        cdef char *base = self._live()
+        cdef ds_op op
+        if not hold:
+            ds_pool_unlock(base)
+            return
+        memset(&op, 0, sizeof(op))
+        op.kind = DS_OP_LOCK
+        op.base = base
+        cdef int rc = _wait(&op, _deadline(timeout, PoolError))
+        if rc != DS_OK:
+            _raise(rc, K_POOL, f"pool {self._name!r}")
+
     def close(self):
         """Release this handle (idempotent); the mapping goes when nothing in this process uses it."""
         self.seg = None
@@ -164,17 +179,19 @@ cdef class Pool:
         return f"<Pool {self._name!r} size={self._size} {state}>"
 
 
-cdef int _alloc_wait(char *base, uint64_t n, uint64_t *off, int64_t deadline) except -1:
-    """Finish an allocation whose first (GIL-held) attempt found no room: wait per deadline (a non-blocking call
-    does not wait). Returns the C outcome; ``off`` is the block's offset if it is DS_OK."""
-    if deadline == DL_NONBLOCK:
-        return DS_FULL
+cdef int _alloc_wait(char *base, uint64_t n, uint64_t *off, int rc, int64_t deadline) except -1:
+    """Finish an allocation whose first (GIL-held, non-waiting) attempt returned rc: no room (DS_FULL) or the
+    pool's lock held by another process (DS_BUSY). Waits without the GIL per deadline; a non-blocking call does
+    not wait for room, and waits for the lock a short grace at most (ds_lock_grace_ns). Returns the C outcome;
+    ``off`` is the block's offset if it is DS_OK."""
+    if rc == DS_FULL and deadline == DL_NONBLOCK:
+        return rc
     cdef ds_op op
     memset(&op, 0, sizeof(op))
     op.kind = DS_OP_ALLOC
     op.base = base
     op.n = n
-    cdef int rc = _wait(&op, deadline)
+    rc = _wait(&op, deadline)
     off[0] = op.off
     return rc
 

@@ -9,7 +9,9 @@
  *
  * Pool layout:  [ds_pool_hdr | page pad][bitmap of used granules][lentab: uint32 per granule][data ...]
  *   - a block is a run of granules (256 B); its payload starts at the first granule (so 256-byte aligned);
- *   - lentab[i] != 0 iff granule i starts an allocated block of lentab[i] granules;
+ *   - lentab[i] != 0 iff granule i starts an allocated block of lentab[i] granules (the top bit: DEFERRED, freed
+ *     while another process held the lock, on the deferred list the next lock holder frees);
+ *   - the robust mutex is never waited for past a deadline (clocklock in chunks), and free never waits for it;
  *   - the bitmap is a search accelerator derived from lentab: after a process dies holding the robust mutex,
  *     the bitmap and the counters are rebuilt from lentab (alloc sets lentab last, free clears it first),
  *     so a process killed inside alloc/free leaks at most the block it was allocating or freeing.

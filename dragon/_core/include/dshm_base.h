@@ -34,6 +34,8 @@ enum {
     DS_BADARG = 8,     /* e.g. an offset that is not an allocated block */
     DS_TOO_SMALL = 9,  /* receive buffer too small; message left queued */
     DS_STALE = 10,     /* generation mismatch */
+    DS_BUSY = 11,      /* a non-blocking call found the pool's lock held by another process (past ds_lock_grace_ns) */
+    DS_LOCKED = 12,    /* the pool's lock stayed held by another process until the deadline */
 };
 
 /* ---------------------------------------------------------------- atomics, time, futex */
@@ -126,6 +128,20 @@ static inline uint32_t ds_prepare_wait(uint32_t *flag, uint32_t *seq) {
     DS_FENCE();
     return v;
 }
+
+/* the state of one blocking wait (ds_ch_wait, ds_pool_alloc_wait), across its DS_INTR returns */
+typedef struct { /* one blocking call, across its DS_INTR returns: zero it before the first call */
+    int started;        /* spin and budget below were set */
+    int64_t t0;         /* when the wait began (0: not read yet: the first clock read is after 16 polls) */
+    int64_t last;       /* the last clock read */
+    int64_t last_check; /* last liveness check of the slot's owner */
+    int64_t next_yield; /* no sched_yield before this (pure spin between yields) */
+    int64_t spin;       /* pure spin between yields in this wait (0: the peer shares this CPU) and its budget */
+    int64_t budget;
+    int sleeping;       /* the spin phase is over */
+    int yielded;        /* a sched_yield was made */
+    int lost;           /* a yield lost the CPU for long (someone else's time slice) */
+} ds_wait_ctx;
 
 /* ---------------------------------------------------------------- process identity and liveness */
 /*

@@ -349,19 +349,8 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
  * A yield that lost the CPU for long (another process's time slice; not a yield to the peer on this CPU, which may
  * well work that long) ends the spinning: a sleeper is woken with priority, a yielder competes as a CPU hog
  * (gap-30us ping-pong with a busy process had a 4 ms p99); such a wait also brings the budget down. Neither of these applies to a fixed budget (ds_spin_max_ns == ds_spin_ns).
+ * The state of one wait is a ds_wait_ctx (dshm_base.h).
  */
-typedef struct { /* one blocking call, across its DS_INTR returns: zero it before the first call */
-    int started;        /* spin and budget below were set */
-    int64_t t0;         /* when the wait began (0: not read yet: the first clock read is after 16 polls) */
-    int64_t last;       /* the last clock read */
-    int64_t last_check; /* last liveness check of the slot's owner */
-    int64_t next_yield; /* no sched_yield before this (pure spin between yields) */
-    int64_t spin;       /* pure spin between yields in this wait (0: the peer shares this CPU) and its budget */
-    int64_t budget;
-    int sleeping;       /* the spin phase is over */
-    int yielded;        /* a sched_yield was made */
-    int lost;           /* a yield lost the CPU for long (someone else's time slice) */
-} ds_wait_ctx;
 
 #define DS_LOST_NS 20000 /* a sched_yield that took this long ran someone else's time slice */
 
@@ -483,11 +472,11 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
  * core.pyx has one wait loop (_wait) for every kind: it calls ds_op_wait without the GIL and, on DS_INTR (a signal,
  * or a chunk of ds_wait_chunk_ns passed), runs the signal handlers and calls again with the same op.
  */
-enum { DS_OP_SEND = 0, DS_OP_RECV = 1, DS_OP_POLL = 2, DS_OP_ALLOC = 3 }; /* SEND..POLL: ds_ch_wait's modes */
+enum { DS_OP_SEND = 0, DS_OP_RECV = 1, DS_OP_POLL = 2, DS_OP_ALLOC = 3, DS_OP_LOCK = 4 }; /* SEND..POLL: ds_ch_wait's modes */
 typedef struct {
     int kind;      /* DS_OP_* */
     ds_chan *c;    /* SEND, RECV, POLL: the channel */
-    char *base;    /* ALLOC: the pool */
+    char *base;    /* ALLOC, LOCK: the pool */
     uint64_t n;    /* RECV: the longest message to take; ALLOC: the size */
     ds_slot *slot; /* SEND, RECV: the slot claimed (or the one in the way) */
     uint32_t lap;
@@ -497,7 +486,8 @@ typedef struct {
 } ds_op;
 
 static inline int ds_op_wait(ds_op *op, int64_t deadline) {
-    if (op->kind == DS_OP_ALLOC) return ds_pool_alloc_wait(op->base, op->n, &op->off, deadline);
+    if (op->kind == DS_OP_ALLOC) return ds_pool_alloc_wait(op->base, op->n, &op->off, deadline, &op->w);
+    if (op->kind == DS_OP_LOCK) return ds_pool_lock_wait(op->base, deadline);
     return ds_ch_wait(op->c, op->kind, op->n, &op->slot, &op->lap, &op->st, deadline, &op->w);
 }
 
