@@ -16,6 +16,7 @@ cdef extern from "dshm.h" nogil:
         DS_STALE
         DS_BUSY
         DS_LOCKED
+        DS_BADSLOT
 
     enum:
         DS_GRANULE
@@ -91,16 +92,18 @@ cdef extern from "dshm.h" nogil:
                     uint64_t generation, const char *name, size_t namelen)
     int ds_ch_open(char *base, uint64_t off, uint64_t generation, ds_chan *c)
     int ds_ch_alive(const ds_chan *c)
+    ctypedef struct ds_msg:
+        uint32_t n
+        uint64_t off
+
     char *ds_slot_data(ds_slot *s)
-    uint32_t ds_slot_len(ds_slot *s)
-    int ds_slot_is_block(ds_slot *s)
-    uint64_t ds_slot_block_off(ds_slot *s)
     void ds_slot_put_inline(ds_slot *s, const char *p, uint32_t n)
     void ds_slot_put_block(ds_slot *s, uint64_t off, uint32_t n)
     void ds_slot_clear_block(ds_slot *s)
     int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *lap, uint64_t *st)
     void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap)
-    int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st)
+    int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, int take_bad, ds_slot **slot, uint32_t *lap,
+                         uint64_t *st, ds_msg *m)
     void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
     int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st)
     uint64_t ds_ch_len(const ds_chan *c)
@@ -125,6 +128,7 @@ cdef extern from "dshm.h" nogil:
         uint32_t lap
         uint64_t st
         uint64_t off
+        ds_msg m
         ds_wait_ctx w
 
     int ds_op_wait(ds_op *op, int64_t deadline)

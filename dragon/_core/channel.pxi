@@ -83,8 +83,9 @@ cdef class Channel:
         return 0
 
     cdef int _block(self, int mode, int rc, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
-                    int64_t deadline) except -1:
-        """Finish a claim whose first (GIL-held) attempt returned rc: wait without the GIL, or raise."""
+                    ds_msg *m, int64_t deadline) except -1:
+        """Finish a claim whose first (GIL-held) attempt returned rc: wait without the GIL, or raise. A receive
+        fills ``m`` with what the claimed slot holds (checked: see ds_slot_msg); a send passes NULL."""
         cdef ds_op op
         if rc == DS_FULL or rc == DS_EMPTY:
             if deadline == DL_NONBLOCK:
@@ -93,7 +94,7 @@ cdef class Channel:
                     if mode == DS_OP_SEND:
                         rc = ds_ch_claim_send(&self.c, slot, lap, st)
                     else:
-                        rc = ds_ch_claim_recv(&self.c, maxlen, slot, lap, st)
+                        rc = ds_ch_claim_recv(&self.c, maxlen, 1, slot, lap, st, m)
             else:
                 memset(&op, 0, sizeof(op))
                 op.kind = mode
@@ -101,6 +102,8 @@ cdef class Channel:
                 op.n = maxlen
                 rc = _wait(&op, deadline)
                 slot[0], lap[0], st[0] = op.slot, op.lap, op.st
+                if m != NULL:
+                    m[0] = op.m
         if rc != DS_OK:
             if rc == DS_DESTROYED:
                 self._check()
@@ -115,7 +118,7 @@ cdef class Channel:
         if <uint64_t>n <= self.c.block_size:
             rc = ds_ch_claim_send(&self.c, &slot, &lap, &st)
             if rc != DS_OK:
-                self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, deadline)
+                self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, NULL, deadline)
             ds_slot_put_inline(slot, p, <uint32_t>n)
             ds_ch_commit_send(&self.c, slot, lap)
             return 0
@@ -142,7 +145,7 @@ cdef class Channel:
         try:
             rc = ds_ch_claim_send(&self.c, &slot, &lap, &st)
             if rc != DS_OK:
-                self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, deadline)
+                self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, NULL, deadline)
         except BaseException:
             ds_pool_free(base, off)
             raise
@@ -196,23 +199,23 @@ cdef class Channel:
         cdef uint64_t st = 0
         cdef int rc = ds_ch_claim_send(&self.c, &slot, &lap, &st)
         if rc != DS_OK:
-            self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, _deadline(timeout))
+            self._block(DS_OP_SEND, rc, 0, &slot, &lap, &st, NULL, _deadline(timeout))
         ds_slot_put_block(slot, b.offset, <uint32_t>n)
         ds_ch_commit_send(&self.c, slot, lap)
         b.freed = True
 
-    cdef object _take_bytes(self, ds_slot *slot, uint32_t lap):
-        cdef uint32_t n = ds_slot_len(slot)
-        cdef uint64_t off
+    cdef object _take_bytes(self, ds_slot *slot, uint32_t lap, const ds_msg *m):
+        """The claimed message (m: as the claim read and checked it, never re-read from the slot) as bytes."""
+        cdef uint32_t n = m.n
+        cdef uint64_t off = m.off
         cdef object out
         cdef char *dst
-        if not ds_slot_is_block(slot):
+        if off == 0:
             try:
                 out = PyBytes_FromStringAndSize(ds_slot_data(slot), n)
             finally:
                 ds_ch_commit_recv(&self.c, slot, lap)
             return out
-        off = ds_slot_block_off(slot)
         ds_slot_clear_block(slot)
         ds_ch_commit_recv(&self.c, slot, lap)
         try:
@@ -232,20 +235,22 @@ cdef class Channel:
         cdef ds_slot *slot = NULL
         cdef uint32_t lap = 0
         cdef uint64_t st = 0
+        cdef ds_msg m
         self._check()
-        cdef int rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
+        cdef int rc = ds_ch_claim_recv(&self.c, UINT64_MAX, 1, &slot, &lap, &st, &m)
         if rc != DS_OK:
-            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st,
+            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, &m,
                         DL_FOREVER if timeout is None else _deadline(timeout))
-        return self._take_bytes(slot, lap)
+        return self._take_bytes(slot, lap, &m)
 
     def recv_into(self, buffer, timeout=None):
         """Receive into a writable buffer; returns the message length. A message longer than the buffer raises
         ChannelError and stays queued."""
         cdef Py_buffer view
         cdef ds_slot *slot = NULL
-        cdef uint32_t lap = 0, n
-        cdef uint64_t st = 0, off
+        cdef uint32_t lap = 0
+        cdef uint64_t st = 0
+        cdef ds_msg m
         cdef int rc
         self._check()
         try:
@@ -254,51 +259,49 @@ cdef class Channel:
             raise TypeError(f"recv_into() needs a writable contiguous buffer, not {type(buffer).__name__}: "
                             f"{e}") from None
         try:
-            rc = ds_ch_claim_recv(&self.c, <uint64_t>view.len, &slot, &lap, &st)
+            rc = ds_ch_claim_recv(&self.c, <uint64_t>view.len, 1, &slot, &lap, &st, &m)
             if rc != DS_OK:
-                self._block(DS_OP_RECV, rc, <uint64_t>view.len, &slot, &lap, &st, _deadline(timeout))
-            n = ds_slot_len(slot)
-            if not ds_slot_is_block(slot):
-                memcpy(view.buf, ds_slot_data(slot), n)
+                self._block(DS_OP_RECV, rc, <uint64_t>view.len, &slot, &lap, &st, &m, _deadline(timeout))
+            if m.off == 0:
+                memcpy(view.buf, ds_slot_data(slot), m.n)
                 ds_ch_commit_recv(&self.c, slot, lap)
             else:
-                off = ds_slot_block_off(slot)
                 ds_slot_clear_block(slot)
                 ds_ch_commit_recv(&self.c, slot, lap)
-                if n >= BIG_COPY:
+                if m.n >= BIG_COPY:
                     with nogil:
-                        memcpy(view.buf, self.c.base + off, n)
+                        memcpy(view.buf, self.c.base + m.off, m.n)
                 else:
-                    memcpy(view.buf, self.c.base + off, n)
-                ds_pool_free(self.c.base, off)
+                    memcpy(view.buf, self.c.base + m.off, m.n)
+                ds_pool_free(self.c.base, m.off)
         finally:
             PyBuffer_Release(&view)
-        return n
+        return m.n
 
     def recv_message(self, timeout=None):
         """Receive one message as a Message buffer; a message stored in a pool block is not copied."""
         cdef ds_slot *slot = NULL
-        cdef uint32_t lap = 0, n
+        cdef uint32_t lap = 0
         cdef uint64_t st = 0
+        cdef ds_msg d
         cdef Message m = Message.__new__(Message)
         self._check()
-        cdef int rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
+        cdef int rc = ds_ch_claim_recv(&self.c, UINT64_MAX, 1, &slot, &lap, &st, &d)
         if rc != DS_OK:
-            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, _deadline(timeout))
-        n = ds_slot_len(slot)
-        m.n = n
+            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, &d, _deadline(timeout))
+        m.n = d.n
         m.seg = self.seg
         m.owner_pid = ds_me()
-        if ds_slot_is_block(slot):
-            m.off = ds_slot_block_off(slot)
-            m.ptr = self.c.base + m.off
+        if d.off != 0:
+            m.off = d.off
+            m.ptr = self.c.base + d.off
             m.in_pool = True
             ds_slot_clear_block(slot)
             ds_ch_commit_recv(&self.c, slot, lap)
         else:
-            m.ptr = <char *>PyMem_Malloc(n if n else 1)
+            m.ptr = <char *>PyMem_Malloc(d.n if d.n else 1)
             if m.ptr != NULL:
-                memcpy(m.ptr, ds_slot_data(slot), n)
+                memcpy(m.ptr, ds_slot_data(slot), d.n)
             ds_ch_commit_recv(&self.c, slot, lap)
             if m.ptr == NULL:
                 raise MemoryError()
@@ -329,20 +332,21 @@ cdef class Channel:
         cdef ds_slot *slot = NULL
         cdef uint32_t lap = 0
         cdef uint64_t st = 0
+        cdef ds_msg d
         cdef int rc
         self._check()
         if m < 1:
             raise ChannelError(f"recv_many: max_n must be >= 1, not {m}")
         out = []
-        rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
+        rc = ds_ch_claim_recv(&self.c, UINT64_MAX, 1, &slot, &lap, &st, &d)
         if rc != DS_OK:
-            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, _deadline(timeout))
-        out.append(self._take_bytes(slot, lap))
-        for k in range(1, m):
-            rc = ds_ch_claim_recv(&self.c, UINT64_MAX, &slot, &lap, &st)
+            self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, &d, _deadline(timeout))
+        out.append(self._take_bytes(slot, lap, &d))
+        for k in range(1, m):  # (a corrupt slot ends the batch: the next receive drops it and says so)
+            rc = ds_ch_claim_recv(&self.c, UINT64_MAX, 0, &slot, &lap, &st, &d)
             if rc != DS_OK:
                 break
-            out.append(self._take_bytes(slot, lap))
+            out.append(self._take_bytes(slot, lap, &d))
         return out
 
     def poll(self, timeout=None):

@@ -2,7 +2,7 @@
 # the .pxi files that core.pyx includes, the C declarations in cdefs.pxd.
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 
-from dragon._core.cdefs cimport ds_chan, ds_slot
+from dragon._core.cdefs cimport ds_chan, ds_msg, ds_slot
 
 
 cdef class _Segment:
@@ -72,7 +72,7 @@ cdef class Channel:
     cdef int _unusable(self) except -1
     cdef inline int _check(self) except -1
     cdef int _block(self, int mode, int rc, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
-                    int64_t deadline) except -1
+                    ds_msg *m, int64_t deadline) except -1
     cdef int _send(self, const char *p, Py_ssize_t n, int64_t deadline) except -1
     cdef int _send_obj(self, object data, int64_t deadline) except -1
-    cdef object _take_bytes(self, ds_slot *slot, uint32_t lap)
+    cdef object _take_bytes(self, ds_slot *slot, uint32_t lap, const ds_msg *m)

@@ -2,7 +2,8 @@
 cdef str _rc_name(int rc):
     return {DS_OK: "OK", DS_FULL: "FULL", DS_EMPTY: "EMPTY", DS_TIMEOUT: "TIMEOUT", DS_TOO_BIG: "TOO_BIG",
             DS_DESTROYED: "DESTROYED", DS_CORRUPT: "CORRUPT", DS_INTR: "INTR", DS_BADARG: "BADARG",
-            DS_TOO_SMALL: "TOO_SMALL", DS_STALE: "STALE", DS_BUSY: "BUSY", DS_LOCKED: "LOCKED"}.get(rc, str(rc))
+            DS_TOO_SMALL: "TOO_SMALL", DS_STALE: "STALE", DS_BUSY: "BUSY", DS_LOCKED: "LOCKED",
+            DS_BADSLOT: "BADSLOT"}.get(rc, str(rc))
 
 
 cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
@@ -46,6 +47,9 @@ cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
         raise ChannelError(f"{what}: the sdesc does not point at an allocated block of its pool")
     if rc == DS_CORRUPT:
         raise ChannelError(f"{what}: corrupt channel header or slot state")
+    if rc == DS_BADSLOT:
+        raise ChannelError(f"{what}: a corrupt message slot (scribbled shared memory?) was dropped; the channel "
+                           f"goes on")
     if rc == DS_BUSY:
         raise ChannelFull(f"{what}: the lock of its pool is held by another process (stopped?)")
     if rc == DS_LOCKED:

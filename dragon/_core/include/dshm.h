@@ -22,6 +22,7 @@
  *   tail/head are only hints advanced by whoever sees them stale, so a claimer killed between its claim and
  *   the counter update strands nothing; a slot left WRITING/READING by a dead pid is taken over by a blocked
  *   peer (the dead writer's message is dropped, the dead reader's slot released).
+ *   Everything read from a slot is input: checked before use (ds_slot_msg); a corrupt slot is dropped.
  */
 #ifndef DRAGON_DSHM_H
 #define DRAGON_DSHM_H

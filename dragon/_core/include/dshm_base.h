@@ -36,6 +36,7 @@ enum {
     DS_STALE = 10,     /* generation mismatch */
     DS_BUSY = 11,      /* a non-blocking call found the pool's lock held by another process (past ds_lock_grace_ns) */
     DS_LOCKED = 12,    /* the pool's lock stayed held by another process until the deadline */
+    DS_BADSLOT = 13,   /* a corrupt channel slot (scribbled shared memory) was found at the head (see ds_ch_claim_recv) */
 };
 
 /* ---------------------------------------------------------------- atomics, time, futex */

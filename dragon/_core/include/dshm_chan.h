@@ -156,6 +156,31 @@ static inline void ds_slot_put_block(ds_slot *s, uint64_t off, uint32_t n) {
 /* a reader that took ownership of (or freed) the block clears the flag first */
 static inline void ds_slot_clear_block(ds_slot *s) { __atomic_store_n(&s->flags, 0, __ATOMIC_RELEASE); }
 
+/* the offset of the channel's own block in its pool */
+static inline uint64_t ds_ch_offset(const ds_chan *c) { return (uint64_t)((char *)c->h - c->base); }
+
+/* a message, as its claim read it from the slot (once) and checked it */
+typedef struct {
+    uint32_t n;   /* bytes */
+    uint64_t off; /* 0: inline in the slot; else the offset of the pool block that holds it */
+} ds_msg;
+
+/*
+ * What a FULL slot holds, read once and checked against the channel and its pool before anyone uses it (a buggy
+ * process may scribble on shared memory): inline, at most block_size bytes; in a block, an allocated block of
+ * the pool (not the channel's own) whose capacity holds the length. 1 (*m filled) or 0: the slot is corrupt.
+ */
+static inline int ds_slot_msg(const ds_chan *c, ds_slot *s, ds_msg *m) {
+    m->n = DS_LOADR(&s->len);
+    if (!(__atomic_load_n(&s->flags, __ATOMIC_RELAXED) & DS_SLOT_BLOCK)) {
+        m->off = 0;
+        return m->n <= c->block_size;
+    }
+    uint64_t cap;
+    m->off = ds_slot_block_off(s);
+    return m->off != ds_ch_offset(c) && ds_pool_block_capacity(c->base, m->off, &cap) == DS_OK && m->n <= cap;
+}
+
 /*
  * One attempt to claim a slot for writing.  OK: *slot is ours (WRITING), fill it and call ds_ch_commit_send.
  * FULL: *slot / *st tell the slot in the way (its owner's pid may be checked on the slow path).
@@ -179,6 +204,10 @@ static inline int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *l
             continue;
         }
         uint32_t sl = DS_ST_LAP(st);
+        if (sl == lap && DS_ST_PH(st) == DS_PH_EMPTY) { /* EMPTY with a claimer's id: scribbled; make it usable */
+            DS_CAS(&s->state, &st, DS_ST(lap, DS_PH_EMPTY, 0));
+            continue;
+        }
         if (sl == lap || sl == lap + 1) { /* tail is stale: help it on */
             uint64_t p = pos;
             DS_CAS(&h->tail, &p, pos + 1);
@@ -188,7 +217,9 @@ static inline int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *l
         *slot = s;
         *st_out = st;
         if (!ds_ch_alive(c)) return DS_DESTROYED;
-        return sl == lap - 1 ? DS_FULL : DS_CORRUPT;
+        if (sl == lap - 1) return DS_FULL;
+        /* a lap no protocol step puts here (scribbled): whatever the slot held is lost; make it this lap's */
+        DS_CAS(&s->state, &st, DS_ST(lap, DS_PH_EMPTY, 0));
     }
 }
 
@@ -207,11 +238,39 @@ static inline void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap)
 }
 
 /*
- * One attempt to claim a message for reading.  maxlen: refuse (DS_TOO_SMALL, *st_out = length, nothing claimed)
- * a message longer than this.  OK: *slot is ours (READING); read it and call ds_ch_commit_recv.
+ * The head slot (at pos, lap) seen by a receiver whose head is still pos, in state st: what it means.
+ * DS_OK: a message; DS_EMPTY: nothing yet (or a reader of the previous lap still reads it); DS_HEAD_STALE: the
+ * slot was taken in this lap, or is already in the next one; DS_CORRUPT: a state that no step of the protocol
+ * puts at the head (a scribble): anything else of the previous lap (head passed it only once it was taken), an
+ * EMPTY or FULL state with a claimer's id, a claim without one, an EMPTY slot that the senders have passed.
  */
-static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **slot, uint32_t *lap_out,
-                                   uint64_t *st_out) {
+#define DS_HEAD_STALE (-1)
+static inline int ds_ch_head_state(const ds_chan *c, uint64_t pos, uint32_t lap, ds_slot *s, uint64_t st) {
+    uint32_t sl = DS_ST_LAP(st);
+    uint64_t ph = DS_ST_PH(st);
+    if (st == DS_ST(lap, DS_PH_FULL, 0)) return DS_OK;
+    if ((sl == lap && ph == DS_PH_READING) || sl == lap + 1) return DS_HEAD_STALE;
+    int claimed = (DS_ST_PID(st) & DS_PID_MASK) != 0; /* (a claim carries its claimer's pid: never 0) */
+    if (sl == lap && ph == DS_PH_WRITING && claimed) return DS_EMPTY;
+    if (sl == lap - 1 && ph == DS_PH_READING && claimed) return DS_EMPTY;
+    if (st == DS_ST(lap, DS_PH_EMPTY, 0)) {
+        /* a sender moves tail past pos only after its claim of the slot: EMPTY still, after tail passed, is a
+           scribble (re-read after tail, so that a claim between the two reads is not mistaken for one) */
+        if (DS_LOAD(&c->h->tail) <= pos || DS_LOAD(&s->state) != st) return DS_EMPTY;
+    }
+    return DS_CORRUPT;
+}
+
+/*
+ * One attempt to claim a message for reading.  maxlen: refuse (DS_TOO_SMALL, *st_out = length, nothing claimed)
+ * a message longer than this.  OK: *slot is ours (READING), *m says what it holds (checked: ds_slot_msg); read
+ * it and call ds_ch_commit_recv.
+ * A corrupt slot at the head (ds_slot_msg, ds_ch_head_state) is dropped (DS_BADSLOT: consumed, head moved on, a
+ * block it names not freed: it may be anybody's), unless take_bad is 0: then DS_BADSLOT leaves it for the next
+ * call (recv_many, which must not lose the messages it already took by raising).
+ */
+static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, int take_bad, ds_slot **slot,
+                                   uint32_t *lap_out, uint64_t *st_out, ds_msg *m) {
     ds_ch_hdr *h = c->h;
     uint32_t me = ds_me();
     for (;;) {
@@ -219,11 +278,16 @@ static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **
         ds_slot *s = ds_ch_slot(c, pos);
         uint32_t lap = (uint32_t)(pos / c->cap);
         uint64_t st = DS_LOAD(&s->state);
-        if (st == DS_ST(lap, DS_PH_FULL, 0)) {
-            uint32_t len = DS_LOADR(&s->len);
-            if (len > maxlen) {
+        int r = st == DS_ST(lap, DS_PH_FULL, 0) ? DS_OK : DS_HEAD_STALE;
+        if (r != DS_OK) {
+            if (DS_LOAD(&h->head) != pos) continue;
+            r = ds_ch_head_state(c, pos, lap, s, st);
+        }
+        if (r == DS_OK && !ds_slot_msg(c, s, m)) r = DS_CORRUPT;
+        if (r == DS_OK) {
+            if (m->n > maxlen) {
                 if (DS_LOAD(&s->state) != st) continue;
-                *st_out = len;
+                *st_out = m->n;
                 return DS_TOO_SMALL;
             }
             if (DS_CAS(&s->state, &st, DS_ST(lap, DS_PH_READING, me))) {
@@ -235,19 +299,22 @@ static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **
             }
             continue;
         }
-        uint32_t sl = DS_ST_LAP(st);
-        uint64_t ph = DS_ST_PH(st);
-        if ((sl == lap && ph == DS_PH_READING) || sl == lap + 1) { /* head is stale */
+        if (r == DS_HEAD_STALE) {
             uint64_t p = pos;
             DS_CAS(&h->head, &p, pos + 1);
             continue;
         }
-        if (DS_LOAD(&h->head) != pos) continue;
         *slot = s;
         *st_out = st;
         if (!ds_ch_alive(c)) return DS_DESTROYED;
-        if ((sl == lap && (ph == DS_PH_EMPTY || ph == DS_PH_WRITING)) || sl == lap - 1) return DS_EMPTY;
-        return DS_CORRUPT;
+        if (r == DS_EMPTY) return DS_EMPTY;
+        if (!take_bad) return DS_BADSLOT;
+        if (DS_CAS(&s->state, &st, DS_ST(lap + 1, DS_PH_EMPTY, 0))) { /* drop it (as a reader that took it) */
+            uint64_t p = pos;
+            DS_CAS(&h->head, &p, pos + 1);
+            ds_wake_if_waiting(&h->nf_waiters, &h->nf_seq);
+            return DS_BADSLOT;
+        }
     }
 }
 
@@ -258,7 +325,8 @@ static inline void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
     ds_wake_if_waiting(&h->nf_waiters, &h->nf_seq);
 }
 
-/* is a message ready at head (non-consuming)? If not, *slot / *st tell the head slot (for dead-owner checks) */
+/* is a message ready at head (non-consuming)? A corrupt head slot counts as ready: the receive that follows drops
+   it and says so. If not, *slot / *st tell the head slot (for dead-owner checks) */
 static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out) {
     ds_ch_hdr *h = c->h;
     for (;;) {
@@ -267,13 +335,14 @@ static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out
         uint32_t lap = (uint32_t)(pos / c->cap);
         uint64_t st = DS_LOAD(&s->state);
         if (st == DS_ST(lap, DS_PH_FULL, 0)) return 1;
-        uint32_t sl = DS_ST_LAP(st);
-        if ((sl == lap && DS_ST_PH(st) == DS_PH_READING) || sl == lap + 1) {
+        if (DS_LOAD(&h->head) != pos) continue;
+        int r = ds_ch_head_state(c, pos, lap, s, st);
+        if (r == DS_HEAD_STALE) {
             uint64_t p = pos;
             DS_CAS(&h->head, &p, pos + 1);
             continue;
         }
-        if (DS_LOAD(&h->head) != pos) continue;
+        if (r != DS_EMPTY) return 1;
         *slot = s;
         *st_out = st;
         return 0;
@@ -316,7 +385,7 @@ static inline int ds_ch_recover(const ds_chan *c, ds_slot *s, uint64_t st) {
     uint64_t off = ds_slot_block_off(s);
     __atomic_store_n(&s->flags, 0, __ATOMIC_RELEASE);
     DS_STORES(&s->state, DS_ST(DS_ST_LAP(st) + 1, DS_PH_EMPTY, 0));
-    if (flags & DS_SLOT_BLOCK) ds_pool_free(c->base, off);
+    if ((flags & DS_SLOT_BLOCK) && off != ds_ch_offset(c)) ds_pool_free(c->base, off);
     __atomic_add_fetch(&c->h->recoveries, 1, __ATOMIC_RELAXED);
     ds_ch_wake_all(c);
     return 1;
@@ -381,7 +450,7 @@ static inline int ds_wait_end(ds_adapt *a, const ds_wait_ctx *w, int r) {
  * checks signals (with the GIL) and calls again with the same deadline and the same *w (so it does not spin again).
  */
 static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
-                             int64_t deadline, ds_wait_ctx *w) {
+                             ds_msg *m, int64_t deadline, ds_wait_ctx *w) {
     ds_ch_hdr *h = c->h;
     uint32_t *seq_p = mode == 0 ? &h->nf_seq : &h->ne_seq;
     uint32_t *wait_p = mode == 0 ? &h->nf_waiters : &h->ne_waiters;
@@ -392,7 +461,7 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
     *slot = NULL;
 #define DS_TRY()                                                                          \
     (mode == 0   ? ds_ch_claim_send(c, slot, lap, st)                                     \
-     : mode == 1 ? ds_ch_claim_recv(c, maxlen, slot, lap, st)                             \
+     : mode == 1 ? ds_ch_claim_recv(c, maxlen, 1, slot, lap, st, m)                      \
                  : (ds_ch_ready(c, slot, st) ? DS_OK : (ds_ch_alive(c) ? DS_EMPTY : DS_DESTROYED)))
     if (!w->started) {
         int adaptive = ds_spin_max_ns > ds_spin_ns, me = sched_getcpu();
@@ -482,13 +551,14 @@ typedef struct {
     uint32_t lap;
     uint64_t st;
     uint64_t off;  /* ALLOC: the block allocated */
+    ds_msg m;      /* RECV: the message claimed */
     ds_wait_ctx w; /* zeroed before the first call */
 } ds_op;
 
 static inline int ds_op_wait(ds_op *op, int64_t deadline) {
     if (op->kind == DS_OP_ALLOC) return ds_pool_alloc_wait(op->base, op->n, &op->off, deadline, &op->w);
     if (op->kind == DS_OP_LOCK) return ds_pool_lock_wait(op->base, deadline);
-    return ds_ch_wait(op->c, op->kind, op->n, &op->slot, &op->lap, &op->st, deadline, &op->w);
+    return ds_ch_wait(op->c, op->kind, op->n, &op->slot, &op->lap, &op->st, &op->m, deadline, &op->w);
 }
 
 /* debugging snapshot: out[0..9) = head, tail, ne_seq, ne_waiters, nf_seq, nf_waiters, recoveries, ne_cpu, nf_cpu;
@@ -518,7 +588,7 @@ static inline void ds_ch_destroy(const ds_chan *c) {
         uint64_t st = DS_LOAD(&s->state);
         if (DS_ST_PH(st) == DS_PH_FULL && (__atomic_load_n(&s->flags, __ATOMIC_ACQUIRE) & DS_SLOT_BLOCK)) {
             if (DS_CAS(&s->state, &st, DS_ST(DS_ST_LAP(st) + 1, DS_PH_EMPTY, 0))) {
-                ds_pool_free(c->base, ds_slot_block_off(s));
+                if (ds_slot_block_off(s) != ds_ch_offset(c)) ds_pool_free(c->base, ds_slot_block_off(s));
                 s->flags = 0;
             }
         }
