@@ -170,6 +170,22 @@ def test_send_many_recv_many(ch):
     assert ch.send_many([]) == 0
 
 
+def test_send_many_checks_every_item_before_sending_any(ch, pool):
+    """All or nothing for bad input: an item that is not bytes-like, or that could never be sent, raises before
+    the good ones in front of it are sent (a generator too)."""
+    with pytest.raises(TypeError, match=r"not int \(item 1\): nothing was sent"):
+        ch.send_many([b"a", 1, b"b"])
+    with pytest.raises(TypeError, match="item 2"):
+        ch.send_many(x for x in (b"a", bytearray(b"b"), "text"))
+    with pytest.raises(ChannelError, match="more than its pool could ever hold"):
+        ch.send_many([b"a", b"x" * (pool.size + 1)])
+    assert len(ch) == 0
+    with pytest.raises(ChannelEmpty):
+        ch.recv(timeout=0)
+    assert ch.send_many(x for x in (b"a", memoryview(b"bc")[::-1])) == 2  # (a strided view is copied)
+    assert ch.recv_many(5, timeout=0) == [b"a", b"cb"]
+
+
 def test_poll(ch):
     assert ch.poll(timeout=0) is False
     t = time.monotonic()

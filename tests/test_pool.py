@@ -373,6 +373,17 @@ def test_garbage_truncated_and_stale_sdesc():
         q.destroy()
 
 
+def test_sdesc_layout_is_the_documented_one(pool):
+    """dragon/_core/README.md says what an sdesc is; the code writes exactly that."""
+    with open(os.path.join(os.path.dirname(core.__file__), "README.md")) as f:
+        doc = f.read()
+    fmt = core._SD.format
+    assert f"## sdesc (struct `{fmt}`, {core._SD.size} bytes" in doc and f"version {core.SDESC_VERSION}" in doc
+    magic, version, kind, namelen, pgen, size, choff, chgen, node = struct.unpack_from(fmt, pool.sdesc)
+    assert (magic, version, kind, size, choff, chgen, node) == (b"DRGN", core.SDESC_VERSION, 1, pool.size, 0, 0, 0)
+    assert pool.sdesc[core._SD.size :].decode() == pool.name and namelen == len(pool.name)
+
+
 def test_errors_are_dragon_errors():
     assert issubclass(PoolFull, PoolError) and issubclass(PoolError, DragonError)
     assert issubclass(PoolTimeout, TimeoutError)

@@ -78,6 +78,13 @@ with Pool.create(32 << 20, name="inf") as pool:
         except ChannelError as e:
             assert type(e) is ChannelError and "too small" in str(e), repr(e)
         assert r.recv(timeout=10) == b"y" * 40  # (it stayed queued)
+        try:  # send_many: all or nothing for bad input
+            r.send_many([b"a", 1, b"b"])
+            raise AssertionError("sent")
+        except TypeError as e:
+            assert "item 1" in str(e), e
+        assert r.send_many([b"c", bytearray(b"d")]) == 2
+        assert r.recv_many(5, timeout=10) == [b"c", b"d"]  # (nothing of the refused call came before them)
         assert r.capacity == 4
         pid = os.fork()  # a child uses the inherited handle: it gets its own stream and reply channel
         if pid == 0:

@@ -122,8 +122,7 @@ cdef class Channel:
             ds_slot_put_inline(slot, p, <uint32_t>n)
             ds_ch_commit_send(&self.c, slot, lap)
             return 0
-        if <uint64_t>n > 0xffffffffULL:
-            raise ChannelError(f"channel {self._name!r}: messages are limited to 4 GiB - 1, not {n} bytes")
+        self._fits(n)
         cdef char *base = self.c.base
         rc = ds_pool_try_alloc(base, <uint64_t>n, &off)
         if rc == DS_FULL or rc == DS_BUSY:
@@ -151,6 +150,14 @@ cdef class Channel:
             raise
         ds_slot_put_block(slot, off, <uint32_t>n)
         ds_ch_commit_send(&self.c, slot, lap)
+        return 0
+
+    cdef int _fits(self, Py_ssize_t n) except -1:
+        """Raise ChannelError if a message of n bytes (more than block_size) could never be sent."""
+        if <uint64_t>n > 0xffffffffULL:
+            raise ChannelError(f"channel {self._name!r}: messages are limited to 4 GiB - 1, not {n} bytes")
+        if <uint64_t>n > self.seg.data_size:
+            _raise(DS_TOO_BIG, K_CHAN, f"channel {self._name!r}", <uint64_t>n)
         return 0
 
     cdef int _send_obj(self, object data, int64_t deadline) except -1:
@@ -308,12 +315,28 @@ cdef class Channel:
         return m
 
     def send_many(self, messages, timeout=None):
-        """Send each bytes-like of ``messages`` in order; returns how many were sent. The timeout covers the
-        whole call; if it passes after k > 0 messages were sent, returns k (else raises ChannelFull/Timeout)."""
+        """Send each bytes-like of ``messages`` in order; returns how many were sent. All or nothing for bad
+        input: every item is checked first (TypeError for one that is not bytes-like, ChannelError for one that
+        could never be sent), so a bad one raises before anything is sent. The timeout covers the whole call; if
+        it passes after k > 0 messages were sent, returns k (else raises ChannelFull/Timeout)."""
         self._check()
         cdef int64_t deadline = _deadline(timeout)
-        cdef Py_ssize_t k = 0
-        for data in messages:
+        cdef Py_ssize_t k = 0, n
+        items = messages if type(messages) is list else list(messages)
+        for data in items:
+            if type(data) is bytes:
+                n = PyBytes_GET_SIZE(data)
+            else:
+                try:
+                    n = memoryview(data).nbytes
+                except TypeError:
+                    raise TypeError(f"send_many() takes bytes-like objects, not {type(data).__name__} "
+                                    f"(item {k}): nothing was sent") from None
+            if <uint64_t>n > self.c.block_size:
+                self._fits(n)
+            k += 1
+        k = 0
+        for data in items:
             try:
                 if type(data) is bytes:
                     self._send(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), deadline)

@@ -74,5 +74,6 @@ cdef class Channel:
     cdef int _block(self, int mode, int rc, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
                     ds_msg *m, int64_t deadline) except -1
     cdef int _send(self, const char *p, Py_ssize_t n, int64_t deadline) except -1
+    cdef int _fits(self, Py_ssize_t n) except -1
     cdef int _send_obj(self, object data, int64_t deadline) except -1
     cdef object _take_bytes(self, ds_slot *slot, uint32_t lap, const ds_msg *m)

@@ -73,6 +73,17 @@ def _channel_error(payload):
     return (cls if issubclass(cls, ChannelError) else ChannelError), text
 
 
+def _payload(data):
+    """A bytes-like object as send() ships it: a flat byte view (a copy if it is not contiguous); TypeError
+    if it is not bytes-like."""
+    data = memoryview(data)
+    if not data.c_contiguous:
+        return data.tobytes()
+    if data.itemsize != 1 or data.ndim != 1:
+        return data.cast("B")
+    return data
+
+
 def _timeout_arg(timeout):
     if timeout is None:
         return -1.0
@@ -448,12 +459,10 @@ class RemoteChannel:
             self._check()
             st = self._st
         if type(data) is not bytes:
-            data = memoryview(data)
-            if not data.c_contiguous:
-                data = data.tobytes()
-            elif data.itemsize != 1 or data.ndim != 1:
-                data = data.cast("B")
+            data = _payload(data)
         n = len(data)
+        if n > 0xFFFFFFFF:
+            raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
         t = None if timeout is None else _timeout_arg(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
@@ -547,11 +556,25 @@ class RemoteChannel:
             st.sizes.append(n)
 
     def send_many(self, messages, timeout=None):
-        """Send each message in order; returns how many were sent (the timeout covers the whole call)."""
+        """Send each message in order; returns how many were sent (the timeout covers the whole call). All or
+        nothing for bad input: every item is checked first (TypeError: not bytes-like; ChannelError: over
+        4 GiB - 1), so a bad one raises before anything is sent."""
         self._check()
+        items = []
+        for i, data in enumerate(messages):
+            try:
+                data = data if type(data) is bytes else _payload(data)
+            except TypeError:
+                kind = type(data).__name__
+                raise TypeError(
+                    f"send_many() takes bytes-like objects, not {kind} (item {i}): nothing was sent"
+                ) from None
+            if len(data) > 0xFFFFFFFF:
+                raise ChannelError(f"channel on node {self.node}: item {i} is 4 GiB or more, nothing sent")
+            items.append(data)
         deadline = None if timeout is None else time.monotonic() + _timeout_arg(timeout)
         k = 0
-        for data in messages:
+        for data in items:
             t = None if deadline is None else max(0.0, deadline - time.monotonic())
             if timeout is not None and timeout <= 0:
                 t = 0
