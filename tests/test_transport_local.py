@@ -45,7 +45,7 @@ LOOPBACK = r"""
 import os, threading
 from mpi4py import MPI
 from dragon.channels import Channel
-from dragon.errors import ChannelEmpty
+from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
 from dragon.pools import Pool
 from dragon._core import frames as W, remote
 from dragon.transport.agent import Agent, start_thread
@@ -64,11 +64,27 @@ with Pool.create(32 << 20, name="inf") as pool:
         for data in (b"", b"x" * 64, big):
             r.send(data)
             assert r.recv(timeout=10) == data
+        # errors come back as their own class (the ERR frame's code): empty, timed out, too small a buffer
+        for call, cls in ((lambda: r.recv(timeout=0), ChannelEmpty), (lambda: r.recv(timeout=0.2), ChannelTimeout)):
+            try:
+                call()
+                raise AssertionError("not empty")
+            except ChannelError as e:
+                assert type(e) is cls, repr(e)
+        r.send(b"y" * 40)
         try:
-            r.recv(timeout=0)
-            raise AssertionError("not empty")
-        except ChannelEmpty:
-            pass
+            r.recv_into(bytearray(8), timeout=10)
+            raise AssertionError("fit")
+        except ChannelError as e:
+            assert type(e) is ChannelError and "too small" in str(e), repr(e)
+        assert r.recv(timeout=10) == b"y" * 40  # (it stayed queued)
+        try:  # send_many: all or nothing for bad input
+            r.send_many([b"a", 1, b"b"])
+            raise AssertionError("sent")
+        except TypeError as e:
+            assert "item 1" in str(e), e
+        assert r.send_many([b"c", bytearray(b"d")]) == 2
+        assert r.recv_many(5, timeout=10) == [b"c", b"d"]  # (nothing of the refused call came before them)
         assert r.capacity == 4
         pid = os.fork()  # a child uses the inherited handle: it gets its own stream and reply channel
         if pid == 0:

@@ -65,12 +65,23 @@ REPLY_CAPACITY = 256
 REPLY_BLOCK = 512
 
 _HDR = W.HDR
-_ERRCLS = {
-    W.E_ERROR: ChannelError,
-    W.E_EMPTY: ChannelEmpty,
-    W.E_TIMEOUT: ChannelTimeout,
-    W.E_FULL: ChannelFull,
-}
+
+
+def _channel_error(payload):
+    """(class, text) of an ERR frame's payload; a code that is not a channel error's reads as ChannelError."""
+    cls, text = W.parse_err(payload)
+    return (cls if issubclass(cls, ChannelError) else ChannelError), text
+
+
+def _payload(data):
+    """A bytes-like object as send() ships it: a flat byte view (a copy if it is not contiguous); TypeError
+    if it is not bytes-like."""
+    data = memoryview(data)
+    if not data.c_contiguous:
+        return data.tobytes()
+    if data.itemsize != 1 or data.ndim != 1:
+        return data.cast("B")
+    return data
 
 
 def _timeout_arg(timeout):
@@ -207,10 +218,9 @@ class Endpoint:
             mv.release()
             msg.release()
             if nxt is False:
-                kind, flags, node = W.ERR, 0, W.E_ERROR
-                msg = b"the transport agent did not deliver a payload"
-                mv = memoryview(_HDR.pack(kind, 0, node, len(msg), sid, seq) + msg)
-                n = len(msg)
+                text = "the transport agent did not deliver a payload"
+                mv = memoryview(W.err_frame(sid, seq, ChannelError, text))
+                kind, flags, node, n, sid, seq = _HDR.unpack_from(mv)
                 msg = _Bytes()
             else:
                 msg = nxt
@@ -232,8 +242,7 @@ class Endpoint:
                 self.closing -= 1
             msg.release()
         elif kind == W.ERR and seq == 0:
-            st.err = bytes(mv[W.HSIZE :]).decode(errors="replace")
-            st.err_cls = _ERRCLS.get(node, ChannelError)
+            st.err_cls, st.err = _channel_error(mv[W.HSIZE : W.HSIZE + n])
             msg.release()
         elif seq in st.abandoned or st.closed:
             st.abandoned.discard(seq)
@@ -241,8 +250,6 @@ class Endpoint:
                 self.putback(st, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], flags)
             msg.release()
         else:
-            if kind == W.ERR:
-                flags |= node << 8  # the error class rides in the node field
             st.results[seq] = (kind, flags, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], msg)
 
     def putback(self, st, data, flags=0):
@@ -448,8 +455,7 @@ class RemoteChannel:
             raise ChannelTimeout(f"channel on node {self.node}: no answer from the node's transport agent")
         kind, flags, payload, msg = res
         if kind == W.ERR:
-            text = bytes(payload).decode(errors="replace")
-            cls = _ERRCLS.get(flags >> 8, ChannelError)
+            cls, text = _channel_error(payload)
             msg.release()
             raise cls(f"channel on node {self.node}: {text}")
         return kind, flags, payload, msg
@@ -462,12 +468,10 @@ class RemoteChannel:
             self._check()
             st = self._st
         if type(data) is not bytes:
-            data = memoryview(data)
-            if not data.c_contiguous:
-                data = data.tobytes()
-            elif data.itemsize != 1 or data.ndim != 1:
-                data = data.cast("B")
+            data = _payload(data)
         n = len(data)
+        if n > 0xFFFFFFFF:
+            raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
         t = None if timeout is None else _timeout_arg(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
@@ -561,11 +565,25 @@ class RemoteChannel:
             st.sizes.append(n)
 
     def send_many(self, messages, timeout=None):
-        """Send each message in order; returns how many were sent (the timeout covers the whole call)."""
+        """Send each message in order; returns how many were sent (the timeout covers the whole call). All or
+        nothing for bad input: every item is checked first (TypeError: not bytes-like; ChannelError: over
+        4 GiB - 1), so a bad one raises before anything is sent."""
         self._check()
+        items = []
+        for i, data in enumerate(messages):
+            try:
+                data = data if type(data) is bytes else _payload(data)
+            except TypeError:
+                kind = type(data).__name__
+                raise TypeError(
+                    f"send_many() takes bytes-like objects, not {kind} (item {i}): nothing was sent"
+                ) from None
+            if len(data) > 0xFFFFFFFF:
+                raise ChannelError(f"channel on node {self.node}: item {i} is 4 GiB or more, nothing sent")
+            items.append(data)
         deadline = None if timeout is None else time.monotonic() + _timeout_arg(timeout)
         k = 0
-        for data in messages:
+        for data in items:
             t = None if deadline is None else max(0.0, deadline - time.monotonic())
             if timeout is not None and timeout <= 0:
                 t = 0

@@ -221,7 +221,7 @@ def call(msg_class, err_class, server_wait=False, **fields):
     except ChannelError as e:
         raise err_class(f"{msg_class.__name__}: lost contact with global services: {e}") from e
     if resp.err:
-        raise from_code(resp.err)(resp.msg)
+        raise from_code(resp.err)(resp.msg)  # (Response.err is a dragon.errors wire code)
     return resp.result
 
 

@@ -43,7 +43,7 @@ from dragon import env
 from dragon._core import frames as W
 from dragon._core.core import Channel
 from dragon._core.remote import pid_namespace, start_time
-from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, PoolError
 
 SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
@@ -585,8 +585,7 @@ class Agent:
     def _fail_local(self, sid, seq, text):
         o = self.outs.get(sid)
         if o is not None:
-            body = text.encode()
-            self._to_reply(o, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            self._to_reply(o, W.err_frame(sid, seq, ChannelError, text))
 
     # ---- frames from other agents -------------------------------------------------------------------------
     def _emit(self, dest, frame):
@@ -692,7 +691,7 @@ class Agent:
         if s is not None:
             s.closing = True
             for r in s.recvq:
-                self._err(s, r.seq, W.E_ERROR, "the handle was closed")
+                self._err(s, r.seq, ChannelError, "the handle was closed")
             s.recvq.clear()
             if not s.sendq:
                 self._drop_in(s)
@@ -745,8 +744,7 @@ class Agent:
     def _stream_error(self, s, text):
         if s.err is None:
             s.err = text
-            body = text.encode()
-            self._emit(s.src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), s.sid, 0) + body)
+            self._emit(s.src, W.err_frame(s.sid, 0, ChannelError, text))
         for item in s.sendq:
             if type(item) is _Pending:
                 item.req.Wait()
@@ -759,8 +757,7 @@ class Agent:
                     pass
         s.sendq.clear()
         for r in s.recvq:
-            body = text.encode()
-            self._emit(s.src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), s.sid, r.seq) + body)
+            self._emit(s.src, W.err_frame(s.sid, r.seq, ChannelError, text))
         s.recvq.clear()
         self.pending_in.discard(s)
 
@@ -818,12 +815,10 @@ class Agent:
         mode, max_n, maxlen, timeout = W.REQ.unpack_from(payload)
         s = self.ins.get((src, sid))
         if s is None:
-            body = b"unknown stream"
-            self._emit(src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            self._emit(src, W.err_frame(sid, seq, ChannelError, "unknown stream"))
             return
         if s.err is not None:
-            body = s.err.encode()
-            self._emit(src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            self._emit(src, W.err_frame(sid, seq, ChannelError, s.err))
             return
         s.recvq.append(_Req(seq, mode, max_n, maxlen, timeout))
         if not self._serve(s):
@@ -869,13 +864,13 @@ class Agent:
                     raise ChannelError(f"unknown request mode {mode}")
             except ChannelEmpty:
                 if r.nonblock:
-                    self._err(s, r.seq, W.E_EMPTY, "is empty")
+                    self._err(s, r.seq, ChannelEmpty, "is empty")
                 elif r.deadline is not None and time.monotonic() >= r.deadline:
-                    self._err(s, r.seq, W.E_TIMEOUT, "timed out")
+                    self._err(s, r.seq, ChannelTimeout, "timed out")
                 else:
                     return False
             except ChannelError as e:
-                self._err(s, r.seq, W.E_ERROR, str(e))
+                self._err(s, r.seq, e, str(e))
             q.popleft()
         return True
 
@@ -896,9 +891,9 @@ class Agent:
         body = msgpack.packb(value)
         self._emit(s.src, _HDR.pack(W.RESULT, 0, 0, len(body), s.sid, seq) + body)
 
-    def _err(self, s, seq, cls, text):
-        body = text.encode()
-        self._emit(s.src, _HDR.pack(W.ERR, 0, cls, len(body), s.sid, seq) + body)
+    def _err(self, s, seq, err, text):
+        """Answer request seq of stream s with an error (an exception or a class: it travels as its code)."""
+        self._emit(s.src, W.err_frame(s.sid, seq, err, text))
 
     def _retry_in(self):
         work = 0
