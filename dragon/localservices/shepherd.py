@@ -25,7 +25,7 @@ from dragon.errors import ChannelError, ChannelTimeout, DragonError, PoolError, 
 from dragon.infrastructure import jobprocs
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
-from dragon.infrastructure.service import Service, handles, service_process
+from dragon.infrastructure.service import DEFER, Service, handles, service_process
 
 DRAIN_AFTER_EXIT = 0.5  # how long output pipes may stay open (held by grandchildren) after a process exits
 REPLY_CAPACITY = 64  # answers a process can have waiting (its threads share one reply channel)
@@ -150,11 +150,12 @@ class Shepherd(Service):
         rec.pidfd = os.pidfd_open(popen.pid)
         with self.lock:
             self.procs[msg.p_uid] = rec
-        # answer first, so that GS hears of the process before its exit
+        # answer before the IO thread can see the exit, so that GS hears of the process before its exit; DEFER
+        # tells the loop it is answered (returning None would answer a second time)
         self.answer(msg, {"pid": popen.pid, "reply_cd": bytes(reply_ch.sdesc)})
         self._io_add(rec)
         self.log.debug("started p_uid %d pid %d: %s", msg.p_uid, popen.pid, [msg.exe, *msg.args])
-        return None
+        return DEFER
 
     @handles(m.SHProcessKill)
     def process_kill(self, msg):
