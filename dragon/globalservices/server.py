@@ -83,6 +83,9 @@ class GlobalServices(Service):
         self.asked = {}  # tag of a request to a shepherd -> its node (requests a dead node will never answer)
         self.down = set()  # nodes that are gone
         self.procs, self.proc_names = {}, {}
+        # p_uid -> None for every process not yet exited, in creation order; exited ones stay in procs for
+        # query and join, and a list or a node lost must not scan every process the job ever had
+        self.live_procs = {}
         self.pools, self.pool_names = {}, {}
         self.chans, self.chan_names = {}, {}
         self.infra = {}  # node -> m_uid of its infrastructure pool
@@ -194,11 +197,13 @@ class GlobalServices(Service):
         p = _Proc(p_uid, name, named, node, msg.exe, msg.args, msg.head)
         self.procs[p_uid] = p
         self.proc_names[name] = p_uid
+        self.live_procs[p_uid] = None
 
         def created(resp):
             if resp.err:
                 del self.procs[p_uid]
                 del self.proc_names[name]
+                self.live_procs.pop(p_uid, None)
                 self.fail(msg, ProcessError(resp.msg))
                 return
             if p.state == PENDING:
@@ -227,7 +232,7 @@ class GlobalServices(Service):
 
     @handles(m.GSProcessList)
     def process_list(self, msg):
-        return [[p.p_uid, p.name] for p in self.procs.values() if p.state != EXITED]
+        return [[u, self.procs[u].name] for u in self.live_procs]
 
     @handles(m.GSProcessQuery)
     def process_query(self, msg):
@@ -297,6 +302,7 @@ class GlobalServices(Service):
             return
         p.state = EXITED
         p.retval = msg.exit_code
+        self.live_procs.pop(p.p_uid, None)
         # forget every deferred answer owed to the dead process before its reply channel goes away
         if p.reply_cd is not None:
             for w in self.owed.pop(p.reply_cd, ()):
@@ -323,7 +329,7 @@ class GlobalServices(Service):
         self.log.error("node %s is down: %s", msg.node, msg.reason)
         code = -9 if msg.exit_code is None else msg.exit_code
         self.down.add(msg.node)
-        for p in [p for p in self.procs.values() if p.node == msg.node and p.state != EXITED]:
+        for p in [self.procs[u] for u in self.live_procs if self.procs[u].node == msg.node]:
             self.on_exit(m.SHProcessExit(None, msg.node, p.p_uid, code))
         for tag, node in list(self.asked.items()):  # requests that node will never answer
             if node == msg.node:
@@ -572,11 +578,10 @@ class GlobalServices(Service):
     def channel_destroy(self, msg):
         idents = msg.idents if isinstance(msg.idents, list) else [msg.idents]
         idents = checks.idents(idents, ChannelError, "channel", "c_uid", "channel.destroy")
-        chans = []
+        chans = {}  # c_uid -> record: each channel once (a membership test in a list was quadratic)
         for ident in idents:
             c = self._chan(ident)
-            if c not in chans:
-                chans.append(c)
+            chans[c["c_uid"]] = c
         left = [len(chans)]
         errors = []
 
@@ -590,7 +595,7 @@ class GlobalServices(Service):
                 else:
                     self.answer(msg, None)
 
-        for c in chans:
+        for c in chans.values():
             self._remove_chan(c)
             self.ask_shepherd(c["node"], m.SHChannelDestroy(c_uid=c["c_uid"]), done)
         return DEFER
