@@ -40,20 +40,23 @@ def _scale_row(ax_cost, ax_start, figs, labels):
     from benchmarks.scale import OP_LABELS
 
     for test, style in SCALE_OPS.items():
-        pts = sorted((f["size"], f["median"], f["min"], f["max"]) for f in figs
-                     if f["group"] == "scale" and f["test"] == test and f["peer"] == "dragon")
-        if pts:
-            ax_cost.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=2, lw=2,
-                             yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                             label=f"{OP_LABELS[test[3:]]} (x{pts[-1][1] / pts[0][1]:.2f})", **style)
+        op = test[3:]
+        for where, how in ((test, dict(lw=2)), (f"alone-{op}", dict(lw=1.2, ls="--"))):
+            pts = sorted((f["size"], f["median"], f["min"], f["max"]) for f in figs
+                         if f["group"] == "scale" and f["test"] == where and f["peer"] == "dragon")
+            if pts:
+                what = OP_LABELS[op] + (", GS alone" if where != test else "")
+                ax_cost.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=2,
+                                 yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                                 label=f"{what} (x{pts[-1][1] / pts[0][1]:.2f})", **style, **how)
     ax_cost.set_xscale("log")
     ax_cost.set_yscale("log")
     ax_cost.set_xlabel("live objects in the job (channels)")
     ax_cost.set_ylabel("cost per operation (µs)")
     ax_cost.set_title("Global services: cost per operation vs live objects (flat is the goal; legend: "
-                      "largest/smallest)", fontsize=9)
+                      "largest/smallest; dashed: GS's own work, no IPC)", fontsize=9)
     ax_cost.grid(True, which="both", alpha=0.3)
-    ax_cost.legend(fontsize=8)
+    ax_cost.legend(fontsize=7)
     for peer in ("dragon", "mpiexec-n"):
         pts = sorted((f["size"], f["median"], f["min"], f["max"]) for f in figs
                      if f["group"] == "scale" and f["test"] == "startup" and f["peer"] == peer)

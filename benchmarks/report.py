@@ -23,8 +23,13 @@ TITLES = {
     ("scale", "gs-pool"): "Scale: GS pool create+destroy with N live objects in the job",
     ("scale", "gs-channel"): "Scale: GS channel create+destroy with N live objects in the job",
     ("scale", "gs-process"): "Scale: GS process create+join of /bin/true with N live objects in the job",
+    ("scale", "alone-query"): "Scale: GS's own work for a process.query (in the harness, no IPC)",
+    ("scale", "alone-pool"): "Scale: GS's own work for a pool create+destroy (in the harness, no IPC)",
+    ("scale", "alone-channel"): "Scale: GS's own work for a channel create+destroy (in the harness, no IPC)",
+    ("scale", "alone-process"): "Scale: GS's own work for a process create+exit+join (in the harness, "
+                                "no IPC)",
     ("scale", "gs-rss"): "Scale: global services' resident memory (VmRSS) with N live objects",
-    ("scale", "gs-bulk-destroy"): "Scale: one channel.destroy of every live channel (per channel)",
+    ("scale", "gs-bulk-destroy"): "Scale: one channel.destroy of many live channels (per channel)",
     ("scale", "clients"): "Scale: clients issuing GS requests at once (process.query; Manager: dict lookup)",
     ("scale", "procs"): "Scale: managed /bin/true over 8 virtual nodes, create+join from 16 threads "
                         "(Popen: 16 threads)",
@@ -156,12 +161,13 @@ def scale_targets(figures, add, ratio):
     in the number of nodes."""
     from benchmarks.scale import OP_LABELS
 
-    for op, label in OP_LABELS.items():
-        pts = sorted((f["size"], f["median"]) for f in figures
-                     if (f["group"], f["test"], f["peer"]) == ("scale", f"gs-{op}", "dragon"))
-        if len(pts) >= 2:
-            add(f"GS {label}: cost with {pts[-1][0]:,} / {pts[0][0]:,} live objects", 14,
-                ratio(pts[-1][1], pts[0][1]), "<=", 2, "cost ratio", group="scale")
+    for test, what in (("gs", "GS"), ("alone", "GS's own work (no IPC),")):
+        for op, label in OP_LABELS.items():
+            pts = sorted((f["size"], f["median"]) for f in figures
+                         if (f["group"], f["test"], f["peer"]) == ("scale", f"{test}-{op}", "dragon"))
+            if len(pts) >= 2:
+                add(f"{what} {label}: cost with {pts[-1][0]:,} / {pts[0][0]:,} live objects", 14,
+                    ratio(pts[-1][1], pts[0][1]), "<=", 2, "cost ratio", group="scale")
     procs = [f for f in figures if (f["group"], f["test"], f["peer"]) == ("scale", "procs", "dragon")]
     for f in procs:
         n = f"{f['processes']:,} /bin/true over {f['nodes']} virtual nodes"

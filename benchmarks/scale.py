@@ -22,6 +22,7 @@ scale-procs``, parameters in ``DRAGON_BENCH_SCALE``) and reads the figures back 
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -139,6 +140,13 @@ def _per_op(fn, n):
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def _warm(fns, n=10):
+    """A few calls of each operation first: the first level measured must not pay for imports and caches."""
+    for fn in fns.values():
+        for _ in range(n):
+            fn()
+
+
 def _in_threads(n, work, threads):
     """Run work(i) for i in range(n) from `threads` threads (so that many requests are in flight); -> the
     exceptions raised, as (i, exception)."""
@@ -167,22 +175,39 @@ def _in_threads(n, work, threads):
 
 
 def measure_gs_curve(levels, ops, repeat):
-    """GS's cost per operation at each level of live channels; -> (figures, checks). checks: what was checked
-    on the way ({"what", "ok", "detail"}): every operation answered, the bulk destroy left nothing."""
+    """GS's cost per operation at each level of live channels; -> (figures, checks). The levels are visited up
+    and then down again (A B C D D C B A: the live channels are made, then destroyed level by level, each time
+    with one request), and each figure holds the samples of both visits, so a machine that gets busier or
+    quieter during the run does not tilt the curve. checks: what was checked on the way ({"what", "ok",
+    "detail"}): every level listed, every operation answered, nothing left after the destroys."""
     from dragon.globalservices import channel as gch
     from dragon.globalservices import pool as gpool
     from dragon.globalservices import process as gp
     from dragon.infrastructure.descriptors import ChannelOptions
 
-    F = util.figure
     figures, checks = [], []
     me = gp.this_process().p_uid
     gs = gs_pid()
     baseline = set(gch.list())
     pool = gpool.create(levels[-1] * LIVE_BYTES + (16 << 20), user_name="scale-live")
     opts = ChannelOptions(capacity=1, block_size=64)
-    live = []
     true = shutil.which("true") or "/bin/true"
+
+    def fig(test, metric, unit, samples, level, size_unit="live objects", **extra):
+        figures.append(
+            util.figure(
+                "scale",
+                test,
+                "dragon",
+                metric,
+                unit,
+                "lower",
+                samples,
+                size=level,
+                size_unit=size_unit,
+                **extra,
+            )
+        )
 
     def pool_cycle():
         gpool.destroy(gpool.create(1 << 20).m_uid)
@@ -195,41 +220,170 @@ def measure_gs_curve(levels, ops, repeat):
             raise RuntimeError("/bin/true did not exit 0")
 
     fns = {"query": lambda: gp.query(me), "pool": pool_cycle, "channel": chan_cycle, "process": proc_cycle}
-    made, lock = [], threading.Lock()
+    _warm(fns)
+    samples = {(level, op): [] for level in levels for op in OPS}
+    live, lock = [], threading.Lock()
+
+    def make(_i):
+        c = gch.create(pool.m_uid, channel_options=opts).c_uid
+        with lock:
+            live.append(c)
+
+    def measure(level):
+        n = len(gch.list()) - len(baseline)
+        checks.append({"what": f"{level:,} live channels listed", "ok": n == level, "detail": f"{n} listed"})
+        for op in OPS:
+            samples[(level, op)] += [_per_op(fns[op], ops[op]) for _ in range(repeat)]
+
     try:
-        for level in levels:
-            t0 = time.perf_counter()
-            grow = level - len(live)
-
-            def make(_i):
-                c = gch.create(pool.m_uid, channel_options=opts).c_uid
-                with lock:
-                    made.append(c)
-
+        for level in levels:  # up: make the channels
+            t0, grow = time.perf_counter(), level - len(live)
             errors = _in_threads(grow, make, GROW_THREADS)
-            live = list(made)
             if errors:
                 raise RuntimeError(f"making live channels failed {len(errors)} time(s): {errors[0][1]!r}")
-            figures.append(
-                F(
-                    "scale",
-                    "gs-grow",
-                    "dragon",
-                    "us_per_op",
-                    "us",
-                    "lower",
-                    [(time.perf_counter() - t0) / max(1, grow) * 1e6],
-                    size=level,
-                    size_unit="live objects",
-                    threads=GROW_THREADS,
-                )
+            fig(
+                "gs-grow",
+                "us_per_op",
+                "us",
+                [(time.perf_counter() - t0) / max(1, grow) * 1e6],
+                level,
+                threads=GROW_THREADS,
             )
+            measure(level)
+            rss = status_mb(gs) if gs else None
+            if rss:
+                fig("gs-rss", "rss_mb", "MB", [rss], level, anon_mb=status_mb(gs, "RssAnon"))
+        for level in reversed(levels):  # down: one destroy of every channel above the level, each time
+            if len(live) > level:
+                gone = live[level:]
+                t0 = time.perf_counter()
+                gch.destroy(gone)
+                dt = time.perf_counter() - t0
+                del live[level:]
+                if len(gone) >= 1000:
+                    fig(
+                        "gs-bulk-destroy",
+                        "us_per_op",
+                        "us",
+                        [dt / len(gone) * 1e6],
+                        len(gone),
+                        size_unit="channels in the request",
+                    )
+            measure(level)
+        gch.destroy(live)
+        live.clear()
+        left = set(gch.list()) - baseline
+        checks.append(
+            {
+                "what": "every live channel destroyed (one request per level)",
+                "ok": not left,
+                "detail": f"{len(left)} left",
+            }
+        )
+        for (level, op), xs in samples.items():
+            fig(f"gs-{op}", "us_per_op", "us", xs, level, count=ops[op])
+    finally:
+        if live:
+            try:
+                gch.destroy(live)
+            except Exception as e:
+                checks.append({"what": "cleanup of the live channels", "ok": False, "detail": repr(e)})
+        gpool.destroy(pool.m_uid)
+    return figures, checks
+
+
+def measure_gs_alone(levels, ops, repeat):
+    """GS's own work per operation at each level, without the IPC: global services run in this process and are
+    fed requests, the shepherd's part played here (as tests/test_gs_server.py does): decode, handle, encode
+    and send of every message on GS's side, and nothing else. Beside the job's curve it tells GS's scaling
+    from that of the IPC, the shepherd and the scheduler. -> figures."""
+    from dragon.channels import Channel
+    from dragon.globalservices.server import GlobalServices
+    from dragon.infrastructure import messages as m
+    from dragon.pools import Pool
+
+    key, tags = os.urandom(8), itertools.count(1)
+    pool = Pool.create(16 << 20, name=f"scale{os.getpid()}")
+    chans = [Channel.create(pool, capacity=1024, block_size=512) for _ in range(3)]
+    inbox, shep, client = chans
+    g = GlobalServices(
+        inbox, [shep.sdesc], None, [{"index": 0, "hostname": "h", "cpus": 1}], [pool.sdesc], key
+    )
+    reply = bytes(client.sdesc)
+
+    def request(cls, **fields):  # a client's request, and GS's answer to it
+        g.handle(m.encode(cls(tag=next(tags), reply=reply, caller=0, **fields)))
+
+    def answer():
+        r = m.decode(client.recv(timeout=5))
+        if r.err:
+            raise RuntimeError(f"GS answered an error: {r.msg}")
+        return r.result
+
+    def shepherd(result=None):  # the shepherd's answer to what GS asked it
+        asked = m.decode(shep.recv(timeout=5))
+        g.handle(m.encode(m.ControlResponse(key, asked.tag, 0, None, result)))
+        return asked
+
+    def chan_create():
+        request(m.GSChannelCreate, m_uid=None, user_name=None, options={"capacity": 1}, soft=False)
+        shepherd({"sdesc": b"sd"})
+        return answer()["c_uid"]
+
+    def chan_cycle():
+        request(m.GSChannelDestroy, idents=[chan_create()])
+        shepherd()
+        answer()
+
+    def pool_cycle():
+        request(m.GSPoolCreate, size=1 << 20, user_name=None, options={}, soft=False)
+        shepherd({"sdesc": b"pd"})
+        request(m.GSPoolDestroy, ident=answer()["m_uid"])
+        shepherd()
+        answer()
+
+    def proc_create():
+        request(
+            m.GSProcessCreate,
+            exe="/bin/true",
+            run_dir="/",
+            args=[],
+            env=None,
+            user_name=None,
+            options={},
+            soft=False,
+            head=False,
+        )
+        asked = shepherd({"pid": 1, "reply_cd": b"rc"})
+        return answer()["p_uid"], asked
+
+    def proc_cycle():
+        p_uid, _ = proc_create()
+        g.handle(m.encode(m.SHProcessExit(key, 0, p_uid, 0)))
+        shep.recv(timeout=5)  # SHProcessReaped
+        request(m.GSProcessJoin, ident=p_uid, timeout=None)
+        answer()
+
+    me = proc_create()[0]
+
+    def query():
+        request(m.GSProcessQuery, ident=me)
+        answer()
+
+    fns = {"query": query, "pool": pool_cycle, "channel": chan_cycle, "process": proc_cycle}
+    _warm(fns)
+    figures, live = [], 0
+    try:
+        for level in levels:
+            while live < level:
+                chan_create()
+                live += 1
             for op in OPS:
                 samples = [_per_op(fns[op], ops[op]) for _ in range(repeat)]
                 figures.append(
-                    F(
+                    util.figure(
                         "scale",
-                        f"gs-{op}",
+                        f"alone-{op}",
                         "dragon",
                         "us_per_op",
                         "us",
@@ -240,59 +394,11 @@ def measure_gs_curve(levels, ops, repeat):
                         count=ops[op],
                     )
                 )
-            rss = status_mb(gs) if gs else None
-            if rss:
-                figures.append(
-                    F(
-                        "scale",
-                        "gs-rss",
-                        "dragon",
-                        "rss_mb",
-                        "MB",
-                        "lower",
-                        [rss],
-                        size=level,
-                        size_unit="live objects",
-                        anon_mb=status_mb(gs, "RssAnon"),
-                    )
-                )
-            n = len(gch.list()) - len(baseline)
-            checks.append(
-                {"what": f"{level:,} live channels listed", "ok": n == level, "detail": f"{n} listed"}
-            )
-        t0 = time.perf_counter()
-        gch.destroy(live)  # one request for all of them
-        dt = time.perf_counter() - t0
-        made.clear()
-        figures.append(
-            F(
-                "scale",
-                "gs-bulk-destroy",
-                "dragon",
-                "us_per_op",
-                "us",
-                "lower",
-                [dt / len(live) * 1e6],
-                size=len(live),
-                size_unit="live objects",
-            )
-        )
-        left = set(gch.list()) - baseline
-        checks.append(
-            {
-                "what": f"one destroy of {len(live):,} channels left none",
-                "ok": not left,
-                "detail": f"{len(left)} left",
-            }
-        )
     finally:
-        if made:
-            try:
-                gch.destroy(made)
-            except Exception as e:
-                checks.append({"what": "cleanup of the live channels", "ok": False, "detail": repr(e)})
-        gpool.destroy(pool.m_uid)
-    return figures, checks
+        for ch in chans:
+            ch.destroy()
+        pool.destroy()
+    return figures
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -599,6 +705,11 @@ def plan(ctx):
                 gs_and_clients,
             )
         )
+
+    def gs_alone():
+        ctx.figures.extend(measure_gs_alone(s["levels"], s["ops"], ctx.repeat))
+
+    steps.append(("scale: GS's own work per operation, in this process (no IPC)", gs_alone))
 
     def manager_peer():
         with mp.get_context("fork").Manager() as m:
