@@ -160,7 +160,8 @@ def test_quick_runtime_parts(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-@pytest.mark.skipif(runtime_missing() is not None or mpiexec_path() is None, reason="needs dragon and mpiexec")
+@pytest.mark.skipif(runtime_missing() is not None or mpiexec_path() is None,
+                    reason="needs dragon and mpiexec")
 def test_quick_scale_every_figure_its_targets_and_plot(tmp_path):
     """dragon-bench scale --quick: the GS curve at 100 and 1,000 live objects, the 8-node processes, the 100
     clients and the startup curve, each beside its peer; the report counts objects (not bytes), the targets
