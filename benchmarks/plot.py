@@ -1,6 +1,7 @@
-"""--plot: one PNG a person reads at a glance. Left: message size vs stream throughput (GB/s), right: message size vs
-median round trip; log axes, one line per peer, dragon drawn bold. Cross-node figures, when present, get a row of
-their own; so do the scale figures (GS cost per operation vs live objects in the job, startup vs nodes)."""
+"""--plot: one PNG a person reads at a glance. Left: message size vs stream throughput (GB/s), right: message
+size vs median round trip; log axes, one line per peer, dragon drawn bold. Cross-node figures, when present,
+get a row of their own; so do the scale figures (GS cost per operation vs live objects in the job, startup vs
+nodes)."""
 from __future__ import annotations
 
 from benchmarks.util import size_label
@@ -53,10 +54,10 @@ def _scale_row(ax_cost, ax_start, figs, labels):
     ax_cost.set_yscale("log")
     ax_cost.set_xlabel("live objects in the job (channels)")
     ax_cost.set_ylabel("cost per operation (µs)")
-    ax_cost.set_title("Global services: cost per operation vs live objects (flat is the goal; legend: "
-                      "largest/smallest; dashed: GS's own work, no IPC)", fontsize=9)
+    ax_cost.set_title("GS cost per operation vs live objects: flat is the goal\n(legend: largest/smallest; "
+                      "dashed: GS's own work, no IPC)", fontsize=9)
     ax_cost.grid(True, which="both", alpha=0.3)
-    ax_cost.legend(fontsize=7)
+    ax_cost.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     for peer in ("dragon", "mpiexec-n"):
         pts = sorted((f["size"], f["median"], f["min"], f["max"]) for f in figs
                      if f["group"] == "scale" and f["test"] == "startup" and f["peer"] == peer)
@@ -69,7 +70,7 @@ def _scale_row(ax_cost, ax_start, figs, labels):
     ax_start.set_xlim(left=0)
     ax_start.set_xlabel("virtual nodes")
     ax_start.set_ylabel("wall time of an empty program (s)")
-    ax_start.set_title("Startup vs nodes (lower is better; linear growth would be a straight line through 0)",
+    ax_start.set_title("Startup vs virtual nodes (lower is better)\n(proportional growth: a line through 0)",
                        fontsize=9)
     ax_start.set_ylim(bottom=0)
     ax_start.grid(True, which="both", alpha=0.3)
