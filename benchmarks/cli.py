@@ -28,7 +28,8 @@ selections (several may be given; default: all):
   scale     global services as the job grows: cost per operation (query, pool and channel create+destroy,
             process create+join) with 10^2..10^5 live objects; 10,000 /bin/true over 8 virtual nodes
             (processes/s, GS resident memory, nothing left); 100 clients at once (throughput, p99); startup
-            with 1, 2, 4, 8 virtual nodes. A few minutes (--quick: 10^2 and 10^3 objects, 1,000 processes)
+            with 1, 2, 4, 8 virtual nodes. About 1.5 min on 2 cores (--quick: 10^2 and 10^3 objects, 1,000
+            processes, ~20 s)
   all       everything above but scale (run it on its own)
 
 Runtime parts (launch, gs) run inside dragon-launch: the harness re-invokes itself under it (or measures in
