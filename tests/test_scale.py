@@ -92,6 +92,42 @@ def test_process_list_names_only_running_processes_among_many_exited(gs):
     assert answer(gs, req(gs, m.GSProcessList)).result == []
 
 
+def _start_many(g, n):
+    """n running processes (the shepherd's part played here); -> their p_uids."""
+    p_uids = []
+    for i in range(n):
+        tag = create_req(g)
+        sh = shepherd_gets(g, m.SHProcessCreate)
+        shepherd_replies(g, sh, result={"pid": 1000 + i, "reply_cd": b"rc%d" % sh.p_uid})
+        assert answer(g, tag).err == 0
+        p_uids.append(sh.p_uid)
+    return p_uids
+
+
+@pytest.mark.timeout(60)
+def test_multi_join_over_thousands_leaves_no_waiter_behind(gs):
+    """The usual loop over many workers, multi_join(pending) until none is left: each call returns at the next
+    exit, and what it left waiting on the other processes goes with it (one waiter per call used to stay on
+    every pending process: 1,000 workers left half a million behind). One multi_join naming 20,000
+    identifiers (each process 20 times) is answered with each process once (the duplicates were found by a
+    quadratic scan)."""
+    pending = _start_many(gs, 1000)
+    big = req(gs, m.GSProcessMultiJoin, idents=pending * 20, timeout=None)
+    first = True
+    while pending:
+        tag = req(gs, m.GSProcessMultiJoin, idents=pending, timeout=None)
+        exit_(gs, pending[0], 0)
+        got = {r.tag: r for r in (answer(gs), answer(gs))} if first else {answer(gs).tag: None}
+        if first:
+            assert got[big].result["exited"] == [[pending[0], 0]] and len(got[big].result["status"]) == 1000
+            first = False
+        assert tag in got
+        pending = pending[1:]
+        waiting = sum(len(p.joiners) for p in gs.procs.values())
+        assert waiting == 0, f"{waiting} waiters left on {len(pending)} pending processes"
+    assert not gs.owed and len(gs.t_client) == 0
+
+
 def test_clients_that_come_and_go_do_not_grow_what_gs_keeps_attached(gs, monkeypatch):
     """Each client that is not a managed process (a child one forked) has a reply channel of its own, and GS
     is never told when it is gone: GS keeps at most REPLY_CACHE of them attached, the oldest closed first, and

@@ -50,7 +50,7 @@ class _Proc:
         self.retval = None
         self.pid = None
         self.reply_cd = None
-        self.joiners = []  # _Waiter
+        self.joiners = {}  # _Waiter -> None: the joins and multi_joins waiting for this process
         self.chan_refs = {}  # c_uid -> count of references this process holds
 
 
@@ -129,6 +129,16 @@ class GlobalServices(Service):
             owed.discard(w)
             if not owed:
                 del self.owed[w.reply]
+        self._unlink(w)
+
+    def _unlink(self, w):
+        """A join or multi_join that is over leaves the processes it waited for: a multi_join repeated over
+        thousands of pending processes would otherwise leave one waiter per call on each of them."""
+        if w.kind != "chjoin":
+            for u in w.targets:
+                p = self.procs.get(u)
+                if p is not None:
+                    p.joiners.pop(w, None)
 
     def _expire(self, w):
         if w.done:
@@ -265,7 +275,7 @@ class GlobalServices(Service):
         if timeout == 0:
             return None
         w = _Waiter("join", msg, [p.p_uid])
-        p.joiners.append(w)
+        p.joiners[w] = None
         self._owe(w, timeout)
         return DEFER
 
@@ -277,18 +287,18 @@ class GlobalServices(Service):
     def process_multi_join(self, msg):
         idents = checks.idents(msg.idents, ProcessError)
         timeout = checks.timeout(msg.timeout, ProcessError)
-        p_uids = []
+        p_uids = {}  # each process once, in the order named (a list's membership test was quadratic)
         for ident in idents:
             p = self._proc(ident)
             if p.p_uid == msg.caller:
                 raise ProcessError(f"process {p.p_uid} cannot join itself")
-            if p.p_uid not in p_uids:
-                p_uids.append(p.p_uid)
+            p_uids[p.p_uid] = None
+        p_uids = list(p_uids)
         if timeout == 0 or any(self.procs[u].state == EXITED for u in p_uids):
             return self._multi_result(p_uids)
         w = _Waiter("multi", msg, p_uids)
         for u in p_uids:
-            self.procs[u].joiners.append(w)
+            self.procs[u].joiners[w] = None
         self._owe(w, timeout)
         return DEFER
 
@@ -309,12 +319,13 @@ class GlobalServices(Service):
                 w.done = True
                 if w.timer is not None:
                     w.timer.cancel()
+                self._unlink(w)
             self.forget(p.reply_cd)
-        for w in p.joiners:
+        for w in list(p.joiners):
             if not w.done:
                 self._done(w)
                 self.answer(w, p.retval if w.kind == "join" else self._multi_result(w.targets))
-        p.joiners = []
+        p.joiners = {}
         for c_uid, n in list(p.chan_refs.items()):
             self._unref(c_uid, p, n)
         if p.node not in self.down:
