@@ -22,7 +22,8 @@ selections (several may be given; default: all):
             dragon-launch), subprocess.Popen, multiprocessing.Process, DragonHPC
   gs        global-services request round trip (process.query) vs a multiprocessing.Manager lookup, DragonHPC
   pool      pool alloc+free rate vs multiprocessing.shared_memory, DragonHPC MemoryPool
-  startup   wall time of an empty program: dragon-launch vs python, mpiexec -n 1, DragonHPC
+  startup   wall time of an empty program: dragon-launch vs python, mpiexec -n 1, DragonHPC; and of
+            python -c 'import dragon; dragon.init()' vs 'import dragon' (a runtime started from a plain python)
   xnode     cross-node stream and round trip through the transport agents vs mpi4py between the same ranks
             (mpiexec -n 2 dragon-launch --virtual-nodes on one host, or srun on an allocation)
   scale     global services as the job grows: cost per operation (query, pool and channel create+destroy,

@@ -260,6 +260,7 @@ def plan_startup(ctx):
         steps.append(("startup: dragon-launch empty.py",
                       timed("dragon", dragon_launch_cmd() + [empty], env=child_env(), cwd=tmp,
                             shm_filter=lambda n: False)))
+        steps.append(("startup: python -c 'import dragon; dragon.init()' vs 'import dragon'", init_vs_import(ctx)))
     if ctx.dragonhpc:
         steps.append(("startup: DragonHPC dragon -s empty.py",
                       timed("dragonhpc", [os.path.join(ctx.dragonhpc, "bin", "dragon"), "-s", empty],
@@ -268,6 +269,28 @@ def plan_startup(ctx):
         for r in dhpc_absent(ctx):
             ctx.skip("startup DragonHPC", **r)
     return steps
+
+
+def init_vs_import(ctx):
+    """What dragon.init() costs a plain python (issue 13: at most 0.2 s more than ``import dragon``): the two
+    one-liners run alternately, so that both see the same machine load; figures "import-dragon" and "dragon-init"
+    (whole runs: the runtime's start and its teardown at exit), their ratio in the report."""
+
+    def run():
+        walls = {"import-dragon": [], "dragon-init": []}
+        codes = {"import-dragon": "import dragon", "dragon-init": "import dragon; dragon.init()"}
+        for _ in range(ctx.repeat):
+            for peer, code in codes.items():
+                res = util.run_marked([sys.executable, "-c", code], timeout=120, env=child_env(),
+                                      shm_filter=lambda n: False)
+                if res["rc"] != 0:
+                    raise RuntimeError(f"python -c {code!r} exited {res['rc']}: {util.tail(res['stderr'])}")
+                walls[peer].append(res["wall"])
+                _note_leaks(ctx, peer, res)
+        for peer, w in walls.items():
+            ctx.figures.append(util.figure("startup", "init", peer, "seconds", "s", "lower", w))
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------

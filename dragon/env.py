@@ -26,9 +26,20 @@ SERVICE_TIMEOUT = "DRAGON_SERVICE_TIMEOUT"  # seconds a service may leave its la
 # rank of its own, which is no node (dragon-launch --gs-rank; see dragon.transport.world)
 GS_NODE = "DRAGON_GS_NODE"
 GW_CD = "DRAGON_GW_CD"  # this node's transport gateway channel (the transport agent's input)
+CPU_BINDING = "DRAGON_CPU_BINDING"  # node (default): a serving rank takes every CPU it may use; keep: as bound
+AGENT_PROFILE = "DRAGON_AGENT_PROFILE"  # a path: profile each transport agent's loop into path.<node> (cProfile)
+NNODES = "DRAGON_NNODES"  # (dragon.transport.harness) how many nodes the harness runs its program on
+TEST_CHANS = "DRAGON_TEST_CHANS"  # (dragon.transport.harness) json {node: {name: hex sdesc}} of its test channels
+BENCH_MPI = "DRAGON_BENCH_MPI"  # (dragon.transport.bench, between its processes) mpi4py's figures, json
+BENCH_JSON = "DRAGON_BENCH_JSON"  # (dragon.transport.bench, between its processes) where --json writes
 SPIN_NS = "DRAGON_SPIN_NS"  # how long blocking receives of the services and clients spin before they sleep (ns)
+# clients: processes outside the job that dragon.init() attached (dragon.attach)
+CONNECT = "DRAGON_CONNECT"  # the connection file dragon.init() attaches to (dragon-launch --serve writes it)
 
 ALL = (JOB, PUID, NODE, GS_CD, REPLY_CD, INF_PD, SHEP_PID)
+# what a client is given (dragon.init() puts it into os.environ): GS's public inbox, node 0's infrastructure
+# pool and transport gateway, the job and the node; never a reply channel (it makes its own) nor the job's key
+CLIENT = (JOB, NODE, GS_CD, INF_PD, GW_CD, GS_NODE)
 
 
 def new_job_id(environ=None):

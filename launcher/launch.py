@@ -33,6 +33,12 @@ def parser():
   dragon-launch app.py arg1 arg2       run app.py (p_uid 1) with this interpreter
   dragon-launch /bin/hostname          run any executable as the first managed process
   dragon-launch -m pkg.module args     run a module, like python -m
+  dragon-launch --serve                start the runtime with no program and serve clients: it writes a
+                                       connection file (default ~/.dragon/JOB.json, mode 0600), prints
+                                       its path and runs until --stop, Ctrl-C, SIGTERM, scancel or the
+                                       time limit; dragon.init(connect=FILE) in a python or a notebook
+                                       on node 0's host attaches to it
+  dragon-launch --stop FILE            end the runtime that wrote FILE (and wait for its end)
 
 inside PROGRAM: dragon.globalservices.process / pool / channel / node (see examples/hello.py)
 
@@ -92,6 +98,17 @@ whole job on that core).""",
         "world has exactly one rank more than hosts",
     )
     p.add_argument(
+        "--serve",
+        action="store_true",
+        help="run no program: serve clients (dragon.init(connect=FILE)) until stopped (then exit status 0)",
+    )
+    p.add_argument(
+        "--connect-file",
+        metavar="PATH",
+        help="with --serve: where to write the connection file (default ~/.dragon/JOB.json)",
+    )
+    p.add_argument("--stop", metavar="FILE", help="end the runtime that wrote the connection file FILE")
+    p.add_argument(
         "-m", dest="module", metavar="MODULE", help="run a Python module as the program (like python -m)"
     )
     p.add_argument("program", nargs="?", help="the program to run: a .py script, or an executable")
@@ -104,14 +121,15 @@ def _split(argv):
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--grace":
+        if a in ("--grace", "--connect-file", "--stop"):
             i += 2
-        elif a.startswith("--grace=") or a in (
+        elif a.startswith(("--grace=", "--connect-file=", "--stop=")) or a in (
             "-h",
             "--help",
             "--virtual-nodes",
             "--gs-rank",
             "--no-gs-rank",
+            "--serve",
         ):
             i += 1
         else:
@@ -126,7 +144,23 @@ def main(argv=None):
     ns = p.parse_args(own)
     if ns.grace < 0:
         p.error("--grace must be >= 0")
-    if rest[:1] == ["-m"]:
+    if ns.stop is not None:
+        if ns.serve or rest:
+            p.error("--stop FILE takes no program and no --serve")
+        from launcher import serve
+
+        sys.exit(serve.stop(ns.stop))
+    if ns.connect_file is not None and not ns.serve:
+        p.error("--connect-file goes with --serve")
+    serving = None
+    if ns.serve:
+        if rest:
+            p.error(f"--serve runs no program (got {' '.join(rest)})")
+        from launcher.serve import Serving
+
+        serving = Serving(connect_file=ns.connect_file)
+        exe, args = None, ()
+    elif rest[:1] == ["-m"]:
         if len(rest) < 2:
             p.error("-m needs a module name")
         exe, args = sys.executable, ["-m", *rest[1:]]
@@ -158,9 +192,16 @@ def main(argv=None):
     if ns.virtual_nodes or ns.gs_rank or multinode.under_mpi():
         # one runtime across the MPI job's nodes; a normal exit: after MPI, os._exit can lose the exit status
         # on its way through mpiexec
-        sys.exit(multinode.main(exe, args, ns.virtual_nodes, grace=ns.grace, gs_rank=ns.gs_rank))
-    nodes, me = local_world()
-    code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
+        sys.exit(
+            multinode.main(exe, args, ns.virtual_nodes, grace=ns.grace, gs_rank=ns.gs_rank, serving=serving)
+        )
+    if serving is not None:
+        from launcher import serve
+
+        code = serve.run(ns.grace, serving)
+    else:
+        nodes, me = local_world()
+        code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
     # everything is torn down: skip the interpreter's finalization
     for stream in (sys.stdout, sys.stderr):
         try:

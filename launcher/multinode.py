@@ -257,6 +257,15 @@ class NodeRuntime(Runtime):
         self.agent_thread = start_thread(self.agent)
         if self.k == 0 and self.gs_ch is None:  # node 0's launcher tells GS (on its rank) of lost nodes
             self.gs_ch = Channel.attach(bytes.fromhex(gs_cd))
+        self.nodes = self.world.nodes()
+        self.client_env = {  # (a client attaches on node 0's host: its pool and gateway)
+            env.JOB: self.job,
+            env.NODE: str(self.k),
+            env.GS_CD: gs_cd,
+            env.INF_PD: mine["pool"],
+            env.GW_CD: mine["gw"],
+            env.GS_NODE: str(self.gs_k),
+        }
         parent = str(os.getpid())
         if not self.is_gs:
             self.shep_pid = _service(
@@ -362,12 +371,16 @@ class NodeRuntime(Runtime):
         return self.world.describe(self.k)
 
     # ---- node 0 --------------------------------------------------------------------------------------
-    def run(self, exe, args):
+    def run(self, exe, args, serving=None):
         if self.is_gs:
             return self._serve_gs()
         if self.k != 0:
             return self._serve_node()
-        code = super().run(exe, args)  # starts, runs the program, tears this node down (teardown below)
+        try:  # starts, runs the program (or serves clients), tears this node down (teardown below)
+            code = super().run(exe, args, serving=serving)
+        finally:
+            if serving is not None:
+                serving.done()
         if self.down and code == 0:
             code = EXIT_SERVICE_FAILED
         if self.down:
@@ -596,9 +609,10 @@ def layout_error(mpi_size, env=None):
     )
 
 
-def main(exe, args, virtual, grace=GRACE, gs_rank=None):
+def main(exe, args, virtual, grace=GRACE, gs_rank=None, serving=None):
     """The multi-node launcher; returns this rank's exit code.  gs_rank: True (--gs-rank), None (automatic) or
-    False (--no-gs-rank): whether global services gets a rank of its own (dragon.transport.world)."""
+    False (--no-gs-rank): whether global services gets a rank of its own (dragon.transport.world).  serving (a
+    launcher.serve.Serving, exe None): node 0 serves clients instead of running a program."""
     from dragon.transport.world import World, init_mpi, widen_cpu_binding
 
     MPI = init_mpi()
@@ -625,7 +639,7 @@ def main(exe, args, virtual, grace=GRACE, gs_rank=None):
         wait_barrier(comm)
     else:
         rt = NodeRuntime(world, leaders, job, grace)
-        code = rt.run(exe, args)
+        code = rt.run(exe, args, serving=serving)
         lost = any(k in rt.down for k in range(world.endpoints))
         wait = 3.0 if lost else FINAL_BARRIER
         if (

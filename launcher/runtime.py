@@ -7,14 +7,23 @@ launchers' control messages all go through the one loop and its handlers.
 The launcher watches its node's services: one that exits, or stops answering its pings (SIGSTOP, a debugger, a
 wedged loop) for DRAGON_SERVICE_TIMEOUT seconds (default 30), is named (which service, which node, its pid) and
 ends the job (exit status 70): SIGKILL works on a stopped process, and nothing is left in /dev/shm.
+
+Instead of a program, a launcher may serve clients (``dragon-launch --serve``, ``dragon.init()``: see
+launcher.serve): processes outside the job that registered with global services. Node 0's launcher watches
+each client's pid (a pidfd) at GS's request (``LAClientWatch``) and tells GS when it is gone
+(``GSClientGone``), so that GS releases what the client made; then it destroys the client's reply channel.
+The runtime of ``dragon.init()`` also has an owner, the process that started it: when that one ends, so
+does the runtime.
 """
 
 import os
+import select
 import signal
 import sys
 import time
 
 from dragon import env
+from dragon.errors import DragonError
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
 from dragon.infrastructure.service import Service, handles
@@ -100,17 +109,43 @@ def exists(pid):
         return False
 
 
+def _pidfd(pid, start):
+    """A pidfd of process pid if it still has that start time (not a reused pid), else None."""
+    from dragon._core.remote import start_time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, ValueError):
+        return None
+    if start_time(pid) != start:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _destroy(sdesc):
+    """Destroy a channel by its sdesc (a gone client's reply channel); it may be gone already."""
+    from dragon._core.core import Channel
+
+    try:
+        Channel.attach(sdesc).destroy()
+    except Exception:
+        pass
+
+
 class _Watched:
     """A service process the launcher watches: its exit (waitpid) and its answers to pings."""
 
-    __slots__ = ("ch", "pid", "seen", "what")
+    __slots__ = ("ch", "pid", "seen", "up", "what")
 
     def __init__(self, pid, what, ch):
         self.pid, self.what, self.ch = pid, what, ch
         self.seen = time.monotonic()
+        self.up = False  # it answered a ping: its loop runs
 
     def pong(self, resp):
         self.seen = time.monotonic()
+        self.up = True
 
 
 class Runtime(Service):
@@ -134,6 +169,10 @@ class Runtime(Service):
         self.chans = []
         self.failed = None
         self.head_code = None  # the program's exit code, once it ended
+        self.clients = {}  # client id -> (pidfd, its reply channel's sdesc): the clients watched here
+        self.client_poll = select.poll()
+        self.owner_fd = None  # pidfd of the process whose end ends the runtime (dragon.init's), if any
+        self.stop_why = None  # why a serving launcher stops (its owner ended)
 
     # ---- start --------------------------------------------------------------------------------------------
     def start(self):
@@ -156,14 +195,17 @@ class Runtime(Service):
         self.gs_pid = _fork("dragon.globalservices.server", gs_cd, [sh_cd], la_cd, nodes, [pd], self.key)
         self.watch(self.shep_pid, "local services (shepherd)", self.sh_ch)
         self.watch(self.gs_pid, "global services", self.gs_ch)
+        self.client_env = {env.JOB: self.job, env.NODE: "0", env.GS_CD: gs_cd.hex(), env.INF_PD: pd.hex()}
 
     def watch(self, pid, what, ch):
         self.watched[pid] = _Watched(pid, what, ch)
 
     # ---- run ----------------------------------------------------------------------------------------------
-    def run(self, exe, args):
-        """Start the runtime, run exe args as the head process, tear down. -> exit code for the launcher."""
+    def run(self, exe, args, serving=None):
+        """Start the runtime, run exe args as the head process, tear down. -> exit code for the launcher. With
+        serving (a launcher.serve.Serving; exe None): serve clients instead, until stopped (exit code 0)."""
         code = EXIT_SERVICE_FAILED
+        quiet = serving is not None and serving.owner is not None  # dragon.init's: its owner stops it
 
         def _term(signum, frame):
             raise Terminated(signum)
@@ -172,13 +214,15 @@ class Runtime(Service):
             self.start()
             for sig in (signal.SIGTERM, signal.SIGHUP):  # scancel / time limit, a closed terminal
                 signal.signal(sig, _term)
-            code = self._run_head(exe, args)
+            code = self._run_head(exe, args) if serving is None else self._serve_clients(serving)
         except KeyboardInterrupt:
-            log("interrupted: tearing the job down")
-            code = 128 + signal.SIGINT
+            if not quiet:
+                log("interrupted: tearing the job down")
+            code = 128 + signal.SIGINT if serving is None else 0
         except Terminated as t:
-            log(f"got signal {t.signum}: tearing the job down")
-            code = 128 + t.signum
+            if not quiet:
+                log(f"got signal {t.signum}: tearing the job down")
+            code = 128 + t.signum if serving is None else 0
         except ServiceDied as e:
             log(str(e))
             self.failed = str(e)
@@ -213,6 +257,64 @@ class Runtime(Service):
         self.serve(until=lambda: self.head_code is not None)
         return self.head_code
 
+    def _serve_clients(self, serving):
+        """Serve clients (no program) until a signal or, with an owner, until it ends. -> 0"""
+        if serving.owner is not None:
+            self.owner_fd = _pidfd(*serving.owner)
+            if self.owner_fd is None:
+                return 0  # it is gone already
+            self.client_poll.register(self.owner_fd, select.POLLIN)
+        if serving.owner is None:
+            # a server's file means its services' loops run (a SIGKILL from then on leaves nothing behind);
+            # an owner waits anyway (for GS's answer to its registration) and loads its own code meanwhile
+            self.serve(until=lambda: self.stop_why is not None or all(w.up for w in self.watched.values()))
+        if self.stop_why is None:
+            serving.ready(self.client_info())
+        self.serve(until=lambda: self.stop_why is not None)
+        return 0
+
+    def client_info(self):
+        """What a client on this host needs to attach (launcher.serve writes it into the connection file)."""
+        from dragon._core.remote import start_time
+
+        return {
+            "job": self.client_env[env.JOB],
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+            "start": start_time(os.getpid()),
+            "nodes": len(self.nodes),
+            "env": dict(self.client_env),
+        }
+
+    # ---- clients
+    # --------------------------------------------------------------------------------------------
+    @handles(m.LAClientWatch)
+    def client_watch(self, msg):
+        fd = _pidfd(msg.pid, msg.start)
+        if fd is None:
+            raise DragonError(
+                f"no process {msg.pid} with start time {msg.start} here (it ended, or runs on another host "
+                f"or in another pid namespace than {self.where()}'s launcher)"
+            )
+        self.clients[msg.client] = (fd, msg.reply_cd)
+        self.client_poll.register(fd, select.POLLIN)
+
+    def check_clients(self):
+        """Tell GS of every watched client that ended; stop serving once the owner ended."""
+        if not self.clients and self.owner_fd is None:
+            return
+        ready = {fd for fd, _ in self.client_poll.poll(0)}
+        if not ready:
+            return
+        if self.owner_fd in ready:
+            self.stop_why = "its owner ended"
+        for cid, (fd, reply) in list(self.clients.items()):
+            if fd in ready:
+                self.client_poll.unregister(fd)
+                os.close(fd)
+                del self.clients[cid]
+                self.ask(self.gs_ch, m.GSClientGone(client=cid), lambda resp, reply=reply: _destroy(reply))
+
     @handles(m.Response)
     def started(self, msg):
         """global services' answer to the program's start (only an error matters: LAHeadExit tells the end)."""
@@ -234,6 +336,7 @@ class Runtime(Service):
         self._reap()
         self.events()
         self.check_services()
+        self.check_clients()
 
     def events(self):
         """Hook: what arrived besides messages (the multi-node launcher's agent events)."""

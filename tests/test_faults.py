@@ -225,3 +225,22 @@ def test_a_bad_service_timeout_setting_is_refused_clearly(tmp_path):
     assert r.returncode != 0 and "ran" not in r.stdout
     assert "DRAGON_SERVICE_TIMEOUT" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert os.path.isdir(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_a_clean_run_logs_nothing(tmp_path):
+    """Every request is answered once: a second answer (the shepherd answered process creates twice) shows as GS's
+    'answer with unknown tag' warning; a clean job has no service log line at all."""
+    app = """
+from dragon.globalservices import channel, pool, process
+for _ in range(10):
+    d = process.create("/bin/true", None, [])
+    assert process.join(d.p_uid, timeout=30) == 0
+pd = pool.create(4 << 20)
+channel.destroy(channel.create(pd.m_uid).c_uid)
+pool.destroy(pd.m_uid)
+print("done", flush=True)
+"""
+    r = run_app(tmp_path, app, timeout=50)
+    assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
+    assert "dragon " not in r.stderr and "unknown tag" not in r.stderr, r.stderr

@@ -331,6 +331,15 @@ def endpoint():
         return _ep
 
 
+def close_endpoint():
+    """Close this process's connection to its node's agent, if it has one (says BYE); the next remote handle
+    opens a new one (dragon.shutdown(): a later dragon.init() may attach another runtime)."""
+    with _ep_lock:
+        e = _ep
+    if e is not None and e.pid == os.getpid():
+        e.close()
+
+
 class RemoteChannel:
     """A handle to a channel on another node (see the module doc). Same API as dragon.channels.Channel."""
 

@@ -4,9 +4,16 @@ the physical work, addressed by node index. It runs the one service loop (dragon
 handlers return a result, raise the API's error class, or return ``DEFER`` and answer later (when a shepherd
 replies, a process exits, a channel appears or a deadline passes: joins, multi_joins and channel.joins have
 server-side deadlines). It never blocks on a shepherd: what does not fit a shepherd's inbox waits in its outbox.
+
+Clients (processes outside the job that ``dragon.init()`` attached) register first (``GSClientRegister``):
+GS has node 0's launcher watch the client's pid, and gives it an id (< 0) that its requests carry as
+``caller``. Every process, pool and channel records who made it (``owner``); when a client says goodbye
+(``GSClientBye``) or the launcher reports it gone (``GSClientGone``, any ending), what it made is
+destroyed, unless it registered with ``keep``.
 """
 
 import os
+import signal
 
 from dragon._core.core import Channel
 from dragon.errors import ChannelError, ChannelTimeout, DragonError, PoolError, ProcessError, code_of
@@ -41,10 +48,11 @@ class _Proc:
         "reply_cd",
         "joiners",
         "chan_refs",
+        "owner",
     )
 
-    def __init__(self, p_uid, name, named, node, exe, args, head):
-        self.p_uid, self.name, self.named, self.node = p_uid, name, named, node
+    def __init__(self, p_uid, name, named, node, exe, args, head, owner=0):
+        self.p_uid, self.name, self.named, self.node, self.owner = p_uid, name, named, node, owner
         self.exe, self.args, self.head = exe, args, head
         self.state = PENDING
         self.retval = None
@@ -52,6 +60,15 @@ class _Proc:
         self.reply_cd = None
         self.joiners = {}  # _Waiter -> None: the joins and multi_joins waiting for this process
         self.chan_refs = {}  # c_uid -> count of references this process holds
+
+
+class _Client:
+    """A registered client: its process (pid), its reply channel, whether what it makes outlives it."""
+
+    __slots__ = ("cid", "keep", "pid", "reply")
+
+    def __init__(self, cid, pid, keep, reply):
+        self.cid, self.pid, self.keep, self.reply = cid, pid, keep, reply
 
 
 class _Waiter:
@@ -93,6 +110,8 @@ class GlobalServices(Service):
         self.chan_joiners = {}  # channel name -> [waiter]
         self.owed = {}  # reply sdesc -> set of waiters owing an answer into it
         self.next_puid, self.next_muid, self.next_cuid = 1, 1, 1
+        self.clients = {}  # client id (< 0) -> _Client
+        self.next_client = 1
         for i, sd in enumerate(infra_pools):  # each node's infrastructure pool, usable as a default pool
             self._add_pool(self._new_muid(), f"dragon_infra_{i}", i, 0, bytes(sd), infra=True)
 
@@ -204,7 +223,7 @@ class GlobalServices(Service):
             name = f"proc_{p_uid}"
             while name in self.proc_names:
                 name += "_"
-        p = _Proc(p_uid, name, named, node, msg.exe, msg.args, msg.head)
+        p = _Proc(p_uid, name, named, node, msg.exe, msg.args, msg.head, owner=msg.caller)
         self.procs[p_uid] = p
         self.proc_names[name] = p_uid
         self.live_procs[p_uid] = None
@@ -356,7 +375,7 @@ class GlobalServices(Service):
         self.next_muid += 1
         return u
 
-    def _add_pool(self, m_uid, name, node, size, sdesc, infra=False):
+    def _add_pool(self, m_uid, name, node, size, sdesc, infra=False, owner=0):
         self.pools[m_uid] = {
             "m_uid": m_uid,
             "name": name,
@@ -364,6 +383,7 @@ class GlobalServices(Service):
             "size": size,
             "sdesc": sdesc,
             "infra": infra,
+            "owner": owner,
         }
         if name:
             self.pool_names[name] = m_uid
@@ -405,7 +425,7 @@ class GlobalServices(Service):
                     del self.pool_names[name]
                 self.fail(msg, PoolError(resp.msg))
                 return
-            self._add_pool(m_uid, name, node, size, resp.result["sdesc"])
+            self._add_pool(m_uid, name, node, size, resp.result["sdesc"], owner=msg.caller)
             self.answer(msg, self._pool_wire(self.pools[m_uid]))
 
         self.ask_shepherd(node, m.SHPoolCreate(m_uid=m_uid, size=size), created)
@@ -503,6 +523,7 @@ class GlobalServices(Service):
                 "sdesc": resp.result["sdesc"],
                 "refs": 0,
                 "holders": set(),
+                "owner": caller,
             }
             self.chans[c_uid] = c
             self.in_pool.setdefault(m_uid, set()).add(c_uid)
@@ -627,6 +648,88 @@ class GlobalServices(Service):
             raise ChannelError(f"process {msg.caller} holds no reference to channel {c['c_uid']}")
         self._unref(c["c_uid"], p, 1)
         return None
+
+    # ---- clients ------------------------------------------------------------------------------------------
+    @handles(m.GSClientRegister)
+    def client_register(self, msg):
+        if msg.pid <= 0 or msg.start < 0:
+            raise DragonError(
+                f"a client is named by its pid and start time, not {msg.pid!r} and {msg.start!r}"
+            )
+        if self.launcher is None:
+            raise DragonError("this global services has no launcher to watch clients")
+        cid = -self.next_client
+        self.next_client += 1
+
+        def watched(resp):
+            if resp.err:
+                self.fail(msg, DragonError(f"cannot attach process {msg.pid}: {resp.msg}"))
+                return
+            self.clients[cid] = _Client(cid, msg.pid, msg.keep, msg.reply)
+            self.answer(msg, {"client": cid})
+
+        self.ask(
+            self.launcher,
+            m.LAClientWatch(client=cid, pid=msg.pid, start=msg.start, reply_cd=msg.reply),
+            watched,
+        )
+        return DEFER
+
+    @handles(m.GSClientBye)
+    def client_bye(self, msg):
+        c = self.clients.get(msg.caller)
+        if c is None:
+            raise DragonError(f"{msg.caller} is not a registered client")
+        self._release(c, lambda: self.answer(msg, None))
+        return DEFER
+
+    @handles(m.GSClientGone)
+    def client_gone(self, msg):
+        c = self.clients.get(msg.client)
+        if c is None:  # it said goodbye already
+            return None
+        self.log.debug("client %d (pid %d) is gone", c.cid, c.pid)
+        self._release(c, lambda: self.answer(msg, None))
+        return DEFER
+
+    def _release(self, c, done):
+        """Forget client c; unless it asked to keep what it made, SIGKILL its running processes and destroy
+        its channels (and every channel inside its pools), then its pools. done() once the shepherds
+        answered."""
+        del self.clients[c.cid]
+        for w in self.owed.pop(c.reply, ()):  # deferred answers nobody will read
+            w.done = True
+            if w.timer is not None:
+                w.timer.cancel()
+            self._unlink(w)
+        self.forget(c.reply)
+        if c.keep:
+            done()
+            return
+        left = [1]
+
+        def one(resp=None):
+            left[0] -= 1
+            if left[0] == 0:
+                done()
+
+        for p in [self.procs[u] for u in self.live_procs]:
+            if p.owner == c.cid:
+                left[0] += 1
+                self.ask_shepherd(p.node, m.SHProcessKill(p_uid=p.p_uid, sig=int(signal.SIGKILL)), one)
+        pools = [r for r in self.pools.values() if r["owner"] == c.cid and not r["infra"]]
+        inside = {r["m_uid"] for r in pools}
+        for ch in [x for x in self.chans.values() if x["owner"] == c.cid or x["m_uid"] in inside]:
+            self._remove_chan(ch)
+            left[0] += 1
+            self.ask_shepherd(ch["node"], m.SHChannelDestroy(c_uid=ch["c_uid"]), one)
+        for r in pools:  # (a shepherd serves its inbox in order: the channels inside go first)
+            del self.pools[r["m_uid"]]
+            if r["name"]:
+                self.pool_names.pop(r["name"], None)
+            left[0] += 1
+            self.ask_shepherd(r["node"], m.SHPoolDestroy(m_uid=r["m_uid"]), one)
+        one()
 
     # ---- nodes and control --------------------------------------------------------------------------------
     @handles(m.GSNodeList)

@@ -4,8 +4,10 @@ All threads of a process share its one reply channel. Whichever waiting thread f
 reader: it receives replies and hands each to the thread whose tag it carries (leader/follower), so a thread
 blocked in ``join(timeout=None)`` never holds up another thread's ``query``.
 
-A managed process uses the reply channel its shepherd made before starting it. Any other process of the job (a
-child a managed process forked itself) makes its own in the infrastructure pool and destroys it at exit.
+A managed process uses the reply channel its shepherd made before starting it. Any other process of the job
+(a child a managed process forked itself, a client that ``dragon.init()`` attached) makes its own in the
+infrastructure pool and destroys it at exit. A client registers (``register``): its requests then carry its
+client id as ``caller``, and global services releases what it made when it leaves (``bye``) or is gone.
 """
 
 import itertools
@@ -18,6 +20,7 @@ from dragon.errors import (
     ChannelEmpty,
     ChannelError,
     ChannelTimeout,
+    DragonError,
     PoolError,
     PoolTimeout,
     ProcessError,
@@ -52,8 +55,8 @@ class Connection:
         environ = os.environ
         if E.GS_CD not in environ:
             raise RuntimeNotFound(
-                "not running under the dragon runtime (no global services to talk to): "
-                "start the program with dragon-launch, e.g. `dragon-launch app.py`"
+                "not running under the dragon runtime (no global services to talk to): call dragon.init() "
+                "first, or start the program with dragon-launch, e.g. `dragon-launch app.py`"
             )
         from dragon._core.core import Channel
 
@@ -82,6 +85,24 @@ class Connection:
         self.results = {}
         self.abandoned = set()
         self.tags = itertools.count(1)
+
+    def register(self, keep):
+        """Become a client of global services (see dragon.attach): -> the client id, which later requests
+        carry."""
+        from dragon._core.remote import start_time
+
+        self.p_uid = call(
+            m.GSClientRegister, DragonError, pid=self.pid, start=start_time(self.pid) or 0, keep=bool(keep)
+        )["client"]
+        return self.p_uid
+
+    def bye(self, timeout):
+        """A registered client leaves: global services releases what it made (unless kept); waits up to
+        timeout."""
+        msg = m.GSClientBye()
+        resp = self.request(msg, timeout)
+        if resp.err:
+            raise from_code(resp.err)(resp.msg)
 
     def close(self):
         if self.own_reply is not None and os.getpid() == self.pid:
@@ -166,6 +187,16 @@ def connection():
         if _conn is None or _conn.pid != os.getpid():
             _conn = Connection()
         return _conn
+
+
+def reset():
+    """Forget this process's connection (dragon.shutdown(): the next call finds the runtime of the environment
+    anew); its own reply channel is destroyed."""
+    global _conn
+    with _conn_lock:
+        c, _conn = _conn, None
+    if c is not None:
+        c.close()
 
 
 def call(msg_class, err_class, server_wait=False, **fields):

@@ -10,8 +10,10 @@ shape, however the bytes were made. What a value means (a timeout >= 0, a known 
 (``dragon.infrastructure.checks``).
 
 Requests carry ``tag`` (chosen by the sender, echoed in the ``Response``) and ``reply`` (the serialized
-descriptor of the channel the answer goes to); requests to global services also ``caller`` (the sender's p_uid,
-0 when it is not a managed process). ``Response.err`` is 0 or the code of a ``dragon.errors`` class.
+descriptor of the channel the answer goes to); requests to global services also ``caller`` (the sender's
+p_uid; for a client, a process outside the job that ``dragon.init()`` attached, the negative id its
+``GSClientRegister`` got; 0 for anything else). ``Response.err`` is 0 or the code of a ``dragon.errors``
+class.
 
 Messages marked ``control`` are sent only by the runtime's own services (the launchers, GS, the shepherds). They
 carry the job's ``key`` as their first field: random bytes the launcher makes and gives to the services only,
@@ -141,12 +143,13 @@ class Request(Message):
 
 
 class GSRequest(Request):
-    """A request to global services: ``caller`` is the sender's p_uid (0 when it is not a managed process)."""
+    """A request to global services: ``caller`` is the sender's p_uid, a client's id (< 0), or 0."""
 
     caller: int
 
 
-# ---- generic reply (to every request, from GS, a shepherd or the launcher's own services) -------------------
+# ---- generic reply (to every request, from GS, a shepherd or the launcher's own services)
+# -------------------
 class Response(Message, type_id=1):
     tag: int
     err: int  # 0, or the code of a dragon.errors class (dragon.errors.from_code)
@@ -164,7 +167,8 @@ class ControlResponse(Message, type_id=2, control=True):
     result: Any
 
 
-# ---- requests to global services (its public inbox) ---------------------------------------------------------
+# ---- requests to global services (its public inbox)
+# ---------------------------------------------------------
 class GSProcessCreate(GSRequest, type_id=10):
     exe: str
     run_dir: str
@@ -258,7 +262,24 @@ class GSNodeQuery(GSRequest, type_id=41):
     index: int
 
 
-# ---- control of global services (its control inbox) ---------------------------------------------------------
+class GSClientRegister(GSRequest, type_id=45):
+    """A process outside the job (``dragon.init()``) becomes a client: pid and start time (clock ticks since
+    boot, /proc/<pid>/stat field 22) name it for node 0's launcher, which watches it; keep: what it makes
+    outlives it. Answered with ``{"client": id}`` (an int < 0 that its later requests carry as ``caller``)
+    once the launcher watches it."""
+
+    pid: int
+    start: int
+    keep: bool
+
+
+class GSClientBye(GSRequest, type_id=46):
+    """A client (``caller``) leaves: what it made is destroyed unless it registered with keep. Answered when
+    done."""
+
+
+# ---- control of global services (its control inbox)
+# ---------------------------------------------------------
 class GSHalt(Message, type_id=50, control=True):
     """launcher -> GS: stop (the launcher tears the nodes down itself)."""
 
@@ -281,6 +302,24 @@ class GSNodeDown(Message, type_id=52, control=True):
 class Ping(Request, type_id=53, control=True):
     """launcher -> a service: answered by the service loop itself (a liveness probe: a stopped or wedged
     service stops answering)."""
+
+
+class LAClientWatch(Request, type_id=54, control=True):
+    """GS -> node 0's launcher: watch client ``client`` (pid and start time as in GSClientRegister; reply_cd:
+    its reply channel, destroyed by the launcher once the client is gone). An error answer: it cannot be
+    watched."""
+
+    client: int
+    pid: int
+    start: int
+    reply_cd: bytes
+
+
+class GSClientGone(Request, type_id=55, control=True):
+    """node 0's launcher -> GS: client ``client`` ended (any ending, SIGKILL included): release what it made
+    unless it asked to keep it. Answered once GS has forgotten its reply channel."""
+
+    client: int
 
 
 # ---- requests to a node's local services (shepherd): its inbox is a control inbox -------------------------
@@ -342,7 +381,8 @@ class SHTeardown(Request, type_id=68, control=True):
     grace: Optional[float]
 
 
-# ---- control between the launchers of a multi-node job (carried by the transport agents as CTRL frames) -----
+# ---- control between the launchers of a multi-node job (carried by the transport agents as CTRL frames)
+# -----
 class LATeardown(Message, type_id=70, control=True):
     """node 0 -> node k: tear your node down (shepherd's teardown with this grace), then answer LATorn."""
 

@@ -150,12 +150,11 @@ class Shepherd(Service):
         rec.pidfd = os.pidfd_open(popen.pid)
         with self.lock:
             self.procs[msg.p_uid] = rec
-        # answer before the IO thread can see the exit, so that GS hears of the process before its exit; DEFER
-        # tells the loop it is answered (returning None would answer a second time)
+        # answer first, so that GS hears of the process before its exit
         self.answer(msg, {"pid": popen.pid, "reply_cd": bytes(reply_ch.sdesc)})
         self._io_add(rec)
         self.log.debug("started p_uid %d pid %d: %s", msg.p_uid, popen.pid, [msg.exe, *msg.args])
-        return DEFER
+        return DEFER  # (answered above)
 
     @handles(m.SHProcessKill)
     def process_kill(self, msg):

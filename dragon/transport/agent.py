@@ -39,6 +39,7 @@ import time
 
 import msgpack
 
+from dragon import env
 from dragon._core import frames as W
 from dragon._core.core import Channel
 from dragon._core.remote import pid_namespace, start_time
@@ -1326,7 +1327,7 @@ def _keep_freed_memory():
 def start_thread(agent):
     """Run the agent's loop in a daemon thread (DRAGON_AGENT_PROFILE=path: profile it into path.<node>)."""
     _keep_freed_memory()
-    path = os.environ.get("DRAGON_AGENT_PROFILE")
+    path = os.environ.get(env.AGENT_PROFILE)
     if path:
         t = threading.Thread(target=_profiled, args=(agent, path), name="dragon-transport-agent", daemon=True)
         t.start()

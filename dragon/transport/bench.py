@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from dragon import env
+
 SIZES = [8, 64, 1024, 8192, 65536, 1 << 20]
 REPEAT = 5  # rounds per size, for both sides; the best one is reported (a shared machine is noisy)
 CROWDED = 3.0  # mpi4py's big round trip this many times two of its stream messages: its ranks shared a core
@@ -107,8 +109,8 @@ def app(quick):
     """Run on every node by the harness: node 0 drives, node 1 receives / echoes."""
     from dragon._core.core import Channel
 
-    node = int(os.environ["DRAGON_NODE"])
-    chans = json.loads(os.environ["DRAGON_TEST_CHANS"])
+    node = int(os.environ[env.NODE])
+    chans = json.loads(os.environ[env.TEST_CHANS])
     if node > 1:
         return
     local = Channel.attach(bytes.fromhex(chans[str(node)]["a"]))
@@ -166,7 +168,7 @@ def app(quick):
     if node == 1:
         peer.flush(60)
         return
-    mpi = {int(k): v for k, v in json.loads(os.environ.get("DRAGON_BENCH_MPI", "{}")).items()}
+    mpi = {int(k): v for k, v in json.loads(os.environ.get(env.BENCH_MPI, "{}")).items()}
     rows = []
     head = (
         f"{'size':>8} {'dragon':>10} | {'agents msg/s':>12} {'GB/s':>7} {'rtt us':>8} | {'mpi4py msg/s':>12} "
@@ -200,7 +202,7 @@ def app(quick):
     print(
         f"each figure: the best of {REPEAT} rounds (both sides); load average at the end: {os.getloadavg()[0]:.2f}"
     )
-    out = os.environ.get("DRAGON_BENCH_JSON")
+    out = os.environ.get(env.BENCH_JSON)
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
@@ -278,7 +280,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     SIZES, REPEAT = args.sizes, args.repeat  # both sides measure the same sizes the same number of rounds
     if args.app:
-        if "DRAGON_TEST_CHANS" not in os.environ:
+        if env.TEST_CHANS not in os.environ:
             ap.error("--app is the program dragon.transport.harness runs on each node, not a user option")
         app(args.quick)
         return
@@ -291,14 +293,14 @@ def main(argv=None):
             sys.exit(f"{PROG}: needs {module} ({type(e).__name__}: {e}): pip install {install}, or "
                      'pip install ".[bench]" for everything the benchmarks use' if first else 1)
     if args.json:
-        os.environ["DRAGON_BENCH_JSON"] = os.path.abspath(args.json)
+        os.environ[env.BENCH_JSON] = os.path.abspath(args.json)
     from dragon.transport import harness
 
     def before(world, comm):
         _two_nodes(world, comm)
         res = mpi_baseline(world, comm, args.quick)
         if comm.Get_rank() == 0:
-            os.environ["DRAGON_BENCH_MPI"] = json.dumps(res)
+            os.environ[env.BENCH_MPI] = json.dumps(res)
 
     app_args = ["-m", "dragon.transport.bench", "--app"] + (["--quick"] if args.quick else [])
     app_args += ["--sizes", ",".join(map(str, SIZES)), "--repeat", str(REPEAT)]

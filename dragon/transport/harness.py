@@ -17,19 +17,20 @@ import sys
 import threading
 import time
 
+from dragon import env as E
+
 POOL_SIZE = 256 << 20
 
 
 def _env_for(world, node, gw, pool, chans):
-    env = dict(os.environ)
-    env.update(
-        DRAGON_NODE=str(node),
-        DRAGON_NNODES=str(world.nnodes),
-        DRAGON_GW_CD=bytes(gw.sdesc).hex(),
-        DRAGON_INF_PD=bytes(pool.sdesc).hex(),
-        DRAGON_TEST_CHANS=json.dumps(chans),
-    )
-    return env
+    return {
+        **os.environ,
+        E.NODE: str(node),
+        E.NNODES: str(world.nnodes),
+        E.GW_CD: bytes(gw.sdesc).hex(),
+        E.INF_PD: bytes(pool.sdesc).hex(),
+        E.TEST_CHANS: json.dumps(chans),
+    }
 
 
 def _run_program(cmd, env):
@@ -81,8 +82,8 @@ def run(argv, virtual, before=None):
             time.sleep(0.01)
         return 0
     widen_cpu_binding()  # as dragon-launch: the node's agent and program get the CPUs the rank may use
-    os.environ["DRAGON_JOB"] = world.job_of_node(job)
-    os.environ["DRAGON_NODE"] = str(world.node)
+    os.environ[E.JOB] = world.job_of_node(job)
+    os.environ[E.NODE] = str(world.node)
     from dragon._core import frames as W
     from dragon.channels import Channel
     from dragon.infrastructure import messages as m
