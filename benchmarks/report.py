@@ -23,11 +23,13 @@ TITLES = {
     ("scale", "gs-pool"): "Scale: GS pool create+destroy with N live objects in the job",
     ("scale", "gs-channel"): "Scale: GS channel create+destroy with N live objects in the job",
     ("scale", "gs-process"): "Scale: GS process create+join of /bin/true with N live objects in the job",
-    ("scale", "alone-query"): "Scale: GS's own work for a process.query (in the harness, no IPC)",
-    ("scale", "alone-pool"): "Scale: GS's own work for a pool create+destroy (in the harness, no IPC)",
-    ("scale", "alone-channel"): "Scale: GS's own work for a channel create+destroy (in the harness, no IPC)",
-    ("scale", "alone-process"): "Scale: GS's own work for a process create+exit+join (in the harness, "
-                                "no IPC)",
+    ("scale", "alone-query"): "Scale: GS's own work for a process.query (CPU time, in the harness, no IPC)",
+    ("scale", "alone-pool"): "Scale: GS's own work for a pool create+destroy (CPU time, in the harness, "
+                             "no IPC)",
+    ("scale", "alone-channel"): "Scale: GS's own work for a channel create+destroy (CPU time, in the "
+                                "harness, no IPC)",
+    ("scale", "alone-process"): "Scale: GS's own work for a process create+exit+join (CPU time, in the "
+                                "harness, no IPC)",
     ("scale", "gs-rss"): "Scale: global services' resident memory (VmRSS) with N live objects",
     ("scale", "gs-bulk-destroy"): "Scale: one channel.destroy of many live channels (per channel)",
     ("scale", "clients"): "Scale: clients issuing GS requests at once (process.query; Manager: dict lookup)",

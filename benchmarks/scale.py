@@ -132,12 +132,13 @@ def job_segments(job):
 # inside a dragon job: the GS curve
 
 
-def _per_op(fn, n):
-    """Microseconds per call of fn over n calls."""
-    t0 = time.perf_counter()
+def _per_op(fn, n, clock=time.perf_counter):
+    """Microseconds per call of fn over n calls (wall time; clock=time.thread_time: this thread's CPU
+    time)."""
+    t0 = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t0) / n * 1e6
+    return (clock() - t0) / n * 1e6
 
 
 def _warm(fns, n=10):
@@ -295,8 +296,9 @@ def measure_gs_curve(levels, ops, repeat):
 def measure_gs_alone(levels, ops, repeat):
     """GS's own work per operation at each level, without the IPC: global services run in this process and are
     fed requests, the shepherd's part played here (as tests/test_gs_server.py does): decode, handle, encode
-    and send of every message on GS's side, and nothing else. Beside the job's curve it tells GS's scaling
-    from that of the IPC, the shepherd and the scheduler. -> figures."""
+    and send of every message on GS's side (and the bench's side of them), and nothing else, in CPU time of
+    this thread, so that other programs on the machine do not move it. Beside the job's curve it tells GS's
+    scaling from that of the IPC, the shepherd and the scheduler. -> figures."""
     from dragon.channels import Channel
     from dragon.globalservices.server import GlobalServices
     from dragon.infrastructure import messages as m
@@ -379,7 +381,7 @@ def measure_gs_alone(levels, ops, repeat):
                 chan_create()
                 live += 1
             for op in OPS:
-                samples = [_per_op(fns[op], ops[op]) for _ in range(repeat)]
+                samples = [_per_op(fns[op], ops[op], time.thread_time) for _ in range(repeat)]
                 figures.append(
                     util.figure(
                         "scale",
