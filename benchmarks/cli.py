@@ -9,7 +9,7 @@ import time
 
 from benchmarks import util
 
-SELECTIONS = ["channels", "latency", "launch", "gs", "pool", "startup", "xnode"]
+SELECTIONS = ["channels", "latency", "launch", "gs", "pool", "startup", "xnode", "scale"]
 
 DESCRIPTION = """\
 Benchmarks dragon against its peers in one run and prints a table of results and ratios.
@@ -26,7 +26,12 @@ selections (several may be given; default: all):
             python -c 'import dragon; dragon.init()' vs 'import dragon' (a runtime started from a plain python)
   xnode     cross-node stream and round trip through the transport agents vs mpi4py between the same ranks
             (mpiexec -n 2 dragon-launch --virtual-nodes on one host, or srun on an allocation)
-  all       everything above
+  scale     global services as the job grows: cost per operation (query, pool and channel create+destroy,
+            process create+join) with 10^2..10^5 live objects; 10,000 /bin/true over 8 virtual nodes
+            (processes/s, GS resident memory, nothing left); 100 clients at once (throughput, p99); startup
+            with 1, 2, 4, 8 virtual nodes. About 1.5 min on 2 cores (--quick: 10^2 and 10^3 objects, 1,000
+            processes, ~20 s)
+  all       everything above but scale (run it on its own)
 
 Runtime parts (launch, gs) run inside dragon-launch: the harness re-invokes itself under it (or measures in
 place when started under dragon-launch). Started by mpiexec or srun, only rank 0 runs; it starts the ranks it
@@ -51,12 +56,13 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="dragon-bench", description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="*", default=["all"], metavar="SELECTION",
-                    help="channels, latency, launch, gs, pool, startup, xnode or all (default all)")
+                    help="channels, latency, launch, gs, pool, startup, xnode, scale or all (default all)")
     ap.add_argument("--quick", action="store_true", help="short measurements, one repeat: the whole run < 1 min")
     ap.add_argument("--repeat", type=int, default=None, help="repeats per figure (default 3, 1 with --quick)")
     ap.add_argument("--json", metavar="FILE", help="write every figure and the environment to FILE")
     ap.add_argument("--plot", metavar="FILE.png",
-                    help="write a PNG: size vs throughput and round trip (needs matplotlib)")
+                    help="write a PNG: size vs throughput and round trip; scale: cost vs live objects, "
+                         "startup vs nodes (needs matplotlib)")
     ap.add_argument("--sizes", default=None, help="message sizes, e.g. 8,1K,64K,1M (default: all four)")
     ap.add_argument("--peers", default=None,
                     help="channel peers to run (default all): " + ",".join(
@@ -110,7 +116,7 @@ def _selection(what):
             if not x:
                 continue
             if x == "all":
-                sel += [s for s in SELECTIONS if s != "latency"]
+                sel += [s for s in SELECTIONS if s not in ("latency", "scale")]
             elif x in SELECTIONS:
                 sel.append(x)
             else:
@@ -136,6 +142,10 @@ def main(argv=None):
             from benchmarks import xnode
 
             return xnode.harness_main(args)
+        if args.inner.startswith("scale-"):
+            from benchmarks import scale
+
+            return scale.inner_main(args)
         from benchmarks import runtime
 
         return runtime.inner_main(args)
@@ -159,7 +169,7 @@ def main(argv=None):
     env = util.environment()  # before the run: the load average then says how busy the machine was
     t0 = time.monotonic()
 
-    from benchmarks import channels_run, runtime, xnode
+    from benchmarks import channels_run, runtime, scale, xnode
 
     plans = {
         "channels": lambda: channels_run.plan(ctx, stream=True),
@@ -169,6 +179,7 @@ def main(argv=None):
         "pool": lambda: runtime.plan_pool(ctx),
         "startup": lambda: runtime.plan_startup(ctx),
         "xnode": lambda: xnode.plan(ctx),
+        "scale": lambda: scale.plan(ctx),
     }
     # each plan is a list of (label, callable) steps; the progress bar counts steps
     steps = []
@@ -204,7 +215,7 @@ def main(argv=None):
     from benchmarks import report
     from benchmarks.channels import LABELS
 
-    labels = dict(LABELS, **runtime.LABELS)
+    labels = dict(LABELS, **runtime.LABELS, **scale.LABELS)
     doc = {
         "tool": "dragon-bench",
         "env": env,
@@ -234,7 +245,7 @@ def main(argv=None):
     if args.plot and not no_plot:
         from benchmarks import plot
 
-        if any(f["group"] in ("channels", "xnode") and f["test"] in ("stream", "rtt") for f in ctx.figures):
+        if plot.has_figures(ctx.figures):
             try:
                 plot.plot(doc, args.plot, labels)
                 print(f"wrote {args.plot}")
@@ -243,8 +254,8 @@ def main(argv=None):
                       file=sys.stderr)
                 rc = 1
         else:
-            print("dragon-bench: no plot written: --plot draws the channels/latency/xnode figures and this run has "
-                  "none", file=sys.stderr)
+            print("dragon-bench: no plot written: --plot draws the channels/latency/xnode/scale figures and "
+                  "this run has none", file=sys.stderr)
     return rc
 
 

@@ -18,6 +18,25 @@ TITLES = {
     ("gs", "query"): "GS request round trip (process.query)",
     ("pool", "alloc-free"): "Pool alloc+free",
     ("startup", "empty"): "Startup: wall time of an empty program",
+    ("scale", "gs-grow"): "Scale: making the live channels (per channel, several requests in flight)",
+    ("scale", "gs-query"): "Scale: GS process.query with N live objects in the job",
+    ("scale", "gs-pool"): "Scale: GS pool create+destroy with N live objects in the job",
+    ("scale", "gs-channel"): "Scale: GS channel create+destroy with N live objects in the job",
+    ("scale", "gs-process"): "Scale: GS process create+join of /bin/true with N live objects in the job",
+    ("scale", "alone-query"): "Scale: GS's own work for a process.query (CPU time, in the harness, no IPC)",
+    ("scale", "alone-pool"): "Scale: GS's own work for a pool create+destroy (CPU time, in the harness, "
+                             "no IPC)",
+    ("scale", "alone-channel"): "Scale: GS's own work for a channel create+destroy (CPU time, in the "
+                                "harness, no IPC)",
+    ("scale", "alone-process"): "Scale: GS's own work for a process create+exit+join (CPU time, in the "
+                                "harness, no IPC)",
+    ("scale", "gs-rss"): "Scale: global services' resident memory (VmRSS) with N live objects",
+    ("scale", "gs-bulk-destroy"): "Scale: one channel.destroy of many live channels (per channel)",
+    ("scale", "clients"): "Scale: clients issuing GS requests at once (process.query; Manager: dict lookup)",
+    ("scale", "procs"): "Scale: managed /bin/true over 8 virtual nodes, create+join from 16 threads "
+                        "(Popen: 16 threads)",
+    ("scale", "procs-gs-rss"): "Scale: global services' resident memory (VmRSS) after those processes",
+    ("scale", "startup"): "Scale: startup wall time of an empty program with N virtual nodes (mpiexec -n N)",
 }
 
 
@@ -33,6 +52,14 @@ def blocks(figures):
     for f in figures:
         out.setdefault((f["group"], f["test"], f["metric"]), []).append(f)
     return out
+
+
+def size_text(size, unit=None):
+    """A row's size: bytes for message sizes; a plain count for figures that say what they count (size_unit:
+    live objects, clients, nodes)."""
+    if size is None:
+        return "-"
+    return f"{size:,}" if unit else size_label(size)
 
 
 def _cell(f):
@@ -64,6 +91,7 @@ def ratios(figures):
                     adv = advantage(d["median"], f["median"], d["better"])
                     if adv is not None:
                         out.append({"group": group, "test": test, "metric": metric, "size": size,
+                                    "size_unit": d.get("size_unit"),
                                     "dragon_peer": dragon_peer, "peer": name, "advantage": adv,
                                     "dragon": d["median"], "other": f["median"], "better": d["better"]})
     return out
@@ -82,10 +110,10 @@ def targets(figures):
     g = lambda *a: _median(figures, *a)
     out = []
 
-    def add(name, issue, value, op, bound, how):
+    def add(name, issue, value, op, bound, how, group=None):
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-        group = {2: "channels", 4: "xnode"}.get(issue) or ("startup" if "startup" in name else
-                                                          "gs" if "GS" in name else "launch")
+        group = group or {2: "channels", 4: "xnode"}.get(issue) or ("startup" if "startup" in name else
+                                                                   "gs" if "GS" in name else "launch")
         test = "rtt" if "round trip" in name else "stream" if "stream" in name else None
         out.append({"target": name, "issue": issue, "group": group, "test": test, "value": value, "op": op,
                     "bound": bound, "met": met, "how": how})
@@ -129,7 +157,44 @@ def targets(figures):
     xb = [b for b in xb if b is not None]
     add("cross-node 8 B stream, dragon / mpi4py", 4,
         ratio(max(xb) if xb else None, g("xnode", "stream", "msg_per_s", "mpi4py", 8)), ">=", 0.5, "msg/s ratio")
+    scale_targets(figures, add, ratio)
     return out
+
+
+def scale_targets(figures, add, ratio):
+    """Issue 14's scale goals: GS's cost per operation flat within 2x from the fewest live objects to the
+    most, GS's memory after 10,000 processes, every process and every client answered, startup sub-linear
+    in the number of nodes."""
+    from benchmarks.scale import OP_LABELS
+
+    for test, what in (("gs", "GS"), ("alone", "GS's own work (no IPC),")):
+        for op, label in OP_LABELS.items():
+            pts = sorted((f["size"], f["median"]) for f in figures
+                         if (f["group"], f["test"], f["peer"]) == ("scale", f"{test}-{op}", "dragon"))
+            if len(pts) >= 2:
+                add(f"{what} {label}: cost with {pts[-1][0]:,} / {pts[0][0]:,} live objects", 14,
+                    ratio(pts[-1][1], pts[0][1]), "<=", 2, "cost ratio", group="scale")
+    procs = [f for f in figures if (f["group"], f["test"], f["peer"]) == ("scale", "procs", "dragon")]
+    for f in procs:
+        n = f"{f['processes']:,} /bin/true over {f['nodes']} virtual nodes"
+        add(f"{n}: not exited 0 (other codes, not joined, errors)", 14,
+            f["processes"] - f["exit0"] + f["errors"], "<=", 0, "count", group="scale")
+        add(f"{n}: left after (listed, processes, segments)", 14,
+            f["listed_after"] + f["left_procs"] + f["left_segments"], "<=", 0, "count", group="scale")
+        rss = [x for x in figures
+               if (x["group"], x["test"], x["metric"]) == ("scale", "procs-gs-rss", "rss_max_mb")]
+        if rss:
+            add(f"{n}: GS VmRSS, highest sampled (MB)", 14, rss[0]["median"], "<=", 200, "MB", group="scale")
+    for f in figures:
+        if (f["group"], f["test"], f["peer"], f["metric"]) == ("scale", "clients", "dragon", "req_per_s"):
+            add(f"{f['size']} clients at once: errors + timeouts + lost", 14,
+                f["errors"] + f["timeouts"] + f["lost"], "<=", 0, "count", group="scale")
+    pts = sorted((f["size"], f["median"]) for f in figures
+                 if (f["group"], f["test"], f["peer"]) == ("scale", "startup", "dragon"))
+    if len(pts) >= 2:
+        k = pts[-1][0] / pts[0][0]
+        add(f"startup wall, {pts[-1][0]} / {pts[0][0]} virtual nodes (sub-linear: < {k:g})", 14,
+            ratio(pts[-1][1], pts[0][1]), "<=", k, "wall-time ratio", group="scale")
 
 
 def _table(rows, header):
@@ -184,7 +249,7 @@ def render(doc, labels=None):
         sizes = list(dict.fromkeys(f["size"] for f in figs))
         rows = []
         for s in sizes:
-            row = [size_label(s) or "-"]
+            row = [size_text(s, figs[0].get("size_unit")) if s is not None else "-"]
             for p in peers:
                 f = next((x for x in figs if x["peer"] == p and x["size"] == s), None)
                 row.append(_cell(f) if f else "-")
@@ -192,7 +257,7 @@ def render(doc, labels=None):
         better = "higher is better" if figs[0]["better"] == "higher" else "lower is better"
         out.append("")
         out.append(f"== {_title(group, test)}: {metric} ({figs[0]['unit']}, {better})")
-        out.append(_table(rows, ["size"] + [lab(p) for p in peers]))
+        out.append(_table(rows, [figs[0].get("size_unit") or "size"] + [lab(p) for p in peers]))
     rat = [r for r in doc.get("ratios", ratios(figures)) if r["metric"] in SUMMARY_METRICS]
     if rat:
         out.append("")
@@ -202,10 +267,13 @@ def render(doc, labels=None):
         grat = [r for r in rat if r["group"] == group]
         others = sorted(dict.fromkeys(r["peer"] for r in grat), key=peer_rank)
         keys = list(dict.fromkeys((r["test"], r["metric"], r["size"], r["dragon_peer"]) for r in grat))
+        units = {(r["test"], r["metric"], r["size"]): r.get("size_unit") for r in grat}
         rows = []
         for k in keys:
             t, m, s, d = k
-            what = f"{group} {t} {METRIC_SHORT.get(m, m)}" + (f" {size_label(s)}" if s is not None else "")
+            unit = units[(t, m, s)]
+            what = f"{group} {t} {METRIC_SHORT.get(m, m)}" + (
+                f" {size_text(s, unit)}{' ' + unit if unit else ''}" if s is not None else "")
             row = [what, lab(d)]
             for p in others:
                 r = next((x for x in grat if (x["test"], x["metric"], x["size"], x["dragon_peer"], x["peer"]) ==
@@ -223,7 +291,7 @@ def render(doc, labels=None):
         rows = [[t["target"], f"#{t['issue']}", "-" if t["value"] is None else f"{t['value']:.3g}",
                  f"{t['op']} {t['bound']:g}",
                  "not measured" if t["met"] is None else "MET" if t["met"] else "missed"] for t in tg]
-        out.append(_table(rows, ["target", "issue", "ratio", "wanted", ""]))
+        out.append(_table(rows, ["target", "issue", "value", "wanted", ""]))
     cl = doc.get("cleanup") or {}
     if cl:
         parts = []

@@ -157,6 +157,43 @@ def test_quick_runtime_parts(tmp_path):
         find(doc, "startup", "empty", "mpiexec", "seconds")
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(runtime_missing() is not None or mpiexec_path() is None,
+                    reason="needs dragon and mpiexec")
+def test_quick_scale_every_figure_its_targets_and_plot(tmp_path):
+    """dragon-bench scale --quick: the GS curve at 100 and 1,000 live objects, the 8-node processes, the 100
+    clients and the startup curve, each beside its peer; the report counts objects (not bytes), the targets
+    say every process exited 0, nothing was left and no client missed an answer (behaviour, not time)."""
+    from benchmarks.scale import OPS
+
+    png = tmp_path / "scale.png"
+    doc, p = bench(tmp_path, "scale", "--quick", "--plot", str(png), timeout=190)
+    for op in OPS:
+        for level in (100, 1000):
+            find(doc, "scale", f"alone-{op}", "dragon", "us_per_op", level)
+            f = [x for x in doc["results"] if (x["test"], x["size"]) == (f"gs-{op}", level)]
+            assert len(f) == 1 and f[0]["n"] == 2 and f[0]["median"] > 0, f  # levels visited up, then down
+    for peer in ("dragon", "mp-manager"):
+        for metric in ("req_per_s", "rtt_median_us", "rtt_p99_us"):
+            find(doc, "scale", "clients", peer, metric, 100)
+    find(doc, "scale", "procs", "dragon", "per_s")
+    find(doc, "scale", "procs", "popen", "per_s")
+    find(doc, "scale", "procs-gs-rss", "dragon", "rss_max_mb")
+    for n in (1, 2, 4, 8):
+        for peer in ("dragon", "mpiexec-n"):
+            find(doc, "scale", "startup", peer, "seconds", n)
+    t = {x["target"]: x for x in doc["targets"] if x["group"] == "scale"}
+    assert len(t) == 13 and all(x["value"] is not None for x in t.values()), t
+    for name, x in t.items():
+        if x["how"] == "count":
+            assert x["value"] == 0 and x["met"], (name, x, doc["notes"])
+    assert "live objects" in p.stdout and "1,000" in p.stdout and "1000 B" not in p.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not doc["skipped"], doc["skipped"]
+
+
 @pytest.mark.timeout(110)
 @pytest.mark.skipif(dragonhpc_root() is None, reason="DragonHPC is not installed")
 def test_dragonhpc_side_by_side_leaves_nothing(tmp_path):

@@ -58,7 +58,7 @@ class _Proc:
         self.retval = None
         self.pid = None
         self.reply_cd = None
-        self.joiners = []  # _Waiter
+        self.joiners = {}  # _Waiter -> None: the joins and multi_joins waiting for this process
         self.chan_refs = {}  # c_uid -> count of references this process holds
 
 
@@ -100,6 +100,9 @@ class GlobalServices(Service):
         self.asked = {}  # tag of a request to a shepherd -> its node (requests a dead node will never answer)
         self.down = set()  # nodes that are gone
         self.procs, self.proc_names = {}, {}
+        # p_uid -> None for every process not yet exited, in creation order; exited ones stay in procs for
+        # query and join, and a list or a node lost must not scan every process the job ever had
+        self.live_procs = {}
         self.pools, self.pool_names = {}, {}
         self.chans, self.chan_names = {}, {}
         self.infra = {}  # node -> m_uid of its infrastructure pool
@@ -145,6 +148,16 @@ class GlobalServices(Service):
             owed.discard(w)
             if not owed:
                 del self.owed[w.reply]
+        self._unlink(w)
+
+    def _unlink(self, w):
+        """A join or multi_join that is over leaves the processes it waited for: a multi_join repeated over
+        thousands of pending processes would otherwise leave one waiter per call on each of them."""
+        if w.kind != "chjoin":
+            for u in w.targets:
+                p = self.procs.get(u)
+                if p is not None:
+                    p.joiners.pop(w, None)
 
     def _expire(self, w):
         if w.done:
@@ -213,11 +226,13 @@ class GlobalServices(Service):
         p = _Proc(p_uid, name, named, node, msg.exe, msg.args, msg.head, owner=msg.caller)
         self.procs[p_uid] = p
         self.proc_names[name] = p_uid
+        self.live_procs[p_uid] = None
 
         def created(resp):
             if resp.err:
                 del self.procs[p_uid]
                 del self.proc_names[name]
+                self.live_procs.pop(p_uid, None)
                 self.fail(msg, ProcessError(resp.msg))
                 return
             if p.state == PENDING:
@@ -246,7 +261,7 @@ class GlobalServices(Service):
 
     @handles(m.GSProcessList)
     def process_list(self, msg):
-        return [[p.p_uid, p.name] for p in self.procs.values() if p.state != EXITED]
+        return [[u, self.procs[u].name] for u in self.live_procs]
 
     @handles(m.GSProcessQuery)
     def process_query(self, msg):
@@ -279,7 +294,7 @@ class GlobalServices(Service):
         if timeout == 0:
             return None
         w = _Waiter("join", msg, [p.p_uid])
-        p.joiners.append(w)
+        p.joiners[w] = None
         self._owe(w, timeout)
         return DEFER
 
@@ -291,18 +306,18 @@ class GlobalServices(Service):
     def process_multi_join(self, msg):
         idents = checks.idents(msg.idents, ProcessError)
         timeout = checks.timeout(msg.timeout, ProcessError)
-        p_uids = []
+        p_uids = {}  # each process once, in the order named (a list's membership test was quadratic)
         for ident in idents:
             p = self._proc(ident)
             if p.p_uid == msg.caller:
                 raise ProcessError(f"process {p.p_uid} cannot join itself")
-            if p.p_uid not in p_uids:
-                p_uids.append(p.p_uid)
+            p_uids[p.p_uid] = None
+        p_uids = list(p_uids)
         if timeout == 0 or any(self.procs[u].state == EXITED for u in p_uids):
             return self._multi_result(p_uids)
         w = _Waiter("multi", msg, p_uids)
         for u in p_uids:
-            self.procs[u].joiners.append(w)
+            self.procs[u].joiners[w] = None
         self._owe(w, timeout)
         return DEFER
 
@@ -316,18 +331,20 @@ class GlobalServices(Service):
             return
         p.state = EXITED
         p.retval = msg.exit_code
+        self.live_procs.pop(p.p_uid, None)
         # forget every deferred answer owed to the dead process before its reply channel goes away
         if p.reply_cd is not None:
             for w in self.owed.pop(p.reply_cd, ()):
                 w.done = True
                 if w.timer is not None:
                     w.timer.cancel()
+                self._unlink(w)
             self.forget(p.reply_cd)
-        for w in p.joiners:
+        for w in list(p.joiners):
             if not w.done:
                 self._done(w)
                 self.answer(w, p.retval if w.kind == "join" else self._multi_result(w.targets))
-        p.joiners = []
+        p.joiners = {}
         for c_uid, n in list(p.chan_refs.items()):
             self._unref(c_uid, p, n)
         if p.node not in self.down:
@@ -342,7 +359,7 @@ class GlobalServices(Service):
         self.log.error("node %s is down: %s", msg.node, msg.reason)
         code = -9 if msg.exit_code is None else msg.exit_code
         self.down.add(msg.node)
-        for p in [p for p in self.procs.values() if p.node == msg.node and p.state != EXITED]:
+        for p in [self.procs[u] for u in self.live_procs if self.procs[u].node == msg.node]:
             self.on_exit(m.SHProcessExit(None, msg.node, p.p_uid, code))
         for tag, node in list(self.asked.items()):  # requests that node will never answer
             if node == msg.node:
@@ -593,11 +610,10 @@ class GlobalServices(Service):
     def channel_destroy(self, msg):
         idents = msg.idents if isinstance(msg.idents, list) else [msg.idents]
         idents = checks.idents(idents, ChannelError, "channel", "c_uid", "channel.destroy")
-        chans = []
+        chans = {}  # c_uid -> record: each channel once (a membership test in a list was quadratic)
         for ident in idents:
             c = self._chan(ident)
-            if c not in chans:
-                chans.append(c)
+            chans[c["c_uid"]] = c
         left = [len(chans)]
         errors = []
 
@@ -611,7 +627,7 @@ class GlobalServices(Service):
                 else:
                     self.answer(msg, None)
 
-        for c in chans:
+        for c in chans.values():
             self._remove_chan(c)
             self.ask_shepherd(c["node"], m.SHChannelDestroy(c_uid=c["c_uid"]), done)
         return DEFER
@@ -685,6 +701,7 @@ class GlobalServices(Service):
             w.done = True
             if w.timer is not None:
                 w.timer.cancel()
+            self._unlink(w)
         self.forget(c.reply)
         if c.keep:
             done()
@@ -696,8 +713,8 @@ class GlobalServices(Service):
             if left[0] == 0:
                 done()
 
-        for p in self.procs.values():
-            if p.owner == c.cid and p.state != EXITED:
+        for p in [self.procs[u] for u in self.live_procs]:
+            if p.owner == c.cid:
                 left[0] += 1
                 self.ask_shepherd(p.node, m.SHProcessKill(p_uid=p.p_uid, sig=int(signal.SIGKILL)), one)
         pools = [r for r in self.pools.values() if r["owner"] == c.cid and not r["infra"]]

@@ -36,6 +36,10 @@ from dragon.infrastructure import messages as m
 DEFER = object()  # a handler's return value: the answer comes later (answer / fail)
 RETRY = 0.001  # how soon a service retries sending what waits in its outbox
 LOG_FIRST = 10  # bad messages of one kind logged in full; after that, every LOG_EVERY-th
+# reply channels a service keeps attached: a managed process's is forgotten at its exit, but nobody tells a
+# service when any other client (a child a managed process forked) is gone, so past this many the oldest
+# handle is closed (464 B each, one per such client ever answered: without a bound, a leak)
+REPLY_CACHE = 4096
 
 
 def handles(*classes):
@@ -203,6 +207,8 @@ class Service:
             return
         ch = self.replies.get(reply)
         if ch is None:
+            if len(self.replies) >= REPLY_CACHE:
+                self._drop_oldest_reply()
             try:
                 ch = self.replies[reply] = Channel.attach(reply)
             except (ChannelError, TypeError, ValueError) as e:
@@ -260,6 +266,18 @@ class Service:
             except ChannelError as e:  # gone: what waited for it goes nowhere
                 self.log.error("cannot send %d message(s) to %r: %s", len(q), ch, e)
             del self.outbox[ch]
+
+    def _drop_oldest_reply(self):
+        """Close the longest-attached cached reply channel that has nothing waiting in the outbox (a client
+        still in use is attached again when it is next answered)."""
+        for reply, ch in self.replies.items():
+            if ch not in self.outbox:
+                del self.replies[reply]
+                try:
+                    ch.close()
+                except ChannelError:
+                    pass
+                return
 
     def forget(self, reply):
         """The process behind a reply channel is gone: drop its cached handle and what waits to go into it."""
