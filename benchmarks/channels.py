@@ -290,28 +290,30 @@ def make_transport(peer):
     }[peer]()
 
 
+# what each peer needs beyond the standard library and dragon (keys of util.NEEDS)
+PEER_NEEDS = {"faster-fifo": ("faster-fifo",), "ff-batch": ("faster-fifo",),
+              "mpi4py": ("mpi4py", "numpy", "mpiexec")}  # benchmarks/mpi_peer.py sends numpy buffers
+
+
 def peer_available(peer):
-    """None if the peer can run here, else the reason it cannot."""
+    """None if the peer can run here, else why not: skip reasons [{"why": ...}], each with "need" for a piece
+    that is not installed (see util.missing)."""
+    lacking = util.missing(*PEER_NEEDS.get(peer, ()))
+    if lacking:
+        return lacking
+    if peer not in DRAGON_PEERS:
+        return None
     try:
-        if peer in DRAGON_PEERS:
-            from dragon.channels import Channel
-            from dragon.pools import Pool
-
-            need = {"send_many", "recv_many"} if peer == "dragon-batch" else set()
-            if peer == "dragon-zc":
-                need = {"send_block", "recv_message"}
-            missing = sorted(n for n in need if not hasattr(Channel, n))
-            if missing or not hasattr(Pool, "create"):
-                return f"dragon.channels.Channel lacks {', '.join(missing) or 'Pool.create'}"
-        elif peer in ("faster-fifo", "ff-batch"):
-            import faster_fifo  # noqa: F401
-        elif peer == "mpi4py":
-            import mpi4py  # noqa: F401
-
-            if not util.mpiexec_path():
-                return "mpiexec not found on PATH (pip install mpich, then `pyenv rehash` if you use pyenv)"
+        from dragon.channels import Channel
+        from dragon.pools import Pool
     except Exception as e:  # ImportError, or a half-built extension
-        return f"cannot import: {type(e).__name__}: {e}"
+        return [{"why": f"cannot import dragon: {type(e).__name__}: {e}"}]
+    need = {"send_many", "recv_many"} if peer == "dragon-batch" else set()
+    if peer == "dragon-zc":
+        need = {"send_block", "recv_message"}
+    missing = sorted(n for n in need if not hasattr(Channel, n))
+    if missing or not hasattr(Pool, "create"):
+        return [{"why": f"dragon.channels.Channel lacks {', '.join(missing) or 'Pool.create'}"}]
     return None
 
 

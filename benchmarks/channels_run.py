@@ -49,7 +49,8 @@ def plan(ctx, stream=True):
         why = channels.peer_available(peer)
         if why:
             reasons[peer] = why
-            ctx.skip(f"channels {LABELS[peer]}", why)
+            for r in why:
+                ctx.skip(f"channels {LABELS[peer]}", **r)
     for peer in peers:
         if peer in reasons or peer in ("mpi4py", "dragonhpc"):
             continue
@@ -75,7 +76,8 @@ def plan(ctx, stream=True):
     if stream and (p > 1 or c > 1):
         why = reasons.get("dragon") or channels.peer_available("dragon")
         if why:
-            ctx.skip(f"channels {p}x{c} producers/consumers", why)
+            for r in why:
+                ctx.skip(f"channels {p}x{c} producers/consumers", **r)
         else:
             for pp, cc in mpmc_configs(p, c):
                 for size in sizes:

@@ -120,10 +120,12 @@ def plan(ctx):
     if why:
         ctx.skip("mp dragon", f"dragon runtime not available: {why}")
     if not ctx.dragonhpc:
-        ctx.skip("mp DragonHPC", runtime.dhpc_absent(ctx))
-    multi = util.mpiexec_path() is not None and why is None
-    if not multi:
-        ctx.skip("mp dragon across 3 virtual nodes", "no mpiexec (pip install '.[mpi]')")
+        for r in runtime.dhpc_absent(ctx):
+            ctx.skip("mp DragonHPC", **r)
+    lacking = util.missing("mpiexec")
+    for r in lacking:
+        ctx.skip("mp dragon across 3 virtual nodes", **r)
+    multi = not lacking and why is None
     steps = []
     for r in range(ctx.repeat):
         tag = f" ({r + 1}/{ctx.repeat})"

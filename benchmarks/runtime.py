@@ -51,10 +51,11 @@ def runtime_missing():
 
 
 def dragon_launch_cmd():
-    exe = shutil.which("dragon-launch")
+    """dragon-launch of this python: its console script (next to python; PATH's may be another install's), or
+    the same entry point through the interpreter when the script is not installed (no pip install)."""
+    exe = util.beside_python("dragon-launch")
     if exe:
         return [exe]
-    # the console script is not installed (no pip install): the same entry point through the interpreter
     return [sys.executable, "-c",
             "import sys; from launcher.launch import main; sys.argv[0] = 'dragon-launch'; sys.exit(main())"]
 
@@ -246,7 +247,10 @@ def plan_startup(ctx):
         return run
 
     steps.append(("startup: python empty.py", timed("python", [sys.executable, empty], env=clean_env())))
-    if util.mpiexec_path():
+    lacking = util.missing("mpiexec")
+    for r in lacking:
+        ctx.skip("startup mpiexec -n 1", **r)
+    if not lacking:
         steps.append(("startup: mpiexec -n 1 python empty.py",
                       timed("mpiexec", util.local_mpiexec(1) + [sys.executable, empty], env=clean_env())))
     why = runtime_missing()
@@ -256,13 +260,37 @@ def plan_startup(ctx):
         steps.append(("startup: dragon-launch empty.py",
                       timed("dragon", dragon_launch_cmd() + [empty], env=child_env(), cwd=tmp,
                             shm_filter=lambda n: False)))
+        steps.append(("startup: python -c 'import dragon; dragon.init()' vs 'import dragon'", init_vs_import(ctx)))
     if ctx.dragonhpc:
         steps.append(("startup: DragonHPC dragon -s empty.py",
                       timed("dragonhpc", [os.path.join(ctx.dragonhpc, "bin", "dragon"), "-s", empty],
                             cwd=tmp, env=dhpc_env(ctx), shm_filter=dhpc_segment)))
     else:
-        ctx.skip("startup DragonHPC", dhpc_absent(ctx))
+        for r in dhpc_absent(ctx):
+            ctx.skip("startup DragonHPC", **r)
     return steps
+
+
+def init_vs_import(ctx):
+    """What dragon.init() costs a plain python (issue 13: at most 0.2 s more than ``import dragon``): the two
+    one-liners run alternately, so that both see the same machine load; figures "import-dragon" and "dragon-init"
+    (whole runs: the runtime's start and its teardown at exit), their ratio in the report."""
+
+    def run():
+        walls = {"import-dragon": [], "dragon-init": []}
+        codes = {"import-dragon": "import dragon", "dragon-init": "import dragon; dragon.init()"}
+        for _ in range(ctx.repeat):
+            for peer, code in codes.items():
+                res = util.run_marked([sys.executable, "-c", code], timeout=120, env=child_env(),
+                                      shm_filter=lambda n: False)
+                if res["rc"] != 0:
+                    raise RuntimeError(f"python -c {code!r} exited {res['rc']}: {util.tail(res['stderr'])}")
+                walls[peer].append(res["wall"])
+                _note_leaks(ctx, peer, res)
+        for peer, w in walls.items():
+            ctx.figures.append(util.figure("startup", "init", peer, "seconds", "s", "lower", w))
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,9 +440,10 @@ def dhpc_segment(name):
 
 
 def dhpc_absent(ctx):
+    """Why DragonHPC is not measured, as skip reasons (see util.missing)."""
     if ctx.args.no_dragonhpc:
-        return "--no-dragonhpc given"
-    return "not installed (looked for /opt/dragonhpc-venv or $DRAGONHPC_VENV)"
+        return [{"why": "--no-dragonhpc given"}]
+    return util.missing("DragonHPC")
 
 
 def dhpc_env(ctx):
@@ -430,7 +459,8 @@ def _dragonhpc_steps(ctx):
         parts.append("channels")
     if not ctx.dragonhpc:
         for p in parts:
-            ctx.skip(f"{p} DragonHPC", dhpc_absent(ctx))
+            for r in dhpc_absent(ctx):
+                ctx.skip(f"{p} DragonHPC", **r)
         return []
     if not parts:
         return []

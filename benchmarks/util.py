@@ -156,9 +156,17 @@ def _version(mod):
         return None
 
 
+DRAGONHPC_DEFAULT = "/opt/dragonhpc-venv"
+
+
+def dragonhpc_venv():
+    """Where DragonHPC's virtualenv is looked for: $DRAGONHPC_VENV, default /opt/dragonhpc-venv."""
+    return os.environ.get("DRAGONHPC_VENV") or DRAGONHPC_DEFAULT
+
+
 def dragonhpc_root():
-    """The DragonHPC virtualenv, if installed (DRAGONHPC_VENV overrides the default /opt/dragonhpc-venv)."""
-    root = os.environ.get("DRAGONHPC_VENV", "/opt/dragonhpc-venv")
+    """The DragonHPC virtualenv, if installed there (its bin/dragon exists), else None."""
+    root = dragonhpc_venv()
     if os.access(os.path.join(root, "bin", "dragon"), os.X_OK):
         return root
     return None
@@ -187,8 +195,70 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN) or k.startswith("DRAGON_BENCH")}
 
 
+def beside_python(name):
+    """The program ``name`` in the directory of this python (a virtualenv's bin/, where pip puts console
+    scripts and the mpich wheel puts mpiexec; not on PATH when the virtualenv is not activated), or None."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.access(path, os.X_OK) and not os.path.isdir(path) else None
+
+
 def mpiexec_path():
-    return shutil.which("mpiexec")
+    """The mpiexec the benchmarks start ranks with: the one next to python (the mpich wheel's, which matches
+    the mpi4py beside it), else PATH's; None if there is none. Every benchmark needing mpiexec asks here."""
+    return beside_python("mpiexec") or shutil.which("mpiexec")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# optional pieces: what a peer or an option needs, whether this machine has it, and what to install
+
+BENCH_EXTRA = 'pip install ".[bench]"'
+# need -> (module to import, or None for a program or an installation; what to install)
+NEEDS = {
+    "numpy": ("numpy", "pip install numpy"),
+    "faster-fifo": ("faster_fifo", "pip install faster-fifo"),
+    "mpi4py": ("mpi4py", "pip install mpi4py mpich"),
+    "mpiexec": (None, "pip install mpich: it puts mpiexec next to python"),
+    "matplotlib": ("matplotlib", "pip install matplotlib"),
+    "DragonHPC": (None, "install DragonHPC in a virtualenv and set DRAGONHPC_VENV to it"),
+}
+IN_BENCH_EXTRA = {"numpy", "faster-fifo", "mpi4py", "mpiexec", "matplotlib"}  # what BENCH_EXTRA installs
+_MISSING = {}
+
+
+def _why_missing(need):
+    module, _ = NEEDS[need]
+    if module is not None:
+        try:
+            __import__(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                return f"{need} is not installed"
+            return f"{need} cannot be imported ({type(e).__name__}: {e})"
+        except Exception as e:  # a half-built extension, a broken install
+            return f"{need} cannot be imported ({type(e).__name__}: {e})"
+        return None
+    if need == "mpiexec":
+        if mpiexec_path():
+            return None
+        return f"mpiexec is neither next to python ({os.path.dirname(sys.executable)}) nor on PATH"
+    if need == "DragonHPC":
+        if dragonhpc_root():
+            return None
+        return f"DragonHPC not found: no {os.path.join(dragonhpc_venv(), 'bin', 'dragon')}"
+    raise ValueError(f"unknown need {need!r}")
+
+
+def missing(*needs):
+    """What this machine lacks of ``needs`` (keys of NEEDS), as skip reasons [{"why": ..., "need": ...}]
+    (empty: it has them all). The report names each missing need once, with what it kept out and what to
+    install."""
+    out = []
+    for need in needs:
+        if need not in _MISSING:
+            _MISSING[need] = _why_missing(need)
+        if _MISSING[need]:
+            out.append({"why": _MISSING[need], "need": need})
+    return out
 
 
 _FLAVOR = {}

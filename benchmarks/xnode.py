@@ -36,13 +36,15 @@ def plan(ctx):
 
     sizes = parse_sizes(ctx.args.sizes)
     launcher, extra, where = two_node_launcher()
-    if launcher is None:
-        ctx.skip("xnode", "neither srun (in a 2-node allocation) nor mpiexec is available")
+    if launcher is None:  # outside a 2-node Slurm allocation, mpiexec starts the two ranks
+        for r in util.missing("mpiexec"):
+            ctx.skip("xnode", **r)
         return []
     steps = []
-    why = runtime.runtime_missing()
+    lacking = util.missing("mpi4py")  # the transport agents speak MPI
+    why = None if lacking else runtime.runtime_missing()
     try:
-        import dragon.infrastructure.remote_channel  # noqa: F401
+        import dragon._core.remote  # noqa: F401
     except Exception as e:
         why = why or f"dragon.transport is not there yet ({type(e).__name__}: {e})"
     job = launcher + runtime.dragon_launch_cmd() + extra
@@ -58,9 +60,10 @@ def plan(ctx):
             inner_mode = "xnode-harness"
             ctx.note("xnode: dragon-launch has no --virtual-nodes yet; the dragon cross-node figures come from "
                      "the transport agents run by dragon.transport.harness (same agents, no GS)")
-    if why:
-        ctx.skip("xnode dragon", why)
-    else:
+    reasons = lacking or ([{"why": why}] if why else [])
+    for r in reasons:
+        ctx.skip("xnode dragon", **r)
+    if not reasons:
         def run():
             tmp = runtime._tmpdir(ctx)
             out = os.path.join(tmp, "xnode.json")
@@ -91,7 +94,11 @@ def plan(ctx):
         if why:
             ctx.skip("xnode mpi4py", why)
 
-    steps.append((f"xnode: mpi4py ({where})", run_mpi))
+    lacking = util.missing("mpi4py", "numpy")  # benchmarks/mpi_peer.py, with numpy buffers
+    for r in lacking:
+        ctx.skip("xnode mpi4py", **r)
+    if not lacking:
+        steps.append((f"xnode: mpi4py ({where})", run_mpi))
     return steps
 
 
@@ -102,19 +109,10 @@ def plan(ctx):
 
 def _attach(desc):
     """A handle to a channel from its descriptor, wherever it lives: Channel.attach, as a user writes it (it
-    returns the transport's RemoteChannel for a channel on another node); builds whose Channel.attach cannot
-    route yet get the transport's own attach."""
+    returns the transport's RemoteChannel for a channel on another node)."""
     from dragon.channels import Channel
 
-    try:
-        return Channel.attach(desc.sdesc)
-    except Exception:
-        node = getattr(desc, "node", None)
-        if node is None:
-            raise
-        from dragon.infrastructure.remote_channel import attach
-
-        return attach(desc.sdesc, node)
+    return Channel.attach(desc.sdesc)
 
 
 def serve(out_ch, cmd_ch):
@@ -238,12 +236,12 @@ def child_main():
 def harness_main(args):
     """Both nodes' program under ``mpiexec -n 2 python -m dragon.transport.harness --virtual-nodes``: the harness
     gives every node a channel "a"; node 0 reads its own and commands node 1's."""
-    from dragon.infrastructure.remote_channel import attach
+    from dragon.channels import Channel
 
     node = int(os.environ["DRAGON_NODE"])
     chans = json.loads(os.environ["DRAGON_TEST_CHANS"])
-    a0 = attach(bytes.fromhex(chans["0"]["a"]), 0)
-    a1 = attach(bytes.fromhex(chans["1"]["a"]), 1)
+    a0 = Channel.attach(bytes.fromhex(chans["0"]["a"]))
+    a1 = Channel.attach(bytes.fromhex(chans["1"]["a"]))
     repeat, target, sizes = _settings(args)
     figures, skipped = [], []
     try:

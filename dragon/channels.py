@@ -1,19 +1,10 @@
 """Lock-free shared-memory channels (implemented in dragon._core).
 
 A channel's sdesc names the node that holds it. ``Channel.attach(sdesc)`` of a channel on another node returns a
-``dragon.infrastructure.remote_channel.RemoteChannel``: the same API, through the node's transport agent.
+``dragon._core.remote.RemoteChannel``: the same API (``ChannelLike``), through the node's transport agent.
 """
 
-from dragon._core import core as _core
+from dragon._core.api import ChannelLike
 from dragon._core.core import Channel, Message
 
-
-def _remote_attach(sdesc, node):
-    from dragon.infrastructure.remote_channel import RemoteChannel
-
-    return RemoteChannel(sdesc, node)
-
-
-_core.set_remote_attach(_remote_attach)
-
-__all__ = ["Channel", "Message"]
+__all__ = ["Channel", "ChannelLike", "Message"]

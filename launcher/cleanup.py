@@ -14,7 +14,7 @@
    proctrack/linuxproc at all. The epilog runs on each node after Slurm has ended the job's processes it knows:
 
    - SIGKILLs every process whose environment has ``DRAGON_JOB=s<ID>_...`` (a dragon job started inside Slurm job
-     ID; see ``dragon.infrastructure.env.new_job_id``);
+     ID; see ``dragon.env.new_job_id``);
    - unlinks every ``/dev/shm/dragon-s<ID>_*`` segment (the pools and channels of every dragon job of Slurm job ID
      on this node; the ``_`` ends the id, so job 12 never matches job 123's segments);
    - unlinks the MPICH segments of the job's steps: MPICH names them ``mpich_shm_<W>_<node>`` (and

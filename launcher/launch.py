@@ -13,325 +13,10 @@ node from MPI ranks, GS once, the program once on node 0) adds a world but keeps
 
 import argparse
 import os
-import signal
 import sys
-import time
 
-from dragon.infrastructure import env
-
-GRACE = 1.0  # seconds between SIGTERM and SIGKILL at teardown
-EXIT_SERVICE_FAILED = 70  # the runtime itself failed (a service died, the program could not start)
-
-
-class NodeInfo:
-    """One node of the job as the launcher sees it."""
-
-    __slots__ = ("index", "hostname", "cpus")
-
-    def __init__(self, index, hostname, cpus):
-        self.index, self.hostname, self.cpus = index, hostname, cpus
-
-    def to_wire(self):
-        return {"index": self.index, "hostname": self.hostname, "cpus": self.cpus}
-
-
-def local_world():
-    """The single-node world: (nodes, this node's index)."""
-    return [NodeInfo(0, os.uname().nodename, len(os.sched_getaffinity(0)))], 0
-
-
-class _Terminated(BaseException):
-    def __init__(self, signum):
-        self.signum = signum
-
-
-class ServiceDied(Exception):
-    pass
-
-
-def _fork(module, *args):
-    """Run module.main(*args) in a forked child that gets SIGTERM when this process dies; return its pid.
-    The child imports the module itself, so the services load their code in parallel."""
-    from dragon._core import core
-
-    parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        core.set_pdeathsig(signal.SIGTERM)
-        if os.getppid() != parent:  # the launcher died before we could ask to follow it
-            os._exit(0)
-        code = __import__(module, fromlist=["main"]).main(*args) or 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-def _log(text):
-    try:
-        sys.stderr.write(f"dragon-launch: {text}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):  # no stderr: nothing must stop the teardown
-        pass
-
-
-class Runtime:
-    """The runtime of one job, seen from one launcher (here: the only one, on node 0)."""
-
-    def __init__(self, nodes, node_index, grace=GRACE):
-        self.nodes, self.node_index, self.grace = nodes, node_index, grace
-        self.job = env.new_job_id()
-        self.shep_pid = self.gs_pid = None
-        self.dead = {}  # pid -> raw wait status of services that exited
-        self.pool = None
-        self.chans = []
-        self.tag = 0
-        self.failed = None
-
-    # ---- start --------------------------------------------------------------------------------------------
-    def start(self):
-        os.environ["DRAGON_JOB"] = self.job
-        from dragon._core import core
-        from dragon.channels import Channel
-        from dragon.infrastructure import messages  # before the forks: the services inherit it
-        from dragon.pools import Pool
-
-        self.m = messages
-        core.set_child_subreaper()
-        self.pool = Pool.create(env.infra_pool_size(), name="inf")
-        # requests are small; bigger ones travel in pool blocks. Every slot is touched at creation: keep rings small.
-        self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
-        self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
-        self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
-        self.chans = [self.gs_ch, self.sh_ch, self.la_ch]
-        gs_cd, sh_cd, la_cd, pd = (bytes(x.sdesc) for x in (self.gs_ch, self.sh_ch, self.la_ch, self.pool))
-        self.shep_pid = _fork("dragon.localservices.shepherd", self.node_index, self.job, sh_cd, gs_cd, pd)
-        self.gs_pid = _fork(
-            "dragon.globalservices.server", gs_cd, [sh_cd], la_cd, [n.to_wire() for n in self.nodes], [pd]
-        )
-
-    # ---- run ----------------------------------------------------------------------------------------------
-    def run(self, exe, args):
-        """Start the runtime, run exe args as the head process, tear down. -> exit code for the launcher."""
-        code = EXIT_SERVICE_FAILED
-
-        def _term(signum, frame):
-            raise _Terminated(signum)
-
-        try:
-            self.start()
-            for sig in (signal.SIGTERM, signal.SIGHUP):  # scancel / time limit, a closed terminal
-                signal.signal(sig, _term)
-            code = self._run_head(exe, args)
-        except KeyboardInterrupt:
-            _log("interrupted: tearing the job down")
-            code = 128 + signal.SIGINT
-        except _Terminated as t:
-            _log(f"got signal {t.signum}: tearing the job down")
-            code = 128 + t.signum
-        except ServiceDied as e:
-            _log(str(e))
-            self.failed = str(e)
-            code = EXIT_SERVICE_FAILED
-        except Exception as e:  # e.g. no room in /dev/shm for the infrastructure pool
-            _log(f"the runtime failed: {type(e).__name__}: {e}")
-            self.failed = str(e)
-            code = EXIT_SERVICE_FAILED
-        finally:
-            # finish the teardown even if a second Ctrl-C or SIGTERM comes
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
-            self.teardown()
-        return code
-
-    def _send(self, ch, msg):
-        self.tag += 1
-        msg.tag, msg.reply = self.tag, bytes(self.la_ch.sdesc)
-        if hasattr(msg, "caller"):
-            msg.caller = 0
-        ch.send(self.m.encode(msg), timeout=5)
-        return self.tag
-
-    POLL_SLICE = 0.25  # seconds between looks at the services (and, multi-node, at the agent's events)
-
-    def _events(self):
-        """Hook: handle what arrived besides launcher messages (the multi-node launcher's agent events)."""
-
-    def _where(self):
-        """This node, as messages name it."""
-        return f"node {self.node_index}"
-
-    def _recv(self, timeout, watch=None):
-        """Next message on the launcher channel, or None after timeout; raises ServiceDied if a service in
-        watch (default: shepherd and GS) died."""
-        from dragon.errors import ChannelEmpty, ChannelTimeout
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        watch = (self.shep_pid, self.gs_pid) if watch is None else watch
-        while True:
-            self._reap()
-            self._events()
-            for pid in watch:
-                if pid in self.dead:
-                    who = "local services (shepherd)" if pid == self.shep_pid else "global services"
-                    raise ServiceDied(
-                        f"{who} of {self._where()} (pid {pid}) died "
-                        f"({self._status_text(self.dead[pid])}): ending the job"
-                    )
-            slice_ = (
-                self.POLL_SLICE if deadline is None else min(self.POLL_SLICE, deadline - time.monotonic())
-            )
-            if slice_ <= 0:
-                return None
-            try:
-                return self.m.decode(self.la_ch.recv(timeout=slice_))
-            except (ChannelTimeout, ChannelEmpty, TimeoutError):
-                continue
-
-    @staticmethod
-    def _status_text(status):
-        if os.WIFSIGNALED(status):
-            return f"killed by signal {os.WTERMSIG(status)}"
-        return f"exit code {os.WEXITSTATUS(status)}"
-
-    def _reap(self):
-        """Reap exited children (services, and orphans that came back to us as child subreaper)."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid in (self.shep_pid, self.gs_pid):
-                self.dead[pid] = status
-
-    def _run_head(self, exe, args):
-        m = self.m
-        tag = self._send(
-            self.gs_ch,
-            m.GSProcessCreate(
-                exe=exe,
-                run_dir=os.getcwd(),
-                args=list(args),
-                env=None,
-                user_name=None,
-                options={},
-                soft=False,
-                head=True,
-            ),
-        )
-        while True:
-            msg = self._recv(None)
-            if isinstance(msg, m.Response) and msg.tag == tag:
-                if msg.err:
-                    _log(f"cannot start the program: {msg.msg}")
-                    return EXIT_SERVICE_FAILED
-            elif isinstance(msg, m.LAHeadExit):
-                code = msg.exit_code
-                return code if code >= 0 else 128 - code
-
-    # ---- teardown -----------------------------------------------------------------------------------------
-    def _alive(self, pid):
-        return pid is not None and pid not in self.dead
-
-    def teardown(self):
-        from launcher import cleanup
-
-        m = getattr(self, "m", None)
-        abnormal = False
-        if self._alive(self.shep_pid) and m is not None:
-            try:
-                tag = self._send(self.sh_ch, m.SHTeardown(grace=self.grace))
-                deadline = time.monotonic() + self.grace + 2.0
-                while time.monotonic() < deadline:
-                    msg = self._recv(deadline - time.monotonic(), watch=(self.shep_pid,))
-                    if msg is None or (isinstance(msg, m.Response) and msg.tag == tag):
-                        break
-                else:
-                    abnormal = True
-            except Exception as e:  # ServiceDied, a full channel...
-                abnormal = True
-                if not isinstance(e, ServiceDied):
-                    _log(f"teardown: {e}")
-        else:
-            abnormal = True
-        if self._alive(self.gs_pid) and m is not None:
-            try:
-                self._send(self.gs_ch, m.GSHalt())
-            except Exception:
-                pass
-        for pid in (self.shep_pid, self.gs_pid):
-            self._wait_or_kill(pid, 1.0)
-        # anything left: orphans that came back to us, and (if a service failed) whatever still carries the job id
-        left = set(cleanup.children())
-        if abnormal:
-            left.update(cleanup.job_pids(self.job))
-        if left:
-            cleanup.kill_all(left, signal.SIGTERM)
-            deadline = time.monotonic() + self.grace
-            while time.monotonic() < deadline and any(_exists(p) for p in left):
-                self._reap()
-                time.sleep(0.02)
-            cleanup.kill_all([p for p in left if _exists(p)], signal.SIGKILL)
-            self._reap()
-        for ch in self.chans:
-            try:
-                ch.destroy()
-            except Exception:
-                pass
-        if self.pool is not None:
-            try:
-                self.pool.destroy()
-            except Exception:
-                pass
-        try:
-            from dragon._core import core
-
-            core.unlink_job_segments(self.job)
-        except Exception as e:
-            _log(f"teardown: could not unlink the job's segments: {e}")
-
-    def _wait_or_kill(self, pid, timeout):
-        """Wait (on a pidfd, no polling) up to timeout for a service to exit; SIGKILL it after that."""
-        if pid is None or not self._alive(pid):
-            return
-        import select
-
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:  # already reaped elsewhere
-            fd = None
-        if fd is not None:
-            try:
-                select.select([fd], [], [], timeout)
-            finally:
-                os.close(fd)
-        self._reap()
-        if self._alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-            self.dead[pid] = 9
-
-
-def _exists(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
+from dragon import env
+from launcher.runtime import GRACE, SERVICE_TIMEOUT, Runtime, local_world, log
 
 
 def parser():
@@ -348,6 +33,12 @@ def parser():
   dragon-launch app.py arg1 arg2       run app.py (p_uid 1) with this interpreter
   dragon-launch /bin/hostname          run any executable as the first managed process
   dragon-launch -m pkg.module args     run a module, like python -m
+  dragon-launch --serve                start the runtime with no program and serve clients: it writes a
+                                       connection file (default ~/.dragon/JOB.json, mode 0600), prints
+                                       its path and runs until --stop, Ctrl-C, SIGTERM, scancel or the
+                                       time limit; dragon.init(connect=FILE) in a python or a notebook
+                                       on node 0's host attaches to it
+  dragon-launch --stop FILE            end the runtime that wrote FILE (and wait for its end)
 
 inside PROGRAM: dragon.globalservices.process / pool / channel / node (see examples/hello.py)
 
@@ -379,6 +70,8 @@ same). Node names are the Slurm node names (SLURMD_NODENAME) when srun started t
 
 environment: DRAGON_LOG=debug for verbose service logs on stderr;
 DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60);
+DRAGON_SERVICE_TIMEOUT=seconds a service of the runtime (global services, a node's shepherd) may leave the
+launcher's pings unanswered before the job is ended as hung, naming it (default 30);
 DRAGON_INFRA_POOL_SIZE=size of each node's infrastructure pool (default 64M; K, M, G suffixes);
 DRAGON_CPU_BINDING=keep keeps the CPU binding srun or mpiexec gave each rank for its node's services and
 processes (default node: every CPU the rank's cgroup allows; a binding to one task's core would put the node's
@@ -408,6 +101,17 @@ DRAGON_MP_HEAP_SIZE=size of the pool each process makes for its multiprocessing 
         "world has exactly one rank more than hosts",
     )
     p.add_argument(
+        "--serve",
+        action="store_true",
+        help="run no program: serve clients (dragon.init(connect=FILE)) until stopped (then exit status 0)",
+    )
+    p.add_argument(
+        "--connect-file",
+        metavar="PATH",
+        help="with --serve: where to write the connection file (default ~/.dragon/JOB.json)",
+    )
+    p.add_argument("--stop", metavar="FILE", help="end the runtime that wrote the connection file FILE")
+    p.add_argument(
         "-m", dest="module", metavar="MODULE", help="run a Python module as the program (like python -m)"
     )
     p.add_argument("program", nargs="?", help="the program to run: a .py script, or an executable")
@@ -420,14 +124,15 @@ def _split(argv):
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--grace":
+        if a in ("--grace", "--connect-file", "--stop"):
             i += 2
-        elif a.startswith("--grace=") or a in (
+        elif a.startswith(("--grace=", "--connect-file=", "--stop=")) or a in (
             "-h",
             "--help",
             "--virtual-nodes",
             "--gs-rank",
             "--no-gs-rank",
+            "--serve",
         ):
             i += 1
         else:
@@ -442,7 +147,23 @@ def main(argv=None):
     ns = p.parse_args(own)
     if ns.grace < 0:
         p.error("--grace must be >= 0")
-    if rest[:1] == ["-m"]:
+    if ns.stop is not None:
+        if ns.serve or rest:
+            p.error("--stop FILE takes no program and no --serve")
+        from launcher import serve
+
+        sys.exit(serve.stop(ns.stop))
+    if ns.connect_file is not None and not ns.serve:
+        p.error("--connect-file goes with --serve")
+    serving = None
+    if ns.serve:
+        if rest:
+            p.error(f"--serve runs no program (got {' '.join(rest)})")
+        from launcher.serve import Serving
+
+        serving = Serving(connect_file=ns.connect_file)
+        exe, args = None, ()
+    elif rest[:1] == ["-m"]:
         if len(rest) < 2:
             p.error("-m needs a module name")
         exe, args = sys.executable, ["-m", *rest[1:]]
@@ -456,6 +177,11 @@ def main(argv=None):
         exe, args = sys.executable, rest
     else:
         exe, args = rest[0], rest[1:]
+    try:  # the settings of the environment, checked before anything starts
+        env.seconds(env.SERVICE_TIMEOUT, SERVICE_TIMEOUT)
+        env.infra_pool_size()
+    except ValueError as e:
+        p.error(str(e))
     from launcher import multinode
 
     if os.environ.get("SLURM_JOB_ID"):  # segments that SIGKILLed jobs left on this node, where no epilog runs
@@ -463,13 +189,22 @@ def main(argv=None):
 
         gone = cleanup.remove_stale_slurm_segments()
         if gone:
-            _log(f"removed {len(gone)} segment(s) that ended Slurm jobs left in /dev/shm: {' '.join(gone[:5])}")
+            log(
+                f"removed {len(gone)} segment(s) that ended Slurm jobs left in /dev/shm: {' '.join(gone[:5])}"
+            )
     if ns.virtual_nodes or ns.gs_rank or multinode.under_mpi():
         # one runtime across the MPI job's nodes; a normal exit: after MPI, os._exit can lose the exit status
         # on its way through mpiexec
-        sys.exit(multinode.main(exe, args, ns.virtual_nodes, grace=ns.grace, gs_rank=ns.gs_rank))
-    nodes, me = local_world()
-    code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
+        sys.exit(
+            multinode.main(exe, args, ns.virtual_nodes, grace=ns.grace, gs_rank=ns.gs_rank, serving=serving)
+        )
+    if serving is not None:
+        from launcher import serve
+
+        code = serve.run(ns.grace, serving)
+    else:
+        nodes, me = local_world()
+        code = Runtime(nodes, me, grace=ns.grace).run(exe, args)
     # everything is torn down: skip the interpreter's finalization
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -1,6 +1,7 @@
 """dragon-bench runs in quick mode and its JSON holds every figure it should (no timing is asserted)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,21 +13,66 @@ sys.path.insert(0, REPO)
 from benchmarks import report
 from benchmarks.channels import peer_available
 from benchmarks.runtime import runtime_missing
-from benchmarks.util import dragonhpc_root, mpiexec_path
+from benchmarks.util import BENCH_EXTRA, NEEDS, beside_python, dragonhpc_root, mpiexec_path
 
 STREAM = ("msg_per_s", "gb_per_s")
 RTT = ("rtt_median_us", "rtt_p99_us")
 
+# a sitecustomize for the runs that must not find some modules, as on a machine where they are not installed:
+# every python the run starts (the harness, its children, its mpiexec ranks) gets it through PYTHONPATH
+HIDE = """
+import os
+import sys
 
-def bench(tmp_path, *args, timeout=100):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+HIDDEN = set(filter(None, os.environ.get("DRAGON_BENCH_TEST_HIDE", "").split(",")))
+
+
+class Hidden:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Hidden())
+"""
+
+
+def env_for(tmp_path, hide=(), env_extra=None):
+    """The environment of a run of this tree (first on PYTHONPATH); ``hide``: modules it cannot import."""
+    env = dict(os.environ, **(env_extra or {}))
+    path = [REPO, env.get("PYTHONPATH")]
+    if hide:
+        site = tmp_path / "hide"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(HIDE)
+        path.insert(0, str(site))
+        env["DRAGON_BENCH_TEST_HIDE"] = ",".join(hide)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+    return env
+
+
+def run(tmp_path, *argv, timeout=100, **kw):
+    """``python *argv`` in tmp_path, in env_for(tmp_path, **kw): the finished process (text output)."""
+    return subprocess.run([sys.executable, *argv], cwd=str(tmp_path), env=env_for(tmp_path, **kw),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def bench(tmp_path, *args, timeout=100, **kw):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--json", str(out)], cwd=str(tmp_path),
-                       env=env, capture_output=True, text=True, timeout=timeout)
+    p = run(tmp_path, "-m", "benchmarks", *args, "--json", str(out), timeout=timeout, **kw)
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr[-3000:]
     with open(out) as f:
         return json.load(f), p
+
+
+def said_once(p, text):
+    """The one line of the report that contains text (it must be there exactly once, in stdout only)."""
+    lines = [x for x in p.stdout.splitlines() if text in x]
+    assert len(lines) == 1, (text, lines, p.stdout[-3000:])
+    assert text not in p.stderr, p.stderr[-3000:]
+    return lines[0]
 
 
 def find(doc, group, test, peer, metric, size=None):
@@ -111,6 +157,43 @@ def test_quick_runtime_parts(tmp_path):
         find(doc, "startup", "empty", "mpiexec", "seconds")
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(runtime_missing() is not None or mpiexec_path() is None,
+                    reason="needs dragon and mpiexec")
+def test_quick_scale_every_figure_its_targets_and_plot(tmp_path):
+    """dragon-bench scale --quick: the GS curve at 100 and 1,000 live objects, the 8-node processes, the 100
+    clients and the startup curve, each beside its peer; the report counts objects (not bytes), the targets
+    say every process exited 0, nothing was left and no client missed an answer (behaviour, not time)."""
+    from benchmarks.scale import OPS
+
+    png = tmp_path / "scale.png"
+    doc, p = bench(tmp_path, "scale", "--quick", "--plot", str(png), timeout=190)
+    for op in OPS:
+        for level in (100, 1000):
+            find(doc, "scale", f"alone-{op}", "dragon", "us_per_op", level)
+            f = [x for x in doc["results"] if (x["test"], x["size"]) == (f"gs-{op}", level)]
+            assert len(f) == 1 and f[0]["n"] == 2 and f[0]["median"] > 0, f  # levels visited up, then down
+    for peer in ("dragon", "mp-manager"):
+        for metric in ("req_per_s", "rtt_median_us", "rtt_p99_us"):
+            find(doc, "scale", "clients", peer, metric, 100)
+    find(doc, "scale", "procs", "dragon", "per_s")
+    find(doc, "scale", "procs", "popen", "per_s")
+    find(doc, "scale", "procs-gs-rss", "dragon", "rss_max_mb")
+    for n in (1, 2, 4, 8):
+        for peer in ("dragon", "mpiexec-n"):
+            find(doc, "scale", "startup", peer, "seconds", n)
+    t = {x["target"]: x for x in doc["targets"] if x["group"] == "scale"}
+    assert len(t) == 13 and all(x["value"] is not None for x in t.values()), t
+    for name, x in t.items():
+        if x["how"] == "count":
+            assert x["value"] == 0 and x["met"], (name, x, doc["notes"])
+    assert "live objects" in p.stdout and "1,000" in p.stdout and "1000 B" not in p.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not doc["skipped"], doc["skipped"]
+
+
 @pytest.mark.timeout(110)
 @pytest.mark.skipif(dragonhpc_root() is None, reason="DragonHPC is not installed")
 def test_dragonhpc_side_by_side_leaves_nothing(tmp_path):
@@ -134,7 +217,7 @@ def test_quick_xnode_through_the_agents(tmp_path):
         for m in RTT:
             find(doc, "xnode", "rtt", "mpi4py", m, size)
     try:
-        import dragon.infrastructure.remote_channel  # noqa: F401
+        import dragon._core.remote  # noqa: F401
     except ImportError:
         assert any("xnode dragon" in s["what"] for s in doc["skipped"])
         return
@@ -178,14 +261,13 @@ def test_ratio_direction_and_targets():
     (["nonsense"], "unknown selection"),
     (["channels", "--repeat", "0"], "--repeat"),
     (["channels", "--peers", "carrier-pigeon"], "unknown peer"),
+    (["startup", "--plot", "/nonexistent-dragon-dir/x.png"], "there is no directory /nonexistent-dragon-dir"),
+    (["startup", "--json", "/"], "is a directory"),
 ])
 def test_bad_arguments_are_refused_clearly(tmp_path, args, msg):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    p = subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=str(tmp_path), env=env,
-                       capture_output=True, text=True, timeout=60)
+    p = run(tmp_path, "-m", "benchmarks", *args, timeout=60)
     assert p.returncode != 0
-    assert msg in p.stderr + p.stdout
+    assert msg in p.stderr + p.stdout and "Traceback" not in p.stderr
 
 
 @pytest.mark.timeout(10)
@@ -200,6 +282,114 @@ def test_transport_bench_flags_a_run_whose_mpi4py_ranks_shared_a_core():
     note = placement_warning({**small, 1 << 20: {"stream_msgs": 15300, "rtt_us": 1013.0}})
     assert note and "shared a core" in note and "1048576-byte" in note
     assert placement_warning(small) is None  # no big size measured: nothing to judge by
+
+
+@pytest.mark.timeout(60)
+def test_plot_without_matplotlib_runs_and_says_what_to_install(tmp_path):
+    """--plot on a machine without matplotlib: the run goes on to its report and JSON, no plot, no traceback,
+    and the report says once that matplotlib is missing and how to get it."""
+    png = tmp_path / "bench.png"
+    doc, p = bench(tmp_path, "channels", "--quick", "--sizes", "8", "--peers", "dragon,mp-pipe",
+                   "--no-dragonhpc", "--plot", str(png), hide=["matplotlib"])
+    assert not png.exists()
+    find(doc, "channels", "stream", "mp-pipe", "msg_per_s", 8)  # the measurements were taken all the same
+    line = said_once(p, "matplotlib is not installed")
+    assert f"--plot {png}" in line and NEEDS["matplotlib"][1] in line
+    said_once(p, BENCH_EXTRA)
+    assert [s["what"] for s in doc["skipped"] if s.get("need") == "matplotlib"] == [f"--plot {png}"]
+    assert doc["env"]["versions"]["matplotlib"] is None
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(mpiexec_path() is None, reason="needs mpiexec (the mpich wheel)")
+@pytest.mark.parametrize("module, need, kept_out", [
+    ("faster_fifo", "faster-fifo", ["channels faster-fifo", "channels faster-fifo batched"]),
+    ("numpy", "numpy", ["channels mpi4py Send/Recv", "xnode mpi4py"]),
+    ("mpi4py", "mpi4py", ["channels mpi4py Send/Recv", "xnode dragon", "xnode mpi4py"]),
+])
+def test_a_missing_peer_module_is_named_once_with_what_to_install(tmp_path, module, need, kept_out):
+    """Without faster-fifo, numpy or mpi4py the peers that need it are skipped, the report names them in one
+    line with what to install (and, once, the extra that brings them all), and every other figure is taken."""
+    doc, p = bench(tmp_path, "channels", "xnode", "--quick", "--sizes", "8", "--no-dragonhpc",
+                   "--peers", "dragon,mp-pipe,faster-fifo,ff-batch,mpi4py", hide=[module])
+    line = said_once(p, f"{need} is not installed")
+    assert line.startswith(f"skipped {', '.join(kept_out)}: ") and NEEDS[need][1] in line
+    said_once(p, BENCH_EXTRA)
+    assert [s["what"] for s in doc["skipped"] if s.get("need") == need] == kept_out
+    find(doc, "channels", "stream", "mp-pipe", "msg_per_s", 8)
+    assert find(doc, "channels", "stream", "dragon", "msg_per_s", 8)
+    ran = {(f["group"], f["peer"]) for f in doc["results"]}
+    assert (("channels", "faster-fifo") in ran) == (need != "faster-fifo")
+    assert (("channels", "mpi4py") in ran) == (need == "faster-fifo")
+    assert (("xnode", "dragon") in ran) == (need != "mpi4py")  # the agents need mpi4py, not numpy
+
+
+@pytest.mark.timeout(60)
+def test_dragonhpc_not_found_says_where_it_looked_once(tmp_path):
+    nowhere = tmp_path / "no-dragonhpc"
+    doc, p = bench(tmp_path, "pool", "startup", "--quick", env_extra={"DRAGONHPC_VENV": str(nowhere)})
+    line = said_once(p, "DragonHPC not found")
+    assert line.startswith("skipped pool DragonHPC, startup DragonHPC: ")
+    assert str(nowhere / "bin" / "dragon") in line and "DRAGONHPC_VENV" in line
+    assert BENCH_EXTRA not in p.stdout  # nothing the extra installs is missing
+    find(doc, "startup", "empty", "python", "seconds")
+
+
+def test_help_names_the_extra_and_DRAGONHPC_VENV(tmp_path):
+    p = run(tmp_path, "-m", "benchmarks", "--help", timeout=60)
+    assert p.returncode == 0
+    assert "DRAGONHPC_VENV" in p.stdout and BENCH_EXTRA in p.stdout and "next to python" in p.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(beside_python("mpiexec") is None, reason="no mpiexec next to python (the mpich wheel)")
+def test_mpiexec_next_to_python_is_used_when_not_on_path(tmp_path):
+    """A virtualenv that is not activated: its bin/ (with the mpich wheel's mpiexec) is not on PATH. The
+    mpi4py peer and the mpiexec startup figure are measured all the same, with the mpiexec next to python."""
+    here = os.path.dirname(sys.executable)
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if d and d != here and not os.path.exists(os.path.join(d, "mpiexec")))
+    assert shutil.which("mpiexec", path=path) is None
+    doc, p = bench(tmp_path, "channels", "startup", "--quick", "--sizes", "8", "--peers", "mpi4py",
+                   "--no-dragonhpc", env_extra={"PATH": path})
+    assert doc["env"]["mpiexec"] == os.path.join(here, "mpiexec")
+    find(doc, "channels", "stream", "mpi4py", "msg_per_s", 8)
+    find(doc, "channels", "rtt", "mpi4py", "rtt_median_us", 8)
+    find(doc, "startup", "empty", "mpiexec", "seconds")
+    assert "mpiexec" not in " ".join(s["why"] for s in doc["skipped"])
+
+
+@pytest.mark.timeout(60)
+def test_transport_bench_help_and_clear_errors(tmp_path):
+    """python -m dragon.transport.bench: --help and -h print its usage and exit 0; started without the two
+    nodes it needs (no mpiexec), or without mpi4py or numpy, it says so in one line, no traceback."""
+    for flag in ("--help", "-h"):
+        p = run(tmp_path, "-m", "dragon.transport.bench", flag, timeout=30)
+        assert p.returncode == 0, p.stderr
+        assert "mpiexec -n 2 python -m dragon.transport.bench --virtual-nodes" in p.stdout
+        assert "--repeat" in p.stdout
+    cases = [((), 2, "needs two nodes; this run has 1 rank(s) on 1 node(s): start it with mpiexec -n 2"),
+             (("mpi4py",), 1, "needs mpi4py"), (("numpy",), 1, "needs numpy")]
+    for hide, rc, msg in cases:
+        p = run(tmp_path, "-m", "dragon.transport.bench", "--quick", hide=hide, timeout=30)
+        assert p.returncode == rc, (p.returncode, p.stderr)
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and msg in err[0] and "Traceback" not in p.stderr, p.stderr
+    p = run(tmp_path, "-m", "dragon.transport.bench", "--sizes", "lots", timeout=30)
+    assert p.returncode == 2 and "--sizes" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(mpiexec_path() is None, reason="needs mpiexec (the mpich wheel)")
+def test_transport_bench_on_one_host_without_virtual_nodes_says_what_to_add(tmp_path):
+    p = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-m", "dragon.transport.bench", "--quick"],
+                       cwd=str(tmp_path), env=env_for(tmp_path), capture_output=True, text=True, timeout=50)
+    assert p.returncode != 0
+    err = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(err) == 1 and "2 rank(s) on 1 node(s): add --virtual-nodes" in err[0], p.stderr
 
 
 @pytest.mark.timeout(200)

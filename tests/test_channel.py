@@ -170,6 +170,22 @@ def test_send_many_recv_many(ch):
     assert ch.send_many([]) == 0
 
 
+def test_send_many_checks_every_item_before_sending_any(ch, pool):
+    """All or nothing for bad input: an item that is not bytes-like, or that could never be sent, raises before
+    the good ones in front of it are sent (a generator too)."""
+    with pytest.raises(TypeError, match=r"not int \(item 1\): nothing was sent"):
+        ch.send_many([b"a", 1, b"b"])
+    with pytest.raises(TypeError, match="item 2"):
+        ch.send_many(x for x in (b"a", bytearray(b"b"), "text"))
+    with pytest.raises(ChannelError, match="more than its pool could ever hold"):
+        ch.send_many([b"a", b"x" * (pool.size + 1)])
+    assert len(ch) == 0
+    with pytest.raises(ChannelEmpty):
+        ch.recv(timeout=0)
+    assert ch.send_many(x for x in (b"a", memoryview(b"bc")[::-1])) == 2  # (a strided view is copied)
+    assert ch.recv_many(5, timeout=0) == [b"a", b"cb"]
+
+
 def test_poll(ch):
     assert ch.poll(timeout=0) is False
     t = time.monotonic()
@@ -617,3 +633,72 @@ def test_pickling_message_copies_payload(ch):
     ch.send(b"m" * 3000)
     with ch.recv_message() as m:
         assert pickle.loads(pickle.dumps(m)) == b"m" * 3000
+
+
+# ------------------------------------------------------------------------------------------ scribbled slots
+def _slot_fields(pool, c):
+    """(view of the channel's block, offset of slot i's len/flags/data) for writing garbage into slots."""
+    off = struct.unpack_from("<4sBBHQQQQH", c.sdesc)[6]
+    stride = (16 + c.block_size + 63) // 64 * 64
+    return memoryview(pool.block(off)), lambda i: 384 + i * stride + 8, off
+
+
+def test_bad_lengths_and_offsets_in_slots_raise_and_are_dropped(pool):
+    """Every length and block offset read from a slot is checked against the channel and the pool before use;
+    a bad slot raises ChannelError naming the channel, is dropped, and the messages behind it still come."""
+    c = Channel.create(pool, capacity=16, block_size=64, name="scribbled")
+    mv, field, choff = _slot_fields(pool, c)
+    filler = pool.alloc(3000)  # an allocated block smaller than the lengths below
+    bad = [
+        struct.pack("<II", 65, 0),  # inline, longer than block_size
+        struct.pack("<IIQ", 100, 1, 12345),  # a pool block offset that is no block
+        struct.pack("<IIQ", 5000, 1, filler.offset),  # a block too small for its length
+        struct.pack("<IIQ", 10, 1, choff),  # the channel's own block
+        struct.pack("<II", 0xFFFFFFFF, 0),  # 4 GiB inline
+    ]
+    for i, fields in enumerate(bad):
+        c.send(b"x" * 3000 if i % 2 else b"x")  # a block or an inline message, then scribbled
+        mv[field(2 * i) : field(2 * i) + len(fields)] = fields
+        c.send(b"good %d" % i)
+    stats = pool.stats()
+
+    def into():
+        buf = bytearray(100)  # (not "buffer too small" for a bad length: the slot is dropped)
+        return bytes(buf[: c.recv_into(buf, timeout=0)])
+
+    receivers = [
+        lambda: c.recv(timeout=0),
+        lambda: bytes(c.recv_message(timeout=0)),
+        into,
+        lambda: c.recv(timeout=1),
+        lambda: c.recv_many(5, timeout=0)[0],
+    ]
+    for i, receive in enumerate(receivers):
+        assert c.poll(timeout=0)  # a bad slot is something to receive (an error)
+        with pytest.raises(ChannelError, match="'scribbled': a corrupt message slot"):
+            receive()
+        assert receive() == b"good %d" % i
+    with pytest.raises(ChannelEmpty):
+        c.recv(timeout=0)
+    # nothing was freed by mistake (the filler, the channel itself); the blocks of messages 1 and 3, whose offsets
+    # were overwritten, stay allocated (2 blocks leak: nothing says whose they are)
+    assert pool.stats()["allocated_blocks"] == stats["allocated_blocks"]
+    pool.free(filler)
+    c.send(b"y" * 3000)
+    assert c.recv(timeout=0) == b"y" * 3000
+    c.destroy()
+    assert pool.stats()["allocated_blocks"] == 2
+
+
+def test_recv_many_stops_before_a_bad_slot(pool):
+    """recv_many returns the good messages before a bad slot (raising would lose them); the next call drops it."""
+    c = Channel.create(pool, capacity=8, block_size=64, name="batch")
+    mv, field, _ = _slot_fields(pool, c)
+    for i in range(4):
+        c.send(b"m%d" % i)
+    mv[field(2) : field(2) + 4] = struct.pack("<I", 1000)
+    assert c.recv_many(8, timeout=0) == [b"m0", b"m1"]
+    with pytest.raises(ChannelError, match="corrupt"):
+        c.recv_many(8, timeout=0)
+    assert c.recv_many(8, timeout=0) == [b"m3"]
+    c.destroy()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dragon.channels import Channel
-from dragon.errors import ChannelTimeout
+from dragon.errors import ChannelError, ChannelTimeout
 from dragon.pools import Pool
 
 ctx = mp.get_context("fork")
@@ -321,3 +321,112 @@ def test_tiny_rings_exactly_once(capacity):
                 assert seqs == sorted(seqs)
         ch.destroy()
         assert pool.stats()["allocated_blocks"] == 0
+
+
+# ------------------------------------------------------------------------------------------ scribbled channels
+CH_HDR = 384  # the channel header: 6 cache lines (see dragon/_core/README.md), then the slots
+SLOT_HDR = 16  # state u64, len u32, flags u32, then the data (or a pool block's offset)
+GOOD = [b"", b"g" * 40, b"G" * 3000, b"h" * 64, b"H" * 100_000]  # inline and in pool blocks
+
+
+def _scribble_view(pool, ch):
+    """A writable view of the channel's own block (any process of the node can do this to a channel)."""
+    off = struct.unpack_from("<4sBBHQQQQH", ch.sdesc)[6]
+    return memoryview(pool.block(off))
+
+
+def _receive_scribbled(sdesc, name, out):
+    """Drain a scribbled channel with every receive call, then check that it carries good messages again. Exit
+    0: only ChannelErrors naming the channel; 2: anything else. A crash is the exit code of its signal."""
+    rng = random.Random(os.getpid())
+    errors = 0
+    try:
+        ch = Channel.attach(sdesc)
+        for _ in range(200):  # (a scribbled header, e.g. its tail counter, can make every call fail)
+            try:
+                how = rng.randrange(4)
+                if how == 0:
+                    ch.recv(timeout=0.2)
+                elif how == 1:
+                    ch.recv_into(bytearray(200_000), timeout=0.2)
+                elif how == 2:
+                    bytes(ch.recv_message(timeout=0.2))
+                else:
+                    ch.recv_many(3, timeout=0.2)
+            except ChannelTimeout:
+                break
+            except ChannelError as e:
+                assert name in str(e), e
+                errors += 1
+        for data in GOOD:  # the channel goes on: good messages after the bad ones come through intact, in
+            ch.send(data, timeout=5)  # order (between them, what a scribble made of a slot not yet written)
+        want = list(GOOD)
+        for _ in range(3 * len(GOOD)):
+            try:
+                if ch.recv(timeout=5) == want[0]:
+                    want.pop(0)
+            except ChannelError as e:
+                assert name in str(e), e
+            if not want:
+                break
+        assert not want, f"{len(want)} good message(s) lost"
+        os.write(out, struct.pack("<I", errors))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(2)
+    os._exit(0)
+
+
+def _fill_and_scribble(pool, ch, rng, whole):
+    """Queue a mix of inline and pool-block messages, then write random bytes over slots (whole: anywhere in the
+    channel's block, its header included)."""
+    for _ in range(rng.randrange(1, 12)):
+        n = rng.choice((0, 5, 64, 65, 300, 5000))
+        ch.send(bytes([rng.randrange(256)]) * n, timeout=0)
+    mv = _scribble_view(pool, ch)
+    stride = (SLOT_HDR + ch.block_size + 63) // 64 * 64
+    for _ in range(rng.randrange(1, 6)):
+        if whole:
+            start = rng.randrange(len(mv))
+        else:
+            slot = CH_HDR + rng.randrange(ch.capacity) * stride
+            # mostly the slot's header (state, length, flags) and the block offset, sometimes its data
+            start = slot + (rng.randrange(SLOT_HDR + 8) if rng.random() < 0.8 else rng.randrange(stride))
+        n = min(rng.choice((1, 2, 4, 8, 16)), len(mv) - start)
+        mv[start : start + n] = bytes(rng.randrange(256) for _ in range(n))
+    mv.release()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("whole", [False, True], ids=["slots", "whole-block"])
+def test_scribbled_channel_never_crashes_the_receiver(whole):
+    """Random bytes over a channel's slots (lengths, block offsets, states, data) or over its whole block: the
+    receiving process never crashes; a bad slot raises ChannelError naming the channel and is dropped, and the
+    channel carries good messages again (for slot scribbles; a scribbled header may leave it unusable, never
+    crashing anyone)."""
+    rng = random.Random(1217 + whole)
+    errors = 0
+    trials = 40
+    for trial in range(trials):
+        with Pool.create(4 << 20) as pool:
+            ch = Channel.create(pool, capacity=16, block_size=64, name=f"scribbled-{trial}")
+            _fill_and_scribble(pool, ch, rng, whole)
+            r, w = os.pipe()
+            proc = ctx.Process(target=_receive_scribbled, args=(ch.sdesc, ch.name, w))
+            proc.start()
+            proc.join(60)
+            if proc.exitcode is None:  # (a hang fails the test below)
+                proc.kill()
+                proc.join()
+            os.close(w)
+            got = os.read(r, 4)
+            os.close(r)
+            if whole:  # a scribbled header may be refused at attach or leave the ring stuck: only no crash
+                assert proc.exitcode in (0, 2), f"trial {trial}: receiver died with {proc.exitcode}"
+            else:
+                assert proc.exitcode == 0, f"trial {trial}: receiver exit {proc.exitcode}"
+                errors += struct.unpack("<I", got)[0]
+    if not whole:
+        assert errors >= trials // 4, f"only {errors} bad slots detected in {trials} trials"

@@ -6,7 +6,13 @@ import time
 
 import pytest
 
+from dragon.errors import ChannelError, ChannelTimeout, DragonError, ProcessError, code_of
 from dragon.infrastructure import messages as m
+
+KEY = b"testkey1"  # the job's key: control messages (the shepherd's, the launcher's) carry it
+E_PROCESS, E_CHANNEL, E_TIMEOUT, E_INTERNAL = (
+    code_of(c) for c in (ProcessError, ChannelError, ChannelTimeout, DragonError)
+)
 
 
 @pytest.fixture
@@ -20,7 +26,7 @@ def gs(monkeypatch):
     chans = [Channel.create(pool, capacity=256) for _ in range(4)]
     inbox, shep, launcher, client = chans
     nodes = [{"index": 0, "hostname": "h0", "cpus": 2}]
-    g = GlobalServices(inbox, [shep.sdesc], launcher.sdesc, nodes, [pool.sdesc])
+    g = GlobalServices(inbox, [shep.sdesc], launcher.sdesc, nodes, [pool.sdesc], KEY)
     g.t_shep, g.t_launcher, g.t_client = shep, launcher, client
     yield g
     for c in chans:
@@ -31,14 +37,14 @@ def gs(monkeypatch):
 def req(g, cls, caller=0, **fields):
     """Send a request as a client would and let GS handle it; returns the tag."""
     req.tag = getattr(req, "tag", 0) + 1
-    g.dispatch(m.decode(m.encode(cls(tag=req.tag, reply=bytes(g.t_client.sdesc), caller=caller, **fields))))
+    g.handle(m.encode(cls(tag=req.tag, reply=bytes(g.t_client.sdesc), caller=caller, **fields)))
     return req.tag
 
 
 def answer(g, tag=None):
     """The next answer to the client (checks its tag)."""
     r = m.decode(g.t_client.recv(timeout=1))
-    assert isinstance(r, m.Response)
+    assert isinstance(r, (m.Response, m.ControlResponse))
     if tag is not None:
         assert r.tag == tag
     return r
@@ -55,7 +61,7 @@ def shepherd_gets(g, cls):
 
 
 def shepherd_replies(g, msg, err=0, text=None, result=None):
-    g.dispatch(m.Response(msg.tag, err, text, result))
+    g.handle(m.encode(m.ControlResponse(KEY, msg.tag, err, text, result)))
 
 
 def create_req(g, caller=0, **fields):
@@ -77,7 +83,7 @@ def start(g, name=None, caller=0, head=False, pid=100):
 
 
 def exit_(g, p_uid, code):
-    g.dispatch(m.SHProcessExit(0, p_uid, code))
+    g.handle(m.encode(m.SHProcessExit(KEY, 0, p_uid, code)))
     assert shepherd_gets(g, m.SHProcessReaped).p_uid == p_uid
 
 
@@ -91,7 +97,7 @@ def test_create_names_labels_and_uids(gs):
         gs,
         create_req(gs, user_name="w"),
     )
-    assert r.err == m.ERR_PROCESS and "'w'" in r.msg
+    assert r.err == E_PROCESS and "'w'" in r.msg
     r = answer(
         gs,
         create_req(gs, user_name="w", soft=True),
@@ -100,9 +106,9 @@ def test_create_names_labels_and_uids(gs):
     # a create the shepherd refuses frees the name but not the p_uid
     tag = create_req(gs, exe="/no", user_name="bad")
     sh = shepherd_gets(gs, m.SHProcessCreate)
-    shepherd_replies(gs, sh, err=m.ERR_INTERNAL, text="cannot start '/no'")
+    shepherd_replies(gs, sh, err=E_INTERNAL, text="cannot start '/no'")
     r = answer(gs, tag)
-    assert r.err == m.ERR_PROCESS and "/no" in r.msg
+    assert r.err == E_PROCESS and "/no" in r.msg
     d4, _ = start(gs, name="bad")
     assert d4["p_uid"] == 4
 
@@ -129,16 +135,16 @@ def test_join_deadline_is_kept_by_the_server(gs):
 def test_join_self_and_unknown(gs):
     d, _ = start(gs, name="w")
     r = answer(gs, req(gs, m.GSProcessJoin, caller=d["p_uid"], ident="w", timeout=None))
-    assert r.err == m.ERR_PROCESS and "itself" in r.msg
+    assert r.err == E_PROCESS and "itself" in r.msg
     r = answer(gs, req(gs, m.GSProcessQuery, ident=77))
-    assert r.err == m.ERR_PROCESS and "77" in r.msg
+    assert r.err == E_PROCESS and "77" in r.msg
 
 
 def test_answers_owed_to_a_dead_process_are_dropped(gs, capfd):
     a, _ = start(gs, name="a")
     b, _ = start(gs, name="b")
     # b joins a through its own reply channel (b"rc2"); then b dies: GS must never answer into b's channel
-    gs.dispatch(m.GSProcessJoin(tag=9, reply=b"rc2", caller=b["p_uid"], ident="a", timeout=None))
+    gs.handle(m.encode(m.GSProcessJoin(tag=9, reply=b"rc2", caller=b["p_uid"], ident="a", timeout=None)))
     exit_(gs, b["p_uid"], 0)
     exit_(gs, a["p_uid"], 0)
     assert gs.owed == {}
@@ -156,7 +162,7 @@ def test_head_exit_tells_the_launcher(gs):
 def test_kill_validates_and_forwards(gs):
     d, _ = start(gs, name="w")
     r = answer(gs, req(gs, m.GSProcessKill, ident="w", sig=12345))
-    assert r.err == m.ERR_PROCESS
+    assert r.err == E_PROCESS
     tag = req(gs, m.GSProcessKill, ident="w", sig=15)
     k = shepherd_gets(gs, m.SHProcessKill)
     assert (k.p_uid, k.sig) == (d["p_uid"], 15)
@@ -188,7 +194,7 @@ def test_channel_join_waits_for_create_and_times_out(gs):
     time.sleep(0.06)
     gs._fire_timers()
     r = answer(gs, tag_short)
-    assert r.err == m.ERR_TIMEOUT and "never" in r.msg
+    assert r.err == E_TIMEOUT and "never" in r.msg
     c = _make_channel(gs, "later", False)
     r = answer(gs, tag_wait)
     assert r.err == 0 and r.result["c_uid"] == c["c_uid"]
@@ -204,7 +210,7 @@ def test_ref_count_channel_goes_with_its_last_holder(gs):
     assert answer(gs, req(gs, m.GSChannelDetach, caller=b["p_uid"], ident="rc")).err == 0
     d = shepherd_gets(gs, m.SHChannelDestroy)
     assert d.c_uid == c["c_uid"]
-    assert answer(gs, req(gs, m.GSChannelQuery, ident="rc")).err == m.ERR_CHANNEL
+    assert answer(gs, req(gs, m.GSChannelQuery, ident="rc")).err == E_CHANNEL
 
 
 def test_uids_are_never_reused(gs):
@@ -220,9 +226,70 @@ def test_uids_are_never_reused(gs):
 
 
 def test_unknown_message_gets_an_error_not_a_crash(gs):
-    gs.dispatch(m.SHTeardown(tag=5, reply=bytes(gs.t_client.sdesc), grace=1))
+    gs.handle(m.encode(m.SHTeardown(KEY, tag=5, reply=bytes(gs.t_client.sdesc), grace=1)))
     r = answer(gs, 5)
-    assert r.err == m.ERR_INTERNAL and "SHTeardown" in r.msg
+    assert r.err == E_INTERNAL and "global services: does not handle SHTeardown" in r.msg
+
+
+def test_control_messages_without_the_jobs_key_are_dropped(gs):
+    """A managed process that writes the runtime's own messages into GS's inbox changes nothing (issue 17.5)."""
+    d, _ = start(gs, name="w", head=True)
+    for key in (None, b"", b"wrongkey"):
+        gs.handle(m.encode(m.SHProcessExit(key, 0, d["p_uid"], 0)))  # a forged exit of a running process
+        gs.handle(m.encode(m.GSNodeDown(key, 0, 0, "forged")))
+        gs.handle(m.encode(m.GSHalt(key)))
+        gs.handle(m.encode(m.ControlResponse(key, 1, 0, None, None)))
+    assert gs.running and gs.down == set()
+    assert answer(gs, req(gs, m.GSProcessQuery, ident="w")).result["state"] == "running"
+    assert len(gs.t_launcher) == 0  # no LAHeadExit: the launcher still waits for the real exit
+    assert len(gs.t_shep) == 0
+    tag = req(gs, m.GSProcessQuery, ident="w")
+    gs.handle(m.encode(m.SHTeardown(b"nope", tag=99, reply=bytes(gs.t_client.sdesc), grace=1)))
+    assert answer(gs, tag).result["state"] == "running"
+    r = answer(gs, 99)  # a forged request that has a reply channel is answered with an error
+    assert r.err == E_INTERNAL and "key" in r.msg
+    exit_(gs, d["p_uid"], 7)  # the real one still counts
+    assert m.decode(gs.t_launcher.recv(timeout=1)).exit_code == 7
+
+
+def test_bad_bytes_and_bad_fields_never_stop_gs(gs, capfd):
+    import msgpack
+
+    for data in (b"", b"\xc1", b"\x84\x00B\x01\x00\x02\x00\x03\x00", msgpack.packb([12, 1]), b"\x00" * 9):
+        gs.handle(data)
+    wire = m.GSProcessQuery(tag=42, reply=bytes(gs.t_client.sdesc), caller=0, ident=1)._wire()
+    wire[-1] = {"not": "an ident"}
+    gs.handle(msgpack.packb(wire, use_bin_type=True))
+    r = answer(gs, 42)  # answered: the message named the field that is wrong
+    assert r.err == E_INTERNAL and "GSProcessQuery.ident" in r.msg
+    for _ in range(3000):
+        gs.handle(b"\xc1")
+    err = capfd.readouterr().err
+    assert err.count("bad message (undecodable") < 30  # logged a few times, then rarely, with counts
+    d, _ = start(gs, name="after")
+    assert d["user_name"] == "after"
+
+
+def test_bulk_work_never_blocks_gs_on_a_full_shepherd_inbox(gs):
+    """3000 channel destroys in one request: GS's requests fill the shepherd's inbox (capacity 256) and the
+    rest wait in GS's outbox; GS itself never blocks, and every one is sent and answered in the end."""
+    tags = [_make_channel(gs, None, False)["c_uid"] for _ in range(300)]
+    c_uids = []
+    for _ in range(10):
+        c_uids += tags
+        tags = [_make_channel(gs, None, False)["c_uid"] for _ in range(270)] if len(c_uids) < 2700 else []
+    c_uids = list(dict.fromkeys(c_uids))[:3000] or c_uids
+    t = time.monotonic()
+    tag = req(gs, m.GSChannelDestroy, idents=c_uids)
+    assert time.monotonic() - t < 5  # (no timing is asserted: this only says it returned, it did not block)
+    assert gs.outbox  # what did not fit waits here
+    got = 0
+    while got < len(c_uids):
+        for data in gs.t_shep.recv_many(64, timeout=1):
+            shepherd_replies(gs, m.decode(data))
+            got += 1
+        gs.flush()
+    assert answer(gs, tag).err == 0 and not gs.outbox
 
 
 def test_node_down_reports_its_processes_dead_and_fails_its_requests(gs):
@@ -230,12 +297,12 @@ def test_node_down_reports_its_processes_dead_and_fails_its_requests(gs):
     tag_join = req(gs, m.GSProcessJoin, ident="a", timeout=None)
     tag_kill = req(gs, m.GSProcessKill, ident="a", sig=15)
     shepherd_gets(gs, m.SHProcessKill)  # never answered: the node dies
-    gs.dispatch(m.GSNodeDown(0, None, "shepherd of node 0 died"))
+    gs.handle(m.encode(m.GSNodeDown(KEY, 0, None, "shepherd of node 0 died")))
     got = {r.tag: r for r in (answer(gs), answer(gs))}
     assert got[tag_join].result == -9
-    assert got[tag_kill].err == m.ERR_PROCESS and "down" in got[tag_kill].msg
+    assert got[tag_kill].err == E_PROCESS and "down" in got[tag_kill].msg
     r = answer(
         gs,
         create_req(gs, exe="/x"),
     )
-    assert r.err == m.ERR_PROCESS and "node 0 is down" in r.msg
+    assert r.err == E_PROCESS and "node 0 is down" in r.msg

@@ -171,7 +171,7 @@ def test_gs_rank_without_mpi_is_refused(tmp_path):
 
 @pytest.mark.timeout(10)
 def test_infra_pool_size_from_the_environment():
-    from dragon.infrastructure.env import infra_pool_size
+    from dragon.env import infra_pool_size
 
     assert infra_pool_size({}) == 64 << 20
     assert infra_pool_size({"DRAGON_INFRA_POOL_SIZE": "128M"}) == 128 << 20

@@ -373,6 +373,17 @@ def test_garbage_truncated_and_stale_sdesc():
         q.destroy()
 
 
+def test_sdesc_layout_is_the_documented_one(pool):
+    """dragon/_core/README.md says what an sdesc is; the code writes exactly that."""
+    with open(os.path.join(os.path.dirname(core.__file__), "README.md")) as f:
+        doc = f.read()
+    fmt = core._SD.format
+    assert f"## sdesc (struct `{fmt}`, {core._SD.size} bytes" in doc and f"version {core.SDESC_VERSION}" in doc
+    magic, version, kind, namelen, pgen, size, choff, chgen, node = struct.unpack_from(fmt, pool.sdesc)
+    assert (magic, version, kind, size, choff, chgen, node) == (b"DRGN", core.SDESC_VERSION, 1, pool.size, 0, 0, 0)
+    assert pool.sdesc[core._SD.size :].decode() == pool.name and namelen == len(pool.name)
+
+
 def test_errors_are_dragon_errors():
     assert issubclass(PoolFull, PoolError) and issubclass(PoolError, DragonError)
     assert issubclass(PoolTimeout, TimeoutError)
@@ -489,3 +500,166 @@ def test_sigkill_while_holding_the_pool_mutex_is_repaired():
         for b in held[:10]:
             p.free(b)
         assert p.alloc(256 * 2, timeout=0).size == 512  # the rebuilt bitmap finds the new hole
+
+
+# ------------------------------------------------------------------------------------------ a stopped lock holder
+def _hold_lock_and_stop(sdesc, w):
+    p = Pool.attach(sdesc)
+    p._debug_lock(True)
+    os.write(w, b"x")
+    os.kill(os.getpid(), signal.SIGSTOP)  # stopped holding the pool's lock (as under a debugger)
+    p._debug_lock(False)  # (after SIGCONT)
+
+
+def _wait_stopped(pid):
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.005)
+
+
+def _stopped_holder(p):
+    r, w = os.pipe()
+    proc = ctx.Process(target=_hold_lock_and_stop, args=(p.sdesc, w))
+    proc.start()
+    assert os.read(r, 1) == b"x"
+    os.close(r)
+    os.close(w)
+    _wait_stopped(proc.pid)
+    return proc
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_lock_holder_delays_nothing_past_its_timeout():
+    """Every call that takes the pool's lock honours its timeout beside a process stopped holding it, waits
+    without the GIL, and free() never waits: the block is freed by the next process that takes the lock."""
+    from dragon.channels import Channel
+    from dragon.errors import ChannelError, ChannelFull, ChannelTimeout
+
+    with Pool.create(1 << 20) as p:
+        ch = Channel.create(p, capacity=8, block_size=64)
+        ch.send(b"z" * 5000)  # a message in a pool block, received below
+        kept = p.alloc(1000)
+        other = p.block(kept.offset)  # a second handle of the same block
+        holder = _stopped_holder(p)
+        try:
+            with pytest.raises(PoolFull, match="lock"):
+                p.alloc(10, timeout=0)
+            with pytest.raises(PoolTimeout, match="lock"):
+                p.alloc(10, timeout=0.2)
+            with pytest.raises(ChannelFull, match="lock"):
+                ch.send(b"y" * 5000, timeout=0)
+            with pytest.raises(ChannelTimeout, match="lock"):
+                ch.send(b"y" * 5000, timeout=0.2)
+            with pytest.raises(ChannelError, match="lock"):
+                Channel.create(p, capacity=4, timeout=0)
+            with pytest.raises(ChannelTimeout, match="lock"):
+                Channel.create(p, capacity=4, timeout=0.2)
+            ch.send(b"small", timeout=0)  # inline messages need no lock
+            assert ch.recv(timeout=0) == b"z" * 5000 and ch.recv(timeout=0) == b"small"
+            blocks = p.stats()["allocated_blocks"]  # (read without the lock)
+            p.free(kept)  # deferred: returns at once
+            with pytest.raises(PoolError, match="not an allocated block"):
+                p.free(other)  # ... and still freed once only
+            with pytest.raises(PoolError, match="not an allocated block"):
+                p.block(kept.offset)
+            ticks = []
+            t = threading.Thread(target=lambda: [ticks.append(1) or time.sleep(0.01) for _ in range(20)])
+            t.start()
+            with pytest.raises(PoolTimeout):
+                p.alloc(10, timeout=0.5)  # (the GIL is free meanwhile: the thread ticks)
+            t.join()
+            assert len(ticks) == 20
+            assert p.stats()["allocated_blocks"] == blocks  # the deferred frees wait for the lock
+        finally:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.join(10)
+        assert holder.exitcode == 0
+        b = p.alloc(10, timeout=5)  # the lock is free: this takes it and does the deferred frees first
+        assert p.stats()["allocated_blocks"] == blocks - 2 + 1  # the 5000-byte message's block and `kept`
+        p.free(b)
+        ch.destroy()
+        assert p.stats() == {"size": 1 << 20, "free_bytes": 1 << 20, "allocated_blocks": 0, "repairs": 0}
+
+
+def _alloc_until_interrupted(sdesc, w):
+    p = Pool.attach(sdesc)
+    os.write(w, b"x")
+    try:
+        p.alloc(10)  # no timeout: waits for the lock until Ctrl-C
+    except KeyboardInterrupt:
+        os._exit(3)
+    os._exit(1)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_interrupts_an_allocation_waiting_for_a_stopped_lock_holder():
+    with Pool.create(1 << 20) as p:
+        holder = _stopped_holder(p)
+        try:
+            r, w = os.pipe()
+            waiter = ctx.Process(target=_alloc_until_interrupted, args=(p.sdesc, w))
+            waiter.start()
+            assert os.read(r, 1) == b"x"
+            time.sleep(0.3)  # (inside alloc by now; a signal before it would interrupt it as well)
+            os.kill(waiter.pid, signal.SIGINT)
+            waiter.join(20)
+            assert waiter.exitcode == 3
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.join(10)
+        p.free(p.alloc(10, timeout=5))  # a holder killed while stopped: the robust lock hands over
+        assert p.stats()["repairs"] == 1
+
+
+def _alloc_free_until_flag(sdesc, flag_offset):
+    p = Pool.attach(sdesc)
+    flag = memoryview(p.block(flag_offset))
+    while not flag[0]:  # every attempt scans the fragmented bitmap holding the lock
+        try:
+            p.free(p.alloc(512, timeout=0))
+        except PoolFull:
+            pass
+
+
+@pytest.mark.timeout(120)
+def test_allocs_and_frees_beside_a_process_stopped_at_random_in_the_allocator():
+    """The race as it happens: SIGSTOP a process that allocates in a loop, at random moments; whether or not it
+    was caught holding the lock, a timed alloc returns by its timeout and a free returns at once."""
+    ngran = 1 << 14
+    with Pool.create(256 * ngran) as p:
+        held = [p.alloc(256) for _ in range(ngran)]
+        for b in held[::2]:  # fragmented: the looping process holds the lock for a long search
+            p.free(b)
+        held = held[1::2]
+        flag = p.alloc(1)
+        memoryview(flag)[0] = 0
+        proc = ctx.Process(target=_alloc_free_until_flag, args=(p.sdesc, flag.offset))
+        proc.start()
+        caught = 0
+        try:
+            for _ in range(30):
+                time.sleep(random.uniform(0.001, 0.02))
+                os.kill(proc.pid, signal.SIGSTOP)
+                _wait_stopped(proc.pid)
+                try:
+                    b = p.alloc(1, timeout=0.1)
+                    p.free(b)
+                except PoolTimeout as e:
+                    assert "lock" in str(e)
+                    caught += 1
+                    with pytest.raises(PoolFull, match="lock"):
+                        p.alloc(1, timeout=0)
+                p.free(held.pop())  # deferred if the lock is held
+                os.kill(proc.pid, signal.SIGCONT)
+        finally:
+            memoryview(flag)[0] = 1
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.join(10)
+        assert proc.exitcode == 0
+        assert caught >= 3, f"caught holding the lock {caught} times in 30"
+        p.free(flag)
+        p.free(p.alloc(1, timeout=5))  # (does whatever frees are still deferred)
+        st = p.stats()
+        assert st["allocated_blocks"] == len(held) and st["free_bytes"] == 256 * (ngran - len(held))

@@ -74,6 +74,11 @@ def test_messages_taken_for_abandoned_receives_go_back_and_a_destroyed_channel_f
     assert "abandon ok" in harness(2, "abandon")
 
 
+@pytest.mark.timeout(100)
+def test_malformed_and_forged_gateway_frames_drop_alone_and_act_on_nothing():
+    assert "badframes ok" in harness(2, "badframes")
+
+
 @pytest.mark.timeout(150)
 def test_big_messages_from_several_senders_many_in_flight_exactly_once_in_order():
     assert "bigmulti ok 120" in harness(3, "bigmulti", "30", timeout=140)

@@ -45,11 +45,11 @@ LOOPBACK = r"""
 import os, threading
 from mpi4py import MPI
 from dragon.channels import Channel
-from dragon.errors import ChannelEmpty
+from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
 from dragon.pools import Pool
-from dragon.infrastructure import frames as W, remote_channel as remote
+from dragon._core import frames as W, remote
 from dragon.transport.agent import Agent, start_thread
-from dragon.infrastructure.remote_channel import RemoteChannel
+from dragon._core.remote import RemoteChannel
 
 with Pool.create(32 << 20, name="inf") as pool:
     gw = Channel.create(pool, capacity=256, block_size=1024 + W.HSIZE)
@@ -64,11 +64,27 @@ with Pool.create(32 << 20, name="inf") as pool:
         for data in (b"", b"x" * 64, big):
             r.send(data)
             assert r.recv(timeout=10) == data
+        # errors come back as their own class (the ERR frame's code): empty, timed out, too small a buffer
+        for call, cls in ((lambda: r.recv(timeout=0), ChannelEmpty), (lambda: r.recv(timeout=0.2), ChannelTimeout)):
+            try:
+                call()
+                raise AssertionError("not empty")
+            except ChannelError as e:
+                assert type(e) is cls, repr(e)
+        r.send(b"y" * 40)
         try:
-            r.recv(timeout=0)
-            raise AssertionError("not empty")
-        except ChannelEmpty:
-            pass
+            r.recv_into(bytearray(8), timeout=10)
+            raise AssertionError("fit")
+        except ChannelError as e:
+            assert type(e) is ChannelError and "too small" in str(e), repr(e)
+        assert r.recv(timeout=10) == b"y" * 40  # (it stayed queued)
+        try:  # send_many: all or nothing for bad input
+            r.send_many([b"a", 1, b"b"])
+            raise AssertionError("sent")
+        except TypeError as e:
+            assert "item 1" in str(e), e
+        assert r.send_many([b"c", bytearray(b"d")]) == 2
+        assert r.recv_many(5, timeout=10) == [b"c", b"d"]  # (nothing of the refused call came before them)
         assert r.capacity == 4
         pid = os.fork()  # a child uses the inherited handle: it gets its own stream and reply channel
         if pid == 0:
@@ -107,7 +123,7 @@ def test_remote_channel_through_an_agent_loopback(node_env):
 def test_remote_channel_has_the_local_channel_api():
     """Every public call of a local Channel exists on RemoteChannel, but the constructors (a RemoteChannel comes
     from Channel.attach of another node's sdesc)."""
-    from dragon.infrastructure.remote_channel import RemoteChannel
+    from dragon._core.remote import RemoteChannel
 
     local = {n for n in dir(Channel) if not n.startswith("_")} | {"__len__", "__enter__", "__exit__"}
     missing = {n for n in local - {"create", "attach"} if not hasattr(RemoteChannel, n)}

@@ -14,6 +14,9 @@ cdef extern from "dshm.h" nogil:
         DS_BADARG
         DS_TOO_SMALL
         DS_STALE
+        DS_BUSY
+        DS_LOCKED
+        DS_BADSLOT
 
     enum:
         DS_GRANULE
@@ -60,11 +63,11 @@ cdef extern from "dshm.h" nogil:
     int ds_pool_init(char *base, uint64_t nbits, uint64_t generation)
     int ds_pool_check(char *base, uint64_t map_size, uint64_t generation)
     int ds_pool_try_alloc(char *base, uint64_t nbytes, uint64_t *off)
-    int ds_pool_alloc_wait(char *base, uint64_t nbytes, uint64_t *off, int64_t deadline)
     int ds_pool_block_capacity(char *base, uint64_t off, uint64_t *cap)
     int ds_pool_free(char *base, uint64_t off)
     int ds_pool_stats(char *base, uint64_t *free_bytes, uint64_t *blocks, uint64_t *repairs)
     void ds_pool_mark_destroyed(char *base)
+    void ds_pool_unlock(char *base)
 
     # channel
     ctypedef struct ds_ch_hdr:
@@ -89,22 +92,44 @@ cdef extern from "dshm.h" nogil:
                     uint64_t generation, const char *name, size_t namelen)
     int ds_ch_open(char *base, uint64_t off, uint64_t generation, ds_chan *c)
     int ds_ch_alive(const ds_chan *c)
+    ctypedef struct ds_msg:
+        uint32_t n
+        uint64_t off
+
     char *ds_slot_data(ds_slot *s)
-    uint32_t ds_slot_len(ds_slot *s)
-    int ds_slot_is_block(ds_slot *s)
-    uint64_t ds_slot_block_off(ds_slot *s)
     void ds_slot_put_inline(ds_slot *s, const char *p, uint32_t n)
     void ds_slot_put_block(ds_slot *s, uint64_t off, uint32_t n)
     void ds_slot_clear_block(ds_slot *s)
     int ds_ch_claim_send(const ds_chan *c, ds_slot **slot, uint32_t *lap, uint64_t *st)
     void ds_ch_commit_send(const ds_chan *c, ds_slot *s, uint32_t lap)
-    int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st)
+    int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, int take_bad, ds_slot **slot, uint32_t *lap,
+                         uint64_t *st, ds_msg *m)
     void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
     int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st)
     uint64_t ds_ch_len(const ds_chan *c)
     void ds_ch_positions(const ds_chan *c, uint64_t *head, uint64_t *tail)
     int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
-    int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **slot, uint32_t *lap,
-                   uint64_t *st, int64_t deadline, ds_wait_ctx *w)
     void ds_ch_destroy(const ds_chan *c)
+
+    # one blocking call (core.pyx's _wait)
+    enum:
+        DS_OP_SEND
+        DS_OP_RECV
+        DS_OP_POLL
+        DS_OP_ALLOC
+        DS_OP_LOCK
+
+    ctypedef struct ds_op:
+        int kind
+        ds_chan *c
+        char *base
+        uint64_t n
+        ds_slot *slot
+        uint32_t lap
+        uint64_t st
+        uint64_t off
+        ds_msg m
+        ds_wait_ctx w
+
+    int ds_op_wait(ds_op *op, int64_t deadline)
     void ds_ch_snapshot(const ds_chan *c, uint64_t *out, uint64_t nslots)

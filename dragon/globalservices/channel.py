@@ -8,9 +8,10 @@ and a process that exits gives back all of its. When the count reaches zero GS d
 """
 
 from dragon.errors import ChannelError, ChannelTimeout
+from dragon.infrastructure import checks
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
-from dragon.infrastructure.descriptors import ChannelDescriptor, ChannelOptions, check_name_soft
+from dragon.infrastructure.descriptors import ChannelDescriptor, ChannelOptions
 
 __all__ = [
     "create",
@@ -30,9 +31,7 @@ _list = list
 
 
 def _ident(identifier):
-    if isinstance(identifier, bool) or not isinstance(identifier, (int, str)):
-        raise ChannelError(f"a channel identifier is a c_uid (int) or a name (str), not {identifier!r}")
-    return identifier
+    return checks.ident(identifier, ChannelError, "channel", "c_uid")
 
 
 def create(m_uid, user_name=None, channel_options=None, soft=False):
@@ -40,7 +39,7 @@ def create(m_uid, user_name=None, channel_options=None, soft=False):
     must be unique (``soft=True`` returns the existing channel of that name). Returns a ChannelDescriptor."""
     if m_uid is not None and (isinstance(m_uid, bool) or not isinstance(m_uid, int)):
         raise ChannelError(f"m_uid must be a pool's m_uid (int), not {m_uid!r}")
-    check_name_soft(user_name, soft, ChannelError)
+    checks.name_soft(user_name, soft, ChannelError)
     opts = ChannelOptions.make(channel_options)
     return ChannelDescriptor.from_wire(
         _client.call(
@@ -72,17 +71,14 @@ def join(identifier, timeout=None):
     forever; measured by global services)."""
     if not isinstance(identifier, str) or not identifier:
         raise ChannelError(f"channel.join needs a channel name (str), not {identifier!r}")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0  # also NaN
-    ):
-        raise ChannelError(f"timeout must be None or a number >= 0, not {timeout!r}")
+    timeout = checks.timeout(timeout, ChannelError)
     return ChannelDescriptor.from_wire(
         _client.call(
             _m.GSChannelJoin,
             ChannelError,
             server_wait=True,
             name=identifier,
-            timeout=None if timeout is None else float(timeout),
+            timeout=timeout,
         )
     )
 
@@ -91,9 +87,7 @@ def destroy(identifier):
     """Destroy one channel, or several (a list of identifiers). ChannelError if any is unknown (then none is
     destroyed)."""
     if isinstance(identifier, (_list, tuple)):
-        idents = [_ident(i) for i in identifier]
-        if not idents:
-            raise ChannelError("channel.destroy needs at least one identifier")
+        idents = checks.idents(identifier, ChannelError, "channel", "c_uid", "channel.destroy")
     else:
         idents = _ident(identifier)
     _client.call(_m.GSChannelDestroy, ChannelError, idents=idents)

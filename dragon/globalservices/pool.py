@@ -5,25 +5,19 @@ listed too (named ``dragon_infra_<node>``); it can hold user channels but cannot
 """
 
 from dragon.errors import PoolError
+from dragon.infrastructure import checks
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
-from dragon.infrastructure.descriptors import PoolDescriptor, PoolOptions, check_name_soft
+from dragon.infrastructure.descriptors import PoolDescriptor, PoolOptions
 
 __all__ = ["create", "get_list", "query", "destroy", "PoolDescriptor", "PoolOptions", "PoolError"]
-
-
-def _ident(identifier):
-    if isinstance(identifier, bool) or not isinstance(identifier, (int, str)):
-        raise PoolError(f"a pool identifier is an m_uid (int) or a name (str), not {identifier!r}")
-    return identifier
 
 
 def create(size, user_name=None, pool_options=None, soft=False):
     """Make a pool of ``size`` bytes on the caller's node (or ``PoolOptions(node=k)``); the name, if given, must be
     unique (``soft=True`` returns the existing pool of that name). Returns a PoolDescriptor."""
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise PoolError(f"pool size must be a positive int, not {size!r}")
-    check_name_soft(user_name, soft, PoolError)
+    checks.positive_int(size, PoolError, "pool size")
+    checks.name_soft(user_name, soft, PoolError)
     opts = PoolOptions.make(pool_options)
     return PoolDescriptor.from_wire(
         _client.call(
@@ -44,9 +38,9 @@ def get_list():
 
 def query(identifier):
     """The PoolDescriptor of a pool by m_uid (int) or name (str); PoolError if there is none."""
-    return PoolDescriptor.from_wire(_client.call(_m.GSPoolQuery, PoolError, ident=_ident(identifier)))
+    return PoolDescriptor.from_wire(_client.call(_m.GSPoolQuery, PoolError, ident=checks.ident(identifier, PoolError, "pool", "m_uid")))
 
 
 def destroy(identifier):
     """Destroy a pool. PoolError if it is unknown, still holds channels, or belongs to the runtime."""
-    _client.call(_m.GSPoolDestroy, PoolError, ident=_ident(identifier))
+    _client.call(_m.GSPoolDestroy, PoolError, ident=checks.ident(identifier, PoolError, "pool", "m_uid"))

@@ -8,9 +8,10 @@ import os
 import signal as _signal
 
 from dragon.errors import ProcessError
+from dragon.infrastructure import checks
 from dragon.infrastructure import client as _client
 from dragon.infrastructure import messages as _m
-from dragon.infrastructure.descriptors import ProcessDescriptor, ProcessOptions, check_name_soft
+from dragon.infrastructure.descriptors import ProcessDescriptor, ProcessOptions
 
 ProcessInfo = ProcessDescriptor  # the spec's other name for it (query's rtype)
 
@@ -29,30 +30,13 @@ __all__ = [
 ]
 
 
-def _ident(identifier):
-    if isinstance(identifier, bool) or not isinstance(identifier, (int, str)):
-        raise ProcessError(f"a process identifier is a p_uid (int) or a user_name (str), not {identifier!r}")
-    return identifier
-
-
-def _timeout(timeout):
-    if timeout is None:
-        return None
-    if (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0  # also NaN
-    ):
-        raise ProcessError(f"timeout must be None or a number >= 0, not {timeout!r}")
-    return float(timeout)
-
-
 def create(exe, run_dir, args, env=None, user_name="", options=None, soft=False):
     """Start ``exe args`` in ``run_dir`` ('' or None: the caller's working directory) as a managed process,
     with ``env`` added to the inherited environment. ``user_name`` must be unique in the job (one is picked if
     empty); with ``soft=True`` an existing process of that name is returned instead of an error. ``options``:
     a ProcessOptions, a dict initializer, or None. Returns when the process has started; raises ProcessError if
     it cannot start or the arguments are wrong."""
-    if not isinstance(exe, (str, os.PathLike)) or not os.fspath(exe):
-        raise ProcessError(f"exe must be a non-empty str or path, not {exe!r}")
+    exe = os.fspath(exe) if isinstance(exe, os.PathLike) else exe
     if run_dir is None or run_dir == "":
         run_dir = os.getcwd()
     if not isinstance(run_dir, (str, os.PathLike)):
@@ -60,22 +44,15 @@ def create(exe, run_dir, args, env=None, user_name="", options=None, soft=False)
     run_dir = os.path.abspath(os.fspath(run_dir))
     if args is None:
         args = []
-    if isinstance(args, (str, bytes)) or not isinstance(args, (list, tuple)):
-        raise ProcessError(f"args must be a list of str, not {args!r}")
-    args = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in args]
-    if not all(isinstance(a, str) for a in args):
-        raise ProcessError(f"args must be a list of str, not {args!r}")
-    if env is not None:
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
-        ):
-            raise ProcessError(f"env must be a dict of str to str (names without '='), not {env!r}")
-    check_name_soft(user_name, soft, ProcessError)
+    if isinstance(args, (list, tuple)):
+        args = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in args]
+    args = checks.command(exe, args, env, ProcessError)
+    checks.name_soft(user_name, soft, ProcessError)
     opts = ProcessOptions.make(options)
     d = _client.call(
         _m.GSProcessCreate,
         ProcessError,
-        exe=os.fspath(exe),
+        exe=exe,
         run_dir=run_dir,
         args=args,
         env=env,
@@ -95,23 +72,22 @@ def get_list():
 def query(identifier):
     """The ProcessDescriptor of a process, by p_uid (int) or user_name (str); ProcessError if there is none."""
     return ProcessDescriptor.from_wire(
-        _client.call(_m.GSProcessQuery, ProcessError, ident=_ident(identifier))
+        _client.call(_m.GSProcessQuery, ProcessError, ident=checks.ident(identifier, ProcessError))
     )
 
 
 def kill(identifier, sig=_signal.SIGKILL):
     """Send signal ``sig`` (default SIGKILL) to a running process. ProcessError if it is unknown, has exited,
     or sig is not a signal."""
-    if isinstance(sig, bool) or not isinstance(sig, int):
-        raise ProcessError(f"sig must be a signal number, not {sig!r}")
-    _client.call(_m.GSProcessKill, ProcessError, ident=_ident(identifier), sig=int(sig))
+    checks.signum(sig, ProcessError)
+    _client.call(_m.GSProcessKill, ProcessError, ident=checks.ident(identifier, ProcessError), sig=int(sig))
 
 
 def join(identifier, timeout=None):
     """Wait until the process exits; return its exit code (-N if signal N killed it), or None if ``timeout``
     seconds (measured by global services) pass first. Joining yourself raises ProcessError."""
     return _client.call(
-        _m.GSProcessJoin, ProcessError, server_wait=True, ident=_ident(identifier), timeout=_timeout(timeout)
+        _m.GSProcessJoin, ProcessError, server_wait=True, ident=checks.ident(identifier, ProcessError), timeout=checks.timeout(timeout, ProcessError)
     )
 
 
@@ -121,11 +97,9 @@ def multi_join(identifiers, timeout=None):
     Returns ``(exited, status)``: ``exited`` is a list of ``(p_uid, exit_code)`` of every listed process that has
     exited, or None if none had when the timeout passed; ``status`` is a dict p_uid -> ProcessDescriptor of every
     listed process. Joining yourself raises ProcessError."""
-    if isinstance(identifiers, (str, bytes)) or not isinstance(identifiers, (list, tuple)) or not identifiers:
-        raise ProcessError(f"multi_join needs a non-empty list of identifiers, not {identifiers!r}")
-    idents = [_ident(i) for i in identifiers]
+    idents = checks.idents(identifiers, ProcessError)
     r = _client.call(
-        _m.GSProcessMultiJoin, ProcessError, server_wait=True, idents=idents, timeout=_timeout(timeout)
+        _m.GSProcessMultiJoin, ProcessError, server_wait=True, idents=idents, timeout=checks.timeout(timeout, ProcessError)
     )
     exited = None if r["exited"] is None else [tuple(x) for x in r["exited"]]
     return exited, {int(k): ProcessDescriptor.from_wire(v) for k, v in r["status"].items()}

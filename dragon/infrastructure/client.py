@@ -4,8 +4,10 @@ All threads of a process share its one reply channel. Whichever waiting thread f
 reader: it receives replies and hands each to the thread whose tag it carries (leader/follower), so a thread
 blocked in ``join(timeout=None)`` never holds up another thread's ``query``.
 
-A managed process uses the reply channel its shepherd made before starting it. Any other process of the job (a
-child a managed process forked itself) makes its own in the infrastructure pool and destroys it at exit.
+A managed process uses the reply channel its shepherd made before starting it. Any other process of the job
+(a child a managed process forked itself, a client that ``dragon.init()`` attached) makes its own in the
+infrastructure pool and destroys it at exit. A client registers (``register``): its requests then carry its
+client id as ``caller``, and global services releases what it made when it leaves (``bye``) or is gone.
 """
 
 import itertools
@@ -13,6 +15,7 @@ import os
 import threading
 import time
 
+from dragon import env as E
 from dragon.errors import (
     ChannelEmpty,
     ChannelError,
@@ -23,18 +26,13 @@ from dragon.errors import (
     ProcessError,
     ProcessTimeout,
     RuntimeNotFound,
+    from_code,
 )
-from dragon.infrastructure import env as E
 from dragon.infrastructure import messages as m
 
 _TIMEOUT_OF = {ProcessError: ProcessTimeout, PoolError: PoolTimeout, ChannelError: ChannelTimeout}
-_ERR_OF = {
-    m.ERR_PROCESS: ProcessError,
-    m.ERR_POOL: PoolError,
-    m.ERR_CHANNEL: ChannelError,
-    m.ERR_TIMEOUT: ChannelTimeout,
-}
 SEND_TIMEOUT = 30.0
+MAX_REQUEST = 4 << 20  # bytes of one encoded request (a bigger one is refused before it is sent)
 
 
 def _request_timeout():
@@ -57,25 +55,19 @@ class Connection:
         environ = os.environ
         if E.GS_CD not in environ:
             raise RuntimeNotFound(
-                "not running under the dragon runtime (no global services to talk to): "
-                "start the program with dragon-launch, e.g. `dragon-launch app.py`"
+                "not running under the dragon runtime (no global services to talk to): call dragon.init() "
+                "first, or start the program with dragon-launch, e.g. `dragon-launch app.py`"
             )
         from dragon._core.core import Channel
 
         self.pid = os.getpid()
         self.p_uid = int(environ.get(E.PUID, "0"))
         self.node = int(environ.get(E.NODE, "0"))
-        gs_node = int(environ.get(E.GS_NODE) or 0)
-        if gs_node != self.node:  # global services runs on another node: through the transport
-            from dragon.infrastructure.remote_channel import RemoteChannel
-
-            self.gs = RemoteChannel(E.dec(environ[E.GS_CD]), gs_node)
-        else:
-            self.gs = Channel.attach(E.dec(environ[E.GS_CD]))
-        if environ.get("DRAGON_SPIN_NS"):  # see the services' _tune_waits
+        self.gs = Channel.attach(E.dec(environ[E.GS_CD]))  # (through the transport if GS is on another node)
+        if E.spin_ns() is not None:  # (as the services: dragon.infrastructure.service.service_process)
             from dragon._core import core
 
-            core.set_wait_params(spin_ns=int(environ["DRAGON_SPIN_NS"]))
+            core.set_wait_params(spin_ns=E.spin_ns())
         self.own_reply = None
         if E.REPLY_CD in environ and str(os.getppid()) == environ.get(E.SHEP_PID):
             self.reply = Channel.attach(E.dec(environ[E.REPLY_CD]))
@@ -94,6 +86,24 @@ class Connection:
         self.abandoned = set()
         self.tags = itertools.count(1)
 
+    def register(self, keep):
+        """Become a client of global services (see dragon.attach): -> the client id, which later requests
+        carry."""
+        from dragon._core.remote import start_time
+
+        self.p_uid = call(
+            m.GSClientRegister, DragonError, pid=self.pid, start=start_time(self.pid) or 0, keep=bool(keep)
+        )["client"]
+        return self.p_uid
+
+    def bye(self, timeout):
+        """A registered client leaves: global services releases what it made (unless kept); waits up to
+        timeout."""
+        msg = m.GSClientBye()
+        resp = self.request(msg, timeout)
+        if resp.err:
+            raise from_code(resp.err)(resp.msg)
+
     def close(self):
         if self.own_reply is not None and os.getpid() == self.pid:
             ch, self.own_reply = self.own_reply, None
@@ -107,7 +117,7 @@ class Connection:
         Raises TimeoutError (None) if no reply came in time; the caller turns that into its own class."""
         tag = next(self.tags)  # atomic under the GIL
         msg.tag, msg.reply, msg.caller = tag, self.reply_sdesc, self.p_uid
-        self.gs.send(m.encode(msg), timeout=SEND_TIMEOUT)
+        self.gs.send(encode_request(msg), timeout=SEND_TIMEOUT)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             try:
@@ -130,7 +140,12 @@ class Connection:
                         self.reading = False
                         self.cond.notify_all()
                     if data is not None:
-                        resp = m.decode(data)
+                        try:
+                            resp = m.decode(data)
+                        except ValueError:  # (only global services writes here: garbage is dropped)
+                            continue
+                        if type(resp) is not m.Response:
+                            continue
                         if resp.tag in self.abandoned:
                             self.abandoned.discard(resp.tag)
                         else:
@@ -142,6 +157,21 @@ class Connection:
                     self.abandoned.add(tag)
                 raise
             return self.results.pop(tag)
+
+
+class _Unsendable(ValueError):
+    pass
+
+
+def encode_request(msg):
+    """The bytes of a request, or _Unsendable saying why it cannot be sent (nothing is sent then)."""
+    try:
+        data = m.encode(msg)
+    except (OverflowError, UnicodeError, TypeError, ValueError) as e:  # ints beyond 64 bits, lone surrogates
+        raise _Unsendable(f"cannot be sent: {type(e).__name__}: {e}") from None
+    if len(data) > MAX_REQUEST:
+        raise _Unsendable(f"is too large to send ({len(data)} bytes; the limit is {MAX_REQUEST} bytes)")
+    return data
 
 
 _conn = None
@@ -159,6 +189,16 @@ def connection():
         return _conn
 
 
+def reset():
+    """Forget this process's connection (dragon.shutdown(): the next call finds the runtime of the environment
+    anew); its own reply channel is destroyed."""
+    global _conn
+    with _conn_lock:
+        c, _conn = _conn, None
+    if c is not None:
+        c.close()
+
+
 def call(msg_class, err_class, server_wait=False, **fields):
     """One request to global services; returns the Response's result or raises err_class (or the matching
     timeout class, also a TimeoutError) with the server's message. With server_wait, the request's own
@@ -172,6 +212,8 @@ def call(msg_class, err_class, server_wait=False, **fields):
     msg = msg_class(**fields)
     try:
         resp = conn.request(msg, wait)
+    except _Unsendable as e:
+        raise err_class(f"{msg_class.__name__}: the request {e}") from None
     except TimeoutError:
         raise _TIMEOUT_OF.get(err_class, ProcessTimeout)(
             f"{msg_class.__name__}: no answer from global services within {wait} s"
@@ -179,8 +221,7 @@ def call(msg_class, err_class, server_wait=False, **fields):
     except ChannelError as e:
         raise err_class(f"{msg_class.__name__}: lost contact with global services: {e}") from e
     if resp.err:
-        cls = DragonError if resp.err == m.ERR_INTERNAL else _ERR_OF.get(resp.err, err_class)
-        raise cls(resp.msg)
+        raise from_code(resp.err)(resp.msg)  # (Response.err is a dragon.errors wire code)
     return resp.result
 
 

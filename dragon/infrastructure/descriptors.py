@@ -2,6 +2,7 @@
 options objects of the create calls. Descriptors travel from GS as plain dicts (see ``*.to_wire``)."""
 
 from dragon.errors import ChannelError, PoolError, ProcessError
+from dragon.infrastructure import checks
 
 
 class _Snapshot:
@@ -77,11 +78,6 @@ class NodeDescriptor(_Snapshot):
     _shown = __slots__
 
 
-def _check_node(node, err):
-    if node is not None and (isinstance(node, bool) or not isinstance(node, int) or node < 0):
-        raise err(f"node must be None or a node index (int >= 0), not {node!r}")
-
-
 class _Options:
     """What every options class shares: ``make`` accepts None, an instance, or a dict initializer."""
 
@@ -104,16 +100,6 @@ class _Options:
         raise cls._error(f"{cls._arg} must be a {cls.__name__}, a dict or None, not {type(options).__name__}")
 
 
-def check_name_soft(user_name, soft, err):
-    """The rules every create shares: a str name or None, a bool soft, and soft only with a name."""
-    if user_name is not None and not isinstance(user_name, str):
-        raise err(f"user_name must be a str or None, not {user_name!r}")
-    if not isinstance(soft, bool):
-        raise err(f"soft must be a bool, not {soft!r}")
-    if soft and not user_name:
-        raise err("soft create needs a user_name")
-
-
 class ProcessOptions(_Options):
     """How to start a process.
 
@@ -131,7 +117,7 @@ class ProcessOptions(_Options):
     _error, _arg = ProcessError, "options"
 
     def __init__(self, node=None, stdout=FORWARD, stderr=FORWARD, zygote=False):
-        _check_node(node, ProcessError)
+        checks.node(node, ProcessError)
         for what, v in (("stdout", stdout), ("stderr", stderr)):
             if not isinstance(v, str) or not v:
                 raise ProcessError(
@@ -163,7 +149,7 @@ class PoolOptions(_Options):
     _error, _arg = PoolError, "pool_options"
 
     def __init__(self, node=None):
-        _check_node(node, PoolError)
+        checks.node(node, PoolError)
         self.node = node
 
     def to_wire(self):

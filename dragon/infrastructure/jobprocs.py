@@ -52,20 +52,3 @@ def kill_all(pids, sig=signal.SIGKILL):
             except OSError:
                 pass
 
-
-def start_time(pid):
-    """When process pid started (clock ticks after boot, from /proc/<pid>/stat), or None if there is no such
-    process. A pid with another start time than the one noted earlier is another process (the pid was reused)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def pid_namespace():
-    """This process's pid namespace (an inode number; 0 if unknown): pids mean the same process only within one."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0

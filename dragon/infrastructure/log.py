@@ -5,13 +5,15 @@ every job, and this costs nothing to import."""
 import os
 import sys
 
+from dragon import env
+
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class Logger:
     def __init__(self, component, node=0):
         self.component, self.node = component, node
-        self.level = _LEVELS.get(os.environ.get("DRAGON_LOG", "warning").lower(), 30)
+        self.level = _LEVELS.get(os.environ.get(env.LOG, "warning").lower(), 30)
 
     def _emit(self, level, name, text, args):
         if level < self.level:

@@ -1,39 +1,64 @@
 """The one message module of the runtime: every infrastructure message, its fixed type id, and the one codec.
 
-A message is a small class whose ``FIELDS`` are listed once; on the wire it is the msgpack array
-``[TYPE, field0, field1, ...]``. Type ids are explicit integers that never change meaning (never ``enum.auto``),
-so that a runtime of one version can at least recognise what another sends. Services route with a dict
-``{MessageClass: handler}`` (see ``route``).
+A message is a small class that declares its fields with their types, once; on the wire it is the msgpack array
+``[TYPE, field0, field1, ...]`` in declaration order. Type ids are explicit integers that never change meaning
+(never ``enum.auto``), so that a runtime of one version can at least recognise what another sends.
+
+The declared types are checked when a message is decoded: ``decode`` raises ``ValueError`` (and only that) for
+anything that is not a well-formed message of a known type, so a service never acts on a field of the wrong
+shape, however the bytes were made. What a value means (a timeout >= 0, a known p_uid) is the handler's to check
+(``dragon.infrastructure.checks``).
 
 Requests carry ``tag`` (chosen by the sender, echoed in the ``Response``) and ``reply`` (the serialized
-descriptor of the channel the answer goes to; receivers attach it once and cache the handle) and, for requests to
-global services, ``caller`` (the sender's p_uid, 0 when it is not a managed process).
+descriptor of the channel the answer goes to); requests to global services also ``caller`` (the sender's
+p_uid; for a client, a process outside the job that ``dragon.init()`` attached, the negative id its
+``GSClientRegister`` got; 0 for anything else). ``Response.err`` is 0 or the code of a ``dragon.errors``
+class.
+
+Messages marked ``control`` are sent only by the runtime's own services (the launchers, GS, the shepherds). They
+carry the job's ``key`` as their first field: random bytes the launcher makes and gives to the services only,
+never to a managed process, so a service can tell its peers' messages from anything else that reaches its inbox
+(see ``dragon.infrastructure.service``). Who handles a message is found with one grep: ``@handles(<Class>``.
 """
+
+from typing import Any, ClassVar, Dict, List, Optional, Union, get_args, get_origin
 
 from msgpack import packb as _packb
 from msgpack import unpackb as _unpackb
 
-# error kinds carried by Response.err (the client maps them to dragon.errors classes)
-OK = 0
-ERR_PROCESS = 1
-ERR_POOL = 2
-ERR_CHANNEL = 3
-ERR_TIMEOUT = 4  # a server-side timeout that the caller must see as TimeoutError (channel.join)
-ERR_INTERNAL = 5
-
-_TABLE = {}
+_TABLE: Dict[int, type] = {}
+Ident = Union[int, str]  # a p_uid / m_uid / c_uid, or a user_name
 
 
 class Message:
-    """Base class: subclasses set TYPE (a fixed int) and FIELDS (names, in wire order).
+    """Base class. A subclass passes its fixed ``type_id`` (and ``control=True`` for service-only messages) as
+    class keywords and declares its fields as annotations; fields of base classes come first.
 
-    A class's ``__init__`` (every field a keyword defaulting to None) and ``_wire`` are generated the first time
-    it is used: requests are on the critical path of every runtime call, and a process compiles only the few
-    classes it really uses (importing this module stays cheap for every managed process)."""
+    ``__init__`` (every field a keyword defaulting to None), the wire form and the type check are generated the
+    first time a class is used: requests are on the critical path of every runtime call, and a process compiles
+    only the few classes it really uses (importing this module stays cheap for every managed process)."""
 
-    __slots__ = ()
-    TYPE = -1
-    FIELDS = ()
+    TYPE: ClassVar[int] = -1
+    FIELDS: ClassVar[tuple] = ()
+    CONTROL: ClassVar[bool] = False
+    REQUEST: ClassVar[bool] = False  # answered with a (Control)Response
+
+    def __init_subclass__(cls, type_id=None, control=None, **kw):
+        super().__init_subclass__(**kw)
+        own = [f for f in cls.__dict__.get("__annotations__", {}) if f.upper() != f]
+        cls.FIELDS = tuple(f for f in cls.FIELDS if f not in own) + tuple(own)
+        if control and not cls.CONTROL:  # the job's key comes first
+            cls.__annotations__ = {"key": bytes, **cls.__dict__.get("__annotations__", {})}
+            cls.FIELDS = ("key", *cls.FIELDS)
+            cls.CONTROL = True
+        if type_id is None:  # an abstract base (Request, GSRequest)
+            return
+        if type_id in _TABLE:
+            raise RuntimeError(
+                f"message type id {type_id} used twice ({_TABLE[type_id].__name__}, {cls.__name__})"
+            )
+        cls.TYPE = type_id
+        _TABLE[type_id] = cls
 
     def __init__(self, *args, **kw):
         _specialize(type(self))
@@ -43,6 +68,11 @@ class Message:
         _specialize(type(self))
         return type(self)._wire(self)
 
+    def _bad_field(self):
+        """The name of the first field whose value does not have its declared type, or None."""
+        _specialize(type(self))
+        return type(self)._bad_field(self)
+
     def __repr__(self):
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS if f != "reply")
         return f"{type(self).__name__}({body})"
@@ -51,109 +81,354 @@ class Message:
         return type(self) is type(other) and all(getattr(self, f) == getattr(other, f) for f in self.FIELDS)
 
 
+def _hints(cls):
+    out = {}
+    for klass in reversed(cls.__mro__):
+        out.update(klass.__dict__.get("__annotations__", {}))
+    return out
+
+
+def _check_expr(tp, v, depth=0):
+    """Python source of a test that value ``v`` has type ``tp`` (int excludes bool; float accepts int)."""
+    if tp is Any:
+        return "True"
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        return "(" + " or ".join(_check_expr(a, v, depth) for a in args) + ")"
+    if tp is type(None):
+        return f"{v} is None"
+    if tp is float:
+        return f"(type({v}) is float or type({v}) is int)"
+    if tp in (int, str, bytes, bool, list, dict):
+        return f"type({v}) is {tp.__name__}"
+    x = f"_x{depth}"
+    if origin is list:
+        return f"(type({v}) is list and all({_check_expr(args[0], x, depth + 1)} for {x} in {v}))"
+    if origin is dict:
+        k, val = f"_k{depth}", f"_v{depth}"
+        return (
+            f"(type({v}) is dict and all({_check_expr(args[0], k, depth + 1)} and "
+            f"{_check_expr(args[1], val, depth + 1)} for {k}, {val} in {v}.items()))"
+        )
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
 def _specialize(cls):
-    """Give cls its own fast __init__ and _wire (fields as named parameters / a list display)."""
-    fields = cls.FIELDS
+    """Give cls its own fast __init__, _wire and _bad_field (fields as named parameters / a list display)."""
+    if "_wire" in cls.__dict__:
+        return
+    fields, hints = cls.FIELDS, _hints(cls)
     params = "".join(f", {f}=None" for f in fields)
     body = "".join(f"    self.{f} = {f}\n" for f in fields) or "    pass\n"
     values = "".join(f", self.{f}" for f in fields)
-    src = f"def __init__(self{params}):\n{body}\ndef _wire(self):\n    return [{cls.TYPE}{values}]\n"
-    ns = {}
-    exec(src, ns)  # noqa: S102 (source built from this module's own field names)
-    cls.__init__ = ns["__init__"]
-    cls._wire = ns["_wire"]
-
-
-def _define(name, type_id, *fields):
-    """A message class with these fields (every one defaulting to None) under a fixed type id."""
-    if type_id in _TABLE:
-        raise RuntimeError(f"message type id {type_id} used twice")
-    cls = type(
-        name, (Message,), {"__slots__": fields, "TYPE": type_id, "FIELDS": fields, "__module__": __name__}
+    checks = "".join(
+        f"    if not {_check_expr(hints[f], 'self.' + f)}:\n        return {f!r}\n" for f in fields
     )
-    _TABLE[type_id] = cls
-    return cls
+    src = (
+        f"def __init__(self{params}):\n{body}\n"
+        f"def _wire(self):\n    return [{cls.TYPE}{values}]\n\n"
+        f"def _bad_field(self):\n{checks}    return None\n"
+    )
+    ns = {}
+    exec(src, ns)  # noqa: S102 (source built from this module's own declarations)
+    cls.__init__, cls._wire, cls._bad_field = ns["__init__"], ns["_wire"], ns["_bad_field"]
 
 
-_REQ = ("tag", "reply", "caller")  # every request to global services starts with these
+class Request(Message):
+    """Every request: answered with a Response carrying its tag, into its reply channel."""
 
-# ---- generic reply (to every request, from GS or a shepherd) -------------------------------------------------
-Response = _define("Response", 1, "tag", "err", "msg", "result")
+    REQUEST = True
+    tag: int
+    reply: bytes
 
-# ---- requests to global services -----------------------------------------------------------------------------
-GSProcessCreate = _define(
-    "GSProcessCreate", 10, *_REQ, "exe", "run_dir", "args", "env", "user_name", "options", "soft", "head"
-)
-GSProcessList = _define("GSProcessList", 11, *_REQ)
-GSProcessQuery = _define("GSProcessQuery", 12, *_REQ, "ident")
-GSProcessKill = _define("GSProcessKill", 13, *_REQ, "ident", "sig")
-GSProcessJoin = _define("GSProcessJoin", 14, *_REQ, "ident", "timeout")
-GSProcessMultiJoin = _define("GSProcessMultiJoin", 15, *_REQ, "idents", "timeout")
 
-GSPoolCreate = _define("GSPoolCreate", 20, *_REQ, "size", "user_name", "options", "soft")
-GSPoolList = _define("GSPoolList", 21, *_REQ)
-GSPoolQuery = _define("GSPoolQuery", 22, *_REQ, "ident")
-GSPoolDestroy = _define("GSPoolDestroy", 23, *_REQ, "ident")
+class GSRequest(Request):
+    """A request to global services: ``caller`` is the sender's p_uid, a client's id (< 0), or 0."""
 
-GSChannelCreate = _define("GSChannelCreate", 30, *_REQ, "m_uid", "user_name", "options", "soft")
-GSChannelList = _define("GSChannelList", 31, *_REQ)
-GSChannelQuery = _define("GSChannelQuery", 32, *_REQ, "ident")
-GSChannelJoin = _define("GSChannelJoin", 33, *_REQ, "name", "timeout")
-GSChannelDestroy = _define("GSChannelDestroy", 34, *_REQ, "idents")
-GSChannelAttach = _define("GSChannelAttach", 35, *_REQ, "ident")
-GSChannelDetach = _define("GSChannelDetach", 36, *_REQ, "ident")
+    caller: int
 
-GSNodeList = _define("GSNodeList", 40, *_REQ)
-GSNodeQuery = _define("GSNodeQuery", 41, *_REQ, "index")
 
-GSHalt = _define("GSHalt", 50, *_REQ)  # launcher -> GS: stop (the launcher tears the nodes down itself)
-# GS -> launcher: the head process (the user's program) exited with exit_code
-LAHeadExit = _define("LAHeadExit", 51, "p_uid", "exit_code")
-# launcher/transport -> GS: node `node` is gone (its shepherd died): its processes count as killed (exit_code)
-GSNodeDown = _define("GSNodeDown", 52, "node", "exit_code", "reason")
+# ---- generic reply (to every request, from GS, a shepherd or the launcher's own services)
+# -------------------
+class Response(Message, type_id=1):
+    tag: int
+    err: int  # 0, or the code of a dragon.errors class (dragon.errors.from_code)
+    msg: Optional[str]
+    result: Any
 
-# ---- requests to a node's local services (shepherd) ----------------------------------------------------------
-SHProcessCreate = _define(
-    "SHProcessCreate",
-    60,
-    "tag",
-    "reply",
-    "p_uid",
-    "exe",
-    "run_dir",
-    "args",
-    "env",
-    "label",
-    "stdout",
-    "stderr",
-    "head",
-    "zygote",  # True: fork it from the node's pre-imported Python if it is `python -c/-m ...` (else as usual)
-)
-SHProcessKill = _define("SHProcessKill", 61, "tag", "reply", "p_uid", "sig")
-SHPoolCreate = _define("SHPoolCreate", 62, "tag", "reply", "m_uid", "size")
-SHPoolDestroy = _define("SHPoolDestroy", 63, "tag", "reply", "m_uid")
-SHChannelCreate = _define("SHChannelCreate", 64, "tag", "reply", "c_uid", "m_uid", "capacity", "block_size")
-SHChannelDestroy = _define("SHChannelDestroy", 65, "tag", "reply", "c_uid")
-# shepherd -> GS: a managed process exited (exit_code is -signum when a signal killed it)
-SHProcessExit = _define("SHProcessExit", 66, "node", "p_uid", "exit_code")
-# GS -> shepherd: GS has forgotten everything that pointed at p_uid's reply channel; the shepherd may destroy it
-SHProcessReaped = _define("SHProcessReaped", 67, "p_uid")
-# launcher -> shepherd: terminate every managed process (SIGTERM, SIGKILL after grace), destroy everything, exit
-SHTeardown = _define("SHTeardown", 68, "tag", "reply", "grace")
 
-# ---- control between the launchers of a multi-node job (carried by the transport agents as CTRL frames) --------
-# node 0 -> node k: tear your node down (shepherd's teardown with this grace), then answer LATorn
-LATeardown = _define("LATeardown", 70, "grace")
-# node k -> node 0: node k's teardown is done
-LATorn = _define("LATorn", 71, "node")
-# node 0 -> node k: the job is over, leave (a node's harness: stop the agent)
-LAExit = _define("LAExit", 72)
-# every launcher -> every other: its last frame (stop once every other's came: no MPI message left unreceived)
-LABye = _define("LABye", 73)
-# node k -> node 0: node k's shepherd died (why: text for the user); node 0 declares it down
-LANodeDead = _define("LANodeDead", 74, "node", "why")
-# node k -> node 0 (transport harness): the program on node k exited with exit_code
-LAProgramDone = _define("LAProgramDone", 75, "node", "exit_code")
+class ControlResponse(Message, type_id=2, control=True):
+    """The answer to a control request (one service asking another): a Response that carries the job's key, so
+    that no process can answer in a service's name."""
+
+    tag: int
+    err: int
+    msg: Optional[str]
+    result: Any
+
+
+# ---- requests to global services (its public inbox)
+# ---------------------------------------------------------
+class GSProcessCreate(GSRequest, type_id=10):
+    exe: str
+    run_dir: str
+    args: List[str]
+    env: Optional[Dict[str, str]]
+    user_name: Optional[str]
+    options: Optional[Dict[str, Any]]
+    soft: bool
+    head: bool
+
+
+class GSProcessList(GSRequest, type_id=11):
+    pass
+
+
+class GSProcessQuery(GSRequest, type_id=12):
+    ident: Ident
+
+
+class GSProcessKill(GSRequest, type_id=13):
+    ident: Ident
+    sig: int
+
+
+class GSProcessJoin(GSRequest, type_id=14):
+    ident: Ident
+    timeout: Optional[float]
+
+
+class GSProcessMultiJoin(GSRequest, type_id=15):
+    idents: List[Ident]
+    timeout: Optional[float]
+
+
+class GSPoolCreate(GSRequest, type_id=20):
+    size: int
+    user_name: Optional[str]
+    options: Optional[Dict[str, Any]]
+    soft: bool
+
+
+class GSPoolList(GSRequest, type_id=21):
+    pass
+
+
+class GSPoolQuery(GSRequest, type_id=22):
+    ident: Ident
+
+
+class GSPoolDestroy(GSRequest, type_id=23):
+    ident: Ident
+
+
+class GSChannelCreate(GSRequest, type_id=30):
+    m_uid: Optional[int]
+    user_name: Optional[str]
+    options: Optional[Dict[str, Any]]
+    soft: bool
+
+
+class GSChannelList(GSRequest, type_id=31):
+    pass
+
+
+class GSChannelQuery(GSRequest, type_id=32):
+    ident: Ident
+
+
+class GSChannelJoin(GSRequest, type_id=33):
+    name: str
+    timeout: Optional[float]
+
+
+class GSChannelDestroy(GSRequest, type_id=34):
+    idents: Union[Ident, List[Ident]]
+
+
+class GSChannelAttach(GSRequest, type_id=35):
+    ident: Ident
+
+
+class GSChannelDetach(GSRequest, type_id=36):
+    ident: Ident
+
+
+class GSNodeList(GSRequest, type_id=40):
+    pass
+
+
+class GSNodeQuery(GSRequest, type_id=41):
+    index: int
+
+
+class GSClientRegister(GSRequest, type_id=45):
+    """A process outside the job (``dragon.init()``) becomes a client: pid and start time (clock ticks since
+    boot, /proc/<pid>/stat field 22) name it for node 0's launcher, which watches it; keep: what it makes
+    outlives it. Answered with ``{"client": id}`` (an int < 0 that its later requests carry as ``caller``)
+    once the launcher watches it."""
+
+    pid: int
+    start: int
+    keep: bool
+
+
+class GSClientBye(GSRequest, type_id=46):
+    """A client (``caller``) leaves: what it made is destroyed unless it registered with keep. Answered when
+    done."""
+
+
+# ---- control of global services (its control inbox)
+# ---------------------------------------------------------
+class GSHalt(Message, type_id=50, control=True):
+    """launcher -> GS: stop (the launcher tears the nodes down itself)."""
+
+
+class LAHeadExit(Message, type_id=51, control=True):
+    """GS -> launcher: the head process (the user's program) exited with exit_code."""
+
+    p_uid: int
+    exit_code: int
+
+
+class GSNodeDown(Message, type_id=52, control=True):
+    """launcher -> GS: node ``node`` is gone; its processes count as killed (exit_code, default -9)."""
+
+    node: int
+    exit_code: Optional[int]
+    reason: Optional[str]
+
+
+class Ping(Request, type_id=53, control=True):
+    """launcher -> a service: answered by the service loop itself (a liveness probe: a stopped or wedged
+    service stops answering)."""
+
+
+class LAClientWatch(Request, type_id=54, control=True):
+    """GS -> node 0's launcher: watch client ``client`` (pid and start time as in GSClientRegister; reply_cd:
+    its reply channel, destroyed by the launcher once the client is gone). An error answer: it cannot be
+    watched."""
+
+    client: int
+    pid: int
+    start: int
+    reply_cd: bytes
+
+
+class GSClientGone(Request, type_id=55, control=True):
+    """node 0's launcher -> GS: client ``client`` ended (any ending, SIGKILL included): release what it made
+    unless it asked to keep it. Answered once GS has forgotten its reply channel."""
+
+    client: int
+
+
+# ---- requests to a node's local services (shepherd): its inbox is a control inbox -------------------------
+class SHProcessCreate(Request, type_id=60, control=True):
+    p_uid: int
+    exe: str
+    run_dir: str
+    args: List[str]
+    env: Dict[str, str]
+    label: str
+    stdout: str
+    stderr: str
+    head: bool
+    # True: fork it from the node's pre-imported Python if it is `python -c/-m ...` (else, or None, as usual)
+    zygote: Optional[bool]
+
+
+class SHProcessKill(Request, type_id=61, control=True):
+    p_uid: int
+    sig: int
+
+
+class SHPoolCreate(Request, type_id=62, control=True):
+    m_uid: int
+    size: int
+
+
+class SHPoolDestroy(Request, type_id=63, control=True):
+    m_uid: int
+
+
+class SHChannelCreate(Request, type_id=64, control=True):
+    c_uid: int
+    m_uid: int
+    capacity: int
+    block_size: int
+
+
+class SHChannelDestroy(Request, type_id=65, control=True):
+    c_uid: int
+
+
+class SHProcessExit(Message, type_id=66, control=True):
+    """shepherd -> GS: a managed process exited (exit_code is -signum when a signal killed it)."""
+
+    node: int
+    p_uid: int
+    exit_code: int
+
+
+class SHProcessReaped(Message, type_id=67, control=True):
+    """GS -> shepherd: GS has forgotten everything that pointed at p_uid's reply channel; it may be destroyed."""
+
+    p_uid: int
+
+
+class SHTeardown(Request, type_id=68, control=True):
+    """launcher -> shepherd: terminate every managed process (SIGTERM, SIGKILL after grace), destroy
+    everything, exit."""
+
+    grace: Optional[float]
+
+
+# ---- control between the launchers of a multi-node job (carried by the transport agents as CTRL frames)
+# -----
+class LATeardown(Message, type_id=70, control=True):
+    """node 0 -> node k: tear your node down (shepherd's teardown with this grace), then answer LATorn."""
+
+    grace: Optional[float]
+
+
+class LATorn(Message, type_id=71, control=True):
+    """node k -> node 0: node k's teardown is done."""
+
+    node: int
+
+
+class LAExit(Message, type_id=72, control=True):
+    """node 0 -> node k: the job is over, leave (a node's harness: stop the agent)."""
+
+
+class LABye(Message, type_id=73, control=True):
+    """every launcher -> every other: its last frame (stop once every other's came: no MPI message is left
+    unreceived)."""
+
+    node: int
+
+
+class LANodeDead(Message, type_id=74, control=True):
+    """node k -> node 0: node k's shepherd died (why: text for the user); node 0 declares it down."""
+
+    node: int
+    why: str
+
+
+class LAProgramDone(Message, type_id=75, control=True):
+    """node k -> node 0 (transport harness): the program on node k exited with exit_code."""
+
+    node: int
+    exit_code: int
+
+
+class BadMessage(ValueError):
+    """Bytes that are not a well-formed message. ``msg`` is the message when its type was known and only a
+    field was wrong (a service answers it with an error if its reply channel is sound), else None."""
+
+    def __init__(self, text, msg=None):
+        super().__init__(text)
+        self.msg = msg
 
 
 def encode(msg):
@@ -162,26 +437,28 @@ def encode(msg):
 
 
 def decode(data):
-    """bytes -> Message. Raises ValueError on anything that is not a known message."""
+    """bytes -> Message. Raises BadMessage (a ValueError), and nothing else, on anything that is not a
+    well-formed message of a known type with fields of their declared types."""
     try:
         items = _unpackb(data, raw=False, strict_map_key=False)
-        cls = _TABLE[items[0]]
-    except Exception as e:  # malformed bytes, unknown type id
-        raise ValueError(f"not a dragon message: {e!r}") from None
+    except Exception as e:  # malformed bytes (msgpack raises several classes)
+        raise BadMessage(f"not a dragon message: {type(e).__name__}: {e}") from None
+    if type(items) is not list or not items or type(items[0]) is not int:
+        raise BadMessage(f"not a dragon message: a {type(items).__name__}, not [type id, fields...]")
+    cls = _TABLE.get(items[0])
+    if cls is None:
+        raise BadMessage(f"not a dragon message: unknown type id {items[0]}")
     if len(items) - 1 != len(cls.FIELDS):
-        raise ValueError(f"{cls.__name__}: {len(items) - 1} fields on the wire, expected {len(cls.FIELDS)}")
-    return cls(*items[1:])
+        raise BadMessage(f"{cls.__name__}: {len(items) - 1} fields on the wire, expected {len(cls.FIELDS)}")
+    msg = cls(*items[1:])
+    bad = msg._bad_field()
+    if bad is not None:
+        raise BadMessage(
+            f"{cls.__name__}.{bad}: {type(getattr(msg, bad)).__name__} is not {_hints(cls)[bad]}", msg
+        )
+    return msg
 
 
 def type_table():
     """A copy of the type id -> class table (for tests and tools)."""
     return dict(_TABLE)
-
-
-def route(handlers, msg):
-    """Call handlers[type(msg)](msg); raise KeyError naming the message if nothing handles it."""
-    try:
-        handler = handlers[type(msg)]
-    except KeyError:
-        raise KeyError(f"no handler for {type(msg).__name__}") from None
-    return handler(msg)

@@ -1,10 +1,12 @@
 """Local services (the shepherd): one process per node doing the node's physical work for global services.
 
-The main thread serves requests from its input channel: start a process (subprocess.Popen, its own session so its
-whole process group can be signalled), signal one, make or destroy a pool or channel, tear everything down. An IO
-thread waits (selectors, no polling) on a pidfd per process and on the pipes of forwarded output: it prints each
-line labelled ``[user_name or p_uid]`` and reports exits to global services (a signal death as ``-signum``), after
-the process's output has been drained so that a joiner sees it first.
+The main thread runs the service loop (dragon.infrastructure.service) on its inbox, which only the runtime's
+services know (GS and this node's launcher; every message a control message with the job's key): start a process
+(subprocess.Popen, its own session so its whole process group can be signalled), signal one, make or destroy a
+pool or channel, tear everything down. An IO thread waits (selectors, no polling) on a pidfd per process and on
+the pipes of forwarded output: it prints each line labelled ``[user_name or p_uid]`` and reports exits (a signal
+death as ``-signum``), after the process's output has been drained so that a joiner sees it first, through the
+shepherd's own inbox: the loop forwards them to global services without ever blocking on it.
 
 Before starting a process the shepherd makes its reply channel (so the child needs no set-up round trip); it is
 destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can answer into it any more.
@@ -17,11 +19,13 @@ import subprocess
 import threading
 import time
 
-from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout, DragonError
-from dragon.infrastructure import env as E
+from dragon import env as E
+from dragon._core.core import Channel, Pool
+from dragon.errors import ChannelError, ChannelTimeout, DragonError, PoolError, ProcessError
 from dragon.infrastructure import jobprocs
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
+from dragon.infrastructure.service import DEFER, Service, handles, service_process
 from dragon.localservices import zygote as _zygote
 
 DRAIN_AFTER_EXIT = 0.5  # how long output pipes may stay open (held by grandchildren) after a process exits
@@ -55,99 +59,37 @@ class _Managed:
         self.files = []
 
 
-class Shepherd:
-    def __init__(
-        self, node, job, inbox, gs_cd, infra_pool, out_fd=1, err_fd=2, gs_node=0, remote_attach=None
-    ):
-        """node: this node's index; gs_cd: sdesc of the GS input channel, on node gs_node; remote_attach(sdesc,
-        node): how to reach a channel on another node (the transport), None on a single node; out_fd/err_fd:
-        where forwarded output goes."""
-        from dragon.channels import Channel
+def _printable(label):
+    """A label as it is printed before each line of output: control characters escaped (a name may hold any)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in label).encode(errors="backslashreplace")
 
-        self.Channel = Channel
+
+class Shepherd(Service):
+    NAME = "local services"
+
+    def __init__(self, node, job, inbox, gs_cd, infra_pool, key, out_fd=1, err_fd=2):
+        """node: this node's index; gs_cd: sdesc of the GS input channel (on whichever node: Channel.attach
+        reaches it through the transport); key: the job's key; out_fd/err_fd: where forwarded output goes."""
+        super().__init__(inbox, key, get_logger("shepherd", node))
+        self.NAME = f"local services of node {node}"
         self.node, self.job = node, job
-        self.gs_node, self.remote_attach = gs_node, remote_attach
-        self.inbox = inbox
-        self.inbox_sdesc = bytes(inbox.sdesc)
         self.gs_cd = gs_cd
+        self.gs = Channel.attach(gs_cd)
         self.infra_pool = infra_pool
         self.out_fds = {1: out_fd, 2: err_fd}
-        self.log = get_logger("shepherd", node)
-        self.replies = {}
         self.procs = {}  # p_uid -> _Managed (until GS acknowledges the exit)
         self.lock = threading.Condition()
         self.pools = {}  # m_uid -> Pool
         self.chans = {}  # c_uid -> Channel
-        self.running = True
+        self.tearing = False
         self.zygote = _zygote.Zygote(self.log, os.environ)  # started at the first request that asks for it
         self.sel = selectors.EpollSelector()  # epoll: other threads may register while it waits
         self.io_thread = threading.Thread(target=self._io_loop, name="shepherd-io", daemon=True)
-        self.handlers = {
-            m.SHProcessCreate: self.process_create,
-            m.SHProcessKill: self.process_kill,
-            m.SHProcessReaped: self.process_reaped,
-            m.SHPoolCreate: self.pool_create,
-            m.SHPoolDestroy: self.pool_destroy,
-            m.SHChannelCreate: self.channel_create,
-            m.SHChannelDestroy: self.channel_destroy,
-            m.SHTeardown: self.teardown_request,
-        }
 
-    # ---- main thread: requests ----------------------------------------------------------------------------
-    def run(self):
-        self.io_thread.start()
-        while self.running:
-            try:
-                batch = self.inbox.recv_many(64, timeout=None)
-            except (ChannelTimeout, ChannelEmpty, TimeoutError):
-                continue
-            for data in batch:
-                try:
-                    msg = m.decode(data)
-                except ValueError as e:
-                    self.log.error("%s", e)
-                    continue
-                handler = self.handlers.get(type(msg))
-                if handler is None:
-                    self.log.error("no handler for %s", type(msg).__name__)
-                    continue
-                try:
-                    res = handler(msg)
-                except DragonError as e:
-                    self.answer(msg, m.ERR_INTERNAL, f"node {self.node}: {e}")
-                except Exception as e:
-                    self.log.exception("handler %s failed", type(msg).__name__)
-                    self.answer(msg, m.ERR_INTERNAL, f"node {self.node}: {e!r}")
-                else:
-                    if res is not None:
-                        err, text, result = res
-                        self.answer(msg, err, text, result)
-                if not self.running:
-                    break
-
-    def answer(self, msg, err, text, result=None):
-        reply = getattr(msg, "reply", None)
-        if not reply:
-            return
-        try:
-            ch = self.replies.get(reply)
-            if ch is None:
-                # answers go to GS, or to this node's launcher (teardown)
-                ch = self.replies[reply] = self._attach(
-                    reply, self.gs_node if reply == self.gs_cd else self.node
-                )
-            ch.send(m.encode(m.Response(msg.tag, err, text, result)), timeout=5)
-        except ChannelError as e:
-            self.log.error("cannot answer %s: %s", type(msg).__name__, e)
-
-    def _attach(self, sdesc, node):
-        """The one place the shepherd attaches a channel it did not make: local ones directly, others through
-        remote_attach (the transport)."""
-        if node == self.node:
-            return self.Channel.attach(sdesc)
-        if self.remote_attach is None:
-            raise ChannelError(f"node {node} is not reachable from the shepherd of node {self.node}")
-        return self.remote_attach(sdesc, node)
+    def serve(self, until=None, timeout=None):
+        if not self.io_thread.is_alive():
+            self.io_thread.start()
+        return super().serve(until, timeout)
 
     def _stream(self, how, run_dir, head, for_stderr):
         """-> (Popen argument, file to close after spawn or None)."""
@@ -162,11 +104,12 @@ class Shepherd:
         f = open(os.path.join(run_dir, how), "ab")  # noqa: SIM115 (closed after the spawn)
         return f, f
 
+    @handles(m.SHProcessCreate)
     def process_create(self, msg):
         run_dir = msg.run_dir or os.getcwd()
         if not os.path.isdir(run_dir):
-            return m.ERR_PROCESS, f"cannot start {msg.exe!r}: run_dir {run_dir!r} is not a directory", None
-        reply_ch = self.Channel.create(self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
+            raise ProcessError(f"cannot start {msg.exe!r}: run_dir {run_dir!r} is not a directory")
+        reply_ch = Channel.create(self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
         files = []
         try:
             env = dict(os.environ)
@@ -179,7 +122,6 @@ class Shepherd:
                     msg.p_uid,
                     self.node,
                     self.gs_cd,
-                    self.inbox_sdesc,
                     reply_ch.sdesc,
                     self.infra_pool.sdesc,
                     os.getpid(),
@@ -201,33 +143,41 @@ class Shepherd:
                 stdout=out,
                 stderr=err,
             )
-        except (OSError, ValueError) as e:
+        except BaseException as e:  # nothing started: nothing may be left behind (the reply channel)
             reply_ch.destroy()
-            return m.ERR_PROCESS, f"cannot start {msg.exe!r} (run_dir {run_dir!r}): {e}", None
+            if isinstance(e, (OSError, ValueError, TypeError)):
+                raise ProcessError(f"cannot start {msg.exe!r} (run_dir {run_dir!r}): {e}") from None
+            raise
         finally:
             for f in files:
                 f.close()
-        rec = _Managed(msg.p_uid, popen, msg.label, reply_ch)
+        rec = _Managed(msg.p_uid, popen, _printable(msg.label), reply_ch)
         rec.pidfd = _zygote.pidfd_of(popen)
         with self.lock:
             self.procs[msg.p_uid] = rec
         # answer first, so that GS hears of the process before its exit
-        self.answer(msg, m.OK, None, {"pid": popen.pid, "reply_cd": bytes(reply_ch.sdesc)})
+        self.answer(msg, {"pid": popen.pid, "reply_cd": bytes(reply_ch.sdesc)})
         self._io_add(rec)
         self.log.debug("started p_uid %d pid %d: %s", msg.p_uid, popen.pid, [msg.exe, *msg.args])
-        return None
+        return DEFER  # (answered above)
 
+    @handles(m.SHProcessKill)
     def process_kill(self, msg):
         with self.lock:
             rec = self.procs.get(msg.p_uid)
         if rec is None or rec.exit_code is not None:
-            return m.ERR_PROCESS, f"process {msg.p_uid} is not running on node {self.node}", None
+            raise ProcessError(f"process {msg.p_uid} is not running on node {self.node}")
         try:
             rec.popen.send_signal(msg.sig)
-        except OSError as e:
-            return m.ERR_PROCESS, f"cannot signal process {msg.p_uid}: {e}", None
-        return m.OK, None, None
+        except (OSError, ValueError) as e:
+            raise ProcessError(f"cannot signal process {msg.p_uid}: {e}") from None
 
+    @handles(m.SHProcessExit)
+    def process_exit(self, msg):
+        """An exit the IO thread reported (through this inbox): on to global services, without blocking."""
+        self.send(self.gs, msg)
+
+    @handles(m.SHProcessReaped)
     def process_reaped(self, msg):
         with self.lock:
             rec = self.procs.pop(msg.p_uid, None)
@@ -238,22 +188,21 @@ class Shepherd:
                 self.log.warning("destroying the reply channel of %d: %s", msg.p_uid, e)
             rec.reply_ch = None
 
+    @handles(m.SHPoolCreate)
     def pool_create(self, msg):
-        from dragon.pools import Pool
-
         try:
             pool = Pool.create(msg.size, name=f"m{msg.m_uid}")
         except DragonError as e:
-            return m.ERR_POOL, f"cannot make a pool of {msg.size} bytes on node {self.node}: {e}", None
+            raise PoolError(f"cannot make a pool of {msg.size} bytes on node {self.node}: {e}") from None
         self.pools[msg.m_uid] = pool
-        return m.OK, None, {"sdesc": bytes(pool.sdesc)}
+        return {"sdesc": bytes(pool.sdesc)}
 
+    @handles(m.SHPoolDestroy)
     def pool_destroy(self, msg):
         pool = self.pools.pop(msg.m_uid, None)
         if pool is None:
-            return m.ERR_POOL, f"no pool {msg.m_uid} on node {self.node}", None
+            raise PoolError(f"no pool {msg.m_uid} on node {self.node}")
         pool.destroy()
-        return m.OK, None, None
 
     def _pool_of(self, m_uid):
         pool = self.pools.get(m_uid)
@@ -263,39 +212,35 @@ class Shepherd:
             )  # the node's infrastructure pool is the only one GS knows that we did not make
         return pool
 
+    @handles(m.SHChannelCreate)
     def channel_create(self, msg):
         try:
-            ch = self.Channel.create(
-                self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size
-            )
+            ch = Channel.create(self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size)
         except DragonError as e:
-            return (
-                m.ERR_CHANNEL,
-                (
-                    f"cannot make a channel (capacity {msg.capacity}, block_size {msg.block_size}) "
-                    f"in pool {msg.m_uid} on node {self.node}: {e}"
-                ),
-                None,
-            )
+            raise ChannelError(
+                f"cannot make a channel (capacity {msg.capacity}, block_size {msg.block_size}) "
+                f"in pool {msg.m_uid} on node {self.node}: {e}"
+            ) from None
         self.chans[msg.c_uid] = ch
-        return m.OK, None, {"sdesc": bytes(ch.sdesc)}
+        return {"sdesc": bytes(ch.sdesc)}
 
+    @handles(m.SHChannelDestroy)
     def channel_destroy(self, msg):
         ch = self.chans.pop(msg.c_uid, None)
         if ch is None:
-            return m.ERR_CHANNEL, f"no channel {msg.c_uid} on node {self.node}", None
+            raise ChannelError(f"no channel {msg.c_uid} on node {self.node}")
         ch.destroy()
-        return m.OK, None, None
 
+    @handles(m.SHTeardown)
     def teardown_request(self, msg):
         self.teardown(msg.grace if msg.grace is not None else 1.0)
-        self.running = False
-        return m.OK, None, None
+        self.stop()
 
     def teardown(self, grace=1.0, unlink=False):
         """SIGTERM every managed process group, SIGKILL what is left after grace, destroy every pool and channel.
         unlink (when the launcher is gone): also kill every process of the job found by its environment, and
         unlink every segment of the job on this node."""
+        self.tearing = True  # (exits are not reported any more: GS is being halted)
         with self.lock:
             recs = list(self.procs.values())
         self.log.debug("teardown: %d managed processes, grace %.1f s", len(recs), grace)
@@ -351,15 +296,15 @@ class Shepherd:
         self.sel.register(rec.pidfd, selectors.EVENT_READ, ("pid", rec, None))
 
     def _io_loop(self):
-        gs = self._attach(self.gs_cd, self.gs_node)  # this thread's own handle
+        inbox = Channel.attach(self.inbox_sdesc)  # this thread's own handle: exits go through the loop
         draining = []
         while True:
             try:
-                self._io_step(gs, draining)
+                self._io_step(inbox, draining)
             except Exception:  # never let one bad event stop exit reports (joins would hang)
                 self.log.exception("IO thread")
 
-    def _io_step(self, gs, draining):
+    def _io_step(self, inbox, draining):
         sel = self.sel
         timeout = None
         if draining:
@@ -374,7 +319,7 @@ class Shepherd:
                     rec.exit_code = code
                     self.lock.notify_all()
                 if rec.open_streams == 0:
-                    self._report(gs, rec)
+                    self._report(inbox, rec)
                 else:
                     rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
                     draining.append(rec)
@@ -392,14 +337,14 @@ class Shepherd:
                     (rec.popen.stdout if which == 1 else rec.popen.stderr).close()
                     rec.open_streams -= 1
                     if rec.open_streams == 0 and rec.exit_code is not None and not rec.reported:
-                        self._report(gs, rec)
+                        self._report(inbox, rec)
                         if rec in draining:
                             draining.remove(rec)
         if draining:
             now = time.monotonic()
             for r in [r for r in draining if r.deadline <= now]:
                 draining.remove(r)
-                self._report(gs, r)  # its pipes stay registered: grandchildren may still print
+                self._report(inbox, r)  # its pipes stay registered: grandchildren may still print
 
     def _emit(self, rec, which, data, final=False):
         buf = rec.partial.get(which, b"") + data
@@ -409,66 +354,41 @@ class Shepherd:
             *lines, rest = buf.split(b"\n")
         rec.partial[which] = rest
         if lines:
-            prefix = b"[" + rec.label.encode() + b"] "
+            prefix = b"[" + rec.label + b"] "
             out = b"".join(prefix + line + b"\n" for line in lines)
             try:
                 os.write(self.out_fds[which], out)
             except OSError:
                 pass
 
-    def _report(self, gs, rec):
+    def _report(self, inbox, rec):
+        """Report an exit through this shepherd's own inbox (the loop drains it, so this waits only while the
+        loop is busy; it forwards the report to GS without blocking)."""
         rec.reported = True
         self.log.debug("p_uid %d (pid %d) exited with %s", rec.p_uid, rec.popen.pid, rec.exit_code)
-        try:
-            gs.send(m.encode(m.SHProcessExit(self.node, rec.p_uid, rec.exit_code)), timeout=10)
-        except ChannelError as e:
-            self.log.error("cannot report the exit of p_uid %d: %s", rec.p_uid, e)
+        data = m.encode(m.SHProcessExit(self.key, self.node, rec.p_uid, rec.exit_code))
+        while not self.tearing:
+            try:
+                inbox.send(data, timeout=1.0)
+                return
+            except ChannelTimeout:
+                continue
+            except ChannelError as e:
+                self.log.error("cannot report the exit of p_uid %d: %s", rec.p_uid, e)
+                return
 
 
-def _tune_waits():
-    """DRAGON_SPIN_NS: how long this service spins before sleeping in a blocking receive (the core's default
-    if unset). Spinning lowers latency on idle cores and costs CPU on busy ones."""
-    spin = os.environ.get("DRAGON_SPIN_NS")
-    if spin:
-        from dragon._core import core
-
-        core.set_wait_params(spin_ns=int(spin))
-
-
-def main(node, job, inbox_cd, gs_cd, infra_pd, gs_node=0, remote_attach=None):
-    """Entry point of the shepherd process (forked by the launcher). Serves until SHTeardown; on SIGTERM (which
+def main(node, job, inbox_cd, gs_cd, infra_pd, key):
+    """Entry point of the shepherd process (started by the launcher). Serves until SHTeardown; on SIGTERM (which
     the kernel sends when the launcher dies, PR_SET_PDEATHSIG) it tears the node down and unlinks the job's
-    segments itself. gs_node, remote_attach: see Shepherd (multi-node jobs)."""
-    from dragon.channels import Channel
-    from dragon.pools import Pool
-
-    # Ctrl-C is the launcher's to handle; a no-op handler, not SIG_IGN, which children would inherit
-    signal.signal(signal.SIGINT, lambda signum, frame: None)
-
-    def _term(signum, frame):
-        # once: under Slurm (scancel, time limit) every process of the step gets SIGTERM, maybe during the
-        # teardown below or on the way out, where a second SystemExit would cut the teardown short or print noise
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _term)
-    _tune_waits()
-    shep = None
-    try:
-        shep = Shepherd(
-            node,
-            job,
-            Channel.attach(inbox_cd),
-            gs_cd,
-            Pool.attach(infra_pd),
-            gs_node=gs_node,
-            remote_attach=remote_attach,
-        )
-        shep.run()
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torn down: exiting anyway (see _term)
-    except SystemExit:
-        if shep is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            shep.log.debug("parent gone or SIGTERM: tearing node %d down", node)
-            shep.teardown(1.0, unlink=True)
+    segments itself."""
+    with service_process():
+        shep = None
+        try:
+            shep = Shepherd(node, job, Channel.attach(inbox_cd), gs_cd, Pool.attach(infra_pd), key)
+            shep.serve()
+        except SystemExit:
+            if shep is not None:
+                shep.log.debug("parent gone or SIGTERM: tearing node %d down", node)
+                shep.teardown(1.0, unlink=True)
     return 0

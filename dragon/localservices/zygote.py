@@ -35,7 +35,7 @@ import time
 
 import msgpack
 
-from dragon.infrastructure import env as E
+from dragon import env as E
 
 # what the zygote imports before it says it is ready (DRAGON_ZYGOTE_PRELOAD adds a comma-separated list)
 PRELOAD = ("dragon.mp._child",)
@@ -434,7 +434,7 @@ def main():
         )  # Ctrl-C is the launcher's (children get the default back)
         for name in PRELOAD:
             __import__(name)
-        for name in os.environ.get("DRAGON_ZYGOTE_PRELOAD", "").split(","):
+        for name in os.environ.get(E.ZYGOTE_PRELOAD, "").split(","):
             if name.strip():
                 try:
                     __import__(name.strip())

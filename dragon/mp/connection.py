@@ -25,6 +25,7 @@ import weakref
 from multiprocessing import util
 from multiprocessing.context import BufferTooShort
 
+from dragon import env as E
 from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
 from dragon.mp import heap, serial
 
@@ -400,7 +401,7 @@ def _rebuild(send_sd, recv_sd, token, live):
 
 
 def _my_puid():
-    return int(os.environ.get("DRAGON_PUID", "0"))
+    return int(os.environ.get(E.PUID, "0"))
 
 
 def Pipe(duplex=True):

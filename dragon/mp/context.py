@@ -7,7 +7,7 @@ import multiprocessing
 import multiprocessing.context as _mpctx
 from multiprocessing import process as _mpprocess
 
-from dragon.infrastructure import env as E
+from dragon import env as E
 
 _node_choice = contextvars.ContextVar("dragon_mp_node", default=None)
 

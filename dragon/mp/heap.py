@@ -17,9 +17,8 @@ import os
 import threading
 from multiprocessing import util
 
-from dragon.infrastructure import env as E
+from dragon import env as E
 
-HEAP_SIZE_ENV = "DRAGON_MP_HEAP_SIZE"
 DEFAULT_HEAP = 1 << 30
 MIN_HEAP = 16 << 20
 
@@ -29,7 +28,7 @@ _pid = None
 
 
 def heap_size():
-    return E.size_setting(HEAP_SIZE_ENV, DEFAULT_HEAP)
+    return E.size_setting(E.MP_HEAP_SIZE, DEFAULT_HEAP)
 
 
 def pool():

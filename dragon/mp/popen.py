@@ -27,17 +27,13 @@ import time
 from multiprocessing import context as _mpctx
 from multiprocessing import resource_tracker, spawn, util
 
+from dragon import env as E
 from dragon.errors import ChannelError, NotSupported, ProcessError
 from dragon.mp import heap, serial
 
 BOOT = "from dragon.mp._child import main; main()"
-BOOT_ENV = "DRAGON_MP_BOOT"  # the pickles, base64
-BOOT_CD_ENV = "DRAGON_MP_BOOT_CD"  # or: the sdesc (hex) of a channel holding them
-PARENT_ENV = "DRAGON_MP_PARENT"  # "p_uid:node:pid" of the parent
-TRACKER_ENV = "DRAGON_MP_TRACKER"  # "pid:fd": the parent's resource tracker pipe, for a child on its node
-STATUS_ENV = (
-    "DRAGON_MP_STATUS_CD"  # sdesc (hex) of the channel a child on the parent's node says its exit code in
-)
+BOOT_ENV, BOOT_CD_ENV, PARENT_ENV = E.MP_BOOT, E.MP_BOOT_CD, E.MP_PARENT  # see dragon/env.py
+TRACKER_ENV, STATUS_ENV = E.MP_TRACKER, E.MP_STATUS_CD
 STATUS_MAGIC = 0x5A
 _STATUS = struct.Struct("<Bq")
 BOOT_ENV_MAX = 64 * 1024
@@ -45,7 +41,7 @@ BOOT_ENV_MAX = 64 * 1024
 # child on another node, what describes the parent's node or its place in Slurm/MPI
 _NOT_INHERITED = ("DRAGON_",)
 _NODE_LOCAL = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_", "I_MPI_", "HOSTNAME")
-_PASSED_DRAGON = ("DRAGON_MP_HEAP_SIZE", "DRAGON_ZYGOTE_PRELOAD", "DRAGON_LOG", "DRAGON_REQUEST_TIMEOUT")
+_PASSED_DRAGON = (E.MP_HEAP_SIZE, E.ZYGOTE_PRELOAD, E.LOG, E.REQUEST_TIMEOUT)
 
 _rr = itertools.count()
 _nodes = None
@@ -169,7 +165,7 @@ class DragonPopen:
 
         self.node = pick_node(process_obj)
         env = child_env(self.node)
-        env[PARENT_ENV] = f"{os.environ.get('DRAGON_PUID', '0')}:{heap.here()}:{os.getpid()}"
+        env[PARENT_ENV] = f"{os.environ.get(E.PUID, '0')}:{heap.here()}:{os.getpid()}"
         prep = spawn.get_preparation_data(process_obj._name)
         main_code = _main_code(prep)
         if main_code is not None:

@@ -5,9 +5,9 @@
 - ``agent``: the transport agent, one per node, a thread of the node's launcher rank: the only code that speaks
   MPI (mpi4py point-to-point, non-blocking, never a busy-polling blocking call except to receive a packet that
   has already arrived).
-- processes reach the agent through ``dragon.infrastructure.remote_channel`` (``RemoteChannel``, the Channel API for
-  a channel on another node) in the frames of ``dragon.infrastructure.frames``; both live in the infrastructure
-  layer because user processes use them, and nothing but the launcher imports this package.
+- processes reach the agent through ``dragon._core.remote`` (``RemoteChannel``, the Channel API for a channel on
+  another node, which ``Channel.attach`` returns) in the frames of ``dragon._core.frames``; both live in
+  ``dragon._core`` because every process uses them, and nothing but the launcher imports this package.
 - ``harness``: run one program per node with the transport only (tests, benchmark); ``bench``: the cross-node
   benchmark against mpi4py Send/Recv.
 

@@ -1,6 +1,6 @@
 """The transport agent: one per node, the only code of the runtime that speaks MPI.
 
-Processes of this node put frames (see ``dragon.infrastructure.frames``) into the node's gateway channel. The
+Processes of this node put frames (see ``dragon._core.frames``) into the node's gateway channel. The
 agent batches the frames for each destination node into one MPI packet (payloads above ``BIG_MIN`` follow as
 their own MPI message, sent straight from the staging pool block), and delivers what other agents send it:
 
@@ -39,9 +39,11 @@ import time
 
 import msgpack
 
-from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, PoolError
-from dragon.infrastructure import frames as W
-from dragon.infrastructure import jobprocs, messages
+from dragon import env
+from dragon._core import frames as W
+from dragon._core.core import Channel
+from dragon._core.remote import pid_namespace, start_time
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, PoolError
 
 SPIN = 0.002  # keep polling this long after the last piece of work
 MAX_IDLE_WAIT = 0.002  # longest sleep of an idle agent (latency of the first remote frame after a pause)
@@ -59,7 +61,8 @@ SWEEP_EVERY = 1.0  # ... and, for processes it could not open a pidfd for, reads
 
 _HDR = W.HDR
 _HS = W.HSIZE
-_PIDNS = jobprocs.pid_namespace()
+_PIDNS = pid_namespace()
+_FROM_PROCESSES = frozenset((W.OPEN, W.SEND, W.RECV, W.CLOSE, W.PUTBACK, W.BYE))  # what a gateway accepts
 _ack_pack = W.HDR.pack
 
 
@@ -204,7 +207,7 @@ class Agent:
         self.lingering = set()  # closed _Out whose far end has closed, waiting for the process to read past
         self.backq = {}  # channel sdesc -> deque of messages to put back into that channel of this node
         self.back_chs = {}  # channel sdesc -> Channel (attached for PUTBACK)
-        self.on_ctrl = None  # callback(src node, Message) for CTRL frames (the launcher)
+        self.on_ctrl = None  # callback(src node, bytes) for CTRL frames (the launcher decodes them)
         self.on_node_down = None  # callback(node) when a node is announced dead
         self.heartbeat = None  # (interval, dead_after) seconds: beat to every node, declare silent ones down
         self.next_beat = 0.0
@@ -223,10 +226,11 @@ class Agent:
         """Run fn(*args) in the agent's loop (thread-safe); the loop notices within MAX_IDLE_WAIT."""
         self.posted.append((fn, args))
 
-    def send_ctrl(self, dest, msg):
-        """Send an infrastructure message (dragon.infrastructure.messages) to the launcher beside node dest's
-        agent (thread-safe). The agent carries its encoded bytes opaquely in a CTRL frame."""
-        self.post(self._ctrl, dest, msg)
+    def send_ctrl(self, dest, data):
+        """Send an encoded infrastructure message (a launcher's control message, with the job's key) to the
+        launcher beside node dest's agent (thread-safe). The agent carries the bytes opaquely in a CTRL frame;
+        only the launchers send and read them (on_ctrl(src, bytes)): no process can, through its gateway."""
+        self.post(self._ctrl, dest, data)
 
     def stop(self):
         self.post(self._stop)
@@ -447,59 +451,70 @@ class Agent:
         out = self.out
         nbig = 0
         for data in frames:
-            kind, flags, dest, ln, sid, seq = unpack(data)
-            if kind == W.OPEN:
-                self._open_out(sid, dest, data[_HS : _HS + ln])
-            elif kind == W.CLOSE:
-                self._close_out(self.outs.get(sid), forward=False)
-            elif kind == W.BYE:  # the process ends: nothing of it comes after this
-                ep = self.eps.get(bytes(data[_HS : _HS + ln]))
-                if ep is not None:
-                    self._retire(ep)
-                continue
-            if dest in self.dead or dest >= len(self.ranks):
-                if flags & W.PTR:
-                    self._free_ptr(data)
-                if kind != W.CLOSE and kind != W.PUTBACK:
-                    self._fail_local(
-                        sid,
-                        seq if kind == W.RECV else 0,
-                        f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
-                    )
-                continue
-            if flags & W.PTR:  # a payload in a pool block: the packet gets the header, MPI the block
-                off = W.U64.unpack_from(data, _HS)[0]
-                blk = self.pool.block(off)
-                if ln <= W.BIG_MIN:  # not worth an MPI message (and its handling) of its own: into the packet
+            try:
+                kind, flags, dest, ln, sid, seq = unpack(data)
+                if kind not in _FROM_PROCESSES:  # (frames only agents send: a process may not forge them)
+                    self._refuse(data, f"a process may not send {kind=} frames")
+                    continue
+                if len(data) != _HS + (8 if flags & W.PTR else ln):  # (it would misframe the packet it joins)
+                    self._refuse(data, f"a {len(data)}-byte frame whose header says {ln} bytes of payload")
+                    continue
+                if kind == W.OPEN:
+                    self._open_out(sid, dest, data[_HS : _HS + ln])
+                elif kind == W.CLOSE:
+                    self._close_out(self.outs.get(sid), forward=False)
+                elif kind == W.BYE:  # the process ends: nothing of it comes after this
+                    ep = self.eps.get(bytes(data[_HS : _HS + ln]))
+                    if ep is not None:
+                        self._retire(ep)
+                    continue
+                if dest in self.dead or dest >= len(self.ranks):
+                    if flags & W.PTR:
+                        self._free_ptr(data)
+                    if kind != W.CLOSE and kind != W.PUTBACK:
+                        self._fail_local(
+                            sid,
+                            seq if kind == W.RECV else 0,
+                            f"node {dest} is down" if dest in self.dead else f"there is no node {dest}",
+                        )
+                    continue
+                if flags & W.PTR:  # a payload in a pool block: the packet gets the header, MPI the block
+                    off = W.U64.unpack_from(data, _HS)[0]
+                    blk = self.pool.block(off)
+                    if ln > blk.size:
+                        raise ValueError(f"a staging block of {blk.size} bytes cannot hold the {ln} it claims")
+                    if ln <= W.BIG_MIN:  # not worth an MPI message (and its handling) of its own: into the packet
+                        hdr = bytearray(data[:_HS])
+                        hdr[1] = flags & ~W.PTR
+                        pkt = out.get(dest)
+                        if pkt is None:
+                            pkt = out[dest] = bytearray()
+                        pkt += hdr
+                        mv = memoryview(blk)
+                        pkt += mv[:ln]
+                        mv.release()
+                        self.pool.free(blk)
+                        if len(pkt) > W.PACKET_MAX:
+                            self._flush(dest)
+                        continue
                     hdr = bytearray(data[:_HS])
-                    hdr[1] = flags & ~W.PTR
+                    hdr[1] = (flags & ~W.PTR) | W.BIG
                     pkt = out.get(dest)
                     if pkt is None:
                         pkt = out[dest] = bytearray()
                     pkt += hdr
-                    mv = memoryview(blk)
-                    pkt += mv[:ln]
-                    mv.release()
-                    self.pool.free(blk)
-                    if len(pkt) > W.PACKET_MAX:
-                        self._flush(dest)
-                    continue
-                hdr = bytearray(data[:_HS])
-                hdr[1] = (flags & ~W.PTR) | W.BIG
-                pkt = out.get(dest)
-                if pkt is None:
-                    pkt = out[dest] = bytearray()
-                pkt += hdr
-                self.bigs.setdefault(dest, []).append((memoryview(blk)[:ln], _Free(self.pool, off)))
-                nbig += 1
-            else:
-                pkt = out.get(dest)
-                if pkt is None:
-                    out[dest] = bytearray(data)
+                    self.bigs.setdefault(dest, []).append((memoryview(blk)[:ln], _Free(self.pool, off)))
+                    nbig += 1
                 else:
-                    pkt += data
-                    if len(pkt) > W.PACKET_MAX:
-                        self._flush(dest)
+                    pkt = out.get(dest)
+                    if pkt is None:
+                        out[dest] = bytearray(data)
+                    else:
+                        pkt += data
+                        if len(pkt) > W.PACKET_MAX:
+                            self._flush(dest)
+            except Exception as e:  # a bad frame drops itself only (logged), never the rest of the batch
+                self._refuse(data, f"{type(e).__name__}: {e}")
         if nbig < len(frames):  # a request or small message went out: its answer may be on its way back
             self.urgent_at = time.perf_counter()
         return len(frames)
@@ -556,14 +571,21 @@ class Agent:
         else:
             self.lingering.add(o)
 
+    def _refuse(self, data, why):
+        """A frame the agent will not act on (from a process, or a process's payload that another agent
+        forwarded): logged (the first few, then every 1000th)."""
+        self.stats["refused"] += 1
+        n = self.stats["refused"]
+        if self.log and (n <= 10 or n % 1000 == 0):
+            self.log.error("refused a frame (%d so far): %s", n, why)
+
     def _free_ptr(self, data):
         _Free(self.pool, W.U64.unpack_from(data, _HS)[0]).release()
 
     def _fail_local(self, sid, seq, text):
         o = self.outs.get(sid)
         if o is not None:
-            body = text.encode()
-            self._to_reply(o, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            self._to_reply(o, W.err_frame(sid, seq, ChannelError, text))
 
     # ---- frames from other agents -------------------------------------------------------------------------
     def _emit(self, dest, frame):
@@ -603,32 +625,30 @@ class Agent:
             if run:
                 self._in_send_run(src, run_sid, run)
                 run_sid, run = None, None
-            if kind == W.SEND:
-                self._in_send(src, sid, payload, n, bigsrc)
-            elif kind == W.RECV:
-                self._in_recv(src, sid, seq, payload)
-            elif kind == W.OPEN:
-                self._in_open(src, sid, payload)
-            elif kind == W.CLOSE:
-                self._in_close(src, sid)
-            elif kind in (W.ACK, W.DATA, W.RESULT, W.ERR):
-                self._answer(sid, mv[hpos : hpos + _HS], payload, n, big, src, bigsrc)
-            elif kind == W.CLOSED:
-                o = self.outs.get(sid)
-                if o is not None and o.closed:
-                    o.far_closed = True
-                    self._forget_if_done(o)
-            elif kind == W.PUTBACK:
-                self._in_putback(payload, flags)
-            elif kind == W.NODE_DOWN:
-                self._node_down(node)
-            elif kind == W.CTRL:
-                if self.on_ctrl is not None:
-                    try:
-                        self.on_ctrl(src, messages.decode(payload))
-                    except Exception:  # the launcher's bug must not kill the transport
-                        if self.log:
-                            self.log.exception("control message from node %d", src)
+            try:
+                if kind == W.SEND:
+                    self._in_send(src, sid, payload, n, bigsrc)
+                elif kind == W.RECV:
+                    self._in_recv(src, sid, seq, payload)
+                elif kind == W.OPEN:
+                    self._in_open(src, sid, payload)
+                elif kind == W.CLOSE:
+                    self._in_close(src, sid)
+                elif kind in (W.ACK, W.DATA, W.RESULT, W.ERR):
+                    self._answer(sid, mv[hpos : hpos + _HS], payload, n, big, src, bigsrc)
+                elif kind == W.CLOSED:
+                    o = self.outs.get(sid)
+                    if o is not None and o.closed:
+                        o.far_closed = True
+                        self._forget_if_done(o)
+                elif kind == W.PUTBACK:
+                    self._in_putback(payload, flags)
+                elif kind == W.NODE_DOWN:
+                    self._node_down(node)
+                elif kind == W.CTRL and self.on_ctrl is not None:
+                    self.on_ctrl(src, bytes(payload))
+            except Exception as e:  # (a process wrote the payload: a bad one costs its own frame, not the packet)
+                self._refuse(payload, f"kind {kind} from node {src}: {type(e).__name__}: {e}")
 
         if run:
             self._in_send_run(src, run_sid, run)
@@ -656,8 +676,6 @@ class Agent:
             self.pending_in.add(s)
 
     def _in_open(self, src, sid, payload):
-        from dragon.channels import Channel
-
         s = self.ins[(src, sid)] = _In(src, sid)
         k = W.U16.unpack_from(payload, 0)[0]
         try:
@@ -673,7 +691,7 @@ class Agent:
         if s is not None:
             s.closing = True
             for r in s.recvq:
-                self._err(s, r.seq, W.E_ERROR, "the handle was closed")
+                self._err(s, r.seq, ChannelError, "the handle was closed")
             s.recvq.clear()
             if not s.sendq:
                 self._drop_in(s)
@@ -711,8 +729,6 @@ class Agent:
     def _back_ch(self, sdesc):
         ch = self.back_chs.get(sdesc)
         if ch is None:
-            from dragon.channels import Channel
-
             if len(self.back_chs) >= 64:  # keep a few handles for the next put-backs, not every one
                 self.back_chs.pop(next(iter(self.back_chs))).close()
             ch = self.back_chs[sdesc] = Channel.attach(sdesc)
@@ -728,8 +744,7 @@ class Agent:
     def _stream_error(self, s, text):
         if s.err is None:
             s.err = text
-            body = text.encode()
-            self._emit(s.src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), s.sid, 0) + body)
+            self._emit(s.src, W.err_frame(s.sid, 0, ChannelError, text))
         for item in s.sendq:
             if type(item) is _Pending:
                 item.req.Wait()
@@ -742,8 +757,7 @@ class Agent:
                     pass
         s.sendq.clear()
         for r in s.recvq:
-            body = text.encode()
-            self._emit(s.src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), s.sid, r.seq) + body)
+            self._emit(s.src, W.err_frame(s.sid, r.seq, ChannelError, text))
         s.recvq.clear()
         self.pending_in.discard(s)
 
@@ -801,12 +815,10 @@ class Agent:
         mode, max_n, maxlen, timeout = W.REQ.unpack_from(payload)
         s = self.ins.get((src, sid))
         if s is None:
-            body = b"unknown stream"
-            self._emit(src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            self._emit(src, W.err_frame(sid, seq, ChannelError, "unknown stream"))
             return
         if s.err is not None:
-            body = s.err.encode()
-            self._emit(src, _HDR.pack(W.ERR, 0, W.E_ERROR, len(body), sid, seq) + body)
+            self._emit(src, W.err_frame(sid, seq, ChannelError, s.err))
             return
         s.recvq.append(_Req(seq, mode, max_n, maxlen, timeout))
         if not self._serve(s):
@@ -852,13 +864,13 @@ class Agent:
                     raise ChannelError(f"unknown request mode {mode}")
             except ChannelEmpty:
                 if r.nonblock:
-                    self._err(s, r.seq, W.E_EMPTY, "is empty")
+                    self._err(s, r.seq, ChannelEmpty, "is empty")
                 elif r.deadline is not None and time.monotonic() >= r.deadline:
-                    self._err(s, r.seq, W.E_TIMEOUT, "timed out")
+                    self._err(s, r.seq, ChannelTimeout, "timed out")
                 else:
                     return False
             except ChannelError as e:
-                self._err(s, r.seq, W.E_ERROR, str(e))
+                self._err(s, r.seq, e, str(e))
             q.popleft()
         return True
 
@@ -879,9 +891,9 @@ class Agent:
         body = msgpack.packb(value)
         self._emit(s.src, _HDR.pack(W.RESULT, 0, 0, len(body), s.sid, seq) + body)
 
-    def _err(self, s, seq, cls, text):
-        body = text.encode()
-        self._emit(s.src, _HDR.pack(W.ERR, 0, cls, len(body), s.sid, seq) + body)
+    def _err(self, s, seq, err, text):
+        """Answer request seq of stream s with an error (an exception or a class: it travels as its code)."""
+        self._emit(s.src, W.err_frame(s.sid, seq, err, text))
 
     def _retry_in(self):
         work = 0
@@ -995,8 +1007,6 @@ class Agent:
     def _reply_ch(self, o):
         ch = self.replies.get(o.reply)
         if ch is None:
-            from dragon.channels import Channel
-
             ch = self.replies[o.reply] = Channel.attach(o.reply)
         return ch
 
@@ -1042,14 +1052,14 @@ class Agent:
     def _watch(self, ep):
         """Watch ep's process with a pidfd (readable once it exits); without one (no pidfd support, no file
         descriptor left) it is found gone by the slower /proc sweep."""
-        if jobprocs.start_time(ep.pid) != ep.start:  # gone already, or the pid is another process's now
+        if start_time(ep.pid) != ep.start:  # gone already, or the pid is another process's now
             self._retire(ep)
             return
         try:
             fd = os.pidfd_open(ep.pid)
         except (OSError, AttributeError):
             return
-        if jobprocs.start_time(ep.pid) != ep.start:  # (the pid may have been reused before the pidfd opened)
+        if start_time(ep.pid) != ep.start:  # (the pid may have been reused before the pidfd opened)
             os.close(fd)
             self._retire(ep)
             return
@@ -1073,7 +1083,7 @@ class Agent:
                     ep.fd is None
                     and not ep.foreign
                     and ep.mark is None
-                    and jobprocs.start_time(ep.pid) != ep.start
+                    and start_time(ep.pid) != ep.start
                 ):
                     self._retire(ep)
         for o in list(self.lingering):
@@ -1108,8 +1118,6 @@ class Agent:
         ch = self.replies.pop(ep.reply, None)
         if ch is None:
             try:
-                from dragon.channels import Channel
-
                 ch = Channel.attach(ep.reply)
             except (ChannelError, TypeError):
                 ch = None
@@ -1222,8 +1230,7 @@ class Agent:
                 del self.pending_rep[ch]
 
     # ---- nodes and control --------------------------------------------------------------------------------
-    def _ctrl(self, dest, msg):
-        body = messages.encode(msg)
+    def _ctrl(self, dest, body):
         self._emit(dest, _HDR.pack(W.CTRL, 0, dest, len(body), 0, 0) + body)
 
     def announce_down(self, node):
@@ -1315,7 +1322,7 @@ def _keep_freed_memory():
 def start_thread(agent):
     """Run the agent's loop in a daemon thread (DRAGON_AGENT_PROFILE=path: profile it into path.<node>)."""
     _keep_freed_memory()
-    path = os.environ.get("DRAGON_AGENT_PROFILE")
+    path = os.environ.get(env.AGENT_PROFILE)
     if path:
         t = threading.Thread(target=_profiled, args=(agent, path), name="dragon-transport-agent", daemon=True)
         t.start()

@@ -1,6 +1,10 @@
 """Cross-node benchmark: the transport agents against mpi4py Send/Recv between the same two ranks, in one run.
 
-    mpiexec -n 2 python -m dragon.transport.bench [--virtual-nodes] [--quick] [--json FILE]
+    mpiexec -n 2 python -m dragon.transport.bench --virtual-nodes [--quick] [--json FILE]   (on one host)
+    mpiexec -n 2 -ppn 1 python -m dragon.transport.bench [--quick] [--json FILE]   (one rank per host)
+
+It needs two ranks on two nodes (--virtual-nodes makes every rank a node of its own, even on one host), and
+mpi4py, numpy and mpiexec (pip install ".[bench]": the mpich wheel puts mpiexec next to python).
 
 First the two ranks time mpi4py ``Send``/``Recv`` (numpy buffers): a stream of N messages then a 1-byte ack, and
 a ping-pong. Then each rank becomes its node's transport agent (dragon.transport.harness) and one process per
@@ -11,14 +15,15 @@ the sender, as mpi4py sends its prefilled buffer). The output says what each sid
 
 Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios (each the best of
 REPEAT rounds, for both sides: the machine may be shared), and the load average at the end.
-
-    --sizes 8,1048576   only these sizes        --repeat N   rounds per size (default 5)
 """
 
+import argparse
 import json
 import os
 import sys
 import time
+
+from dragon import env
 
 SIZES = [8, 64, 1024, 8192, 65536, 1 << 20]
 REPEAT = 5  # rounds per size, for both sides; the best one is reported (a shared machine is noisy)
@@ -102,14 +107,14 @@ def _modes(size):
 
 def app(quick):
     """Run on every node by the harness: node 0 drives, node 1 receives / echoes."""
-    from dragon.infrastructure.remote_channel import attach
+    from dragon._core.core import Channel
 
-    node = int(os.environ["DRAGON_NODE"])
-    chans = json.loads(os.environ["DRAGON_TEST_CHANS"])
+    node = int(os.environ[env.NODE])
+    chans = json.loads(os.environ[env.TEST_CHANS])
     if node > 1:
         return
-    local = attach(bytes.fromhex(chans[str(node)]["a"]), node)
-    peer = attach(bytes.fromhex(chans[str(1 - node)]["a"]), 1 - node)
+    local = Channel.attach(bytes.fromhex(chans[str(node)]["a"]))
+    peer = Channel.attach(bytes.fromhex(chans[str(1 - node)]["a"]))
     results = {}
     for size in SIZES:
         n_stream, n_rtt = counts(size, quick)
@@ -163,7 +168,7 @@ def app(quick):
     if node == 1:
         peer.flush(60)
         return
-    mpi = {int(k): v for k, v in json.loads(os.environ.get("DRAGON_BENCH_MPI", "{}")).items()}
+    mpi = {int(k): v for k, v in json.loads(os.environ.get(env.BENCH_MPI, "{}")).items()}
     rows = []
     head = (
         f"{'size':>8} {'dragon':>10} | {'agents msg/s':>12} {'GB/s':>7} {'rtt us':>8} | {'mpi4py msg/s':>12} "
@@ -197,7 +202,7 @@ def app(quick):
     print(
         f"each figure: the best of {REPEAT} rounds (both sides); load average at the end: {os.getloadavg()[0]:.2f}"
     )
-    out = os.environ.get("DRAGON_BENCH_JSON")
+    out = os.environ.get(env.BENCH_JSON)
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
@@ -222,35 +227,84 @@ def placement_warning(mpi):
     return None
 
 
-def _opts(args):
-    """--sizes 8,1048576 (default: SIZES) and --repeat N (default: REPEAT) apply to both sides."""
-    global SIZES, REPEAT
-    if "--sizes" in args:
-        SIZES = [int(x) for x in args[args.index("--sizes") + 1].split(",")]
-    if "--repeat" in args:
-        REPEAT = max(1, int(args[args.index("--repeat") + 1]))
+PROG = "python -m dragon.transport.bench"
 
 
-def main():
-    args = sys.argv[1:]
-    _opts(args)
-    if args and args[0] == "--app":
-        app("--quick" in args)
+def _sizes(text):
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of sizes in bytes, e.g. 8,1048576")
+    return sizes
+
+
+def _repeat(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rounds of at least 1")
+    return int(text)
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog=PROG, usage=argparse.SUPPRESS,
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--virtual-nodes", action="store_true",
+                    help="every rank its own node, even on one host (without it: one rank per host)")
+    ap.add_argument("--quick", action="store_true", help="a tenth of the messages per size")
+    ap.add_argument("--sizes", type=_sizes, default=SIZES,
+                    help=f"message sizes in bytes (default {','.join(map(str, SIZES))})")
+    ap.add_argument("--repeat", type=_repeat, default=REPEAT, metavar="N",
+                    help=f"rounds per size, for both sides; the best one counts (default {REPEAT})")
+    ap.add_argument("--json", metavar="FILE", help="also write the table's rows to FILE")
+    ap.add_argument("--app", action="store_true", help=argparse.SUPPRESS)  # each node's program (the harness)
+    return ap
+
+
+def _two_nodes(world, comm):
+    """Refuse, on every rank alike and before anything starts, a world of fewer than two nodes (rank 0 says
+    why)."""
+    if world.nnodes >= 2:
         return
-    virtual = "--virtual-nodes" in args
-    quick = "--quick" in args
-    if "--json" in args:
-        os.environ["DRAGON_BENCH_JSON"] = os.path.abspath(args[args.index("--json") + 1])
+    if comm.Get_rank() == 0:
+        todo = ["start it with mpiexec -n 2"] if world.size < 2 else []
+        todo += [] if world.virtual else ["add --virtual-nodes on one host"]
+        print(f"{PROG}: needs two nodes; this run has {world.size} rank(s) on {world.nnodes} node(s): "
+              f"{' and '.join(todo)} (see --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv=None):
+    global SIZES, REPEAT
+    ap = parser()
+    args = ap.parse_args(argv)
+    SIZES, REPEAT = args.sizes, args.repeat  # both sides measure the same sizes the same number of rounds
+    if args.app:
+        if env.TEST_CHANS not in os.environ:
+            ap.error("--app is the program dragon.transport.harness runs on each node, not a user option")
+        app(args.quick)
+        return
+    for module, install in (("mpi4py", "mpi4py mpich"), ("numpy", "numpy")):
+        try:
+            __import__(module)
+        except ImportError as e:  # before MPI: every rank stops, the first one (mpiexec's, srun's) says why
+            ranks = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+            first = next((os.environ[k] for k in ranks if os.environ.get(k)), "0") == "0"
+            sys.exit(f"{PROG}: needs {module} ({type(e).__name__}: {e}): pip install {install}, or "
+                     'pip install ".[bench]" for everything the benchmarks use' if first else 1)
+    if args.json:
+        os.environ[env.BENCH_JSON] = os.path.abspath(args.json)
     from dragon.transport import harness
 
     def before(world, comm):
-        res = mpi_baseline(world, comm, quick)
+        _two_nodes(world, comm)
+        res = mpi_baseline(world, comm, args.quick)
         if comm.Get_rank() == 0:
-            os.environ["DRAGON_BENCH_MPI"] = json.dumps(res)
+            os.environ[env.BENCH_MPI] = json.dumps(res)
 
-    app_args = ["-m", "dragon.transport.bench", "--app"] + (["--quick"] if quick else [])
+    app_args = ["-m", "dragon.transport.bench", "--app"] + (["--quick"] if args.quick else [])
     app_args += ["--sizes", ",".join(map(str, SIZES)), "--repeat", str(REPEAT)]
-    sys.exit(harness.run(app_args, virtual, before=before))
+    sys.exit(harness.run(app_args, args.virtual_nodes, before=before))
 
 
 if __name__ == "__main__":

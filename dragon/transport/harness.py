@@ -17,19 +17,20 @@ import sys
 import threading
 import time
 
+from dragon import env as E
+
 POOL_SIZE = 256 << 20
 
 
 def _env_for(world, node, gw, pool, chans):
-    env = dict(os.environ)
-    env.update(
-        DRAGON_NODE=str(node),
-        DRAGON_NNODES=str(world.nnodes),
-        DRAGON_GW_CD=bytes(gw.sdesc).hex(),
-        DRAGON_INF_PD=bytes(pool.sdesc).hex(),
-        DRAGON_TEST_CHANS=json.dumps(chans),
-    )
-    return env
+    return {
+        **os.environ,
+        E.NODE: str(node),
+        E.NNODES: str(world.nnodes),
+        E.GW_CD: bytes(gw.sdesc).hex(),
+        E.INF_PD: bytes(pool.sdesc).hex(),
+        E.TEST_CHANS: json.dumps(chans),
+    }
 
 
 def _run_program(cmd, env):
@@ -70,7 +71,7 @@ def run(argv, virtual, before=None):
 
     comm = MPI.COMM_WORLD
     world = World(comm, virtual)
-    job = comm.bcast("t" + os.urandom(4).hex() if world.rank == 0 else None, root=0)
+    job, key = comm.bcast(("t" + os.urandom(4).hex(), os.urandom(8)) if world.rank == 0 else None, root=0)
     if before is not None:
         before(world, comm)
     # the leaders' communicator: node k's agent is its rank k
@@ -81,10 +82,10 @@ def run(argv, virtual, before=None):
             time.sleep(0.01)
         return 0
     widen_cpu_binding()  # as dragon-launch: the node's agent and program get the CPUs the rank may use
-    os.environ["DRAGON_JOB"] = world.job_of_node(job)
-    os.environ["DRAGON_NODE"] = str(world.node)
+    os.environ[E.JOB] = world.job_of_node(job)
+    os.environ[E.NODE] = str(world.node)
+    from dragon._core import frames as W
     from dragon.channels import Channel
-    from dragon.infrastructure import frames as W
     from dragon.infrastructure import messages as m
     from dragon.pools import Pool
     from dragon.transport.agent import Agent, start_thread
@@ -100,21 +101,27 @@ def run(argv, virtual, before=None):
     done = {}
     finished = threading.Event()
 
-    def program_done(src, msg):
+    def program_done(msg):
         done[msg.node] = msg.exit_code
         if len(done) == world.nnodes:
             for k in range(world.nnodes):
-                agent._ctrl(k, m.LAExit())
+                agent._ctrl(k, m.encode(m.LAExit(key=key)))
 
-    def stop(src, msg):
+    def stop(msg):
         agent.running = False
 
     handlers = {m.LAProgramDone: program_done, m.LAExit: stop}
-    agent.on_ctrl = lambda src, msg: handlers[type(msg)](src, msg)
+
+    def on_ctrl(src, data):
+        msg = m.decode(data)
+        if msg.CONTROL and msg.key == key and type(msg) in handlers:
+            handlers[type(msg)](msg)
+
+    agent.on_ctrl = on_ctrl
     t = start_thread(agent)
     env = _env_for(world, world.node, gw, pool, chans)
     code = _run_program([sys.executable, *argv], env)
-    agent.send_ctrl(0, m.LAProgramDone(world.node, code))
+    agent.send_ctrl(0, m.encode(m.LAProgramDone(key=key, node=world.node, exit_code=code)))
     t.join()
     finished.set()
     for ch in (gw, a, small):

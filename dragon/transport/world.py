@@ -26,6 +26,8 @@ else ``uname``. They only name nodes; grouping is always by real host.
 import os
 import sys
 
+from dragon import env
+
 NETMOD_VAR = "MPIR_CVAR_CH4_NETMOD"
 
 
@@ -164,7 +166,7 @@ class World:
         return f"{job}n{self.node if node is None else node}"
 
 
-CPU_BINDING = "DRAGON_CPU_BINDING"  # node (default): a serving rank takes every CPU it may use; keep: as bound
+CPU_BINDING = env.CPU_BINDING
 
 
 def widen_cpu_binding(environ=os.environ):

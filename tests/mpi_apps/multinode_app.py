@@ -20,7 +20,7 @@ def attach(desc):
 
     ch = Channel.attach(desc.sdesc)
     if desc.node != int(os.environ.get("DRAGON_NODE", "0")):
-        from dragon.infrastructure.remote_channel import RemoteChannel
+        from dragon._core.remote import RemoteChannel
 
         assert isinstance(ch, RemoteChannel), (ch, desc)
     return ch

@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 
+from dragon._core.core import Channel
+from dragon._core.remote import WINDOW, RemoteChannel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
-from dragon.infrastructure.remote_channel import WINDOW, RemoteChannel, attach
 
 NODE = int(os.environ["DRAGON_NODE"])
 NNODES = int(os.environ["DRAGON_NNODES"])
@@ -19,7 +20,7 @@ CHANS = json.loads(os.environ["DRAGON_TEST_CHANS"])
 
 
 def ch(node, name):
-    return attach(bytes.fromhex(CHANS[str(node)][name]), node)
+    return Channel.attach(bytes.fromhex(CHANS[str(node)][name]))
 
 
 def expect(exc, fn, *a, **kw):
@@ -323,8 +324,8 @@ def case_zerocopy():
             time.sleep(0.05)
         assert _staging_blocks(staging) == before, (_staging_blocks(staging), before, staging.stats())
         # destroy: a channel node 1 made for it
-        v = attach(victim_sd, 1)
-        v2 = attach(victim_sd, 1)
+        v = Channel.attach(victim_sd)
+        v2 = Channel.attach(victim_sd)
         v.send(b"doomed")
         assert v.flush(10)
         v.destroy()
@@ -352,8 +353,6 @@ def case_zerocopy():
         ch(0, "small").send(b"filled")
         time.sleep(0.8)
         a.send(b"late")
-        from dragon.channels import Channel
-
         inf = Pool.attach(bytes.fromhex(os.environ["DRAGON_INF_PD"]))
         victim = Channel.create(inf, capacity=8, block_size=64)
         ch(0, "small").send(bytes(victim.sdesc).hex().encode())
@@ -401,7 +400,7 @@ def case_abandon():
         assert ch(1, "a").recv(timeout=10) == b"late2"  # put back by the agent when the process was gone
         expect(ChannelEmpty, ch(1, "a").recv, timeout=0)
         # a channel destroyed under a sender
-        s = attach(bytes.fromhex(ch(0, "small").recv(timeout=30).decode()), 1)
+        s = Channel.attach(bytes.fromhex(ch(0, "small").recv(timeout=30).decode()))
         s.send(b"1")
         assert s.flush(10)
         ch(1, "small").send(b"destroy")
@@ -416,7 +415,6 @@ def case_abandon():
         ch(1, "small").send(b"done")
         print("abandon ok", flush=True)
     elif NODE == 1:
-        from dragon.channels import Channel
         from dragon.pools import Pool
 
         a, small = ch(1, "a"), ch(1, "small")
@@ -441,6 +439,52 @@ def _abandoner():
     ch(1, "small").send(b"send late2")
     time.sleep(1.0)  # the message arrives in this process's reply channel, which it never reads
     os._exit(0)
+
+
+def case_badframes():
+    """A process writes malformed and forged frames into its node's gateway between good sends: each bad frame
+    is dropped alone (the agent logs it), every good message arrives once and in order, and nothing forged acts
+    (a CTRL frame telling the agents to stop, a NODE_DOWN, a heartbeat)."""
+    import struct
+
+    from dragon._core import frames as W
+    from dragon.infrastructure import messages as m
+
+    if NODE == 0:
+        a = ch(0, "a")
+        got = [a.recv(timeout=30) for _ in range(40)]
+        assert got == [b"good %d" % i for i in range(40)], got
+        expect(ChannelTimeout, a.recv, timeout=0.5)  # (and no putback of the cut-short list came in)
+        ch(1, "small").send(b"checked")
+        print("badframes ok", flush=True)
+    elif NODE == 1:
+        r = ch(0, "a")
+        gw = Channel.attach(bytes.fromhex(os.environ["DRAGON_GW_CD"]))
+        hdr = W.HDR.pack
+        sid = r._st.sid
+        ctrl = m.encode(m.LAExit(key=b"guessed!"))
+        many = W.prefix_sdesc(bytes.fromhex(CHANS["0"]["a"]), W.pack_many([b"x", b"y"])[:-1])
+        bad = [
+            b"",
+            b"\x02\x00",  # shorter than a header
+            hdr(W.SEND, 0, 0, 50, sid, 0) + b"short",  # a payload shorter than its header says
+            hdr(W.SEND, 0, 0, 2, sid, 0) + b"longer than 2",
+            hdr(W.CTRL, 0, 0, len(ctrl), 0, 0) + ctrl,  # frames only agents send
+            hdr(W.NODE_DOWN, 0, 0, 0, 0, 0),
+            hdr(W.HEARTBEAT, 0, 0, 0, 0, 0),
+            hdr(W.ACK, 0, 0, 0, sid, 10**6),
+            hdr(W.PUTBACK, W.MANY, 0, len(many), 0, 0) + many,  # a packed list cut short (parsed on node 0)
+            hdr(W.RECV, 0, 0, 3, sid, 77) + b"abc",  # a request too short to be one
+            hdr(W.SEND, W.PTR, 0, 1 << 30, sid, 0) + W.U64.pack(0),  # more than any staging block holds
+            hdr(W.SEND, W.PTR, 0, 8, sid, 0) + W.U64.pack(2**63 + 5),  # no such block
+            hdr(99, 0, 0, 0, 0, 0),
+            struct.pack("<BBHIQQ", W.OPEN, 0, 0, 4, 1, 0) + b"\xff\xff\x00\x00",  # a stream to nowhere
+        ]
+        for i in range(40):
+            r.send(b"good %d" % i)
+            gw.send(bad[i % len(bad)], timeout=10)
+        assert r.flush(30)
+        assert ch(1, "small").recv(timeout=30) == b"checked"
 
 
 def case_idle():

@@ -1,6 +1,7 @@
 """A channel that lives on another node, used through this node's transport agent with the Channel API.
 
-``RemoteChannel(sdesc, node)`` has the API of a local ``dragon.channels.Channel`` (send / send_block / send_many /
+``Channel.attach(sdesc)`` of a channel whose sdesc names another node returns a ``RemoteChannel``: it has the API
+of a local ``dragon._core.core.Channel`` (both satisfy ``ChannelLike``) (send / send_block / send_many /
 recv / recv_message / recv_many / recv_into / poll / len / flush / close / destroy, capacity / block_size / name /
 pool) with the same timeouts and exceptions. Where a remote channel differs:
 
@@ -48,14 +49,10 @@ import time
 
 import msgpack
 
-from dragon._core.core import Block
+from dragon import env as E
+from dragon._core import frames as W
+from dragon._core.core import Block, Channel, Pool
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
-from dragon.infrastructure import frames as W
-from dragon.infrastructure import jobprocs
-
-GW_CD = "DRAGON_GW_CD"  # hex sdesc of this node's gateway channel (the agent's input)
-INF_PD = "DRAGON_INF_PD"  # hex sdesc of this node's infrastructure pool
-NODE = "DRAGON_NODE"
 
 WINDOW = 512  # unacknowledged messages per stream
 WINDOW_BYTES = 8 << 20  # unacknowledged payload bytes per stream
@@ -68,12 +65,23 @@ REPLY_CAPACITY = 256
 REPLY_BLOCK = 512
 
 _HDR = W.HDR
-_ERRCLS = {
-    W.E_ERROR: ChannelError,
-    W.E_EMPTY: ChannelEmpty,
-    W.E_TIMEOUT: ChannelTimeout,
-    W.E_FULL: ChannelFull,
-}
+
+
+def _channel_error(payload):
+    """(class, text) of an ERR frame's payload; a code that is not a channel error's reads as ChannelError."""
+    cls, text = W.parse_err(payload)
+    return (cls if issubclass(cls, ChannelError) else ChannelError), text
+
+
+def _payload(data):
+    """A bytes-like object as send() ships it: a flat byte view (a copy if it is not contiguous); TypeError
+    if it is not bytes-like."""
+    data = memoryview(data)
+    if not data.c_contiguous:
+        return data.tobytes()
+    if data.itemsize != 1 or data.ndim != 1:
+        return data.cast("B")
+    return data
 
 
 def _timeout_arg(timeout):
@@ -124,22 +132,19 @@ class Endpoint:
     """This process's connection to its node's transport agent."""
 
     def __init__(self):
-        from dragon.channels import Channel
-        from dragon.pools import Pool
-
         env = os.environ
-        if GW_CD not in env or INF_PD not in env:
+        if E.GW_CD not in env or E.INF_PD not in env:
             raise ChannelError(
                 "this channel lives on another node, and this process has no transport agent to reach it "
                 "(DRAGON_GW_CD/DRAGON_INF_PD unset: not started by a multi-node dragon-launch)"
             )
         self.pid = os.getpid()
-        self.node = int(env.get(NODE, "0"))
-        self.gw = Channel.attach(bytes.fromhex(env[GW_CD]))
-        self.pool = Pool.attach(bytes.fromhex(env[INF_PD]))
+        self.node = int(env.get(E.NODE, "0"))
+        self.gw = Channel.attach(E.dec(env[E.GW_CD]))
+        self.pool = Pool.attach(E.dec(env[E.INF_PD]))
         self.reply = Channel.create(self.pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
         self.reply_sdesc = bytes(self.reply.sdesc)
-        self.opener = W.OPENER.pack(self.pid, jobprocs.start_time(self.pid) or 0, jobprocs.pid_namespace())
+        self.opener = W.OPENER.pack(self.pid, start_time(self.pid) or 0, pid_namespace())
         self.streams = {}
         self.closing = 0  # streams closed by their handle whose CLOSED has not come back yet
         self.closed = False
@@ -175,8 +180,6 @@ class Endpoint:
         came inline in its frame."""
         if not isinstance(data, (bytes, bytearray)):
             return data
-        from dragon.channels import Channel
-
         with self.cond:
             if self.loop is None:
                 self.loop = Channel.create(self.pool, capacity=1, block_size=REPLY_BLOCK)
@@ -215,10 +218,9 @@ class Endpoint:
             mv.release()
             msg.release()
             if nxt is False:
-                kind, flags, node = W.ERR, 0, W.E_ERROR
-                msg = b"the transport agent did not deliver a payload"
-                mv = memoryview(_HDR.pack(kind, 0, node, len(msg), sid, seq) + msg)
-                n = len(msg)
+                text = "the transport agent did not deliver a payload"
+                mv = memoryview(W.err_frame(sid, seq, ChannelError, text))
+                kind, flags, node, n, sid, seq = _HDR.unpack_from(mv)
                 msg = _Bytes()
             else:
                 msg = nxt
@@ -240,8 +242,7 @@ class Endpoint:
                 self.closing -= 1
             msg.release()
         elif kind == W.ERR and seq == 0:
-            st.err = bytes(mv[W.HSIZE :]).decode(errors="replace")
-            st.err_cls = _ERRCLS.get(node, ChannelError)
+            st.err_cls, st.err = _channel_error(mv[W.HSIZE : W.HSIZE + n])
             msg.release()
         elif seq in st.abandoned or st.closed:
             st.abandoned.discard(seq)
@@ -249,8 +250,6 @@ class Endpoint:
                 self.putback(st, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], flags)
             msg.release()
         else:
-            if kind == W.ERR:
-                flags |= node << 8  # the error class rides in the node field
             st.results[seq] = (kind, flags, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], msg)
 
     def putback(self, st, data, flags=0):
@@ -337,6 +336,15 @@ def endpoint():
         if _ep is None or _ep.pid != os.getpid() or _ep.closed:
             _ep = Endpoint()
         return _ep
+
+
+def close_endpoint():
+    """Close this process's connection to its node's agent, if it has one (says BYE); the next remote handle
+    opens a new one (dragon.shutdown(): a later dragon.init() may attach another runtime)."""
+    with _ep_lock:
+        e = _ep
+    if e is not None and e.pid == os.getpid():
+        e.close()
 
 
 class RemoteChannel:
@@ -447,8 +455,7 @@ class RemoteChannel:
             raise ChannelTimeout(f"channel on node {self.node}: no answer from the node's transport agent")
         kind, flags, payload, msg = res
         if kind == W.ERR:
-            text = bytes(payload).decode(errors="replace")
-            cls = _ERRCLS.get(flags >> 8, ChannelError)
+            cls, text = _channel_error(payload)
             msg.release()
             raise cls(f"channel on node {self.node}: {text}")
         return kind, flags, payload, msg
@@ -461,12 +468,10 @@ class RemoteChannel:
             self._check()
             st = self._st
         if type(data) is not bytes:
-            data = memoryview(data)
-            if not data.c_contiguous:
-                data = data.tobytes()
-            elif data.itemsize != 1 or data.ndim != 1:
-                data = data.cast("B")
+            data = _payload(data)
         n = len(data)
+        if n > 0xFFFFFFFF:
+            raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
         t = None if timeout is None else _timeout_arg(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
@@ -560,11 +565,25 @@ class RemoteChannel:
             st.sizes.append(n)
 
     def send_many(self, messages, timeout=None):
-        """Send each message in order; returns how many were sent (the timeout covers the whole call)."""
+        """Send each message in order; returns how many were sent (the timeout covers the whole call). All or
+        nothing for bad input: every item is checked first (TypeError: not bytes-like; ChannelError: over
+        4 GiB - 1), so a bad one raises before anything is sent."""
         self._check()
+        items = []
+        for i, data in enumerate(messages):
+            try:
+                data = data if type(data) is bytes else _payload(data)
+            except TypeError:
+                kind = type(data).__name__
+                raise TypeError(
+                    f"send_many() takes bytes-like objects, not {kind} (item {i}): nothing was sent"
+                ) from None
+            if len(data) > 0xFFFFFFFF:
+                raise ChannelError(f"channel on node {self.node}: item {i} is 4 GiB or more, nothing sent")
+            items.append(data)
         deadline = None if timeout is None else time.monotonic() + _timeout_arg(timeout)
         k = 0
-        for data in messages:
+        for data in items:
             t = None if deadline is None else max(0.0, deadline - time.monotonic())
             if timeout is not None and timeout <= 0:
                 t = 0
@@ -727,11 +746,20 @@ class RemoteChannel:
         return (RemoteChannel, (self._sdesc, self.node))
 
 
-def attach(sdesc, node):
-    """A handle to the channel ``sdesc`` that lives on ``node``: the channel itself on this node, else a
-    RemoteChannel."""
-    if node == int(os.environ.get(NODE, "0")):
-        from dragon.channels import Channel
 
-        return Channel.attach(sdesc)
-    return RemoteChannel(sdesc, node)
+def start_time(pid):
+    """When process pid started (clock ticks after boot, from /proc/<pid>/stat), or None if there is no such
+    process. A pid with another start time than the one noted earlier is another process (the pid was reused)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pid_namespace():
+    """This process's pid namespace (an inode number; 0 if unknown): pids mean the same process only within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0

@@ -23,6 +23,7 @@ Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
   answer it sent on the stream) to the process's agent, and that agent to the process, so each side forgets the
   stream only once nothing more can come for it.
 - RECV/POLL/LEN/INFO: ``seq`` is the request id; the answer (DATA, RESULT or ERR) echoes it.
+- ERR: the payload starts with the error's wire code (u16, ``dragon.errors.code_of``), then its utf-8 text.
 - BIG flag: the payload is not in the MPI packet but follows as its own MPI message on TAG_BIG (in order).
 - NEXT flag (agent -> process): the DATA payload is the next message of the reply channel (the agent is the only
   writer of a process's reply channel and always puts the two back to back), so ``recv_message`` of a remote
@@ -30,6 +31,8 @@ Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
 """
 
 import struct
+
+from dragon.errors import DragonError, code_of, from_code
 
 HDR = struct.Struct("<BBHIQQ")
 HSIZE = HDR.size  # 24
@@ -45,7 +48,7 @@ BYE = 6  # (gateway only) payload: the reply channel sdesc of a process that end
 ACK = 10  # seq: number of this stream's messages delivered so far
 DATA = 11  # seq: request id; payload: one message, or (flag MANY) a packed list
 RESULT = 12  # seq: request id; payload: msgpack value
-ERR = 13  # seq: request id (0: the whole stream is broken); node: error class (E_*); payload: utf-8 text
+ERR = 13  # seq: request id (0: the whole stream is broken); payload: ERR_CODE (dragon.errors) + utf-8 text
 CLOSED = 14  # the stream's CLOSE was handled: nothing more will come for it
 # agent <-> agent
 NODE_DOWN = 20  # node: the node that died
@@ -64,10 +67,7 @@ NEXT = (
 # RECV modes
 M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO, M_DESTROY = 0, 1, 2, 3, 4, 5, 6
 REQ = struct.Struct("<BIqd")  # mode, max_n, maxlen (-1: any), timeout (-1.0: forever)
-OPENER = struct.Struct("<IQQ")  # who opened a stream: pid, start time, pid namespace (see jobprocs)
-
-# ERR classes (in the node field of an ERR frame)
-E_ERROR, E_EMPTY, E_TIMEOUT, E_FULL = 0, 1, 2, 3
+OPENER = struct.Struct("<IQQ")  # who opened a stream: pid, start time, pid namespace (see dragon._core.remote)
 
 # MPI tags
 TAG_PKT = 7
@@ -76,9 +76,25 @@ TAG_BIG = 8
 BIG_MIN = 128 * 1024  # payloads above this go as their own MPI message (no copy into a packet)
 PACKET_MAX = 512 * 1024  # flush a packet to a node once it is this big
 
+ERR_CODE = struct.Struct("<H")  # the start of an ERR payload: the error's wire code (dragon.errors.code_of)
 U32 = struct.Struct("<I")
 U16 = struct.Struct("<H")
 U64 = struct.Struct("<Q")
+
+
+def err_frame(sid, seq, err, text):
+    """An ERR frame answering request ``seq`` of stream ``sid`` (0: the stream is broken): ``err`` (an
+    exception or its class) travels as its dragon.errors wire code at the start of the payload, then text."""
+    body = ERR_CODE.pack(code_of(err)) + text.encode(errors="replace")
+    return HDR.pack(ERR, 0, 0, len(body), sid, seq) + body
+
+
+def parse_err(payload):
+    """(class, text) of an ERR frame's payload (a code this version does not know reads as DragonError)."""
+    if len(payload) < ERR_CODE.size:
+        return DragonError, "(a truncated error frame)"
+    (code,) = ERR_CODE.unpack_from(payload, 0)
+    return from_code(code), bytes(payload[ERR_CODE.size :]).decode(errors="replace")
 
 
 def pack_many(msgs):
@@ -103,12 +119,21 @@ def split_sdesc(payload):
 
 
 def unpack_many(buf):
+    """The messages of a pack_many payload; ValueError if it is truncated or has bytes beyond its last one."""
     mv = memoryview(buf)
-    (count,) = U32.unpack_from(mv, 0)
-    pos, out = 4, []
-    for _ in range(count):
-        (n,) = U32.unpack_from(mv, pos)
-        pos += 4
-        out.append(bytes(mv[pos : pos + n]))
-        pos += n
+    end = len(mv)
+    try:
+        (count,) = U32.unpack_from(mv, 0)
+        pos, out = 4, []
+        for _ in range(count):
+            (n,) = U32.unpack_from(mv, pos)
+            pos += 4
+            if pos + n > end:
+                raise ValueError(f"message {len(out)} of {count} is cut short")
+            out.append(bytes(mv[pos : pos + n]))
+            pos += n
+    except struct.error as e:
+        raise ValueError(f"a packed list is cut short: {e}") from None
+    if pos != end:
+        raise ValueError(f"{end - pos} bytes after the last of {count} packed messages")
     return out

@@ -1,0 +1,288 @@
+"""dragon.init() in a plain python: a single-node runtime in the background, the calling process its client.
+
+Every test runs a real script in a fresh interpreter (no dragon-launch in front of it), with a marker in its
+environment that the runtime's processes inherit; after the script ends (by any path), nothing may carry the
+marker and no segment of its job may be left.
+"""
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from slurm_util import pids_with_marker
+from test_runtime_util import APP_HELPERS, job_segments, launch_env, run_app, write_app
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def marked_env(extra=None):
+    mark = "dragon-init-test-" + os.urandom(6).hex()
+    return mark, launch_env({"DRAGON_TEST_MARK": mark, **(extra or {})})
+
+
+def assert_nothing_left(mark, job, within=5.0):
+    """No process carries mark and no segment of job is in /dev/shm within `within` seconds."""
+    deadline = time.monotonic() + within
+    while (pids_with_marker(mark) or job_segments(job)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pids_with_marker(mark), f"processes left: {pids_with_marker(mark)}"
+    assert not job_segments(job), f"segments left: {job_segments(job)}"
+
+
+def run_script(tmp_path, code, env, timeout=60):
+    app = write_app(tmp_path, APP_HELPERS + code)
+    return subprocess.run(
+        [sys.executable, str(app)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def job_of(out):
+    for line in out.splitlines():
+        if line.startswith("JOB "):
+            return line.split()[1]
+    raise AssertionError(f"no JOB line in {out!r}")
+
+
+EVERY_API = r"""
+import dragon
+from dragon.channels import Channel
+from dragon.errors import ChannelError, PoolError, ProcessError
+from dragon.globalservices import channel, node, pool, process
+from dragon.pools import Pool
+
+h = dragon.init()
+print("JOB", h.job, flush=True)
+assert h.mode == "local" and h.client < 0, h
+assert dragon.init() is h
+ok("init")
+assert node.get_list() == [0] and node.query(0).hostname
+ok("node")
+d = process.create(PY, None, ["-c", "print('child says hi')"], user_name="child")
+assert process.join(d.p_uid, timeout=30) == 0
+assert process.query("child").state == "exited"
+s = process.create("/bin/sleep", None, ["60"])
+assert s.p_uid in [u for u, _ in process.get_list()]
+process.kill(s.p_uid)
+assert process.join(s.p_uid, timeout=30) == -9
+r = process.multi_join([d.p_uid, s.p_uid], timeout=5)
+assert len(r[0]) == 2, r
+raises(ProcessError, process.create, "/no/such/exe", None, [])
+ok("process")
+pd = pool.create(1 << 20, user_name="p")
+assert pool.query("p").m_uid == pd.m_uid
+blk = Pool.attach(pd.sdesc)
+blk.close()
+cd = channel.create(pd.m_uid, user_name="c", channel_options={"capacity": 8, "block_size": 256})
+ch = Channel.attach(cd.sdesc)
+ch.send(b"ping")
+assert ch.recv(timeout=5) == b"ping"
+assert channel.join("c", timeout=1).c_uid == cd.c_uid
+raises(PoolError, pool.destroy, pd.m_uid)
+ch.close()
+channel.destroy(cd.c_uid)
+pool.destroy(pd.m_uid)
+raises(ChannelError, channel.query, "c")
+ok("pool and channel")
+# a managed process reaches a channel the client made (in the infrastructure pool)
+cd = channel.create(None, user_name="to_child", channel_options={"capacity": 4, "block_size": 256})
+code = (
+    "from dragon.channels import Channel; from dragon.globalservices import channel; "
+    "Channel.attach(channel.join('to_child', timeout=10).sdesc).send(b'from child')"
+)
+kid = process.create(PY, None, ["-c", code])
+ch = Channel.attach(cd.sdesc)
+assert ch.recv(timeout=30) == b"from child"
+assert process.join(kid.p_uid, timeout=30) == 0
+ok("child to client")
+"""
+
+
+def test_init_every_api(tmp_path):
+    mark, env = marked_env()
+    res = run_script(tmp_path, EVERY_API, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("init", "node", "process", "pool and channel", "child to client"):
+        assert f"ok {name}\n" in res.stdout, res.stdout + res.stderr
+    assert "child says hi" in res.stdout
+    assert "Traceback" not in res.stderr, res.stderr
+    assert_nothing_left(mark, job_of(res.stdout))
+
+
+EXIT_PATH = r"""
+import os, sys, time
+import dragon
+from dragon.globalservices import pool, process
+
+h = dragon.init()
+print("JOB", h.job, flush=True)
+process.create("/bin/sleep", None, ["100"])
+pool.create(1 << 20)
+how = sys.argv[1]
+if how == "exception":
+    raise RuntimeError("the program failed")
+if how == "sys_exit":
+    sys.exit(3)
+if how == "shutdown":
+    dragon.shutdown()
+    assert "DRAGON_GS_CD" not in os.environ
+    h2 = dragon.init()  # a new runtime
+    assert h2 is not h and h2.job != h.job
+    print("JOB", h2.job, flush=True)
+    process.join(process.create("/bin/true", None, []).p_uid, timeout=30)
+if how == "sigkill":
+    print("READY", flush=True)
+    time.sleep(100)
+"""
+
+
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("exception", 1), ("sys_exit", 3), ("shutdown", 0)])
+def test_exit_paths(tmp_path, how, code):
+    mark, env = marked_env()
+    app = write_app(tmp_path, APP_HELPERS + EXIT_PATH)
+    res = subprocess.run(
+        [sys.executable, str(app), how], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == code, res.stdout + res.stderr
+    if how == "exception":
+        assert "RuntimeError: the program failed" in res.stderr
+    else:
+        assert "Traceback" not in res.stderr, res.stderr
+    jobs = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("JOB ")]
+    assert len(jobs) == (2 if how == "shutdown" else 1), res.stdout
+    for job in jobs:
+        assert_nothing_left(mark, job)
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_sigkill_of_the_client_ends_the_runtime(tmp_path, run):
+    mark, env = marked_env()
+    app = write_app(tmp_path, APP_HELPERS + EXIT_PATH)
+    proc = subprocess.Popen(
+        [sys.executable, str(app), "sigkill"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        job = proc.stdout.readline().split()[1]
+        assert proc.stdout.readline() == "READY\n"
+        assert len(pids_with_marker(mark)) >= 4  # client, launcher, GS, shepherd (and sleep)
+        proc.kill()
+        proc.wait()
+        assert_nothing_left(mark, job, within=5.0)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+CTRL_C = r"""
+import time
+import dragon
+from dragon.globalservices import process
+
+h = dragon.init()
+print("JOB", h.job, flush=True)
+s = process.create("/bin/sleep", None, ["100"])
+print("READY", flush=True)
+try:
+    process.join(s.p_uid)  # blocks until Ctrl-C
+    print("join returned", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+# the runtime is unharmed: the process still runs, and calls work
+assert process.query(s.p_uid).state == "running"
+process.kill(s.p_uid)
+assert process.join(s.p_uid, timeout=30) == -9
+print("DONE", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_terminal_interrupts_a_blocked_call(tmp_path):
+    """Ctrl-C typed into a real terminal (a pty): the client gets KeyboardInterrupt, the runtime (in a session
+    of its own) does not see it."""
+    mark, env = marked_env()
+    app = write_app(tmp_path, APP_HELPERS + CTRL_C)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, str(app)], env)
+    out = b""
+    try:
+
+        def until(text, timeout=30):
+            nonlocal out
+            deadline = time.monotonic() + timeout
+            while text.encode() not in out:
+                assert time.monotonic() < deadline, f"no {text!r} in {out!r}"
+                if select.select([fd], [], [], 0.1)[0]:
+                    try:
+                        out += os.read(fd, 4096)
+                    except OSError:  # the child ended
+                        break
+
+        until("READY")
+        time.sleep(0.3)  # it is blocked in join
+        os.write(fd, b"\x03")
+        until("DONE")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, out
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert "interrupted" in text and "join returned" not in text, text
+    assert_nothing_left(mark, job_of(text.replace("\r", "")))
+
+
+def test_init_under_dragon_launch_is_a_no_op(tmp_path):
+    mark, env = marked_env()
+    res = run_app(
+        tmp_path,
+        APP_HELPERS
+        + r"""
+import os
+import dragon
+from dragon.globalservices import process
+h = dragon.init()
+assert h.mode == "managed" and dragon.init() is h and h.job == os.environ["DRAGON_JOB"], h
+dragon.shutdown()  # a no-op for a managed process
+assert dragon.init() is h
+assert process.join(process.create("/bin/true", None, []).p_uid, timeout=30) == 0
+ok("managed")
+""",
+        env={"DRAGON_TEST_MARK": mark},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok managed" in res.stdout
+
+
+def test_import_dragon_stays_cheap():
+    """import dragon loads nothing of the runtime (init() imports it when called)."""
+    code = (
+        "import sys, dragon; print(sorted(m for m in sys.modules if m.startswith(('dragon.', 'launcher'))))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=launch_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_start_failure_is_a_clear_error(tmp_path):
+    """A runtime that cannot start (an infrastructure pool bigger than /dev/shm) gives RuntimeNotFound, at
+    once."""
+    mark, env = marked_env({"DRAGON_INFRA_POOL_SIZE": "64G"})
+    code = r"""
+import dragon
+from dragon.errors import RuntimeNotFound
+print(raises(RuntimeNotFound, dragon.init))
+"""
+    res = run_script(tmp_path, code, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "could not start" in res.stdout, res.stdout
+    assert not pids_with_marker(mark)

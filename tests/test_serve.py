@@ -1,0 +1,153 @@
+"""``dragon-launch --serve`` and its clients: one node, and three virtual nodes under mpiexec.
+
+Clients are plain python scripts with DRAGON_CONNECT set (``dragon.init()`` finds the file there). What a
+client made is released when it leaves or is SIGKILLed, unless it attached with keep=True; a client never
+ends the runtime; the server ends at --stop, SIGINT or SIGTERM, and nothing of it is left
+(serve_util.serving checks).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from serve_util import (
+    AFTER_KILL,
+    AT_ONCE,
+    MAKE,
+    MID_USE,
+    SEES_NOTHING_OF,
+    client,
+    serving,
+    start_client,
+    wait_gone,
+)
+from test_runtime_util import launch_cmd, launch_env
+
+pytestmark = pytest.mark.timeout(180)
+
+LAYOUTS = [
+    pytest.param(1, (), id="1node"),
+    pytest.param(3, (), id="3vnodes", marks=pytest.mark.mpi),
+    pytest.param(3, ("--gs-rank",), id="2vnodes+gsrank", marks=pytest.mark.mpi),
+]
+
+
+@pytest.mark.parametrize(("nodes", "flags"), LAYOUTS)
+def test_clients_one_after_the_other(tmp_path, nodes, flags):
+    with serving(tmp_path, nodes, flags) as srv:
+        assert srv.info["nodes"] == nodes - len(flags)
+        a = client(tmp_path, srv.path, MAKE, ["a"])
+        assert a.returncode == 0, a.stdout + a.stderr
+        assert "ok made a" in a.stdout
+        b = client(tmp_path, srv.path, SEES_NOTHING_OF, ["a"], name="b.py")
+        assert b.returncode == 0, b.stdout + b.stderr
+        assert "ok released" in b.stdout
+
+
+@pytest.mark.parametrize(("nodes", "flags"), LAYOUTS[:2])
+def test_clients_at_the_same_time(tmp_path, nodes, flags):
+    with serving(tmp_path, nodes, flags) as srv:
+        a = start_client(tmp_path, srv.path, AT_ONCE, ["a", "b"], name="a.py")
+        b = start_client(tmp_path, srv.path, AT_ONCE, ["b", "a"], name="b.py")
+        out_a, err_a = a.communicate(timeout=120)
+        out_b, err_b = b.communicate(timeout=120)
+        assert a.returncode == 0, out_a + err_a
+        assert b.returncode == 0, out_b + err_b
+        assert "ok both" in out_a and "ok a released, b kept" in out_b, out_b + err_b
+        after = client(
+            tmp_path, srv.path, "dragon.init()\nassert names() == [] and pool_names() == []\nok('empty')"
+        )
+        assert "ok empty" in after.stdout, after.stdout + after.stderr
+
+
+@pytest.mark.parametrize(("nodes", "flags"), LAYOUTS[:2])
+def test_client_sigkilled_mid_use(tmp_path, nodes, flags):
+    with serving(tmp_path, nodes, flags) as srv:
+        k = start_client(tmp_path, srv.path, MID_USE, name="k.py")
+        try:
+            pid = int(k.stdout.readline().split()[1])
+            assert k.stdout.readline() == "READY\n", k.stderr.read() if k.poll() is not None else ""
+            k.kill()
+        finally:
+            k.kill()
+            k.communicate(timeout=30)
+        c = client(tmp_path, srv.path, AFTER_KILL)
+        assert c.returncode == 0, c.stdout + c.stderr
+        assert "ok released after SIGKILL" in c.stdout
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.proc.poll() is None, "a client's death ended the runtime"
+
+
+def test_keep(tmp_path):
+    with serving(tmp_path) as srv:
+        a = client(
+            tmp_path,
+            srv.path,
+            "dragon.init(keep=True)\npool.create(1 << 20, user_name='kept')\n"
+            "process.create('/bin/sleep', None, ['100'], user_name='kept_sleep')\nok('made')",
+        )
+        assert "ok made" in a.stdout, a.stdout + a.stderr
+        b = client(
+            tmp_path,
+            srv.path,
+            "dragon.init()\nassert pool_names() == ['kept'] and names() == ['kept_sleep']\n"
+            "pool.destroy('kept')\nprocess.kill('kept_sleep')\nok('kept')",
+        )
+        assert "ok kept" in b.stdout, b.stdout + b.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_server_ends_at_a_signal(tmp_path, sig):
+    with serving(tmp_path, stop=False) as srv:
+        os.kill(srv.proc.pid, sig)
+        out, err = srv.proc.communicate(timeout=60)
+        assert srv.proc.returncode == 0, out + err
+        assert not os.path.exists(srv.path)
+
+
+GONE = r"""
+from dragon.errors import RuntimeNotFound
+t = time.monotonic()
+print(raises(RuntimeNotFound, dragon.init))
+assert time.monotonic() - t < 5
+assert "DRAGON_GS_CD" not in os.environ
+"""
+
+
+def test_connection_file_of_a_gone_runtime(tmp_path):
+    """A SIGKILLed server leaves its file: a client is told at once that the runtime is gone (no hang), and
+    --stop says so too and removes the stale file."""
+    with serving(tmp_path, stop=False) as srv:
+        srv.proc.kill()
+        srv.proc.wait()
+        wait_gone(srv.mark, srv.job)
+        assert os.path.exists(srv.path)
+        c = client(tmp_path, srv.path, GONE)
+        assert c.returncode == 0, c.stdout + c.stderr
+        assert "is gone" in c.stdout
+        res = subprocess.run(
+            launch_cmd("--stop", srv.path), env=launch_env(), capture_output=True, text=True, timeout=30
+        )
+        assert res.returncode == 1 and "is gone" in res.stderr, res.stderr
+        assert not os.path.exists(srv.path)
+
+
+def test_connection_file_of_another_host_or_garbage(tmp_path):
+    with serving(tmp_path) as srv:
+        with open(srv.path) as f:
+            info = json.load(f)
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({**info, "host": "elsewhere"}))
+        c = client(tmp_path, str(other), GONE)
+        assert "runs on host 'elsewhere'" in c.stdout, c.stdout + c.stderr
+        junk = tmp_path / "junk.json"
+        junk.write_text("{not json")
+        c = client(tmp_path, str(junk), GONE)
+        assert "cannot read the connection file" in c.stdout, c.stdout + c.stderr
+        c = client(tmp_path, str(tmp_path / "none.json"), GONE)
+        assert "no connection file" in c.stdout, c.stdout + c.stderr
