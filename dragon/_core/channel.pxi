@@ -314,6 +314,17 @@ cdef class Channel:
                 raise MemoryError()
         return m
 
+    cdef int _check_item(self, object data, Py_ssize_t i) except -1:
+        """send_many's check of an item that is not a small bytes: bytes-like, and not too big ever to be sent."""
+        try:
+            n = memoryview(data).nbytes
+        except TypeError:
+            raise TypeError(f"send_many() takes bytes-like objects, not {type(data).__name__} (item {i}): "
+                            f"nothing was sent") from None
+        if <uint64_t>n > self.c.block_size:
+            self._fits(n)
+        return 0
+
     def send_many(self, messages, timeout=None):
         """Send each bytes-like of ``messages`` in order; returns how many were sent. All or nothing for bad
         input: every item is checked first (TypeError for one that is not bytes-like, ChannelError for one that
@@ -321,21 +332,13 @@ cdef class Channel:
         it passes after k > 0 messages were sent, returns k (else raises ChannelFull/Timeout)."""
         self._check()
         cdef int64_t deadline = _deadline(timeout)
-        cdef Py_ssize_t k = 0, n
-        items = messages if type(messages) is list else list(messages)
-        for data in items:
-            if type(data) is bytes:
-                n = PyBytes_GET_SIZE(data)
-            else:
-                try:
-                    n = memoryview(data).nbytes
-                except TypeError:
-                    raise TypeError(f"send_many() takes bytes-like objects, not {type(data).__name__} "
-                                    f"(item {k}): nothing was sent") from None
-            if <uint64_t>n > self.c.block_size:
-                self._fits(n)
-            k += 1
-        k = 0
+        cdef list items = messages if type(messages) is list else list(messages)
+        cdef Py_ssize_t i, k = 0
+        cdef PyObject *o
+        for i in range(PyList_GET_SIZE(items)):  # (borrowed references: checking costs no refcounting)
+            o = PyList_GET_ITEM(items, i)
+            if not (_is_bytes(o) and <uint64_t>_bytes_size(o) <= self.c.block_size):
+                self._check_item(<object>o, i)
         for data in items:
             try:
                 if type(data) is bytes:

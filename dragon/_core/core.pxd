@@ -75,5 +75,6 @@ cdef class Channel:
                     ds_msg *m, int64_t deadline) except -1
     cdef int _send(self, const char *p, Py_ssize_t n, int64_t deadline) except -1
     cdef int _fits(self, Py_ssize_t n) except -1
+    cdef int _check_item(self, object data, Py_ssize_t i) except -1
     cdef int _send_obj(self, object data, int64_t deadline) except -1
     cdef object _take_bytes(self, ds_slot *slot, uint32_t lap, const ds_msg *m)

@@ -20,12 +20,18 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.number cimport PyNumber_Index
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.object cimport PyObject
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from posix.mman cimport mmap, munmap, shm_open, shm_unlink, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.fcntl cimport O_RDWR, O_CREAT, O_EXCL, O_CLOEXEC
 from posix.unistd cimport close, ftruncate
 from posix.stat cimport fstat, struct_stat
 
 from dragon._core.cdefs cimport *
+
+cdef extern from "Python.h":  # (on borrowed references)
+    bint _is_bytes "PyBytes_CheckExact"(PyObject *o)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject *o)
 
 from dragon.errors import (ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, PoolError, PoolFull,
                            PoolTimeout)
