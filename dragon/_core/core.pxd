@@ -1,5 +1,5 @@
-# Object layouts of dragon._core.core (the fields and C-level methods of every cdef class); the behaviour is in
-# the .pxi files that core.pyx includes, the C declarations in cdefs.pxd.
+# Object layouts of dragon._core.core (the fields and C-level methods of every cdef class); the behaviour is
+# in the .pxi files that core.pyx includes, the C declarations in cdefs.pxd.
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 
 from dragon._core.cdefs cimport ds_chan, ds_msg, ds_slot
