@@ -8,9 +8,9 @@ cdef class Channel:
     @staticmethod
     def create(pool, capacity=1024, block_size=1024, name=None, timeout=None):
         """Create a channel in ``pool``: ``capacity`` slots, messages up to ``block_size`` bytes stored inline.
-        A pool without room raises ChannelError at once; ``timeout`` bounds the wait for the pool's lock, which
-        another process holds for microseconds unless it is stopped (None: as long as it takes; 0: a short
-        grace, then ChannelError; t: ChannelTimeout after t seconds)."""
+        A pool without room raises ChannelError at once; ``timeout`` bounds the wait for the pool's lock,
+        which another process holds for microseconds unless it is stopped (None: as long as it takes; 0: a
+        short grace, then ChannelError; t: ChannelTimeout after t seconds)."""
         global _counter
         if not isinstance(pool, Pool):
             raise TypeError(f"Channel.create() needs a Pool, not {type(pool).__name__}")
@@ -84,8 +84,8 @@ cdef class Channel:
 
     cdef int _block(self, int mode, int rc, uint64_t maxlen, ds_slot **slot, uint32_t *lap, uint64_t *st,
                     ds_msg *m, int64_t deadline) except -1:
-        """Finish a claim whose first (GIL-held) attempt returned rc: wait without the GIL, or raise. A receive
-        fills ``m`` with what the claimed slot holds (checked: see ds_slot_msg); a send passes NULL."""
+        """Finish a claim whose first (GIL-held) attempt returned rc: wait without the GIL, or raise. A
+        receive fills ``m`` with what the claimed slot holds (see ds_slot_msg); a send passes NULL."""
         cdef ds_op op
         if rc == DS_FULL or rc == DS_EMPTY:
             if deadline == DL_NONBLOCK:
@@ -314,28 +314,31 @@ cdef class Channel:
                 raise MemoryError()
         return m
 
+    cdef int _check_item(self, object data, Py_ssize_t i) except -1:
+        """send_many's check of an item that is not a small bytes: bytes-like, and not too big to be sent."""
+        try:
+            n = memoryview(data).nbytes
+        except TypeError:
+            raise TypeError(f"send_many() takes bytes-like objects, not {type(data).__name__} (item {i}): "
+                            f"nothing was sent") from None
+        if <uint64_t>n > self.c.block_size:
+            self._fits(n)
+        return 0
+
     def send_many(self, messages, timeout=None):
         """Send each bytes-like of ``messages`` in order; returns how many were sent. All or nothing for bad
-        input: every item is checked first (TypeError for one that is not bytes-like, ChannelError for one that
-        could never be sent), so a bad one raises before anything is sent. The timeout covers the whole call; if
-        it passes after k > 0 messages were sent, returns k (else raises ChannelFull/Timeout)."""
+        input: every item is checked first (TypeError for one that is not bytes-like, ChannelError for one
+        that could never be sent), so a bad one raises before anything is sent. The timeout covers the whole
+        call; if it passes after k > 0 messages were sent, returns k (else raises ChannelFull/Timeout)."""
         self._check()
         cdef int64_t deadline = _deadline(timeout)
-        cdef Py_ssize_t k = 0, n
-        items = messages if type(messages) is list else list(messages)
-        for data in items:
-            if type(data) is bytes:
-                n = PyBytes_GET_SIZE(data)
-            else:
-                try:
-                    n = memoryview(data).nbytes
-                except TypeError:
-                    raise TypeError(f"send_many() takes bytes-like objects, not {type(data).__name__} "
-                                    f"(item {k}): nothing was sent") from None
-            if <uint64_t>n > self.c.block_size:
-                self._fits(n)
-            k += 1
-        k = 0
+        cdef list items = messages if type(messages) is list else list(messages)
+        cdef Py_ssize_t i, k = 0
+        cdef PyObject *o
+        for i in range(PyList_GET_SIZE(items)):  # (borrowed references: checking costs no refcounting)
+            o = PyList_GET_ITEM(items, i)
+            if not (_is_bytes(o) and <uint64_t>_bytes_size(o) <= self.c.block_size):
+                self._check_item(<object>o, i)
         for data in items:
             try:
                 if type(data) is bytes:

@@ -1,5 +1,5 @@
-# Object layouts of dragon._core.core (the fields and C-level methods of every cdef class); the behaviour is in
-# the .pxi files that core.pyx includes, the C declarations in cdefs.pxd.
+# Object layouts of dragon._core.core (the fields and C-level methods of every cdef class); the behaviour is
+# in the .pxi files that core.pyx includes, the C declarations in cdefs.pxd.
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 
 from dragon._core.cdefs cimport ds_chan, ds_msg, ds_slot
@@ -75,5 +75,6 @@ cdef class Channel:
                     ds_msg *m, int64_t deadline) except -1
     cdef int _send(self, const char *p, Py_ssize_t n, int64_t deadline) except -1
     cdef int _fits(self, Py_ssize_t n) except -1
+    cdef int _check_item(self, object data, Py_ssize_t i) except -1
     cdef int _send_obj(self, object data, int64_t deadline) except -1
     cdef object _take_bytes(self, ds_slot *slot, uint32_t lap, const ds_msg *m)

@@ -1,34 +1,44 @@
 """dragon._core.core: shared-memory pools and lock-free channels (see include/dshm.h for the data layout).
 
 Objects, buffers, GIL handling and errors live here; atomics, futexes, the allocator and the ring live in C.
-Every C return code goes through ``_raise`` (one place), which picks the documented exception from dragon.errors.
+Every C return code goes through ``_raise`` (one place), which picks the documented exception from
+dragon.errors.
 
 The module is split the way mpi4py splits its own: ``cdefs.pxd`` declares the C of ``include/dshm.h``,
 ``core.pxd`` the object layouts (the fields of every cdef class), and the behaviour is in one ``.pxi`` per
 subject, included below in dependency order. Compiler directives are set in one place: setup.py.
 """
-import os
-import struct
-import weakref
+# The names imported here are used by the included .pxi files; cython-lint reads one file at a time, so every
+# import line says no-cython-lint.
+import os  # no-cython-lint
+import struct  # no-cython-lint
+import weakref  # no-cython-lint
 
-from libc.stdint cimport uint32_t, uint64_t, int64_t, UINT64_MAX
-from libc.string cimport memcpy, memset
-from libc.errno cimport errno, EEXIST, ENOENT
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE,
-                             PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES)
-from cpython.exc cimport PyErr_CheckSignals
-from cpython.number cimport PyNumber_Index
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from posix.mman cimport mmap, munmap, shm_open, shm_unlink, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
-from posix.fcntl cimport O_RDWR, O_CREAT, O_EXCL, O_CLOEXEC
-from posix.unistd cimport close, ftruncate
-from posix.stat cimport fstat, struct_stat
+from libc.stdint cimport uint32_t, uint64_t, int64_t, UINT64_MAX  # no-cython-lint
+from libc.string cimport memcpy, memset  # no-cython-lint
+from libc.errno cimport errno, EEXIST, ENOENT  # no-cython-lint
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE  # no-cython-lint
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release  # no-cython-lint
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES  # no-cython-lint
+from cpython.exc cimport PyErr_CheckSignals  # no-cython-lint
+from cpython.number cimport PyNumber_Index  # no-cython-lint
+from cpython.mem cimport PyMem_Malloc, PyMem_Free  # no-cython-lint
+from cpython.object cimport PyObject  # no-cython-lint
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE  # no-cython-lint
+from posix.mman cimport mmap, munmap, shm_open, shm_unlink  # no-cython-lint
+from posix.mman cimport PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED  # no-cython-lint
+from posix.fcntl cimport O_RDWR, O_CREAT, O_EXCL, O_CLOEXEC  # no-cython-lint
+from posix.unistd cimport close, ftruncate  # no-cython-lint
+from posix.stat cimport fstat, struct_stat  # no-cython-lint
 
-from dragon._core.cdefs cimport *
+from dragon._core.cdefs cimport *  # no-cython-lint
 
-from dragon.errors import (ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, PoolError, PoolFull,
-                           PoolTimeout)
+from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout  # no-cython-lint
+from dragon.errors import PoolError, PoolFull, PoolTimeout  # no-cython-lint
+
+cdef extern from "Python.h":  # (on borrowed references: no refcounting)
+    bint _is_bytes "PyBytes_CheckExact"(PyObject *o)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject *o)
 
 __all__ = ["Pool", "Block", "Channel", "Message", "job_id", "job_prefix", "unlink_job_segments",
            "set_pdeathsig", "set_child_subreaper", "set_wait_params", "wait_stats",

@@ -48,13 +48,13 @@ cdef int _raise(int rc, int kind, str what, uint64_t detail=0) except -1:
     if rc == DS_CORRUPT:
         raise ChannelError(f"{what}: corrupt channel header or slot state")
     if rc == DS_BADSLOT:
-        raise ChannelError(f"{what}: a corrupt message slot (scribbled shared memory?) was dropped; the channel "
-                           f"goes on")
+        raise ChannelError(f"{what}: a corrupt message slot (scribbled shared memory?) was dropped; the "
+                           f"channel goes on")
     if rc == DS_BUSY:
         raise ChannelFull(f"{what}: the lock of its pool is held by another process (stopped?)")
     if rc == DS_LOCKED:
-        raise ChannelTimeout(f"{what}: the lock of its pool stayed held by another process (stopped?) until the "
-                             f"timeout")
+        raise ChannelTimeout(f"{what}: the lock of its pool stayed held by another process (stopped?) until "
+                             f"the timeout")
     raise ChannelError(f"{what}: error {_rc_name(rc)}")
 
 

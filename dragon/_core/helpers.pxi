@@ -91,9 +91,9 @@ cdef int64_t _ns(object value, int64_t lo, str what) except -1:
 
 
 cdef int _wait(ds_op *op, int64_t deadline) except -1:
-    """The one blocking loop of dragon._core: wait for ``op`` without the GIL, in chunks of ``ds_wait_chunk_ns``,
-    and run the signal handlers between chunks (so Ctrl-C raises KeyboardInterrupt even when the signal missed
-    the futex syscall). Returns the outcome of the wait (a DS_* code other than DS_INTR)."""
+    """The one blocking loop of dragon._core: wait for ``op`` without the GIL, in chunks of
+    ``ds_wait_chunk_ns``, and run the signal handlers between chunks (so Ctrl-C raises KeyboardInterrupt even
+    when the signal missed the futex syscall). Returns the outcome of the wait (a DS_* code, not DS_INTR)."""
     cdef int rc
     while True:
         with nogil:

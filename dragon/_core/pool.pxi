@@ -130,8 +130,8 @@ cdef class Pool:
         return dict(size=self._size, free_bytes=free_bytes, allocated_blocks=blocks, repairs=repairs)
 
     def _debug_lock(self, hold, timeout=None):
-        """Take (``hold`` true; waiting per timeout, without the GIL) or release this pool's lock: for tests of
-        what other processes do while one holds it (and is stopped). Never use it otherwise."""
+        """Take (``hold`` true; waiting per timeout, without the GIL) or release this pool's lock: for tests
+        of what other processes do while one holds it (and is stopped). Never use it otherwise."""
         cdef char *base = self._live()
         cdef ds_op op
         if not hold:
@@ -180,10 +180,10 @@ cdef class Pool:
 
 
 cdef int _alloc_wait(char *base, uint64_t n, uint64_t *off, int rc, int64_t deadline) except -1:
-    """Finish an allocation whose first (GIL-held, non-waiting) attempt returned rc: no room (DS_FULL) or the
-    pool's lock held by another process (DS_BUSY). Waits without the GIL per deadline; a non-blocking call does
-    not wait for room, and waits for the lock a short grace at most (ds_lock_grace_ns). Returns the C outcome;
-    ``off`` is the block's offset if it is DS_OK."""
+    """Finish an allocation whose first (GIL-held, non-waiting) attempt returned rc: no room (DS_FULL) or
+    the pool's lock held by another process (DS_BUSY). Waits without the GIL per deadline; a non-blocking call
+    does not wait for room, and waits for the lock a short grace at most (ds_lock_grace_ns). Returns the C
+    outcome; ``off`` is the block's offset if it is DS_OK."""
     if rc == DS_FULL and deadline == DL_NONBLOCK:
         return rc
     cdef ds_op op

@@ -261,16 +261,9 @@ static inline int ds_ch_head_state(const ds_chan *c, uint64_t pos, uint32_t lap,
     return DS_CORRUPT;
 }
 
-/*
- * One attempt to claim a message for reading.  maxlen: refuse (DS_TOO_SMALL, *st_out = length, nothing claimed)
- * a message longer than this.  OK: *slot is ours (READING), *m says what it holds (checked: ds_slot_msg); read
- * it and call ds_ch_commit_recv.
- * A corrupt slot at the head (ds_slot_msg, ds_ch_head_state) is dropped (DS_BADSLOT: consumed, head moved on, a
- * block it names not freed: it may be anybody's), unless take_bad is 0: then DS_BADSLOT leaves it for the next
- * call (recv_many, which must not lose the messages it already took by raising).
- */
-static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, int take_bad, ds_slot **slot,
-                                   uint32_t *lap_out, uint64_t *st_out, ds_msg *m) {
+/* ds_ch_claim_recv for every case (see there) */
+static int ds_ch_claim_recv_any(const ds_chan *c, uint64_t maxlen, int take_bad, ds_slot **slot,
+                                uint32_t *lap_out, uint64_t *st_out, ds_msg *m) {
     ds_ch_hdr *h = c->h;
     uint32_t me = ds_me();
     for (;;) {
@@ -316,6 +309,38 @@ static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, int take_b
             return DS_BADSLOT;
         }
     }
+}
+
+/*
+ * One attempt to claim a message for reading.  maxlen: refuse (DS_TOO_SMALL, *st_out = length, nothing claimed)
+ * a message longer than this.  OK: *slot is ours (READING), *m says what it holds (checked: ds_slot_msg); read
+ * it and call ds_ch_commit_recv.
+ * A corrupt slot at the head (ds_slot_msg, ds_ch_head_state) is dropped (DS_BADSLOT: consumed, head moved on, a
+ * block it names not freed: it may be anybody's), unless take_bad is 0: then DS_BADSLOT leaves it for the next
+ * call (recv_many, which must not lose the messages it already took by raising).
+ */
+static inline int ds_ch_claim_recv(const ds_chan *c, uint64_t maxlen, int take_bad, ds_slot **slot,
+                                   uint32_t *lap_out, uint64_t *st_out, ds_msg *m) {
+    /* the common case, inline: a valid inline message at the head (the same steps as ds_ch_claim_recv_any's) */
+    ds_ch_hdr *h = c->h;
+    uint64_t pos = DS_LOAD(&h->head);
+    ds_slot *s = ds_ch_slot(c, pos);
+    uint32_t lap = (uint32_t)(pos / c->cap);
+    uint64_t st = DS_LOAD(&s->state);
+    if (st == DS_ST(lap, DS_PH_FULL, 0)) {
+        uint32_t n = DS_LOADR(&s->len);
+        if (!(__atomic_load_n(&s->flags, __ATOMIC_RELAXED) & DS_SLOT_BLOCK) && n <= c->block_size && n <= maxlen &&
+            DS_CAS(&s->state, &st, DS_ST(lap, DS_PH_READING, ds_me()))) {
+            uint64_t p = pos;
+            DS_CAS(&h->head, &p, pos + 1);
+            m->n = n;
+            m->off = 0;
+            *slot = s;
+            *lap_out = lap;
+            return DS_OK;
+        }
+    }
+    return ds_ch_claim_recv_any(c, maxlen, take_bad, slot, lap_out, st_out, m);
 }
 
 static inline void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap) {
