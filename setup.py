@@ -1,4 +1,6 @@
-"""Build the Cython extensions of dragon._core (everything else is plain Python, configured in pyproject.toml)."""
+"""Build the Cython extensions of dragon._core (everything else is plain Python, configured in
+pyproject.toml)."""
+
 from glob import glob
 
 from Cython.Build import cythonize

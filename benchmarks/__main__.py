@@ -1,4 +1,5 @@
 """``python -m benchmarks`` and the ``dragon-bench`` console script."""
+
 import sys
 
 from benchmarks.cli import main

@@ -1,22 +1,23 @@
 """Channel throughput and round trip between two processes on one node, for dragon and its peers.
 
-Every peer runs through the same driver: the parent process is the consumer (stream) or the pinger (round trip);
-one forked child is the producer or the echoer. Commands go to the child over a separate control pipe, so the
-measured path carries only the payload. The number of messages of a measurement is calibrated by a short probe
-so each one takes about the same time whatever the peer's speed.
+Every peer runs through the same driver: the parent process is the consumer (stream) or the pinger (round
+trip); one forked child is the producer or the echoer. Commands go to the child over a separate control pipe,
+so the measured path carries only the payload. The number of messages of a measurement is calibrated by a
+short probe so each one takes about the same time whatever the peer's speed.
 
 Peers (name: what it measures):
   dragon        dragon Channel.send / Channel.recv, one message per call
   dragon-batch  dragon Channel.send_many / recv_many (BATCH messages per call)
   dragon-zc     dragon zero-copy for large messages: the producer writes the payload into a pool block it got
-                from pool.alloc and sends the block (send_block); the consumer reads it in place (recv_message)
-                and releases it.  One copy in total instead of two.
+                from pool.alloc and sends the block (send_block); the consumer reads it in place
+                (recv_message) and releases it.  One copy in total instead of two.
   mp-queue      multiprocessing.Queue put/get
   mp-pipe       multiprocessing.Pipe send_bytes/recv_bytes
   faster-fifo   faster_fifo.Queue put/get, one message per call
   ff-batch      faster_fifo.Queue put_many/get_many
   mpi4py        mpi4py Comm.Send/Recv with buffers between two ranks (benchmarks/mpi_peer.py under mpiexec)
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -35,13 +36,28 @@ BATCH_BYTES = 4 << 20
 def batch_for(size):
     return max(2, min(BATCH, BATCH_BYTES // max(1, size)))
 
+
 ZC_MIN = 64 * 1024  # zero-copy only makes sense for large messages
 
-ALL_PEERS = ["dragon", "dragon-batch", "dragon-zc", "mp-queue", "mp-pipe", "faster-fifo", "ff-batch", "mpi4py"]
+ALL_PEERS = [
+    "dragon",
+    "dragon-batch",
+    "dragon-zc",
+    "mp-queue",
+    "mp-pipe",
+    "faster-fifo",
+    "ff-batch",
+    "mpi4py",
+]
 DRAGON_PEERS = {"dragon", "dragon-batch", "dragon-zc"}
 LABELS = {
-    "dragon": "dragon", "dragon-batch": "dragon batched", "dragon-zc": "dragon zero-copy",
-    "mp-queue": "mp.Queue", "mp-pipe": "mp.Pipe", "faster-fifo": "faster-fifo", "ff-batch": "faster-fifo batched",
+    "dragon": "dragon",
+    "dragon-batch": "dragon batched",
+    "dragon-zc": "dragon zero-copy",
+    "mp-queue": "mp.Queue",
+    "mp-pipe": "mp.Pipe",
+    "faster-fifo": "faster-fifo",
+    "ff-batch": "faster-fifo batched",
     "mpi4py": "mpi4py Send/Recv",
 }
 RECV_TIMEOUT = 60.0  # a wedged peer fails its measurement instead of hanging the harness
@@ -68,7 +84,8 @@ class _Transport:
 
 
 class _End:
-    """One side of a transport: send(payload), recv() -> bytes-like; batched ends add send_batch/recv_batch."""
+    """One side of a transport: send(payload), recv() -> bytes-like; batched ends add
+    send_batch/recv_batch."""
 
     def send(self, data):
         raise NotImplementedError
@@ -96,8 +113,8 @@ class PipeTransport(_Transport):
 
 
 class _PipeEnd(_End):
-    # plain blocking calls, as a user would write them (a poll() with a timeout would add a syscall per message);
-    # the driver's watchdog ends a measurement whose other side died
+    # plain blocking calls, as a user would write them (a poll() with a timeout would add a syscall per
+    # message); the driver's watchdog ends a measurement whose other side died
     def __init__(self, conn):
         self.send = conn.send_bytes
         self.recv = conn.recv_bytes
@@ -291,8 +308,11 @@ def make_transport(peer):
 
 
 # what each peer needs beyond the standard library and dragon (keys of util.NEEDS)
-PEER_NEEDS = {"faster-fifo": ("faster-fifo",), "ff-batch": ("faster-fifo",),
-              "mpi4py": ("mpi4py", "numpy", "mpiexec")}  # benchmarks/mpi_peer.py sends numpy buffers
+PEER_NEEDS = {
+    "faster-fifo": ("faster-fifo",),
+    "ff-batch": ("faster-fifo",),
+    "mpi4py": ("mpi4py", "numpy", "mpiexec"),
+}  # benchmarks/mpi_peer.py sends numpy buffers
 
 
 def peer_available(peer):
@@ -536,12 +556,25 @@ def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt
     f = util.figure
     out = []
     if rates:
-        out += [f(group, "stream", peer, "msg_per_s", "msg/s", "higher", rates, size=size, count=n_stream),
-                f(group, "stream", peer, "gb_per_s", "GB/s", "higher", [r * size / 1e9 for r in rates],
-                  size=size, count=n_stream)]
+        out += [
+            f(group, "stream", peer, "msg_per_s", "msg/s", "higher", rates, size=size, count=n_stream),
+            f(
+                group,
+                "stream",
+                peer,
+                "gb_per_s",
+                "GB/s",
+                "higher",
+                [r * size / 1e9 for r in rates],
+                size=size,
+                count=n_stream,
+            ),
+        ]
     if meds:
-        out += [f(group, "rtt", peer, "rtt_median_us", "us", "lower", meds, size=size, count=n_rtt),
-                f(group, "rtt", peer, "rtt_p99_us", "us", "lower", p99s, size=size, count=n_rtt)]
+        out += [
+            f(group, "rtt", peer, "rtt_median_us", "us", "lower", meds, size=size, count=n_rtt),
+            f(group, "rtt", peer, "rtt_p99_us", "us", "lower", p99s, size=size, count=n_rtt),
+        ]
     return out
 
 
@@ -555,8 +588,17 @@ def measure_mpi(sizes, repeat, target_s, do_stream=True, group="channels", launc
     ``launcher`` is the command that starts two ranks (default: this host's ``mpiexec -n 2``; across nodes the
     caller passes e.g. ``srun -N 2 --ntasks-per-node=1``)."""
     launcher = launcher or util.local_mpiexec(2)
-    cmd = launcher + [sys.executable, "-m", "benchmarks.mpi_peer",
-                      "--sizes", ",".join(str(s) for s in sizes), "--repeat", str(repeat), "--target", str(target_s)]
+    cmd = launcher + [
+        sys.executable,
+        "-m",
+        "benchmarks.mpi_peer",
+        "--sizes",
+        ",".join(str(s) for s in sizes),
+        "--repeat",
+        str(repeat),
+        "--target",
+        str(target_s),
+    ]
     if not do_stream:
         cmd.append("--no-stream")
     env = util.clean_env()
@@ -568,8 +610,16 @@ def measure_mpi(sizes, repeat, target_s, do_stream=True, group="channels", launc
         return [], f"mpi4py peer failed ({why}): {util.tail(res['stderr'] or res['stdout'])}"
     figs = []
     for row in data["results"]:
-        figs += stream_and_rtt_figures(group, "mpi4py", row["size"], row["rates"], row["rtt_median_us"],
-                                       row["rtt_p99_us"], row["n_stream"], row["n_rtt"])
+        figs += stream_and_rtt_figures(
+            group,
+            "mpi4py",
+            row["size"],
+            row["rates"],
+            row["rtt_median_us"],
+            row["rtt_p99_us"],
+            row["n_stream"],
+            row["n_rtt"],
+        )
     return figs, None
 
 
@@ -629,10 +679,14 @@ def measure_mpmc(producers, consumers, size, repeat, target_s):
                     n_each = max(100, int(per * target_s / producers))
                 counts = ctx.Array("q", consumers)
                 go = ctx.Event()
-                procs = [ctx.Process(target=_mpmc_producer, args=(ch.sdesc, pool.sdesc, n_each, size, go))
-                         for _ in range(producers)]
-                procs += [ctx.Process(target=_mpmc_consumer, args=(ch.sdesc, size, go, counts, i))
-                          for i in range(consumers)]
+                procs = [
+                    ctx.Process(target=_mpmc_producer, args=(ch.sdesc, pool.sdesc, n_each, size, go))
+                    for _ in range(producers)
+                ]
+                procs += [
+                    ctx.Process(target=_mpmc_consumer, args=(ch.sdesc, size, go, counts, i))
+                    for i in range(consumers)
+                ]
                 for p in procs:
                     p.start()
                 time.sleep(0.05)
@@ -662,5 +716,17 @@ def measure_mpmc(producers, consumers, size, repeat, target_s):
     finally:
         pool.destroy()
     # one column per configuration: peer "PxC"
-    return [util.figure("channels", "mpmc", f"{producers}x{consumers}", "msg_per_s", "msg/s", "higher",
-                        rates, size=size, producers=producers, consumers=consumers)]
+    return [
+        util.figure(
+            "channels",
+            "mpmc",
+            f"{producers}x{consumers}",
+            "msg_per_s",
+            "msg/s",
+            "higher",
+            rates,
+            size=size,
+            producers=producers,
+            consumers=consumers,
+        )
+    ]

@@ -1,4 +1,5 @@
 """The steps of the 'channels' and 'latency' selections (one step per peer and size, one for mpi4py)."""
+
 from __future__ import annotations
 
 from benchmarks import channels, util
@@ -20,8 +21,10 @@ def parse_peers(text):
     peers = [x.strip() for x in text.split(",") if x.strip()]
     bad = [p for p in peers if p not in ALL_PEERS + ["dragonhpc"]]
     if bad:
-        raise SystemExit(f"dragon-bench: unknown peer(s) {', '.join(bad)} "
-                         f"(choose from {', '.join(ALL_PEERS + ['dragonhpc'])})")
+        raise SystemExit(
+            f"dragon-bench: unknown peer(s) {', '.join(bad)} "
+            f"(choose from {', '.join(ALL_PEERS + ['dragonhpc'])})"
+        )
     return peers
 
 
@@ -61,10 +64,13 @@ def plan(ctx, stream=True):
                 continue  # batching does not apply to a ping-pong
 
             def run(peer=peer, size=size):
-                ctx.figures.extend(channels.measure_peer(peer, size, ctx.repeat, ctx.target, do_stream=stream))
+                ctx.figures.extend(
+                    channels.measure_peer(peer, size, ctx.repeat, ctx.target, do_stream=stream)
+                )
 
             steps.append((f"channels {LABELS[peer]} {util.size_label(size)}", run))
     if "mpi4py" in peers and "mpi4py" not in reasons:
+
         def run_mpi():
             figs, why = channels.measure_mpi(sizes, ctx.repeat, ctx.target, do_stream=stream)
             ctx.figures.extend(figs)
@@ -81,6 +87,7 @@ def plan(ctx, stream=True):
         else:
             for pp, cc in mpmc_configs(p, c):
                 for size in sizes:
+
                     def run_mpmc(size=size, pp=pp, cc=cc):
                         ctx.figures.extend(channels.measure_mpmc(pp, cc, size, ctx.repeat, ctx.target))
 

@@ -1,4 +1,5 @@
 """dragon-bench: what dragon does on this machine, beside what you would use instead, measured in one run."""
+
 from __future__ import annotations
 
 import argparse
@@ -56,29 +57,69 @@ EPILOG = """environment:
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="dragon-bench", description=DESCRIPTION, epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", default=["all"], metavar="SELECTION",
-                    help="channels, latency, launch, gs, pool, startup, xnode, mp, scale or all (default all)")
-    ap.add_argument("--quick", action="store_true", help="short measurements, one repeat: the whole run < 1 min")
+    ap = argparse.ArgumentParser(
+        prog="dragon-bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "what",
+        nargs="*",
+        default=["all"],
+        metavar="SELECTION",
+        help="channels, latency, launch, gs, pool, startup, xnode, mp, scale or all (default all)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="short measurements, one repeat: the whole run < 1 min"
+    )
     ap.add_argument("--repeat", type=int, default=None, help="repeats per figure (default 3, 1 with --quick)")
     ap.add_argument("--json", metavar="FILE", help="write every figure and the environment to FILE")
-    ap.add_argument("--plot", metavar="FILE.png",
-                    help="write a PNG: size vs throughput and round trip; scale: cost vs live objects, "
-                         "startup vs nodes (needs matplotlib)")
+    ap.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write a PNG: size vs throughput and round trip; scale: cost vs live objects, "
+        "startup vs nodes (needs matplotlib)",
+    )
     ap.add_argument("--sizes", default=None, help="message sizes, e.g. 8,1K,64K,1M (default: all four)")
-    ap.add_argument("--peers", default=None,
-                    help="channel peers to run (default all): " + ",".join(
-                        ["dragon", "dragon-batch", "dragon-zc", "mp-queue", "mp-pipe", "faster-fifo",
-                         "ff-batch", "mpi4py", "dragonhpc"]))
-    ap.add_argument("--producers", type=int, default=1,
-                    help="channels: also run 1x1, 2x2, 4x4 ... up to P producers ...")
-    ap.add_argument("--consumers", type=int, default=1,
-                    help="... and C consumers sharing one dragon channel (aggregate msg/s)")
-    ap.add_argument("--target-time", type=float, default=None,
-                    help="seconds per measurement (default 0.4, 0.08 with --quick)")
-    ap.add_argument("--no-dragonhpc", action="store_true",
-                    help="do not run DragonHPC even if it is installed ($DRAGONHPC_VENV)")
+    ap.add_argument(
+        "--peers",
+        default=None,
+        help="channel peers to run (default all): "
+        + ",".join(
+            [
+                "dragon",
+                "dragon-batch",
+                "dragon-zc",
+                "mp-queue",
+                "mp-pipe",
+                "faster-fifo",
+                "ff-batch",
+                "mpi4py",
+                "dragonhpc",
+            ]
+        ),
+    )
+    ap.add_argument(
+        "--producers", type=int, default=1, help="channels: also run 1x1, 2x2, 4x4 ... up to P producers ..."
+    )
+    ap.add_argument(
+        "--consumers",
+        type=int,
+        default=1,
+        help="... and C consumers sharing one dragon channel (aggregate msg/s)",
+    )
+    ap.add_argument(
+        "--target-time",
+        type=float,
+        default=None,
+        help="seconds per measurement (default 0.4, 0.08 with --quick)",
+    )
+    ap.add_argument(
+        "--no-dragonhpc",
+        action="store_true",
+        help="do not run DragonHPC even if it is installed ($DRAGONHPC_VENV)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ap.add_argument("--inner", help=argparse.SUPPRESS)  # internal: the part run under dragon-launch
     ap.add_argument("--inner-out", help=argparse.SUPPRESS)
@@ -123,8 +164,9 @@ def _selection(what):
             elif x in SELECTIONS:
                 sel.append(x)
             else:
-                raise SystemExit(f"dragon-bench: unknown selection {x!r} (choose from "
-                                 f"{', '.join(SELECTIONS + ['all'])})")
+                raise SystemExit(
+                    f"dragon-bench: unknown selection {x!r} (choose from {', '.join(SELECTIONS + ['all'])})"
+                )
     if "channels" in sel and "latency" in sel:
         sel.remove("latency")
     return list(dict.fromkeys(sel))
@@ -159,8 +201,14 @@ def main(argv=None):
     sel = _selection(args.what)
     for path, option in ((args.json, "--json"), (args.plot, "--plot")):
         _check_writable(path, option)
-    rank = next((os.environ[k] for k in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
-                 if os.environ.get(k)), "0")
+    rank = next(
+        (
+            os.environ[k]
+            for k in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+            if os.environ.get(k)
+        ),
+        "0",
+    )
     if rank != "0":  # started once per rank by mpiexec/srun: one harness is enough, it starts its own ranks
         print(f"dragon-bench: rank {rank} has nothing to do (rank 0 runs the benchmarks)", file=sys.stderr)
         return 0
@@ -223,9 +271,14 @@ def main(argv=None):
     doc = {
         "tool": "dragon-bench",
         "env": env,
-        "config": {"selection": sel, "quick": ctx.quick, "repeat": ctx.repeat, "target_time_s": ctx.target,
-                   "argv": sys.argv[1:] if argv is None else list(argv),
-                   "wall_s": None},
+        "config": {
+            "selection": sel,
+            "quick": ctx.quick,
+            "repeat": ctx.repeat,
+            "target_time_s": ctx.target,
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "wall_s": None,
+        },
         "results": ctx.figures,
         "skipped": ctx.skipped,
         "notes": ctx.notes,
@@ -254,12 +307,16 @@ def main(argv=None):
                 plot.plot(doc, args.plot, labels)
                 print(f"wrote {args.plot}")
             except Exception as e:  # the report and the JSON are out already: a plot error must not hide them
-                print(f"dragon-bench: no plot written to {args.plot}: {type(e).__name__}: {e}",
-                      file=sys.stderr)
+                print(
+                    f"dragon-bench: no plot written to {args.plot}: {type(e).__name__}: {e}", file=sys.stderr
+                )
                 rc = 1
         else:
-            print("dragon-bench: no plot written: --plot draws the channels/latency/xnode/scale figures and "
-                  "this run has none", file=sys.stderr)
+            print(
+                "dragon-bench: no plot written: --plot draws the channels/latency/xnode/scale figures and "
+                "this run has none",
+                file=sys.stderr,
+            )
     return rc
 
 

@@ -2,10 +2,12 @@
 
     /opt/dragonhpc-venv/bin/dragon -s dragonhpc_prog.py --parts launch,gs,pool,channels --repeat 3 [--quick]
 
-It uses only DragonHPC's public API (dragon.globalservices.process, dragon.native.process, dragon.managed_memory,
-dragon.channels) and the standard library; it must not import the harness (whose package shares the name
-``dragon``). It prints one line ``DRAGON_BENCH_JSON: {...}`` with figures in the harness's format.
+It uses only DragonHPC's public API (dragon.globalservices.process, dragon.native.process,
+dragon.managed_memory, dragon.channels) and the standard library; it must not import the harness (whose
+package shares the name ``dragon``). It prints one line ``DRAGON_BENCH_JSON: {...}`` with figures in the
+harness's format.
 """
+
 import argparse
 import json
 import os
@@ -28,9 +30,22 @@ def quantile(xs, q):
 
 def figure(group, test, metric, unit, better, samples, size=None, **extra):
     samples = [float(x) for x in samples]
-    f = {"group": group, "test": test, "peer": "dragonhpc", "size": size, "metric": metric, "unit": unit,
-         "better": better, "median": quantile(samples, 0.5), "min": min(samples), "max": max(samples),
-         "q1": quantile(samples, 0.25), "q3": quantile(samples, 0.75), "n": len(samples), "samples": samples}
+    f = {
+        "group": group,
+        "test": test,
+        "peer": "dragonhpc",
+        "size": size,
+        "metric": metric,
+        "unit": unit,
+        "better": better,
+        "median": quantile(samples, 0.5),
+        "min": min(samples),
+        "max": max(samples),
+        "q1": quantile(samples, 0.25),
+        "q3": quantile(samples, 0.75),
+        "n": len(samples),
+        "samples": samples,
+    }
     f.update(extra)
     return f
 
@@ -51,9 +66,8 @@ def _noop():
 
 
 def _chan_child(pool_ser, c2p_ser, p2c_ser, size):
-    from dragon.managed_memory import MemoryPool
-
     from dragon.channels import Channel
+    from dragon.managed_memory import MemoryPool
 
     pool = MemoryPool.attach(pool_ser)
     c2p = Channel.attach(c2p_ser)
@@ -95,22 +109,26 @@ def channels(sizes, repeat, target):
             except Exception as e:
                 traceback.print_exc()
                 if attempt == 2:
-                    skipped.append({"what": f"channels {size} B DragonHPC",
-                                    "why": f"failed twice: {type(e).__name__}: {str(e).splitlines()[0]}"})
+                    skipped.append(
+                        {
+                            "what": f"channels {size} B DragonHPC",
+                            "why": f"failed twice: {type(e).__name__}: {str(e).splitlines()[0]}",
+                        }
+                    )
     return figs, skipped
 
 
 def _channels_one(size, uid, repeat, target):
+    from dragon.channels import Channel
     from dragon.managed_memory import MemoryPool
     from dragon.native.process import Process
-
-    from dragon.channels import Channel
 
     figs = []
     capacity = 1024 if size <= 65536 else 64
     # room for both channels full, so a fast producer never finds the pool empty
-    pool = MemoryPool(max(64 << 20, 2 * capacity * (size + 4096) + (16 << 20)),
-                      f"dbench_{os.getpid()}_{uid % 1000}", uid)
+    pool = MemoryPool(
+        max(64 << 20, 2 * capacity * (size + 4096) + (16 << 20)), f"dbench_{os.getpid()}_{uid % 1000}", uid
+    )
     c2p = Channel(pool, uid + 1, capacity=capacity, block_size=1024)
     p2c = Channel(pool, uid + 2, capacity=capacity, block_size=1024)
     proc = Process(_chan_child, args=(pool.serialize(), c2p.serialize(), p2c.serialize(), size))
@@ -152,11 +170,21 @@ def _channels_one(size, uid, repeat, target):
             lat = pingpong(m)
             meds.append(quantile(lat, 0.5) * 1e6)
             p99s.append(quantile(lat, 0.99) * 1e6)
-        figs += [figure("channels", "stream", "msg_per_s", "msg/s", "higher", rates, size=size, count=n),
-                 figure("channels", "stream", "gb_per_s", "GB/s", "higher", [r * size / 1e9 for r in rates],
-                        size=size, count=n),
-                 figure("channels", "rtt", "rtt_median_us", "us", "lower", meds, size=size, count=m),
-                 figure("channels", "rtt", "rtt_p99_us", "us", "lower", p99s, size=size, count=m)]
+        figs += [
+            figure("channels", "stream", "msg_per_s", "msg/s", "higher", rates, size=size, count=n),
+            figure(
+                "channels",
+                "stream",
+                "gb_per_s",
+                "GB/s",
+                "higher",
+                [r * size / 1e9 for r in rates],
+                size=size,
+                count=n,
+            ),
+            figure("channels", "rtt", "rtt_median_us", "us", "lower", meds, size=size, count=m),
+            figure("channels", "rtt", "rtt_p99_us", "us", "lower", p99s, size=size, count=m),
+        ]
     finally:
         try:
             sh.send_bytes(b"Q0", timeout=5)
@@ -201,9 +229,8 @@ def main():
             traceback.print_exc()
 
     if "launch" in parts:
-        from dragon.native.process import Process
-
         from dragon.globalservices import process as gp
+        from dragon.native.process import Process
 
         def serial(n):
             t0 = time.perf_counter()
@@ -230,18 +257,50 @@ def main():
                 p.join()
             return n / (time.perf_counter() - t0)
 
-        attempt("launch /bin/true serial", lambda: figs.append(
-            figure("launch", "true-serial", "per_s", "proc/s", "higher", [serial(c["serial"]) for _ in range(a.repeat)])))
-        attempt("launch /bin/true 16 in flight", lambda: figs.append(
-            figure("launch", "true-16", "per_s", "proc/s", "higher", [flight(c["flight"]) for _ in range(a.repeat)])))
-        attempt("launch Python child", lambda: figs.append(
-            figure("launch", "python-child", "per_s", "proc/s", "higher",
-                   [python_child(c["python"]) for _ in range(a.repeat)])))
+        attempt(
+            "launch /bin/true serial",
+            lambda: figs.append(
+                figure(
+                    "launch",
+                    "true-serial",
+                    "per_s",
+                    "proc/s",
+                    "higher",
+                    [serial(c["serial"]) for _ in range(a.repeat)],
+                )
+            ),
+        )
+        attempt(
+            "launch /bin/true 16 in flight",
+            lambda: figs.append(
+                figure(
+                    "launch",
+                    "true-16",
+                    "per_s",
+                    "proc/s",
+                    "higher",
+                    [flight(c["flight"]) for _ in range(a.repeat)],
+                )
+            ),
+        )
+        attempt(
+            "launch Python child",
+            lambda: figs.append(
+                figure(
+                    "launch",
+                    "python-child",
+                    "per_s",
+                    "proc/s",
+                    "higher",
+                    [python_child(c["python"]) for _ in range(a.repeat)],
+                )
+            ),
+        )
     if "gs" in parts:
-        def query():
-            from dragon.native.process import current
 
+        def query():
             from dragon.globalservices import process as gp
+            from dragon.native.process import current
 
             me = current().puid
             meds, p99s = [], []
@@ -258,11 +317,14 @@ def main():
 
         attempt("gs process.query", query)
     if "pool" in parts:
+
         def pool():
             from dragon.managed_memory import MemoryPool
 
             for i, size in enumerate((64, 65536)):
-                mp_ = MemoryPool(64 << 20, f"dbench_pool_{os.getpid()}_{i}", 0x7E00_0000 + os.getpid() % 0xFFFF * 4 + i)
+                mp_ = MemoryPool(
+                    64 << 20, f"dbench_pool_{os.getpid()}_{i}", 0x7E00_0000 + os.getpid() % 0xFFFF * 4 + i
+                )
                 try:
                     for _ in range(1000):
                         mp_.alloc(size).free()
@@ -278,6 +340,7 @@ def main():
 
         attempt("pool alloc+free", pool)
     if "channels" in parts:
+
         def chans():
             f, s = channels([int(s) for s in a.sizes.split(",") if s], a.repeat, a.target)
             figs.extend(f)

@@ -1,9 +1,10 @@
 """The mpi4py peer: Comm.Send/Recv with preallocated buffers between two ranks.
 
 Run by the harness as ``mpiexec -n 2 python -m benchmarks.mpi_peer --sizes 8,1024 --repeat 3 --target 0.3``.
-Rank 1 produces (stream) or echoes (round trip); rank 0 consumes and times, exactly like the channel driver, and
-prints one line ``DRAGON_BENCH_JSON: {...}``. Counts are calibrated by a probe, as for the other peers.
+Rank 1 produces (stream) or echoes (round trip); rank 0 consumes and times, exactly like the channel driver,
+and prints one line ``DRAGON_BENCH_JSON: {...}``. Counts are calibrated by a probe, as for the other peers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,11 +88,22 @@ def main(argv=None):
             meds.append(quantile(lat, 0.5) * 1e6)
             p99s.append(quantile(lat, 0.99) * 1e6)
         comm.bcast((STOP, 0), root=0)
-        results.append({"size": size, "rates": rates, "rtt_median_us": meds, "rtt_p99_us": p99s,
-                        "n_stream": n, "n_rtt": m})
+        results.append(
+            {
+                "size": size,
+                "rates": rates,
+                "rtt_median_us": meds,
+                "rtt_p99_us": p99s,
+                "n_stream": n,
+                "n_rtt": m,
+            }
+        )
     if rank == 0:
-        print(JSON_MARK, json.dumps({"results": results, "library": MPI.Get_library_version().splitlines()[0]}),
-              flush=True)
+        print(
+            JSON_MARK,
+            json.dumps({"results": results, "library": MPI.Get_library_version().splitlines()[0]}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

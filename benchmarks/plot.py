@@ -2,6 +2,7 @@
 size vs median round trip; log axes, one line per peer, dragon drawn bold. Cross-node figures, when present,
 get a row of their own; so do the scale figures (GS cost per operation vs live objects in the job, startup vs
 nodes)."""
+
 from __future__ import annotations
 
 from benchmarks.util import size_label
@@ -19,8 +20,12 @@ STYLE = {
 }
 
 
-SCALE_OPS = {"gs-query": dict(color="#c0392b", marker="o"), "gs-pool": dict(color="#2980b9", marker="s"),
-             "gs-channel": dict(color="#27ae60", marker="D"), "gs-process": dict(color="#8e44ad", marker="^")}
+SCALE_OPS = {
+    "gs-query": dict(color="#c0392b", marker="o"),
+    "gs-pool": dict(color="#2980b9", marker="s"),
+    "gs-channel": dict(color="#27ae60", marker="D"),
+    "gs-process": dict(color="#8e44ad", marker="^"),
+}
 
 
 def _groups(figs):
@@ -43,35 +48,55 @@ def _scale_row(ax_cost, ax_start, figs, labels):
     for test, style in SCALE_OPS.items():
         op = test[3:]
         for where, how in ((test, dict(lw=2)), (f"alone-{op}", dict(lw=1.2, ls="--"))):
-            pts = sorted((f["size"], f["median"], f["min"], f["max"]) for f in figs
-                         if f["group"] == "scale" and f["test"] == where and f["peer"] == "dragon")
+            pts = sorted(
+                (f["size"], f["median"], f["min"], f["max"])
+                for f in figs
+                if f["group"] == "scale" and f["test"] == where and f["peer"] == "dragon"
+            )
             if pts:
                 what = OP_LABELS[op] + (", GS alone" if where != test else "")
-                ax_cost.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=2,
-                                 yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                                 label=f"{what} (x{pts[-1][1] / pts[0][1]:.2f})", **style, **how)
+                ax_cost.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    capsize=2,
+                    yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                    label=f"{what} (x{pts[-1][1] / pts[0][1]:.2f})",
+                    **style,
+                    **how,
+                )
     ax_cost.set_xscale("log")
     ax_cost.set_yscale("log")
     ax_cost.set_xlabel("live objects in the job (channels)")
     ax_cost.set_ylabel("cost per operation (µs)")
-    ax_cost.set_title("GS cost per operation vs live objects: flat is the goal\n(legend: largest/smallest; "
-                      "dashed: GS's own work, no IPC)", fontsize=9)
+    ax_cost.set_title(
+        "GS cost per operation vs live objects: flat is the goal\n(legend: largest/smallest; "
+        "dashed: GS's own work, no IPC)",
+        fontsize=9,
+    )
     ax_cost.grid(True, which="both", alpha=0.3)
     ax_cost.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     for peer in ("dragon", "mpiexec-n"):
-        pts = sorted((f["size"], f["median"], f["min"], f["max"]) for f in figs
-                     if f["group"] == "scale" and f["test"] == "startup" and f["peer"] == peer)
+        pts = sorted(
+            (f["size"], f["median"], f["min"], f["max"])
+            for f in figs
+            if f["group"] == "scale" and f["test"] == "startup" and f["peer"] == peer
+        )
         if pts:
-            ax_start.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=2,
-                              label=labels.get(peer, peer),
-                              yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
-                              **STYLE.get(peer, dict(color="#2c3e50", lw=1.6, marker="^")))
+            ax_start.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                capsize=2,
+                label=labels.get(peer, peer),
+                yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                **STYLE.get(peer, dict(color="#2c3e50", lw=1.6, marker="^")),
+            )
     ax_start.set_xticks(sorted({f["size"] for f in figs if f["group"] == "scale" and f["test"] == "startup"}))
     ax_start.set_xlim(left=0)
     ax_start.set_xlabel("virtual nodes")
     ax_start.set_ylabel("wall time of an empty program (s)")
-    ax_start.set_title("Startup vs virtual nodes (lower is better)\n(proportional growth: a line through 0)",
-                       fontsize=9)
+    ax_start.set_title(
+        "Startup vs virtual nodes (lower is better)\n(proportional growth: a line through 0)", fontsize=9
+    )
     ax_start.set_ylim(bottom=0)
     ax_start.grid(True, which="both", alpha=0.3)
     ax_start.legend(fontsize=8)
@@ -95,16 +120,23 @@ def plot(doc, path, labels=None):
     if scale:
         _scale_row(axes[-1][0], axes[-1][1], figs, labels)
     for row, group in enumerate(groups):
-        for col, (test, metric, ylabel) in enumerate((("stream", "gb_per_s", "stream throughput (GB/s)"),
-                                                       ("rtt", "rtt_median_us", "round trip, median (µs)"))):
+        for col, (test, metric, ylabel) in enumerate(
+            (
+                ("stream", "gb_per_s", "stream throughput (GB/s)"),
+                ("rtt", "rtt_median_us", "round trip, median (µs)"),
+            )
+        ):
             ax = axes[row][col]
             peers = []
             for f in figs:
                 if f["group"] == group and f["metric"] == metric and f["peer"] not in peers:
                     peers.append(f["peer"])
             for p in peers:
-                pts = sorted((f["size"], f["median"], f["min"], f["max"]) for f in figs
-                             if f["group"] == group and f["metric"] == metric and f["peer"] == p)
+                pts = sorted(
+                    (f["size"], f["median"], f["min"], f["max"])
+                    for f in figs
+                    if f["group"] == group and f["metric"] == metric and f["peer"] == p
+                )
                 if not pts:
                     continue
                 xs = [x[0] for x in pts]
@@ -120,12 +152,16 @@ def plot(doc, path, labels=None):
             ax.set_xlabel("message size")
             ax.set_ylabel(ylabel)
             where = "on one node" if group == "channels" else "across nodes"
-            ax.set_title(f"{'Stream' if test == 'stream' else 'Ping-pong'} {where}"
-                         f" ({'higher' if test == 'stream' else 'lower'} is better)")
+            ax.set_title(
+                f"{'Stream' if test == 'stream' else 'Ping-pong'} {where}"
+                f" ({'higher' if test == 'stream' else 'lower'} is better)"
+            )
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"dragon-bench: {env.get('hostname', '')}, {env.get('cpu_count')} cpus, "
-                 f"median of {doc.get('config', {}).get('repeat')} (bars: min-max)")
+    fig.suptitle(
+        f"dragon-bench: {env.get('hostname', '')}, {env.get('cpu_count')} cpus, "
+        f"median of {doc.get('config', {}).get('repeat')} (bars: min-max)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

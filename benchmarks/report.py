@@ -1,5 +1,6 @@
-"""The end-of-run report: tables of figures (median and spread), dragon's ratios against each peer, and the targets
-the issues set, each marked met or missed."""
+"""The end-of-run report: tables of figures (median and spread), dragon's ratios against each peer, and the
+targets the issues set, each marked met or missed."""
+
 from __future__ import annotations
 
 from benchmarks.util import BENCH_EXTRA, IN_BENCH_EXTRA, NEEDS, human, size_label
@@ -22,7 +23,10 @@ TITLES = {
     ("mp", "pool-map-c1"): "multiprocessing: Pool.map of 100,000 trivial tasks, chunksize 1",
     ("mp", "pool-map-c64"): "multiprocessing: Pool.map of 100,000 trivial tasks, chunksize 64",
     ("mp", "pool-map-c1-3nodes"): "multiprocessing: dragon Pool.map, workers on 3 virtual nodes, chunksize 1",
-    ("mp", "pool-map-c64-3nodes"): "multiprocessing: dragon Pool.map, workers on 3 virtual nodes, chunksize 64",
+    (
+        "mp",
+        "pool-map-c64-3nodes",
+    ): "multiprocessing: dragon Pool.map, workers on 3 virtual nodes, chunksize 64",
     ("mp", "queue-stream"): "multiprocessing: Queue of small objects between two processes",
     ("mp", "queue-array"): "multiprocessing: 16 MiB numpy arrays through a Queue",
     ("mp", "pipe-rtt"): "multiprocessing: Pipe round trip of a small object",
@@ -33,16 +37,16 @@ TITLES = {
     ("scale", "gs-process"): "Scale: GS process create+join of /bin/true with N live objects in the job",
     ("scale", "alone-query"): "Scale: GS's own work for a process.query (CPU time, in the harness, no IPC)",
     ("scale", "alone-pool"): "Scale: GS's own work for a pool create+destroy (CPU time, in the harness, "
-                             "no IPC)",
+    "no IPC)",
     ("scale", "alone-channel"): "Scale: GS's own work for a channel create+destroy (CPU time, in the "
-                                "harness, no IPC)",
+    "harness, no IPC)",
     ("scale", "alone-process"): "Scale: GS's own work for a process create+exit+join (CPU time, in the "
-                                "harness, no IPC)",
+    "harness, no IPC)",
     ("scale", "gs-rss"): "Scale: global services' resident memory (VmRSS) with N live objects",
     ("scale", "gs-bulk-destroy"): "Scale: one channel.destroy of many live channels (per channel)",
     ("scale", "clients"): "Scale: clients issuing GS requests at once (process.query; Manager: dict lookup)",
     ("scale", "procs"): "Scale: managed /bin/true over 8 virtual nodes, create+join from 16 threads "
-                        "(Popen: 16 threads)",
+    "(Popen: 16 threads)",
     ("scale", "procs-gs-rss"): "Scale: global services' resident memory (VmRSS) after those processes",
     ("scale", "startup"): "Scale: startup wall time of an empty program with N virtual nodes (mpiexec -n N)",
 }
@@ -98,10 +102,21 @@ def ratios(figures):
                         continue
                     adv = advantage(d["median"], f["median"], d["better"])
                     if adv is not None:
-                        out.append({"group": group, "test": test, "metric": metric, "size": size,
-                                    "size_unit": d.get("size_unit"),
-                                    "dragon_peer": dragon_peer, "peer": name, "advantage": adv,
-                                    "dragon": d["median"], "other": f["median"], "better": d["better"]})
+                        out.append(
+                            {
+                                "group": group,
+                                "test": test,
+                                "metric": metric,
+                                "size": size,
+                                "size_unit": d.get("size_unit"),
+                                "dragon_peer": dragon_peer,
+                                "peer": name,
+                                "advantage": adv,
+                                "dragon": d["median"],
+                                "other": f["median"],
+                                "better": d["better"],
+                            }
+                        )
     return out
 
 
@@ -120,67 +135,223 @@ def targets(figures):
 
     def add(name, issue, value, op, bound, how, group=None, test=None):
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-        group = group or {2: "channels", 4: "xnode"}.get(issue) or ("startup" if "startup" in name else
-                                                                   "gs" if "GS" in name else "launch")
+        group = (
+            group
+            or {2: "channels", 4: "xnode"}.get(issue)
+            or ("startup" if "startup" in name else "gs" if "GS" in name else "launch")
+        )
         if test is None:
             test = "rtt" if "round trip" in name else "stream" if "stream" in name else None
-        out.append({"target": name, "issue": issue, "group": group, "test": test, "value": value, "op": op,
-                    "bound": bound, "met": met, "how": how})
+        out.append(
+            {
+                "target": name,
+                "issue": issue,
+                "group": group,
+                "test": test,
+                "value": value,
+                "op": op,
+                "bound": bound,
+                "met": met,
+                "how": how,
+            }
+        )
 
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    add("8 B stream, dragon per-call / mpi4py", 2,
-        ratio(g("channels", "stream", "msg_per_s", "dragon", 8), g("channels", "stream", "msg_per_s", "mpi4py", 8)),
-        ">=", 10, "msg/s ratio")
-    add("8 B stream, dragon per-call / faster-fifo", 2,
-        ratio(g("channels", "stream", "msg_per_s", "dragon", 8),
-              g("channels", "stream", "msg_per_s", "faster-fifo", 8)), ">=", 20, "msg/s ratio")
-    add("8 B round trip, dragon / mpi4py", 2,
-        ratio(g("channels", "rtt", "rtt_median_us", "dragon", 8),
-              g("channels", "rtt", "rtt_median_us", "mpi4py", 8)), "<=", 0.2, "median RTT ratio")
+    add(
+        "8 B stream, dragon per-call / mpi4py",
+        2,
+        ratio(
+            g("channels", "stream", "msg_per_s", "dragon", 8),
+            g("channels", "stream", "msg_per_s", "mpi4py", 8),
+        ),
+        ">=",
+        10,
+        "msg/s ratio",
+    )
+    add(
+        "8 B stream, dragon per-call / faster-fifo",
+        2,
+        ratio(
+            g("channels", "stream", "msg_per_s", "dragon", 8),
+            g("channels", "stream", "msg_per_s", "faster-fifo", 8),
+        ),
+        ">=",
+        20,
+        "msg/s ratio",
+    )
+    add(
+        "8 B round trip, dragon / mpi4py",
+        2,
+        ratio(
+            g("channels", "rtt", "rtt_median_us", "dragon", 8),
+            g("channels", "rtt", "rtt_median_us", "mpi4py", 8),
+        ),
+        "<=",
+        0.2,
+        "median RTT ratio",
+    )
     big = [g("channels", "stream", "gb_per_s", p, M) for p in ("dragon", "dragon-batch", "dragon-zc")]
     big = [b for b in big if b is not None]
-    add("1 MiB stream, best dragon variant / mpi4py", 2,
-        ratio(max(big) if big else None, g("channels", "stream", "gb_per_s", "mpi4py", M)), ">=", 2, "GB/s ratio")
-    add("empty-script startup, dragon / DragonHPC", 3,
-        ratio(g("startup", "empty", "seconds", "dragon", None), g("startup", "empty", "seconds", "dragonhpc", None)),
-        "<=", 0.1, "wall-time ratio")
+    add(
+        "1 MiB stream, best dragon variant / mpi4py",
+        2,
+        ratio(max(big) if big else None, g("channels", "stream", "gb_per_s", "mpi4py", M)),
+        ">=",
+        2,
+        "GB/s ratio",
+    )
+    add(
+        "empty-script startup, dragon / DragonHPC",
+        3,
+        ratio(
+            g("startup", "empty", "seconds", "dragon", None),
+            g("startup", "empty", "seconds", "dragonhpc", None),
+        ),
+        "<=",
+        0.1,
+        "wall-time ratio",
+    )
     # (import dragon takes ~0.1 s here: 0.2 s more is a ratio of about 3)
-    add("python -c 'import dragon; dragon.init()' / 'import dragon'", 13,
-        ratio(g("startup", "init", "seconds", "dragon-init", None), g("startup", "init", "seconds", "import-dragon", None)),
-        "<=", 3, "wall-time ratio")
-    add("create+join /bin/true serial, dragon / Popen", 3,
-        ratio(g("launch", "true-serial", "per_s", "dragon", None), g("launch", "true-serial", "per_s", "popen", None)),
-        ">=", 0.6, "rate ratio")
-    add("create+join /bin/true 16 in flight, dragon / Popen", 3,
-        ratio(g("launch", "true-16", "per_s", "dragon", None), g("launch", "true-16", "per_s", "popen", None)),
-        ">=", 0.6, "rate ratio")
-    add("GS query round trip, dragon / DragonHPC", 3,
-        ratio(g("gs", "query", "rtt_median_us", "dragon", None), g("gs", "query", "rtt_median_us", "dragonhpc", None)),
-        "<=", 0.1, "median RTT ratio")
-    add("cross-node 1 MiB stream, dragon / mpi4py", 4,
+    add(
+        "python -c 'import dragon; dragon.init()' / 'import dragon'",
+        13,
+        ratio(
+            g("startup", "init", "seconds", "dragon-init", None),
+            g("startup", "init", "seconds", "import-dragon", None),
+        ),
+        "<=",
+        3,
+        "wall-time ratio",
+    )
+    add(
+        "create+join /bin/true serial, dragon / Popen",
+        3,
+        ratio(
+            g("launch", "true-serial", "per_s", "dragon", None),
+            g("launch", "true-serial", "per_s", "popen", None),
+        ),
+        ">=",
+        0.6,
+        "rate ratio",
+    )
+    add(
+        "create+join /bin/true 16 in flight, dragon / Popen",
+        3,
+        ratio(
+            g("launch", "true-16", "per_s", "dragon", None), g("launch", "true-16", "per_s", "popen", None)
+        ),
+        ">=",
+        0.6,
+        "rate ratio",
+    )
+    add(
+        "GS query round trip, dragon / DragonHPC",
+        3,
+        ratio(
+            g("gs", "query", "rtt_median_us", "dragon", None),
+            g("gs", "query", "rtt_median_us", "dragonhpc", None),
+        ),
+        "<=",
+        0.1,
+        "median RTT ratio",
+    )
+    add(
+        "cross-node 1 MiB stream, dragon / mpi4py",
+        4,
         ratio(g("xnode", "stream", "gb_per_s", "dragon", M), g("xnode", "stream", "gb_per_s", "mpi4py", M)),
-        ">=", 0.5, "GB/s ratio")
+        ">=",
+        0.5,
+        "GB/s ratio",
+    )
     xb = [g("xnode", "stream", "msg_per_s", p, 8) for p in ("dragon", "dragon-batch")]
     xb = [b for b in xb if b is not None]
-    add("cross-node 8 B stream, dragon / mpi4py", 4,
-        ratio(max(xb) if xb else None, g("xnode", "stream", "msg_per_s", "mpi4py", 8)), ">=", 0.5, "msg/s ratio")
+    add(
+        "cross-node 8 B stream, dragon / mpi4py",
+        4,
+        ratio(max(xb) if xb else None, g("xnode", "stream", "msg_per_s", "mpi4py", 8)),
+        ">=",
+        0.5,
+        "msg/s ratio",
+    )
     mp_ = lambda test, metric, peer, size=None: g("mp", test, metric, peer, size)  # noqa: E731
     for name, test, metric, peer, op, bound, size in (
-        ("Process start+join, dragon / mp forkserver", "process-start-join", "per_s", "mp-forkserver", ">=", 1,
-         None),
-        ("Pool.map chunksize 1, dragon / mp fork Pool", "pool-map-c1", "tasks_per_s", "mp-fork", ">=", 1, None),
-        ("Pool.map chunksize 64, dragon / mp fork Pool", "pool-map-c64", "tasks_per_s", "mp-fork", ">=", 1, None),
-        ("Queue of small objects, dragon / mp.Queue (fork)", "queue-stream", "msg_per_s", "mp-fork", ">=", 3, None),
-        ("16 MiB array through a Queue, dragon / mp.Queue (fork)", "queue-array", "gb_per_s", "mp-fork", ">=", 2,
-         16 * M),
+        (
+            "Process start+join, dragon / mp forkserver",
+            "process-start-join",
+            "per_s",
+            "mp-forkserver",
+            ">=",
+            1,
+            None,
+        ),
+        (
+            "Pool.map chunksize 1, dragon / mp fork Pool",
+            "pool-map-c1",
+            "tasks_per_s",
+            "mp-fork",
+            ">=",
+            1,
+            None,
+        ),
+        (
+            "Pool.map chunksize 64, dragon / mp fork Pool",
+            "pool-map-c64",
+            "tasks_per_s",
+            "mp-fork",
+            ">=",
+            1,
+            None,
+        ),
+        (
+            "Queue of small objects, dragon / mp.Queue (fork)",
+            "queue-stream",
+            "msg_per_s",
+            "mp-fork",
+            ">=",
+            3,
+            None,
+        ),
+        (
+            "16 MiB array through a Queue, dragon / mp.Queue (fork)",
+            "queue-array",
+            "gb_per_s",
+            "mp-fork",
+            ">=",
+            2,
+            16 * M,
+        ),
         ("Pipe round trip, dragon / mp.Pipe (fork)", "pipe-rtt", "rtt_median_us", "mp-fork", "<=", 0.5, None),
-        ("Process start+join, dragon / DragonHPC", "process-start-join", "per_s", "dragonhpc", ">=", 30, None),
-        ("Pool.map chunksize 1, dragon / DragonHPC", "pool-map-c1", "tasks_per_s", "dragonhpc", ">=", 20, None),
+        (
+            "Process start+join, dragon / DragonHPC",
+            "process-start-join",
+            "per_s",
+            "dragonhpc",
+            ">=",
+            30,
+            None,
+        ),
+        (
+            "Pool.map chunksize 1, dragon / DragonHPC",
+            "pool-map-c1",
+            "tasks_per_s",
+            "dragonhpc",
+            ">=",
+            20,
+            None,
+        ),
     ):
-        add(name, 12, ratio(mp_(test, metric, "dragon", size), mp_(test, metric, peer, size)), op, bound,
-            f"{metric} ratio", group="mp", test=test)
+        add(
+            name,
+            12,
+            ratio(mp_(test, metric, "dragon", size), mp_(test, metric, peer, size)),
+            op,
+            bound,
+            f"{metric} ratio",
+            group="mp",
+            test=test,
+        )
     scale_targets(figures, add, ratio)
     return out
 
@@ -193,46 +364,115 @@ def scale_targets(figures, add, ratio):
 
     for test, what in (("gs", "GS"), ("alone", "GS's own work (no IPC),")):
         for op, label in OP_LABELS.items():
-            pts = sorted((f["size"], f["median"]) for f in figures
-                         if (f["group"], f["test"], f["peer"]) == ("scale", f"{test}-{op}", "dragon"))
+            pts = sorted(
+                (f["size"], f["median"])
+                for f in figures
+                if (f["group"], f["test"], f["peer"]) == ("scale", f"{test}-{op}", "dragon")
+            )
             if len(pts) >= 2:
-                add(f"{what} {label}: cost with {pts[-1][0]:,} / {pts[0][0]:,} live objects", 14,
-                    ratio(pts[-1][1], pts[0][1]), "<=", 2, "cost ratio", group="scale")
+                add(
+                    f"{what} {label}: cost with {pts[-1][0]:,} / {pts[0][0]:,} live objects",
+                    14,
+                    ratio(pts[-1][1], pts[0][1]),
+                    "<=",
+                    2,
+                    "cost ratio",
+                    group="scale",
+                )
     procs = [f for f in figures if (f["group"], f["test"], f["peer"]) == ("scale", "procs", "dragon")]
     for f in procs:
         n = f"{f['processes']:,} /bin/true over {f['nodes']} virtual nodes"
-        add(f"{n}: not exited 0 (other codes, not joined, errors)", 14,
-            f["processes"] - f["exit0"] + f["errors"], "<=", 0, "count", group="scale")
-        add(f"{n}: left after (listed, processes, segments)", 14,
-            f["listed_after"] + f["left_procs"] + f["left_segments"], "<=", 0, "count", group="scale")
-        rss = [x for x in figures
-               if (x["group"], x["test"], x["metric"]) == ("scale", "procs-gs-rss", "rss_max_mb")]
+        add(
+            f"{n}: not exited 0 (other codes, not joined, errors)",
+            14,
+            f["processes"] - f["exit0"] + f["errors"],
+            "<=",
+            0,
+            "count",
+            group="scale",
+        )
+        add(
+            f"{n}: left after (listed, processes, segments)",
+            14,
+            f["listed_after"] + f["left_procs"] + f["left_segments"],
+            "<=",
+            0,
+            "count",
+            group="scale",
+        )
+        rss = [
+            x
+            for x in figures
+            if (x["group"], x["test"], x["metric"]) == ("scale", "procs-gs-rss", "rss_max_mb")
+        ]
         if rss:
             add(f"{n}: GS VmRSS, highest sampled (MB)", 14, rss[0]["median"], "<=", 200, "MB", group="scale")
     for f in figures:
         if (f["group"], f["test"], f["peer"], f["metric"]) == ("scale", "clients", "dragon", "req_per_s"):
-            add(f"{f['size']} clients at once: errors + timeouts + lost", 14,
-                f["errors"] + f["timeouts"] + f["lost"], "<=", 0, "count", group="scale")
-    pts = sorted((f["size"], f["median"]) for f in figures
-                 if (f["group"], f["test"], f["peer"]) == ("scale", "startup", "dragon"))
+            add(
+                f"{f['size']} clients at once: errors + timeouts + lost",
+                14,
+                f["errors"] + f["timeouts"] + f["lost"],
+                "<=",
+                0,
+                "count",
+                group="scale",
+            )
+    pts = sorted(
+        (f["size"], f["median"])
+        for f in figures
+        if (f["group"], f["test"], f["peer"]) == ("scale", "startup", "dragon")
+    )
     if len(pts) >= 2:
         k = pts[-1][0] / pts[0][0]
-        add(f"startup wall, {pts[-1][0]} / {pts[0][0]} virtual nodes (sub-linear: < {k:g})", 14,
-            ratio(pts[-1][1], pts[0][1]), "<=", k, "wall-time ratio", group="scale")
+        add(
+            f"startup wall, {pts[-1][0]} / {pts[0][0]} virtual nodes (sub-linear: < {k:g})",
+            14,
+            ratio(pts[-1][1], pts[0][1]),
+            "<=",
+            k,
+            "wall-time ratio",
+            group="scale",
+        )
 
 
 def _table(rows, header):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths)))
+    line = lambda r: "  ".join(
+        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+    )
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-PEER_ORDER = ["dragon", "dragon-batch", "dragon-zc", "mpi4py", "faster-fifo", "ff-batch", "mp-pipe", "mp-queue",
-              "popen", "mp-fork", "mp-forkserver", "mp-spawn", "mp-manager", "shared-memory", "python", "mpiexec",
-              "dragonhpc", "dragon-3vn"]
-METRIC_SHORT = {"msg_per_s": "msg/s", "rtt_median_us": "RTT median", "per_s": "rate", "seconds": "wall time",
-                "ops_per_s": "op/s", "tasks_per_s": "tasks/s", "gb_per_s": "GB/s"}
+PEER_ORDER = [
+    "dragon",
+    "dragon-batch",
+    "dragon-zc",
+    "mpi4py",
+    "faster-fifo",
+    "ff-batch",
+    "mp-pipe",
+    "mp-queue",
+    "popen",
+    "mp-fork",
+    "mp-forkserver",
+    "mp-spawn",
+    "mp-manager",
+    "shared-memory",
+    "python",
+    "mpiexec",
+    "dragonhpc",
+    "dragon-3vn",
+]
+METRIC_SHORT = {
+    "msg_per_s": "msg/s",
+    "rtt_median_us": "RTT median",
+    "per_s": "rate",
+    "seconds": "wall time",
+    "ops_per_s": "op/s",
+    "tasks_per_s": "tasks/s",
+    "gb_per_s": "GB/s",
+}
 
 
 def peer_rank(p):
@@ -267,8 +507,10 @@ def render(doc, labels=None):
     figures = doc["results"]
     out = []
     env = doc.get("env", {})
-    out.append(f"dragon-bench on {env.get('hostname')} ({env.get('cpu_count')} cpus, python {env.get('python')}), "
-               f"{doc.get('config', {}).get('repeat')} repeat(s); cells: median [min-max]")
+    out.append(
+        f"dragon-bench on {env.get('hostname')} ({env.get('cpu_count')} cpus, python {env.get('python')}), "
+        f"{doc.get('config', {}).get('repeat')} repeat(s); cells: median [min-max]"
+    )
     for (group, test, metric), figs in blocks(figures).items():
         peers = sorted(dict.fromkeys(f["peer"] for f in figs), key=peer_rank)
         sizes = list(dict.fromkeys(f["size"] for f in figs))
@@ -283,11 +525,15 @@ def render(doc, labels=None):
         out.append("")
         out.append(f"== {_title(group, test)}: {metric} ({figs[0]['unit']}, {better})")
         out.append(_table(rows, [figs[0].get("size_unit") or "size"] + [lab(p) for p in peers]))
-    rat = [r for r in doc.get("ratios", ratios(figures)) if r["metric"] in SUMMARY_METRICS or r["group"] == "mp"]
+    rat = [
+        r for r in doc.get("ratios", ratios(figures)) if r["metric"] in SUMMARY_METRICS or r["group"] == "mp"
+    ]
     if rat:
         out.append("")
-        out.append("== RATIOS: how many times better dragon is than each peer (>1: dragon wins; for times and"
-                   " latencies this is peer/dragon)")
+        out.append(
+            "== RATIOS: how many times better dragon is than each peer (>1: dragon wins; for times and"
+            " latencies this is peer/dragon)"
+        )
     for group in dict.fromkeys(r["group"] for r in rat):
         grat = [r for r in rat if r["group"] == group]
         others = sorted(dict.fromkeys(r["peer"] for r in grat), key=peer_rank)
@@ -298,31 +544,51 @@ def render(doc, labels=None):
             t, m, s, d = k
             unit = units[(t, m, s)]
             what = f"{group} {t} {METRIC_SHORT.get(m, m)}" + (
-                f" {size_text(s, unit)}{' ' + unit if unit else ''}" if s is not None else "")
+                f" {size_text(s, unit)}{' ' + unit if unit else ''}" if s is not None else ""
+            )
             row = [what, lab(d)]
             for p in others:
-                r = next((x for x in grat if (x["test"], x["metric"], x["size"], x["dragon_peer"], x["peer"]) ==
-                          k + (p,)), None)
+                r = next(
+                    (
+                        x
+                        for x in grat
+                        if (x["test"], x["metric"], x["size"], x["dragon_peer"], x["peer"]) == k + (p,)
+                    ),
+                    None,
+                )
                 row.append(f"{r['advantage']:.2f}x" if r else "-")
             rows.append(row)
         out.append("")
         out.append(_table(rows, ["figure", "dragon variant"] + [lab(p) for p in others]))
     ran = {(f["group"], f["test"]) for f in figures}
-    tg = [t for t in doc.get("targets", []) if t["value"] is not None or
-          any(g == t["group"] and (t.get("test") in (None, test)) for g, test in ran)]
+    tg = [
+        t
+        for t in doc.get("targets", [])
+        if t["value"] is not None
+        or any(g == t["group"] and (t.get("test") in (None, test)) for g, test in ran)
+    ]
     if tg:
         out.append("")
         out.append("== Targets (from the issues), on this run's medians")
-        rows = [[t["target"], f"#{t['issue']}", "-" if t["value"] is None else f"{t['value']:.3g}",
-                 f"{t['op']} {t['bound']:g}",
-                 "not measured" if t["met"] is None else "MET" if t["met"] else "missed"] for t in tg]
+        rows = [
+            [
+                t["target"],
+                f"#{t['issue']}",
+                "-" if t["value"] is None else f"{t['value']:.3g}",
+                f"{t['op']} {t['bound']:g}",
+                "not measured" if t["met"] is None else "MET" if t["met"] else "missed",
+            ]
+            for t in tg
+        ]
         out.append(_table(rows, ["target", "issue", "value", "wanted", ""]))
     cl = doc.get("cleanup") or {}
     if cl:
         parts = []
         for who, c in cl.items():
             segs = f"{len(c['shm_removed'])} /dev/shm segment(s), " if c.get("shm_checked") else ""
-            parts.append(f"{labels.get(who, who)}: {c['runs']} run(s) left {segs}{c['procs_killed']} process(es)")
+            parts.append(
+                f"{labels.get(who, who)}: {c['runs']} run(s) left {segs}{c['procs_killed']} process(es)"
+            )
         out.append("")
         out.append("cleanup after each runtime's runs (removed by dragon-bench): " + "; ".join(parts))
     out += skipped_lines(doc.get("skipped", []))

@@ -5,6 +5,7 @@ The dragon figures of 'launch' and 'gs' need a running runtime, so the harness r
 (subprocess.Popen, multiprocessing) run in the harness process itself. DragonHPC figures come from
 benchmarks/dragonhpc_prog.py run with ``dragon -s`` from its own virtualenv.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +20,16 @@ import time
 
 from benchmarks import util
 
-LABELS = {"popen": "subprocess.Popen", "mp-fork": "mp.Process (fork)", "mp-spawn": "mp.Process (spawn)",
-          "mp-manager": "mp.Manager dict lookup", "shared-memory": "shared_memory create+unlink",
-          "python": "python (no runtime)", "mpiexec": "mpiexec -n 1 python", "dragonhpc": "DragonHPC"}
+LABELS = {
+    "popen": "subprocess.Popen",
+    "mp-fork": "mp.Process (fork)",
+    "mp-spawn": "mp.Process (spawn)",
+    "mp-manager": "mp.Manager dict lookup",
+    "shared-memory": "shared_memory create+unlink",
+    "python": "python (no runtime)",
+    "mpiexec": "mpiexec -n 1 python",
+    "dragonhpc": "DragonHPC",
+}
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 IN_FLIGHT = 16
@@ -56,8 +64,11 @@ def dragon_launch_cmd():
     exe = util.beside_python("dragon-launch")
     if exe:
         return [exe]
-    return [sys.executable, "-c",
-            "import sys; from launcher.launch import main; sys.argv[0] = 'dragon-launch'; sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from launcher.launch import main; sys.argv[0] = 'dragon-launch'; sys.exit(main())",
+    ]
 
 
 def in_runtime():
@@ -169,16 +180,61 @@ def plan_launch(ctx):
     py = [sys.executable, "-c", "pass"]
 
     def peers():
-        ctx.figures.append(F("launch", "true-serial", "popen", "per_s", "proc/s", "higher",
-                             _rep(ctx, lambda: popen_serial(c["serial"], [true]))))
-        ctx.figures.append(F("launch", "true-16", "popen", "per_s", "proc/s", "higher",
-                             _rep(ctx, lambda: popen_in_flight(c["flight"], [true]))))
-        ctx.figures.append(F("launch", "python-child", "popen", "per_s", "proc/s", "higher",
-                             _rep(ctx, lambda: popen_serial(c["python"], py))))
-        ctx.figures.append(F("launch", "python-child", "mp-fork", "per_s", "proc/s", "higher",
-                             _rep(ctx, lambda: mp_serial(c["python"] * 4, "fork"))))
-        ctx.figures.append(F("launch", "python-child", "mp-spawn", "per_s", "proc/s", "higher",
-                             _rep(ctx, lambda: mp_serial(c["python"], "spawn"))))
+        ctx.figures.append(
+            F(
+                "launch",
+                "true-serial",
+                "popen",
+                "per_s",
+                "proc/s",
+                "higher",
+                _rep(ctx, lambda: popen_serial(c["serial"], [true])),
+            )
+        )
+        ctx.figures.append(
+            F(
+                "launch",
+                "true-16",
+                "popen",
+                "per_s",
+                "proc/s",
+                "higher",
+                _rep(ctx, lambda: popen_in_flight(c["flight"], [true])),
+            )
+        )
+        ctx.figures.append(
+            F(
+                "launch",
+                "python-child",
+                "popen",
+                "per_s",
+                "proc/s",
+                "higher",
+                _rep(ctx, lambda: popen_serial(c["python"], py)),
+            )
+        )
+        ctx.figures.append(
+            F(
+                "launch",
+                "python-child",
+                "mp-fork",
+                "per_s",
+                "proc/s",
+                "higher",
+                _rep(ctx, lambda: mp_serial(c["python"] * 4, "fork")),
+            )
+        )
+        ctx.figures.append(
+            F(
+                "launch",
+                "python-child",
+                "mp-spawn",
+                "per_s",
+                "proc/s",
+                "higher",
+                _rep(ctx, lambda: mp_serial(c["python"], "spawn")),
+            )
+        )
 
     steps = [("launch: Popen, multiprocessing", peers)]
     steps += _dragon_runtime_steps(ctx)
@@ -211,17 +267,37 @@ def plan_pool(ctx):
         why = f"cannot import dragon.pools: {type(e).__name__}: {e}"
     for size in POOL_SIZES:
         if why is None:
+
             def run(size=size):
-                ctx.figures.append(util.figure("pool", "alloc-free", "dragon", "ops_per_s", "op/s", "higher",
-                                               _rep(ctx, lambda: dragon_pool_alloc_free(c["pool"], size)),
-                                               size=size))
+                ctx.figures.append(
+                    util.figure(
+                        "pool",
+                        "alloc-free",
+                        "dragon",
+                        "ops_per_s",
+                        "op/s",
+                        "higher",
+                        _rep(ctx, lambda: dragon_pool_alloc_free(c["pool"], size)),
+                        size=size,
+                    )
+                )
 
             steps.append((f"pool: dragon alloc+free {util.size_label(size)}", run))
 
         def peer(size=size):
             n = max(200, c["pool"] // 50)  # each one is two syscalls and an mmap
-            ctx.figures.append(util.figure("pool", "alloc-free", "shared-memory", "ops_per_s", "op/s", "higher",
-                                           _rep(ctx, lambda: shm_alloc_free(n, size)), size=size))
+            ctx.figures.append(
+                util.figure(
+                    "pool",
+                    "alloc-free",
+                    "shared-memory",
+                    "ops_per_s",
+                    "op/s",
+                    "higher",
+                    _rep(ctx, lambda: shm_alloc_free(n, size)),
+                    size=size,
+                )
+            )
 
         steps.append((f"pool: shared_memory {util.size_label(size)}", peer))
     if why:
@@ -244,6 +320,7 @@ def plan_startup(ctx):
                 walls.append(res["wall"])
                 _note_leaks(ctx, name, res)
             ctx.figures.append(util.figure("startup", "empty", name, "seconds", "s", "lower", walls))
+
         return run
 
     steps.append(("startup: python empty.py", timed("python", [sys.executable, empty], env=clean_env())))
@@ -251,20 +328,44 @@ def plan_startup(ctx):
     for r in lacking:
         ctx.skip("startup mpiexec -n 1", **r)
     if not lacking:
-        steps.append(("startup: mpiexec -n 1 python empty.py",
-                      timed("mpiexec", util.local_mpiexec(1) + [sys.executable, empty], env=clean_env())))
+        steps.append(
+            (
+                "startup: mpiexec -n 1 python empty.py",
+                timed("mpiexec", util.local_mpiexec(1) + [sys.executable, empty], env=clean_env()),
+            )
+        )
     why = runtime_missing()
     if why:
         ctx.skip("startup dragon-launch", why)
     else:
-        steps.append(("startup: dragon-launch empty.py",
-                      timed("dragon", dragon_launch_cmd() + [empty], env=child_env(), cwd=tmp,
-                            shm_filter=lambda n: False)))
-        steps.append(("startup: python -c 'import dragon; dragon.init()' vs 'import dragon'", init_vs_import(ctx)))
+        steps.append(
+            (
+                "startup: dragon-launch empty.py",
+                timed(
+                    "dragon",
+                    dragon_launch_cmd() + [empty],
+                    env=child_env(),
+                    cwd=tmp,
+                    shm_filter=lambda n: False,
+                ),
+            )
+        )
+        steps.append(
+            ("startup: python -c 'import dragon; dragon.init()' vs 'import dragon'", init_vs_import(ctx))
+        )
     if ctx.dragonhpc:
-        steps.append(("startup: DragonHPC dragon -s empty.py",
-                      timed("dragonhpc", [os.path.join(ctx.dragonhpc, "bin", "dragon"), "-s", empty],
-                            cwd=tmp, env=dhpc_env(ctx), shm_filter=dhpc_segment)))
+        steps.append(
+            (
+                "startup: DragonHPC dragon -s empty.py",
+                timed(
+                    "dragonhpc",
+                    [os.path.join(ctx.dragonhpc, "bin", "dragon"), "-s", empty],
+                    cwd=tmp,
+                    env=dhpc_env(ctx),
+                    shm_filter=dhpc_segment,
+                ),
+            )
+        )
     else:
         for r in dhpc_absent(ctx):
             ctx.skip("startup DragonHPC", **r)
@@ -273,16 +374,17 @@ def plan_startup(ctx):
 
 def init_vs_import(ctx):
     """What dragon.init() costs a plain python (issue 13: at most 0.2 s more than ``import dragon``): the two
-    one-liners run alternately, so that both see the same machine load; figures "import-dragon" and "dragon-init"
-    (whole runs: the runtime's start and its teardown at exit), their ratio in the report."""
+    one-liners run alternately, so that both see the same machine load; figures "import-dragon" and
+    "dragon-init" (whole runs: the runtime's start and its teardown at exit), their ratio in the report."""
 
     def run():
         walls = {"import-dragon": [], "dragon-init": []}
         codes = {"import-dragon": "import dragon", "dragon-init": "import dragon; dragon.init()"}
         for _ in range(ctx.repeat):
             for peer, code in codes.items():
-                res = util.run_marked([sys.executable, "-c", code], timeout=120, env=child_env(),
-                                      shm_filter=lambda n: False)
+                res = util.run_marked(
+                    [sys.executable, "-c", code], timeout=120, env=child_env(), shm_filter=lambda n: False
+                )
                 if res["rc"] != 0:
                     raise RuntimeError(f"python -c {code!r} exited {res['rc']}: {util.tail(res['stderr'])}")
                 walls[peer].append(res["wall"])
@@ -309,15 +411,18 @@ def _tmpdir(ctx):
 
 def _note_leaks(ctx, name, res):
     """Count what each runtime's runs left behind (ctx.cleanup, in the JSON and the report)."""
-    c = ctx.cleanup.setdefault(name, {"runs": 0, "shm_removed": [], "procs_killed": 0,
-                                      "shm_checked": name == "dragonhpc"})
+    c = ctx.cleanup.setdefault(
+        name, {"runs": 0, "shm_removed": [], "procs_killed": 0, "shm_checked": name == "dragonhpc"}
+    )
     c["runs"] += 1
     c["shm_removed"] += res["leaked_shm"]
     c["procs_killed"] += len(res["leaked_procs"])
     if res["leaked_shm"] or res["leaked_procs"]:
-        ctx.note(f"{LABELS.get(name, name)} left {len(res['leaked_shm'])} /dev/shm segment(s) "
-                 f"({', '.join(res['leaked_shm'][:4])}{'...' if len(res['leaked_shm']) > 4 else ''}) and "
-                 f"{len(res['leaked_procs'])} process(es) behind; dragon-bench removed them")
+        ctx.note(
+            f"{LABELS.get(name, name)} left {len(res['leaked_shm'])} /dev/shm segment(s) "
+            f"({', '.join(res['leaked_shm'][:4])}{'...' if len(res['leaked_shm']) > 4 else ''}) and "
+            f"{len(res['leaked_procs'])} process(es) behind; dragon-bench removed them"
+        )
 
 
 def _dragon_runtime_steps(ctx):
@@ -329,6 +434,7 @@ def _dragon_runtime_steps(ctx):
         return []
 
     if in_runtime():  # started under dragon-launch already: measure right here
+
         def here():
             data = measure_runtime(parts, ctx.quick, ctx.repeat)
             ctx.figures.extend(data["figures"])
@@ -341,14 +447,23 @@ def _dragon_runtime_steps(ctx):
     def run():
         tmp = _tmpdir(ctx)
         out = os.path.join(tmp, "inner.json")
-        argv = dragon_launch_cmd() + [os.path.join(tmp, "inner.py"), "--inner", ",".join(parts),
-                                      "--inner-out", out, "--repeat", str(ctx.repeat)]
+        argv = dragon_launch_cmd() + [
+            os.path.join(tmp, "inner.py"),
+            "--inner",
+            ",".join(parts),
+            "--inner-out",
+            out,
+            "--repeat",
+            str(ctx.repeat),
+        ]
         if ctx.quick:
             argv.append("--quick")
         res = util.run_marked(argv, timeout=600, env=child_env(), cwd=tmp, shm_filter=lambda n: False)
         _note_leaks(ctx, "dragon", res)
         if res["rc"] != 0 or not os.path.exists(out):
-            raise RuntimeError(f"dragon-launch run exited {res['rc']}: {util.tail(res['stderr'] or res['stdout'])}")
+            raise RuntimeError(
+                f"dragon-launch run exited {res['rc']}: {util.tail(res['stderr'] or res['stdout'])}"
+            )
         with open(out) as f:
             data = json.load(f)
         ctx.figures.extend(data["figures"])
@@ -400,17 +515,51 @@ def measure_runtime(parts, quick, repeat):
             skipped.append({"what": what, "why": f"failed: {type(e).__name__}: {e}"})
 
     if "launch" in parts:
-        attempt("launch dragon /bin/true serial", lambda: figures.append(
-            F("launch", "true-serial", "dragon", "per_s", "proc/s", "higher",
-              [create_join_serial(c["serial"], true, []) for _ in range(repeat)])))
-        attempt("launch dragon /bin/true 16 in flight", lambda: figures.append(
-            F("launch", "true-16", "dragon", "per_s", "proc/s", "higher",
-              [create_join_flight(c["flight"], true, []) for _ in range(repeat)])))
+        attempt(
+            "launch dragon /bin/true serial",
+            lambda: figures.append(
+                F(
+                    "launch",
+                    "true-serial",
+                    "dragon",
+                    "per_s",
+                    "proc/s",
+                    "higher",
+                    [create_join_serial(c["serial"], true, []) for _ in range(repeat)],
+                )
+            ),
+        )
+        attempt(
+            "launch dragon /bin/true 16 in flight",
+            lambda: figures.append(
+                F(
+                    "launch",
+                    "true-16",
+                    "dragon",
+                    "per_s",
+                    "proc/s",
+                    "higher",
+                    [create_join_flight(c["flight"], true, []) for _ in range(repeat)],
+                )
+            ),
+        )
         code = "from dragon.globalservices import process; process.this_process()"
-        attempt("launch dragon managed Python child", lambda: figures.append(
-            F("launch", "python-child", "dragon", "per_s", "proc/s", "higher",
-              [create_join_serial(c["python"], sys.executable, ["-c", code]) for _ in range(repeat)])))
+        attempt(
+            "launch dragon managed Python child",
+            lambda: figures.append(
+                F(
+                    "launch",
+                    "python-child",
+                    "dragon",
+                    "per_s",
+                    "proc/s",
+                    "higher",
+                    [create_join_serial(c["python"], sys.executable, ["-c", code]) for _ in range(repeat)],
+                )
+            ),
+        )
     if "gs" in parts:
+
         def query():
             me = gp.this_process().p_uid
             meds, p99s = [], []
@@ -468,19 +617,38 @@ def _dragonhpc_steps(ctx):
     def run(parts):
         tmp = _tmpdir(ctx)  # never run it from the repo: its package is also called dragon
         prog = os.path.join(HERE, "dragonhpc_prog.py")
-        argv = [os.path.join(ctx.dragonhpc, "bin", "dragon"), "-s", prog, "--parts", ",".join(parts),
-                "--repeat", str(ctx.repeat)] + (["--quick"] if ctx.quick else []) + [
-                "--sizes", ",".join(str(s) for s in getattr(ctx, "sizes", []) or [8, 1024, 65536, 1048576]),
-                "--target", str(ctx.target)]
-        res = util.run_marked(argv, timeout=240 if ctx.quick else 600, env=dhpc_env(ctx), cwd=tmp,
-                              shm_filter=dhpc_segment)
+        argv = (
+            [
+                os.path.join(ctx.dragonhpc, "bin", "dragon"),
+                "-s",
+                prog,
+                "--parts",
+                ",".join(parts),
+                "--repeat",
+                str(ctx.repeat),
+            ]
+            + (["--quick"] if ctx.quick else [])
+            + [
+                "--sizes",
+                ",".join(str(s) for s in getattr(ctx, "sizes", []) or [8, 1024, 65536, 1048576]),
+                "--target",
+                str(ctx.target),
+            ]
+        )
+        res = util.run_marked(
+            argv, timeout=240 if ctx.quick else 600, env=dhpc_env(ctx), cwd=tmp, shm_filter=dhpc_segment
+        )
         if res["timed_out"]:
-            ctx.note(f"the DragonHPC run ({','.join(parts)}) timed out and was killed; its figures are missing")
+            ctx.note(
+                f"the DragonHPC run ({','.join(parts)}) timed out and was killed; its figures are missing"
+            )
         _note_leaks(ctx, "dragonhpc", res)
         data = util.parse_json_line(res["stdout"])
         if not data:
-            raise RuntimeError(f"DragonHPC run exited {res['rc']} without figures: "
-                               f"{util.tail(res['stderr'] or res['stdout'])}")
+            raise RuntimeError(
+                f"DragonHPC run exited {res['rc']} without figures: "
+                f"{util.tail(res['stderr'] or res['stdout'])}"
+            )
         for f in data["figures"]:
             if f["group"] == "channels" and f["test"] == "stream" and "channels" not in ctx.sel:
                 continue  # 'latency' alone
@@ -489,7 +657,9 @@ def _dragonhpc_steps(ctx):
         for s in data.get("skipped", []):
             ctx.skip(s["what"], s["why"])
         if data.get("skipped"):
-            ctx.note(f"DragonHPC ({','.join(parts)}) output tail: {util.tail(res['stderr'] or res['stdout'], 4)}")
+            ctx.note(
+                f"DragonHPC ({','.join(parts)}) output tail: {util.tail(res['stderr'] or res['stdout'], 4)}"
+            )
 
     # the channel part in a runtime of its own: after hundreds of launches in the same DragonHPC runtime its
     # channel child sometimes never answers
@@ -500,4 +670,3 @@ def _dragonhpc_steps(ctx):
     if "channels" in parts:
         steps.append(("channels: DragonHPC (dragon -s)", lambda: run(["channels"]), "dragonhpc-channels"))
     return steps
-

@@ -1,7 +1,9 @@
 """Small shared pieces of the harness: statistics, the progress bar, environment facts, child-process helpers.
 
-Nothing here imports dragon, so the harness can report cleanly on a machine where a piece of dragon is missing.
+Nothing here imports dragon, so the harness can report cleanly on a machine where a piece of dragon is
+missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +51,15 @@ def summarize(samples):
 
 def figure(group, test, peer, metric, unit, better, samples, size=None, **extra):
     """One measured figure: what was measured, for whom, and its median and spread over the repeats."""
-    fig = {"group": group, "test": test, "peer": peer, "size": size, "metric": metric, "unit": unit,
-           "better": better}
+    fig = {
+        "group": group,
+        "test": test,
+        "peer": peer,
+        "size": size,
+        "metric": metric,
+        "unit": unit,
+        "better": better,
+    }
     fig.update(summarize(samples))
     fig.update(extra)
     return fig
@@ -177,9 +186,16 @@ def dragonhpc_version():
     if not root:
         return None
     try:
-        out = subprocess.run([os.path.join(root, "bin", "python"), "-c",
-                              "from importlib.metadata import version; print(version('dragonhpc'))"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                os.path.join(root, "bin", "python"),
+                "-c",
+                "from importlib.metadata import version; print(version('dragonhpc'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return out.stdout.strip() or None
     except Exception:
         return None
@@ -190,8 +206,8 @@ _FOREIGN = ("DRAGON_", "PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "PRTE_")
 
 
 def clean_env():
-    """The environment without an enclosing dragon job's contract or MPI launcher's variables (dragon-bench may
-    itself run under dragon-launch or mpiexec), for programs that start their own runtime or ranks."""
+    """The environment without an enclosing dragon job's contract or MPI launcher's variables (dragon-bench
+    may itself run under dragon-launch or mpiexec), for programs that start their own runtime or ranks."""
     return {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN) or k.startswith("DRAGON_BENCH")}
 
 
@@ -270,11 +286,14 @@ def local_mpiexec(n):
     exe = mpiexec_path()
     if exe not in _FLAVOR:
         try:
-            v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30,
-                               env=clean_env()).stdout
+            v = subprocess.run(
+                [exe, "--version"], capture_output=True, text=True, timeout=30, env=clean_env()
+            ).stdout
         except Exception:
             v = ""
-        _FLAVOR[exe] = "hydra" if "HYDRA" in v else "openmpi" if "Open MPI" in v or "OpenRTE" in v else "other"
+        _FLAVOR[exe] = (
+            "hydra" if "HYDRA" in v else "openmpi" if "Open MPI" in v or "OpenRTE" in v else "other"
+        )
     flavor = _FLAVOR[exe]
     if flavor == "hydra":
         return [exe, "-launcher", "fork", "-n", str(n)]
@@ -311,10 +330,13 @@ def environment():
     # in a child: importing mpi4py.MPI here would initialize MPI in the harness (and wait for the other ranks
     # when dragon-bench itself was started by mpiexec)
     try:
-        code = ("import mpi4py; mpi4py.rc.initialize = mpi4py.rc.finalize = False; from mpi4py import MPI; "
-                "print(MPI.Get_library_version().strip().splitlines()[0])")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                             env=clean_env())
+        code = (
+            "import mpi4py; mpi4py.rc.initialize = mpi4py.rc.finalize = False; from mpi4py import MPI; "
+            "print(MPI.Get_library_version().strip().splitlines()[0])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=clean_env()
+        )
         env["mpi_library"] = out.stdout.strip() or None
     except Exception:
         env["mpi_library"] = None
@@ -346,7 +368,7 @@ def parse_json_line(text):
     for line in text.splitlines():
         i = line.find(JSON_MARK)
         if i >= 0:
-            found = line[i + len(JSON_MARK):].strip()
+            found = line[i + len(JSON_MARK) :].strip()
     return json.loads(found) if found else None
 
 
@@ -377,7 +399,7 @@ def mapped_shm():
                 for line in f:
                     i = line.find(SHM + "/")
                     if i >= 0:
-                        used.add(line[i + len(SHM) + 1:].strip().split(" ")[0])
+                        used.add(line[i + len(SHM) + 1 :].strip().split(" ")[0])
         except OSError:
             continue
     return used
@@ -396,10 +418,12 @@ def run_marked(cmd, timeout, env=None, cwd=None, shm_filter=None):
     full_env["DRAGON_BENCH_RUN"] = marker
     before = shm_segments()
     t0 = time.perf_counter()
-    # its own process group (not its own session: DragonHPC's launcher hangs without a session leader above it)
+    # its own process group (not its own session: DragonHPC's launcher hangs without a session leader above
+    # it)
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd, text=True,
-                         **group)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd, text=True, **group
+    )
     timed_out = False
     try:
         out, err = p.communicate(timeout=timeout)
@@ -435,8 +459,15 @@ def run_marked(cmd, timeout, env=None, cwd=None, shm_filter=None):
             leaked_shm.append(name)
         except OSError:
             pass
-    return {"rc": p.returncode, "stdout": out, "stderr": err, "wall": wall, "timed_out": timed_out,
-            "leaked_procs": leaked_procs, "leaked_shm": leaked_shm}
+    return {
+        "rc": p.returncode,
+        "stdout": out,
+        "stderr": err,
+        "wall": wall,
+        "timed_out": timed_out,
+        "leaked_procs": leaked_procs,
+        "leaked_shm": leaked_shm,
+    }
 
 
 def tail(text, n=6):

@@ -1,11 +1,13 @@
-"""Cross-node channel stream and round trip through the transport agents, beside mpi4py between the same ranks.
+"""Cross-node channel stream and round trip through the transport agents, beside mpi4py between the same
+ranks.
 
 Layout: the harness re-invokes itself as the app of a two-node dragon job (``mpiexec -n 2 dragon-launch
 --virtual-nodes`` on one host, ``srun -N 2 --ntasks-per-node=1 dragon-launch`` on an allocation). The app, on
-node 0, makes a channel A in a pool on node 0 and a channel B in a pool on node 1, and starts a Python process on
-node 1. Node 1 streams into A (remote send, through the agents) and reads its commands from B (local); node 0 reads
-A (local) and sends into B (remote). So every payload crosses the transport once per direction.
+node 0, makes a channel A in a pool on node 0 and a channel B in a pool on node 1, and starts a Python process
+on node 1. Node 1 streams into A (remote send, through the agents) and reads its commands from B (local); node
+0 reads A (local) and sends into B (remote). So every payload crosses the transport once per direction.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +26,11 @@ def two_node_launcher():
     nnodes = int(os.environ.get("SLURM_NNODES", "1") or 1)
     if os.environ.get("SLURM_JOB_ID") and nnodes >= 2 and shutil.which("srun"):
         mpi = os.environ.get("DRAGON_BENCH_SRUN_MPI", "pmi2")  # the mpich wheel speaks PMI-2 to Slurm
-        return (["srun", f"--mpi={mpi}", "-N", "2", "-n", "2", "--ntasks-per-node=1"], [],
-                f"2 Slurm nodes ({os.environ.get('SLURM_JOB_NODELIST', '?')})")
+        return (
+            ["srun", f"--mpi={mpi}", "-N", "2", "-n", "2", "--ntasks-per-node=1"],
+            [],
+            f"2 Slurm nodes ({os.environ.get('SLURM_JOB_NODELIST', '?')})",
+        )
     if util.mpiexec_path():
         return util.local_mpiexec(2), ["--virtual-nodes"], "2 virtual nodes on this host"
     return None, None, None
@@ -52,32 +57,53 @@ def plan(ctx):
     if not why and "--virtual-nodes" in extra:
         import subprocess
 
-        h = subprocess.run(runtime.dragon_launch_cmd() + ["--help"], capture_output=True, text=True, timeout=60,
-                           env=runtime.child_env())
+        h = subprocess.run(
+            runtime.dragon_launch_cmd() + ["--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=runtime.child_env(),
+        )
         if "--virtual-nodes" not in h.stdout + h.stderr:
             # until dragon-launch can make virtual nodes: the transport agents alone, through their harness
             job = launcher + [sys.executable, "-m", "dragon.transport.harness", "--virtual-nodes"]
             inner_mode = "xnode-harness"
-            ctx.note("xnode: dragon-launch has no --virtual-nodes yet; the dragon cross-node figures come from "
-                     "the transport agents run by dragon.transport.harness (same agents, no GS)")
+            ctx.note(
+                "xnode: dragon-launch has no --virtual-nodes yet; the dragon cross-node figures come from "
+                "the transport agents run by dragon.transport.harness (same agents, no GS)"
+            )
     reasons = lacking or ([{"why": why}] if why else [])
     for r in reasons:
         ctx.skip("xnode dragon", **r)
     if not reasons:
+
         def run():
             tmp = runtime._tmpdir(ctx)
             out = os.path.join(tmp, "xnode.json")
             argv = job + [
-                os.path.join(tmp, "inner.py"), "--inner", inner_mode, "--inner-out", out,
-                "--repeat", str(ctx.repeat), "--sizes", ",".join(str(s) for s in sizes),
-                "--target-time", str(ctx.target)]
+                os.path.join(tmp, "inner.py"),
+                "--inner",
+                inner_mode,
+                "--inner-out",
+                out,
+                "--repeat",
+                str(ctx.repeat),
+                "--sizes",
+                ",".join(str(s) for s in sizes),
+                "--target-time",
+                str(ctx.target),
+            ]
             if ctx.quick:
                 argv.append("--quick")
-            res = util.run_marked(argv, timeout=900, env=runtime.child_env(), cwd=tmp, shm_filter=lambda n: False)
+            res = util.run_marked(
+                argv, timeout=900, env=runtime.child_env(), cwd=tmp, shm_filter=lambda n: False
+            )
             runtime._note_leaks(ctx, "dragon", res)
             if not os.path.exists(out):
-                raise RuntimeError(f"cross-node dragon job exited {res['rc']} without figures: "
-                                   f"{util.tail(res['stderr'] or res['stdout'])}")
+                raise RuntimeError(
+                    f"cross-node dragon job exited {res['rc']} without figures: "
+                    f"{util.tail(res['stderr'] or res['stdout'])}"
+                )
             with open(out) as f:
                 data = json.load(f)
             ctx.figures.extend(data["figures"])
@@ -161,7 +187,9 @@ def drive(in_ch, cmd_ch, size, repeat, target):
             nb = channels.batch_for(size)
             while got < n:
                 got += len(in_ch.recv_many(min(nb, n - got), timeout=T))
-        elif size > 8192:  # zero copy, as mpi4py's Recv leaves the data in place: a Message over the pool block
+        elif (
+            size > 8192
+        ):  # zero copy, as mpi4py's Recv leaves the data in place: a Message over the pool block
             recv = in_ch.recv_message
             for _ in range(n):
                 recv(timeout=T).release()
@@ -234,8 +262,8 @@ def child_main():
 
 
 def harness_main(args):
-    """Both nodes' program under ``mpiexec -n 2 python -m dragon.transport.harness --virtual-nodes``: the harness
-    gives every node a channel "a"; node 0 reads its own and commands node 1's."""
+    """Both nodes' program under ``mpiexec -n 2 python -m dragon.transport.harness --virtual-nodes``: the
+    harness gives every node a channel "a"; node 0 reads its own and commands node 1's."""
     from dragon.channels import Channel
 
     node = int(os.environ["DRAGON_NODE"])
@@ -253,8 +281,12 @@ def harness_main(args):
                     try:
                         figures += drive(a0, a1, size, repeat, target)
                     except Exception as e:
-                        skipped.append({"what": f"xnode dragon {util.size_label(size)}",
-                                        "why": f"{type(e).__name__}: {e}"})
+                        skipped.append(
+                            {
+                                "what": f"xnode dragon {util.size_label(size)}",
+                                "why": f"{type(e).__name__}: {e}",
+                            }
+                        )
                         break
             finally:
                 a1.send(b"Q", timeout=10)
@@ -300,13 +332,20 @@ def inner_main(args):
             made.append(("chan", b.c_uid))
             env = {"DRAGON_BENCH_XNODE": json.dumps({"a": a.c_uid, "b": b.c_uid})}
             inner = os.path.abspath(sys.argv[0])
-            child = gp.create(sys.executable, os.getcwd(), [inner, "--inner", "xnode-child"], env=env,
-                              options=ProcessOptions(node=1))
+            child = gp.create(
+                sys.executable,
+                os.getcwd(),
+                [inner, "--inner", "xnode-child"],
+                env=env,
+                options=ProcessOptions(node=1),
+            )
             ra, rb = _attach(a), _attach(b)
             handles = f"node 0 reads a {type(ra).__name__}, sends into a {type(rb).__name__}"
             figures += [dict(f, handles=handles) for f in drive(ra, rb, size, repeat, target)]
         except Exception as e:
-            skipped.append({"what": f"xnode dragon {util.size_label(size)}", "why": f"{type(e).__name__}: {e}"})
+            skipped.append(
+                {"what": f"xnode dragon {util.size_label(size)}", "why": f"{type(e).__name__}: {e}"}
+            )
         finally:
             if rb is not None:
                 try:

@@ -4,8 +4,8 @@ A leaf module (it imports nothing of the project), like ``dragon.errors``: every
 included, reads and writes the runtime's environment variables through the names defined here.
 
 The shepherd puts these variables into the environment of each process it starts (on top of the inherited
-environment and the user's ``env``). Serialized descriptors are hex strings. A process with no ``DRAGON_GS_CD``
-is not running under ``dragon-launch``.
+environment and the user's ``env``). Serialized descriptors are hex strings. A process with no
+``DRAGON_GS_CD`` is not running under ``dragon-launch``.
 """
 
 import os
@@ -17,22 +17,32 @@ GS_CD = "DRAGON_GS_CD"  # global services input channel
 REPLY_CD = "DRAGON_REPLY_CD"  # this process's own reply channel (made by the shepherd before spawn)
 INF_PD = "DRAGON_INF_PD"  # the node's infrastructure pool
 SHEP_PID = "DRAGON_SHEP_PID"  # pid of the shepherd that started this process (to tell a descendant from it)
-INFRA_POOL_SIZE = "DRAGON_INFRA_POOL_SIZE"  # bytes of each node's infrastructure pool (suffix K, M or G; default 64M)
+INFRA_POOL_SIZE = (
+    "DRAGON_INFRA_POOL_SIZE"  # bytes of each node's infrastructure pool (suffix K, M or G; default 64M)
+)
 LOG = "DRAGON_LOG"  # "debug" for verbose service logs (default: warnings and errors only)
 REQUEST_TIMEOUT = "DRAGON_REQUEST_TIMEOUT"  # seconds a client waits for a reply (default 60)
 SERVICE_TIMEOUT = "DRAGON_SERVICE_TIMEOUT"  # seconds a service may leave its launcher's pings unanswered (30)
-# multi-node jobs (set by the launcher of each node, inherited by its services and managed processes)
-# where global services runs, as a transport index (default 0): node 0, or the number of nodes when GS has an MPI
+# multi-node jobs (set by the launcher of each node, inherited by its services and managed processes) where
+# global services runs, as a transport index (default 0): node 0, or the number of nodes when GS has an MPI
 # rank of its own, which is no node (dragon-launch --gs-rank; see dragon.transport.world)
 GS_NODE = "DRAGON_GS_NODE"
 GW_CD = "DRAGON_GW_CD"  # this node's transport gateway channel (the transport agent's input)
-CPU_BINDING = "DRAGON_CPU_BINDING"  # node (default): a serving rank takes every CPU it may use; keep: as bound
-AGENT_PROFILE = "DRAGON_AGENT_PROFILE"  # a path: profile each transport agent's loop into path.<node> (cProfile)
+CPU_BINDING = (
+    "DRAGON_CPU_BINDING"  # node (default): a serving rank takes every CPU it may use; keep: as bound
+)
+AGENT_PROFILE = (
+    "DRAGON_AGENT_PROFILE"  # a path: profile each transport agent's loop into path.<node> (cProfile)
+)
 NNODES = "DRAGON_NNODES"  # (dragon.transport.harness) how many nodes the harness runs its program on
-TEST_CHANS = "DRAGON_TEST_CHANS"  # (dragon.transport.harness) json {node: {name: hex sdesc}} of its test channels
+TEST_CHANS = (
+    "DRAGON_TEST_CHANS"  # (dragon.transport.harness) json {node: {name: hex sdesc}} of its test channels
+)
 BENCH_MPI = "DRAGON_BENCH_MPI"  # (dragon.transport.bench, between its processes) mpi4py's figures, json
 BENCH_JSON = "DRAGON_BENCH_JSON"  # (dragon.transport.bench, between its processes) where --json writes
-SPIN_NS = "DRAGON_SPIN_NS"  # how long blocking receives of the services and clients spin before they sleep (ns)
+SPIN_NS = (
+    "DRAGON_SPIN_NS"  # how long blocking receives of the services and clients spin before they sleep (ns)
+)
 # clients: processes outside the job that dragon.init() attached (dragon.attach)
 CONNECT = "DRAGON_CONNECT"  # the connection file dragon.init() attaches to (dragon-launch --serve writes it)
 # multiprocessing's 'dragon' start method (dragon.mp) and each node's zygote
@@ -51,8 +61,9 @@ CLIENT = (JOB, NODE, GS_CD, INF_PD, GW_CD, GS_NODE)
 
 
 def new_job_id(environ=None):
-    """A fresh job id. Inside a Slurm job it starts with ``s<SLURM_JOB_ID>_``, so that whatever outlives the job
-    (a segment left by a SIGKILL) can be found and removed by the job's id alone, e.g. by a Slurm epilog."""
+    """A fresh job id. Inside a Slurm job it starts with ``s<SLURM_JOB_ID>_``, so that whatever outlives the
+    job (a segment left by a SIGKILL) can be found and removed by the job's id alone, e.g. by a Slurm
+    epilog."""
     environ = os.environ if environ is None else environ
     sid = environ.get("SLURM_JOB_ID", "")
     prefix = f"s{sid}_" if sid.isdigit() else ""
@@ -73,7 +84,8 @@ def size_setting(name, default, environ=None):
 
 
 def infra_pool_size(environ=None, default=64 << 20):
-    """The size of a node's infrastructure pool (service channels, gateway, staging): DRAGON_INFRA_POOL_SIZE."""
+    """The size of a node's infrastructure pool (service channels, gateway, staging):
+    DRAGON_INFRA_POOL_SIZE."""
     return size_setting(INFRA_POOL_SIZE, default, environ)
 
 
@@ -84,8 +96,8 @@ def spin_ns(environ=None):
 
 
 def seconds(name, default, environ=None):
-    """A positive number of seconds from the environment variable name (default if unset; ValueError naming the
-    variable if it is not a positive number)."""
+    """A positive number of seconds from the environment variable name (default if unset; ValueError naming
+    the variable if it is not a positive number)."""
     text = (os.environ if environ is None else environ).get(name, "").strip()
     if not text:
         return default
@@ -107,9 +119,9 @@ def dec(text):
 
 
 def contract(job, p_uid, node, gs_cd, reply_cd, inf_pd, shep_pid):
-    """The variables a managed process gets (sdescs as bytes in, hex strings out). Not among them: the inboxes of
-    the shepherds and the launchers, and the job's key (see dragon.infrastructure.messages): a managed process
-    reaches the runtime only through global services' public inbox."""
+    """The variables a managed process gets (sdescs as bytes in, hex strings out). Not among them: the inboxes
+    of the shepherds and the launchers, and the job's key (see dragon.infrastructure.messages): a managed
+    process reaches the runtime only through global services' public inbox."""
     return {
         JOB: job,
         PUID: str(p_uid),

@@ -2,9 +2,10 @@
 
     dragon-launch examples/hello.py [NWORKERS]
 
-The program (p_uid 1) makes a pool and a channel in it, starts NWORKERS copies of itself as workers (each looks
-the channel up by name, attaches it from its descriptor and sends a greeting), receives every greeting, joins
-the workers, destroys what it made and exits 0. The workers' own prints appear labelled with their names.
+The program (p_uid 1) makes a pool and a channel in it, starts NWORKERS copies of itself as workers (each
+looks the channel up by name, attaches it from its descriptor and sends a greeting), receives every greeting,
+joins the workers, destroys what it made and exits 0. The workers' own prints appear labelled with their
+names.
 """
 
 import sys

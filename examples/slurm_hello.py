@@ -4,13 +4,13 @@
     srun -N 2 --ntasks-per-node=1 dragon-launch examples/slurm_hello.py [EXIT_CODE]
     mpiexec -n 3 dragon-launch --virtual-nodes examples/slurm_hello.py   # without Slurm, 3 nodes on one host
 
-The program runs once, on node 0.  It makes, on every node k, a pool and an inbox channel, and starts one worker
-process there (ProcessOptions(node=k), i.e. options={"node": k}).  It sends each worker a number through that
-worker's inbox (node 0 -> node k); the worker adds up the numbers below it and sends the sum, with where it runs
-(host name, Slurm's node name and node id), back through a channel on node 0 (node k -> node 0).  The workers'
-own prints reach this program's output labelled with their names ([worker0] ...), whatever node they ran on.
-The program checks every answer, destroys what it made and exits with EXIT_CODE (default 0), or 1 when a check
-failed.
+The program runs once, on node 0.  It makes, on every node k, a pool and an inbox channel, and starts one
+worker process there (ProcessOptions(node=k), i.e. options={"node": k}).  It sends each worker a number
+through that worker's inbox (node 0 -> node k); the worker adds up the numbers below it and sends the sum,
+with where it runs (host name, Slurm's node name and node id), back through a channel on node 0 (node k ->
+node 0).  The workers' own prints reach this program's output labelled with their names ([worker0] ...),
+whatever node they ran on. The program checks every answer, destroys what it made and exits with EXIT_CODE
+(default 0), or 1 when a check failed.
 """
 
 import os

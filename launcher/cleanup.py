@@ -1,37 +1,39 @@
 """Clean-up of what a job leaves behind.
 
-1. The launcher's helpers ``children``, ``job_pids`` and ``kill_all`` (they live in dragon.infrastructure.jobprocs,
-   shared with the shepherd, and are imported from there on first use).
+1. The launcher's helpers ``children``, ``job_pids`` and ``kill_all`` (they live in
+   dragon.infrastructure.jobprocs, shared with the shepherd, and are imported from there on first use).
 
-2. The clean-up that outlives a Slurm job, for a Slurm epilog (slurm/dragon-epilog.sh) on every node of the job:
+2. The clean-up that outlives a Slurm job, for a Slurm epilog (slurm/dragon-epilog.sh) on every node of the
+   job:
 
        python3 -m launcher.cleanup --slurm-job ID        # or: python3 /path/to/launcher/cleanup.py --slurm-job ID
 
-   Why it is needed: at ``scancel ID`` and at the time limit Slurm sends SIGTERM to every process of the job at
-   once and SIGKILL KillWait seconds later (slurm/README.md has the measured details). dragon's teardown on that
-   SIGTERM normally finishes well within KillWait, but not always (an overloaded node, a short KillWait, every
-   task SIGKILLed at once), and a process that left the step's process tree is never signalled by Slurm's
-   proctrack/linuxproc at all. The epilog runs on each node after Slurm has ended the job's processes it knows:
+   Why it is needed: at ``scancel ID`` and at the time limit Slurm sends SIGTERM to every process of the job
+   at once and SIGKILL KillWait seconds later (slurm/README.md has the measured details). dragon's teardown on
+   that SIGTERM normally finishes well within KillWait, but not always (an overloaded node, a short KillWait,
+   every task SIGKILLed at once), and a process that left the step's process tree is never signalled by
+   Slurm's proctrack/linuxproc at all. The epilog runs on each node after Slurm has ended the job's processes
+   it knows:
 
-   - SIGKILLs every process whose environment has ``DRAGON_JOB=s<ID>_...`` (a dragon job started inside Slurm job
-     ID; see ``dragon.env.new_job_id``);
-   - unlinks every ``/dev/shm/dragon-s<ID>_*`` segment (the pools and channels of every dragon job of Slurm job ID
-     on this node; the ``_`` ends the id, so job 12 never matches job 123's segments);
+   - SIGKILLs every process whose environment has ``DRAGON_JOB=s<ID>_...`` (a dragon job started inside Slurm
+     job ID; see ``dragon.env.new_job_id``);
+   - unlinks every ``/dev/shm/dragon-s<ID>_*`` segment (the pools and channels of every dragon job of Slurm
+     job ID on this node; the ``_`` ends the id, so job 12 never matches job 123's segments);
    - unlinks the MPICH segments of the job's steps: MPICH names them ``mpich_shm_<W>_<node>`` (and
-     ``mpich_vci_<W>_<node>``) with W the 32-bit FNV-1a hash of the PMI key-value space name, which Slurm's PMI-2
-     makes ``<job id>.<step id>``; so they are found by the job id alone (steps 0..9999), and removed when no live
-     process maps or holds them;
-   - with ``--mpi-uid UID`` (the epilog passes the job's user) also any other MPICH segment of that user that no
-     live process maps or holds open and that is older than ``--min-age`` seconds (e.g. an mpiexec's inside the
-     job, whose names carry no Slurm job id).
+     ``mpich_vci_<W>_<node>``) with W the 32-bit FNV-1a hash of the PMI key-value space name, which Slurm's
+     PMI-2 makes ``<job id>.<step id>``; so they are found by the job id alone (steps 0..9999), and removed
+     when no live process maps or holds them;
+   - with ``--mpi-uid UID`` (the epilog passes the job's user) also any other MPICH segment of that user that
+     no live process maps or holds open and that is older than ``--min-age`` seconds (e.g. an mpiexec's inside
+     the job, whose names carry no Slurm job id).
 
-   It prints one line saying what it did (``dragon-cleanup: slurm job ID: killed [...] removed [...]``) and exits
-   0 unless an argument is wrong: a failing epilog would make Slurm drain the node.
+   It prints one line saying what it did (``dragon-cleanup: slurm job ID: killed [...] removed [...]``) and
+   exits 0 unless an argument is wrong: a failing epilog would make Slurm drain the node.
 
-3. ``--stale`` (or ``remove_stale_slurm_segments()``), for a launcher at start on a node whose site runs no such
-   epilog: unlinks the ``dragon-s<ID>_*`` segments of Slurm jobs that no live process belongs to (none has
-   ``SLURM_JOB_ID=<ID>``) and that no live process maps or holds open. Unprivileged, it can only unlink the
-   caller's own files (/dev/shm is sticky).
+3. ``--stale`` (or ``remove_stale_slurm_segments()``), for a launcher at start on a node whose site runs no
+   such epilog: unlinks the ``dragon-s<ID>_*`` segments of Slurm jobs that no live process belongs to (none
+   has ``SLURM_JOB_ID=<ID>``) and that no live process maps or holds open. Unprivileged, it can only unlink
+   the caller's own files (/dev/shm is sticky).
 
 This module imports only the standard library at load time, so an epilog can run it as a plain file with any
 Python 3, even one that does not have dragon installed.
@@ -87,7 +89,8 @@ def _pids():
 
 
 def slurm_job_pids(slurm_job) -> list[int]:
-    """Live processes (no zombies) whose environment has DRAGON_JOB=s<slurm_job>_... (any dragon job of it)."""
+    """Live processes (no zombies) whose environment has DRAGON_JOB=s<slurm_job>_... (any dragon job of
+    it)."""
     needle = re.compile(rb"(?:^|\0)DRAGON_JOB=" + re.escape(_slurm_prefix(slurm_job).encode()))
     found = []
     for pid in _pids():
@@ -143,7 +146,8 @@ def _in_use(keys) -> set:
 
 
 def _mpi_unused(uid: int, shm: str) -> dict:
-    """{name: age in seconds} of the MPI segments in shm owned by uid that no live process maps or holds open."""
+    """{name: age in seconds} of the MPI segments in shm owned by uid that no live process maps or holds
+    open."""
     now = time.time()
     cands = {}
     try:
@@ -164,11 +168,11 @@ def _mpi_unused(uid: int, shm: str) -> dict:
 
 
 def orphaned_mpi_segments(uid: int, min_age: float = 2.0, shm: str = SHM, wait: bool = False) -> list[str]:
-    """MPI segments (mpich_shm_*) in shm owned by uid, unchanged for min_age seconds, that no live process maps
-    or holds open (a segment just made may not be mapped yet by its maker). Processes are matched by device and
-    inode, so another mount namespace's /dev/shm (another node of the test cluster) never counts. With wait, unused
-    segments younger than min_age are waited for (if that takes at most 3 s) and looked at again: an epilog right after a
-    job that failed within a second still removes what its MPI library left."""
+    """MPI segments (mpich_shm_*) in shm owned by uid, unchanged for min_age seconds, that no live process
+    maps or holds open (a segment just made may not be mapped yet by its maker). Processes are matched by
+    device and inode, so another mount namespace's /dev/shm (another node of the test cluster) never counts.
+    With wait, unused segments younger than min_age are waited for (if that takes at most 3 s) and looked at
+    again: an epilog right after a job that failed within a second still removes what its MPI library left."""
     unused = _mpi_unused(uid, shm)
     young = [min_age - age for age in unused.values() if age < min_age]
     if wait and young and max(young) <= 3.0:
@@ -207,8 +211,8 @@ def unused_segments(shm: str, names) -> list[str]:
 
 
 def slurm_job_mpi_segments(slurm_job, shm: str = SHM) -> list[str]:
-    """MPICH segments in shm made by a step of Slurm job slurm_job (PMI-2 names its space <job>.<step>) that no
-    live process maps or holds open."""
+    """MPICH segments in shm made by a step of Slurm job slurm_job (PMI-2 names its space <job>.<step>) that
+    no live process maps or holds open."""
     _slurm_prefix(slurm_job)
     found = _matching(shm, re.compile(r"(?:mpich_shm|mpich_vci)_([0-9a-f]+)_\d+$"))
     if not found:
@@ -227,7 +231,8 @@ def _alive(pid: int) -> bool:
 
 def clean_slurm_job(slurm_job, mpi_uid=None, min_age: float = 2.0, shm: str = SHM, wait: float = 5.0) -> dict:
     """Kill the dragon processes of Slurm job slurm_job on this node, then unlink its dragon segments and its
-    steps' unused MPICH segments (and, with mpi_uid, that user's other orphaned MPICH segments). -> {"killed": [pids], "removed": [names], "left": [pids]}."""
+    steps' unused MPICH segments (and, with mpi_uid, that user's other orphaned MPICH segments). -> {"killed":
+    [pids], "removed": [names], "left": [pids]}."""
     killed = slurm_job_pids(slurm_job)
     for pid in killed:
         try:
@@ -262,7 +267,8 @@ def _unlink(shm: str, names, say: bool) -> list[str]:
 
 
 def _slurm_jobs_alive() -> set:
-    """Slurm job ids that some live process (no zombie) of this machine has in its environment (SLURM_JOB_ID)."""
+    """Slurm job ids that some live process (no zombie) of this machine has in its environment
+    (SLURM_JOB_ID)."""
     pat = re.compile(rb"(?:^|\0)SLURM_JOB_ID=(\d+)(?:\0|$)")
     alive = set()
     for pid in _pids():
@@ -282,8 +288,9 @@ def _slurm_jobs_alive() -> set:
 def stale_slurm_segments(shm: str = SHM) -> list[str]:
     """dragon segments of Slurm jobs that are over on this node: dragon-s<ID>_* where no live process has
     SLURM_JOB_ID=<ID> in its environment (every task of a running job has it, dragon's launchers included) and
-    no live process maps or holds the segment. What an epilog would have removed, for sites without it. Only the
-    owner can unlink a file of /dev/shm (sticky), so a user's clean-up never touches another user's segments."""
+    no live process maps or holds the segment. What an epilog would have removed, for sites without it. Only
+    the owner can unlink a file of /dev/shm (sticky), so a user's clean-up never touches another user's
+    segments."""
     cands = _matching(shm, re.compile(r"dragon-s(\d+)_"))
     if not cands:
         return []

@@ -1,14 +1,14 @@
 """dragon-launch: start the dragon runtime on this node, run the user's program in it, tear everything down.
 
 The launcher makes the job id, the node's infrastructure pool and the service channels, then forks (after only
-the imports the services need) the node's shepherd (local services) and global services concurrently, asks GS to
-start the program as the first managed process (p_uid 1), and exits with its exit code. Whatever ends the job
-(the program exits or raises, Ctrl-C, SIGTERM, a service dying, or SIGKILL of the launcher: the services get
-SIGTERM from PR_SET_PDEATHSIG and tear down themselves) every managed process is terminated (SIGTERM, SIGKILL
-after a grace period) and every shared-memory segment of the job is unlinked.
+the imports the services need) the node's shepherd (local services) and global services concurrently, asks GS
+to start the program as the first managed process (p_uid 1), and exits with its exit code. Whatever ends the
+job (the program exits or raises, Ctrl-C, SIGTERM, a service dying, or SIGKILL of the launcher: the services
+get SIGTERM from PR_SET_PDEATHSIG and tear down themselves) every managed process is terminated (SIGTERM,
+SIGKILL after a grace period) and every shared-memory segment of the job is unlinked.
 
-Built around ``Runtime`` and ``NodeInfo`` so that the multi-node bootstrap (one shepherd and transport agent per
-node from MPI ranks, GS once, the program once on node 0) adds a world but keeps this flow.
+Built around ``Runtime`` and ``NodeInfo`` so that the multi-node bootstrap (one shepherd and transport agent
+per node from MPI ranks, GS once, the program once on node 0) adds a world but keeps this flow.
 """
 
 import argparse

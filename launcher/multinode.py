@@ -1,27 +1,28 @@
 """dragon-launch across nodes: under ``mpiexec -n N dragon-launch [--virtual-nodes] app.py`` or
 ``srun -N N --ntasks-per-node=1 dragon-launch app.py``.
 
-Every rank runs this. The ranks read their world from MPI (``dragon.transport.world``): ranks grouped into nodes
-by host (or one node per rank with ``--virtual-nodes``, each node with its own segment namespace ``<job>n<k>``).
-The lowest rank of each node is its launcher: it makes the node's infrastructure pool and channels (its
-shepherd's input, its own input, the transport gateway), exchanges their descriptors with the other nodes, runs
-the node's transport agent in a thread (the only code that speaks MPI), and starts the node's shepherd, and on
-node 0 global services too, as fresh interpreters (forking after MPI_Init is unsafe). Node 0's launcher then
-runs the program like the single-node launcher; its output, and every node's forwarded output, reach the
-terminal through the MPI launcher's own stdout forwarding, labelled by the shepherds.
+Every rank runs this. The ranks read their world from MPI (``dragon.transport.world``): ranks grouped into
+nodes by host (or one node per rank with ``--virtual-nodes``, each node with its own segment namespace
+``<job>n<k>``). The lowest rank of each node is its launcher: it makes the node's infrastructure pool and
+channels (its shepherd's input, its own input, the transport gateway), exchanges their descriptors with the
+other nodes, runs the node's transport agent in a thread (the only code that speaks MPI), and starts the
+node's shepherd, and on node 0 global services too, as fresh interpreters (forking after MPI_Init is unsafe).
+Node 0's launcher then runs the program like the single-node launcher; its output, and every node's forwarded
+output, reach the terminal through the MPI launcher's own stdout forwarding, labelled by the shepherds.
 
-Global services runs beside node 0's launcher, or on a rank of its own (``--gs-rank``, or automatically when the
-world has exactly one rank more than hosts: the rule is in ``dragon.transport.world``). That rank is no node: it
-runs a transport agent (transport index ``nnodes``, which ``DRAGON_GS_NODE`` names, so that every client and
-shepherd reaches GS through the agents) and GS, in its own segment namespace ``<job>gs``. Node 0 tears it down
-last; if its GS process dies it announces itself down, and node 0's launcher ends the job at once (exit status 70,
-naming the rank); if the rank itself dies, mpiexec ends the job, or (srun) node 0's agent notices its silence.
+Global services runs beside node 0's launcher, or on a rank of its own (``--gs-rank``, or automatically when
+the world has exactly one rank more than hosts: the rule is in ``dragon.transport.world``). That rank is no
+node: it runs a transport agent (transport index ``nnodes``, which ``DRAGON_GS_NODE`` names, so that every
+client and shepherd reaches GS through the agents) and GS, in its own segment namespace ``<job>gs``. Node 0
+tears it down last; if its GS process dies it announces itself down, and node 0's launcher ends the job at
+once (exit status 70, naming the rank); if the rank itself dies, mpiexec ends the job, or (srun) node 0's
+agent notices its silence.
 
 Control between launchers travels as infrastructure messages (``LATeardown``, ``LATorn``, ``LAExit``,
 ``LABye``, ``LANodeDead`` of ``dragon.infrastructure.messages``) in CTRL frames of the transport, routed here
-by message type: node 0 orders every node's teardown and the final exit; a node whose shepherd dies announces itself down (every agent fails the streams to it, GS
-reports its processes killed) and tells node 0, whose launcher exits non-zero naming the node once the program
-ends. Other ranks of a node only wait for the end.
+by message type: node 0 orders every node's teardown and the final exit; a node whose shepherd dies announces
+itself down (every agent fails the streams to it, GS reports its processes killed) and tells node 0, whose
+launcher exits non-zero naming the node once the program ends. Other ranks of a node only wait for the end.
 """
 
 import json
@@ -73,8 +74,8 @@ def mpi_segments():
 
 def orphaned_mpi_segments(since):
     """MPICH segments (mpich_shm_*) made since ``since`` that no live process maps or holds any more: what a
-    killed launcher rank's MPI library left (it may make more after the services started, so the list passed to
-    the shepherd at its start is not enough)."""
+    killed launcher rank's MPI library left (it may make more after the services started, so the list passed
+    to the shepherd at its start is not enough)."""
     from launcher import cleanup
 
     shm = "/dev/shm"
@@ -462,9 +463,9 @@ class NodeRuntime(Runtime):
         self.agent.announce_down(self.k)
 
     def _service_state(self, pid, sigterm, gone_at):
-        """A serving rank's look at its own service (the shepherd, or GS on the GS rank): None while it is well,
-        else why it is lost. A service that exits 0 because scancel or the time limit SIGTERMed it too is
-        ending with the job, not lost (our own SIGTERM may come a moment after its exit). gone_at: a list
+        """A serving rank's look at its own service (the shepherd, or GS on the GS rank): None while it is
+        well, else why it is lost. A service that exits 0 because scancel or the time limit SIGTERMed it too
+        is ending with the job, not lost (our own SIGTERM may come a moment after its exit). gone_at: a list
         holding when it was first seen gone with exit code 0."""
         try:
             self.check_services()
@@ -536,7 +537,8 @@ class NodeRuntime(Runtime):
     def _serve_gs(self):
         """Run global services and this rank's agent until node 0 orders the end. GS dying (or hanging) is
         announced like a node dying: node 0's launcher then ends the job at once, naming this rank. A GS that
-        exits 0 after the job's SIGTERM (scancel, time limit) is not a loss: node 0 is already ending the job."""
+        exits 0 after the job's SIGTERM (scancel, time limit) is not a loss: node 0 is already ending the
+        job."""
         sigterm = self._start_serving()
         if sigterm is None:
             return EXIT_SERVICE_FAILED
@@ -592,8 +594,8 @@ EXIT_BAD_LAYOUT = 2  # like a bad command line: nothing was started
 
 def layout_error(mpi_size, env=None):
     """Why this MPI world cannot be the job's, or None.  srun without a PMI that the MPI library speaks (e.g.
-    ``--mpi=none`` where MpiDefault is none) starts N tasks that each see a world of one rank: each would run the
-    program on its own, N times.  That is refused, on every task, before anything starts."""
+    ``--mpi=none`` where MpiDefault is none) starts N tasks that each see a world of one rank: each would run
+    the program on its own, N times.  That is refused, on every task, before anything starts."""
     env = os.environ if env is None else env
     try:
         tasks = int(env.get("SLURM_STEP_NUM_TASKS", ""))

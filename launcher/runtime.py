@@ -1,12 +1,13 @@
-"""The runtime of one job as one launcher sees it: start the node's services, run the program (node 0), watch the
-services, tear everything down. ``Runtime`` is the single-node launcher; ``launcher.multinode.NodeRuntime``
-adds the world of an MPI job. Both are services (dragon.infrastructure.service) on the launcher's own inbox:
-the answers of global services and the shepherd, the program's exit (LAHeadExit) and, across nodes, the other
-launchers' control messages all go through the one loop and its handlers.
+"""The runtime of one job as one launcher sees it: start the node's services, run the program (node 0), watch
+the services, tear everything down. ``Runtime`` is the single-node launcher;
+``launcher.multinode.NodeRuntime`` adds the world of an MPI job. Both are services
+(dragon.infrastructure.service) on the launcher's own inbox: the answers of global services and the shepherd,
+the program's exit (LAHeadExit) and, across nodes, the other launchers' control messages all go through the
+one loop and its handlers.
 
 The launcher watches its node's services: one that exits, or stops answering its pings (SIGSTOP, a debugger, a
-wedged loop) for DRAGON_SERVICE_TIMEOUT seconds (default 30), is named (which service, which node, its pid) and
-ends the job (exit status 70): SIGKILL works on a stopped process, and nothing is left in /dev/shm.
+wedged loop) for DRAGON_SERVICE_TIMEOUT seconds (default 30), is named (which service, which node, its pid)
+and ends the job (exit status 70): SIGKILL works on a stopped process, and nothing is left in /dev/shm.
 
 Instead of a program, a launcher may serve clients (``dragon-launch --serve``, ``dragon.init()``: see
 launcher.serve): processes outside the job that registered with global services. Node 0's launcher watches
@@ -182,7 +183,8 @@ class Runtime(Service):
 
         core.set_child_subreaper()
         self.pool = Pool.create(env.infra_pool_size(), name="inf")
-        # requests are small; bigger ones travel in pool blocks. Every slot is touched at creation: keep rings small.
+        # requests are small; bigger ones travel in pool blocks. Every slot is touched at creation: keep rings
+        # small.
         self.gs_ch = Channel.create(self.pool, capacity=1024, block_size=512)
         self.sh_ch = Channel.create(self.pool, capacity=512, block_size=512)
         self.la_ch = Channel.create(self.pool, capacity=64, block_size=256)
@@ -317,7 +319,8 @@ class Runtime(Service):
 
     @handles(m.Response)
     def started(self, msg):
-        """global services' answer to the program's start (only an error matters: LAHeadExit tells the end)."""
+        """global services' answer to the program's start (only an error matters: LAHeadExit tells the
+        end)."""
         if msg.err:
             log(f"cannot start the program: {msg.msg}")
             self.head_code = EXIT_SERVICE_FAILED
@@ -327,7 +330,8 @@ class Runtime(Service):
         code = msg.exit_code
         self.head_code = code if code >= 0 else 128 - code
 
-    # ---- the loop's look at the services ---------------------------------------------------------------------
+    # ---- the loop's look at the services
+    # ---------------------------------------------------------------------
     def wait_time(self):
         wait = super().wait_time()
         return self.POLL_SLICE if wait is None else min(wait, self.POLL_SLICE)
@@ -346,7 +350,8 @@ class Runtime(Service):
         return f"node {self.node_index}"
 
     def check_services(self):
-        """Raise ServiceDied naming a watched service that exited or stopped answering; ping them meanwhile."""
+        """Raise ServiceDied naming a watched service that exited or stopped answering; ping them
+        meanwhile."""
         now = time.monotonic()
         for w in self.watched.values():
             if self.only is not None and w.pid not in self.only:
@@ -449,8 +454,8 @@ class Runtime(Service):
             log(f"teardown: could not unlink the job's segments: {e}")
 
     def _wait_or_kill(self, pid, timeout):
-        """Wait (on a pidfd, no polling) up to timeout for a service to exit; SIGKILL it after that (SIGKILL also
-        ends a stopped process)."""
+        """Wait (on a pidfd, no polling) up to timeout for a service to exit; SIGKILL it after that (SIGKILL
+        also ends a stopped process)."""
         if pid is None or not self._alive(pid):
             return
         import select

@@ -1,9 +1,10 @@
-"""Shared fixtures. Every test is checked for what it leaves behind: a new dragon segment in /dev/shm fails it.
+"""Shared fixtures. Every test is checked for what it leaves behind: a new dragon segment in /dev/shm fails
+it.
 
 Only dragon's own segments (``dragon-*``) count, and only those that no other process still maps: programs
-outside this test run (another job on the host, another test session) may create and hold segments while a test
-runs, and they are neither this test's fault nor ours to delete. A segment mapped only by this pytest process
-(a handle a test forgot to destroy) or by nobody is a leak.
+outside this test run (another job on the host, another test session) may create and hold segments while a
+test runs, and they are neither this test's fault nor ours to delete. A segment mapped only by this pytest
+process (a handle a test forgot to destroy) or by nobody is a leak.
 """
 
 import os

@@ -1,8 +1,9 @@
 """Running dragon under mpiexec on this host (the MPICH wheel's mpiexec), for the tests of several nodes.
 
-``launch(n, app, *args)`` runs ``mpiexec -n n dragon-launch --virtual-nodes app args`` (every rank a node of its
-own, with its own segments: all traffic between them goes through the transport agents) with a unique marker in
-its environment, and fails the test if any process still carries the marker a few seconds after it ended.
+``launch(n, app, *args)`` runs ``mpiexec -n n dragon-launch --virtual-nodes app args`` (every rank a node of
+its own, with its own segments: all traffic between them goes through the transport agents) with a unique
+marker in its environment, and fails the test if any process still carries the marker a few seconds after it
+ended.
 """
 
 import os
@@ -30,8 +31,9 @@ def marked(mark):
 
 
 def launch(n, program, *args, timeout=100, virtual=True, flags=(), env_extra=None, mpiexec_flags=()):
-    """``mpiexec [mpiexec_flags] -n n dragon-launch [--virtual-nodes] [flags] program args``: the finished process
-    (text output). A hang kills the run's processes and fails the test; so does a process left behind."""
+    """``mpiexec [mpiexec_flags] -n n dragon-launch [--virtual-nodes] [flags] program args``: the finished
+    process (text output). A hang kills the run's processes and fails the test; so does a process left
+    behind."""
     mark = os.urandom(6).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
     env["DRAGON_TEST_MARK"] = mark

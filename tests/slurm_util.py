@@ -10,10 +10,10 @@ Import what you need in a test module (tests/ is on sys.path under pytest):
         res = srun([sys.executable, "-c", "print(1)"], nodes=2)
         assert res.returncode == 0, res.stderr
 
-The cluster: nodes node1..nodeN (`slurm_cluster.nodes`), each slurmd in its own network, UTS and mount namespace:
-its own hostname, its own address, its own /dev/shm (see `node_shm`).  The file system outside /dev/shm is shared,
-so `tmp_path` works for scripts and output files.  All nodes share this machine's pid namespace, so a task's pid
-can be checked from the test process (`pid_alive`, `pids_with_marker`).
+The cluster: nodes node1..nodeN (`slurm_cluster.nodes`), each slurmd in its own network, UTS and mount
+namespace: its own hostname, its own address, its own /dev/shm (see `node_shm`).  The file system outside
+/dev/shm is shared, so `tmp_path` works for scripts and output files.  All nodes share this machine's pid
+namespace, so a task's pid can be checked from the test process (`pid_alive`, `pids_with_marker`).
 
 When is a Slurm test skipped?  Only outside CI (CI unset) and outside `tools/test-all.sh` (which sets
 DRAGON_REQUIRE_SLURM=1), when `sinfo` is not installed or no cluster answers.  With CI=true or
@@ -40,7 +40,8 @@ START_HINT = f"start it with: bash {REPO / 'slurm' / 'start-cluster.sh'} (as roo
 
 
 def slurm_required() -> bool:
-    """True when a missing cluster must fail the test rather than skip it (CI, or the README's test command)."""
+    """True when a missing cluster must fail the test rather than skip it (CI, or the README's test
+    command)."""
     ci = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
     return ci or os.environ.get("DRAGON_REQUIRE_SLURM", "") == "1"
 
@@ -93,7 +94,8 @@ def slurm_cluster() -> Cluster:
     return Cluster(nodes=nodes, slurmd_pids=pids)
 
 
-# ------------------------------------------------------------------------------------------------ running jobs
+# ------------------------------------------------------------------------------------------------ running
+# jobs
 def srun(
     argv,
     *,
@@ -125,7 +127,8 @@ def srun(
 
 
 def dragon_launch_cmd() -> list[str]:
-    """The command that starts dragon-launch: the console script if it is on PATH, else `python -m launcher.launch`."""
+    """The command that starts dragon-launch: the console script if it is on PATH, else `python -m
+    launcher.launch`."""
     exe = shutil.which("dragon-launch")
     return [exe] if exe else [sys.executable, "-m", "launcher.launch"]
 
@@ -153,8 +156,8 @@ def sbatch(
 ) -> Job:
     """Submit a batch script (a Path, or the script's text) and return Job(id, output file path).
 
-    `nodes`, `time_limit` and `output` become -N, --time and --output; pass None to leave one to the script's own
-    #SBATCH lines.  A relative output path is relative to `workdir`, where the job runs."""
+    `nodes`, `time_limit` and `output` become -N, --time and --output; pass None to leave one to the script's
+    own #SBATCH lines.  A relative output path is relative to `workdir`, where the job runs."""
     workdir = Path(workdir)
     if not isinstance(script, Path):
         text = str(script)
@@ -184,7 +187,8 @@ def sbatch(
 
 
 def job_info(job_id: int) -> dict[str, str]:
-    """`scontrol show job -o ID` as a dict ({} once Slurm has forgotten the job, MinJobAge=300 s after its end)."""
+    """`scontrol show job -o ID` as a dict ({} once Slurm has forgotten the job, MinJobAge=300 s after its
+    end)."""
     res = subprocess.run(
         ["scontrol", "show", "job", "-o", str(job_id)],
         check=False,
@@ -267,14 +271,16 @@ def wait_for_file(path, timeout: float = 60, contains: str | None = None, lines:
         time.sleep(0.2)
 
 
-# ------------------------------------------------------------------------------------------------ inspecting nodes
+# ------------------------------------------------------------------------------------------------ inspecting
+# nodes
 def new_marker() -> str:
     """A unique value for DRAGON_TEST_MARKER: pass it in a job's env, then find every process of that job."""
     return "dragon-test-" + uuid.uuid4().hex[:12]
 
 
 def pids_with_marker(marker: str) -> list[int]:
-    """Pids (any node: they share this machine's pid namespace) whose environment or command line holds `marker`."""
+    """Pids (any node: they share this machine's pid namespace) whose environment or command line holds
+    `marker`."""
     needle = marker.encode()
     found = []
     me = os.getpid()
@@ -315,7 +321,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def node_exec(node: str, argv, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run argv on the host but inside `node`'s namespaces (its network, hostname, /dev/shm), without Slurm."""
+    """Run argv on the host but inside `node`'s namespaces (its network, hostname, /dev/shm), without
+    Slurm."""
     pid = int((BASE / "run" / f"slurmd-{node}.pid").read_text().split()[0])
     cmd = ["nsenter", "-t", str(pid), "-n", "-m", "-u", "--", *[str(a) for a in argv]]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
@@ -330,7 +337,8 @@ def node_shm(node: str) -> list[str]:
 
 
 def mpich_world_id(kvsname: str) -> str:
-    """The W of MPICH's mpich_shm_<W>_<node>: 32-bit FNV-1a of the PMI space name (Slurm PMI-2: <job>.<step>)."""
+    """The W of MPICH's mpich_shm_<W>_<node>: 32-bit FNV-1a of the PMI space name (Slurm PMI-2:
+    <job>.<step>)."""
     h = 2166136261
     for b in kvsname.encode():
         h = ((h ^ b) * 16777619) & 0xFFFFFFFF
@@ -338,9 +346,10 @@ def mpich_world_id(kvsname: str) -> str:
 
 
 def running_jobs_segment_test():
-    """A predicate: is this /dev/shm name a segment of a job that is RUNNING right now (dragon-s<job>_*, or MPICH's
-    of one of its first 20 steps)?  Other sessions share the test cluster: their jobs' segments come and go while
-    a test runs and are not the test's leaks.  A finished job's segments (state COMPLETING included) still count."""
+    """A predicate: is this /dev/shm name a segment of a job that is RUNNING right now (dragon-s<job>_*, or
+    MPICH's of one of its first 20 steps)?  Other sessions share the test cluster: their jobs' segments come
+    and go while a test runs and are not the test's leaks.  A finished job's segments (state COMPLETING
+    included) still count."""
     res = subprocess.run(
         ["squeue", "-h", "-t", "RUNNING", "-o", "%A"], check=False, capture_output=True, text=True, timeout=20
     )
@@ -357,8 +366,8 @@ def running_jobs_segment_test():
     return other
 
 
-# the pytest marks of a module whose tests run dragon on the cluster's nodes: their own /dev/shm are checked (by
-# no_leaked_node_segments), not this host's, which other programs may use
+# the pytest marks of a module whose tests run dragon on the cluster's nodes: their own /dev/shm are checked
+# (by no_leaked_node_segments), not this host's, which other programs may use
 ON_NODES = [
     pytest.mark.slurm,
     pytest.mark.mpi,
@@ -369,16 +378,17 @@ ON_NODES = [
 
 @pytest.fixture
 def no_leaked_node_segments(slurm_cluster, request):
-    """Fail a test that leaves a new entry in any node's own /dev/shm (tests/conftest.py checks only this host's).
+    """Fail a test that leaves a new entry in any node's own /dev/shm (tests/conftest.py checks only this
+    host's).
 
-    Use it with `pytest.mark.allow_leaks` when the test itself creates nothing in the host's /dev/shm: then other
-    programs on a shared machine creating segments during a long Slurm test cannot fail it. A test that SIGKILLs
-    an MPI rank marks itself `mpi_leftovers_ok`: the MPI library's own segments (mpich_shm_*) of the killed rank
-    may outlive the step (dragon unlinks them when its shepherd outlives the rank, but Slurm may end the step
-    first); they must still be gone once the job's epilog (slurm/dragon-epilog.sh, which removes a job's MPICH
-    segments) has run, so they get up to 30 s instead of 5; dragon's own segments get 5 s as always.  Segments of
-    jobs that are RUNNING when the test ends (other sessions share the cluster) are not counted
-    (`running_jobs_segment_test`)."""
+    Use it with `pytest.mark.allow_leaks` when the test itself creates nothing in the host's /dev/shm: then
+    other programs on a shared machine creating segments during a long Slurm test cannot fail it. A test that
+    SIGKILLs an MPI rank marks itself `mpi_leftovers_ok`: the MPI library's own segments (mpich_shm_*) of the
+    killed rank may outlive the step (dragon unlinks them when its shepherd outlives the rank, but Slurm may
+    end the step first); they must still be gone once the job's epilog (slurm/dragon-epilog.sh, which removes
+    a job's MPICH segments) has run, so they get up to 30 s instead of 5; dragon's own segments get 5 s as
+    always.  Segments of jobs that are RUNNING when the test ends (other sessions share the cluster) are not
+    counted (`running_jobs_segment_test`)."""
     before = {n: set(node_shm(n)) for n in slurm_cluster.nodes}
     yield
     mpi_wait = 30.0 if request.node.get_closest_marker("mpi_leftovers_ok") else 5.0
@@ -420,7 +430,8 @@ def epilog_lines(job_id: int) -> dict[str, str]:
 
 def wait_epilog(job_id: int, nodes, timeout: float = 60) -> dict[str, str]:
     """Wait until the epilog has run for job_id on every node in nodes; return {node: line}.  Raises TimeoutError
-    (the cluster must run slurm/dragon-epilog.sh: restart it with slurm/start-cluster.sh if it predates that)."""
+    (the cluster must run slurm/dragon-epilog.sh: restart it with slurm/start-cluster.sh if it predates
+    that)."""
     deadline = time.monotonic() + timeout
     while True:
         lines = epilog_lines(job_id)

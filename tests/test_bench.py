@@ -1,4 +1,5 @@
 """dragon-bench runs in quick mode and its JSON holds every figure it should (no timing is asserted)."""
+
 import json
 import os
 import shutil
@@ -54,8 +55,14 @@ def env_for(tmp_path, hide=(), env_extra=None):
 
 def run(tmp_path, *argv, timeout=100, **kw):
     """``python *argv`` in tmp_path, in env_for(tmp_path, **kw): the finished process (text output)."""
-    return subprocess.run([sys.executable, *argv], cwd=str(tmp_path), env=env_for(tmp_path, **kw),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=str(tmp_path),
+        env=env_for(tmp_path, **kw),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def bench(tmp_path, *args, timeout=100, **kw):
@@ -76,8 +83,11 @@ def said_once(p, text):
 
 
 def find(doc, group, test, peer, metric, size=None):
-    hits = [f for f in doc["results"] if (f["group"], f["test"], f["peer"], f["metric"], f["size"]) ==
-            (group, test, peer, metric, size)]
+    hits = [
+        f
+        for f in doc["results"]
+        if (f["group"], f["test"], f["peer"], f["metric"], f["size"]) == (group, test, peer, metric, size)
+    ]
     assert len(hits) == 1, f"missing figure {group}/{test}/{peer}/{metric}/{size}; skipped: {doc['skipped']}"
     f = hits[0]
     for k in ("median", "min", "max", "q1", "q3"):
@@ -96,8 +106,22 @@ def all_positive(doc):
 def test_quick_channels_every_figure_and_plot(tmp_path):
     peers = ["dragon", "dragon-batch", "dragon-zc", "mp-pipe", "faster-fifo", "mpi4py"]
     png = tmp_path / "bench.png"
-    doc, p = bench(tmp_path, "channels", "--quick", "--sizes", "8,64K", "--peers", ",".join(peers),
-                   "--no-dragonhpc", "--plot", str(png), "--producers", "2", "--consumers", "2")
+    doc, p = bench(
+        tmp_path,
+        "channels",
+        "--quick",
+        "--sizes",
+        "8,64K",
+        "--peers",
+        ",".join(peers),
+        "--no-dragonhpc",
+        "--plot",
+        str(png),
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+    )
     expect = [x for x in peers if peer_available(x) is None]
     assert "mp-pipe" in expect and "faster-fifo" in expect  # installed with the test extra
     for peer in expect:
@@ -160,8 +184,9 @@ def test_quick_runtime_parts(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-@pytest.mark.skipif(runtime_missing() is not None or mpiexec_path() is None,
-                    reason="needs dragon and mpiexec")
+@pytest.mark.skipif(
+    runtime_missing() is not None or mpiexec_path() is None, reason="needs dragon and mpiexec"
+)
 def test_quick_scale_every_figure_its_targets_and_plot(tmp_path):
     """dragon-bench scale --quick: the GS curve at 100 and 1,000 live objects, the 8-node processes, the 100
     clients and the startup curve, each beside its peer; the report counts objects (not bytes), the targets
@@ -239,13 +264,16 @@ def test_plot_without_channel_figures_says_so(tmp_path):
 
 
 def test_ratio_direction_and_targets():
-    """Throughput ratios are dragon/peer, latency and time ratios peer/dragon; targets read the right figures."""
+    """Throughput ratios are dragon/peer, latency and time ratios peer/dragon; targets read the right
+    figures."""
     from benchmarks.util import figure
 
-    figs = [figure("channels", "stream", "dragon", "msg_per_s", "msg/s", "higher", [100.0], size=8),
-            figure("channels", "stream", "mpi4py", "msg_per_s", "msg/s", "higher", [20.0], size=8),
-            figure("channels", "rtt", "dragon", "rtt_median_us", "us", "lower", [2.0], size=8),
-            figure("channels", "rtt", "mpi4py", "rtt_median_us", "us", "lower", [8.0], size=8)]
+    figs = [
+        figure("channels", "stream", "dragon", "msg_per_s", "msg/s", "higher", [100.0], size=8),
+        figure("channels", "stream", "mpi4py", "msg_per_s", "msg/s", "higher", [20.0], size=8),
+        figure("channels", "rtt", "dragon", "rtt_median_us", "us", "lower", [2.0], size=8),
+        figure("channels", "rtt", "mpi4py", "rtt_median_us", "us", "lower", [8.0], size=8),
+    ]
     r = {(x["test"], x["peer"]): x["advantage"] for x in report.ratios(figs)}
     assert r[("stream", "mpi4py")] == pytest.approx(5.0)
     assert r[("rtt", "mpi4py")] == pytest.approx(4.0)
@@ -257,13 +285,19 @@ def test_ratio_direction_and_targets():
     assert t["1 MiB stream, best dragon variant / mpi4py"]["value"] is None
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["nonsense"], "unknown selection"),
-    (["channels", "--repeat", "0"], "--repeat"),
-    (["channels", "--peers", "carrier-pigeon"], "unknown peer"),
-    (["startup", "--plot", "/nonexistent-dragon-dir/x.png"], "there is no directory /nonexistent-dragon-dir"),
-    (["startup", "--json", "/"], "is a directory"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["nonsense"], "unknown selection"),
+        (["channels", "--repeat", "0"], "--repeat"),
+        (["channels", "--peers", "carrier-pigeon"], "unknown peer"),
+        (
+            ["startup", "--plot", "/nonexistent-dragon-dir/x.png"],
+            "there is no directory /nonexistent-dragon-dir",
+        ),
+        (["startup", "--json", "/"], "is a directory"),
+    ],
+)
 def test_bad_arguments_are_refused_clearly(tmp_path, args, msg):
     p = run(tmp_path, "-m", "benchmarks", *args, timeout=60)
     assert p.returncode != 0
@@ -272,8 +306,8 @@ def test_bad_arguments_are_refused_clearly(tmp_path, args, msg):
 
 @pytest.mark.timeout(10)
 def test_transport_bench_flags_a_run_whose_mpi4py_ranks_shared_a_core():
-    """Figures measured on this machine (1 MiB, mpi4py): 15300 msg/s with a 242 us round trip when the ranks had a
-    core each, 1013 us when they shared one; between the Slurm hosts 2304 msg/s and 797 us."""
+    """Figures measured on this machine (1 MiB, mpi4py): 15300 msg/s with a 242 us round trip when the ranks
+    had a core each, 1013 us when they shared one; between the Slurm hosts 2304 msg/s and 797 us."""
     from dragon.transport.bench import placement_warning
 
     small = {8: {"stream_msgs": 8e5, "rtt_us": 3.0}}
@@ -289,8 +323,19 @@ def test_plot_without_matplotlib_runs_and_says_what_to_install(tmp_path):
     """--plot on a machine without matplotlib: the run goes on to its report and JSON, no plot, no traceback,
     and the report says once that matplotlib is missing and how to get it."""
     png = tmp_path / "bench.png"
-    doc, p = bench(tmp_path, "channels", "--quick", "--sizes", "8", "--peers", "dragon,mp-pipe",
-                   "--no-dragonhpc", "--plot", str(png), hide=["matplotlib"])
+    doc, p = bench(
+        tmp_path,
+        "channels",
+        "--quick",
+        "--sizes",
+        "8",
+        "--peers",
+        "dragon,mp-pipe",
+        "--no-dragonhpc",
+        "--plot",
+        str(png),
+        hide=["matplotlib"],
+    )
     assert not png.exists()
     find(doc, "channels", "stream", "mp-pipe", "msg_per_s", 8)  # the measurements were taken all the same
     line = said_once(p, "matplotlib is not installed")
@@ -303,16 +348,29 @@ def test_plot_without_matplotlib_runs_and_says_what_to_install(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(mpiexec_path() is None, reason="needs mpiexec (the mpich wheel)")
-@pytest.mark.parametrize("module, need, kept_out", [
-    ("faster_fifo", "faster-fifo", ["channels faster-fifo", "channels faster-fifo batched"]),
-    ("numpy", "numpy", ["channels mpi4py Send/Recv", "xnode mpi4py"]),
-    ("mpi4py", "mpi4py", ["channels mpi4py Send/Recv", "xnode dragon", "xnode mpi4py"]),
-])
+@pytest.mark.parametrize(
+    "module, need, kept_out",
+    [
+        ("faster_fifo", "faster-fifo", ["channels faster-fifo", "channels faster-fifo batched"]),
+        ("numpy", "numpy", ["channels mpi4py Send/Recv", "xnode mpi4py"]),
+        ("mpi4py", "mpi4py", ["channels mpi4py Send/Recv", "xnode dragon", "xnode mpi4py"]),
+    ],
+)
 def test_a_missing_peer_module_is_named_once_with_what_to_install(tmp_path, module, need, kept_out):
     """Without faster-fifo, numpy or mpi4py the peers that need it are skipped, the report names them in one
     line with what to install (and, once, the extra that brings them all), and every other figure is taken."""
-    doc, p = bench(tmp_path, "channels", "xnode", "--quick", "--sizes", "8", "--no-dragonhpc",
-                   "--peers", "dragon,mp-pipe,faster-fifo,ff-batch,mpi4py", hide=[module])
+    doc, p = bench(
+        tmp_path,
+        "channels",
+        "xnode",
+        "--quick",
+        "--sizes",
+        "8",
+        "--no-dragonhpc",
+        "--peers",
+        "dragon,mp-pipe,faster-fifo,ff-batch,mpi4py",
+        hide=[module],
+    )
     line = said_once(p, f"{need} is not installed")
     assert line.startswith(f"skipped {', '.join(kept_out)}: ") and NEEDS[need][1] in line
     said_once(p, BENCH_EXTRA)
@@ -349,11 +407,24 @@ def test_mpiexec_next_to_python_is_used_when_not_on_path(tmp_path):
     """A virtualenv that is not activated: its bin/ (with the mpich wheel's mpiexec) is not on PATH. The
     mpi4py peer and the mpiexec startup figure are measured all the same, with the mpiexec next to python."""
     here = os.path.dirname(sys.executable)
-    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
-                           if d and d != here and not os.path.exists(os.path.join(d, "mpiexec")))
+    path = os.pathsep.join(
+        d
+        for d in os.environ["PATH"].split(os.pathsep)
+        if d and d != here and not os.path.exists(os.path.join(d, "mpiexec"))
+    )
     assert shutil.which("mpiexec", path=path) is None
-    doc, p = bench(tmp_path, "channels", "startup", "--quick", "--sizes", "8", "--peers", "mpi4py",
-                   "--no-dragonhpc", env_extra={"PATH": path})
+    doc, p = bench(
+        tmp_path,
+        "channels",
+        "startup",
+        "--quick",
+        "--sizes",
+        "8",
+        "--peers",
+        "mpi4py",
+        "--no-dragonhpc",
+        env_extra={"PATH": path},
+    )
     assert doc["env"]["mpiexec"] == os.path.join(here, "mpiexec")
     find(doc, "channels", "stream", "mpi4py", "msg_per_s", 8)
     find(doc, "channels", "rtt", "mpi4py", "rtt_median_us", 8)
@@ -370,8 +441,11 @@ def test_transport_bench_help_and_clear_errors(tmp_path):
         assert p.returncode == 0, p.stderr
         assert "mpiexec -n 2 python -m dragon.transport.bench --virtual-nodes" in p.stdout
         assert "--repeat" in p.stdout
-    cases = [((), 2, "needs two nodes; this run has 1 rank(s) on 1 node(s): start it with mpiexec -n 2"),
-             (("mpi4py",), 1, "needs mpi4py"), (("numpy",), 1, "needs numpy")]
+    cases = [
+        ((), 2, "needs two nodes; this run has 1 rank(s) on 1 node(s): start it with mpiexec -n 2"),
+        (("mpi4py",), 1, "needs mpi4py"),
+        (("numpy",), 1, "needs numpy"),
+    ]
     for hide, rc, msg in cases:
         p = run(tmp_path, "-m", "dragon.transport.bench", "--quick", hide=hide, timeout=30)
         assert p.returncode == rc, (p.returncode, p.stderr)
@@ -385,8 +459,14 @@ def test_transport_bench_help_and_clear_errors(tmp_path):
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(mpiexec_path() is None, reason="needs mpiexec (the mpich wheel)")
 def test_transport_bench_on_one_host_without_virtual_nodes_says_what_to_add(tmp_path):
-    p = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-m", "dragon.transport.bench", "--quick"],
-                       cwd=str(tmp_path), env=env_for(tmp_path), capture_output=True, text=True, timeout=50)
+    p = subprocess.run(
+        [mpiexec_path(), "-n", "2", sys.executable, "-m", "dragon.transport.bench", "--quick"],
+        cwd=str(tmp_path),
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     assert p.returncode != 0
     err = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(err) == 1 and "2 rank(s) on 1 node(s): add --virtual-nodes" in err[0], p.stderr
@@ -398,8 +478,13 @@ def test_quick_mp_every_figure_and_target(tmp_path):
         pytest.skip(runtime_missing())
     doc, p = bench(tmp_path, "mp", "--quick", "--no-dragonhpc", timeout=190)
     peers = ["dragon", "mp-fork", "mp-forkserver", "mp-spawn"]
-    tests = {"process-start-join": "per_s", "pool-map-c1": "tasks_per_s", "pool-map-c64": "tasks_per_s",
-             "queue-stream": "msg_per_s", "pipe-rtt": "rtt_median_us"}
+    tests = {
+        "process-start-join": "per_s",
+        "pool-map-c1": "tasks_per_s",
+        "pool-map-c64": "tasks_per_s",
+        "queue-stream": "msg_per_s",
+        "pipe-rtt": "rtt_median_us",
+    }
     for test, metric in tests.items():
         for peer in peers:
             find(doc, "mp", test, peer, metric)
@@ -410,6 +495,8 @@ def test_quick_mp_every_figure_and_target(tmp_path):
             find(doc, "mp", test, "dragon-3vn", "tasks_per_s")
     all_positive(doc)
     issue12 = [t for t in doc["targets"] if t["issue"] == 12]
-    assert len(issue12) == 8 and all(t["value"] is not None for t in issue12 if "DragonHPC" not in t["target"])
+    assert len(issue12) == 8 and all(
+        t["value"] is not None for t in issue12 if "DragonHPC" not in t["target"]
+    )
     assert any(r["group"] == "mp" and r["peer"] == "mp-forkserver" for r in doc["ratios"])
     assert "Pool.map of 100,000 trivial tasks" in p.stdout

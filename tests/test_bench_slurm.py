@@ -1,5 +1,7 @@
-"""slurm/dragon-bench.sbatch on the test cluster (slurm/start-cluster.sh): the harness runs once on the first node,
-its cross-node part spans both nodes, and the JSON it writes has the cross-node figures (no timing asserted)."""
+"""slurm/dragon-bench.sbatch on the test cluster (slurm/start-cluster.sh): the harness runs once on the first
+node, its cross-node part spans both nodes, and the JSON it writes has the cross-node figures (no timing
+asserted)."""
+
 import json
 import shutil
 import subprocess
@@ -20,10 +22,27 @@ def test_sbatch_template_runs_the_bench_across_two_nodes(slurm_cluster, tmp_path
     if shutil.which("dragon-bench") is None:
         pytest.skip("dragon-bench is not installed (pip install -e '.[bench]')")
     # the template as a user submits it, with a small quick selection as its arguments
-    res = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--time=3", str(SBATCH),
-                          "channels", "xnode", "--quick", "--no-dragonhpc", "--sizes", "8,64K",
-                          "--peers", "dragon,mp-pipe,mpi4py"], capture_output=True, text=True, timeout=30,
-                         check=False)
+    res = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--chdir={tmp_path}",
+            "--time=3",
+            str(SBATCH),
+            "channels",
+            "xnode",
+            "--quick",
+            "--no-dragonhpc",
+            "--sizes",
+            "8,64K",
+            "--peers",
+            "dragon,mp-pipe,mpi4py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     job = int(res.stdout.strip().split(";")[0])
     state = wait_job(job, timeout=130)

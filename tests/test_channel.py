@@ -171,8 +171,8 @@ def test_send_many_recv_many(ch):
 
 
 def test_send_many_checks_every_item_before_sending_any(ch, pool):
-    """All or nothing for bad input: an item that is not bytes-like, or that could never be sent, raises before
-    the good ones in front of it are sent (a generator too)."""
+    """All or nothing for bad input: an item that is not bytes-like, or that could never be sent, raises
+    before the good ones in front of it are sent (a generator too)."""
     with pytest.raises(TypeError, match=r"not int \(item 1\): nothing was sent"):
         ch.send_many([b"a", 1, b"b"])
     with pytest.raises(TypeError, match="item 2"):
@@ -199,7 +199,8 @@ def test_poll(ch):
     assert ch.recv() == b"y"
 
 
-# ------------------------------------------------------------------------------------------ blocking across processes
+# ------------------------------------------------------------------------------------------ blocking across
+# processes
 def _send_later(sdesc, delay, payloads):
     time.sleep(delay)
     c = Channel.attach(sdesc)
@@ -680,8 +681,8 @@ def test_bad_lengths_and_offsets_in_slots_raise_and_are_dropped(pool):
         assert receive() == b"good %d" % i
     with pytest.raises(ChannelEmpty):
         c.recv(timeout=0)
-    # nothing was freed by mistake (the filler, the channel itself); the blocks of messages 1 and 3, whose offsets
-    # were overwritten, stay allocated (2 blocks leak: nothing says whose they are)
+    # nothing was freed by mistake (the filler, the channel itself); the blocks of messages 1 and 3, whose
+    # offsets were overwritten, stay allocated (2 blocks leak: nothing says whose they are)
     assert pool.stats()["allocated_blocks"] == stats["allocated_blocks"]
     pool.free(filler)
     c.send(b"y" * 3000)
@@ -691,7 +692,8 @@ def test_bad_lengths_and_offsets_in_slots_raise_and_are_dropped(pool):
 
 
 def test_recv_many_stops_before_a_bad_slot(pool):
-    """recv_many returns the good messages before a bad slot (raising would lose them); the next call drops it."""
+    """recv_many returns the good messages before a bad slot (raising would lose them); the next call drops
+    it."""
     c = Channel.create(pool, capacity=8, block_size=64, name="batch")
     mv, field, _ = _slot_fields(pool, c)
     for i in range(4):

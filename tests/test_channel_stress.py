@@ -323,7 +323,8 @@ def test_tiny_rings_exactly_once(capacity):
         assert pool.stats()["allocated_blocks"] == 0
 
 
-# ------------------------------------------------------------------------------------------ scribbled channels
+# ------------------------------------------------------------------------------------------ scribbled
+# channels
 CH_HDR = 384  # the channel header: 6 cache lines (see dragon/_core/README.md), then the slots
 SLOT_HDR = 16  # state u64, len u32, flags u32, then the data (or a pool block's offset)
 GOOD = [b"", b"g" * 40, b"G" * 3000, b"h" * 64, b"H" * 100_000]  # inline and in pool blocks
@@ -380,8 +381,8 @@ def _receive_scribbled(sdesc, name, out):
 
 
 def _fill_and_scribble(pool, ch, rng, whole):
-    """Queue a mix of inline and pool-block messages, then write random bytes over slots (whole: anywhere in the
-    channel's block, its header included)."""
+    """Queue a mix of inline and pool-block messages, then write random bytes over slots (whole: anywhere in
+    the channel's block, its header included)."""
     for _ in range(rng.randrange(1, 12)):
         n = rng.choice((0, 5, 64, 65, 300, 5000))
         ch.send(bytes([rng.randrange(256)]) * n, timeout=0)

@@ -174,7 +174,8 @@ def test_blocked_alloc_woken_once(pool):
 
 # ------------------------------------------------------------------------------------------ learning
 def test_budget_grows_for_short_waits_and_shrinks_after_long_ones(pool, params):
-    # no yields: a yield that loses the CPU to another process (other load on this machine) also lowers the budget
+    # no yields: a yield that loses the CPU to another process (other load on this machine) also lowers the
+    # budget
     core.set_wait_params(spin_ns=20000, spin_max_ns=50_000_000, yield_ns=10**9)
     c = Channel.create(pool, capacity=4, block_size=16)
     out = Channel.attach(c.sdesc)

@@ -20,8 +20,8 @@ def run(case, *args, nodes=3, timeout=150):
 
 @pytest.mark.timeout(160)
 def test_senders_that_end_every_way_right_after_their_last_send_lose_nothing():
-    """Senders on two nodes, every API and size path, ending by return, sys.exit, os._exit, SIGKILL, close and a
-    dropped handle right after their last send: every message arrives once, in order per sender, and their
+    """Senders on two nodes, every API and size path, ending by return, sys.exit, os._exit, SIGKILL, close and
+    a dropped handle right after their last send: every message arrives once, in order per sender, and their
     nodes' infrastructure pools hold what they held before."""
     out = run("exits", "6", "3", "300")
     assert "exits ok 10800" in out, out

@@ -1,7 +1,7 @@
 """No message lost across nodes (issue 11), between the test cluster's two hosts (``srun -N 2 dragon-launch
-tests/mpi_apps/soak_app.py CASE``): MPI goes over the network there, and a sender's node agent lags its gateway
-more than on virtual nodes. Before the fix, 1 round in 5 of ``exits`` lost the last messages of a sender that
-ended right after its last send (20 rounds: every run)."""
+tests/mpi_apps/soak_app.py CASE``): MPI goes over the network there, and a sender's node agent lags its
+gateway more than on virtual nodes. Before the fix, 1 round in 5 of ``exits`` lost the last messages of a
+sender that ended right after its last send (20 rounds: every run)."""
 
 import os
 

@@ -1,5 +1,5 @@
-"""The one error-code registry (dragon.errors): fixed explicit codes, from_code/code_of, and the two wires that
-carry them (Response.err of the infrastructure messages, the ERR frames of the transport)."""
+"""The one error-code registry (dragon.errors): fixed explicit codes, from_code/code_of, and the two wires
+that carry them (Response.err of the infrastructure messages, the ERR frames of the transport)."""
 
 import inspect
 
@@ -53,8 +53,8 @@ def test_a_class_of_the_registry_without_a_code_or_with_a_taken_one_is_refused()
 
 
 def test_response_err_carries_registry_codes():
-    """A service answers the error a handler raised with its class's code (0 is no error), and the client raises
-    the class back (dragon.infrastructure.service, .client)."""
+    """A service answers the error a handler raised with its class's code (0 is no error), and the client
+    raises the class back (dragon.infrastructure.service, .client)."""
     assert not any(c.CODE == 0 for c in CLASSES)
     for cls in CLASSES:
         resp = m.decode(m.encode(m.Response(1, errors.code_of(cls("x")), "x", None)))
@@ -67,6 +67,9 @@ def test_err_frames_carry_the_code_in_the_payload_not_the_header():
         kind, flags, node, n, sid, seq = W.HDR.unpack_from(frame)
         assert (kind, flags, node, n, sid, seq) == (W.ERR, 0, 0, len(frame) - W.HSIZE, 7, 9)
         assert W.parse_err(frame[W.HSIZE :]) == (cls, "näh")
-    assert W.parse_err(W.err_frame(1, 1, errors.ChannelEmpty("x"), "")[W.HSIZE :]) == (errors.ChannelEmpty, "")
+    assert W.parse_err(W.err_frame(1, 1, errors.ChannelEmpty("x"), "")[W.HSIZE :]) == (
+        errors.ChannelEmpty,
+        "",
+    )
     assert W.parse_err(b"\x01")[0] is errors.DragonError  # truncated: no crash
     assert W.parse_err(W.ERR_CODE.pack(60000) + b"\xff")[0] is errors.DragonError

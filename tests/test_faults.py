@@ -33,8 +33,9 @@ def _job_of(out):
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("service", ["shepherd", "gs"])
 def test_a_stopped_service_is_named_and_the_job_torn_down(tmp_path, service):
-    """SIGSTOP of the shepherd or of global services: the launcher notices the silence (DRAGON_SERVICE_TIMEOUT),
-    names the service, its node and pid in one line, tears everything down and exits 70."""
+    """SIGSTOP of the shepherd or of global services: the launcher notices the silence
+    (DRAGON_SERVICE_TIMEOUT), names the service, its node and pid in one line, tears everything down and exits
+    70."""
     app = (
         FIND_SERVICES
         + f"""
@@ -90,8 +91,8 @@ raise SystemExit(5)
 @pytest.mark.timeout(60)
 def test_a_managed_process_cannot_forge_the_runtimes_control_messages(tmp_path):
     """The runtime's own messages written into global services' inbox by a managed process (an exit of itself,
-    halt, node down, the launcher's head exit, answers to the shepherd's requests), with no key, a wrong key or
-    garbage around them: nothing happens, GS keeps serving, the job's exit code is the program's own."""
+    halt, node down, the launcher's head exit, answers to the shepherd's requests), with no key, a wrong key
+    or garbage around them: nothing happens, GS keeps serving, the job's exit code is the program's own."""
     r = run_app(tmp_path, FORGE, timeout=50)
     assert r.returncode == 5 and "still served" in r.stdout, r.stdout + r.stderr
     assert "without the job's key" in r.stderr and r.stderr.count("bad message (undecodable") < 40
@@ -140,8 +141,8 @@ pool.destroy(pd.m_uid)
 
 @pytest.mark.timeout(200)
 def test_bulk_work_between_the_services_never_deadlocks(tmp_path):
-    """Global services and the shepherd send each other bulk work (issue 17.1: a destroy of 3,000 channels in one
-    call used to leave each blocked sending to the other, for ever)."""
+    """Global services and the shepherd send each other bulk work (issue 17.1: a destroy of 3,000 channels in
+    one call used to leave each blocked sending to the other, for ever)."""
     r = run_app(tmp_path, BULK, timeout=190)
     assert r.returncode == 0, r.stdout + r.stderr
     for line in ("destroyed 3000 in one call", "8 threads x 300 create+destroy", "killed and joined 1000"):
@@ -229,8 +230,8 @@ def test_a_bad_service_timeout_setting_is_refused_clearly(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_clean_run_logs_nothing(tmp_path):
-    """Every request is answered once: a second answer (the shepherd answered process creates twice) shows as GS's
-    'answer with unknown tag' warning; a clean job has no service log line at all."""
+    """Every request is answered once: a second answer (the shepherd answered process creates twice) shows as
+    GS's 'answer with unknown tag' warning; a clean job has no service log line at all."""
     app = """
 from dragon.globalservices import channel, pool, process
 for _ in range(10):

@@ -1,5 +1,5 @@
-"""The message module: fixed type ids, declared field types checked at decode, one codec, bad bytes (no runtime
-needed)."""
+"""The message module: fixed type ids, declared field types checked at decode, one codec, bad bytes (no
+runtime needed)."""
 
 import os
 import random

@@ -232,7 +232,8 @@ def test_unknown_message_gets_an_error_not_a_crash(gs):
 
 
 def test_control_messages_without_the_jobs_key_are_dropped(gs):
-    """A managed process that writes the runtime's own messages into GS's inbox changes nothing (issue 17.5)."""
+    """A managed process that writes the runtime's own messages into GS's inbox changes nothing (issue
+    17.5)."""
     d, _ = start(gs, name="w", head=True)
     for key in (None, b"", b"wrongkey"):
         gs.handle(m.encode(m.SHProcessExit(key, 0, d["p_uid"], 0)))  # a forged exit of a running process

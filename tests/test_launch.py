@@ -112,7 +112,8 @@ def test_forwarded_output_arrives_while_the_process_runs(tmp_path):
         assert time.monotonic() - t0 < 5
 
 
-# ---- the multi-node layout rules (dragon.transport.world), with given environments and host lists -------------
+# ---- the multi-node layout rules (dragon.transport.world), with given environments and host lists
+# -------------
 def test_node_name_is_slurms_only_when_srun_started_this_rank():
     from dragon.transport.world import node_name
 
@@ -184,8 +185,9 @@ def test_infra_pool_size_from_the_environment():
 
 @pytest.mark.timeout(60)
 def test_under_slurm_the_launcher_removes_segments_of_ended_slurm_jobs(tmp_path):
-    """A node where a SIGKILLed job left segments and no epilog runs: the next dragon-launch of a Slurm job there
-    removes segments of Slurm jobs no live process belongs to, and keeps its own job's and a mapped one's."""
+    """A node where a SIGKILLed job left segments and no epilog runs: the next dragon-launch of a Slurm job
+    there removes segments of Slurm jobs no live process belongs to, and keeps its own job's and a mapped
+    one's."""
     import mmap
 
     dead = f"dragon-s{os.getpid()}7_jdead00000-inf"  # an ended Slurm job's (no process has its id)

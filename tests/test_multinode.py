@@ -1,5 +1,6 @@
-"""Multi-node dragon on one host: ``mpiexec -n 3 dragon-launch --virtual-nodes tests/mpi_apps/multinode_app.py CASE``
-(each rank is its own node, with its own segments; everything between nodes goes through the transport agents).
+"""Multi-node dragon on one host: ``mpiexec -n 3 dragon-launch --virtual-nodes tests/mpi_apps/multinode_app.py
+CASE`` (each rank is its own node, with its own segments; everything between nodes goes through the transport
+agents).
 
 Every run carries a unique marker in its environment; after it, no process may carry the marker (a rank, a
 service or a managed process left behind) and no segment may be left (the autouse fixture of conftest.py)."""
@@ -74,8 +75,9 @@ def test_a_killed_agent_ends_the_job_and_leaves_nothing():
 
 @pytest.mark.timeout(90)
 def test_a_node_whose_agent_stops_tears_itself_down_and_the_job_ends_naming_it(tmp_path):
-    """A process on node 1 destroys its node's gateway channel (a user's bug): node 1's agent stops, its launcher
-    says so and tears the node down, node 0 hears of it from the heartbeats' silence and ends the job (70)."""
+    """A process on node 1 destroys its node's gateway channel (a user's bug): node 1's agent stops, its
+    launcher says so and tears the node down, node 0 hears of it from the heartbeats' silence and ends the job
+    (70)."""
     prog = tmp_path / "gw.py"
     prog.write_text(
         "import os, sys\n"
@@ -89,7 +91,9 @@ def test_a_node_whose_agent_stops_tears_itself_down_and_the_job_ends_naming_it(t
     res = launch(2, program=str(prog), timeout=80)
     assert "gateway destroyed" in res.stdout, res.stdout + res.stderr
     assert res.returncode == 70, res.stdout + res.stderr
-    assert "the transport agent of node 1" in res.stderr and "gateway channel is gone" in res.stderr, res.stderr
+    assert "the transport agent of node 1" in res.stderr and "gateway channel is gone" in res.stderr, (
+        res.stderr
+    )
     assert "the job lost node 1" in res.stderr, res.stderr
 
 
@@ -113,7 +117,22 @@ def test_a_rank_that_cannot_start_fails_the_job_on_every_rank_without_a_hang(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_")}
     env["DRAGON_TEST_MARK"] = mark
     py = [sys.executable, "-m", "launcher.launch", "--virtual-nodes", str(prog)]
-    cmd = [mpiexec(), "-n", "1", *py, ":", "-n", "1", "env", "DRAGON_INFRA_POOL_SIZE=4K", *py, ":", "-n", "1", *py]
+    cmd = [
+        mpiexec(),
+        "-n",
+        "1",
+        *py,
+        ":",
+        "-n",
+        "1",
+        "env",
+        "DRAGON_INFRA_POOL_SIZE=4K",
+        *py,
+        ":",
+        "-n",
+        "1",
+        *py,
+    ]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 70, res.stdout + res.stderr
     assert "the program ran" not in res.stdout
@@ -125,7 +144,8 @@ def test_a_rank_that_cannot_start_fails_the_job_on_every_rank_without_a_hang(tmp
     assert not marked(mark)
 
 
-# ---- global services on an MPI rank of its own (dragon-launch --gs-rank; see dragon.transport.world) ----------
+# ---- global services on an MPI rank of its own (dragon-launch --gs-rank; see dragon.transport.world)
+# ----------
 GS_APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "gsrank_app.py")
 
 
@@ -190,8 +210,8 @@ def test_gs_rank_without_a_spare_rank_is_refused_on_every_rank(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_slurm_variables_copied_to_every_rank_do_not_rename_the_nodes(tmp_path):
-    """mpiexec inside an sbatch script copies the batch shell's SLURMD_NODENAME to every rank: rank 0's looks like
-    its own (SLURM_PROCID 0), the others' do not; the names must then be the hosts', on every node."""
+    """mpiexec inside an sbatch script copies the batch shell's SLURMD_NODENAME to every rank: rank 0's looks
+    like its own (SLURM_PROCID 0), the others' do not; the names must then be the hosts', on every node."""
     prog = tmp_path / "names.py"
     prog.write_text(
         "from dragon.globalservices import node\n"
@@ -211,8 +231,9 @@ def test_slurm_variables_copied_to_every_rank_do_not_rename_the_nodes(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_a_rank_bound_to_one_core_gives_its_node_every_cpu_unless_told_to_keep_it(tmp_path):
-    """mpiexec -bind-to core (like srun's task binding) binds each rank to one core: the node's processes would
-    all share it. By default a node takes every CPU it may use; DRAGON_CPU_BINDING=keep keeps the binding."""
+    """mpiexec -bind-to core (like srun's task binding) binds each rank to one core: the node's processes
+    would all share it. By default a node takes every CPU it may use; DRAGON_CPU_BINDING=keep keeps the
+    binding."""
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         pytest.skip("one CPU: nothing to widen")

@@ -78,7 +78,8 @@ def test_srun_killed_launcher_rank_is_noticed_by_silence(slurm_cluster):
     assert "node 1" in res.stderr and "is down" in res.stderr, res.stderr
 
 
-# ---- global services on a rank of its own: srun -N 2 -n 3 (block distribution: ranks 0, 1 on node 0) ----------
+# ---- global services on a rank of its own: srun -N 2 -n 3 (block distribution: ranks 0, 1 on node 0)
+# ----------
 GS_APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "gsrank_app.py")
 
 
@@ -103,7 +104,8 @@ def test_srun_killed_global_services_ends_the_job_naming_its_rank(slurm_cluster)
 @pytest.mark.timeout(150)
 @pytest.mark.mpi_leftovers_ok
 def test_srun_killed_gs_rank_is_noticed_by_silence(slurm_cluster):
-    """srun keeps the other tasks running: node 0's agent hears nothing more from the GS rank and ends the job."""
+    """srun keeps the other tasks running: node 0's agent hears nothing more from the GS rank and ends the
+    job."""
     res = run(GS_APP, "killgsrank", tasks=3, nodes=2, timeout=140)
     assert "killing the global-services rank's launcher" in res.stdout, res.stdout + res.stderr
     assert "still alive" not in res.stdout
@@ -113,8 +115,9 @@ def test_srun_killed_gs_rank_is_noticed_by_silence(slurm_cluster):
 
 @pytest.mark.timeout(150)
 def test_scancel_tears_down_the_nodes_and_the_gs_rank(slurm_cluster, tmp_path):
-    """scancel: Slurm's SIGTERM reaches every process of the step at once, GS and its rank too; the job ends by
-    dragon's teardown (143), quietly (GS going with the rest is no loss), and leaves nothing on any node."""
+    """scancel: Slurm's SIGTERM reaches every process of the step at once, GS and its rank too; the job ends
+    by dragon's teardown (143), quietly (GS going with the rest is no loss), and leaves nothing on any
+    node."""
     mark = os.urandom(6).hex()
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     name = f"gsr{mark}"

@@ -378,9 +378,19 @@ def test_sdesc_layout_is_the_documented_one(pool):
     with open(os.path.join(os.path.dirname(core.__file__), "README.md")) as f:
         doc = f.read()
     fmt = core._SD.format
-    assert f"## sdesc (struct `{fmt}`, {core._SD.size} bytes" in doc and f"version {core.SDESC_VERSION}" in doc
+    assert (
+        f"## sdesc (struct `{fmt}`, {core._SD.size} bytes" in doc and f"version {core.SDESC_VERSION}" in doc
+    )
     magic, version, kind, namelen, pgen, size, choff, chgen, node = struct.unpack_from(fmt, pool.sdesc)
-    assert (magic, version, kind, size, choff, chgen, node) == (b"DRGN", core.SDESC_VERSION, 1, pool.size, 0, 0, 0)
+    assert (magic, version, kind, size, choff, chgen, node) == (
+        b"DRGN",
+        core.SDESC_VERSION,
+        1,
+        pool.size,
+        0,
+        0,
+        0,
+    )
     assert pool.sdesc[core._SD.size :].decode() == pool.name and namelen == len(pool.name)
 
 
@@ -502,7 +512,8 @@ def test_sigkill_while_holding_the_pool_mutex_is_repaired():
         assert p.alloc(256 * 2, timeout=0).size == 512  # the rebuilt bitmap finds the new hole
 
 
-# ------------------------------------------------------------------------------------------ a stopped lock holder
+# ------------------------------------------------------------------------------------------ a stopped lock
+# holder
 def _hold_lock_and_stop(sdesc, w):
     p = Pool.attach(sdesc)
     p._debug_lock(True)
@@ -625,8 +636,9 @@ def _alloc_free_until_flag(sdesc, flag_offset):
 
 @pytest.mark.timeout(120)
 def test_allocs_and_frees_beside_a_process_stopped_at_random_in_the_allocator():
-    """The race as it happens: SIGSTOP a process that allocates in a loop, at random moments, until it was caught
-    holding the lock 10 times; whether or not it was, a timed alloc returns by its timeout and a free at once."""
+    """The race as it happens: SIGSTOP a process that allocates in a loop, at random moments, until it was
+    caught holding the lock 10 times; whether or not it was, a timed alloc returns by its timeout and a free
+    at once."""
     ngran = 1 << 14
     with Pool.create(256 * ngran) as p:
         held = [p.alloc(256) for _ in range(ngran)]
@@ -639,7 +651,9 @@ def test_allocs_and_frees_beside_a_process_stopped_at_random_in_the_allocator():
         proc.start()
         caught = trials = 0
         try:
-            while caught < 10 and trials < 300:  # (caught holding the lock in about 1 of 5 on an idle machine)
+            while (
+                caught < 10 and trials < 300
+            ):  # (caught holding the lock in about 1 of 5 on an idle machine)
                 trials += 1
                 time.sleep(random.uniform(0.001, 0.02))
                 os.kill(proc.pid, signal.SIGSTOP)

@@ -1,7 +1,7 @@
 """Acceptance tests of dragon.globalservices.process (the spec's Process Services), run under dragon-launch.
 
-Many checks share one launch (startup is cheap but not free); each check prints ``ok <name>`` so a failure shows
-how far the app got.
+Many checks share one launch (startup is cheap but not free); each check prints ``ok <name>`` so a failure
+shows how far the app got.
 """
 
 import pytest

@@ -42,7 +42,17 @@ def on_node(node, argv, env=None, **kw):
     )
     cwd = kw.pop("cwd", None)  # (nsenter -m starts in the namespace's /: it is told where to work instead)
     return subprocess.Popen(
-        ["nsenter", "-t", str(pid), "-n", "-m", "-u", *([f"--wd={cwd}"] if cwd else []), "--", *map(str, argv)],
+        [
+            "nsenter",
+            "-t",
+            str(pid),
+            "-n",
+            "-m",
+            "-u",
+            *([f"--wd={cwd}"] if cwd else []),
+            "--",
+            *map(str, argv),
+        ],
         env=full,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

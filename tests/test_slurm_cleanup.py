@@ -1,8 +1,8 @@
-"""launcher/cleanup.py as the Slurm epilog runs it (`python3 -I launcher/cleanup.py --slurm-job ID`), without a
-cluster: which processes it kills and which segments it unlinks, and, as important, which it leaves alone (another
-Slurm job whose id starts with the same digits, a job outside Slurm, MPI segments still mapped, held open, just
-made or owned by someone else). The segments live in a private directory of /dev/shm (tmpfs, like the real one),
-so no real segment of anything running on this machine is touched; the processes are real."""
+"""launcher/cleanup.py as the Slurm epilog runs it (`python3 -I launcher/cleanup.py --slurm-job ID`), without
+a cluster: which processes it kills and which segments it unlinks, and, as important, which it leaves alone
+(another Slurm job whose id starts with the same digits, a job outside Slurm, MPI segments still mapped, held
+open, just made or owned by someone else). The segments live in a private directory of /dev/shm (tmpfs, like
+the real one), so no real segment of anything running on this machine is touched; the processes are real."""
 
 import os
 import random
@@ -214,7 +214,8 @@ def test_mpich_segments_of_the_jobs_steps_are_found_by_name(shm, procs):
 
 @pytest.mark.timeout(60)
 def test_stale_removes_only_segments_of_slurm_jobs_nobody_belongs_to(shm, procs):
-    # for a launcher at start on a node without the epilog: segments of Slurm jobs that are over on this machine
+    # for a launcher at start on a node without the epilog: segments of Slurm jobs that are over on this
+    # machine
     running, over, mapped_job = fake_slurm_job(), fake_slurm_job(), fake_slurm_job()
     names = {
         "running": f"dragon-s{running}_j0123456789n0-inf",

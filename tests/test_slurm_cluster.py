@@ -1,5 +1,5 @@
-"""The test cluster itself (slurm/start-cluster.sh): real Slurm, 2 nodes with their own hostnames, MPI over PMI-2,
-sbatch, scancel and time limits.  These are the facts the dragon launcher relies on under Slurm."""
+"""The test cluster itself (slurm/start-cluster.sh): real Slurm, 2 nodes with their own hostnames, MPI over
+PMI-2, sbatch, scancel and time limits.  These are the facts the dragon launcher relies on under Slurm."""
 
 import json
 import os
@@ -27,8 +27,8 @@ from slurm_util import (
     wait_state,
 )
 
-# These tests create nothing in this host's /dev/shm (tasks run on the nodes, each with its own /dev/shm), so the
-# host-wide check of conftest.py is replaced by a check of every node's /dev/shm.
+# These tests create nothing in this host's /dev/shm (tasks run on the nodes, each with its own /dev/shm), so
+# the host-wide check of conftest.py is replaced by a check of every node's /dev/shm.
 pytestmark = [pytest.mark.slurm, pytest.mark.allow_leaks, pytest.mark.usefixtures("no_leaked_node_segments")]
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
 

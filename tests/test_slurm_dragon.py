@@ -2,8 +2,9 @@
 hostname, network and /dev/shm): the users' sbatch template running examples/slurm_hello.py, teardown on every
 node after scancel and at the time limit, node identity as Slurm gives it, and a wrong MPI layout.
 
-Every test checks, after the job, both nodes' own /dev/shm (no new entry, fixture `no_leaked_node_segments`) and
-that no process of the job (they all carry a unique marker in their environment) is left, on either node."""
+Every test checks, after the job, both nodes' own /dev/shm (no new entry, fixture `no_leaked_node_segments`)
+and that no process of the job (they all carry a unique marker in their environment) is left, on either
+node."""
 
 import json
 import os
@@ -40,8 +41,8 @@ pytestmark = ON_NODES
 TEMPLATE = REPO / "slurm" / "dragon.sbatch"
 HELLO = REPO / "examples" / "slurm_hello.py"
 
-# Runs until killed: a pool, a channel and a sleeping process on every node (the one on node 1 ignores SIGTERM,
-# so that teardown needs its SIGKILL there), then says where its segments are.
+# Runs until killed: a pool, a channel and a sleeping process on every node (the one on node 1 ignores
+# SIGTERM, so that teardown needs its SIGKILL there), then says where its segments are.
 FOREVER = """
 import os, signal, sys, time
 from dragon.globalservices import channel, node, pool, process
@@ -125,8 +126,9 @@ def started_everywhere(marker, dragon_job, nodes):
 
 
 def assert_torn_down(marker, dragon_job, nodes, job=None):
-    """No process of the job on any node, no segment of the dragon job in any node's /dev/shm; with the Slurm job
-    id: and dragon did it itself, within Slurm's KillWait: the epilog (slurm/dragon-epilog.sh) found nothing."""
+    """No process of the job on any node, no segment of the dragon job in any node's /dev/shm; with the Slurm
+    job id: and dragon did it itself, within Slurm's KillWait: the epilog (slurm/dragon-epilog.sh) found
+    nothing."""
     left = wait_no_marker(marker, timeout=20)
     assert not left, f"processes of the job survived: {job_processes(marker)}"
     deadline = time.monotonic() + 5
@@ -219,19 +221,20 @@ def run_template_until_stopped(marker, app, workdir, nodes, extra, stop=None):
 def assert_ended_by_dragon(state, job, text):
     """The job ended because dragon-launch tore it down on SIGTERM (exit 143), not by Slurm's SIGKILL."""
     assert state == "FAILED", (state, text)
-    # 143:0 is dragon-launch's own exit after its SIGTERM teardown (a process killed by the signal shows 0:15).
-    # Its "got signal 15" log line is not asserted: srun may drop a cancelled step's last stderr lines.
+    # 143:0 is dragon-launch's own exit after its SIGTERM teardown (a process killed by the signal shows
+    # 0:15). Its "got signal 15" log line is not asserted: srun may drop a cancelled step's last stderr lines.
     assert job_info(job).get("ExitCode") == "143:0", (job_info(job), text)
-    # srun got no signal (Slurm's own SIGTERM at scancel/the limit reaches srun too: "forcing job termination")
+    # srun got no signal (Slurm's own SIGTERM at scancel/the limit reaches srun too: "forcing job
+    # termination")
     assert "forcing job termination" not in text and "Traceback" not in text, text
 
 
 @pytest.mark.timeout(240)
 def test_time_limit_of_the_template_tears_down_every_node(slurm_cluster, tmp_path):
-    # Slurm's smallest limit is one minute.  The template's --signal=TERM@120 warns dragon (the tasks, not srun or
-    # the batch shell) before the limit, so that the program is stopped on purpose and nothing is left to the SIGKILL
-    # that follows the limit's SIGTERM; here 20 s before it, which Slurm's periodic check turns into ~30-40 s after
-    # the start.  (The hard limit without a warning: tests/test_slurm_teardown.py.)
+    # Slurm's smallest limit is one minute.  The template's --signal=TERM@120 warns dragon (the tasks, not
+    # srun or the batch shell) before the limit, so that the program is stopped on purpose and nothing is left
+    # to the SIGKILL that follows the limit's SIGTERM; here 20 s before it, which Slurm's periodic check turns
+    # into ~30-40 s after the start.  (The hard limit without a warning: tests/test_slurm_teardown.py.)
     marker = new_marker()
     nodes = slurm_cluster.nodes[:2]
     app = tmp_path / "forever.py"
@@ -257,7 +260,8 @@ def test_scancel_signal_term_of_the_template_tears_down_every_node(slurm_cluster
     assert_torn_down(marker, djob, nodes, job)
 
 
-# ------------------------------------------------------------------------------------------------ 3. node identity
+# ------------------------------------------------------------------------------------------------ 3. node
+# identity
 @pytest.mark.timeout(120)
 def test_node_names_are_slurms(slurm_cluster, tmp_path):
     marker = new_marker()

@@ -1,13 +1,14 @@
-"""Ending an sbatch job of dragon the hard ways, on the real test cluster: a plain `scancel JOBID`, the job's hard
-time limit (no --signal warning), and every dragon process SIGKILLed at once (dragon gets no time at all; to Slurm,
-`scancel --signal=KILL` is a plain scancel, so the test kills them itself). Afterwards no process of the job and no
-segment (dragon's or MPICH's) may be left on either node. In the first two cases dragon's own teardown on Slurm's
-SIGTERM does it within KillWait (the epilog finds nothing); in the last the epilog (slurm/dragon-epilog.sh, which
-start-cluster.sh configures) does, also for a process of the job outside Slurm's process tracking.
-slurm/README.md has the facts these tests rest on.
+"""Ending an sbatch job of dragon the hard ways, on the real test cluster: a plain `scancel JOBID`, the job's
+hard time limit (no --signal warning), and every dragon process SIGKILLed at once (dragon gets no time at all;
+to Slurm, `scancel --signal=KILL` is a plain scancel, so the test kills them itself). Afterwards no process of
+the job and no segment (dragon's or MPICH's) may be left on either node. In the first two cases dragon's own
+teardown on Slurm's SIGTERM does it within KillWait (the epilog finds nothing); in the last the epilog
+(slurm/dragon-epilog.sh, which start-cluster.sh configures) does, also for a process of the job outside
+Slurm's process tracking. slurm/README.md has the facts these tests rest on.
 
 Every test checks both nodes' own /dev/shm for any new entry (fixture `no_leaked_node_segments`, MPICH's
-segments included) and every process carrying the job's unique marker, after the epilog has run on both nodes."""
+segments included) and every process carrying the job's unique marker, after the epilog has run on both
+nodes."""
 
 import os
 import re
@@ -45,8 +46,8 @@ __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for
 
 pytestmark = ON_NODES
 
-# A process of the job that Slurm does not track (what proctrack/linuxproc loses: re-parented to init): it has the
-# job's DRAGON_JOB and maps one of the job's segments on its node.
+# A process of the job that Slurm does not track (what proctrack/linuxproc loses: re-parented to init): it has
+# the job's DRAGON_JOB and maps one of the job's segments on its node.
 STRAY = """
 import mmap, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR)
@@ -85,9 +86,9 @@ def start(tmp_path, marker, nodes, script, time_limit):
 
 
 def assert_nothing_left(job, marker, djob, nodes, by_dragon=False):
-    """After the epilog ran on both nodes: no process with the marker, no segment of any dragon job of this Slurm
-    job on either node (MPICH's: the fixture); by_dragon: and the epilog found nothing to do (dragon's own
-    teardown on Slurm's SIGTERM finished within KillWait). -> {node: epilog line}."""
+    """After the epilog ran on both nodes: no process with the marker, no segment of any dragon job of this
+    Slurm job on either node (MPICH's: the fixture); by_dragon: and the epilog found nothing to do (dragon's
+    own teardown on Slurm's SIGTERM finished within KillWait). -> {node: epilog line}."""
     lines = wait_epilog(job, nodes, timeout=60)
     left = wait_no_marker(marker, timeout=10)
     assert not left, f"processes of the job survived: {job_processes(marker)}; epilog: {lines}"
@@ -117,7 +118,8 @@ def test_plain_scancel_of_an_sbatch_job_leaves_nothing_on_any_node(slurm_cluster
 
 @pytest.mark.timeout(240)
 def test_hard_time_limit_of_an_sbatch_job_leaves_nothing_on_any_node(slurm_cluster, tmp_path):
-    # --time=1 and no --signal: Slurm's smallest limit, checked every ~30 s, so the job ends 60-90 s after its start
+    # --time=1 and no --signal: Slurm's smallest limit, checked every ~30 s, so the job ends 60-90 s after its
+    # start
     marker, nodes = new_marker(), slurm_cluster.nodes[:2]
     job, out, djob = start(tmp_path, marker, nodes, hard_template(tmp_path), 1)
     try:
@@ -131,8 +133,8 @@ def test_hard_time_limit_of_an_sbatch_job_leaves_nothing_on_any_node(slurm_clust
 
 
 def sigkill_dragon(marker, exclude=()):
-    """SIGKILL, all at once, every process of the job's dragon runs (launchers, services, managed processes; not
-    srun or the batch shell): what an OOM killer or a node's hard reset of the step does. -> the pids."""
+    """SIGKILL, all at once, every process of the job's dragon runs (launchers, services, managed processes;
+    not srun or the batch shell): what an OOM killer or a node's hard reset of the step does. -> the pids."""
     pids = []
     for pid in pids_with_marker(marker):
         if pid in exclude:
@@ -146,8 +148,8 @@ def sigkill_dragon(marker, exclude=()):
             continue
         if b"DRAGON_JOB=" in environ or b"dragon-launch" in cmdline or b"launcher." in cmdline:
             pids.append(pid)
-    # stop them all first: a launcher SIGKILLed before its shepherd would otherwise give the shepherd time for a
-    # teardown of its own (PR_SET_PDEATHSIG), which then SIGTERMs the job's processes, the stray included
+    # stop them all first: a launcher SIGKILLed before its shepherd would otherwise give the shepherd time for
+    # a teardown of its own (PR_SET_PDEATHSIG), which then SIGTERMs the job's processes, the stray included
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for pid in pids:
             try:
@@ -159,8 +161,8 @@ def sigkill_dragon(marker, exclude=()):
 
 @pytest.mark.timeout(200)
 def test_sigkill_of_every_task_and_a_stray_are_cleaned_by_the_epilog(slurm_cluster, tmp_path):
-    # every dragon process of the job SIGKILLed at once: dragon runs no teardown at all, so what is left on the
-    # nodes (dragon's segments, MPICH's, a process of the job that Slurm does not track) is the epilog's.
+    # every dragon process of the job SIGKILLed at once: dragon runs no teardown at all, so what is left on
+    # the nodes (dragon's segments, MPICH's, a process of the job that Slurm does not track) is the epilog's.
     # (`scancel --signal=KILL` cannot do this: to Slurm it is a plain scancel, SIGTERM first.)
     marker, nodes = new_marker(), slurm_cluster.nodes[:2]
     job, out, djob = start(tmp_path, marker, nodes, TEMPLATE, 5)
@@ -200,8 +202,8 @@ def test_sigkill_of_every_task_and_a_stray_are_cleaned_by_the_epilog(slurm_clust
             stray.wait(timeout=10)
     assert state in ("FAILED", "CANCELLED"), (state, out.read_text())
     assert stray.returncode == -9 and not pid_alive(stray.pid)
-    # the stray runs in node 2's namespaces, but the test nodes share one pid namespace: whichever node's epilog
-    # runs first finds it by its DRAGON_JOB (on a real cluster only node 2's could)
+    # the stray runs in node 2's namespaces, but the test nodes share one pid namespace: whichever node's
+    # epilog runs first finds it by its DRAGON_JOB (on a real cluster only node 2's could)
     killed = [pid for n in nodes for pid in epilog_did(lines[n])[0]]
     assert stray.pid in killed, lines
     for k, n in enumerate(nodes):

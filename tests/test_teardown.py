@@ -1,5 +1,6 @@
-"""Teardown: whatever ends a job (the program exits or raises, SIGTERM/SIGINT/SIGKILL of the launcher, SIGKILL of
-the shepherd or of global services), within 5 s no process of the job and no /dev/shm/dragon-<job>-* survives."""
+"""Teardown: whatever ends a job (the program exits or raises, SIGTERM/SIGINT/SIGKILL of the launcher, SIGKILL
+of the shepherd or of global services), within 5 s no process of the job and no /dev/shm/dragon-<job>-*
+survives."""
 
 import os
 import queue

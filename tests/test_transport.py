@@ -86,7 +86,8 @@ def test_big_messages_from_several_senders_many_in_flight_exactly_once_in_order(
 
 @pytest.mark.timeout(60)
 def test_sigterm_to_mpiexec_stops_the_programs_and_removes_the_segments(tmp_path):
-    """A time limit or a kill of the job: the harness stops its node's program and still removes its segments."""
+    """A time limit or a kill of the job: the harness stops its node's program and still removes its
+    segments."""
     prog = tmp_path / "sleeper.py"
     prog.write_text(
         "import os, sys, time\n"
@@ -94,7 +95,9 @@ def test_sigterm_to_mpiexec_stops_the_programs_and_removes_the_segments(tmp_path
         "time.sleep(120)\n"
     )
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "dragon.transport.harness", "--virtual-nodes"]
-    proc = subprocess.Popen(cmd + [str(prog), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd + [str(prog), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         marks = [tmp_path / "ready0", tmp_path / "ready1"]
         deadline = time.monotonic() + 30

@@ -1,4 +1,5 @@
-"""Node routing without MPI: sdescs name their node; attaching from another node goes through the transport."""
+"""Node routing without MPI: sdescs name their node; attaching from another node goes through the
+transport."""
 
 import os
 
@@ -121,8 +122,8 @@ def test_remote_channel_through_an_agent_loopback(node_env):
 
 
 def test_remote_channel_has_the_local_channel_api():
-    """Every public call of a local Channel exists on RemoteChannel, but the constructors (a RemoteChannel comes
-    from Channel.attach of another node's sdesc)."""
+    """Every public call of a local Channel exists on RemoteChannel, but the constructors (a RemoteChannel
+    comes from Channel.attach of another node's sdesc)."""
     from dragon._core.remote import RemoteChannel
 
     local = {n for n in dir(Channel) if not n.startswith("_")} | {"__len__", "__enter__", "__exit__"}

@@ -1,10 +1,12 @@
 """``ChannelLike``: the API of every channel handle. ``Channel.attach(sdesc)`` returns a local
 ``dragon._core.core.Channel`` or, for a channel of another node, a ``dragon._core.remote.RemoteChannel``; code
-that attaches a channel it did not make should expect this Protocol, which type checkers hold both classes to."""
+that attaches a channel it did not make should expect this Protocol, which type checkers hold both classes
+to."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

@@ -1,10 +1,10 @@
-"""The transport's frames: what a process writes into its node's gateway channel, what agents ship to each other
-over MPI, and what comes back into a process's transport reply channel.
+"""The transport's frames: what a process writes into its node's gateway channel, what agents ship to each
+other over MPI, and what comes back into a process's transport reply channel.
 
 This is the data plane between nodes (one frame per user message), so it is a fixed 24-byte binary header, not
-the msgpack infrastructure codec of dragon.infrastructure.messages (which travels *inside* SEND frames, as user
-data, and inside CTRL frames, as the launchers' control messages). Small results (poll, len, channel info) ride as
-msgpack payloads of RESULT frames.
+the msgpack infrastructure codec of dragon.infrastructure.messages (which travels *inside* SEND frames, as
+user data, and inside CTRL frames, as the launchers' control messages). Small results (poll, len, channel
+info) ride as msgpack payloads of RESULT frames.
 
 Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
 
@@ -16,18 +16,19 @@ Header ``<BBHIQQ``: kind, flags, node, n (payload bytes), sid (stream id), seq.
   channels the messages received for it that it never took, destroy its reply channel. BYE (at exit) says so
   at once; it is the only sign of a process in another pid namespace than the agent's.
 - SEND: ``seq`` is the stream's message number (0, 1, ...); the receiving agent answers with cumulative ACKs.
-- PUTBACK: a message that a receive took from a channel but nobody will take from the transport (the receive was
-  abandoned, the handle closed, the process died) goes back into that channel; it carries the channel's sdesc, so
-  it needs no open stream. A message taken from a channel is thus delivered or returned, never dropped.
+- PUTBACK: a message that a receive took from a channel but nobody will take from the transport (the receive
+  was abandoned, the handle closed, the process died) goes back into that channel; it carries the channel's
+  sdesc, so it needs no open stream. A message taken from a channel is thus delivered or returned, never
+  dropped.
 - CLOSE / CLOSED: a stream's end, in order behind its frames; the channel's agent answers CLOSED (behind every
-  answer it sent on the stream) to the process's agent, and that agent to the process, so each side forgets the
-  stream only once nothing more can come for it.
+  answer it sent on the stream) to the process's agent, and that agent to the process, so each side forgets
+  the stream only once nothing more can come for it.
 - RECV/POLL/LEN/INFO: ``seq`` is the request id; the answer (DATA, RESULT or ERR) echoes it.
 - ERR: the payload starts with the error's wire code (u16, ``dragon.errors.code_of``), then its utf-8 text.
 - BIG flag: the payload is not in the MPI packet but follows as its own MPI message on TAG_BIG (in order).
-- NEXT flag (agent -> process): the DATA payload is the next message of the reply channel (the agent is the only
-  writer of a process's reply channel and always puts the two back to back), so ``recv_message`` of a remote
-  channel hands out a Message over the pool block the payload landed in.
+- NEXT flag (agent -> process): the DATA payload is the next message of the reply channel (the agent is the
+  only writer of a process's reply channel and always puts the two back to back), so ``recv_message`` of a
+  remote channel hands out a Message over the pool block the payload landed in.
 """
 
 import struct
@@ -38,7 +39,8 @@ HDR = struct.Struct("<BBHIQQ")
 HSIZE = HDR.size  # 24
 
 # process -> agent -> remote agent
-OPEN = 1  # payload: u16 len + target channel sdesc + OPENER (pid, start time) + reply channel sdesc (of the process)
+# payload: u16 len + target channel sdesc + OPENER (pid, start time) + reply channel sdesc (of the process)
+OPEN = 1
 SEND = 2  # payload: the message
 RECV = 3  # payload: REQ (mode, max_n, maxlen, timeout)
 CLOSE = 4
@@ -58,7 +60,8 @@ HEARTBEAT = 22  # nothing: "still here" (an agent that hears nothing from a node
 # flags
 BIG = 1
 MANY = 2
-PTR = 4  # (gateway only) the payload is a u64 offset of a block of the node's infrastructure pool holding the data
+# (gateway only) the payload is a u64 offset of a block of the node's infrastructure pool holding the data
+PTR = 4
 NEXT = (
     8  # (reply channel only) a DATA frame whose payload is not in the frame but is the reply channel's next
 )
@@ -67,7 +70,9 @@ NEXT = (
 # RECV modes
 M_RECV, M_MANY, M_POLL, M_LEN, M_INFO, M_INTO, M_DESTROY = 0, 1, 2, 3, 4, 5, 6
 REQ = struct.Struct("<BIqd")  # mode, max_n, maxlen (-1: any), timeout (-1.0: forever)
-OPENER = struct.Struct("<IQQ")  # who opened a stream: pid, start time, pid namespace (see dragon._core.remote)
+OPENER = struct.Struct(
+    "<IQQ"
+)  # who opened a stream: pid, start time, pid namespace (see dragon._core.remote)
 
 # MPI tags
 TAG_PKT = 7

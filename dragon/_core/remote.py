@@ -1,43 +1,44 @@
 """A channel that lives on another node, used through this node's transport agent with the Channel API.
 
-``Channel.attach(sdesc)`` of a channel whose sdesc names another node returns a ``RemoteChannel``: it has the API
-of a local ``dragon._core.core.Channel`` (both satisfy ``ChannelLike``) (send / send_block / send_many /
-recv / recv_message / recv_many / recv_into / poll / len / flush / close / destroy, capacity / block_size / name /
-pool) with the same timeouts and exceptions. Where a remote channel differs:
+``Channel.attach(sdesc)`` of a channel whose sdesc names another node returns a ``RemoteChannel``: it has the
+API of a local ``dragon._core.core.Channel`` (both satisfy ``ChannelLike``) (send / send_block / send_many /
+recv / recv_message / recv_many / recv_into / poll / len / flush / close / destroy, capacity / block_size /
+name / pool) with the same timeouts and exceptions. Where a remote channel differs:
 
-- ``pool`` is this node's *staging* pool (the node's infrastructure pool), not the channel's own pool (which lives
-  on the other node and cannot be mapped here): ``send_block`` takes a block of it, so ``ch.pool.alloc(n)``,
-  fill, ``ch.send_block(blk)`` is zero-copy on this side for a local and a remote channel alike. A block sent
-  this way belongs to the transport (the agent sends it over MPI straight from the block and frees it); the
-  core gives Python no way to mark the Block object as sent, so using or freeing it afterwards is a bug this
-  handle cannot catch (small blocks are copied and freed at once, which does mark them).
+- ``pool`` is this node's *staging* pool (the node's infrastructure pool), not the channel's own pool (which
+  lives on the other node and cannot be mapped here): ``send_block`` takes a block of it, so
+  ``ch.pool.alloc(n)``, fill, ``ch.send_block(blk)`` is zero-copy on this side for a local and a remote
+  channel alike. A block sent this way belongs to the transport (the agent sends it over MPI straight from the
+  block and frees it); the core gives Python no way to mark the Block object as sent, so using or freeing it
+  afterwards is a bug this handle cannot catch (small blocks are copied and freed at once, which does mark
+  them).
 - ``recv_message`` returns a core ``Message``: a payload that arrives over MPI lands in a block of the staging
   pool and the Message is that block (zero copy, freed at ``release()``), as for a local channel.
 - ``destroy()`` destroys the channel on its node (the remote agent calls ``Channel.destroy``); like the local
   call it bypasses global services' bookkeeping, so channels made through global services should be destroyed
   with ``dragon.globalservices.channel.destroy``.
 
-Each handle is one *stream* (random 64-bit id): its frames go into this node's gateway channel, the agent ships
-them to the channel's node, whose agent performs them on the real channel and sends the answers back into this
-process's transport reply channel. Sends above ``PTR_MIN`` are copied once into a staging block (or handed over
-as one, ``send_block``) whose offset the gateway frame carries; the agent ships it from there.
+Each handle is one *stream* (random 64-bit id): its frames go into this node's gateway channel, the agent
+ships them to the channel's node, whose agent performs them on the real channel and sends the answers back
+into this process's transport reply channel. Sends above ``PTR_MIN`` are copied once into a staging block (or
+handed over as one, ``send_block``) whose offset the gateway frame carries; the agent ships it from there.
 
 Sends are windowed: a send returns once its message is in the gateway (it will be delivered exactly once, in
 order, unless the channel is destroyed or its node dies; that is then reported by a later call on the handle),
 whatever the process does next: the agent ships what is in the gateway after the process is gone too, and
-closes its streams only behind their last frames.
-At most ``WINDOW`` messages (and ``WINDOW_BYTES``) of a stream are unacknowledged; a send that finds the window
-full waits for the remote agent's acknowledgements, so a full remote channel stops the sender after at most a
-window (timeout 0: ChannelFull, t: ChannelTimeout, None: wait). Receives, poll and len are request/answer: the
-remote agent applies the timeout on its side and always answers exactly once (data, or timeout), so no message
-is lost when a receive times out. A message taken for a receive that nobody waits for any more (interrupted by
-Ctrl-C or an exception, or its handle closed, or its process gone) goes back into its channel (PUTBACK), at its
-tail: it is received once, by someone, never dropped.
+closes its streams only behind their last frames. At most ``WINDOW`` messages (and ``WINDOW_BYTES``) of a
+stream are unacknowledged; a send that finds the window full waits for the remote agent's acknowledgements, so
+a full remote channel stops the sender after at most a window (timeout 0: ChannelFull, t: ChannelTimeout,
+None: wait). Receives, poll and len are request/answer: the remote agent applies the timeout on its side and
+always answers exactly once (data, or timeout), so no message is lost when a receive times out. A message
+taken for a receive that nobody waits for any more (interrupted by Ctrl-C or an exception, or its handle
+closed, or its process gone) goes back into its channel (PUTBACK), at its tail: it is received once, by
+someone, never dropped.
 
 Every process has one ``Endpoint``: the gateway handle and its reply channel (in the node's infrastructure
-pool). All threads share it (leader/follower: whoever waits and finds nobody reading reads the reply channel and
-hands answers out). The process never destroys its reply channel: its node's agent does, once the process is
-gone (it learns the pid from the streams' OPEN frames), after putting back what was left in it.
+pool). All threads share it (leader/follower: whoever waits and finds nobody reading reads the reply channel
+and hands answers out). The process never destroys its reply channel: its node's agent does, once the process
+is gone (it learns the pid from the streams' OPEN frames), after putting back what was left in it.
 """
 
 import atexit
@@ -176,8 +177,8 @@ class Endpoint:
             self.loop = None
 
     def as_message(self, data):
-        """A Message holding data (bytes, or already a Message): what recv_message hands out for an answer that
-        came inline in its frame."""
+        """A Message holding data (bytes, or already a Message): what recv_message hands out for an answer
+        that came inline in its frame."""
         if not isinstance(data, (bytes, bytearray)):
             return data
         with self.cond:
@@ -495,8 +496,8 @@ class RemoteChannel:
                 self._ep.drain()
 
     def _send_big(self, st, data, n, t):
-        """One copy, into a block of the node's staging pool; the gateway carries only its offset and the agent
-        sends the block itself (and frees it)."""
+        """One copy, into a block of the node's staging pool; the gateway carries only its offset and the
+        agent sends the block itself (and frees it)."""
         ep = self._ep
         try:
             blk = ep.pool.alloc(n, timeout=GW_SEND_TIMEOUT if t is None else t)
@@ -519,9 +520,10 @@ class RemoteChannel:
         self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
 
     def send_block(self, block, nbytes=None, timeout=None):
-        """Hand a block of this node's staging pool (``self.pool``) to the channel without copying it: the agent
-        sends it over MPI straight from the block and frees it. The block belongs to the transport from then
-        on (do not use or free it); on a timeout (ChannelFull / ChannelTimeout) it stays with the caller."""
+        """Hand a block of this node's staging pool (``self.pool``) to the channel without copying it: the
+        agent sends it over MPI straight from the block and frees it. The block belongs to the transport from
+        then on (do not use or free it); on a timeout (ChannelFull / ChannelTimeout) it stays with the
+        caller."""
         self._check()
         if not isinstance(block, Block):
             raise TypeError(f"send_block() takes a Block, not {type(block).__name__}")
@@ -554,7 +556,8 @@ class RemoteChannel:
                 self._window_wait(st, n, t)
             if n > PTR_MIN:
                 self._send_ptr(st, block, n, t)
-            else:  # small: a copy into the frame costs less than a separate MPI message; the block is freed here
+            # small: a copy into the frame costs less than a separate MPI message; the block is freed here
+            else:
                 mv = memoryview(block)
                 frame = _HDR.pack(W.SEND, 0, self._node, n, st.sid, st.sent) + mv[:n]
                 mv.release()
@@ -605,8 +608,8 @@ class RemoteChannel:
 
     def recv_message(self, timeout=None):
         """Receive one message as a ``Message`` (a buffer; call ``release()`` when done). The payload is where
-        the agent received it, a block of this node's staging pool for a large message: it is not copied again.
-        timeout: None blocks, 0 raises ChannelEmpty, t > 0 ChannelTimeout."""
+        the agent received it, a block of this node's staging pool for a large message: it is not copied
+        again. timeout: None blocks, 0 raises ChannelEmpty, t > 0 ChannelTimeout."""
         _kind, flags, payload, msg = self._request(W.M_RECV, 1, -1, timeout)
         if flags & W.NEXT:
             return msg
@@ -716,7 +719,8 @@ class RemoteChannel:
 
     @property
     def pool(self):
-        """This node's staging pool: ``send_block`` takes its blocks (the channel's own pool is on its node)."""
+        """This node's staging pool: ``send_block`` takes its blocks (the channel's own pool is on its
+        node)."""
         self._check()
         return self._ep.pool
 
@@ -746,10 +750,10 @@ class RemoteChannel:
         return (RemoteChannel, (self._sdesc, self.node))
 
 
-
 def start_time(pid):
     """When process pid started (clock ticks after boot, from /proc/<pid>/stat), or None if there is no such
-    process. A pid with another start time than the one noted earlier is another process (the pid was reused)."""
+    process. A pid with another start time than the one noted earlier is another process (the pid was
+    reused)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return int(f.read().rsplit(b")", 1)[1].split()[19])
@@ -758,7 +762,8 @@ def start_time(pid):
 
 
 def pid_namespace():
-    """This process's pid namespace (an inode number; 0 if unknown): pids mean the same process only within one."""
+    """This process's pid namespace (an inode number; 0 if unknown): pids mean the same process only within
+    one."""
     try:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:

@@ -3,8 +3,8 @@
 Use a channel by attaching to it: ``dragon.channels.Channel.attach(desc.sdesc)``.
 
 Reference counting (``ChannelOptions(ref_count=True)``): the creating process holds one reference, and so does
-every process that gets the channel through ``join``, ``attach`` or a soft ``create``; ``detach`` gives one back,
-and a process that exits gives back all of its. When the count reaches zero GS destroys the channel.
+every process that gets the channel through ``join``, ``attach`` or a soft ``create``; ``detach`` gives one
+back, and a process that exits gives back all of its. When the count reaches zero GS destroys the channel.
 """
 
 from dragon.errors import ChannelError, ChannelTimeout
@@ -35,8 +35,9 @@ def _ident(identifier):
 
 
 def create(m_uid, user_name=None, channel_options=None, soft=False):
-    """Make a channel in the pool ``m_uid`` (None: the caller's node's infrastructure pool). The name, if given,
-    must be unique (``soft=True`` returns the existing channel of that name). Returns a ChannelDescriptor."""
+    """Make a channel in the pool ``m_uid`` (None: the caller's node's infrastructure pool). The name, if
+    given, must be unique (``soft=True`` returns the existing channel of that name). Returns a
+    ChannelDescriptor."""
     if m_uid is not None and (isinstance(m_uid, bool) or not isinstance(m_uid, int)):
         raise ChannelError(f"m_uid must be a pool's m_uid (int), not {m_uid!r}")
     checks.name_soft(user_name, soft, ChannelError)

@@ -14,8 +14,8 @@ __all__ = ["create", "get_list", "query", "destroy", "PoolDescriptor", "PoolOpti
 
 
 def create(size, user_name=None, pool_options=None, soft=False):
-    """Make a pool of ``size`` bytes on the caller's node (or ``PoolOptions(node=k)``); the name, if given, must be
-    unique (``soft=True`` returns the existing pool of that name). Returns a PoolDescriptor."""
+    """Make a pool of ``size`` bytes on the caller's node (or ``PoolOptions(node=k)``); the name, if given,
+    must be unique (``soft=True`` returns the existing pool of that name). Returns a PoolDescriptor."""
     checks.positive_int(size, PoolError, "pool size")
     checks.name_soft(user_name, soft, PoolError)
     opts = PoolOptions.make(pool_options)
@@ -38,7 +38,9 @@ def get_list():
 
 def query(identifier):
     """The PoolDescriptor of a pool by m_uid (int) or name (str); PoolError if there is none."""
-    return PoolDescriptor.from_wire(_client.call(_m.GSPoolQuery, PoolError, ident=checks.ident(identifier, PoolError, "pool", "m_uid")))
+    return PoolDescriptor.from_wire(
+        _client.call(_m.GSPoolQuery, PoolError, ident=checks.ident(identifier, PoolError, "pool", "m_uid"))
+    )
 
 
 def destroy(identifier):

@@ -1,4 +1,5 @@
-"""dragon.globalservices.process: start, find, signal and join managed processes (the spec's Process Services).
+"""dragon.globalservices.process: start, find, signal and join managed processes (the spec's Process
+Services).
 
 Every call asks global services and is safe to call from several threads at once. Outside dragon-launch, calls
 raise RuntimeNotFound.
@@ -34,8 +35,8 @@ def create(exe, run_dir, args, env=None, user_name="", options=None, soft=False)
     """Start ``exe args`` in ``run_dir`` ('' or None: the caller's working directory) as a managed process,
     with ``env`` added to the inherited environment. ``user_name`` must be unique in the job (one is picked if
     empty); with ``soft=True`` an existing process of that name is returned instead of an error. ``options``:
-    a ProcessOptions, a dict initializer, or None. Returns when the process has started; raises ProcessError if
-    it cannot start or the arguments are wrong."""
+    a ProcessOptions, a dict initializer, or None. Returns when the process has started; raises ProcessError
+    if it cannot start or the arguments are wrong."""
     exe = os.fspath(exe) if isinstance(exe, os.PathLike) else exe
     if run_dir is None or run_dir == "":
         run_dir = os.getcwd()
@@ -70,7 +71,8 @@ def get_list():
 
 
 def query(identifier):
-    """The ProcessDescriptor of a process, by p_uid (int) or user_name (str); ProcessError if there is none."""
+    """The ProcessDescriptor of a process, by p_uid (int) or user_name (str); ProcessError if there is
+    none."""
     return ProcessDescriptor.from_wire(
         _client.call(_m.GSProcessQuery, ProcessError, ident=checks.ident(identifier, ProcessError))
     )
@@ -87,19 +89,28 @@ def join(identifier, timeout=None):
     """Wait until the process exits; return its exit code (-N if signal N killed it), or None if ``timeout``
     seconds (measured by global services) pass first. Joining yourself raises ProcessError."""
     return _client.call(
-        _m.GSProcessJoin, ProcessError, server_wait=True, ident=checks.ident(identifier, ProcessError), timeout=checks.timeout(timeout, ProcessError)
+        _m.GSProcessJoin,
+        ProcessError,
+        server_wait=True,
+        ident=checks.ident(identifier, ProcessError),
+        timeout=checks.timeout(timeout, ProcessError),
     )
 
 
 def multi_join(identifiers, timeout=None):
-    """Wait until at least one of the processes has exited, or ``timeout`` seconds (measured by global services).
+    """Wait until at least one of the processes has exited, or ``timeout`` seconds (measured by global
+    services).
 
-    Returns ``(exited, status)``: ``exited`` is a list of ``(p_uid, exit_code)`` of every listed process that has
-    exited, or None if none had when the timeout passed; ``status`` is a dict p_uid -> ProcessDescriptor of every
-    listed process. Joining yourself raises ProcessError."""
+    Returns ``(exited, status)``: ``exited`` is a list of ``(p_uid, exit_code)`` of every listed process that
+    has exited, or None if none had when the timeout passed; ``status`` is a dict p_uid -> ProcessDescriptor
+    of every listed process. Joining yourself raises ProcessError."""
     idents = checks.idents(identifiers, ProcessError)
     r = _client.call(
-        _m.GSProcessMultiJoin, ProcessError, server_wait=True, idents=idents, timeout=checks.timeout(timeout, ProcessError)
+        _m.GSProcessMultiJoin,
+        ProcessError,
+        server_wait=True,
+        idents=idents,
+        timeout=checks.timeout(timeout, ProcessError),
     )
     exited = None if r["exited"] is None else [tuple(x) for x in r["exited"]]
     return exited, {int(k): ProcessDescriptor.from_wire(v) for k, v in r["status"].items()}

@@ -1,9 +1,10 @@
 """Global services: one process per job that owns every name and unique id (p_uid, m_uid, c_uid; never reused)
-and the rules of the user API. It never forks and never touches users' shared memory: each node's shepherd does
-the physical work, addressed by node index. It runs the one service loop (dragon.infrastructure.service): its
-handlers return a result, raise the API's error class, or return ``DEFER`` and answer later (when a shepherd
-replies, a process exits, a channel appears or a deadline passes: joins, multi_joins and channel.joins have
-server-side deadlines). It never blocks on a shepherd: what does not fit a shepherd's inbox waits in its outbox.
+and the rules of the user API. It never forks and never touches users' shared memory: each node's shepherd
+does the physical work, addressed by node index. It runs the one service loop (dragon.infrastructure.service):
+its handlers return a result, raise the API's error class, or return ``DEFER`` and answer later (when a
+shepherd replies, a process exits, a channel appears or a deadline passes: joins, multi_joins and
+channel.joins have server-side deadlines). It never blocks on a shepherd: what does not fit a shepherd's inbox
+waits in its outbox.
 
 Clients (processes outside the job that ``dragon.init()`` attached) register first (``GSClientRegister``):
 GS has node 0's launcher watch the client's pid, and gives it an id (< 0) that its requests carry as

@@ -1,8 +1,8 @@
 """The client side of requests to global services: one connection per process, safe to use from many threads.
 
-All threads of a process share its one reply channel. Whichever waiting thread finds nobody reading becomes the
-reader: it receives replies and hands each to the thread whose tag it carries (leader/follower), so a thread
-blocked in ``join(timeout=None)`` never holds up another thread's ``query``.
+All threads of a process share its one reply channel. Whichever waiting thread finds nobody reading becomes
+the reader: it receives replies and hands each to the thread whose tag it carries (leader/follower), so a
+thread blocked in ``join(timeout=None)`` never holds up another thread's ``query``.
 
 A managed process uses the reply channel its shepherd made before starting it. Any other process of the job
 (a child a managed process forked itself, a client that ``dragon.init()`` attached) makes its own in the
@@ -202,7 +202,8 @@ def reset():
 def call(msg_class, err_class, server_wait=False, **fields):
     """One request to global services; returns the Response's result or raises err_class (or the matching
     timeout class, also a TimeoutError) with the server's message. With server_wait, the request's own
-    ``timeout`` field is how long the server may take (None: forever) and the client waits that much longer."""
+    ``timeout`` field is how long the server may take (None: forever) and the client waits that much
+    longer."""
     conn = connection()
     if server_wait:
         t = fields.get("timeout")

@@ -6,7 +6,8 @@ from dragon.infrastructure import checks
 
 
 class _Snapshot:
-    """What every descriptor shares: fields listed once in ``__slots__``, built from GS's plain dict, and back."""
+    """What every descriptor shares: fields listed once in ``__slots__``, built from GS's plain dict, and
+    back."""
 
     __slots__ = ()
     _shown = ()  # the fields repr() shows
@@ -58,7 +59,8 @@ class ProcessDescriptor(_Snapshot):
 
 
 class PoolDescriptor(_Snapshot):
-    """A snapshot of what global services knows about one pool. Attach with dragon.pools.Pool.attach(d.sdesc)."""
+    """A snapshot of what global services knows about one pool. Attach with
+    dragon.pools.Pool.attach(d.sdesc)."""
 
     __slots__ = ("m_uid", "name", "node", "size", "sdesc")
     _shown = ("m_uid", "name", "node", "size")
@@ -107,9 +109,10 @@ class ProcessOptions(_Options):
     stdout, stderr: FORWARD (default: printed by dragon-launch, each line labelled ``[user_name or p_uid]``),
             INHERIT (printed unlabelled), DEVNULL, or a file path (opened for appending, relative to run_dir);
             stderr may also be STDOUT (merged into stdout).
-    zygote: for ``exe`` = this Python with args ``-c CODE ...`` or ``-m MODULE ...``: fork the process from the
-            node's zygote (a Python that has imported dragon once: a fork instead of an interpreter start). The
-            process is the same managed process; a request that is not eligible starts as usual.
+    zygote: for ``exe`` = this Python with args ``-c CODE ...`` or ``-m MODULE ...``: fork the process from
+    the
+            node's zygote (a Python that has imported dragon once: a fork instead of an interpreter start).
+            The process is the same managed process; a request that is not eligible starts as usual.
     """
 
     FORWARD, INHERIT, DEVNULL, STDOUT = "forward", "inherit", "devnull", "stdout"

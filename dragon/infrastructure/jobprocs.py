@@ -1,6 +1,7 @@
 """Finding and killing what is left of a job: the processes whose environment names it (managed processes and
-everything they started, even what left their process group) and the direct children of a process (orphans come
-back to the launcher, a child subreaper). Used by the launcher and by a shepherd that lost its launcher."""
+everything they started, even what left their process group) and the direct children of a process (orphans
+come back to the launcher, a child subreaper). Used by the launcher and by a shepherd that lost its
+launcher."""
 
 import os
 import signal
@@ -51,4 +52,3 @@ def kill_all(pids, sig=signal.SIGKILL):
                 fn(pid, sig)
             except OSError:
                 pass
-

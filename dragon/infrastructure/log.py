@@ -1,6 +1,6 @@
-"""Service logging: one line per event on stderr, naming the component, node and pid. Warnings and errors only,
-unless DRAGON_LOG=debug (or info). Deliberately not the logging module: services start on the critical path of
-every job, and this costs nothing to import."""
+"""Service logging: one line per event on stderr, naming the component, node and pid. Warnings and errors
+only, unless DRAGON_LOG=debug (or info). Deliberately not the logging module: services start on the critical
+path of every job, and this costs nothing to import."""
 
 import os
 import sys

@@ -1,13 +1,13 @@
 """The one message module of the runtime: every infrastructure message, its fixed type id, and the one codec.
 
-A message is a small class that declares its fields with their types, once; on the wire it is the msgpack array
-``[TYPE, field0, field1, ...]`` in declaration order. Type ids are explicit integers that never change meaning
-(never ``enum.auto``), so that a runtime of one version can at least recognise what another sends.
+A message is a small class that declares its fields with their types, once; on the wire it is the msgpack
+array ``[TYPE, field0, field1, ...]`` in declaration order. Type ids are explicit integers that never change
+meaning (never ``enum.auto``), so that a runtime of one version can at least recognise what another sends.
 
 The declared types are checked when a message is decoded: ``decode`` raises ``ValueError`` (and only that) for
 anything that is not a well-formed message of a known type, so a service never acts on a field of the wrong
-shape, however the bytes were made. What a value means (a timeout >= 0, a known p_uid) is the handler's to check
-(``dragon.infrastructure.checks``).
+shape, however the bytes were made. What a value means (a timeout >= 0, a known p_uid) is the handler's to
+check (``dragon.infrastructure.checks``).
 
 Requests carry ``tag`` (chosen by the sender, echoed in the ``Response``) and ``reply`` (the serialized
 descriptor of the channel the answer goes to); requests to global services also ``caller`` (the sender's
@@ -15,10 +15,11 @@ p_uid; for a client, a process outside the job that ``dragon.init()`` attached, 
 ``GSClientRegister`` got; 0 for anything else). ``Response.err`` is 0 or the code of a ``dragon.errors``
 class.
 
-Messages marked ``control`` are sent only by the runtime's own services (the launchers, GS, the shepherds). They
-carry the job's ``key`` as their first field: random bytes the launcher makes and gives to the services only,
-never to a managed process, so a service can tell its peers' messages from anything else that reaches its inbox
-(see ``dragon.infrastructure.service``). Who handles a message is found with one grep: ``@handles(<Class>``.
+Messages marked ``control`` are sent only by the runtime's own services (the launchers, GS, the shepherds).
+They carry the job's ``key`` as their first field: random bytes the launcher makes and gives to the services
+only, never to a managed process, so a service can tell its peers' messages from anything else that reaches
+its inbox (see ``dragon.infrastructure.service``). Who handles a message is found with one grep:
+``@handles(<Class>``.
 """
 
 from typing import Any, ClassVar, Dict, List, Optional, Union, get_args, get_origin
@@ -34,9 +35,10 @@ class Message:
     """Base class. A subclass passes its fixed ``type_id`` (and ``control=True`` for service-only messages) as
     class keywords and declares its fields as annotations; fields of base classes come first.
 
-    ``__init__`` (every field a keyword defaulting to None), the wire form and the type check are generated the
-    first time a class is used: requests are on the critical path of every runtime call, and a process compiles
-    only the few classes it really uses (importing this module stays cheap for every managed process)."""
+    ``__init__`` (every field a keyword defaulting to None), the wire form and the type check are generated
+    the first time a class is used: requests are on the critical path of every runtime call, and a process
+    compiles only the few classes it really uses (importing this module stays cheap for every managed
+    process)."""
 
     TYPE: ClassVar[int] = -1
     FIELDS: ClassVar[tuple] = ()
@@ -371,7 +373,8 @@ class SHProcessExit(Message, type_id=66, control=True):
 
 
 class SHProcessReaped(Message, type_id=67, control=True):
-    """GS -> shepherd: GS has forgotten everything that pointed at p_uid's reply channel; it may be destroyed."""
+    """GS -> shepherd: GS has forgotten everything that pointed at p_uid's reply channel; it may be
+    destroyed."""
 
     p_uid: int
 

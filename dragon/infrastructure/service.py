@@ -4,17 +4,17 @@ A service is a class with an inbox (a channel) and handlers declared with ``@han
 ``serve()`` receives, decodes, checks and dispatches, answers, and keeps its promises:
 
 - One handler convention: a handler gets the message; for a request it returns the result (answered with
-  ``Response(err=0)``), raises an error of ``dragon.errors`` (answered with that class's code and its text), or
-  returns ``DEFER`` and answers later with ``answer``/``fail``. Any other exception is a bug: logged, answered
-  as a ``DragonError``, and the service goes on.
+  ``Response(err=0)``), raises an error of ``dragon.errors`` (answered with that class's code and its text),
+  or returns ``DEFER`` and answers later with ``answer``/``fail``. Any other exception is a bug: logged,
+  answered as a ``DragonError``, and the service goes on.
 - No message stops a service. Bytes that do not decode (``messages.decode`` raises only ``ValueError``), a
   control message without the job's key, a message this service does not handle: each is logged (the first few
   of each kind, then every 1000th, with counts) and, when it is a request whose reply channel can be reached,
   answered with an error.
 - No service blocks on a peer that can block on it: everything it sends (answers, requests, notices) goes out
-  with ``timeout=0``; what does not fit waits in the service's outbox for that channel, in order, and is retried
-  every loop, while the service keeps reading its own inbox. So two services sending bulk work at each other
-  (GS and a shepherd) never deadlock, whatever the sizes of their inboxes.
+  with ``timeout=0``; what does not fit waits in the service's outbox for that channel, in order, and is
+  retried every loop, while the service keeps reading its own inbox. So two services sending bulk work at each
+  other (GS and a shepherd) never deadlock, whatever the sizes of their inboxes.
 - ``ask(ch, request, continuation)`` sends a request to another service and calls the continuation with its
   Response; ``later(delay, fn)`` runs fn after delay seconds (deadlines of joins); ``Ping`` is answered by the
   loop itself (the launcher's liveness probe).
@@ -66,8 +66,8 @@ class Timer:
 
 
 class Service:
-    """Base of a service (see the module doc). inbox: the channel it reads; key: the job's key (the first field
-    of every control message: see dragon.infrastructure.messages); log: a logger."""
+    """Base of a service (see the module doc). inbox: the channel it reads; key: the job's key (the first
+    field of every control message: see dragon.infrastructure.messages); log: a logger."""
 
     NAME = "service"
     LOG_EVERY = 1000
@@ -103,9 +103,11 @@ class Service:
         self.inbox = inbox
         self.inbox_sdesc = bytes(inbox.sdesc) if inbox is not None else b""
 
-    # ---- the loop -------------------------------------------------------------------------------------------
+    # ---- the loop
+    # -------------------------------------------------------------------------------------------
     def serve(self, until=None, timeout=None):
-        """Serve until stop() (or until ``until()`` is true, or ``timeout`` seconds have passed: then False)."""
+        """Serve until stop() (or until ``until()`` is true, or ``timeout`` seconds have passed: then
+        False)."""
         recv_many = self.inbox.recv_many
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running:
@@ -179,25 +181,28 @@ class Service:
             self._respond(msg, 0, None, res)
 
     def reject(self, kind, text, msg=None):
-        """A message the service will not act on: logged (rate-limited), answered with an error if it is a request
-        whose reply channel can be reached."""
+        """A message the service will not act on: logged (rate-limited), answered with an error if it is a
+        request whose reply channel can be reached."""
         n = self.bad[kind] = self.bad.get(kind, 0) + 1
         if n <= LOG_FIRST or n % self.LOG_EVERY == 0:
             self.log.error("bad message (%s, %d so far): %s", kind, n, text)
         if msg is not None and msg.REQUEST and type(msg.reply) is bytes and type(msg.tag) is int:
             self.fail(msg, DragonError(f"{self.NAME}: {text}"))
 
-    # ---- answers and requests -------------------------------------------------------------------------------
+    # ---- answers and requests
+    # -------------------------------------------------------------------------------
     def answer(self, to, result=None):
         """Answer the request ``to`` (anything with reply and tag) with a result."""
         self._respond(to, 0, None, result)
 
     def fail(self, to, error):
-        """Answer the request ``to`` with an error (an exception of dragon.errors, or any: then DragonError)."""
+        """Answer the request ``to`` with an error (an exception of dragon.errors, or any: then
+        DragonError)."""
         self._respond(to, code_of(error), str(error), None)
 
     def _respond(self, to, err, text, result):
-        """A control request (another service's) gets a ControlResponse, with the job's key; others a Response."""
+        """A control request (another service's) gets a ControlResponse, with the job's key; others a
+        Response."""
         if getattr(to, "CONTROL", False):
             resp = m.ControlResponse(self.key, to.tag, err, text, result)
         else:
@@ -296,9 +301,11 @@ class Service:
         else:
             cont(msg)
 
-    # ---- timers ---------------------------------------------------------------------------------------------
+    # ---- timers
+    # ---------------------------------------------------------------------------------------------
     def later(self, delay, fn):
-        """Run fn() after delay seconds (from the loop); returns a Timer (cancel() it if it is no longer due)."""
+        """Run fn() after delay seconds (from the loop); returns a Timer (cancel() it if it is no longer
+        due)."""
         t = Timer(time.monotonic() + delay, fn)
         heapq.heappush(self.timers, t)
         if len(self.timers) > self.compact_at:  # drop cancelled ones (amortized O(1))
@@ -318,10 +325,10 @@ class Service:
 
 @contextlib.contextmanager
 def service_process():
-    """The process prelude of a service (GS, a shepherd): Ctrl-C is the launcher's to handle (a no-op handler, not
-    SIG_IGN, which children would inherit); SIGTERM (the launcher died: PR_SET_PDEATHSIG; or scancel, a time
-    limit) raises SystemExit once, then is ignored, since a second one would cut a teardown short or print
-    noise on the way out; DRAGON_SPIN_NS tunes how long blocking receives spin before they sleep."""
+    """The process prelude of a service (GS, a shepherd): Ctrl-C is the launcher's to handle (a no-op handler,
+    not SIG_IGN, which children would inherit); SIGTERM (the launcher died: PR_SET_PDEATHSIG; or scancel, a
+    time limit) raises SystemExit once, then is ignored, since a second one would cut a teardown short or
+    print noise on the way out; DRAGON_SPIN_NS tunes how long blocking receives spin before they sleep."""
     signal.signal(signal.SIGINT, lambda signum, frame: None)
 
     def _term(signum, frame):

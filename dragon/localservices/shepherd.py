@@ -1,15 +1,16 @@
 """Local services (the shepherd): one process per node doing the node's physical work for global services.
 
 The main thread runs the service loop (dragon.infrastructure.service) on its inbox, which only the runtime's
-services know (GS and this node's launcher; every message a control message with the job's key): start a process
-(subprocess.Popen, its own session so its whole process group can be signalled), signal one, make or destroy a
-pool or channel, tear everything down. An IO thread waits (selectors, no polling) on a pidfd per process and on
-the pipes of forwarded output: it prints each line labelled ``[user_name or p_uid]`` and reports exits (a signal
-death as ``-signum``), after the process's output has been drained so that a joiner sees it first, through the
-shepherd's own inbox: the loop forwards them to global services without ever blocking on it.
+services know (GS and this node's launcher; every message a control message with the job's key): start a
+process (subprocess.Popen, its own session so its whole process group can be signalled), signal one, make or
+destroy a pool or channel, tear everything down. An IO thread waits (selectors, no polling) on a pidfd per
+process and on the pipes of forwarded output: it prints each line labelled ``[user_name or p_uid]`` and
+reports exits (a signal death as ``-signum``), after the process's output has been drained so that a joiner
+sees it first, through the shepherd's own inbox: the loop forwards them to global services without ever
+blocking on it.
 
-Before starting a process the shepherd makes its reply channel (so the child needs no set-up round trip); it is
-destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can answer into it any more.
+Before starting a process the shepherd makes its reply channel (so the child needs no set-up round trip); it
+is destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can answer into it any more.
 """
 
 import os
@@ -60,7 +61,8 @@ class _Managed:
 
 
 def _printable(label):
-    """A label as it is printed before each line of output: control characters escaped (a name may hold any)."""
+    """A label as it is printed before each line of output: control characters escaped (a name may hold
+    any)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in label).encode(errors="backslashreplace")
 
 
@@ -237,9 +239,9 @@ class Shepherd(Service):
         self.stop()
 
     def teardown(self, grace=1.0, unlink=False):
-        """SIGTERM every managed process group, SIGKILL what is left after grace, destroy every pool and channel.
-        unlink (when the launcher is gone): also kill every process of the job found by its environment, and
-        unlink every segment of the job on this node."""
+        """SIGTERM every managed process group, SIGKILL what is left after grace, destroy every pool and
+        channel. unlink (when the launcher is gone): also kill every process of the job found by its
+        environment, and unlink every segment of the job on this node."""
         self.tearing = True  # (exits are not reported any more: GS is being halted)
         with self.lock:
             recs = list(self.procs.values())
@@ -287,8 +289,9 @@ class Shepherd(Service):
 
     # ---- IO thread: exits and output ----------------------------------------------------------------------
     def _io_add(self, rec):
-        """Hand a new process to the IO thread. Registering with the epoll selector from this thread is safe (the
-        key is in the selector's table before the fd is in the kernel's set) and spares a wake-up per process."""
+        """Hand a new process to the IO thread. Registering with the epoll selector from this thread is safe
+        (the key is in the selector's table before the fd is in the kernel's set) and spares a wake-up per
+        process."""
         streams = [(n, st) for n, st in ((1, rec.popen.stdout), (2, rec.popen.stderr)) if st is not None]
         rec.open_streams = len(streams)
         for n, st in streams:
@@ -379,9 +382,9 @@ class Shepherd(Service):
 
 
 def main(node, job, inbox_cd, gs_cd, infra_pd, key):
-    """Entry point of the shepherd process (started by the launcher). Serves until SHTeardown; on SIGTERM (which
-    the kernel sends when the launcher dies, PR_SET_PDEATHSIG) it tears the node down and unlinks the job's
-    segments itself."""
+    """Entry point of the shepherd process (started by the launcher). Serves until SHTeardown; on SIGTERM
+    (which the kernel sends when the launcher dies, PR_SET_PDEATHSIG) it tears the node down and unlinks the
+    job's segments itself."""
     with service_process():
         shep = None
         try:

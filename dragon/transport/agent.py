@@ -6,22 +6,24 @@ their own MPI message, sent straight from the staging pool block), and delivers 
 
 - what arrives for channels of this node (SEND, RECV-type requests, PUTBACK) is the business of
   ``dragon.transport.incoming`` (the streams from other nodes, ``Incoming``);
-- what this node's processes opened, the answers that come back for them, and the processes themselves (watched,
-  and retired when gone, so that nothing they sent or were sent is lost) that of ``dragon.transport.outgoing``
-  (``Outgoing``).
+- what this node's processes opened, the answers that come back for them, and the processes themselves
+  (watched, and retired when gone, so that nothing they sent or were sent is lost) that of
+  ``dragon.transport.outgoing`` (``Outgoing``).
 
 The ``Agent`` class is the loop, MPI, the packets and the nodes; it mixes in those two, which own their state.
 
-The loop never blocks in MPI. It spins (yielding the CPU) while there is work or an MPI send in flight; while it
-only ships big payloads out and hears only acknowledgements back (this node streams out, no answer is awaited) it
-sleeps ``NAP`` between polls instead, leaving the core to the processes it serves; when idle it backs off to
-sleeping on the gateway channel's futex (a local request wakes it at once; a remote one is noticed within
-``MAX_IDLE_WAIT``, or ``LONG_IDLE_WAIT`` after a second of idleness), so an idle agent costs about 1% of a core.
+The loop never blocks in MPI. It spins (yielding the CPU) while there is work or an MPI send in flight; while
+it only ships big payloads out and hears only acknowledgements back (this node streams out, no answer is
+awaited) it sleeps ``NAP`` between polls instead, leaving the core to the processes it serves; when idle it
+backs off to sleeping on the gateway channel's futex (a local request wakes it at once; a remote one is
+noticed within ``MAX_IDLE_WAIT``, or ``LONG_IDLE_WAIT`` after a second of idleness), so an idle agent costs
+about 1% of a core.
 
-A payload in a staging block (PTR frame) up to ``BIG_MIN`` is copied into the packet and the block freed at once;
-a bigger one goes as its own MPI message straight from the block, and the receiving agent posts its receive
-straight into a block of the target channel's pool, which it then hands to the channel (``send_block``): no copy
-but MPI's own. Several such payloads are in flight at once (up to the sender's window).
+A payload in a staging block (PTR frame) up to ``BIG_MIN`` is copied into the packet and the block freed at
+once; a bigger one goes as its own MPI message straight from the block, and the receiving agent posts its
+receive straight into a block of the target channel's pool, which it then hands to the channel
+(``send_block``): no copy but MPI's own. Several such payloads are in flight at once (up to the sender's
+window).
 """
 
 import collections
@@ -70,7 +72,8 @@ class _Free:
 class Agent(Incoming, Outgoing):
     def __init__(self, comm, node, node_ranks, gateway, pool, log=None):
         """comm: an MPI communicator; node: this node's index; node_ranks[k]: the rank of node k's agent;
-        gateway: this node's gateway Channel; pool: this node's infrastructure Pool (reply channels live there)."""
+        gateway: this node's gateway Channel; pool: this node's infrastructure Pool (reply channels live
+        there)."""
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -152,13 +155,14 @@ class Agent(Incoming, Outgoing):
                 idle_since = perf()
                 continue
             if self.irecvs:
-                # MPI progress is what moves big payloads into our blocks (MPI's one copy, done by this thread):
-                # keep calling it without giving the core away, this is the stream's bottleneck
+                # MPI progress is what moves big payloads into our blocks (MPI's one copy, done by this
+                # thread): keep calling it without giving the core away, this is the stream's bottleneck
                 continue
             now = perf()
             if self.sends or now - idle_since < SPIN:
                 if now - self.urgent_at < SPIN:
-                    yield_cpu()  # spinning, but let the processes we serve have the core (2 cores, 4 busy ones)
+                    # spinning, but let the processes we serve have the core (2 cores, 4 busy ones)
+                    yield_cpu()
                 else:
                     # only acks come from other nodes (this node streams out): nobody there waits on this
                     # agent, so it leaves the core to the processes it serves (2 cores: the sender's copies
@@ -362,8 +366,12 @@ class Agent(Incoming, Outgoing):
                     off = W.U64.unpack_from(data, _HS)[0]
                     blk = self.pool.block(off)
                     if ln > blk.size:
-                        raise ValueError(f"a staging block of {blk.size} bytes cannot hold the {ln} it claims")
-                    if ln <= W.BIG_MIN:  # not worth an MPI message (and its handling) of its own: into the packet
+                        raise ValueError(
+                            f"a staging block of {blk.size} bytes cannot hold the {ln} it claims"
+                        )
+                    if (
+                        ln <= W.BIG_MIN
+                    ):  # not worth an MPI message (and its handling) of its own: into the packet
                         hdr = bytearray(data[:_HS])
                         hdr[1] = flags & ~W.PTR
                         pkt = out.get(dest)
@@ -470,7 +478,9 @@ class Agent(Incoming, Outgoing):
                     self._node_down(node)
                 elif kind == W.CTRL and self.on_ctrl is not None:
                     self.on_ctrl(src, bytes(payload))
-            except Exception as e:  # (a process wrote the payload: a bad one costs its own frame, not the packet)
+            except (
+                Exception
+            ) as e:  # (a process wrote the payload: a bad one costs its own frame, not the packet)
                 self._refuse(payload, f"kind {kind} from node {src}: {type(e).__name__}: {e}")
 
         if run:
@@ -536,7 +546,8 @@ def _timer_slack(ns):
 
 
 def _guarded(agent):
-    """The agent's thread: an exception that ends the loop is noted in agent.failed (the launcher reports it)."""
+    """The agent's thread: an exception that ends the loop is noted in agent.failed (the launcher reports
+    it)."""
     try:
         agent.run()
     except BaseException as e:
@@ -555,9 +566,10 @@ def _profiled(agent, path):
 
 
 def _keep_freed_memory():
-    """The agent builds a packet of up to PACKET_MAX bytes for every batch and frees it when MPI has sent it: with
-    glibc's defaults each one is a fresh mmap (or heap trimmed back), and the kernel faults in and zeroes every
-    page of every packet again (a third of a streaming agent's time, measured). Keep freed memory in the heap."""
+    """The agent builds a packet of up to PACKET_MAX bytes for every batch and frees it when MPI has sent it:
+    with glibc's defaults each one is a fresh mmap (or heap trimmed back), and the kernel faults in and zeroes
+    every page of every packet again (a third of a streaming agent's time, measured). Keep freed memory in the
+    heap."""
     try:
         import ctypes
 

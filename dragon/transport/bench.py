@@ -6,12 +6,12 @@
 It needs two ranks on two nodes (--virtual-nodes makes every rank a node of its own, even on one host), and
 mpi4py, numpy and mpiexec (pip install ".[bench]": the mpich wheel puts mpiexec next to python).
 
-First the two ranks time mpi4py ``Send``/``Recv`` (numpy buffers): a stream of N messages then a 1-byte ack, and
-a ping-pong. Then each rank becomes its node's transport agent (dragon.transport.harness) and one process per
-node does the same through the agents: node 0 sends with ``RemoteChannel.send`` into a channel of node 1, whose
-process receives locally (``recv_many`` up to 8 KiB, zero-copy ``recv_message`` above) and acks/echoes back
-through the agents. Above 16 KiB a second row streams with ``send_block`` (blocks of the staging pool, no copy by
-the sender, as mpi4py sends its prefilled buffer). The output says what each side does.
+First the two ranks time mpi4py ``Send``/``Recv`` (numpy buffers): a stream of N messages then a 1-byte ack,
+and a ping-pong. Then each rank becomes its node's transport agent (dragon.transport.harness) and one process
+per node does the same through the agents: node 0 sends with ``RemoteChannel.send`` into a channel of node 1,
+whose process receives locally (``recv_many`` up to 8 KiB, zero-copy ``recv_message`` above) and acks/echoes
+back through the agents. Above 16 KiB a second row streams with ``send_block`` (blocks of the staging pool, no
+copy by the sender, as mpi4py sends its prefilled buffer). The output says what each side does.
 
 Prints one table: msg/s and GB/s of the streams, round trip in microseconds, and ratios (each the best of
 REPEAT rounds, for both sides: the machine may be shared), and the load average at the end.
@@ -209,9 +209,9 @@ def app(quick):
 
 
 def placement_warning(mpi):
-    """A note when mpi4py's own big round trip is far slower than two of its stream messages: its two ranks then
-    shared a core for much of the run (on a small machine the scheduler does that now and then), and the agents'
-    threads were crowded the same way. None when the figures look sound."""
+    """A note when mpi4py's own big round trip is far slower than two of its stream messages: its two ranks
+    then shared a core for much of the run (on a small machine the scheduler does that now and then), and the
+    agents' threads were crowded the same way. None when the figures look sound."""
     for size in sorted(mpi, reverse=True):
         b = mpi[size]
         if size < 65536 or not b.get("stream_msgs") or not b.get("rtt_us"):
@@ -247,15 +247,31 @@ def _repeat(text):
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog=PROG, usage=argparse.SUPPRESS,
-                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--virtual-nodes", action="store_true",
-                    help="every rank its own node, even on one host (without it: one rank per host)")
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        usage=argparse.SUPPRESS,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--virtual-nodes",
+        action="store_true",
+        help="every rank its own node, even on one host (without it: one rank per host)",
+    )
     ap.add_argument("--quick", action="store_true", help="a tenth of the messages per size")
-    ap.add_argument("--sizes", type=_sizes, default=SIZES,
-                    help=f"message sizes in bytes (default {','.join(map(str, SIZES))})")
-    ap.add_argument("--repeat", type=_repeat, default=REPEAT, metavar="N",
-                    help=f"rounds per size, for both sides; the best one counts (default {REPEAT})")
+    ap.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=SIZES,
+        help=f"message sizes in bytes (default {','.join(map(str, SIZES))})",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=_repeat,
+        default=REPEAT,
+        metavar="N",
+        help=f"rounds per size, for both sides; the best one counts (default {REPEAT})",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the table's rows to FILE")
     ap.add_argument("--app", action="store_true", help=argparse.SUPPRESS)  # each node's program (the harness)
     return ap
@@ -269,8 +285,11 @@ def _two_nodes(world, comm):
     if comm.Get_rank() == 0:
         todo = ["start it with mpiexec -n 2"] if world.size < 2 else []
         todo += [] if world.virtual else ["add --virtual-nodes on one host"]
-        print(f"{PROG}: needs two nodes; this run has {world.size} rank(s) on {world.nnodes} node(s): "
-              f"{' and '.join(todo)} (see --help)", file=sys.stderr)
+        print(
+            f"{PROG}: needs two nodes; this run has {world.size} rank(s) on {world.nnodes} node(s): "
+            f"{' and '.join(todo)} (see --help)",
+            file=sys.stderr,
+        )
     raise SystemExit(2)
 
 
@@ -290,8 +309,12 @@ def main(argv=None):
         except ImportError as e:  # before MPI: every rank stops, the first one (mpiexec's, srun's) says why
             ranks = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
             first = next((os.environ[k] for k in ranks if os.environ.get(k)), "0") == "0"
-            sys.exit(f"{PROG}: needs {module} ({type(e).__name__}: {e}): pip install {install}, or "
-                     'pip install ".[bench]" for everything the benchmarks use' if first else 1)
+            sys.exit(
+                f"{PROG}: needs {module} ({type(e).__name__}: {e}): pip install {install}, or "
+                'pip install ".[bench]" for everything the benchmarks use'
+                if first
+                else 1
+            )
     if args.json:
         os.environ[env.BENCH_JSON] = os.path.abspath(args.json)
     from dragon.transport import harness

@@ -1,12 +1,13 @@
-"""Run a program once per node with the transport only (no global or local services): for tests and the benchmark.
+"""Run a program once per node with the transport only (no global or local services): for tests and the
+benchmark.
 
     mpiexec -n N python -m dragon.transport.harness [--virtual-nodes] PROGRAM [ARGS...]
 
 Each node's leader rank makes the node's infrastructure pool, gateway channel and two test channels ("a":
 capacity 1024, block 1024; "small": capacity 4), starts its transport agent, and runs ``python PROGRAM ARGS``
-with DRAGON_NODE, DRAGON_JOB, DRAGON_GW_CD, DRAGON_INF_PD and DRAGON_TEST_CHANS (json {node: {name: hex sdesc}}
-of every node's test channels) and DRAGON_NNODES. When every node's program has exited, the agents stop, the
-segments go, and each rank exits with its program's exit code.
+with DRAGON_NODE, DRAGON_JOB, DRAGON_GW_CD, DRAGON_INF_PD and DRAGON_TEST_CHANS (json {node: {name: hex
+sdesc}} of every node's test channels) and DRAGON_NNODES. When every node's program has exited, the agents
+stop, the segments go, and each rank exits with its program's exit code.
 """
 
 import json

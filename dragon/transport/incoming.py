@@ -1,5 +1,6 @@
 """The streams that arrive at this node's transport agent: other nodes' processes' handles to channels of this
-node (an ``_In`` per stream). Owned by the agent's thread; ``Incoming`` is the part of ``Agent`` that keeps them.
+node (an ``_In`` per stream). Owned by the agent's thread; ``Incoming`` is the part of ``Agent`` that keeps
+them.
 
 - SEND frames go into the target channel, in arrival order per stream; a full channel keeps the rest of the
   stream queued here (bounded by the sender's window) and retried; cumulative ACKs go back as messages land.
@@ -58,7 +59,8 @@ class _In:
 
 
 class _Pending:
-    """A big payload still arriving (MPI Irecv) in a stream's queue: later messages of the stream wait behind it."""
+    """A big payload still arriving (MPI Irecv) in a stream's queue: later messages of the stream wait behind
+    it."""
 
     __slots__ = ("buf", "req")
 
@@ -356,10 +358,10 @@ class Incoming:
         return work
 
     def _acks(self):
-        """Acknowledge deliveries, lazily: an ack rides along with other frames to the stream's node when there
-        are any, else it waits for ACK_EVERY deliveries, ACK_BYTES of big payloads or ACK_DELAY (the sender's
-        window is 512 messages / 8 MiB, so a late ack costs it nothing while it keeps sending; a round trip pays
-        no ack packets, a stream of big payloads one per ACK_BYTES)."""
+        """Acknowledge deliveries, lazily: an ack rides along with other frames to the stream's node when
+        there are any, else it waits for ACK_EVERY deliveries, ACK_BYTES of big payloads or ACK_DELAY (the
+        sender's window is 512 messages / 8 MiB, so a late ack costs it nothing while it keeps sending; a
+        round trip pays no ack packets, a stream of big payloads one per ACK_BYTES)."""
         now = time.perf_counter()
         out = self.out
         done = []

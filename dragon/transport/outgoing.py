@@ -1,14 +1,16 @@
-"""What this node's transport agent keeps for the processes of its node: their streams to other nodes' channels
-(an ``_Out`` per stream: where its answers go), their reply channels, and the processes themselves (an ``_Ep``
-each, watched with a pidfd). Owned by the agent's thread; ``Outgoing`` is the part of ``Agent`` that keeps them.
+"""What this node's transport agent keeps for the processes of its node: their streams to other nodes'
+channels (an ``_Out`` per stream: where its answers go), their reply channels, and the processes themselves
+(an ``_Ep`` each, watched with a pidfd). Owned by the agent's thread; ``Outgoing`` is the part of ``Agent``
+that keeps them.
 
-Answers (ACK, DATA, RESULT, ERR) coming back are put into the requesting process's reply channel; an answer that
-does not fit waits here (ACKs coalesce, so that too is bounded). Nothing a process sent is lost with the process,
-and nothing taken from a channel for it is dropped: once the process is gone, by any ending, or says BYE, or its
-reply channel is, the agent *retires* it: when the gateway has been read past every frame it wrote (the ring's
-tail at that moment), it closes its streams behind those frames, puts back into their channels the messages
-received for it that it never took (PUTBACK), and destroys its reply channel. A closed stream stays known here
-(a tombstone) until nothing more can come for it, so an answer that arrives late goes back to its channel too.
+Answers (ACK, DATA, RESULT, ERR) coming back are put into the requesting process's reply channel; an answer
+that does not fit waits here (ACKs coalesce, so that too is bounded). Nothing a process sent is lost with the
+process, and nothing taken from a channel for it is dropped: once the process is gone, by any ending, or says
+BYE, or its reply channel is, the agent *retires* it: when the gateway has been read past every frame it wrote
+(the ring's tail at that moment), it closes its streams behind those frames, puts back into their channels the
+messages received for it that it never took (PUTBACK), and destroys its reply channel. A closed stream stays
+known here (a tombstone) until nothing more can come for it, so an answer that arrives late goes back to its
+channel too.
 """
 
 import collections
@@ -32,9 +34,9 @@ _PIDNS = pid_namespace()
 class _Out:
     """A stream leaving here: where its answers go, and where a message received for it goes back to (target).
 
-    Once closed (by the process, or when the process is gone) it stays as a tombstone until nothing more can come
-    for it: the channel's agent has answered CLOSED (far_closed), and the process has read past the CLOSED frame
-    put into its reply channel (read_past), or the process was retired."""
+    Once closed (by the process, or when the process is gone) it stays as a tombstone until nothing more can
+    come for it: the channel's agent has answered CLOSED (far_closed), and the process has read past the
+    CLOSED frame put into its reply channel (read_past), or the process was retired."""
 
     __slots__ = ("closed", "dest", "ep", "far_closed", "read_past", "reply", "sid", "target", "until")
 
@@ -61,8 +63,8 @@ class _Ep:
 
 
 class _Body:
-    """The payload of a NEXT header that went into a reply channel, waiting here for room behind it (the header is
-    kept for the case where the payload must go back to its channel instead)."""
+    """The payload of a NEXT header that went into a reply channel, waiting here for room behind it (the
+    header is kept for the case where the payload must go back to its channel instead)."""
 
     __slots__ = ("body", "hdr")
 
@@ -297,8 +299,9 @@ class Outgoing:
             self._retire_now(ep)
 
     def _retire_now(self, ep):
-        """Close the streams of a process that is gone (behind all its frames, which are shipped now), put back
-        into their channels the messages received for it that it never took, destroy its reply channel."""
+        """Close the streams of a process that is gone (behind all its frames, which are shipped now), put
+        back into their channels the messages received for it that it never took, destroy its reply
+        channel."""
         for sid in list(ep.sids):
             o = self.outs.get(sid)
             if o is not None:
@@ -332,8 +335,8 @@ class Outgoing:
         del self.eps[ep.reply]
 
     def _lost_answers(self, frames):
-        """Answers that cannot go into their reply channel (bytes or pool blocks; a NEXT header's payload is the
-        one behind it): the data among them goes back to its channels, the blocks are freed."""
+        """Answers that cannot go into their reply channel (bytes or pool blocks; a NEXT header's payload is
+        the one behind it): the data among them goes back to its channels, the blocks are freed."""
         items = []
         for f in frames:
             for x in (f.hdr, f.body) if type(f) is _Body else (f,):
@@ -343,8 +346,8 @@ class Outgoing:
         self._putback_answers(items)
 
     def _putback_answers(self, items):
-        """The answers a process never read (frames as bytes; a NEXT header's payload is the item behind it): the
-        data among them goes back to the channels it was taken from."""
+        """The answers a process never read (frames as bytes; a NEXT header's payload is the item behind it):
+        the data among them goes back to the channels it was taken from."""
         i = 0
         while i < len(items):
             kind, flags, _node, n, sid, _seq = _HDR.unpack_from(items[i])

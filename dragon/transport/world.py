@@ -1,20 +1,20 @@
-"""The job's world as MPI gives it: which rank is which node, who runs the node's services and agent, and which
-rank (if any) runs global services on its own.
+"""The job's world as MPI gives it: which rank is which node, who runs the node's services and agent, and
+which rank (if any) runs global services on its own.
 
-``World(comm, virtual, gs_rank)``: every rank calls it (collective). Ranks are grouped into nodes by their real
-host (``uname``; first appearance order, so rank 0 is on node 0), or, with ``virtual=True``, each rank is its own
-node. The lowest rank of a node is its *leader*: it runs the node's transport agent (and the launcher's work for
-the node); other ranks of the node only wait for the end of the job.
+``World(comm, virtual, gs_rank)``: every rank calls it (collective). Ranks are grouped into nodes by their
+real host (``uname``; first appearance order, so rank 0 is on node 0), or, with ``virtual=True``, each rank is
+its own node. The lowest rank of a node is its *leader*: it runs the node's transport agent (and the
+launcher's work for the node); other ranks of the node only wait for the end of the job.
 
 **The global-services rank** (``gs_rank_of``): global services runs on a rank of its own, which is no node (no
 shepherd, no managed process, not in ``node.get_list()``) but has a transport agent, at transport index
 ``nnodes`` (``DRAGON_GS_NODE``), when
 
-- ``gs_rank=True`` (``dragon-launch --gs-rank``): the highest-numbered rank that is not its host's lowest rank;
-  if every host has one rank, or with ``--virtual-nodes``, the last rank (a host of its own then runs no node);
-  refused in a world of one rank;
-- ``gs_rank=None`` (the default) and, without ``--virtual-nodes``, the world has exactly one rank more than hosts
-  (``srun -N 2 -n 3``): that extra rank;
+- ``gs_rank=True`` (``dragon-launch --gs-rank``): the highest-numbered rank that is not its host's lowest
+  rank; if every host has one rank, or with ``--virtual-nodes``, the last rank (a host of its own then runs no
+  node); refused in a world of one rank;
+- ``gs_rank=None`` (the default) and, without ``--virtual-nodes``, the world has exactly one rank more than
+  hosts (``srun -N 2 -n 3``): that extra rank;
 - never with ``gs_rank=False`` (``--no-gs-rank``).
 
 Otherwise global services runs beside node 0's launcher, on node 0 (``DRAGON_GS_NODE=0``).
@@ -33,9 +33,10 @@ NETMOD_VAR = "MPIR_CVAR_CH4_NETMOD"
 
 def mpi_netmod_workaround(library_version, environ):
     """The MPICH netmod to force before MPI_Init, or None. The ``mpich`` wheel (MPICH 5.0.2, ch4:ucx and ofi)
-    under srun's PMI-2 fails in MPI_Init now and then (``mpi/pmi2: value not properly terminated``, UCX ``failed
-    to unpack address``) in a way that depends on the process's heap layout (a longer program path was enough to
-    trigger it, every time); the ofi netmod never did in the same runs. A user's own choice is kept."""
+    under srun's PMI-2 fails in MPI_Init now and then (``mpi/pmi2: value not properly terminated``, UCX
+    ``failed to unpack address``) in a way that depends on the process's heap layout (a longer program path
+    was enough to trigger it, every time); the ofi netmod never did in the same runs. A user's own choice is
+    kept."""
     if NETMOD_VAR in environ or "PMI_FD" not in environ or "SLURM_STEP_ID" not in environ:
         return None
     if "MPICH" in library_version and "ch4:ucx" in library_version and "ofi" in library_version:
@@ -44,7 +45,8 @@ def mpi_netmod_workaround(library_version, environ):
 
 
 def init_mpi():
-    """Initialize MPI (thread-multiple) for a dragon rank, with mpi_netmod_workaround(); -> mpi4py's MPI module."""
+    """Initialize MPI (thread-multiple) for a dragon rank, with mpi_netmod_workaround(); -> mpi4py's MPI
+    module."""
     import mpi4py
 
     mpi4py.rc.initialize = False
@@ -60,11 +62,11 @@ def init_mpi():
 
 
 def node_name(environ, rank, size, uname=None):
-    """The name of this rank's node as users know it: ``SLURMD_NODENAME`` if srun started this very rank (a job
-    step, ``SLURM_PROCID`` equal to the MPI rank, ``SLURM_STEP_NUM_TASKS`` equal to the MPI world's size), else
-    ``uname``.  mpiexec copies its own environment to every rank, so inside an sbatch script every rank of an
-    ``mpiexec`` would see the batch host's SLURMD_NODENAME: those checks refuse it (``World`` also drops the
-    Slurm names if they disagree with the real hosts)."""
+    """The name of this rank's node as users know it: ``SLURMD_NODENAME`` if srun started this very rank (a
+    job step, ``SLURM_PROCID`` equal to the MPI rank, ``SLURM_STEP_NUM_TASKS`` equal to the MPI world's size),
+    else ``uname``.  mpiexec copies its own environment to every rank, so inside an sbatch script every rank
+    of an ``mpiexec`` would see the batch host's SLURMD_NODENAME: those checks refuse it (``World`` also drops
+    the Slurm names if they disagree with the real hosts)."""
     uname = os.uname().nodename if uname is None else uname
     name = environ.get("SLURMD_NODENAME", "")
     if not name or not environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", "")).isdigit():
@@ -170,10 +172,10 @@ CPU_BINDING = env.CPU_BINDING
 
 
 def widen_cpu_binding(environ=os.environ):
-    """srun (--cpu-bind, task/affinity) and mpiexec (-bind-to) bind a rank to the CPUs of one task, but a serving
-    rank runs a whole node's services, agent and managed processes, which inherit its binding: so it takes every
-    CPU its cgroup allows it (the kernel keeps sched_setaffinity inside the cpuset), unless DRAGON_CPU_BINDING=keep.
-    Call it before anything is started. -> the CPU set now."""
+    """srun (--cpu-bind, task/affinity) and mpiexec (-bind-to) bind a rank to the CPUs of one task, but a
+    serving rank runs a whole node's services, agent and managed processes, which inherit its binding: so it
+    takes every CPU its cgroup allows it (the kernel keeps sched_setaffinity inside the cpuset), unless
+    DRAGON_CPU_BINDING=keep. Call it before anything is started. -> the CPU set now."""
     mode = environ.get(CPU_BINDING, "node").strip().lower() or "node"
     if mode not in ("node", "keep"):
         print(f"dragon: {CPU_BINDING}={mode!r}: expected 'node' or 'keep'; using 'node'", file=sys.stderr)

@@ -153,7 +153,8 @@ def case_forever():
 
 
 def case_rtt(count="300"):
-    """Round trips of a GS query (node.get_list) from node 0 and from a process on node 1: min and median us."""
+    """Round trips of a GS query (node.get_list) from node 0 and from a process on node 1: min and median
+    us."""
     here = _rtt(int(count))
     d = process.create(PY, None, [HERE, "rtt_child", count], user_name="rtt", options={"node": 1})
     assert process.join(d.p_uid, timeout=120) == 0

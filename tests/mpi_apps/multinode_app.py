@@ -1,5 +1,5 @@
-"""Programs for tests/test_multinode.py, run as ``mpiexec -n 3 dragon-launch --virtual-nodes multinode_app.py CASE``
-(the program runs once, on node 0). Prints "<case> ok" when its checks pass."""
+"""Programs for tests/test_multinode.py, run as ``mpiexec -n 3 dragon-launch --virtual-nodes multinode_app.py
+CASE`` (the program runs once, on node 0). Prints "<case> ok" when its checks pass."""
 
 import hashlib
 import os
@@ -202,8 +202,8 @@ def case_killnode():
 
 
 def case_killagent():
-    """SIGKILL node 1's launcher rank (its transport agent): mpiexec ends every rank, and every node's services
-    tear their node down (no process or segment may survive; the test checks)."""
+    """SIGKILL node 1's launcher rank (its transport agent): mpiexec ends every rank, and every node's
+    services tear their node down (no process or segment may survive; the test checks)."""
     d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
     channel.create(pool.create(8 << 20, pool_options={"node": 2}).m_uid)
     rank1 = _launcher_of_node1()
@@ -227,14 +227,16 @@ def case_killrank():
 
 
 def case_termrank():
-    """SIGTERM to node 1's launcher rank alone (node 0 never orders a teardown): after a few seconds it tears its
-    node down itself and tells node 0, whose joins then return at once (not after the heartbeats' silence)."""
+    """SIGTERM to node 1's launcher rank alone (node 0 never orders a teardown): after a few seconds it tears
+    its node down itself and tells node 0, whose joins then return at once (not after the heartbeats'
+    silence)."""
     _signal_node1_launcher(signal.SIGTERM, "SIGTERM to node 1's launcher", 60)
     print("termrank ok", flush=True)
 
 
 def _signal_node1_launcher(sig, what, timeout):
-    """Start a sleeper on node 1, send sig to node 1's launcher rank: the sleeper's join must return, as killed."""
+    """Start a sleeper on node 1, send sig to node 1's launcher rank: the sleeper's join must return, as
+    killed."""
     d = process.create(PY, None, ["-c", "import time; time.sleep(120)"], options={"node": 1})
     rank1 = _launcher_of_node1()
     print(f"{what} (pid {rank1})", flush=True)

@@ -5,14 +5,15 @@
 
 Every case prints "<case> ok ..." when its checks pass and raises otherwise.
 
-- ``exits ROUNDS``: several senders on every other node stream into one channel on node 0 (random sizes across the
-  transport's inline, batched and big-payload paths; send / send_block / send_many), each ending in its own way
-  right after its last send returned (return, sys.exit, os._exit, SIGKILL of itself, close, dropped handle).
-  Node 0 checks exactly-once and per-sender order; a message missing after every sender has ended is a loss.
+- ``exits ROUNDS``: several senders on every other node stream into one channel on node 0 (random sizes across
+  the transport's inline, batched and big-payload paths; send / send_block / send_many), each ending in its
+  own way right after its last send returned (return, sys.exit, os._exit, SIGKILL of itself, close, dropped
+  handle). Node 0 checks exactly-once and per-sender order; a message missing after every sender has ended is
+  a loss.
 - ``receivers``: a channel on node 1 filled by a local sender, drained through the transport by receivers on
   other nodes, some of which time out or are SIGKILLed mid-stream: every message is received exactly once.
-- ``shortlived N``: N processes (on the other nodes, a few at a time) each start, send one message into a channel
-  on node 0 and exit: N received.
+- ``shortlived N``: N processes (on the other nodes, a few at a time) each start, send one message into a
+  channel on node 0 and exit: N received.
 """
 
 import os
@@ -34,8 +35,9 @@ STALL = 30.0  # no message for this long after every sender ended: the rest is l
 
 
 def sizes(seed, count):
-    """The payload sizes (after the header) of one sender's messages: small ones inline, mid-sized ones through
-    staging blocks copied into the agents' packets, big ones (above 128 KiB) as MPI messages of their own."""
+    """The payload sizes (after the header) of one sender's messages: small ones inline, mid-sized ones
+    through staging blocks copied into the agents' packets, big ones (above 128 KiB) as MPI messages of their
+    own."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
@@ -105,7 +107,8 @@ def attach(desc):
     return Channel.attach(desc.sdesc)
 
 
-# ---- exits -----------------------------------------------------------------------------------------------------
+# ---- exits
+# -----------------------------------------------------------------------------------------------------
 def case_exits(rounds="3", per_node="4", count="300"):
     rounds, per_node, count = int(rounds), int(per_node), int(count)
     others = [k for k in node.get_list() if k != 0]
@@ -217,10 +220,11 @@ def exits_sender(sdesc_hex, sid, seed, count, ending, api):
         del out
 
 
-# ---- receivers -------------------------------------------------------------------------------------------------
+# ---- receivers
+# -------------------------------------------------------------------------------------------------
 def case_receivers(count="3000"):
-    """Receivers on other nodes drain a channel on node 1 through the transport; one times out at a time, one is
-    SIGKILLed mid-stream: together with the survivors they receive every message exactly once."""
+    """Receivers on other nodes drain a channel on node 1 through the transport; one times out at a time, one
+    is SIGKILLed mid-stream: together with the survivors they receive every message exactly once."""
     count = int(count)
     nodes = node.get_list()
     assert len(nodes) >= 2
@@ -318,7 +322,8 @@ def receiver(src_hex, res_hex, who):
         res.send(tag + b":" + m.split(b".", 1)[0], timeout=60)
 
 
-# ---- short-lived senders ---------------------------------------------------------------------------------------
+# ---- short-lived senders
+# ---------------------------------------------------------------------------------------
 def case_shortlived(n="200", in_flight="16"):
     n, in_flight = int(n), int(in_flight)
     others = [k for k in node.get_list() if k != 0]

@@ -1,6 +1,8 @@
-"""Programs run on every node by dragon.transport.harness (tests/test_transport.py): python transport_app.py CASE.
+"""Programs run on every node by dragon.transport.harness (tests/test_transport.py): python transport_app.py
+CASE.
 
-Each node's program finds the test channels of every node in DRAGON_TEST_CHANS; it exits 0 when its checks pass.
+Each node's program finds the test channels of every node in DRAGON_TEST_CHANS; it exits 0 when its checks
+pass.
 """
 
 import hashlib
@@ -385,9 +387,9 @@ def _interrupted_recv(r, after=0.3):
 
 
 def case_abandon():
-    """Messages taken from a channel for receives nobody waits for any more go back into the channel: a receive
-    interrupted, then its handle closed; a receive interrupted in a process that then exits without reading.
-    A sender whose channel is destroyed on its node gets ChannelError from flush."""
+    """Messages taken from a channel for receives nobody waits for any more go back into the channel: a
+    receive interrupted, then its handle closed; a receive interrupted in a process that then exits without
+    reading. A sender whose channel is destroyed on its node gets ChannelError from flush."""
     if NODE == 0:
         r = ch(1, "a")
         _interrupted_recv(r)
@@ -443,8 +445,8 @@ def _abandoner():
 
 def case_badframes():
     """A process writes malformed and forged frames into its node's gateway between good sends: each bad frame
-    is dropped alone (the agent logs it), every good message arrives once and in order, and nothing forged acts
-    (a CTRL frame telling the agents to stop, a NODE_DOWN, a heartbeat)."""
+    is dropped alone (the agent logs it), every good message arrives once and in order, and nothing forged
+    acts (a CTRL frame telling the agents to stop, a NODE_DOWN, a heartbeat)."""
     import struct
 
     from dragon._core import frames as W
