@@ -130,7 +130,10 @@ def _median(figures, group, test, metric, peer, size):
 def targets(figures):
     """The issues' targets, evaluated on this run's medians (None where a figure is missing)."""
     M = 1 << 20
-    g = lambda *a: _median(figures, *a)
+
+    def g(*a):
+        return _median(figures, *a)
+
     out = []
 
     def add(name, issue, value, op, bound, how, group=None, test=None):
@@ -438,9 +441,10 @@ def scale_targets(figures, add, ratio):
 
 def _table(rows, header):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(
-        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))
-    )
+
+    def line(r):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -503,7 +507,10 @@ def skipped_lines(skipped):
 def render(doc, labels=None):
     """The human-readable report of a result document (as written to --json)."""
     labels = labels or {}
-    lab = lambda p: labels.get(p, p)
+
+    def lab(p):
+        return labels.get(p, p)
+
     figures = doc["results"]
     out = []
     env = doc.get("env", {})

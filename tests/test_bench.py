@@ -8,14 +8,12 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 from benchmarks import report
 from benchmarks.channels import peer_available
 from benchmarks.runtime import runtime_missing
 from benchmarks.util import BENCH_EXTRA, NEEDS, beside_python, dragonhpc_root, mpiexec_path
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAM = ("msg_per_s", "gb_per_s")
 RTT = ("rtt_median_us", "rtt_p99_us")
 
