@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import report
-from benchmarks.channels import peer_available
+from benchmarks.channels import measure_size, peer_available
 from benchmarks.runtime import runtime_missing
 from benchmarks.util import BENCH_EXTRA, NEEDS, beside_python, dragonhpc_root, mpiexec_path
 
@@ -500,3 +500,21 @@ def test_quick_mp_every_figure_and_target(tmp_path):
     )
     assert any(r["group"] == "mp" and r["peer"] == "mp-forkserver" for r in doc["ratios"])
     assert "Pool.map of 100,000 trivial tasks" in p.stdout
+
+
+@pytest.mark.timeout(60)
+def test_peers_of_one_size_are_measured_together_and_a_broken_one_is_dropped():
+    """measure_size interleaves the peers of one size (each repeat measures every peer in turn) and a peer
+    that fails is reported through ``failed`` while the others keep every figure and every repeat."""
+    failures = []
+    figs = measure_size(
+        ["dragon", "no-such-peer", "mp-pipe"], 1024, 2, 0.01, failed=lambda p, e: failures.append((p, e))
+    )
+    assert [p for p, _ in failures] == ["no-such-peer"] and isinstance(failures[0][1], KeyError)
+    got = {(f["test"], f["peer"], f["metric"]): f for f in figs}
+    for peer in ("dragon", "mp-pipe"):
+        for test, metrics in (("stream", STREAM), ("rtt", RTT)):
+            for m in metrics:
+                f = got[(test, peer, m)]
+                assert f["size"] == 1024 and len(f["samples"]) == 2 and all(s > 0 for s in f["samples"])
+    assert {p for _, p, _ in got} == {"dragon", "mp-pipe"}
