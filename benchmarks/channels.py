@@ -364,6 +364,7 @@ def _child_loop(transport, ctrl, size):
             if cmd[0] == "stop":
                 break
             op, n = cmd
+            cpu0 = time.process_time()
             if op == "stream":
                 if transport.batched:
                     left = n
@@ -384,7 +385,7 @@ def _child_loop(transport, ctrl, size):
                         send(payload)
                     else:
                         send(m)
-            ctrl.send(("done", op))
+            ctrl.send(("done", op, time.process_time() - cpu0))
     except BaseException as e:  # tell the parent instead of leaving it waiting
         try:
             ctrl.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
@@ -458,9 +459,11 @@ class Pair:
             raise PairError(f"{self.peer} child failed: {msg[1]}")
         if what == "ready" and msg != "ready":
             raise PairError(f"{self.peer}: unexpected {msg!r}")
+        return msg
 
     def stream(self, n):
-        """Receive n messages the child streams; returns seconds from the command to the last message."""
+        """Receive n messages the child streams; returns seconds from the command to the last message. Sets
+        ``cpu``: the CPU seconds (user and system, every thread) both processes spent on the stream."""
         with _watchdog(f"{self.peer} stream"):
             return self._stream(n)
 
@@ -471,6 +474,7 @@ class Pair:
 
     def _stream(self, n):
         end = self.end
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         self.ctrl.send(("stream", n))
         if self.transport.batched:
@@ -484,7 +488,8 @@ class Pair:
                 if isinstance(m, _ZCMsg):
                     m.release()
         dt = time.perf_counter() - t0
-        self._expect("done")
+        cpu = time.process_time() - cpu0
+        self.cpu = cpu + self._expect("done")[2]
         return dt
 
     def _pingpong(self, n):
@@ -563,7 +568,7 @@ def measure_size(peers, size, repeat, target_s, do_stream=True, failed=None):
                     raise
                 failed(peer, e)
                 continue
-            state[peer] = dict(n=0, rates=[], m=0, meds=[], p99s=[])
+            state[peer] = dict(n=0, rates=[], cpus=[], m=0, meds=[], p99s=[])
         if do_stream:  # stream: probe, then `repeat` calibrated runs
             for peer in list(pairs):
                 dt = attempt(peer, "stream", n0)
@@ -575,6 +580,7 @@ def measure_size(peers, size, repeat, target_s, do_stream=True, failed=None):
                     dt = attempt(peer, "stream", st["n"])
                     if dt is not None:
                         st["rates"].append(st["n"] / dt)
+                        st["cpus"].append(pairs[peer].cpu / st["n"] * 1e6)
         # round trip (not for the batched peers: a ping-pong has nothing to batch)
         rtt = [p for p in pairs if not pairs[p].transport.batched]
         for peer in rtt:
@@ -596,12 +602,14 @@ def measure_size(peers, size, repeat, target_s, do_stream=True, failed=None):
         if peer in pairs:
             st = state[peer]
             out += stream_and_rtt_figures(
-                "channels", peer, size, st["rates"], st["meds"], st["p99s"], st["n"], st["m"]
+                "channels", peer, size, st["rates"], st["meds"], st["p99s"], st["n"], st["m"], st["cpus"]
             )
     return out
 
 
-def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt):
+def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt, cpus=None):
+    """The figures of one peer at one size; ``cpus``: CPU microseconds both ends spent per streamed message
+    (what a message costs the machine, waiting included: a shared host's load moves it less than the rates)."""
     f = util.figure
     out = []
     if rates:
@@ -619,6 +627,8 @@ def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt
                 count=n_stream,
             ),
         ]
+    if cpus:
+        out.append(f(group, "stream", peer, "cpu_us_per_msg", "us", "lower", cpus, size=size, count=n_stream))
     if meds:
         out += [
             f(group, "rtt", peer, "rtt_median_us", "us", "lower", meds, size=size, count=n_rtt),

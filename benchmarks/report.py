@@ -466,6 +466,7 @@ PEER_ORDER = [
 ]
 METRIC_SHORT = {
     "msg_per_s": "msg/s",
+    "cpu_us_per_msg": "CPU per msg",
     "rtt_median_us": "RTT median",
     "per_s": "rate",
     "seconds": "wall time",
@@ -479,7 +480,15 @@ def peer_rank(p):
     return PEER_ORDER.index(p) if p in PEER_ORDER else len(PEER_ORDER)
 
 
-SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s", "tasks_per_s")
+SUMMARY_METRICS = (
+    "msg_per_s",
+    "cpu_us_per_msg",
+    "rtt_median_us",
+    "per_s",
+    "seconds",
+    "ops_per_s",
+    "tasks_per_s",
+)
 
 
 def skipped_lines(skipped):

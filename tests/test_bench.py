@@ -128,7 +128,9 @@ def test_quick_channels_every_figure_and_plot(tmp_path):
         for size in (8, 65536):
             if peer == "dragon-zc" and size < 65536:
                 continue
-            for m in STREAM:
+            for m in STREAM + (
+                () if peer == "mpi4py" else ("cpu_us_per_msg",)
+            ):  # (CPU: both ends forked here)
                 find(doc, "channels", "stream", peer, m, size)
             if peer != "dragon-batch":
                 for m in RTT:
@@ -513,7 +515,7 @@ def test_peers_of_one_size_are_measured_together_and_a_broken_one_is_dropped():
     assert [p for p, _ in failures] == ["no-such-peer"] and isinstance(failures[0][1], KeyError)
     got = {(f["test"], f["peer"], f["metric"]): f for f in figs}
     for peer in ("dragon", "mp-pipe"):
-        for test, metrics in (("stream", STREAM), ("rtt", RTT)):
+        for test, metrics in (("stream", STREAM + ("cpu_us_per_msg",)), ("rtt", RTT)):
             for m in metrics:
                 f = got[(test, peer, m)]
                 assert f["size"] == 1024 and len(f["samples"]) == 2 and all(s > 0 for s in f["samples"])
