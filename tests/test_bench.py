@@ -128,9 +128,8 @@ def test_quick_channels_every_figure_and_plot(tmp_path):
         for size in (8, 65536):
             if peer == "dragon-zc" and size < 65536:
                 continue
-            for m in STREAM + (
-                () if peer == "mpi4py" else ("cpu_us_per_msg",)
-            ):  # (CPU: both ends forked here)
+            cpu = () if peer == "mpi4py" else ("cpu_us_per_msg",)  # (mpi4py's ranks report no CPU figure)
+            for m in STREAM + cpu:
                 find(doc, "channels", "stream", peer, m, size)
             if peer != "dragon-batch":
                 for m in RTT:
