@@ -202,6 +202,20 @@ def targets(figures):
         2,
         "GB/s ratio",
     )
+    for size, label in ((64 << 10, "64 KiB"), (M, "1 MiB")):  # the copying send()/recv() most users call
+        for peer, name in (("faster-fifo", "faster-fifo"), ("mp-pipe", "mp.Pipe")):
+            add(
+                f"{label} stream, dragon per-call / {name}",
+                14,
+                ratio(
+                    g("channels", "stream", "msg_per_s", "dragon", size),
+                    g("channels", "stream", "msg_per_s", peer, size),
+                ),
+                ">=",
+                2,
+                "msg/s ratio",
+                group="channels",
+            )
     add(
         "empty-script startup, dragon / DragonHPC",
         3,

@@ -284,6 +284,21 @@ def test_ratio_direction_and_targets():
     rt = t["8 B round trip, dragon / mpi4py"]
     assert rt["value"] == pytest.approx(0.25) and rt["met"] is False
     assert t["1 MiB stream, best dragon variant / mpi4py"]["value"] is None
+    # issue 14: the copying send()/recv() at 64 KiB against faster-fifo and mp.Pipe (1 MiB was not measured)
+    k = 64 << 10
+    figs += [
+        figure("channels", "stream", "dragon", "msg_per_s", "msg/s", "higher", [50.0], size=k),
+        figure("channels", "stream", "faster-fifo", "msg_per_s", "msg/s", "higher", [20.0], size=k),
+        figure("channels", "stream", "mp-pipe", "msg_per_s", "msg/s", "higher", [30.0], size=k),
+    ]
+    t = {x["target"]: x for x in report.targets(figs)}
+    ff, pipe = (
+        t["64 KiB stream, dragon per-call / faster-fifo"],
+        t["64 KiB stream, dragon per-call / mp.Pipe"],
+    )
+    assert ff["value"] == pytest.approx(2.5) and ff["met"] is True and ff["issue"] == 14
+    assert pipe["value"] == pytest.approx(50 / 30) and pipe["met"] is False
+    assert t["1 MiB stream, dragon per-call / mp.Pipe"]["met"] is None
 
 
 @pytest.mark.parametrize(
