@@ -79,6 +79,9 @@ class Outgoing:
         self.outs = {}  # sid -> _Out
         self.replies = {}  # reply sdesc -> Channel
         self.pending_rep = collections.OrderedDict()  # reply Channel -> deque of frames that did not fit
+        # reply Channel -> {position of a NEXT payload in it: its header}: a process that dies between taking
+        # a header and its payload leaves the payload first in its channel, which only this says how to read
+        self.next_at = {}
         self.eps = {}  # reply sdesc -> _Ep: the processes of this node with streams
         self.ep_fds = {}  # pidfd -> _Ep
         self.poller = select.poll()
@@ -229,6 +232,8 @@ class Outgoing:
                     ch.send(f, timeout=0)
                 else:
                     ch.send_block(f, timeout=0)
+                if i == 0 and body is not None:
+                    self._payload_next(ch, frame)
             if type(frame) is bytes and frame[0] == W.CLOSED:
                 self._closed_sent(ch, frame)
         except ChannelFull:
@@ -237,6 +242,19 @@ class Outgoing:
         except ChannelError:  # the reply channel is gone
             self._lost_answers([frame, body])
             self._reply_gone(o.reply)
+
+    def _payload_next(self, ch, header):
+        """A NEXT header went into reply channel ch: its payload will be the message right behind it (the
+        agent is the channel's only sender and sends nothing in between). Remember where, with the header,
+        and forget what the process has taken since."""
+        at = self.next_at.get(ch)
+        if at is None:
+            at = self.next_at[ch] = {}
+        head, tail = ch._positions()
+        at[tail] = bytes(header)
+        if len(at) > 2 * ch.capacity:
+            for pos in [p for p in at if p < head]:
+                del at[pos]
 
     def _reply_gone(self, reply):
         """A process's reply channel is gone (or was never valid): retire the process."""
@@ -314,6 +332,11 @@ class Outgoing:
                 ch = None
         if ch is not None:
             items = []  # what is in the reply channel, then what waited here to go in, as bytes
+            at = self.next_at.pop(ch, None)
+            try:
+                first = ch._positions()[0]
+            except ChannelError:
+                first = None
             while True:
                 try:
                     m = ch.recv_message(timeout=0)
@@ -321,6 +344,8 @@ class Outgoing:
                     break
                 items.append(bytes(m))
                 m.release()
+            if items and at and first in at:  # it died between a header and its payload: the header again
+                items.insert(0, at[first])
             self._putback_answers(items)
             self._lost_answers(self.pending_rep.pop(ch, ()))
             try:
@@ -415,6 +440,7 @@ class Outgoing:
                 if type(f) is bytes:
                     if f[1] & W.NEXT and q:  # its payload is next: keep the header with it until it is in
                         q[0] = _Body(f, q[0])
+                        self._payload_next(ch, f)
                     elif f[0] == W.CLOSED:
                         self._closed_sent(ch, f)
             if not q:

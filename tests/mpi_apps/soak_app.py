@@ -224,13 +224,20 @@ def exits_sender(sdesc_hex, sid, seed, count, ending, api):
 # -------------------------------------------------------------------------------------------------
 def case_receivers(count="3000"):
     """Receivers on other nodes drain a channel on node 1 through the transport; one times out at a time, one
-    is SIGKILLed mid-stream: together with the survivors they receive every message exactly once."""
+    is SIGKILLed mid-stream: together with the survivors they receive every message exactly once.
+
+    The victim is killed while it waits in recv with nothing in hand (the sender pauses a quarter of the way
+    until every message so far was reported), and the stream resumes at once, so the far agent may hand the
+    next message to the dead receiver's pending receive: that message must come back to the channel. (A
+    receiver killed after its recv took a message loses it with itself, as with a local channel: such a kill
+    would say nothing about the transport.)"""
     count = int(count)
     nodes = node.get_list()
     assert len(nodes) >= 2
     pd = pool.create(64 << 20, pool_options={"node": 1})
     src = channel.create(pd.m_uid, channel_options={"capacity": 64})
     res = channel.create(None, channel_options={"capacity": 1024})  # receivers report what they got, here
+    go = channel.create(None, channel_options={"capacity": 4})  # resumes the paused sender
     far = [k for k in nodes if k != 1] or [0]
     # a receiver that is SIGKILLed while it receives, and one that keeps timing out and giving up
     victims = [
@@ -248,7 +255,7 @@ def case_receivers(count="3000"):
         ),
     ]
     sender = process.create(
-        PY, None, [HERE, "receivers_sender", src.sdesc.hex(), str(count)], options={"node": 1}
+        PY, None, [HERE, "receivers_sender", src.sdesc.hex(), str(count), go.sdesc.hex()], options={"node": 1}
     )
     out = attach(res)
     seen = {}
@@ -257,8 +264,10 @@ def case_receivers(count="3000"):
     while len(seen) < count:
         missing = sorted(set(range(count)) - set(seen))[:10]
         assert time.monotonic() - last < STALL, f"received {len(seen)} of {count}; lost: {missing}"
-        if victim_alive and len(seen) >= count // 4:
+        if victim_alive and len(seen) >= count // 4:  # the sender waits: the victim waits in recv
+            time.sleep(0.2)
             process.kill(victims[0].p_uid, signal.SIGKILL)
+            attach(go).send(b"go")
             victim_alive = False
             # the survivor: a receiver on another node that takes the rest
             survivor = process.create(
@@ -286,15 +295,18 @@ def case_receivers(count="3000"):
     src_ch.close()
     channel.destroy(src.c_uid)
     channel.destroy(res.c_uid)
+    channel.destroy(go.c_uid)
     pool.destroy(pd.m_uid)
     print(f"receivers ok {len(seen)} {sorted(by.items())}", flush=True)
 
 
-def receivers_sender(src_hex, count):
+def receivers_sender(src_hex, count, go_hex):
     from dragon.channels import Channel
 
     ch = Channel.attach(bytes.fromhex(src_hex))
     for i in range(int(count)):
+        if i == int(count) // 4:
+            Channel.attach(bytes.fromhex(go_hex)).recv(timeout=60)
         ch.send(b"%d" % i + b"." * (i % 3000), timeout=60)
         if i % 20 == 19:
             time.sleep(0.01)  # a stream that lasts a few seconds: the receivers are killed mid-way
