@@ -263,7 +263,9 @@ class Agent(Incoming, Outgoing):
         rank = self.ranks[dest]
         MPI = self.MPI
         if pkt:  # the packet itself (a new one is started for the next frames): no copy
-            self.sends.append((self.comm.Isend([pkt, len(pkt), MPI.BYTE], rank, W.TAG_PKT), pkt))
+            req = self.comm.Isend([pkt, len(pkt), MPI.BYTE], rank, W.TAG_PKT)
+            if not req.Test():  # (a small one is sent at once: it need not be tested again, step after step)
+                self.sends.append((req, pkt))
         for buf, keep in bigs or ():
             self.sends.append((self.comm.Isend([buf, len(buf), MPI.BYTE], rank, W.TAG_BIG), keep))
         self.stats["packets"] += 1
