@@ -54,7 +54,7 @@ def main(argv=None):
                 comm.Barrier()
             continue
 
-        def stream(n):
+        def stream(n, buf=buf):
             t0 = time.perf_counter()
             comm.bcast((STREAM, n), root=0)
             for _ in range(n):
@@ -63,7 +63,7 @@ def main(argv=None):
             comm.Barrier()
             return dt
 
-        def pingpong(n):
+        def pingpong(n, buf=buf):
             comm.bcast((ECHO, n), root=0)
             lat = []
             clock = time.perf_counter

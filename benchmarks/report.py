@@ -130,7 +130,10 @@ def _median(figures, group, test, metric, peer, size):
 def targets(figures):
     """The issues' targets, evaluated on this run's medians (None where a figure is missing)."""
     M = 1 << 20
-    g = lambda *a: _median(figures, *a)
+
+    def g(*a):
+        return _median(figures, *a)
+
     out = []
 
     def add(name, issue, value, op, bound, how, group=None, test=None):
@@ -202,6 +205,20 @@ def targets(figures):
         2,
         "GB/s ratio",
     )
+    for size, label in ((64 << 10, "64 KiB"), (M, "1 MiB")):  # the copying send()/recv() most users call
+        for peer, name in (("faster-fifo", "faster-fifo"), ("mp-pipe", "mp.Pipe")):
+            add(
+                f"{label} stream, dragon per-call / {name}",
+                14,
+                ratio(
+                    g("channels", "stream", "msg_per_s", "dragon", size),
+                    g("channels", "stream", "msg_per_s", peer, size),
+                ),
+                ">=",
+                2,
+                "msg/s ratio",
+                group="channels",
+            )
     add(
         "empty-script startup, dragon / DragonHPC",
         3,
@@ -438,9 +455,10 @@ def scale_targets(figures, add, ratio):
 
 def _table(rows, header):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(
-        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))
-    )
+
+    def line(r):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -466,6 +484,7 @@ PEER_ORDER = [
 ]
 METRIC_SHORT = {
     "msg_per_s": "msg/s",
+    "cpu_us_per_msg": "CPU per msg",
     "rtt_median_us": "RTT median",
     "per_s": "rate",
     "seconds": "wall time",
@@ -479,7 +498,15 @@ def peer_rank(p):
     return PEER_ORDER.index(p) if p in PEER_ORDER else len(PEER_ORDER)
 
 
-SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s", "tasks_per_s")
+SUMMARY_METRICS = (
+    "msg_per_s",
+    "cpu_us_per_msg",
+    "rtt_median_us",
+    "per_s",
+    "seconds",
+    "ops_per_s",
+    "tasks_per_s",
+)
 
 
 def skipped_lines(skipped):
@@ -503,7 +530,10 @@ def skipped_lines(skipped):
 def render(doc, labels=None):
     """The human-readable report of a result document (as written to --json)."""
     labels = labels or {}
-    lab = lambda p: labels.get(p, p)
+
+    def lab(p):
+        return labels.get(p, p)
+
     figures = doc["results"]
     out = []
     env = doc.get("env", {})

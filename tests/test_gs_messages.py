@@ -106,7 +106,7 @@ def test_a_field_of_the_wrong_type_is_refused_naming_it_and_the_message_is_kept_
 def test_fuzzed_bytes_never_raise_anything_but_valueerror():
     rng = random.Random(7)
     known = [m.encode(valid(cls, rng)) for cls in m.type_table().values()]
-    for i in range(20000):
+    for _i in range(20000):
         data = bytearray(rng.choice(known))
         for _ in range(rng.randint(1, 4)):
             op = rng.random()

@@ -22,12 +22,12 @@ its inbox (see ``dragon.infrastructure.service``). Who handles a message is foun
 ``@handles(<Class>``.
 """
 
-from typing import Any, ClassVar, Dict, List, Optional, Union, get_args, get_origin
+from typing import Any, ClassVar, Optional, Union, get_args, get_origin
 
 from msgpack import packb as _packb
 from msgpack import unpackb as _unpackb
 
-_TABLE: Dict[int, type] = {}
+_TABLE: dict[int, type] = {}
 Ident = Union[int, str]  # a p_uid / m_uid / c_uid, or a user_name
 
 
@@ -174,10 +174,10 @@ class ControlResponse(Message, type_id=2, control=True):
 class GSProcessCreate(GSRequest, type_id=10):
     exe: str
     run_dir: str
-    args: List[str]
-    env: Optional[Dict[str, str]]
+    args: list[str]
+    env: Optional[dict[str, str]]
     user_name: Optional[str]
-    options: Optional[Dict[str, Any]]
+    options: Optional[dict[str, Any]]
     soft: bool
     head: bool
 
@@ -201,14 +201,14 @@ class GSProcessJoin(GSRequest, type_id=14):
 
 
 class GSProcessMultiJoin(GSRequest, type_id=15):
-    idents: List[Ident]
+    idents: list[Ident]
     timeout: Optional[float]
 
 
 class GSPoolCreate(GSRequest, type_id=20):
     size: int
     user_name: Optional[str]
-    options: Optional[Dict[str, Any]]
+    options: Optional[dict[str, Any]]
     soft: bool
 
 
@@ -227,7 +227,7 @@ class GSPoolDestroy(GSRequest, type_id=23):
 class GSChannelCreate(GSRequest, type_id=30):
     m_uid: Optional[int]
     user_name: Optional[str]
-    options: Optional[Dict[str, Any]]
+    options: Optional[dict[str, Any]]
     soft: bool
 
 
@@ -245,7 +245,7 @@ class GSChannelJoin(GSRequest, type_id=33):
 
 
 class GSChannelDestroy(GSRequest, type_id=34):
-    idents: Union[Ident, List[Ident]]
+    idents: Union[Ident, list[Ident]]
 
 
 class GSChannelAttach(GSRequest, type_id=35):
@@ -329,8 +329,8 @@ class SHProcessCreate(Request, type_id=60, control=True):
     p_uid: int
     exe: str
     run_dir: str
-    args: List[str]
-    env: Dict[str, str]
+    args: list[str]
+    env: dict[str, str]
     label: str
     stdout: str
     stderr: str

@@ -239,7 +239,7 @@ class Agent(Incoming, Outgoing):
         deadline = time.monotonic() + timeout
         while self.sends and time.monotonic() < deadline:
             self._test_sends()
-        for req, keep in self.sends:
+        for req, _keep in self.sends:
             try:
                 req.Cancel()
             except Exception:
@@ -529,7 +529,7 @@ class Agent(Incoming, Outgoing):
                     self._forget_if_done(o)
                 else:
                     self._fail_local(o.sid, 0, text)
-        for key, s in list(self.ins.items()):
+        for _key, s in list(self.ins.items()):
             if s.src == node:
                 for item in s.sendq:  # big payloads that will never finish arriving
                     if type(item) is _Pending:

@@ -222,7 +222,7 @@ class Outgoing:
                 q.append(body)
             return
         try:
-            for i, f in enumerate((frame, body)):
+            for i, f in enumerate((frame, body)):  # noqa: B007 (i, after the loop, says which part failed)
                 if f is None:
                     break
                 if isinstance(f, (bytes, bytearray)):

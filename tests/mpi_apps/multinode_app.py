@@ -188,7 +188,7 @@ def case_killnode():
     code = process.join(d.p_uid, timeout=60)
     assert code is not None and code < 0, code
     try:
-        for i in range(10000):  # the window of a remote channel of capacity 2 fills long before that
+        for _i in range(10000):  # the window of a remote channel of capacity 2 fills long before that
             ch.send(b"x", timeout=30)
         raise AssertionError("sends to a dead node never failed")
     except ChannelError as e:
