@@ -530,8 +530,8 @@ class RemoteChannel:
         ep = self._ep
         if block.pool.name != ep.pool.name:
             raise ChannelError(
-                f"channel on node {self.node}: the block belongs to another pool ({block.pool.name!r}); a remote "
-                f"channel sends blocks of this node's staging pool (channel.pool, {ep.pool.name!r})"
+                f"channel on node {self.node}: the block belongs to another pool ({block.pool.name!r}); "
+                f"a remote channel sends blocks of this node's staging pool (channel.pool, {ep.pool.name!r})"
             )
         if block.freed:
             raise ChannelError(

@@ -164,8 +164,8 @@ class ChannelOptions(_Options):
 
     local_opts: options of the local library create call, a dict (or object) with ``capacity`` and/or
                 ``block_size``; the same can be given directly as ``capacity=`` / ``block_size=``.
-    ref_count:  if True, GS counts the processes attached to the channel (the creator, and every process that calls
-                ``channel.attach``) and destroys it when the last one detaches or exits.
+    ref_count:  if True, GS counts the processes attached to the channel (the creator, and every process
+                that calls ``channel.attach``) and destroys it when the last one detaches or exits.
     """
 
     __slots__ = ("local_opts", "ref_count", "capacity", "block_size")
@@ -202,4 +202,7 @@ class ChannelOptions(_Options):
         return {"ref_count": self.ref_count, "capacity": self.capacity, "block_size": self.block_size}
 
     def __repr__(self):
-        return f"ChannelOptions(ref_count={self.ref_count}, capacity={self.capacity}, block_size={self.block_size})"
+        return (
+            f"ChannelOptions(ref_count={self.ref_count}, capacity={self.capacity}, "
+            f"block_size={self.block_size})"
+        )
