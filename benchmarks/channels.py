@@ -39,6 +39,15 @@ def batch_for(size):
 
 ZC_MIN = 64 * 1024  # zero-copy only makes sense for large messages
 
+
+def queue_depth(size):
+    """How many messages of ``size`` bytes a bounded queue peer holds: dragon's channel capacity, and
+    faster-fifo's ring is sized for as many (the same bytes in flight: a deeper queue streams from DRAM
+    instead of the cache, so unequal depths would compare the memory hierarchy, not the queues). The channel
+    default (1024) up to 64 KiB; 64 for larger messages, so a pool does not ask /dev/shm for gigabytes."""
+    return 1024 if size <= 64 * 1024 else 64
+
+
 ALL_PEERS = [
     "dragon",
     "dragon-batch",
@@ -150,8 +159,9 @@ class FasterFifoTransport(_Transport):
     def setup(self, size):
         import faster_fifo
 
-        # room for a good number of messages of this size (the queue is a byte ring)
-        cap = max(1 << 20, min(256 << 20, (size + 64) * 4096))
+        # a byte ring with room for as many messages as dragon's channel holds (queue_depth; 64 B each for the
+        # pickle and ring headers), and at least faster-fifo's usual 1 MiB
+        cap = max(1 << 20, queue_depth(size) * (size + 64))
         self.q1 = faster_fifo.Queue(max_size_bytes=cap)
         self.q2 = faster_fifo.Queue(max_size_bytes=cap)
 
@@ -196,8 +206,7 @@ class DragonTransport(_Transport):
         from dragon.channels import Channel
         from dragon.pools import Pool
 
-        # enough slots to stream, without asking /dev/shm for gigabytes at 1 MiB
-        capacity = 1024 if size <= 64 * 1024 else 64
+        capacity = queue_depth(size)
         pool_bytes = max(64 << 20, min(1 << 30, 2 * 2 * capacity * (size + 4096) + (16 << 20)))
         self.pool = Pool.create(pool_bytes)
         try:
@@ -355,6 +364,7 @@ def _child_loop(transport, ctrl, size):
             if cmd[0] == "stop":
                 break
             op, n = cmd
+            cpu0 = time.process_time()
             if op == "stream":
                 if transport.batched:
                     left = n
@@ -375,7 +385,7 @@ def _child_loop(transport, ctrl, size):
                         send(payload)
                     else:
                         send(m)
-            ctrl.send(("done", op))
+            ctrl.send(("done", op, time.process_time() - cpu0))
     except BaseException as e:  # tell the parent instead of leaving it waiting
         try:
             ctrl.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
@@ -449,9 +459,11 @@ class Pair:
             raise PairError(f"{self.peer} child failed: {msg[1]}")
         if what == "ready" and msg != "ready":
             raise PairError(f"{self.peer}: unexpected {msg!r}")
+        return msg
 
     def stream(self, n):
-        """Receive n messages the child streams; returns seconds from the command to the last message."""
+        """Receive n messages the child streams; returns seconds from the command to the last message. Sets
+        ``cpu``: the CPU seconds (user and system, every thread) both processes spent on the stream."""
         with _watchdog(f"{self.peer} stream"):
             return self._stream(n)
 
@@ -462,6 +474,7 @@ class Pair:
 
     def _stream(self, n):
         end = self.end
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         self.ctrl.send(("stream", n))
         if self.transport.batched:
@@ -475,7 +488,8 @@ class Pair:
                 if isinstance(m, _ZCMsg):
                     m.release()
         dt = time.perf_counter() - t0
-        self._expect("done")
+        cpu = time.process_time() - cpu0
+        self.cpu = cpu + self._expect("done")[2]
         return dt
 
     def _pingpong(self, n):
@@ -527,32 +541,76 @@ def calibrate(rate, target_s, lo, hi):
     return int(max(lo, min(hi, rate * target_s)))
 
 
-def measure_peer(peer, size, repeat, target_s, do_stream=True):
-    """Stream and round-trip figures of one peer at one size. Returns a list of figures."""
-    pair = Pair(peer, size)
+def measure_size(peers, size, repeat, target_s, do_stream=True, failed=None):
+    """Stream and round-trip figures of several peers at one size, interleaved: every peer's pair is set up
+    and calibrated first, then each repeat measures every peer in turn, so a change in the machine's load (a
+    shared host) falls on all of them alike instead of on whichever peer ran at that moment. A peer that fails
+    is dropped (``failed(peer, exc)`` is told) and the others go on. Returns a list of figures."""
     n0 = probe_count(size)
-    n, rates = 0, []
+    pairs, state = {}, {}
+
+    def attempt(peer, what, n):
+        """pairs[peer].stream(n) or .pingpong(n); None if it failed (the peer is dropped)."""
+        try:
+            return getattr(pairs[peer], what)(n)
+        except Exception as e:  # one broken peer must not lose the others' figures
+            pairs.pop(peer).close()
+            if failed is None:
+                raise
+            failed(peer, e)
+
     try:
+        for peer in peers:
+            try:
+                pairs[peer] = Pair(peer, size)
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed(peer, e)
+                continue
+            state[peer] = dict(n=0, rates=[], cpus=[], m=0, meds=[], p99s=[])
         if do_stream:  # stream: probe, then `repeat` calibrated runs
-            dt = pair.stream(n0)
-            n = calibrate(n0 / dt, target_s, n0, 5_000_000)
+            for peer in list(pairs):
+                dt = attempt(peer, "stream", n0)
+                if dt is not None:
+                    state[peer]["n"] = calibrate(n0 / dt, target_s, n0, 5_000_000)
             for _ in range(repeat):
-                rates.append(n / pair.stream(n))
+                for peer in list(pairs):
+                    st = state[peer]
+                    dt = attempt(peer, "stream", st["n"])
+                    if dt is not None:
+                        st["rates"].append(st["n"] / dt)
+                        st["cpus"].append(pairs[peer].cpu / st["n"] * 1e6)
         # round trip (not for the batched peers: a ping-pong has nothing to batch)
-        m, meds, p99s = 0, [], []
-        if not pair.transport.batched:
-            lat = pair.pingpong(max(20, n0 // 20))
-            m = calibrate(1.0 / util.quantile(lat, 0.5), target_s, 50, 200_000)
-        for _ in range(repeat if m else 0):
-            lat = pair.pingpong(m)
-            meds.append(util.quantile(lat, 0.5) * 1e6)
-            p99s.append(util.quantile(lat, 0.99) * 1e6)
+        rtt = [p for p in pairs if not pairs[p].transport.batched]
+        for peer in rtt:
+            lat = attempt(peer, "pingpong", max(20, n0 // 20))
+            if lat is not None:
+                state[peer]["m"] = calibrate(1.0 / util.quantile(lat, 0.5), target_s, 50, 200_000)
+        for _ in range(repeat):
+            for peer in [p for p in rtt if p in pairs]:
+                st = state[peer]
+                lat = attempt(peer, "pingpong", st["m"])
+                if lat is not None:
+                    st["meds"].append(util.quantile(lat, 0.5) * 1e6)
+                    st["p99s"].append(util.quantile(lat, 0.99) * 1e6)
     finally:
-        pair.close()
-    return stream_and_rtt_figures("channels", peer, size, rates, meds, p99s, n, m)
+        for pair in pairs.values():
+            pair.close()
+    out = []
+    for peer in peers:
+        if peer in pairs:
+            st = state[peer]
+            out += stream_and_rtt_figures(
+                "channels", peer, size, st["rates"], st["meds"], st["p99s"], st["n"], st["m"], st["cpus"]
+            )
+    return out
 
 
-def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt):
+def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt, cpus=None):
+    """The figures of one peer at one size; ``cpus``: CPU microseconds both ends spent per streamed
+    message (what a message costs the machine, waiting included: a shared host's load moves it less than the
+    rates)."""
     f = util.figure
     out = []
     if rates:
@@ -570,6 +628,8 @@ def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt
                 count=n_stream,
             ),
         ]
+    if cpus:
+        out.append(f(group, "stream", peer, "cpu_us_per_msg", "us", "lower", cpus, size=size, count=n_stream))
     if meds:
         out += [
             f(group, "rtt", peer, "rtt_median_us", "us", "lower", meds, size=size, count=n_rtt),

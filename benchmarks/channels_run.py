@@ -54,21 +54,31 @@ def plan(ctx, stream=True):
             reasons[peer] = why
             for r in why:
                 ctx.skip(f"channels {LABELS[peer]}", **r)
-    for peer in peers:
-        if peer in reasons or peer in ("mpi4py", "dragonhpc"):
+    runnable = [p for p in peers if p not in reasons and p not in ("mpi4py", "dragonhpc")]
+    for size in sizes:  # one step per size: its peers interleaved (see channels.measure_size)
+        these = [
+            p
+            for p in runnable
+            if not (p == "dragon-zc" and size < channels.ZC_MIN)
+            and not (
+                p in ("dragon-batch", "ff-batch") and not stream
+            )  # batching does not apply to a ping-pong
+        ]
+        if not these:
             continue
-        for size in sizes:
-            if peer == "dragon-zc" and size < channels.ZC_MIN:
-                continue
-            if peer in ("dragon-batch", "ff-batch") and not stream:
-                continue  # batching does not apply to a ping-pong
 
-            def run(peer=peer, size=size):
-                ctx.figures.extend(
-                    channels.measure_peer(peer, size, ctx.repeat, ctx.target, do_stream=stream)
+        def run(these=these, size=size):
+            def failed(peer, e):
+                ctx.skip(
+                    f"channels {LABELS[peer]} {util.size_label(size)}", f"failed: {type(e).__name__}: {e}"
                 )
 
-            steps.append((f"channels {LABELS[peer]} {util.size_label(size)}", run))
+            ctx.figures.extend(
+                channels.measure_size(these, size, ctx.repeat, ctx.target, do_stream=stream, failed=failed)
+            )
+
+        label = ", ".join(LABELS[p] for p in these)
+        steps.append((f"channels {util.size_label(size)}: {label}", run))
     if "mpi4py" in peers and "mpi4py" not in reasons:
 
         def run_mpi():

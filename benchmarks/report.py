@@ -205,6 +205,20 @@ def targets(figures):
         2,
         "GB/s ratio",
     )
+    for size, label in ((64 << 10, "64 KiB"), (M, "1 MiB")):  # the copying send()/recv() most users call
+        for peer, name in (("faster-fifo", "faster-fifo"), ("mp-pipe", "mp.Pipe")):
+            add(
+                f"{label} stream, dragon per-call / {name}",
+                14,
+                ratio(
+                    g("channels", "stream", "msg_per_s", "dragon", size),
+                    g("channels", "stream", "msg_per_s", peer, size),
+                ),
+                ">=",
+                2,
+                "msg/s ratio",
+                group="channels",
+            )
     add(
         "empty-script startup, dragon / DragonHPC",
         3,
@@ -470,6 +484,7 @@ PEER_ORDER = [
 ]
 METRIC_SHORT = {
     "msg_per_s": "msg/s",
+    "cpu_us_per_msg": "CPU per msg",
     "rtt_median_us": "RTT median",
     "per_s": "rate",
     "seconds": "wall time",
@@ -483,7 +498,15 @@ def peer_rank(p):
     return PEER_ORDER.index(p) if p in PEER_ORDER else len(PEER_ORDER)
 
 
-SUMMARY_METRICS = ("msg_per_s", "rtt_median_us", "per_s", "seconds", "ops_per_s", "tasks_per_s")
+SUMMARY_METRICS = (
+    "msg_per_s",
+    "cpu_us_per_msg",
+    "rtt_median_us",
+    "per_s",
+    "seconds",
+    "ops_per_s",
+    "tasks_per_s",
+)
 
 
 def skipped_lines(skipped):

@@ -116,6 +116,12 @@ def shutdown():
 
 
 def _at_exit(h):
+    # multiprocessing's exit steps (joining the 'dragon' start method's children, freeing their heap) need
+    # the runtime: when multiprocessing was imported before init(), its atexit handler would run after this
+    # one, so run it first (it runs once)
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None and current() is h:
+        mp_util._exit_function()
     with _lock:
         if current() is h:
             shutdown()

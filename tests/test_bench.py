@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks import report
-from benchmarks.channels import peer_available
+from benchmarks.channels import measure_size, peer_available
 from benchmarks.runtime import runtime_missing
 from benchmarks.util import BENCH_EXTRA, NEEDS, beside_python, dragonhpc_root, mpiexec_path
 
@@ -126,7 +126,8 @@ def test_quick_channels_every_figure_and_plot(tmp_path):
         for size in (8, 65536):
             if peer == "dragon-zc" and size < 65536:
                 continue
-            for m in STREAM:
+            cpu = () if peer == "mpi4py" else ("cpu_us_per_msg",)  # (mpi4py's ranks report no CPU figure)
+            for m in STREAM + cpu:
                 find(doc, "channels", "stream", peer, m, size)
             if peer != "dragon-batch":
                 for m in RTT:
@@ -281,6 +282,21 @@ def test_ratio_direction_and_targets():
     rt = t["8 B round trip, dragon / mpi4py"]
     assert rt["value"] == pytest.approx(0.25) and rt["met"] is False
     assert t["1 MiB stream, best dragon variant / mpi4py"]["value"] is None
+    # issue 14: the copying send()/recv() at 64 KiB against faster-fifo and mp.Pipe (1 MiB was not measured)
+    k = 64 << 10
+    figs += [
+        figure("channels", "stream", "dragon", "msg_per_s", "msg/s", "higher", [50.0], size=k),
+        figure("channels", "stream", "faster-fifo", "msg_per_s", "msg/s", "higher", [20.0], size=k),
+        figure("channels", "stream", "mp-pipe", "msg_per_s", "msg/s", "higher", [30.0], size=k),
+    ]
+    t = {x["target"]: x for x in report.targets(figs)}
+    ff, pipe = (
+        t["64 KiB stream, dragon per-call / faster-fifo"],
+        t["64 KiB stream, dragon per-call / mp.Pipe"],
+    )
+    assert ff["value"] == pytest.approx(2.5) and ff["met"] is True and ff["issue"] == 14
+    assert pipe["value"] == pytest.approx(50 / 30) and pipe["met"] is False
+    assert t["1 MiB stream, dragon per-call / mp.Pipe"]["met"] is None
 
 
 @pytest.mark.parametrize(
@@ -498,3 +514,21 @@ def test_quick_mp_every_figure_and_target(tmp_path):
     )
     assert any(r["group"] == "mp" and r["peer"] == "mp-forkserver" for r in doc["ratios"])
     assert "Pool.map of 100,000 trivial tasks" in p.stdout
+
+
+@pytest.mark.timeout(60)
+def test_peers_of_one_size_are_measured_together_and_a_broken_one_is_dropped():
+    """measure_size interleaves the peers of one size (each repeat measures every peer in turn) and a peer
+    that fails is reported through ``failed`` while the others keep every figure and every repeat."""
+    failures = []
+    figs = measure_size(
+        ["dragon", "no-such-peer", "mp-pipe"], 1024, 2, 0.01, failed=lambda p, e: failures.append((p, e))
+    )
+    assert [p for p, _ in failures] == ["no-such-peer"] and isinstance(failures[0][1], KeyError)
+    got = {(f["test"], f["peer"], f["metric"]): f for f in figs}
+    for peer in ("dragon", "mp-pipe"):
+        for test, metrics in (("stream", STREAM + ("cpu_us_per_msg",)), ("rtt", RTT)):
+            for m in metrics:
+                f = got[(test, peer, m)]
+                assert f["size"] == 1024 and len(f["samples"]) == 2 and all(s > 0 for s in f["samples"])
+    assert {p for _, p, _ in got} == {"dragon", "mp-pipe"}

@@ -104,6 +104,55 @@ def test_recv_into(ch):
         ch.recv_into(buf, timeout=0)
 
 
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 64 << 10, 1 << 20, "largest"])
+def test_copying_api_at_every_size_that_matters(pool, size):
+    """send / recv / recv_into at 0, 1, the inline limit (block_size 64) -1, exact and +1, 64 KiB, 1 MiB and
+    the largest block the pool holds: the payload comes back intact, into bytes or into any writable buffer
+    (bytearray, numpy array, a memoryview slice), a too-small buffer raises ChannelError and leaves the
+    message queued, and every pool block is freed afterwards."""
+    ch = Channel.create(pool, capacity=4, block_size=64)
+    if size == "largest":
+        size = pool.stats()["free_bytes"]  # (the channel's block is at the start: the rest is one run)
+    data = os.urandom(size)
+    ch.send(data)
+    got = ch.recv()
+    assert type(got) is bytes and got == data
+    for buf in (bytearray(size), np.zeros(size + 7, dtype=np.uint8), memoryview(bytearray(size + 9))[5:]):
+        ch.send(data)
+        assert ch.recv_into(buf) == size and bytes(memoryview(buf)[:size]) == data
+    if size:
+        ch.send(data)
+        with pytest.raises(ChannelError, match="too small"):
+            ch.recv_into(bytearray(size - 1), timeout=0)
+        assert len(ch) == 1 and ch.recv(timeout=0) == data  # not lost, not changed
+    assert pool.stats()["allocated_blocks"] == 1  # only the channel: every message's block was freed
+    ch.destroy()
+
+
+def test_copying_api_bad_buffers_and_timeouts(pool):
+    """recv_into refuses what is not a writable contiguous buffer with TypeError and leaves the message
+    queued; recv and recv_into raise ChannelEmpty (timeout 0) and ChannelTimeout (timeout t) when empty."""
+    ch = Channel.create(pool, capacity=4, block_size=64)
+    ch.send(b"m" * 1000)
+    for bad in (
+        b"read-only",
+        memoryview(bytearray(4000))[::2],  # not contiguous
+        np.zeros((40, 40), dtype=np.uint8)[:, ::2],
+        "a str",
+        5,
+        None,
+    ):
+        with pytest.raises(TypeError):
+            ch.recv_into(bad)
+    assert len(ch) == 1 and ch.recv_into(bytearray(1000)) == 1000
+    for call in (ch.recv, lambda timeout: ch.recv_into(bytearray(10), timeout=timeout)):
+        with pytest.raises(ChannelEmpty):
+            call(timeout=0)
+        with pytest.raises(ChannelTimeout):
+            call(timeout=0.05)
+    ch.destroy()
+
+
 def test_recv_message_zero_copy(ch, pool):
     data = np.arange(10000, dtype=np.float64)
     ch.send(data)

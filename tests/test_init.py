@@ -113,6 +113,58 @@ def test_init_every_api(tmp_path):
     assert_nothing_left(mark, job_of(res.stdout))
 
 
+MP_IMPLIED = r"""
+import multiprocessing as mp  # before dragon: its exit steps must still run while the runtime is up
+import os
+import time
+
+import dragon
+
+
+def square(x):
+    return x * x
+
+
+def child(q, lock):
+    with lock:
+        q.put(("child", os.environ["DRAGON_PUID"]))
+    time.sleep(float(os.environ.get("CHILD_SLEEP", "0")))
+
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    assert "DRAGON_GS_CD" not in os.environ  # nothing started yet
+    q, lock = mp.Queue(), mp.Lock()  # the first object starts the runtime
+    h = dragon.attach.current()
+    assert h is not None and h.mode == "local", h
+    print("JOB", h.job, flush=True)
+    p = mp.Process(target=child, args=(q, lock))
+    p.start()
+    who, puid = q.get(timeout=30)
+    assert who == "child" and int(puid) > 0, (who, puid)
+    if os.environ.get("CHILD_SLEEP"):
+        print("left running", flush=True)  # a non-daemon child: multiprocessing joins it at exit
+    else:
+        p.join(30)
+        assert p.exitcode == 0, p.exitcode
+        with mp.Pool(2) as pool:
+            assert sum(pool.map(square, range(100))) == 328350
+        ok("pool")
+"""
+
+
+@pytest.mark.parametrize("child_sleep", ["", "2"])
+def test_mp_start_method_starts_the_runtime_by_itself(tmp_path, child_sleep):
+    """set_start_method("dragon") in a plain python, no dragon.init(): the first object or Process starts the
+    runtime; at exit multiprocessing joins its children before the runtime ends, and nothing is left."""
+    mark, env = marked_env({"CHILD_SLEEP": child_sleep} if child_sleep else None)
+    res = run_script(tmp_path, MP_IMPLIED, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert ("left running" if child_sleep else "ok pool") in res.stdout, res.stdout + res.stderr
+    assert_nothing_left(mark, job_of(res.stdout))
+
+
 EXIT_PATH = r"""
 import os, sys, time
 import dragon

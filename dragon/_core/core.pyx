@@ -35,6 +35,7 @@ from dragon._core.cdefs cimport *  # no-cython-lint
 
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout  # no-cython-lint
 from dragon.errors import PoolError, PoolFull, PoolTimeout  # no-cython-lint
+from dragon import env as _env  # no-cython-lint (the names of the environment variables read here)
 
 cdef extern from "Python.h":  # (on borrowed references: no refcounting)
     bint _is_bytes "PyBytes_CheckExact"(PyObject *o)

@@ -1,7 +1,7 @@
 # ---------------------------------------------------------------------------------------------- OS helpers
 def job_id():
     """This job's id: env DRAGON_JOB if set (the launcher sets it), else ``u<uid>``."""
-    job = os.environ.get("DRAGON_JOB") or f"u{os.getuid()}"
+    job = os.environ.get(_env.JOB) or f"u{os.getuid()}"
     if "/" in job or "\0" in job:
         raise PoolError(f"DRAGON_JOB {job!r} must not contain '/' or NUL")
     return job

@@ -10,7 +10,7 @@ _SD = struct.Struct("<4sBBHQQQQH")
 def local_node():
     """The index of the node this process runs on: env DRAGON_NODE (set by the runtime), default 0."""
     try:
-        node = int(os.environ.get("DRAGON_NODE") or 0)
+        node = int(os.environ.get(_env.NODE) or 0)
     except ValueError:
         return 0
     return node if 0 <= node <= 0xFFFF else 0

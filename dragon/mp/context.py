@@ -7,8 +7,6 @@ import multiprocessing
 import multiprocessing.context as _mpctx
 from multiprocessing import process as _mpprocess
 
-from dragon import env as E
-
 _node_choice = contextvars.ContextVar("dragon_mp_node", default=None)
 
 
@@ -69,11 +67,8 @@ class DragonContext(_mpctx.BaseContext):
     Process = DragonProcess
 
     def _check_available(self):
-        if not E.in_runtime():
-            raise ValueError(
-                "the 'dragon' start method needs the dragon runtime: run the program with dragon-launch "
-                "(e.g. `dragon-launch app.py`)"
-            )
+        """Always available: outside a runtime (a plain ``python``, a notebook) the first object or Process
+        that needs one starts it (``dragon.init()``, see ``dragon.mp.util.runtime``)."""
 
     def cpu_count(self):
         """The CPUs of the whole runtime (every node's), which is what a Pool() without a size uses."""

@@ -37,6 +37,9 @@ def pool():
     p = _pool
     if p is not None and _pid == os.getpid():
         return p
+    from dragon.mp.util import runtime
+
+    runtime()  # the heap's channels reach other nodes through the runtime's agents
     with _lock:
         if _pool is None or _pid != os.getpid():
             _pool = _create(heap_size())

@@ -162,7 +162,9 @@ class DragonPopen:
     def _launch(self, process_obj):
         from dragon.globalservices import process
         from dragon.globalservices.process import ProcessOptions
+        from dragon.mp.util import runtime
 
+        runtime()
         self.node = pick_node(process_obj)
         env = child_env(self.node)
         env[PARENT_ENV] = f"{os.environ.get(E.PUID, '0')}:{heap.here()}:{os.getpid()}"

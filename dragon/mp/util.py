@@ -2,13 +2,26 @@
 
 import threading
 
+from dragon import env as E
+
 _cpus = None
 _lock = threading.Lock()
+
+
+def runtime():
+    """Make sure this process is in a runtime: under dragon-launch (or as a client) it is; in a plain python
+    the first Process, queue, lock or Pool of the start method starts one on this node (``dragon.init()``,
+    or attaches where ``DRAGON_CONNECT`` says), as if the program had called ``dragon.init()`` itself."""
+    if not E.in_runtime():
+        from dragon.attach import init
+
+        init()
 
 
 def cpu_count():
     """The CPUs of every node of the runtime (asked once)."""
     global _cpus
+    runtime()
     with _lock:
         if _cpus is None:
             from dragon.globalservices import node
