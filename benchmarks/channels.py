@@ -608,8 +608,9 @@ def measure_size(peers, size, repeat, target_s, do_stream=True, failed=None):
 
 
 def stream_and_rtt_figures(group, peer, size, rates, meds, p99s, n_stream, n_rtt, cpus=None):
-    """The figures of one peer at one size; ``cpus``: CPU microseconds both ends spent per streamed message
-    (what a message costs the machine, waiting included: a shared host's load moves it less than the rates)."""
+    """The figures of one peer at one size; ``cpus``: CPU microseconds both ends spent per streamed
+    message (what a message costs the machine, waiting included: a shared host's load moves it less than the
+    rates)."""
     f = util.figure
     out = []
     if rates:

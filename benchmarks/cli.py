@@ -21,10 +21,12 @@ selections (several may be given; default: all):
   latency   only the ping-pong part of 'channels'
   launch    create+join of /bin/true (serial and 16 in flight) and Python child start+join: dragon (under
             dragon-launch), subprocess.Popen, multiprocessing.Process, DragonHPC
-  gs        global-services request round trip (process.query) vs a multiprocessing.Manager lookup, DragonHPC
+  gs        global-services request round trip (process.query) vs a multiprocessing.Manager lookup,
+            DragonHPC
   pool      pool alloc+free rate vs multiprocessing.shared_memory, DragonHPC MemoryPool
   startup   wall time of an empty program: dragon-launch vs python, mpiexec -n 1, DragonHPC; and of
-            python -c 'import dragon; dragon.init()' vs 'import dragon' (a runtime started from a plain python)
+            python -c 'import dragon; dragon.init()' vs 'import dragon' (a runtime started from a plain
+            python)
   xnode     cross-node stream and round trip through the transport agents vs mpi4py between the same ranks
             (mpiexec -n 2 dragon-launch --virtual-nodes on one host, or srun on an allocation)
   mp        multiprocessing on the 'dragon' start method vs the stdlib's fork/forkserver/spawn and DragonHPC:

@@ -129,8 +129,8 @@ def plan(ctx):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# inside the dragon job: node 1 serves, node 0 drives. Commands are b"<op><n>:<size>", op S (stream), B (stream
-# with send_many), E (echo n messages), Q (quit); the server ends each command's output with MARKER.
+# inside the dragon job: node 1 serves, node 0 drives. Commands are b"<op><n>:<size>", op S (stream),
+# B (stream with send_many), E (echo n messages), Q (quit); the server ends each command's output with MARKER.
 
 
 def _attach(desc):

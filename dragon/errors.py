@@ -18,7 +18,7 @@ The codes (stable: a runtime of one version must read another's):
 - 30 ProcessError, 31 ProcessTimeout
 """
 
-_BY_CODE = {}  # code -> class
+_BY_CODE: dict[int, type["DragonError"]] = {}  # code -> class
 
 
 class DragonError(Exception):

@@ -6,7 +6,8 @@
 2. The clean-up that outlives a Slurm job, for a Slurm epilog (slurm/dragon-epilog.sh) on every node of the
    job:
 
-       python3 -m launcher.cleanup --slurm-job ID        # or: python3 /path/to/launcher/cleanup.py --slurm-job ID
+       python3 -m launcher.cleanup --slurm-job ID
+       python3 /path/to/launcher/cleanup.py --slurm-job ID      # the same, without the package on sys.path
 
    Why it is needed: at ``scancel ID`` and at the time limit Slurm sends SIGTERM to every process of the job
    at once and SIGKILL KillWait seconds later (slurm/README.md has the measured details). dragon's teardown on
@@ -311,16 +312,18 @@ def remove_stale_slurm_segments(shm: str = SHM) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="dragon-cleanup",
-        description="Remove what a Slurm job's dragon runs left on this node: kill processes whose DRAGON_JOB "
-        "belongs to the job, unlink its /dev/shm/dragon-s<ID>_* segments and its steps' MPICH segments (and, with "
-        "--mpi-uid, that user's other MPICH segments no process uses any more). Meant for a Slurm epilog (slurm/dragon-epilog.sh). Exit 0.",
+        description="Remove what a Slurm job's dragon runs left on this node: kill processes whose "
+        "DRAGON_JOB belongs to the job, unlink its /dev/shm/dragon-s<ID>_* segments and its steps' MPICH "
+        "segments (and, with --mpi-uid, that user's other MPICH segments no process uses any more). Meant "
+        "for a Slurm epilog (slurm/dragon-epilog.sh). Exit 0.",
     )
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--slurm-job", help="the Slurm job id (the epilog's $SLURM_JOB_ID)")
     what.add_argument(
         "--stale",
         action="store_true",
-        help="instead: unlink the dragon-s<ID>_* segments of Slurm jobs no live process belongs to (no epilog)",
+        help="instead: unlink the dragon-s<ID>_* segments of Slurm jobs no live process belongs to "
+        "(no epilog)",
     )
     ap.add_argument("--mpi-uid", type=int, help="also unlink orphaned mpich_shm_* segments owned by this uid")
     ap.add_argument("--min-age", type=float, default=2.0, help="MPI segments must be this old, seconds (2)")
@@ -335,7 +338,10 @@ def main(argv=None) -> int:
         ap.error(str(e))
     host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     res = clean_slurm_job(args.slurm_job, args.mpi_uid, args.min_age, args.shm)
-    msg = f"dragon-cleanup: slurm job {args.slurm_job} on {host}: killed {res['killed']} removed {res['removed']}"
+    msg = (
+        f"dragon-cleanup: slurm job {args.slurm_job} on {host}: "
+        f"killed {res['killed']} removed {res['removed']}"
+    )
     if res["left"]:
         msg += f" still alive {res['left']}"
     print(msg, flush=True)

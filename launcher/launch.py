@@ -52,15 +52,17 @@ across nodes (one runtime, PROGRAM runs once, on node 0):
                                                               for the mpich wheel, --mpi=pmix for Open MPI)
   mpiexec -n N -ppn 1 dragon-launch app.py                    one rank per host
   mpiexec -n N dragon-launch --virtual-nodes app.py           every rank its own node, even on one host
-layout: ranks are grouped into nodes by host name; one rank per node is what the runtime uses. Extra ranks on a
-node (without --virtual-nodes) are accepted but only wait for the end (one extra rank in all runs global
-services: see below). srun tasks that each see an MPI world of one rank (srun --mpi=none) are refused with exit
-status 2: each would run PROGRAM on its own.
+layout: ranks are grouped into nodes by host name; one rank per node is what the runtime uses. Extra ranks on
+a node (without --virtual-nodes) are accepted but only wait for the end (one extra rank in all runs global
+services: see below). srun tasks that each see an MPI world of one rank (srun --mpi=none) are refused with
+exit status 2: each would run PROGRAM on its own.
 
-global services (one per job) runs beside node 0's launcher, unless it gets an MPI rank of its own: a rank that
-is no node (no managed processes there, not in node.get_list()), reached through the transport like any node.
+global services (one per job) runs beside node 0's launcher, unless it gets an MPI rank of its own: a rank
+that is no node (no managed processes there, not in node.get_list()), reached through the transport like any
+node.
   srun -N 2 -n 3 dragon-launch app.py                  one rank more than hosts: the extra rank runs global
-                                                       services (automatic; --no-gs-rank keeps it beside node 0)
+                                                       services (automatic; --no-gs-rank keeps it beside
+                                                       node 0)
   mpiexec -n 3 dragon-launch --virtual-nodes --gs-rank app.py     2 virtual nodes, the last rank runs it
 --gs-rank asks for it: the highest rank that is not its host's first; if there is none (one rank per host), or
 with --virtual-nodes, the last rank (srun -N 3 --ntasks-per-node=1 --gs-rank: 2 nodes and a host for global
@@ -78,7 +80,8 @@ processes (default node: every CPU the rank's cgroup allows; a binding to one ta
 whole job on that core);
 DRAGON_ZYGOTE_PRELOAD=mod1,mod2 modules each node's zygote imports before it forks Python children (e.g. what
 multiprocessing children of the 'dragon' start method import);
-DRAGON_MP_HEAP_SIZE=size of the pool each process makes for its multiprocessing objects (default 1G, sparse).""",
+DRAGON_MP_HEAP_SIZE=size of the pool each process makes for its multiprocessing objects (default 1G,
+sparse).""",
     )
     p.add_argument(
         "--grace",
@@ -90,15 +93,15 @@ DRAGON_MP_HEAP_SIZE=size of the pool each process makes for its multiprocessing 
     p.add_argument(
         "--virtual-nodes",
         action="store_true",
-        help="under mpiexec: make every rank its own node (own segments, all traffic between them through the "
-        "transport agents), even when several ranks share a host",
+        help="under mpiexec: make every rank its own node (own segments, all traffic between them through "
+        "the transport agents), even when several ranks share a host",
     )
     p.add_argument(
         "--gs-rank",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="across nodes: run global services on an MPI rank of its own (see below); default: only when the "
-        "world has exactly one rank more than hosts",
+        help="across nodes: run global services on an MPI rank of its own (see below); default: only when "
+        "the world has exactly one rank more than hosts",
     )
     p.add_argument(
         "--serve",

@@ -109,8 +109,8 @@ def srun(
 ) -> subprocess.CompletedProcess:
     """Run `srun -N nodes --ntasks-per-node=k [extra] argv` and return the finished process (text output).
 
-    `time_limit` is Slurm's --time (minutes, or "M:SS"; Slurm rounds up to whole minutes).  `env` adds variables
-    to this process's environment (srun exports the whole environment to the tasks)."""
+    `time_limit` is Slurm's --time (minutes, or "M:SS"; Slurm rounds up to whole minutes).  `env` adds
+    variables to this process's environment (srun exports the whole environment to the tasks)."""
     cmd = [
         "srun",
         "-N",
@@ -221,7 +221,9 @@ FINAL_STATES = {
 
 
 def wait_job(job_id: int, timeout: float = 120) -> str:
-    """Wait until the job has ended; return its final state.  Raises TimeoutError (after scancel) on timeout."""
+    """Wait until the job has ended; return its final state.
+
+    Raises TimeoutError (after scancel) on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         state = job_state(job_id)
@@ -429,9 +431,10 @@ def epilog_lines(job_id: int) -> dict[str, str]:
 
 
 def wait_epilog(job_id: int, nodes, timeout: float = 60) -> dict[str, str]:
-    """Wait until the epilog has run for job_id on every node in nodes; return {node: line}.  Raises TimeoutError
-    (the cluster must run slurm/dragon-epilog.sh: restart it with slurm/start-cluster.sh if it predates
-    that)."""
+    """Wait until the epilog has run for job_id on every node in nodes; return {node: line}.
+
+    Raises TimeoutError (the cluster must run slurm/dragon-epilog.sh: restart it with slurm/start-cluster.sh
+    if it predates that)."""
     deadline = time.monotonic() + timeout
     while True:
         lines = epilog_lines(job_id)

@@ -94,7 +94,8 @@ def test_forwarded_output_arrives_while_the_process_runs(tmp_path):
         """
         import sys, time
         from dragon.globalservices import process as P
-        P.create(sys.executable, None, ["-c", "import time; print('early'); time.sleep(30)"], user_name="streamer")
+        code = "import time; print('early'); time.sleep(30)"
+        P.create(sys.executable, None, ["-c", code], user_name="streamer")
         time.sleep(30)
         """,
     )

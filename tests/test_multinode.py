@@ -242,7 +242,8 @@ def test_a_rank_bound_to_one_core_gives_its_node_every_cpu_unless_told_to_keep_i
         "import os, sys\n"
         "from dragon.globalservices import process\n"
         "print('cpus app', sorted(os.sched_getaffinity(0)), flush=True)\n"
-        "code = \"import os; print('cpus node', os.environ['DRAGON_NODE'], sorted(os.sched_getaffinity(0)))\"\n"
+        'code = ("import os; "\n'
+        "        \"print('cpus node', os.environ['DRAGON_NODE'], sorted(os.sched_getaffinity(0)))\")\n"
         "for k in (0, 1):\n"
         "    d = process.create(sys.executable, None, ['-c', code], options={'node': k})\n"
         "    assert process.join(d.p_uid, timeout=30) == 0\n"

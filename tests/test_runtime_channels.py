@@ -80,7 +80,8 @@ C.destroy([lo.c_uid, "ch1"])
 raises(ChannelError, C.query, "ch1"); raises(ChannelError, C.query, lo.c_uid)
 ch.close()
 M.destroy("mypool")
-raises(PoolError, M.query, "mypool"); raises(PoolError, M.query, p.m_uid); raises(PoolError, M.destroy, p.m_uid)
+raises(PoolError, M.query, "mypool"); raises(PoolError, M.query, p.m_uid)
+raises(PoolError, M.destroy, p.m_uid)
 M.destroy(anon.m_uid)
 assert sorted(M.get_list()) == sorted(infra)
 ok("destroy then query raises")
@@ -93,7 +94,9 @@ try:
 except TimeoutError as e:
     assert isinstance(e, ChannelTimeout) and "late" in str(e)
 assert 0.25 < time.monotonic() - t0 < 10
-maker = P.create(PY, None, ["-c", "import time; time.sleep(0.5); from dragon.globalservices import channel as C; C.create(None, user_name='late')"])
+LATE = ("import time; time.sleep(0.5); from dragon.globalservices import channel as C; "
+        "C.create(None, user_name='late')")
+maker = P.create(PY, None, ["-c", LATE])
 t0 = time.monotonic()
 j = C.join("late", timeout=30)
 assert j.name == "late" and time.monotonic() - t0 > 0.3
@@ -129,7 +132,10 @@ else:
 raises(ChannelError, C.detach, "counted")
 ok("ref_count exit")
 # a channel made by a process that exits without detaching goes with it
-mk = P.create(PY, None, ["-c", "from dragon.globalservices import channel as C; from dragon.globalservices.channel import ChannelOptions; C.create(None, user_name='ephemeral', channel_options=ChannelOptions(ref_count=True))"])
+EPHEMERAL = ("from dragon.globalservices import channel as C; "
+             "from dragon.globalservices.channel import ChannelOptions; "
+             "C.create(None, user_name='ephemeral', channel_options=ChannelOptions(ref_count=True))")
+mk = P.create(PY, None, ["-c", EPHEMERAL])
 assert P.join(mk.p_uid, timeout=20) == 0
 time.sleep(0.2)
 raises(ChannelError, C.query, "ephemeral")
@@ -147,9 +153,11 @@ ok("ref_count detach")
 for exc, bad in [
     (PoolError, lambda: M.create(0)), (PoolError, lambda: M.create(-5)), (PoolError, lambda: M.create("big")),
     (PoolError, lambda: M.create(1 << 62)), (PoolError, lambda: M.create(4096, user_name=3)),
-    (PoolError, lambda: M.create(4096, soft=True)), (PoolError, lambda: M.create(4096, pool_options=PoolOptions(node=3))),
+    (PoolError, lambda: M.create(4096, soft=True)),
+    (PoolError, lambda: M.create(4096, pool_options=PoolOptions(node=3))),
     (PoolError, lambda: M.create(4096, pool_options="x")), (PoolError, lambda: M.query(999)),
-    (PoolError, lambda: M.query("nope")), (PoolError, lambda: M.query(None)), (PoolError, lambda: M.destroy(999)),
+    (PoolError, lambda: M.query("nope")), (PoolError, lambda: M.query(None)),
+    (PoolError, lambda: M.destroy(999)),
     (ChannelError, lambda: C.create(999)), (ChannelError, lambda: C.create("pool")),
     (ChannelError, lambda: C.create(None, user_name=7)), (ChannelError, lambda: C.create(None, soft=True)),
     (ChannelError, lambda: C.create(None, channel_options=ChannelOptions(capacity=0))),
@@ -157,9 +165,12 @@ for exc, bad in [
     (ChannelError, lambda: C.create(None, channel_options={"nonsense": 1})),
     (ChannelError, lambda: C.create(None, channel_options=ChannelOptions(ref_count="yes"))),
     (ChannelError, lambda: C.create(None, channel_options=ChannelOptions(capacity=1 << 40))),
-    (ChannelError, lambda: C.query(999)), (ChannelError, lambda: C.query("nope")), (ChannelError, lambda: C.query([1])),
-    (ChannelError, lambda: C.join(5)), (ChannelError, lambda: C.join("")), (ChannelError, lambda: C.join("x", timeout=-1)),
-    (ChannelError, lambda: C.destroy(999)), (ChannelError, lambda: C.destroy([])), (ChannelError, lambda: C.destroy(None)),
+    (ChannelError, lambda: C.query(999)), (ChannelError, lambda: C.query("nope")),
+    (ChannelError, lambda: C.query([1])),
+    (ChannelError, lambda: C.join(5)), (ChannelError, lambda: C.join("")),
+    (ChannelError, lambda: C.join("x", timeout=-1)),
+    (ChannelError, lambda: C.destroy(999)), (ChannelError, lambda: C.destroy([])),
+    (ChannelError, lambda: C.destroy(None)),
     (ChannelError, lambda: C.attach("nope")), (ChannelError, lambda: C.detach(999)),
 ]:
     assert raises(exc, bad)

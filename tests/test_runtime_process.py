@@ -98,15 +98,17 @@ P.kill(blk.p_uid, signal.SIGINT)
 t.join(20)
 assert res["code"] == -signal.SIGINT, res
 outs = []
-ths = [threading.Thread(target=lambda: outs.append(P.join(P.create("/bin/true", None, []).p_uid))) for _ in range(8)]
+ths = [threading.Thread(target=lambda: outs.append(P.join(P.create("/bin/true", None, []).p_uid)))
+       for _ in range(8)]
 [x.start() for x in ths]; [x.join(20) for x in ths]
 assert outs == [0] * 8, outs
 ok("threads")
 
 # env, run_dir, options
 os.mkdir("sub")
-e = P.create(PY, "sub", ["-c", "import os, sys; print('CWD', os.getcwd()); print('ENV', os.environ['FOO'], os.environ['DRAGON_PUID'], os.environ['PATH'] != '')"],
-             env={"FOO": "bar"}, user_name="envcheck")
+ENVCHECK = ("import os, sys; print('CWD', os.getcwd()); "
+            "print('ENV', os.environ['FOO'], os.environ['DRAGON_PUID'], os.environ['PATH'] != '')")
+e = P.create(PY, "sub", ["-c", ENVCHECK], env={"FOO": "bar"}, user_name="envcheck")
 assert P.join(e.p_uid) == 0
 f = P.create(PY, None, ["-c", "import sys; print('to file'); print('err line', file=sys.stderr)"],
              options=ProcessOptions(stdout="out.txt", stderr=ProcessOptions.STDOUT))
@@ -114,9 +116,12 @@ assert P.join(f.p_uid) == 0
 assert open("out.txt").read() == "to file\nerr line\n", open("out.txt").read()
 g = P.create(PY, None, ["-c", "print('silent')"], options={"stdout": "devnull"})
 assert P.join(g.p_uid) == 0
-h = P.create(PY, None, ["-c", "print('unlabelled child')"], options=ProcessOptions(stdout=ProcessOptions.INHERIT), user_name="inh")
+h = P.create(PY, None, ["-c", "print('unlabelled child')"],
+             options=ProcessOptions(stdout=ProcessOptions.INHERIT), user_name="inh")
 assert P.join(h.p_uid) == 0
-un = P.create(PY, None, ["-c", "import sys; print('line1'); print('line2'); print('to stderr', file=sys.stderr); sys.stdout.write('partial')"])
+UNNAMED = ("import sys; print('line1'); print('line2'); print('to stderr', file=sys.stderr); "
+           "sys.stdout.write('partial')")
+un = P.create(PY, None, ["-c", UNNAMED])
 assert P.join(un.p_uid) == 0
 print("UNNAMED", un.p_uid)
 ok("env run_dir options")
@@ -129,7 +134,9 @@ me = P.this_process()
 print('child', me.p_uid, me.user_name)
 gc = P.create('/bin/true', None, [])
 assert P.join(gc.p_uid) == 0
-r = subprocess.run([sys.executable, '-c', 'from dragon.globalservices import process as P; d = P.create("/bin/true", None, []); print("grandchild joined", P.join(d.p_uid))'])
+GC = ('from dragon.globalservices import process as P; d = P.create("/bin/true", None, []); '
+      'print("grandchild joined", P.join(d.p_uid))')
+r = subprocess.run([sys.executable, '-c', GC])
 sys.exit(r.returncode)
 """], user_name="nested")
 assert P.join("nested", timeout=30) == 0
@@ -137,7 +144,9 @@ ok("nested use")
 
 # a joiner that dies while waiting: GS forgets what it owed it, and stays healthy
 target = P.create("/bin/sleep", None, ["30"], user_name="target")
-joiner = P.create(PY, None, ["-c", "from dragon.globalservices import process as P; print('waiting', flush=True); P.join('target', timeout=25)"], user_name="joiner")
+JOINER = ("from dragon.globalservices import process as P; print('waiting', flush=True); "
+          "P.join('target', timeout=25)")
+joiner = P.create(PY, None, ["-c", JOINER], user_name="joiner")
 time.sleep(0.5)
 P.kill("joiner")
 assert P.join("joiner", timeout=20) == -signal.SIGKILL
@@ -171,7 +180,8 @@ for bad in [
     lambda: P.create("/bin/true", None, [], env={"A=B": "c"}),
     lambda: P.create("/bin/true", None, [], user_name=5), lambda: P.create("/bin/true", None, [], soft=True),
     lambda: P.create("/bin/true", None, [], soft="yes", user_name="x"),
-    lambda: P.create("/bin/true", None, [], options=5), lambda: P.create("/bin/true", None, [], options={"bogus": 1}),
+    lambda: P.create("/bin/true", None, [], options=5),
+    lambda: P.create("/bin/true", None, [], options={"bogus": 1}),
     lambda: P.create("/bin/true", None, [], options=ProcessOptions(node=7)),
     lambda: ProcessOptions(node=-1), lambda: ProcessOptions(stdout=3),
     lambda: P.query(99999), lambda: P.query("no-such-proc"), lambda: P.query(None), lambda: P.query(1.5),

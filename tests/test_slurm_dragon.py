@@ -66,9 +66,9 @@ def env(name):
     return os.environ.get(name)
 if len(sys.argv) > 1:
     me = process.this_process()
-    print("IDENT " + json.dumps({"k": int(sys.argv[1]), "desc_node": me.node, "DRAGON_NODE": env("DRAGON_NODE"),
-          "SLURMD_NODENAME": env("SLURMD_NODENAME"), "SLURM_NODEID": env("SLURM_NODEID"),
-          "host": socket.gethostname()}), flush=True)
+    print("IDENT " + json.dumps({"k": int(sys.argv[1]), "desc_node": me.node,
+          "DRAGON_NODE": env("DRAGON_NODE"), "SLURMD_NODENAME": env("SLURMD_NODENAME"),
+          "SLURM_NODEID": env("SLURM_NODEID"), "host": socket.gethostname()}), flush=True)
     sys.exit(0)
 nodes = node.get_list()
 hosts = [node.query(k).hostname for k in nodes]
@@ -77,8 +77,9 @@ for k in nodes:
     d = process.create(sys.executable, None, [__file__, str(k)], user_name=f"id{k}", options={"node": k})
     assert process.join(d.p_uid, timeout=60) == 0
     descs.append({"node": d.node, "query_node": process.query(d.p_uid).node})
-print("HEAD " + json.dumps({"nodes": nodes, "hosts": hosts, "descs": descs, "nodelist": env("SLURM_JOB_NODELIST"),
-      "SLURMD_NODENAME": env("SLURMD_NODENAME"), "SLURM_NODEID": env("SLURM_NODEID")}), flush=True)
+print("HEAD " + json.dumps({"nodes": nodes, "hosts": hosts, "descs": descs,
+      "nodelist": env("SLURM_JOB_NODELIST"), "SLURMD_NODENAME": env("SLURMD_NODENAME"),
+      "SLURM_NODEID": env("SLURM_NODEID")}), flush=True)
 """
 
 

@@ -17,7 +17,9 @@ import os, sys, time
 from dragon.globalservices import process as P
 PY = sys.executable
 P.create("/bin/sleep", None, ["60"])
-P.create(PY, None, ["-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); open('stubborn.ready', 'w').close(); time.sleep(60)"], user_name="stubborn")
+STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "open('stubborn.ready', 'w').close(); time.sleep(60)")
+P.create(PY, None, ["-c", STUBBORN], user_name="stubborn")
 P.create("/bin/sh", None, ["-c", "sleep 60 & sleep 61 & touch sh1.ready; wait"])  # grandchildren too
 P.create("/bin/sh", None, ["-c", "setsid sleep 62 & touch sh2.ready; sleep 63"])  # one leaves the group
 while not all(os.path.exists(f) for f in ("stubborn.ready", "sh1.ready", "sh2.ready")):

@@ -66,7 +66,10 @@ with Pool.create(32 << 20, name="inf") as pool:
             r.send(data)
             assert r.recv(timeout=10) == data
         # errors come back as their own class (the ERR frame's code): empty, timed out, too small a buffer
-        for call, cls in ((lambda: r.recv(timeout=0), ChannelEmpty), (lambda: r.recv(timeout=0.2), ChannelTimeout)):
+        for call, cls in (
+            (lambda: r.recv(timeout=0), ChannelEmpty),
+            (lambda: r.recv(timeout=0.2), ChannelTimeout),
+        ):
             try:
                 call()
                 raise AssertionError("not empty")

@@ -1,6 +1,7 @@
 # ---------------------------------------------------------------------------------------------- blocks
 cdef class Block:
-    """A pool block: a writable buffer (memoryview/numpy without copying) named by an offset valid everywhere."""
+    """A pool block: a writable buffer (memoryview/numpy without copying) named by an offset valid
+    everywhere."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("blocks come from pool.alloc() or pool.block()")

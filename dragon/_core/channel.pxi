@@ -7,16 +7,17 @@ cdef class Channel:
 
     @staticmethod
     def create(pool, capacity=1024, block_size=1024, name=None, timeout=None):
-        """Create a channel in ``pool``: ``capacity`` slots, messages up to ``block_size`` bytes stored inline.
-        A pool without room raises ChannelError at once; ``timeout`` bounds the wait for the pool's lock,
-        which another process holds for microseconds unless it is stopped (None: as long as it takes; 0: a
-        short grace, then ChannelError; t: ChannelTimeout after t seconds)."""
+        """Create a channel in ``pool``: ``capacity`` slots, messages up to ``block_size`` bytes stored
+        inline. A pool without room raises ChannelError at once; ``timeout`` bounds the wait for the pool's
+        lock, which another process holds for microseconds unless it is stopped (None: as long as it takes;
+        0: a short grace, then ChannelError; t: ChannelTimeout after t seconds)."""
         global _counter
         if not isinstance(pool, Pool):
             raise TypeError(f"Channel.create() needs a Pool, not {type(pool).__name__}")
         cdef Pool p = pool
         if p.seg is None or p.seg.destroyed:
-            raise ChannelError(f"cannot create a channel in pool {p._name!r}: the pool handle is closed or destroyed")
+            raise ChannelError(
+                f"cannot create a channel in pool {p._name!r}: the pool handle is closed or destroyed")
         cdef long long cap = _int(capacity, ChannelError, "channel capacity")
         cdef long long bs = _int(block_size, ChannelError, "channel block_size")
         if cap < 1 or cap > 0x7fffffff:
@@ -185,8 +186,9 @@ cdef class Channel:
             self._send_obj(data, DL_FOREVER if timeout is None else _deadline(timeout))
 
     def send_block(self, block, nbytes=None, timeout=None):
-        """Hand an allocated Block of this channel's pool to the receiver, zero-copy; the block's ownership moves
-        (this Block can no longer be used or freed here). On a timeout the block stays with the sender."""
+        """Hand an allocated Block of this channel's pool to the receiver, zero-copy; the block's ownership
+        moves (this Block can no longer be used or freed here). On a timeout the block stays with the
+        sender."""
         self._check()
         if not isinstance(block, Block):
             raise TypeError(f"send_block() takes a Block, not {type(block).__name__}")
@@ -405,18 +407,18 @@ cdef class Channel:
         return ds_ch_len(&self.c)
 
     def _positions(self):
-        """``(head, tail)``: how many messages receivers have taken from the channel since it was made, and how
-        many slots senders have claimed. A message whose send has returned lies below ``tail``, and it has been
-        taken (or, if its sender died mid-send, skipped) once ``head`` is past that ``tail``: a reader can wait
-        for everything written before a moment this way."""
+        """``(head, tail)``: how many messages receivers have taken from the channel since it was made, and
+        how many slots senders have claimed. A message whose send has returned lies below ``tail``, and it
+        has been taken (or, if its sender died mid-send, skipped) once ``head`` is past that ``tail``: a
+        reader can wait for everything written before a moment this way."""
         self._check()
         cdef uint64_t head, tail
         ds_ch_positions(&self.c, &head, &tail)
         return head, tail
 
     def _wait_state(self):
-        """What this handle learned about its blocking waits: the budget (ns of CPU kept before sleeping on the
-        futex) when waiting for room (send) and for a message (recv, poll)."""
+        """What this handle learned about its blocking waits: the budget (ns of CPU kept before sleeping on
+        the futex) when waiting for room (send) and for a message (recv, poll)."""
         return dict(send=dict(budget_ns=self.c.ad[0].budget), recv=dict(budget_ns=self.c.ad[1].budget))
 
     def _debug_state(self):
@@ -456,8 +458,8 @@ cdef class Channel:
     @property
     def sdesc(self):
         bname = self.seg.name.encode()
-        return _SD.pack(SD_MAGIC, SDESC_VERSION, SD_CHANNEL, len(bname), self.seg.generation, self.seg.data_size,
-                        self.offset, self.generation, self.seg.node) + bname
+        return _SD.pack(SD_MAGIC, SDESC_VERSION, SD_CHANNEL, len(bname), self.seg.generation,
+                        self.seg.data_size, self.offset, self.generation, self.seg.node) + bname
 
     @property
     def node(self):

@@ -4,9 +4,25 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-from typing_extensions import Buffer, Self
+from typing_extensions import Buffer, Self, disjoint_base
 
 from dragon._core.api import ChannelLike
+
+__all__ = [
+    "Pool",
+    "Block",
+    "Channel",
+    "Message",
+    "job_id",
+    "job_prefix",
+    "unlink_job_segments",
+    "set_pdeathsig",
+    "set_child_subreaper",
+    "set_wait_params",
+    "wait_stats",
+    "local_node",
+    "SDESC_VERSION",
+]
 
 SDESC_VERSION: int
 
@@ -26,6 +42,7 @@ def set_wait_params(
 ) -> tuple[int, int, int, int]: ...
 def wait_stats(reset: bool = ...) -> dict[str, int]: ...
 
+@disjoint_base  # a cdef class (its own C layout): no class can derive from it and another such one
 class Pool:
     creator: bool
     @staticmethod
@@ -54,6 +71,7 @@ class Pool:
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
+@disjoint_base
 class Block(Buffer):
     pool: Pool
     offset: int
@@ -64,6 +82,7 @@ class Block(Buffer):
     def __buffer__(self, flags: int) -> memoryview: ...
     def __len__(self) -> int: ...
 
+@disjoint_base
 class Message(Buffer):
     @property
     def nbytes(self) -> int: ...
@@ -78,6 +97,7 @@ class Message(Buffer):
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
+@disjoint_base
 class Channel:
     pool: Pool
     creator: bool

@@ -45,7 +45,8 @@ def set_child_subreaper():
 
 
 def _claim_id():
-    """This process's claim id as stored in slots it claims: pid | start-time tag << 22 (for tests/debugging)."""
+    """This process's claim id as stored in slots it claims: pid | start-time tag << 22 (for
+    tests/debugging)."""
     return ds_me()
 
 
@@ -57,11 +58,11 @@ def _claim_dead(claim_id):
 def set_wait_params(spin_ns=None, chunk_ns=None, yield_ns=None, spin_max_ns=None):
     """Tune blocking waits in this process (every channel handle learns within these bounds, per direction).
 
-    A blocked call keeps the CPU for a budget between ``spin_ns`` and ``spin_max_ns`` (learned from its recent
-    waits: twice their length, down to ``spin_ns`` after a wait longer than ``spin_max_ns``), then sleeps on the
-    futex in chunks of ``chunk_ns``. Within the budget it polls, calling sched_yield every ``yield_ns`` (at every
-    poll when the peer last ran on this CPU). Giving ``spin_ns`` without ``spin_max_ns`` fixes the budget at
-    ``spin_ns`` (no learning, no yield-at-once; 0: sleep at once).
+    A blocked call keeps the CPU for a budget between ``spin_ns`` and ``spin_max_ns`` (learned from its
+    recent waits: twice their length, down to ``spin_ns`` after a wait longer than ``spin_max_ns``), then
+    sleeps on the futex in chunks of ``chunk_ns``. Within the budget it polls, calling sched_yield every
+    ``yield_ns`` (at every poll when the peer last ran on this CPU). Giving ``spin_ns`` without
+    ``spin_max_ns`` fixes the budget at ``spin_ns`` (no learning, no yield-at-once; 0: sleep at once).
     Returns the old (spin_ns, chunk_ns, yield_ns, spin_max_ns)."""
     global ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns
     old = (ds_spin_ns, ds_wait_chunk_ns, ds_yield_ns, ds_spin_max_ns)
@@ -104,11 +105,12 @@ cdef int _wait(ds_op *op, int64_t deadline) except -1:
 
 
 def wait_stats(reset=False):
-    """Counters of this process's blocking waits since import, fork or the last reset: ``waits`` (calls that had
-    to wait), ``yields`` (sched_yield calls), ``switches`` (yields that let another task run), ``sleeps``
-    (FUTEX_WAIT calls), ``wakes`` (FUTEX_WAKE calls: one per sleep of a peer, none when nobody sleeps)."""
-    out = dict(waits=ds_stats.waits, yields=ds_stats.yields, switches=ds_stats.switches, sleeps=ds_stats.sleeps,
-               wakes=ds_stats.wakes)
+    """Counters of this process's blocking waits since import, fork or the last reset: ``waits`` (calls
+    that had to wait), ``yields`` (sched_yield calls), ``switches`` (yields that let another task run),
+    ``sleeps`` (FUTEX_WAIT calls), ``wakes`` (FUTEX_WAKE calls: one per sleep of a peer, none when nobody
+    sleeps)."""
+    out = dict(waits=ds_stats.waits, yields=ds_stats.yields, switches=ds_stats.switches,
+               sleeps=ds_stats.sleeps, wakes=ds_stats.wakes)
     if reset:
         memset(&ds_stats, 0, sizeof(ds_stats))
     return out

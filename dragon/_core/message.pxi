@@ -1,7 +1,8 @@
 # ---------------------------------------------------------------------------------------------- messages
 cdef class Message:
-    """A received message as a writable buffer. Large messages are the pool block itself (zero copy); the block
-    is freed when the Message and every view of it (memoryview, numpy array) are gone, or at release()."""
+    """A received message as a writable buffer. Large messages are the pool block itself (zero copy); the
+    block is freed when the Message and every view of it (memoryview, numpy array) are gone, or at
+    release()."""
 
     def __init__(self, *args, **kwargs):
         raise TypeError("messages come from Channel.recv_message()")
@@ -64,4 +65,5 @@ cdef class Message:
         self.release()
 
     def __repr__(self):
-        return f"<Message {self.n} bytes{' in pool' if self.in_pool else ''}{' released' if self.released else ''}>"
+        return (f"<Message {self.n} bytes{' in pool' if self.in_pool else ''}"
+                f"{' released' if self.released else ''}>")

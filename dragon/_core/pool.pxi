@@ -45,8 +45,8 @@ cdef class Pool:
         if kind != SD_POOL:
             raise PoolError("not a pool sdesc (kind %d)" % kind)
         if node != local_node():
-            raise PoolError(f"pool {name!r} lives on node {node}: a pool can only be attached on its own node "
-                            f"(this is node {local_node()}); use its channels from here")
+            raise PoolError(f"pool {name!r} lives on node {node}: a pool can only be attached on its own "
+                            f"node (this is node {local_node()}); use its channels from here")
         return _pool_handle(_attach_segment(name, psize, pgen, node), False)
 
     cdef inline char *_live(self) except NULL:
@@ -81,7 +81,8 @@ cdef class Pool:
         return self.seg is None
 
     def alloc(self, nbytes, timeout=None):
-        """Allocate a block of ``nbytes``; timeout None waits for room, 0 raises PoolFull, t > 0 PoolTimeout."""
+        """Allocate a block of ``nbytes``; timeout None waits for room, 0 raises PoolFull, t > 0
+        PoolTimeout."""
         cdef char *base = self._live()
         cdef _Segment seg = self.seg  # keeps the mapping while the GIL is released, even if close() runs
         cdef long long n = _int(nbytes, PoolError, "allocation size")
@@ -150,7 +151,8 @@ cdef class Pool:
         self.base = NULL
 
     def destroy(self):
-        """Unlink the segment (once). Later use of any handle of this pool in this process raises PoolError."""
+        """Unlink the segment (once). Later use of any handle of this pool in this process raises
+        PoolError."""
         cdef char *base = self._live()
         if ds_ph(base).destroyed:
             raise PoolError(f"pool {self._name!r} was already destroyed")
@@ -165,7 +167,8 @@ cdef class Pool:
         return self
 
     def __exit__(self, *exc):
-        if (self.creator and self.creator_pid == os.getpid() and self.seg is not None and not self.seg.destroyed
+        if (self.creator and self.creator_pid == os.getpid() and self.seg is not None
+                and not self.seg.destroyed
                 and not ds_ph(self.base).destroyed):  # not already destroyed by another process
             self.destroy()
         else:

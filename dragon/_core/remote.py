@@ -52,7 +52,7 @@ import msgpack
 
 from dragon import env as E
 from dragon._core import frames as W
-from dragon._core.core import Block, Channel, Pool
+from dragon._core.core import Block, Channel, Message, Pool
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 
 WINDOW = 512  # unacknowledged messages per stream
@@ -190,14 +190,14 @@ class Endpoint:
     def _read(self, timeout, limit=64):
         """Read up to limit answers from the reply channel (waiting per timeout for the first) as (header,
         payload) pairs: a NEXT header's payload is the message right behind it."""
-        got = []
+        got: list[tuple[Message, Message | bool | None]] = []
         recv = self.reply.recv_message
         try:
             m = recv(timeout=timeout)
         except (ChannelEmpty, ChannelTimeout):
             return got
         while True:
-            nxt = None
+            nxt: Message | bool | None = None  # False: the NEXT payload did not come
             if m.nbytes >= W.HSIZE and memoryview(m)[1] & W.NEXT:
                 try:
                     nxt = recv(timeout=NEXT_WAIT)
@@ -213,6 +213,7 @@ class Endpoint:
 
     # ---- answers ------------------------------------------------------------------------------------------
     def _dispatch(self, msg, nxt=None):
+        mv: memoryview | None  # None: msg is a NEXT header's payload, all of it the data
         mv = memoryview(msg)
         kind, flags, node, n, sid, seq = _HDR.unpack_from(mv)
         if flags & W.NEXT:  # the payload is its own Message
@@ -243,7 +244,7 @@ class Endpoint:
                 self.closing -= 1
             msg.release()
         elif kind == W.ERR and seq == 0:
-            st.err_cls, st.err = _channel_error(mv[W.HSIZE : W.HSIZE + n])
+            st.err_cls, st.err = _channel_error(msg if mv is None else mv[W.HSIZE : W.HSIZE + n])
             msg.release()
         elif seq in st.abandoned or st.closed:
             st.abandoned.discard(seq)
@@ -290,7 +291,7 @@ class Endpoint:
                     continue
                 self.reading = True
                 self.cond.release()
-                got = ()
+                got: list[tuple[Message, Message | bool | None]] = []
                 try:
                     got = self._read(remaining)
                 finally:
@@ -530,8 +531,8 @@ class RemoteChannel:
         ep = self._ep
         if block.pool.name != ep.pool.name:
             raise ChannelError(
-                f"channel on node {self.node}: the block belongs to another pool ({block.pool.name!r}); a remote "
-                f"channel sends blocks of this node's staging pool (channel.pool, {ep.pool.name!r})"
+                f"channel on node {self.node}: the block belongs to another pool ({block.pool.name!r}); "
+                f"a remote channel sends blocks of this node's staging pool (channel.pool, {ep.pool.name!r})"
             )
         if block.freed:
             raise ChannelError(

@@ -21,7 +21,8 @@ cdef inline void _fill_buffer(Py_buffer *buf, object owner, char *p, Py_ssize_t 
 
 
 cdef class _Segment:
-    """One mapping of one pool segment in this process; unmapped when the last Pool/Channel/Block/Message goes."""
+    """One mapping of one pool segment in this process; unmapped when the last Pool/Channel/Block/Message
+    goes."""
 
     def __dealloc__(self):
         if self.base != NULL:

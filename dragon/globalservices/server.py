@@ -308,13 +308,13 @@ class GlobalServices(Service):
     def process_multi_join(self, msg):
         idents = checks.idents(msg.idents, ProcessError)
         timeout = checks.timeout(msg.timeout, ProcessError)
-        p_uids = {}  # each process once, in the order named (a list's membership test was quadratic)
+        once: dict[int, None] = {}  # each process once, in the order named (a list's test was quadratic)
         for ident in idents:
             p = self._proc(ident)
             if p.p_uid == msg.caller:
                 raise ProcessError(f"process {p.p_uid} cannot join itself")
-            p_uids[p.p_uid] = None
-        p_uids = list(p_uids)
+            once[p.p_uid] = None
+        p_uids = list(once)
         if timeout == 0 or any(self.procs[u].state == EXITED for u in p_uids):
             return self._multi_result(p_uids)
         w = _Waiter("multi", msg, p_uids)

@@ -1,6 +1,10 @@
 """Descriptors (what global services knows about a process, pool, channel or node: local snapshots) and the
 options objects of the create calls. Descriptors travel from GS as plain dicts (see ``*.to_wire``)."""
 
+from __future__ import annotations
+
+from typing import ClassVar
+
 from dragon.errors import ChannelError, PoolError, ProcessError
 from dragon.infrastructure import checks
 
@@ -9,8 +13,8 @@ class _Snapshot:
     """What every descriptor shares: fields listed once in ``__slots__``, built from GS's plain dict, and
     back."""
 
-    __slots__ = ()
-    _shown = ()  # the fields repr() shows
+    __slots__: tuple[str, ...] = ()
+    _shown: ClassVar[tuple[str, ...]] = ()  # the fields repr() shows
 
     def __init__(self, **fields):
         for k in self.__slots__:
@@ -33,6 +37,15 @@ class ProcessDescriptor(_Snapshot):
     PENDING, RUNNING, EXITED = "pending", "running", "exited"
     __slots__ = ("p_uid", "user_name", "node", "hostname", "state", "retval", "pid", "exe", "args")
     _shown = ("p_uid", "user_name", "node", "state", "retval", "pid")
+    p_uid: int
+    user_name: str | None
+    node: int
+    hostname: str
+    state: str  # PENDING, RUNNING or EXITED
+    retval: int | None  # the exit code (-N: killed by signal N); None while it runs
+    pid: int | None  # None until it has started
+    exe: str
+    args: list[str]
 
     @property
     def name(self):
@@ -64,6 +77,11 @@ class PoolDescriptor(_Snapshot):
 
     __slots__ = ("m_uid", "name", "node", "size", "sdesc")
     _shown = ("m_uid", "name", "node", "size")
+    m_uid: int
+    name: str | None
+    node: int
+    size: int
+    sdesc: bytes
 
 
 class ChannelDescriptor(_Snapshot):
@@ -71,6 +89,14 @@ class ChannelDescriptor(_Snapshot):
 
     __slots__ = ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count", "sdesc")
     _shown = ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count")
+    c_uid: int
+    m_uid: int
+    name: str | None
+    node: int
+    capacity: int
+    block_size: int
+    ref_count: bool
+    sdesc: bytes
 
 
 class NodeDescriptor(_Snapshot):
@@ -78,14 +104,17 @@ class NodeDescriptor(_Snapshot):
 
     __slots__ = ("index", "hostname", "cpus")
     _shown = __slots__
+    index: int
+    hostname: str
+    cpus: int
 
 
 class _Options:
     """What every options class shares: ``make`` accepts None, an instance, or a dict initializer."""
 
-    __slots__ = ()
-    _error = ValueError  # the exception class of the service the options belong to
-    _arg = "options"  # the argument's name in the API, for messages
+    __slots__: tuple[str, ...] = ()
+    _error: ClassVar[type[Exception]] = ValueError  # the exception class of the service the options belong to
+    _arg: ClassVar[str] = "options"  # the argument's name in the API, for messages
 
     @classmethod
     def make(cls, options):
@@ -109,10 +138,9 @@ class ProcessOptions(_Options):
     stdout, stderr: FORWARD (default: printed by dragon-launch, each line labelled ``[user_name or p_uid]``),
             INHERIT (printed unlabelled), DEVNULL, or a file path (opened for appending, relative to run_dir);
             stderr may also be STDOUT (merged into stdout).
-    zygote: for ``exe`` = this Python with args ``-c CODE ...`` or ``-m MODULE ...``: fork the process from
-    the
-            node's zygote (a Python that has imported dragon once: a fork instead of an interpreter start).
-            The process is the same managed process; a request that is not eligible starts as usual.
+    zygote: for ``exe`` = this Python with args ``-c CODE ...`` or ``-m MODULE ...``: fork the process
+            from the node's zygote (a Python that has imported dragon once: a fork instead of an interpreter
+            start). The process is the same managed process; a request that is not eligible starts as usual.
     """
 
     FORWARD, INHERIT, DEVNULL, STDOUT = "forward", "inherit", "devnull", "stdout"
@@ -164,8 +192,8 @@ class ChannelOptions(_Options):
 
     local_opts: options of the local library create call, a dict (or object) with ``capacity`` and/or
                 ``block_size``; the same can be given directly as ``capacity=`` / ``block_size=``.
-    ref_count:  if True, GS counts the processes attached to the channel (the creator, and every process that calls
-                ``channel.attach``) and destroys it when the last one detaches or exits.
+    ref_count:  if True, GS counts the processes attached to the channel (the creator, and every process
+                that calls ``channel.attach``) and destroys it when the last one detaches or exits.
     """
 
     __slots__ = ("local_opts", "ref_count", "capacity", "block_size")
@@ -202,4 +230,7 @@ class ChannelOptions(_Options):
         return {"ref_count": self.ref_count, "capacity": self.capacity, "block_size": self.block_size}
 
     def __repr__(self):
-        return f"ChannelOptions(ref_count={self.ref_count}, capacity={self.capacity}, block_size={self.block_size})"
+        return (
+            f"ChannelOptions(ref_count={self.ref_count}, capacity={self.capacity}, "
+            f"block_size={self.block_size})"
+        )

@@ -31,7 +31,7 @@ def job_pids(job, exclude=()):
 def children(pid=None):
     """Direct children of pid (default: this process)."""
     pid = os.getpid() if pid is None else pid
-    kids = []
+    kids: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin
 from msgpack import packb as _packb
 from msgpack import unpackb as _unpackb
 
-_TABLE: dict[int, type] = {}
+_TABLE: dict[int, type["Message"]] = {}
 Ident = Union[int, str]  # a p_uid / m_uid / c_uid, or a user_name
 
 
@@ -131,7 +131,7 @@ def _specialize(cls):
         f"def _wire(self):\n    return [{cls.TYPE}{values}]\n\n"
         f"def _bad_field(self):\n{checks}    return None\n"
     )
-    ns = {}
+    ns: dict[str, Any] = {}
     exec(src, ns)  # noqa: S102 (source built from this module's own declarations)
     cls.__init__, cls._wire, cls._bad_field = ns["__init__"], ns["_wire"], ns["_bad_field"]
 

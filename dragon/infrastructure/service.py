@@ -26,6 +26,7 @@ import itertools
 import signal
 import time
 from collections import deque
+from typing import ClassVar
 
 from dragon import env
 from dragon._core import core
@@ -71,7 +72,7 @@ class Service:
 
     NAME = "service"
     LOG_EVERY = 1000
-    _table = {}
+    _table: ClassVar[dict[type[m.Message], str]] = {}  # message class -> name of its handler method
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -203,6 +204,7 @@ class Service:
     def _respond(self, to, err, text, result):
         """A control request (another service's) gets a ControlResponse, with the job's key; others a
         Response."""
+        resp: m.Message
         if getattr(to, "CONTROL", False):
             resp = m.ControlResponse(self.key, to.tag, err, text, result)
         else:

@@ -90,14 +90,16 @@ def mpi_baseline(world, comm, quick):
 MODES = ("send", "send_block")
 WHAT = [
     "What each side does (like with like):",
-    "  mpi4py: Send from a prefilled numpy buffer, Recv into a preallocated numpy buffer (MPI copies once).",
-    "  dragon 'send': RemoteChannel.send(bytes) copies the payload into a staging block (one copy that mpi4py's",
-    "    sender does not make), the agents ship it over MPI; 'send_block': a staging block from channel.pool is",
-    "    handed over as allocated (payload produced in place, as mpi4py's prefilled buffer), no copy by the sender;",
-    "    its blocks are never written, so MPI reads them cold from memory: it can be slower than 'send', whose copy",
-    "    leaves the payload in cache (mpi4py resends one cache-warm buffer).",
+    "  mpi4py: Send from a prefilled numpy buffer, Recv into a preallocated numpy buffer (MPI copies",
+    "    once).",
+    "  dragon 'send': RemoteChannel.send(bytes) copies the payload into a staging block (one copy that",
+    "    mpi4py's sender does not make), the agents ship it over MPI; 'send_block': a staging block from",
+    "    channel.pool is handed over as allocated (payload produced in place, as mpi4py's prefilled buffer),",
+    "    no copy by the sender; its blocks are never written, so MPI reads them cold from memory: it can be",
+    "    slower than 'send', whose copy leaves the payload in cache (mpi4py resends one cache-warm buffer).",
     "  dragon receiver: recv_message (zero copy: the pool block the agent received into) above 8 KiB,",
-    "    recv_many (copies into bytes) up to 8 KiB. Round trip: recv_into a preallocated buffer on both sides.",
+    "    recv_many (copies into bytes) up to 8 KiB. Round trip: recv_into a preallocated buffer on both",
+    "    sides.",
 ]
 
 
@@ -183,7 +185,8 @@ def app(quick):
             a, b = results[(size, mode)], mpi.get(size)
             row = {"size": size, "mode": mode, "agents": a, "mpi4py": b}
             rtt = f"{a['rtt_us']:>8.1f}" if a["rtt_us"] is not None else f"{'-':>8}"
-            line = f"{size:>8} {mode:>10} | {a['stream_msgs']:>12.0f} {a['stream_msgs'] * size / 1e9:>7.3f} {rtt} |"
+            gbs = a["stream_msgs"] * size / 1e9
+            line = f"{size:>8} {mode:>10} | {a['stream_msgs']:>12.0f} {gbs:>7.3f} {rtt} |"
             if b:
                 row["stream_ratio"] = a["stream_msgs"] / b["stream_msgs"]
                 line += (
@@ -200,7 +203,8 @@ def app(quick):
     if crowded:
         print(crowded)
     print(
-        f"each figure: the best of {REPEAT} rounds (both sides); load average at the end: {os.getloadavg()[0]:.2f}"
+        f"each figure: the best of {REPEAT} rounds (both sides); "
+        f"load average at the end: {os.getloadavg()[0]:.2f}"
     )
     out = os.environ.get(env.BENCH_JSON)
     if out:
@@ -219,9 +223,10 @@ def placement_warning(mpi):
         two = 2e6 / b["stream_msgs"]  # two stream messages, in us
         if b["rtt_us"] > CROWDED * two:
             return (
-                f"note: mpi4py's own {size}-byte round trip ({b['rtt_us']:.0f} us) took {b['rtt_us'] / two:.1f}x two "
-                f"of its stream messages ({two:.0f} us): its ranks shared a core for much of this run, and so did "
-                "the agents' threads; the ratios of this run are not representative (see benchmarks/README.md)"
+                f"note: mpi4py's own {size}-byte round trip ({b['rtt_us']:.0f} us) took "
+                f"{b['rtt_us'] / two:.1f}x two of its stream messages ({two:.0f} us): its ranks shared a "
+                "core for much of this run, and so did the agents' threads; the ratios of this run are not "
+                "representative (see benchmarks/README.md)"
             )
         return None
     return None
