@@ -14,6 +14,7 @@ is destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can a
 """
 
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -297,13 +298,14 @@ class Shepherd(Service):
         process."""
         streams = [(n, st) for n, st in ((1, rec.popen.stdout), (2, rec.popen.stderr)) if st is not None]
         rec.open_streams = len(streams)
+        # the pidfd first: the thread may handle the exit at the last EOF (unregistering the pidfd)
+        self.sel.register(rec.pidfd, selectors.EVENT_READ, ("pid", rec, None))
         for n, st in streams:
             self.sel.register(st.fileno(), selectors.EVENT_READ, ("out", rec, n))
-        self.sel.register(rec.pidfd, selectors.EVENT_READ, ("pid", rec, None))
 
     def _io_loop(self):
-        # this thread's own handles: exits go straight to global services when it is on this node (see _report),
-        # else through the loop
+        # this thread's own handles: exits go straight to global services when it is on this node (see
+        # _report), else through the loop
         inbox = Channel.attach(self.inbox_sdesc)
         gs = Channel.attach(self.gs_cd)
         if not isinstance(gs, Channel):  # (a RemoteChannel: GS is on another node)
@@ -323,17 +325,8 @@ class Shepherd(Service):
         for key, _ in sel.select(timeout):
             kind, rec, which = key.data
             if kind == "pid":
-                sel.unregister(rec.pidfd)
-                os.close(rec.pidfd)
-                code = rec.popen.wait()
-                with self.lock:
-                    rec.exit_code = code
-                    self.lock.notify_all()
-                if rec.open_streams == 0:
-                    self._report(inbox, gs, rec)
-                else:
-                    rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
-                    draining.append(rec)
+                if rec.pidfd is not None:  # (else handled at its last EOF, earlier in this round)
+                    self._exited(rec, inbox, gs, draining)
             elif kind == "out":
                 fd = key.fd
                 try:
@@ -347,7 +340,13 @@ class Shepherd(Service):
                     self._emit(rec, which, b"", final=True)
                     (rec.popen.stdout if which == 1 else rec.popen.stderr).close()
                     rec.open_streams -= 1
-                    if rec.open_streams == 0 and rec.exit_code is not None and not rec.reported:
+                    if rec.open_streams == 0 and rec.exit_code is None:
+                        # a process closes its files before it becomes a zombie: by the time its last EOF is
+                        # read here it usually has, and its exit is handled now rather than at one more
+                        # wake-up of this thread for its pidfd
+                        if select.select([rec.pidfd], [], [], 0)[0]:
+                            self._exited(rec, inbox, gs, draining)
+                    elif rec.open_streams == 0 and not rec.reported:
                         self._report(inbox, gs, rec)
                         if rec in draining:
                             draining.remove(rec)
@@ -356,6 +355,22 @@ class Shepherd(Service):
             for r in [r for r in draining if r.deadline <= now]:
                 draining.remove(r)
                 self._report(inbox, gs, r)  # its pipes stay registered: grandchildren may still print
+
+    def _exited(self, rec, inbox, gs, draining):
+        """rec's pidfd is readable: reap it, and report its exit once its output is drained (or in
+        DRAIN_AFTER_EXIT: grandchildren may hold its pipes)."""
+        self.sel.unregister(rec.pidfd)
+        os.close(rec.pidfd)
+        rec.pidfd = None
+        code = rec.popen.wait()
+        with self.lock:
+            rec.exit_code = code
+            self.lock.notify_all()
+        if rec.open_streams == 0:
+            self._report(inbox, gs, rec)
+        else:
+            rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
+            draining.append(rec)
 
     def _emit(self, rec, which, data, final=False):
         buf = rec.partial.get(which, b"") + data
@@ -375,10 +390,10 @@ class Shepherd(Service):
     def _report(self, inbox, gs, rec):
         """Report an exit to global services. Straight into its inbox (gs: this thread's handle, None if GS is
         on another node) when that takes no wait and nothing the loop sent waits in its outbox: the loop
-        answered the create before this thread heard of the process, so the exit cannot overtake that answer,
-        and the join it ends is answered without a round of the loop (one wake-up and one decode less per
-        process). Otherwise through this shepherd's own inbox (the loop drains it, so this waits only while the
-        loop is busy; it forwards the report to GS without blocking, in order)."""
+        answered the create before this thread heard of the process, so the exit cannot overtake that
+        answer, and the join it ends is answered without a round of the loop (one wake-up and one decode
+        less per process). Otherwise through this shepherd's own inbox (the loop drains it, so this waits
+        only while the loop is busy; it forwards the report to GS without blocking, in order)."""
         rec.reported = True
         self.log.debug("p_uid %d (pid %d) exited with %s", rec.p_uid, rec.popen.pid, rec.exit_code)
         data = m.encode(m.SHProcessExit(self.key, self.node, rec.p_uid, rec.exit_code))
