@@ -80,7 +80,11 @@ class Connection:
 
             atexit.register(self.close)
         self.reply_sdesc = bytes(self.reply.sdesc)
-        self.cond = threading.Condition(threading.Lock())
+        # the lock is taken directly (a C call; Condition's own __enter__ and notify_all are Python code) and
+        # waiting threads are counted, so that the usual case, one thread with nobody to wake, pays neither
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.waiting = 0
         self.reading = False
         self.results = {}
         self.abandoned = set()
@@ -119,26 +123,31 @@ class Connection:
         msg.tag, msg.reply, msg.caller = tag, self.reply_sdesc, self.p_uid
         self.gs.send(encode_request(msg), timeout=SEND_TIMEOUT)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
+        with self.lock:
             try:
                 while tag not in self.results:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError
                     if self.reading:
-                        self.cond.wait(remaining)
+                        self.waiting += 1
+                        try:
+                            self.cond.wait(remaining)
+                        finally:
+                            self.waiting -= 1
                         continue
                     self.reading = True
-                    self.cond.release()
+                    self.lock.release()
                     data = None
                     try:
                         data = self.reply.recv(timeout=remaining)
                     except (TimeoutError, ChannelEmpty):
                         data = None
                     finally:
-                        self.cond.acquire()
+                        self.lock.acquire()
                         self.reading = False
-                        self.cond.notify_all()
+                        if self.waiting:
+                            self.cond.notify_all()
                     if data is not None:
                         try:
                             resp = m.decode(data)

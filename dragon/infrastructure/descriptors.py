@@ -22,7 +22,13 @@ class _Snapshot:
 
     @classmethod
     def from_wire(cls, d):
-        return cls(**{k: d.get(k) for k in cls.__slots__})  # tolerant of fields a newer GS adds
+        """From GS's dict (tolerant of fields a newer GS adds; a missing one is None). Every query and create
+        answer comes through here: the fields are set directly, without the keyword call of __init__."""
+        self = object.__new__(cls)
+        get = d.get
+        for k in cls.__slots__:
+            setattr(self, k, get(k))
+        return self
 
     def to_wire(self):
         return {k: getattr(self, k) for k in self.__slots__}

@@ -24,7 +24,7 @@ its inbox (see ``dragon.infrastructure.service``). Who handles a message is foun
 
 from typing import Any, ClassVar, Optional, Union, get_args, get_origin
 
-from msgpack import packb as _packb
+from msgpack import Packer as _Packer
 from msgpack import unpackb as _unpackb
 
 _TABLE: dict[int, type["Message"]] = {}
@@ -75,6 +75,13 @@ class Message:
         _specialize(type(self))
         return type(self)._bad_field(self)
 
+    @classmethod
+    def _decode(cls, items):
+        """The wire list [TYPE, *fields] -> (message, name of its first field of the wrong type or None);
+        ValueError if the number of fields is wrong (see decode)."""
+        _specialize(cls)
+        return cls._decode(items)
+
     def __repr__(self):
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS if f != "reply")
         return f"{type(self).__name__}({body})"
@@ -116,7 +123,8 @@ def _check_expr(tp, v, depth=0):
 
 
 def _specialize(cls):
-    """Give cls its own fast __init__, _wire and _bad_field (fields as named parameters / a list display)."""
+    """Give cls its own fast __init__, _wire, _bad_field and _decode (fields as named parameters, a list
+    display, one unpacking of the wire list)."""
     if "_wire" in cls.__dict__:
         return
     fields, hints = cls.FIELDS, _hints(cls)
@@ -126,14 +134,23 @@ def _specialize(cls):
     checks = "".join(
         f"    if not {_check_expr(hints[f], 'self.' + f)}:\n        return {f!r}\n" for f in fields
     )
+    # _decode: the fields are unpacked, set and checked in one call, from locals
+    names = "".join(f", {f}" for f in fields)
+    sets = "".join(f"    self.{f} = {f}\n" for f in fields)
+    local_checks = "".join(
+        f"    if not {_check_expr(hints[f], f)}:\n        return self, {f!r}\n" for f in fields
+    )
     src = (
         f"def __init__(self{params}):\n{body}\n"
         f"def _wire(self):\n    return [{cls.TYPE}{values}]\n\n"
-        f"def _bad_field(self):\n{checks}    return None\n"
+        f"def _bad_field(self):\n{checks}    return None\n\n"
+        f"def _decode(items):\n    _type{names}, = items\n    self = _new(_cls)\n{sets}{local_checks}"
+        "    return self, None\n"
     )
-    ns: dict[str, Any] = {}
+    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
     exec(src, ns)  # noqa: S102 (source built from this module's own declarations)
     cls.__init__, cls._wire, cls._bad_field = ns["__init__"], ns["_wire"], ns["_bad_field"]
+    cls._decode = staticmethod(ns["_decode"])
 
 
 class Request(Message):
@@ -434,9 +451,22 @@ class BadMessage(ValueError):
         self.msg = msg
 
 
+# Packers ready for use: making one per call is half the cost of encoding a small message. A packer's buffer
+# is its own: one is taken from this list for each call (list.pop and append are atomic), so two threads, or
+# a signal handler that sends while a packer runs, each use their own.
+_packers: list = []
+
+
 def encode(msg):
     """Message -> bytes (msgpack array [TYPE, *fields])."""
-    return _packb(msg._wire(), use_bin_type=True)
+    try:
+        packer = _packers.pop()
+    except IndexError:
+        packer = _Packer(use_bin_type=True)
+    try:
+        return packer.pack(msg._wire())  # (a packer resets its buffer when pack raises)
+    finally:
+        _packers.append(packer)
 
 
 def decode(data):
@@ -451,10 +481,12 @@ def decode(data):
     cls = _TABLE.get(items[0])
     if cls is None:
         raise BadMessage(f"not a dragon message: unknown type id {items[0]}")
-    if len(items) - 1 != len(cls.FIELDS):
-        raise BadMessage(f"{cls.__name__}: {len(items) - 1} fields on the wire, expected {len(cls.FIELDS)}")
-    msg = cls(*items[1:])
-    bad = msg._bad_field()
+    try:
+        msg, bad = cls._decode(items)
+    except ValueError:  # (raised only by the unpacking of items into the fields: their number is wrong)
+        raise BadMessage(
+            f"{cls.__name__}: {len(items) - 1} fields on the wire, expected {len(cls.FIELDS)}"
+        ) from None
     if bad is not None:
         raise BadMessage(
             f"{cls.__name__}.{bad}: {type(getattr(msg, bad)).__name__} is not {_hints(cls)[bad]}", msg

@@ -6,14 +6,15 @@ process (subprocess.Popen, its own session so its whole process group can be sig
 destroy a pool or channel, tear everything down. An IO thread waits (selectors, no polling) on a pidfd per
 process and on the pipes of forwarded output: it prints each line labelled ``[user_name or p_uid]`` and
 reports exits (a signal death as ``-signum``), after the process's output has been drained so that a joiner
-sees it first, through the shepherd's own inbox: the loop forwards them to global services without ever
-blocking on it.
+sees it first: straight into global services' inbox when GS is on this node and that takes no wait, else
+through the shepherd's own inbox: the loop forwards them to global services without ever blocking on it.
 
 Before starting a process the shepherd makes its reply channel (so the child needs no set-up round trip); it
 is destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can answer into it any more.
 """
 
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -79,6 +80,9 @@ class Shepherd(Service):
         self.gs = Channel.attach(gs_cd)
         self.infra_pool = infra_pool
         self.out_fds = {1: out_fd, 2: err_fd}
+        # the environment every process starts from: the shepherd's own, which does not change once it runs
+        # (copied once here, not decoded from os.environ again at every start)
+        self.base_env = dict(os.environ)
         self.procs = {}  # p_uid -> _Managed (until GS acknowledges the exit)
         self.lock = threading.Condition()
         self.pools = {}  # m_uid -> Pool
@@ -114,7 +118,7 @@ class Shepherd(Service):
         reply_ch = Channel.create(self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
         files = []
         try:
-            env = dict(os.environ)
+            env = self.base_env.copy()
             if msg.stdout == "forward" and not msg.head:
                 env["PYTHONUNBUFFERED"] = "1"  # forwarded output shows as it comes, not at exit
             env.update(msg.env)
@@ -294,20 +298,26 @@ class Shepherd(Service):
         process."""
         streams = [(n, st) for n, st in ((1, rec.popen.stdout), (2, rec.popen.stderr)) if st is not None]
         rec.open_streams = len(streams)
+        # the pidfd first: the thread may handle the exit at the last EOF (unregistering the pidfd)
+        self.sel.register(rec.pidfd, selectors.EVENT_READ, ("pid", rec, None))
         for n, st in streams:
             self.sel.register(st.fileno(), selectors.EVENT_READ, ("out", rec, n))
-        self.sel.register(rec.pidfd, selectors.EVENT_READ, ("pid", rec, None))
 
     def _io_loop(self):
-        inbox = Channel.attach(self.inbox_sdesc)  # this thread's own handle: exits go through the loop
+        # this thread's own handles: exits go straight to global services when it is on this node (see
+        # _report), else through the loop
+        inbox = Channel.attach(self.inbox_sdesc)
+        gs = Channel.attach(self.gs_cd)
+        if not isinstance(gs, Channel):  # (a RemoteChannel: GS is on another node)
+            gs = None
         draining = []
         while True:
             try:
-                self._io_step(inbox, draining)
+                self._io_step(inbox, gs, draining)
             except Exception:  # never let one bad event stop exit reports (joins would hang)
                 self.log.exception("IO thread")
 
-    def _io_step(self, inbox, draining):
+    def _io_step(self, inbox, gs, draining):
         sel = self.sel
         timeout = None
         if draining:
@@ -315,17 +325,8 @@ class Shepherd(Service):
         for key, _ in sel.select(timeout):
             kind, rec, which = key.data
             if kind == "pid":
-                sel.unregister(rec.pidfd)
-                os.close(rec.pidfd)
-                code = rec.popen.wait()
-                with self.lock:
-                    rec.exit_code = code
-                    self.lock.notify_all()
-                if rec.open_streams == 0:
-                    self._report(inbox, rec)
-                else:
-                    rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
-                    draining.append(rec)
+                if rec.pidfd is not None:  # (else handled at its last EOF, earlier in this round)
+                    self._exited(rec, inbox, gs, draining)
             elif kind == "out":
                 fd = key.fd
                 try:
@@ -339,15 +340,37 @@ class Shepherd(Service):
                     self._emit(rec, which, b"", final=True)
                     (rec.popen.stdout if which == 1 else rec.popen.stderr).close()
                     rec.open_streams -= 1
-                    if rec.open_streams == 0 and rec.exit_code is not None and not rec.reported:
-                        self._report(inbox, rec)
+                    if rec.open_streams == 0 and rec.exit_code is None:
+                        # a process closes its files before it becomes a zombie: by the time its last EOF is
+                        # read here it usually has, and its exit is handled now rather than at one more
+                        # wake-up of this thread for its pidfd
+                        if select.select([rec.pidfd], [], [], 0)[0]:
+                            self._exited(rec, inbox, gs, draining)
+                    elif rec.open_streams == 0 and not rec.reported:
+                        self._report(inbox, gs, rec)
                         if rec in draining:
                             draining.remove(rec)
         if draining:
             now = time.monotonic()
             for r in [r for r in draining if r.deadline <= now]:
                 draining.remove(r)
-                self._report(inbox, r)  # its pipes stay registered: grandchildren may still print
+                self._report(inbox, gs, r)  # its pipes stay registered: grandchildren may still print
+
+    def _exited(self, rec, inbox, gs, draining):
+        """rec's pidfd is readable: reap it, and report its exit once its output is drained (or in
+        DRAIN_AFTER_EXIT: grandchildren may hold its pipes)."""
+        self.sel.unregister(rec.pidfd)
+        os.close(rec.pidfd)
+        rec.pidfd = None
+        code = rec.popen.wait()
+        with self.lock:
+            rec.exit_code = code
+            self.lock.notify_all()
+        if rec.open_streams == 0:
+            self._report(inbox, gs, rec)
+        else:
+            rec.deadline = time.monotonic() + DRAIN_AFTER_EXIT
+            draining.append(rec)
 
     def _emit(self, rec, which, data, final=False):
         buf = rec.partial.get(which, b"") + data
@@ -364,12 +387,22 @@ class Shepherd(Service):
             except OSError:
                 pass
 
-    def _report(self, inbox, rec):
-        """Report an exit through this shepherd's own inbox (the loop drains it, so this waits only while the
-        loop is busy; it forwards the report to GS without blocking)."""
+    def _report(self, inbox, gs, rec):
+        """Report an exit to global services. Straight into its inbox (gs: this thread's handle, None if GS is
+        on another node) when that takes no wait and nothing the loop sent waits in its outbox: the loop
+        answered the create before this thread heard of the process, so the exit cannot overtake that
+        answer, and the join it ends is answered without a round of the loop (one wake-up and one decode
+        less per process). Otherwise through this shepherd's own inbox (the loop drains it, so this waits
+        only while the loop is busy; it forwards the report to GS without blocking, in order)."""
         rec.reported = True
         self.log.debug("p_uid %d (pid %d) exited with %s", rec.p_uid, rec.popen.pid, rec.exit_code)
         data = m.encode(m.SHProcessExit(self.key, self.node, rec.p_uid, rec.exit_code))
+        if gs is not None and not self.outbox and not self.tearing:
+            try:
+                gs.send(data, timeout=0)
+                return
+            except ChannelError:  # full (or gone): the loop's way
+                pass
         while not self.tearing:
             try:
                 inbox.send(data, timeout=1.0)
