@@ -35,5 +35,11 @@ def test_receivers_that_time_out_or_are_killed_mid_stream_lose_nothing():
 
 
 @pytest.mark.timeout(160)
+def test_a_receiver_that_dies_between_an_answers_header_and_its_payload_loses_nothing():
+    """The narrowest window of a remote receive, hit every time: the message comes back to its channel."""
+    run("orphan", "5")
+
+
+@pytest.mark.timeout(160)
 def test_two_hundred_short_lived_senders_each_deliver_their_message():
     run("shortlived", "200")

@@ -334,6 +334,55 @@ def receiver(src_hex, res_hex, who):
         res.send(tag + b":" + m.split(b".", 1)[0], timeout=60)
 
 
+# ---- a receiver that dies between an answer's header and its payload
+# -------------------------------------------------------------------------------------------------
+def case_orphan(rounds="5"):
+    """A receiver on another node dies right after taking the header of its answer from its reply channel,
+    before the payload behind it: the message goes back to the channel (the agent knows where the payload
+    lies), every round."""
+    nodes = node.get_list()
+    far = [k for k in nodes if k != 1][-1]
+    pd = pool.create(16 << 20, pool_options={"node": 1})
+    src = channel.create(pd.m_uid, channel_options={"capacity": 16})
+    ch = attach(src)
+    for r in range(int(rounds)):
+        sent = b"precious %d " % r + b"." * (r * 5000)  # inline and pool-block payloads
+        ch.send(sent, timeout=30)
+        victim = process.create(PY, None, [HERE, "orphan_victim", src.sdesc.hex()], options={"node": far})
+        assert process.join(victim.p_uid, timeout=60) == 7, process.query(victim.p_uid)
+        got = ch.recv(timeout=30)
+        assert got == sent, (r, got[:40])
+    ch.close()
+    channel.destroy(src.c_uid)
+    pool.destroy(pd.m_uid)
+    print(f"orphan ok {rounds}", flush=True)
+
+
+def orphan_victim(src_hex):
+    from dragon._core import frames as W
+    from dragon.channels import Channel
+
+    ch = Channel.attach(bytes.fromhex(src_hex))
+    ep = ch._ep
+    real = ep.reply
+
+    class DiesAfterAHeader:
+        """The reply channel, but the process exits as soon as it has taken a header whose payload follows."""
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def recv_message(self, timeout=None):
+            m = real.recv_message(timeout=timeout)
+            if m.nbytes >= W.HSIZE and memoryview(m)[1] & W.NEXT:
+                os._exit(7)
+            return m
+
+    ep.reply = DiesAfterAHeader()
+    ch.recv(timeout=30)
+    os._exit(1)  # (not reached: every single receive's answer is a header and its payload)
+
+
 # ---- short-lived senders
 # ---------------------------------------------------------------------------------------
 def case_shortlived(n="200", in_flight="16"):
