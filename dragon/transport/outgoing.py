@@ -247,10 +247,13 @@ class Outgoing:
         """A NEXT header went into reply channel ch: its payload will be the message right behind it (the
         agent is the channel's only sender and sends nothing in between). Remember where, with the header,
         and forget what the process has taken since."""
+        try:
+            head, tail = ch._positions()
+        except ChannelError:  # (the handle is gone: nothing is put back from it)
+            return
         at = self.next_at.get(ch)
         if at is None:
             at = self.next_at[ch] = {}
-        head, tail = ch._positions()
         at[tail] = bytes(header)
         if len(at) > 2 * ch.capacity:
             for pos in [p for p in at if p < head]:
