@@ -48,16 +48,7 @@ def queue_depth(size):
     return 1024 if size <= 64 * 1024 else 64
 
 
-ALL_PEERS = [
-    "dragon",
-    "dragon-batch",
-    "dragon-zc",
-    "mp-queue",
-    "mp-pipe",
-    "faster-fifo",
-    "ff-batch",
-    "mpi4py",
-]
+ALL_PEERS = util.CHANNEL_PEERS
 DRAGON_PEERS = {"dragon", "dragon-batch", "dragon-zc"}
 LABELS = {
     "dragon": "dragon",

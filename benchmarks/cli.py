@@ -87,20 +87,7 @@ def build_parser():
     ap.add_argument(
         "--peers",
         default=None,
-        help="channel peers to run (default all): "
-        + ",".join(
-            [
-                "dragon",
-                "dragon-batch",
-                "dragon-zc",
-                "mp-queue",
-                "mp-pipe",
-                "faster-fifo",
-                "ff-batch",
-                "mpi4py",
-                "dragonhpc",
-            ]
-        ),
+        help="channel peers to run (default all): " + ",".join([*util.CHANNEL_PEERS, "dragonhpc"]),
     )
     ap.add_argument(
         "--producers", type=int, default=1, help="channels: also run 1x1, 2x2, 4x4 ... up to P producers ..."

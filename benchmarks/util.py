@@ -17,6 +17,17 @@ import time
 import uuid
 
 SHM = "/dev/shm"
+# the channel peers of `dragon-bench channels` ("dragonhpc" is apart: it runs under its own launcher)
+CHANNEL_PEERS = [
+    "dragon",
+    "dragon-batch",
+    "dragon-zc",
+    "mp-queue",
+    "mp-pipe",
+    "faster-fifo",
+    "ff-batch",
+    "mpi4py",
+]
 JSON_MARK = "DRAGON_BENCH_JSON:"  # a line printed by inner programs, followed by one JSON object
 
 
