@@ -38,6 +38,7 @@ class _TokenSemaphore:
     """What every lock and semaphore of this module is: tokens in a channel."""
 
     _kind = "semaphore"
+    _repr_max = False  # (a bounded semaphore shows its maximum too, as the stdlib's does)
 
     def __init__(self, value=1, maxvalue=SEM_VALUE_MAX):
         if value < 0:
@@ -150,7 +151,8 @@ class _TokenSemaphore:
             value = self._get_value()
         except Exception:
             value = "unknown"
-        return f"<{type(self).__name__}(value={value})>"
+        bound = f", maxvalue={self._maxvalue}" if self._repr_max else ""
+        return f"<{type(self).__name__}(value={value}{bound})>"
 
 
 class Semaphore(_TokenSemaphore):
@@ -159,15 +161,10 @@ class Semaphore(_TokenSemaphore):
 
 
 class BoundedSemaphore(_TokenSemaphore):
+    _repr_max = True
+
     def __init__(self, value=1):
         super().__init__(value, value)
-
-    def __repr__(self):
-        try:
-            value = self._get_value()
-        except Exception:
-            value = "unknown"
-        return f"<{type(self).__name__}(value={value}, maxvalue={self._maxvalue})>"
 
 
 class Lock(_TokenSemaphore):
