@@ -23,6 +23,8 @@ INFRA_POOL_SIZE = (
 LOG = "DRAGON_LOG"  # "debug" for verbose service logs (default: warnings and errors only)
 REQUEST_TIMEOUT = "DRAGON_REQUEST_TIMEOUT"  # seconds a client waits for a reply (default 60)
 SERVICE_TIMEOUT = "DRAGON_SERVICE_TIMEOUT"  # seconds a service may leave its launcher's pings unanswered (30)
+# seconds a process ending waits for its sends to channels on other nodes to land there (default 60)
+EXIT_FLUSH = "DRAGON_EXIT_FLUSH_TIMEOUT"
 # multi-node jobs (set by the launcher of each node, inherited by its services and managed processes) where
 # global services runs, as a transport index (default 0): node 0, or the number of nodes when GS has an MPI
 # rank of its own, which is no node (dragon-launch --gs-rank; see dragon.transport.world)

@@ -74,6 +74,8 @@ environment: DRAGON_LOG=debug for verbose service logs on stderr;
 DRAGON_REQUEST_TIMEOUT=seconds a call waits for global services (default 60);
 DRAGON_SERVICE_TIMEOUT=seconds a service of the runtime (global services, a node's shepherd) may leave the
 launcher's pings unanswered before the job is ended as hung, naming it (default 30);
+DRAGON_EXIT_FLUSH_TIMEOUT=seconds a process ending waits for its sends to channels on other nodes to land
+there, so that whoever joins it finds them (default 60; the transport delivers the rest later);
 DRAGON_INFRA_POOL_SIZE=size of each node's infrastructure pool (default 64M; K, M, G suffixes);
 DRAGON_CPU_BINDING=keep keeps the CPU binding srun or mpiexec gave each rank for its node's services and
 processes (default node: every CPU the rank's cgroup allows; a binding to one task's core would put the node's

@@ -28,6 +28,22 @@ def test_senders_that_end_every_way_right_after_their_last_send_lose_nothing():
 
 
 @pytest.mark.timeout(160)
+def test_a_joined_sender_has_every_message_in_its_channel():
+    """Senders on two nodes end cleanly while their last messages wait for room in a full channel: once
+    they are joined, nothing of theirs is still on the way (a producer joined, then a sentinel put into its
+    queue, must come after its items; CI once found 493 of 6,000 queue items behind the sentinel)."""
+    out = run("joined", "5")
+    assert "joined ok 3000" in out, out
+
+
+@pytest.mark.timeout(100)
+def test_an_exit_waits_for_its_sends_to_land_only_as_long_as_the_limit_and_says_so():
+    res = launch(2, APP, "stuck", timeout=90)
+    assert res.returncode == 0 and "stuck ok 20" in res.stdout, res.stdout + res.stderr
+    assert "not yet in their channels after 1 s" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(160)
 def test_receivers_that_time_out_or_are_killed_mid_stream_lose_nothing():
     """Receivers on other nodes drain a channel through the transport; one keeps giving up (timeouts of 0 to
     10 ms), one is SIGKILLed with its receive in flight: every message is received exactly once."""

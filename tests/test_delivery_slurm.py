@@ -28,6 +28,12 @@ def test_senders_that_end_every_way_right_after_their_last_send_lose_nothing(slu
 
 
 @pytest.mark.timeout(180)
+def test_a_joined_sender_has_every_message_in_its_channel(slurm_cluster):
+    out = run("joined", "10")
+    assert "joined ok 3000" in out, out
+
+
+@pytest.mark.timeout(180)
 def test_receivers_that_time_out_or_are_killed_mid_stream_lose_nothing(slurm_cluster):
     run("receivers", "3000")
 

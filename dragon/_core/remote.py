@@ -26,14 +26,16 @@ handed over as one, ``send_block``) whose offset the gateway frame carries; the 
 Sends are windowed: a send returns once its message is in the gateway (it will be delivered exactly once, in
 order, unless the channel is destroyed or its node dies; that is then reported by a later call on the handle),
 whatever the process does next: the agent ships what is in the gateway after the process is gone too, and
-closes its streams only behind their last frames. At most ``WINDOW`` messages (and ``WINDOW_BYTES``) of a
-stream are unacknowledged; a send that finds the window full waits for the remote agent's acknowledgements, so
-a full remote channel stops the sender after at most a window (timeout 0: ChannelFull, t: ChannelTimeout,
-None: wait). Receives, poll and len are request/answer: the remote agent applies the timeout on its side and
-always answers exactly once (data, or timeout), so no message is lost when a receive times out. A message
-taken for a receive that nobody waits for any more (interrupted by Ctrl-C or an exception, or its handle
-closed, or its process gone) goes back into its channel (PUTBACK), at its tail: it is received once, by
-someone, never dropped.
+closes its streams only behind their last frames. A clean exit (atexit) waits, bounded, until every send has
+landed (``Endpoint.flush_all``), so that a join of the process finds its messages in their channels; a
+handle closed with sends unacknowledged keeps its stream open until they are. At most ``WINDOW`` messages
+(and ``WINDOW_BYTES``) of a stream are unacknowledged; a send that finds the window full waits for the remote
+agent's acknowledgements, so a full remote channel stops the sender after at most a window (timeout 0:
+ChannelFull, t: ChannelTimeout, None: wait). Receives, poll and len are request/answer: the remote agent
+applies the timeout on its side and always answers exactly once (data, or timeout), so no message is lost
+when a receive times out. A message taken for a receive that nobody waits for any more (interrupted by Ctrl-C
+or an exception, or its handle closed, or its process gone) goes back into its channel (PUTBACK), at its
+tail: it is received once, by someone, never dropped.
 
 Every process has one ``Endpoint``: the gateway handle and its reply channel (in the node's infrastructure
 pool). All threads share it (leader/follower: whoever waits and finds nobody reading reads the reply channel
@@ -45,6 +47,7 @@ import atexit
 import itertools
 import math
 import os
+import sys
 import threading
 import time
 
@@ -62,6 +65,7 @@ ANSWER_GRACE = 30.0  # how much longer than its own timeout a request waits for 
 NEXT_WAIT = 30.0
 PTR_MIN = 16 * 1024  # sends above this go through a staging block the agent sends from (no copy into frames)
 GW_SEND_TIMEOUT = 30.0  # a gateway that stays full this long means the agent is gone
+EXIT_FLUSH = 60.0  # at exit, wait at most this long for sends to land (DRAGON_EXIT_FLUSH_TIMEOUT)
 REPLY_CAPACITY = 256
 REPLY_BLOCK = 512
 
@@ -99,6 +103,7 @@ class _Stream:
         "abandoned",
         "acked",
         "acked_bytes",
+        "close_due",
         "closed",
         "err",
         "err_cls",
@@ -116,6 +121,7 @@ class _Stream:
     def __init__(self, sid, node, sdesc):
         self.sid, self.node, self.sdesc = sid, node, sdesc
         self.closed = False  # the handle closed it: forgotten once the agent's CLOSED comes back
+        self.close_due = False  # closed with sends unacknowledged: CLOSE goes once they are (see Endpoint)
         self.sent = 0
         self.acked = 0
         self.sent_bytes = 0
@@ -155,14 +161,19 @@ class Endpoint:
         atexit.register(self.close)
 
     def close(self):
-        """At exit: end the streams and say BYE (the agent would find the process gone by its pid; this is
-        sooner). The reply channel is the agent's to destroy: it may still hold data to put back."""
+        """At exit: wait (bounded) until what this process sent has landed, then end the streams and say BYE
+        (the agent would find the process gone by its pid; this is sooner). The reply channel is the agent's
+        to destroy: it may still hold data to put back."""
         if os.getpid() != self.pid or self.closed:
             return
+        try:
+            self.flush_all()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C at exit: stop waiting; the agent still delivers what is in flight
         self.closed = True
         try:
             for st in list(self.streams.values()):
-                if not st.closed:
+                if not st.closed or st.close_due:
                     self.gw.send(_HDR.pack(W.CLOSE, 0, st.node, 0, st.sid, 0), timeout=0)
             self.gw.send(
                 _HDR.pack(W.BYE, 0, self.node, len(self.reply_sdesc), 0, 0) + self.reply_sdesc, timeout=0
@@ -175,6 +186,39 @@ class Endpoint:
             except Exception:
                 pass
             self.loop = None
+
+    def flush_all(self):
+        """Wait until every message this process sent to another node is in its channel (or its stream
+        failed), for at most DRAGON_EXIT_FLUSH_TIMEOUT seconds; say on stderr what had not landed by then.
+
+        A send returns once its message is in the transport, which delivers it whatever the process does
+        next; waiting here at a clean exit makes the end of a process mean what it means on one node: whoever
+        learns that the process ended (a join) finds every message it sent already in its channel. (A process
+        that ends by os._exit or a signal skips this: its messages are still delivered, a little later.)"""
+
+        def pending():
+            return [st for st in self.streams.values() if st.acked < st.sent and st.err is None]
+
+        with self.cond:
+            if not pending():
+                return
+        try:
+            limit = E.seconds(E.EXIT_FLUSH, EXIT_FLUSH)
+        except ValueError:
+            limit = EXIT_FLUSH
+        if self.wait(lambda: not pending(), time.monotonic() + limit):
+            return
+        with self.cond:
+            left: dict[int, int] = {}
+            for st in pending():
+                left[st.node] = left.get(st.node, 0) + st.sent - st.acked
+        where = ", ".join(f"{n} to node {k}" for k, n in sorted(left.items()))
+        print(
+            f"dragon: process {self.pid} ends with messages not yet in their channels after {limit:g} s "
+            f"({where}; is the channel full?): the transport still delivers them",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def as_message(self, data):
         """A Message holding data (bytes, or already a Message): what recv_message hands out for an answer
@@ -238,6 +282,8 @@ class Endpoint:
                 st.acked_bytes += sum(st.sizes[:k])
                 del st.sizes[:k]
             msg.release()
+            if st.close_due and st.acked >= st.sent:
+                self.send_close(st)
         elif kind == W.CLOSED:  # the agent has closed the stream: every answer of it came before this
             del self.streams[sid]
             if st.closed:  # (not one that Endpoint.close ended at exit)
@@ -246,6 +292,8 @@ class Endpoint:
         elif kind == W.ERR and seq == 0:
             st.err_cls, st.err = _channel_error(msg if mv is None else mv[W.HSIZE : W.HSIZE + n])
             msg.release()
+            if st.close_due:  # no more acknowledgements come
+                self.send_close(st)
         elif seq in st.abandoned or st.closed:
             st.abandoned.discard(seq)
             if kind == W.DATA:  # taken from the channel for a receive nobody waits for: back into the channel
@@ -253,6 +301,20 @@ class Endpoint:
             msg.release()
         else:
             st.results[seq] = (kind, flags, msg if mv is None else mv[W.HSIZE : W.HSIZE + n], msg)
+
+    def send_close(self, st):
+        """End stream st at the agents (the handle was closed). Not before its sends are acknowledged: the far
+        agent acknowledges nothing on a closed stream, and an exit waits for those acknowledgements."""
+        try:
+            self.gw.send(_HDR.pack(W.CLOSE, 0, st.node, 0, st.sid, 0), timeout=0 if st.close_due else 1)
+        except Exception:
+            if st.close_due:
+                return  # (a full gateway: the next acknowledgement, drain or the exit tries again)
+            # the agent closes it once this process is gone; no CLOSED comes before that
+            with self.cond:
+                self.closing -= 1
+            return
+        st.close_due = False
 
     def putback(self, st, data, flags=0):
         """Return data (a message, or with flag MANY a packed list) to the channel of stream st, through the
@@ -712,11 +774,10 @@ class RemoteChannel:
             with ep.cond:  # answers that come for it from now on go back (data) or are dropped
                 st.closed = True
                 ep.closing += 1
-            try:
-                ep.gw.send(_HDR.pack(W.CLOSE, 0, self._node, 0, st.sid, 0), timeout=1)
-            except Exception:  # the agent closes it once this process is gone; no CLOSED comes before that
-                with ep.cond:
-                    ep.closing -= 1
+                if st.acked < st.sent and st.err is None:
+                    st.close_due = True  # CLOSE once they are acknowledged (an exit waits for that)
+                    return
+            ep.send_close(st)
 
     @property
     def pool(self):

@@ -10,6 +10,10 @@ Every case prints "<case> ok ..." when its checks pass and raises otherwise.
   own way right after its last send returned (return, sys.exit, os._exit, SIGKILL of itself, close, dropped
   handle). Node 0 checks exactly-once and per-sender order; a message missing after every sender has ended is
   a loss.
+- ``joined``: the same senders, ending cleanly; once the app has joined them all, every message is in the
+  channel before it receives anything.
+- ``stuck``: a sender fills a channel nobody reads and ends: it waits DRAGON_EXIT_FLUSH_TIMEOUT, says so,
+  and its messages arrive later.
 - ``receivers``: a channel on node 1 filled by a local sender, drained through the transport by receivers on
   other nodes, some of which time out or are SIGKILLed mid-stream: every message is received exactly once.
 - ``shortlived N``: N processes (on the other nodes, a few at a time) each start, send one message into a
@@ -218,6 +222,103 @@ def exits_sender(sdesc_hex, sid, seed, count, ending, api):
         out.close()
     if ending == "drop":
         del out
+
+
+# ---- joined
+# ----------------------------------------------------------------------------------------------------
+def case_joined(rounds="3", per_node="2", count="150"):
+    """Senders on the other nodes each send count messages into a small channel on node 0 and end cleanly,
+    while node 0 drains it slowly (their last messages wait in the transport for room). The moment every
+    sender is joined, everything they sent is in the channel or was received already: nothing is still on
+    its way (as on one node, a join means the sends landed; a parent that joins its producers and then puts
+    a sentinel into their queue must find the sentinel behind their items)."""
+    rounds, per_node, count = int(rounds), int(per_node), int(count)
+    others = [k for k in node.get_list() if k != 0]
+    assert others, "needs at least two nodes"
+    mem = pool.create(256 << 20)
+    clean = ["return", "sys_exit", "close", "drop"]
+    total = 0
+    for rnd in range(rounds):
+        sink = channel.create(mem.m_uid, channel_options={"capacity": 32})
+        ch = attach(sink)
+        senders, lens, expected = {}, {}, {}
+        for k in others:
+            for j in range(per_node):
+                sid = len(lens) + 1
+                ending = clean[(rnd + sid) % len(clean)]
+                api = APIS[(rnd + j + k) % len(APIS)]
+                seed = 7000 + rnd * 100 + sid
+                lens[sid] = sizes(seed, count)
+                expected[sid] = 0
+                d = process.create(
+                    PY,
+                    None,
+                    [HERE, "exits_sender", sink.sdesc.hex(), str(sid), str(seed), str(count), ending, api],
+                    options={"node": k},
+                )
+                senders[d.p_uid] = (sid, ending, api, k)
+        want = count * len(lens)
+        got = 0
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline, f"round {rnd}: senders not joined, {got} of {want} received"
+            done, _ = process.multi_join(list(senders), timeout=0)
+            if done is not None and len(done) == len(senders):
+                for p_uid, code in done:
+                    assert code == 0, f"sender {senders[p_uid]} exited {code}"
+                break
+            try:
+                for msg in ch.recv_many(4, timeout=0.05):
+                    check(msg, lens, expected)
+                    got += 1
+            except ChannelTimeout:
+                pass
+            time.sleep(0.005)  # slower than the senders: the channel stays full
+        n = len(ch)
+        assert got + n == want, (
+            f"round {rnd}: every sender joined with {want - got - n} of its messages still on the way "
+            f"({got} received, {n} in the channel, {want} sent)"
+        )
+        while got < want:
+            for msg in ch.recv_many(64, timeout=10):
+                check(msg, lens, expected)
+                got += 1
+        total += want
+        ch.close()
+        channel.destroy(sink.c_uid)
+        print(f"round {rnd}: {want} messages from {len(lens)} senders", flush=True)
+    pool.destroy(mem.m_uid)
+    print(f"joined ok {total}", flush=True)
+
+
+def case_stuck(count="20"):
+    """A sender on another node fills a channel nobody reads and ends: its exit waits for its sends to land
+    only as long as DRAGON_EXIT_FLUSH_TIMEOUT (1 s here), says so on stderr, and the messages still arrive,
+    in order, once node 0 reads."""
+    count = int(count)
+    others = [k for k in node.get_list() if k != 0]
+    sink = channel.create(None, channel_options={"capacity": 4})
+    ch = attach(sink)
+    d = process.create(
+        PY,
+        None,
+        [HERE, "exits_sender", sink.sdesc.hex(), "1", "0", str(count), "return", "send"],
+        env={"DRAGON_EXIT_FLUSH_TIMEOUT": "1"},
+        options={"node": others[0]},
+    )
+    t = time.monotonic()
+    code = process.join(d.p_uid, timeout=60)
+    assert code == 0, f"the sender exited {code}"
+    waited = time.monotonic() - t
+    lens, expected = {1: [0] * count}, {1: 0}
+    for _ in range(count):
+        msg = ch.recv(timeout=30)
+        sid, i = HDR.unpack_from(msg)
+        lens[1][i] = len(msg) - HDR.size
+        check(msg, lens, expected)
+    ch.close()
+    channel.destroy(sink.c_uid)
+    print(f"stuck ok {count} (the sender was joined after {waited:.1f} s)", flush=True)
 
 
 # ---- receivers
