@@ -33,6 +33,7 @@ import sys
 import time
 
 from dragon import env
+from dragon._core import remote
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.service import handles
 from launcher.runtime import EXIT_SERVICE_FAILED, GRACE, Runtime, ServiceDied, log, status_text
@@ -434,6 +435,8 @@ class NodeRuntime(Runtime):
                 time.sleep(0.005)
             self.agent.stop()
             self.agent_thread.join(10)
+        # its own sends through the transport (node 0's to a GS rank) went with the job: none to await
+        remote.close_endpoint(flush=False)
         if self.gw is not None:
             self.chans.append(self.gw)
         self._remove_segments()

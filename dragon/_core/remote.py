@@ -160,16 +160,19 @@ class Endpoint:
         self.loop = None  # a private channel that turns bytes into a Message (rare: see as_message)
         atexit.register(self.close)
 
-    def close(self):
-        """At exit: wait (bounded) until what this process sent has landed, then end the streams and say BYE
-        (the agent would find the process gone by its pid; this is sooner). The reply channel is the agent's
-        to destroy: it may still hold data to put back."""
+    def close(self, flush=True):
+        """At exit: wait (bounded) until what this process sent has landed (flush), then end the streams and
+        say BYE (the agent would find the process gone by its pid; this is sooner). The reply channel is the
+        agent's to destroy: it may still hold data to put back."""
         if os.getpid() != self.pid or self.closed:
             return
-        try:
-            self.flush_all()
-        except KeyboardInterrupt:
-            pass  # Ctrl-C at exit: stop waiting; the agent still delivers what is in flight
+        if flush:
+            try:
+                self.flush_all()
+            except KeyboardInterrupt:
+                pass  # Ctrl-C at exit: stop waiting; the agent still delivers what is in flight
+            except ChannelError:
+                pass  # the node's infrastructure is gone (the runtime ended): nothing more is acknowledged
         self.closed = True
         try:
             for st in list(self.streams.values()):
@@ -402,13 +405,14 @@ def endpoint():
         return _ep
 
 
-def close_endpoint():
+def close_endpoint(flush=True):
     """Close this process's connection to its node's agent, if it has one (says BYE); the next remote handle
-    opens a new one (dragon.shutdown(): a later dragon.init() may attach another runtime)."""
+    opens a new one (dragon.shutdown(): a later dragon.init() may attach another runtime). flush: first wait
+    (bounded) until its sends have landed, as at exit."""
     with _ep_lock:
         e = _ep
     if e is not None and e.pid == os.getpid():
-        e.close()
+        e.close(flush)
 
 
 class RemoteChannel:

@@ -29,7 +29,7 @@ from collections import deque
 from typing import ClassVar
 
 from dragon import env
-from dragon._core import core
+from dragon._core import core, remote
 from dragon._core.core import Channel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, DragonError, code_of
 from dragon.infrastructure import messages as m
@@ -345,3 +345,6 @@ def service_process():
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending anyway
+        # a service's answers to other nodes are not waited for at its exit (as a process's sends are): the
+        # runtime is ending with it, and a client that stopped reading must not hold the teardown
+        remote.close_endpoint(flush=False)
