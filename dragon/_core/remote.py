@@ -66,6 +66,7 @@ NEXT_WAIT = 30.0
 PTR_MIN = 16 * 1024  # sends above this go through a staging block the agent sends from (no copy into frames)
 GW_SEND_TIMEOUT = 30.0  # a gateway that stays full this long means the agent is gone
 EXIT_FLUSH = 60.0  # at exit, wait at most this long for sends to land (DRAGON_EXIT_FLUSH_TIMEOUT)
+EXIT_NOTICE = 5.0  # ... and say so once it has waited this long
 REPLY_CAPACITY = 256
 REPLY_BLOCK = 512
 
@@ -202,6 +203,13 @@ class Endpoint:
         def pending():
             return [st for st in self.streams.values() if st.acked < st.sent and st.err is None]
 
+        def where():
+            with self.cond:
+                left: dict[int, int] = {}
+                for st in pending():
+                    left[st.node] = left.get(st.node, 0) + st.sent - st.acked
+            return ", ".join(f"{n} to node {k}" for k, n in sorted(left.items()))
+
         with self.cond:
             if not pending():
                 return
@@ -209,16 +217,23 @@ class Endpoint:
             limit = E.seconds(E.EXIT_FLUSH, EXIT_FLUSH)
         except ValueError:
             limit = EXIT_FLUSH
-        if self.wait(lambda: not pending(), time.monotonic() + limit):
+        start = time.monotonic()
+        if (
+            limit > EXIT_NOTICE
+        ):  # a long wait says what it waits for, once, so that an exit does not look hung
+            if self.wait(lambda: not pending(), start + EXIT_NOTICE):
+                return
+            print(
+                f"dragon: process {self.pid} is ending and waits (up to {E.EXIT_FLUSH}={limit:g} s) for "
+                f"messages it sent to land in their channels ({where()}; is a channel full?)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.wait(lambda: not pending(), start + limit):
             return
-        with self.cond:
-            left: dict[int, int] = {}
-            for st in pending():
-                left[st.node] = left.get(st.node, 0) + st.sent - st.acked
-        where = ", ".join(f"{n} to node {k}" for k, n in sorted(left.items()))
         print(
             f"dragon: process {self.pid} ends with messages not yet in their channels after {limit:g} s "
-            f"({where}; is the channel full?): the transport still delivers them",
+            f"({where()}; is a channel full?): the transport still delivers them",
             file=sys.stderr,
             flush=True,
         )

@@ -291,10 +291,10 @@ def case_joined(rounds="3", per_node="2", count="150"):
     print(f"joined ok {total}", flush=True)
 
 
-def case_stuck(count="20"):
+def case_stuck(count="20", limit="1"):
     """A sender on another node fills a channel nobody reads and ends: its exit waits for its sends to land
-    only as long as DRAGON_EXIT_FLUSH_TIMEOUT (1 s here), says so on stderr, and the messages still arrive,
-    in order, once node 0 reads."""
+    only as long as DRAGON_EXIT_FLUSH_TIMEOUT (limit seconds), says so on stderr, and the messages still
+    arrive, in order, once node 0 reads."""
     count = int(count)
     others = [k for k in node.get_list() if k != 0]
     sink = channel.create(None, channel_options={"capacity": 4})
@@ -303,7 +303,7 @@ def case_stuck(count="20"):
         PY,
         None,
         [HERE, "exits_sender", sink.sdesc.hex(), "1", "0", str(count), "return", "send"],
-        env={"DRAGON_EXIT_FLUSH_TIMEOUT": "1"},
+        env={"DRAGON_EXIT_FLUSH_TIMEOUT": limit},
         options={"node": others[0]},
     )
     t = time.monotonic()
