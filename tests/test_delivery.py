@@ -51,6 +51,11 @@ def test_an_exit_waits_for_its_sends_to_land_only_as_long_as_the_limit_and_says_
     assert "waits (up to" not in text and "not yet in their channels after 1 s" in text, text
 
 
+@pytest.mark.timeout(100)
+def test_handles_closed_with_sends_in_flight_end_their_streams_without_the_process_exiting():
+    run("handles", "300", nodes=2, timeout=90)
+
+
 @pytest.mark.timeout(160)
 def test_receivers_that_time_out_or_are_killed_mid_stream_lose_nothing():
     """Receivers on other nodes drain a channel through the transport; one keeps giving up (timeouts of 0 to

@@ -155,6 +155,7 @@ class Endpoint:
         self.opener = W.OPENER.pack(self.pid, start_time(self.pid) or 0, pid_namespace())
         self.streams = {}
         self.closing = 0  # streams closed by their handle whose CLOSED has not come back yet
+        self.close_due = set()  # streams closed by their handle whose CLOSE waits for their acknowledgements
         self.closed = False
         self.cond = threading.Condition()
         self.reading = False
@@ -218,9 +219,8 @@ class Endpoint:
         except ValueError:
             limit = EXIT_FLUSH
         start = time.monotonic()
-        if (
-            limit > EXIT_NOTICE
-        ):  # a long wait says what it waits for, once, so that an exit does not look hung
+        # a long wait says what it waits for, once, so that an exit does not look hung
+        if limit > EXIT_NOTICE:
             if self.wait(lambda: not pending(), start + EXIT_NOTICE):
                 return
             print(
@@ -327,12 +327,13 @@ class Endpoint:
             self.gw.send(_HDR.pack(W.CLOSE, 0, st.node, 0, st.sid, 0), timeout=0 if st.close_due else 1)
         except Exception:
             if st.close_due:
-                return  # (a full gateway: the next acknowledgement, drain or the exit tries again)
+                return  # (a full gateway: the next drain or the exit tries again)
             # the agent closes it once this process is gone; no CLOSED comes before that
             with self.cond:
                 self.closing -= 1
             return
         st.close_due = False
+        self.close_due.discard(st)
 
     def putback(self, st, data, flags=0):
         """Return data (a message, or with flag MANY a packed list) to the channel of stream st, through the
@@ -355,6 +356,8 @@ class Endpoint:
                     self._dispatch(msg, nxt)
                 if len(got) < 64:
                     break
+            for st in [st for st in self.close_due if st.acked >= st.sent or st.err is not None]:
+                self.send_close(st)  # (their last acknowledgement came while the gateway was full)
             self.cond.notify_all()
 
     def wait(self, pred, deadline):
@@ -795,6 +798,7 @@ class RemoteChannel:
                 ep.closing += 1
                 if st.acked < st.sent and st.err is None:
                     st.close_due = True  # CLOSE once they are acknowledged (an exit waits for that)
+                    ep.close_due.add(st)
                     return
             ep.send_close(st)
 

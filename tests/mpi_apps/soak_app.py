@@ -14,6 +14,7 @@ Every case prints "<case> ok ..." when its checks pass and raises otherwise.
   channel before it receives anything.
 - ``stuck``: a sender fills a channel nobody reads and ends: it waits DRAGON_EXIT_FLUSH_TIMEOUT, says so,
   and its messages arrive later.
+- ``handles``: a long-lived sender opens, uses and closes many handles: their streams end without its exit.
 - ``receivers``: a channel on node 1 filled by a local sender, drained through the transport by receivers on
   other nodes, some of which time out or are SIGKILLed mid-stream: every message is received exactly once.
 - ``shortlived N``: N processes (on the other nodes, a few at a time) each start, send one message into a
@@ -319,6 +320,58 @@ def case_stuck(count="20", limit="1"):
     ch.close()
     channel.destroy(sink.c_uid)
     print(f"stuck ok {count} (the sender was joined after {waited:.1f} s)", flush=True)
+
+
+def case_handles(n="300"):
+    """A sender on another node opens a handle, sends, and closes it, n times, and lives on: every stream
+    ends at the agents once its sends are acknowledged (none lingers until the process exits), and node 0
+    gets every message."""
+    n = int(n)
+    others = [k for k in node.get_list() if k != 0]
+    sink = channel.create(None, channel_options={"capacity": 4096})
+    ch = attach(sink)
+    d = process.create(
+        PY, None, [HERE, "handles_sender", sink.sdesc.hex(), str(n)], options={"node": others[0]}
+    )
+    got = set()
+    deadline = time.monotonic() + 60
+    while len(got) < 3 * n:
+        assert time.monotonic() < deadline, f"received {len(got)} of {3 * n}"
+        try:
+            for m in ch.recv_many(256, timeout=1):
+                assert bytes(m) not in got, f"message {bytes(m)} twice"
+                got.add(bytes(m))
+        except ChannelTimeout:
+            pass
+    code = process.join(d.p_uid, timeout=60)
+    assert code == 0, f"the sender exited {code}"
+    ch.close()
+    channel.destroy(sink.c_uid)
+    print(f"handles ok {len(got)}", flush=True)
+
+
+def handles_sender(sdesc_hex, n):
+    from dragon._core import remote
+    from dragon.channels import Channel
+
+    desc = bytes.fromhex(sdesc_hex)
+    for i in range(int(n)):
+        h = Channel.attach(desc)
+        for j in range(3):
+            h.send(f"{i}.{j}".encode())
+        h.close()  # (its sends are usually not acknowledged yet: the stream ends once they are)
+    ep = remote.endpoint()
+    deadline = time.monotonic() + 30
+    while True:
+        ep.drain()
+        with ep.cond:
+            left = len(ep.streams)
+        if not left:
+            break
+        assert time.monotonic() < deadline, (
+            f"{left} of {n} streams still open 30 s after their handles closed"
+        )
+        time.sleep(0.01)
 
 
 # ---- receivers
