@@ -330,7 +330,7 @@ def measure_gs_alone(levels, ops, repeat):
     def chan_create():
         request(m.GSChannelCreate, m_uid=None, user_name=None, options={"capacity": 1}, soft=False)
         shepherd({"sdesc": b"sd"})
-        return answer()["c_uid"]
+        return answer()[0]  # (a descriptor's fields in __slots__ order: c_uid first)
 
     def chan_cycle():
         request(m.GSChannelDestroy, idents=[chan_create()])
@@ -340,7 +340,7 @@ def measure_gs_alone(levels, ops, repeat):
     def pool_cycle():
         request(m.GSPoolCreate, size=1 << 20, user_name=None, options={}, soft=False)
         shepherd({"sdesc": b"pd"})
-        request(m.GSPoolDestroy, ident=answer()["m_uid"])
+        request(m.GSPoolDestroy, ident=answer()[0])  # (m_uid)
         shepherd()
         answer()
 
@@ -357,7 +357,7 @@ def measure_gs_alone(levels, ops, repeat):
             head=False,
         )
         asked = shepherd({"pid": 1, "reply_cd": b"rc"})
-        return answer()["p_uid"], asked
+        return answer()[0], asked  # (p_uid)
 
     def proc_cycle():
         p_uid, _ = proc_create()

@@ -50,6 +50,21 @@ def answer(g, tag=None):
     return r
 
 
+def pfields(result):
+    """A process descriptor as GS sends it (its fields in ProcessDescriptor.__slots__ order) -> a dict."""
+    from dragon.infrastructure.descriptors import ProcessDescriptor
+
+    assert type(result) is list and len(result) == len(ProcessDescriptor.__slots__), result
+    return dict(zip(ProcessDescriptor.__slots__, result))
+
+
+def cfields(result):
+    from dragon.infrastructure.descriptors import ChannelDescriptor
+
+    assert type(result) is list and len(result) == len(ChannelDescriptor.__slots__), result
+    return dict(zip(ChannelDescriptor.__slots__, result))
+
+
 def no_answer(g):
     assert len(g.t_client) == 0
 
@@ -79,7 +94,7 @@ def start(g, name=None, caller=0, head=False, pid=100):
     shepherd_replies(g, sh, result={"pid": pid, "reply_cd": b"rc%d" % sh.p_uid})
     r = answer(g, tag)
     assert r.err == 0, r
-    return r.result, sh
+    return pfields(r.result), sh
 
 
 def exit_(g, p_uid, code):
@@ -102,7 +117,7 @@ def test_create_names_labels_and_uids(gs):
         gs,
         create_req(gs, user_name="w", soft=True),
     )
-    assert r.err == 0 and r.result["p_uid"] == 1
+    assert r.err == 0 and pfields(r.result)["p_uid"] == 1
     # a create the shepherd refuses frees the name but not the p_uid
     tag = create_req(gs, exe="/no", user_name="bad")
     sh = shepherd_gets(gs, m.SHProcessCreate)
@@ -127,7 +142,7 @@ def test_join_deadline_is_kept_by_the_server(gs):
     got = {r.tag: r for r in (answer(gs), answer(gs))}
     assert got[tag_forever].result == -9
     multi = got[tag_multi].result
-    assert multi["exited"] == [[1, -9]] and multi["status"][1]["retval"] == -9
+    assert multi["exited"] == [[1, -9]] and pfields(multi["status"][1])["retval"] == -9
     assert answer(gs, req(gs, m.GSProcessJoin, ident="w", timeout=0)).result == -9
     assert answer(gs, req(gs, m.GSProcessList)).result == []
 
@@ -185,7 +200,7 @@ def _make_channel(gs, name, ref_count, caller=0):
     sh = shepherd_gets(gs, m.SHChannelCreate)
     assert (sh.capacity, sh.block_size) == (8, 64)
     shepherd_replies(gs, sh, result={"sdesc": b"sd"})
-    return answer(gs, tag).result
+    return cfields(answer(gs, tag).result)
 
 
 def test_channel_join_waits_for_create_and_times_out(gs):
@@ -197,7 +212,7 @@ def test_channel_join_waits_for_create_and_times_out(gs):
     assert r.err == E_TIMEOUT and "never" in r.msg
     c = _make_channel(gs, "later", False)
     r = answer(gs, tag_wait)
-    assert r.err == 0 and r.result["c_uid"] == c["c_uid"]
+    assert r.err == 0 and cfields(r.result)["c_uid"] == c["c_uid"]
 
 
 def test_ref_count_channel_goes_with_its_last_holder(gs):
@@ -241,12 +256,12 @@ def test_control_messages_without_the_jobs_key_are_dropped(gs):
         gs.handle(m.encode(m.GSHalt(key)))
         gs.handle(m.encode(m.ControlResponse(key, 1, 0, None, None)))
     assert gs.running and gs.down == set()
-    assert answer(gs, req(gs, m.GSProcessQuery, ident="w")).result["state"] == "running"
+    assert pfields(answer(gs, req(gs, m.GSProcessQuery, ident="w")).result)["state"] == "running"
     assert len(gs.t_launcher) == 0  # no LAHeadExit: the launcher still waits for the real exit
     assert len(gs.t_shep) == 0
     tag = req(gs, m.GSProcessQuery, ident="w")
     gs.handle(m.encode(m.SHTeardown(b"nope", tag=99, reply=bytes(gs.t_client.sdesc), grace=1)))
-    assert answer(gs, tag).result["state"] == "running"
+    assert pfields(answer(gs, tag).result)["state"] == "running"
     r = answer(gs, 99)  # a forged request that has a reply channel is answered with an error
     assert r.err == E_INTERNAL and "key" in r.msg
     exit_(gs, d["p_uid"], 7)  # the real one still counts

@@ -13,7 +13,17 @@ import time
 
 import mpi_util
 import pytest
-from test_gs_server import KEY, answer, create_req, exit_, req, shepherd_gets, shepherd_replies
+from test_gs_server import (
+    KEY,
+    answer,
+    cfields,
+    create_req,
+    exit_,
+    pfields,
+    req,
+    shepherd_gets,
+    shepherd_replies,
+)
 from test_gs_server import gs as gs  # noqa: F401 (the fixture)
 from test_runtime_util import REPO, run_app
 
@@ -50,7 +60,7 @@ def _make_channels(g, n):
         for tag in tags:
             r = answer(g, tag)
             assert r.err == 0, r
-            made.append(r.result["c_uid"])
+            made.append(cfields(r.result)["c_uid"])
     return made
 
 
@@ -87,7 +97,9 @@ def test_process_list_names_only_running_processes_among_many_exited(gs):
     shepherd_replies(gs, shepherd_gets(gs, m.SHProcessCreate), err=1, text="cannot start")
     assert answer(gs, tag).err != 0
     assert answer(gs, req(gs, m.GSProcessList)).result == running
-    assert answer(gs, req(gs, m.GSProcessQuery, ident="w5")).result["retval"] == 0  # exited ones still answer
+    assert (
+        pfields(answer(gs, req(gs, m.GSProcessQuery, ident="w5")).result)["retval"] == 0
+    )  # exited ones still answer
     gs.handle(m.encode(m.GSNodeDown(KEY, 0, None, "gone")))
     assert answer(gs, req(gs, m.GSProcessList)).result == []
 

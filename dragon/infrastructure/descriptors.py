@@ -1,20 +1,31 @@
 """Descriptors (what global services knows about a process, pool, channel or node: local snapshots) and the
-options objects of the create calls. Descriptors travel from GS as plain dicts (see ``*.to_wire``)."""
+options objects of the create calls. Descriptors travel from GS as plain lists of their fields in
+``__slots__`` order (a msgpack array decodes in a third of the time of a map with the names)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from dragon.errors import ChannelError, PoolError, ProcessError
 from dragon.infrastructure import checks
 
 
+def _filler(slots):
+    """A function that sets the given slots of an object from a list of as many values, in one unpacking."""
+    targets = ", ".join(f"o.{k}" for k in slots)
+    ns: dict = {}
+    exec(f"def fill(o, d):\n    {targets}, = d\n", ns)  # (slot names are this module's identifiers)
+    return ns["fill"]
+
+
 class _Snapshot:
-    """What every descriptor shares: fields listed once in ``__slots__``, built from GS's plain dict, and
-    back."""
+    """What every descriptor shares: fields listed once in ``__slots__``, built from GS's list of them (in
+    that order), and back."""
 
     __slots__: tuple[str, ...] = ()
     _shown: ClassVar[tuple[str, ...]] = ()  # the fields repr() shows
+    _fill: ClassVar[Callable[[Any, list], None] | None] = None  # made on first use, per class (_filler)
 
     def __init__(self, **fields):
         for k in self.__slots__:
@@ -22,16 +33,30 @@ class _Snapshot:
 
     @classmethod
     def from_wire(cls, d):
-        """From GS's dict (tolerant of fields a newer GS adds; a missing one is None). Every query and create
-        answer comes through here: the fields are set directly, without the keyword call of __init__."""
+        """From GS's list of the fields in ``__slots__`` order, or a dict of them (tolerant of fields a newer
+        GS adds; a missing one is None). Every query and create answer comes through here: the fields are set
+        directly (one unpacking for a list of the expected length), without the keyword call of __init__."""
         self = object.__new__(cls)
+        if type(d) is list:  # positional, in __slots__ order (what GS sends)
+            slots = cls.__slots__
+            if len(d) == len(slots):
+                fill = cls.__dict__.get("_fill")
+                if fill is None:
+                    fill = cls._fill = _filler(slots)
+                fill(self, d)
+                return self
+            for k, v in zip(slots, d):  # (a newer GS's extra fields are ignored, missing ones are None)
+                setattr(self, k, v)
+            for k in slots[len(d) :]:
+                setattr(self, k, None)
+            return self
         get = d.get
         for k in cls.__slots__:
             setattr(self, k, get(k))
         return self
 
     def to_wire(self):
-        return {k: getattr(self, k) for k in self.__slots__}
+        return [getattr(self, k) for k in self.__slots__]
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._shown)})"
@@ -72,9 +97,9 @@ class ProcessDescriptor(_Snapshot):
         from dragon.infrastructure import client
         from dragon.infrastructure import messages as m
 
-        d = client.call(m.GSProcessQuery, ProcessError, ident=self.p_uid)
+        fresh = self.from_wire(client.call(m.GSProcessQuery, ProcessError, ident=self.p_uid))
         for k in self.__slots__:
-            setattr(self, k, d[k])
+            setattr(self, k, getattr(fresh, k))
 
 
 class PoolDescriptor(_Snapshot):
