@@ -202,17 +202,25 @@ class Endpoint:
         that ends by os._exit or a signal skips this: its messages are still delivered, a little later.)"""
 
         def pending():
-            return [st for st in self.streams.values() if st.acked < st.sent and st.err is None]
+            return (st for st in self.streams.values() if st.acked < st.sent and st.err is None)
 
-        def where():
+        def landed():
+            return not any(pending())
+
+        def say(what, tail=""):
             with self.cond:
                 left: dict[int, int] = {}
                 for st in pending():
                     left[st.node] = left.get(st.node, 0) + st.sent - st.acked
-            return ", ".join(f"{n} to node {k}" for k, n in sorted(left.items()))
+            where = ", ".join(f"{n} to node {k}" for k, n in sorted(left.items()))
+            print(
+                f"dragon: process {self.pid} {what} ({where}; is a channel full?){tail}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         with self.cond:
-            if not pending():
+            if landed():
                 return
         try:
             limit = E.seconds(E.EXIT_FLUSH, EXIT_FLUSH)
@@ -221,22 +229,17 @@ class Endpoint:
         start = time.monotonic()
         # a long wait says what it waits for, once, so that an exit does not look hung
         if limit > EXIT_NOTICE:
-            if self.wait(lambda: not pending(), start + EXIT_NOTICE):
+            if self.wait(landed, start + EXIT_NOTICE):
                 return
-            print(
-                f"dragon: process {self.pid} is ending and waits (up to {E.EXIT_FLUSH}={limit:g} s) for "
-                f"messages it sent to land in their channels ({where()}; is a channel full?)",
-                file=sys.stderr,
-                flush=True,
+            say(
+                f"is ending and waits (up to {E.EXIT_FLUSH}={limit:g} s) for messages it sent to land in "
+                "their channels"
             )
-        if self.wait(lambda: not pending(), start + limit):
-            return
-        print(
-            f"dragon: process {self.pid} ends with messages not yet in their channels after {limit:g} s "
-            f"({where()}; is a channel full?): the transport still delivers them",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not self.wait(landed, start + limit):
+            say(
+                f"ends with messages not yet in their channels after {limit:g} s",
+                ": the transport still delivers them",
+            )
 
     def as_message(self, data):
         """A Message holding data (bytes, or already a Message): what recv_message hands out for an answer

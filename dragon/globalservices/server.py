@@ -20,6 +20,7 @@ from dragon._core.core import Channel
 from dragon.errors import ChannelError, ChannelTimeout, DragonError, PoolError, ProcessError, code_of
 from dragon.infrastructure import checks
 from dragon.infrastructure import messages as m
+from dragon.infrastructure.descriptors import ChannelDescriptor, NodeDescriptor, PoolDescriptor
 from dragon.infrastructure.log import get_logger
 from dragon.infrastructure.service import DEFER, Service, handles, service_process
 
@@ -395,7 +396,7 @@ class GlobalServices(Service):
 
     @staticmethod
     def _pool_wire(r):  # (positional, in PoolDescriptor.__slots__ order, as _pdesc)
-        return [r["m_uid"], r["name"], r["node"], r["size"], r["sdesc"]]
+        return [r[k] for k in PoolDescriptor.__slots__]
 
     def _pool(self, ident):
         return _lookup(ident, self.pools, self.pool_names, PoolError, "pool", "m_uid")
@@ -468,9 +469,7 @@ class GlobalServices(Service):
     # ---- channels -----------------------------------------------------------------------------------------
     @staticmethod
     def _chan_wire(c):  # (positional, in ChannelDescriptor.__slots__ order, as _pdesc)
-        return [
-            c[k] for k in ("c_uid", "m_uid", "name", "node", "capacity", "block_size", "ref_count", "sdesc")
-        ]
+        return [c[k] for k in ChannelDescriptor.__slots__]
 
     def _chan(self, ident):
         return _lookup(ident, self.chans, self.chan_names, ChannelError, "channel", "c_uid")
@@ -744,7 +743,7 @@ class GlobalServices(Service):
         if not 0 <= i < len(self.nodes):
             raise DragonError(f"no node {i!r} (the job has nodes 0..{len(self.nodes) - 1})")
         n = self.nodes[i]
-        return [n["index"], n["hostname"], n["cpus"]]  # (positional, in NodeDescriptor.__slots__ order)
+        return [n[k] for k in NodeDescriptor.__slots__]  # (positional, as _pdesc)
 
     @handles(m.GSHalt)
     def halt(self, msg):

@@ -123,22 +123,7 @@ def case_exits(rounds="3", per_node="4", count="300"):
     blocks = settled_infra_blocks(others)
     total = 0
     for rnd in range(rounds):
-        senders, lens, expected = {}, {}, {}
-        for k in others:
-            for j in range(per_node):
-                sid = len(lens) + 1
-                ending = ENDINGS[(rnd + sid) % len(ENDINGS)]
-                api = APIS[(rnd + j + k) % len(APIS)]
-                seed = rnd * 1000 + sid
-                lens[sid] = sizes(seed, count)
-                expected[sid] = 0
-                d = process.create(
-                    PY,
-                    None,
-                    [HERE, "exits_sender", sink.sdesc.hex(), str(sid), str(seed), str(count), ending, api],
-                    options={"node": k},
-                )
-                senders[d.p_uid] = (sid, ending, api, k)
+        senders, lens, expected = start_senders(sink, others, per_node, count, rnd, ENDINGS, rnd * 1000)
         want = count * len(lens)
         got = 0
         ended = None
@@ -181,6 +166,28 @@ def case_exits(rounds="3", per_node="4", count="300"):
     left = settled_infra_blocks(others, blocks)
     assert left == blocks, f"the senders left blocks in their nodes' infrastructure pools: {blocks} -> {left}"
     print(f"exits ok {total}", flush=True)
+
+
+def start_senders(sink, others, per_node, count, rnd, endings, seed0):
+    """per_node exits_sender processes on each of the other nodes, each sending count messages into sink and
+    ending its own way -> (p_uid -> (sid, ending, api, node), sid -> sizes, sid -> next expected number)."""
+    senders, lens, expected = {}, {}, {}
+    for k in others:
+        for j in range(per_node):
+            sid = len(lens) + 1
+            ending = endings[(rnd + sid) % len(endings)]
+            api = APIS[(rnd + j + k) % len(APIS)]
+            seed = seed0 + sid
+            lens[sid] = sizes(seed, count)
+            expected[sid] = 0
+            d = process.create(
+                PY,
+                None,
+                [HERE, "exits_sender", sink.sdesc.hex(), str(sid), str(seed), str(count), ending, api],
+                options={"node": k},
+            )
+            senders[d.p_uid] = (sid, ending, api, k)
+    return senders, lens, expected
 
 
 def senders_of(senders, sid):
@@ -242,22 +249,7 @@ def case_joined(rounds="3", per_node="2", count="150"):
     for rnd in range(rounds):
         sink = channel.create(mem.m_uid, channel_options={"capacity": 32})
         ch = attach(sink)
-        senders, lens, expected = {}, {}, {}
-        for k in others:
-            for j in range(per_node):
-                sid = len(lens) + 1
-                ending = clean[(rnd + sid) % len(clean)]
-                api = APIS[(rnd + j + k) % len(APIS)]
-                seed = 7000 + rnd * 100 + sid
-                lens[sid] = sizes(seed, count)
-                expected[sid] = 0
-                d = process.create(
-                    PY,
-                    None,
-                    [HERE, "exits_sender", sink.sdesc.hex(), str(sid), str(seed), str(count), ending, api],
-                    options={"node": k},
-                )
-                senders[d.p_uid] = (sid, ending, api, k)
+        senders, lens, expected = start_senders(sink, others, per_node, count, rnd, clean, 7000 + rnd * 100)
         want = count * len(lens)
         got = 0
         deadline = time.monotonic() + 120
