@@ -291,6 +291,12 @@ def missing(*needs):
 _FLAVOR = {}
 
 
+def slurm_hosts():
+    """True inside a Slurm allocation of 2 nodes or more with srun: the cross-node figures then span hosts."""
+    nnodes = int(os.environ.get("SLURM_NNODES", "1") or 1)
+    return bool(os.environ.get("SLURM_JOB_ID")) and nnodes >= 2 and shutil.which("srun") is not None
+
+
 def local_mpiexec(n):
     """mpiexec that starts n ranks on THIS host even inside a Slurm allocation (where MPICH's Hydra would
     otherwise spread them over the allocation's nodes)."""

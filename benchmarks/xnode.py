@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -23,8 +22,7 @@ MARKER = b"D"  # end of a command's output (payloads are at least 8 bytes)
 
 def two_node_launcher():
     """How to start two ranks for this host or allocation: (argv prefix, extra dragon-launch args, where)."""
-    nnodes = int(os.environ.get("SLURM_NNODES", "1") or 1)
-    if os.environ.get("SLURM_JOB_ID") and nnodes >= 2 and shutil.which("srun"):
+    if util.slurm_hosts():
         mpi = os.environ.get("DRAGON_BENCH_SRUN_MPI", "pmi2")  # the mpich wheel speaks PMI-2 to Slurm
         return (
             ["srun", f"--mpi={mpi}", "-N", "2", "-n", "2", "--ntasks-per-node=1"],

@@ -262,7 +262,7 @@ def test_plot_without_channel_figures_says_so(tmp_path):
     find(doc, "startup", "empty", "python", "seconds")
 
 
-def test_ratio_direction_and_targets():
+def test_ratio_direction_and_targets(monkeypatch):
     """Throughput ratios are dragon/peer, latency and time ratios peer/dragon; targets read the right
     figures."""
     from benchmarks.util import figure
@@ -297,6 +297,23 @@ def test_ratio_direction_and_targets():
     assert ff["value"] == pytest.approx(2.5) and ff["met"] is True and ff["issue"] == 14
     assert pipe["value"] == pytest.approx(50 / 30) and pipe["met"] is False
     assert t["1 MiB stream, dragon per-call / mp.Pipe"]["met"] is None
+    # issue 14's cross-node goals: round trip within 2x mpi4py's; 1 MiB stream >= 0.8x on virtual nodes
+    M = 1 << 20
+    figs += [
+        figure("xnode", "rtt", "dragon", "rtt_median_us", "us", "lower", [60.0], size=8),
+        figure("xnode", "rtt", "mpi4py", "rtt_median_us", "us", "lower", [5.0], size=8),
+        figure("xnode", "stream", "dragon", "gb_per_s", "GB/s", "higher", [4.0], size=M),
+        figure("xnode", "stream", "mpi4py", "gb_per_s", "GB/s", "higher", [16.0], size=M),
+    ]
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    t = {x["target"]: x for x in report.targets(figs)}
+    x8 = t["cross-node 8 B round trip, dragon / mpi4py"]
+    assert (
+        x8["value"] == pytest.approx(12.0) and x8["bound"] == 2 and x8["met"] is False and x8["issue"] == 14
+    )
+    xm = t["cross-node 1 MiB stream, dragon / mpi4py (virtual nodes)"]
+    assert xm["value"] == pytest.approx(0.25) and xm["bound"] == 0.8 and xm["group"] == "xnode"
+    assert t["create+join /bin/true serial, dragon / Popen"]["bound"] == 0.85
 
 
 @pytest.mark.parametrize(
