@@ -31,7 +31,9 @@ EXIT_FLUSH = "DRAGON_EXIT_FLUSH_TIMEOUT"
 GS_NODE = "DRAGON_GS_NODE"
 GW_CD = "DRAGON_GW_CD"  # this node's transport gateway channel (the transport agent's input)
 CPU_BINDING = (
-    "DRAGON_CPU_BINDING"  # node (default): a serving rank takes every CPU it may use; keep: as bound
+    # node (default): a serving rank takes its node's CPUs (every CPU it may use; a virtual node its even
+    # share of the host's); host: every CPU, also for a virtual node; keep: as bound
+    "DRAGON_CPU_BINDING"
 )
 AGENT_PROFILE = (
     "DRAGON_AGENT_PROFILE"  # a path: profile each transport agent's loop into path.<node> (cProfile)

@@ -78,8 +78,9 @@ DRAGON_EXIT_FLUSH_TIMEOUT=seconds a process ending waits for its sends to channe
 there, so that whoever joins it finds them (default 60; the transport delivers the rest later);
 DRAGON_INFRA_POOL_SIZE=size of each node's infrastructure pool (default 64M; K, M, G suffixes);
 DRAGON_CPU_BINDING=keep keeps the CPU binding srun or mpiexec gave each rank for its node's services and
-processes (default node: every CPU the rank's cgroup allows; a binding to one task's core would put the node's
-whole job on that core);
+processes (default node: every CPU the rank's cgroup allows, a binding to one task's core would put the node's
+whole job on that core; with --virtual-nodes each node its even share of the host's CPUs, as separate nodes
+have their own, where they divide evenly; host: every CPU for every virtual node too);
 DRAGON_ZYGOTE_PRELOAD=mod1,mod2 modules each node's zygote imports before it forks Python children (e.g. what
 multiprocessing children of the 'dragon' start method import);
 DRAGON_MP_HEAP_SIZE=size of the pool each process makes for its multiprocessing objects (default 1G,

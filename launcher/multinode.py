@@ -618,7 +618,7 @@ def main(exe, args, virtual, grace=GRACE, gs_rank=None, serving=None):
     """The multi-node launcher; returns this rank's exit code.  gs_rank: True (--gs-rank), None (automatic) or
     False (--no-gs-rank): whether global services gets a rank of its own (dragon.transport.world).  serving (a
     launcher.serve.Serving, exe None): node 0 serves clients instead of running a program."""
-    from dragon.transport.world import World, init_mpi, widen_cpu_binding
+    from dragon.transport.world import World, init_mpi, node_cpu_binding
 
     MPI = init_mpi()
 
@@ -636,7 +636,7 @@ def main(exe, args, virtual, grace=GRACE, gs_rank=None, serving=None):
     job = comm.bcast(env.new_job_id() if world.rank == 0 else None, root=0)
     serves = world.leader or world.is_gs  # runs a node's launcher and agent, or the GS rank's
     if serves:
-        widen_cpu_binding()
+        node_cpu_binding(world)
     # the agents' communicator: its rank is the transport index (node k is k, the GS rank is nnodes)
     leaders = comm.Split(0 if serves else MPI.UNDEFINED, world.endpoint if serves else 0)
     code = 0

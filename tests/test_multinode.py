@@ -229,11 +229,14 @@ def test_slurm_variables_copied_to_every_rank_do_not_rename_the_nodes(tmp_path):
     assert f"names [{host!r}, {host!r}]" in res.stdout, res.stdout
 
 
-@pytest.mark.timeout(90)
-def test_a_rank_bound_to_one_core_gives_its_node_every_cpu_unless_told_to_keep_it(tmp_path):
+@pytest.mark.timeout(120)
+def test_a_node_takes_its_cpus_whatever_one_core_the_rank_was_bound_to(tmp_path):
     """mpiexec -bind-to core (like srun's task binding) binds each rank to one core: the node's processes
-    would all share it. By default a node takes every CPU it may use; DRAGON_CPU_BINDING=keep keeps the
-    binding."""
+    would all share it. By default a node takes its CPUs: every CPU it may use, a virtual node its even share
+    of them (two on 2 CPUs: one each, as separate hosts would have their own); DRAGON_CPU_BINDING=host gives
+    each virtual node every CPU, and keep keeps the binding."""
+    from dragon.transport.world import cpu_share
+
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         pytest.skip("one CPU: nothing to widen")
@@ -249,12 +252,30 @@ def test_a_rank_bound_to_one_core_gives_its_node_every_cpu_unless_told_to_keep_i
         "    assert process.join(d.p_uid, timeout=30) == 0\n"
     )
     bound = ("-bind-to", "core")
+    share = [cpu_share(allowed, 2, k) or allowed for k in (0, 1)]
+    assert len(allowed) % 2 or (share[0] and not set(share[0]) & set(share[1]))
     res = launch(2, program=str(prog), mpiexec_flags=bound)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert f"cpus app {allowed}" in res.stdout, res.stdout
+    assert f"cpus app {share[0]}" in res.stdout, res.stdout
+    for k in (0, 1):
+        assert f"cpus node {k} {share[k]}" in res.stdout, res.stdout
+    res = launch(2, program=str(prog), mpiexec_flags=bound, env_extra={"DRAGON_CPU_BINDING": "host"})
+    assert res.returncode == 0, res.stdout + res.stderr
     for k in (0, 1):
         assert f"cpus node {k} {allowed}" in res.stdout, res.stdout
     res = launch(2, program=str(prog), mpiexec_flags=bound, env_extra={"DRAGON_CPU_BINDING": "keep"})
     assert res.returncode == 0, res.stdout + res.stderr
     kept = [line for line in res.stdout.splitlines() if "cpus node" in line]
     assert len(kept) == 2 and all(line.count(",") == 0 for line in kept), res.stdout  # one CPU each
+
+
+def test_cpu_share_splits_a_hosts_cpus_evenly_between_its_virtual_nodes_or_not_at_all():
+    from dragon.transport.world import cpu_share
+
+    assert [cpu_share([0, 1], 2, k) for k in (0, 1)] == [[0], [1]]
+    assert [cpu_share(list(range(8)), 4, k) for k in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [cpu_share([0, 1], 8, k) for k in range(8)] == [[0]] * 4 + [[1]] * 4  # 4 nodes a CPU
+    assert [cpu_share([2, 5, 7], 3, k) for k in range(3)] == [[2], [5], [7]]  # (the CPUs allowed, in order)
+    assert cpu_share([0, 1], 3, 0) is None  # uneven: every node every CPU
+    assert cpu_share(list(range(16)), 3, 1) is None
+    assert cpu_share([0, 1], 1, 0) is None and cpu_share([0], 2, 1) is None

@@ -66,7 +66,7 @@ def _run_program(cmd, env):
 def run(argv, virtual, before=None):
     """before(world, comm): called on every rank after the world is known, before the agents start (the
     benchmark measures raw MPI there). Returns this rank's exit code."""
-    from dragon.transport.world import World, init_mpi, widen_cpu_binding
+    from dragon.transport.world import World, init_mpi, node_cpu_binding
 
     MPI = init_mpi()
 
@@ -82,7 +82,7 @@ def run(argv, virtual, before=None):
         while not req.Test():
             time.sleep(0.01)
         return 0
-    widen_cpu_binding()  # as dragon-launch: the node's agent and program get the CPUs the rank may use
+    node_cpu_binding(world)  # as dragon-launch: the node's agent and program get the node's CPUs
     os.environ[E.JOB] = world.job_of_node(job)
     os.environ[E.NODE] = str(world.node)
     from dragon._core import frames as W

@@ -142,6 +142,7 @@ class World:
         self.leader = not self.is_gs and self.node_ranks[self.node] == self.rank
         self.hostnames = [names[r] for r in self.node_ranks]
         self.cpus = [everyone[r][2] for r in self.node_ranks]
+        self.host_nodes = [k for k in range(self.nnodes) if hosts[self.node_ranks[k]] == uname]  # (in order)
         # transport endpoints: node k is endpoint k; the GS rank (if any) is endpoint nnodes
         self.gs_node = self.nnodes if self.gs_rank is not None else 0
         self.endpoints = self.nnodes + (self.gs_rank is not None)
@@ -171,18 +172,41 @@ class World:
 CPU_BINDING = env.CPU_BINDING
 
 
-def widen_cpu_binding(environ=os.environ):
-    """srun (--cpu-bind, task/affinity) and mpiexec (-bind-to) bind a rank to the CPUs of one task, but a
-    serving rank runs a whole node's services, agent and managed processes, which inherit its binding: so it
-    takes every CPU its cgroup allows it (the kernel keeps sched_setaffinity inside the cpuset), unless
-    DRAGON_CPU_BINDING=keep. Call it before anything is started. -> the CPU set now."""
+def cpu_share(cpus, nodes_here, index):
+    """The CPUs of the ``index``-th of ``nodes_here`` virtual nodes on one host with ``cpus`` (a sorted list):
+    an even share, as separate nodes would have CPUs of their own, or None (no share: all of them) when the
+    CPUs do not split evenly between the nodes (nor the nodes between the CPUs: then nodes share a CPU)."""
+    n = len(cpus)
+    if nodes_here < 2 or n < 2 or (n % nodes_here and nodes_here % n):
+        return None
+    if nodes_here <= n:
+        return cpus[index * n // nodes_here : (index + 1) * n // nodes_here]
+    return [cpus[index * n // nodes_here]]
+
+
+def node_cpu_binding(world=None, environ=os.environ):
+    """The CPUs a serving rank takes for its node before it starts anything (its services, agent and managed
+    processes inherit them). srun (--cpu-bind, task/affinity) and mpiexec (-bind-to) bind a rank to the CPUs
+    of one task, so by default (DRAGON_CPU_BINDING=node) it takes every CPU its cgroup allows (the kernel
+    keeps sched_setaffinity inside the cpuset); a virtual node takes its even share of them, as a node of its
+    own would have its own CPUs (see cpu_share: on 2 CPUs, two virtual nodes get one each). host: every
+    CPU, also for a virtual node; keep: the binding as given. -> the CPU set now."""
     mode = environ.get(CPU_BINDING, "node").strip().lower() or "node"
-    if mode not in ("node", "keep"):
-        print(f"dragon: {CPU_BINDING}={mode!r}: expected 'node' or 'keep'; using 'node'", file=sys.stderr)
+    if mode not in ("node", "host", "keep"):
+        print(
+            f"dragon: {CPU_BINDING}={mode!r}: expected 'node', 'host' or 'keep'; using 'node'",
+            file=sys.stderr,
+        )
         mode = "node"
-    if mode == "node":
+    if mode != "keep":
         try:
             os.sched_setaffinity(0, range(os.cpu_count() or 1))
         except OSError:  # (no CPU of the range allowed: keep what we have)
             pass
+    if mode == "node" and world is not None and world.virtual and world.leader:
+        share = cpu_share(
+            sorted(os.sched_getaffinity(0)), len(world.host_nodes), world.host_nodes.index(world.node)
+        )
+        if share:
+            os.sched_setaffinity(0, share)
     return os.sched_getaffinity(0)
