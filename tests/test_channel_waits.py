@@ -242,6 +242,49 @@ def test_peer_on_the_same_cpu_gets_it_at_once(pool):
     b.destroy()
 
 
+def _send_twice(cpu, sdesc, gap):
+    os.sched_setaffinity(0, {cpu})
+    c = Channel.attach(sdesc)
+    c.send(b"1")
+    time.sleep(gap)  # (not runnable: a yield of the receiver on this CPU lets nobody run)
+    c.send(b"2")
+
+
+def _recv_twice(cpu, sdesc, q):
+    os.sched_setaffinity(0, {cpu})
+    # a budget of at least 10 ms: without the rule below, the second wait would yield for all of it
+    core.set_wait_params(spin_ns=10_000_000, spin_max_ns=20_000_000)
+    c = Channel.attach(sdesc)
+    assert c.recv(timeout=30) == b"1"
+    core.wait_stats(reset=True)
+    assert c.recv(timeout=30) == b"2"
+    q.put(core.wait_stats())
+
+
+def test_yields_that_let_nobody_run_end_in_a_sleep(pool):
+    """A wait whose peer last ran on its CPU yields to it; but when the scheduler runs nobody for its yields
+    (the peer is not runnable, or not eligible yet: a transport agent beside the process it serves), yielding
+    on only keeps the CPU from the peer. Two such yields in a row end the spinning: the wait sleeps."""
+    cpu = min(os.sched_getaffinity(0))
+    c = Channel.create(pool, capacity=4, block_size=16)
+    q = ctx.Queue()
+    procs = [
+        ctx.Process(target=_send_twice, args=(cpu, c.sdesc, 0.3)),
+        ctx.Process(target=_recv_twice, args=(cpu, c.sdesc, q)),
+    ]
+    for p in procs:
+        p.start()
+    st = q.get(timeout=60)
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert c._debug_state()["ne_cpu"] == cpu
+    assert st["waits"] == 1 and st["sleeps"] >= 1, st
+    # never more than two futile yields in a row (a yield that ran another task on this CPU starts a new row)
+    assert st["yields"] - st["switches"] <= 2 * (st["switches"] + 1), st
+    c.destroy()
+
+
 def _send_on(cpu, sdesc):
     os.sched_setaffinity(0, {cpu})
     Channel.attach(sdesc).send(b"x")

@@ -142,6 +142,7 @@ typedef struct { /* one blocking call, across its DS_INTR returns: zero it befor
     int sleeping;       /* the spin phase is over */
     int yielded;        /* a sched_yield was made */
     int lost;           /* a yield lost the CPU for long (someone else's time slice) */
+    int futile;         /* yields in a row that let nobody run (yield mode) */
 } ds_wait_ctx;
 
 /* ---------------------------------------------------------------- process identity and liveness */

@@ -440,6 +440,12 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
  * peer last committed on this CPU (ne_cpu / nf_cpu, which every commit keeps up to date) yields at every poll.
  * Yields never move a task to a CPU that became free, a wake-up does: so every 64th such wait sleeps at once
  * (a pair pinned to one CPU and then freed otherwise stayed in the 4 us mode for half its round trips).
+ * A yield only hands the CPU over when the scheduler finds the peer eligible: a peer that has used more than its
+ * share (a transport agent beside the process it serves, each of its steps longer than the process's polls) is
+ * not picked for several yields in a row, and the waiter kept the CPU polling in vain (6 yields per switch).
+ * So DS_FUTILE_YIELDS yields in a row that let nobody run end the yielding, and the wait sleeps: the peer gets the
+ * CPU and wakes it (the cross-node 8 B round trip on 2 cores, a process beside its agent: 54-55 -> 45-47 us;
+ * two processes pinned to one CPU, whose yields do switch: unchanged at 4.1-4.2 us).
  * A yield that lost the CPU for long (another process's time slice; not a yield to the peer on this CPU, which may
  * well work that long) ends the spinning: a sleeper is woken with priority, a yielder competes as a CPU hog
  * (gap-30us ping-pong with a busy process had a 4 ms p99); such a wait also brings the budget down. Neither of these applies to a fixed budget (ds_spin_max_ns == ds_spin_ns).
@@ -447,6 +453,8 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
  */
 
 #define DS_LOST_NS 20000 /* a sched_yield that took this long ran someone else's time slice */
+#define DS_FUTILE_YIELDS 2 /* yields in a row that let nobody run end a wait's yielding to its peer on this CPU */
+
 
 static inline int64_t ds_clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 static inline int64_t ds_budget_max(void) { return ds_spin_max_ns > ds_spin_ns ? ds_spin_max_ns : ds_spin_ns; }
@@ -524,7 +532,12 @@ static inline int ds_ch_wait(ds_chan *c, int mode, uint64_t maxlen, ds_slot **sl
             w->yielded = 1;
             int64_t after = ds_now(), took = after - now;
             w->next_yield = after + w->spin; /* spin as long between yields: fewer chances to lose the CPU */
-            if (took > ds_switch_ns) DS_COUNT(switches);
+            if (took > ds_switch_ns) {
+                DS_COUNT(switches);
+                w->futile = 0;
+            } else if (w->spin == 0 && ++w->futile >= DS_FUTILE_YIELDS) {
+                break; /* the peer on this CPU is not running for us now: give it the CPU by sleeping */
+            }
             /* lost the CPU for long to someone else (not to the peer, which may work that long): sleep */
             if (took > DS_LOST_NS && w->spin > 0 && ds_spin_max_ns > ds_spin_ns) {
                 w->lost = 1;
