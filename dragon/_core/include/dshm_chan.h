@@ -455,7 +455,6 @@ static inline int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)
 #define DS_LOST_NS 20000 /* a sched_yield that took this long ran someone else's time slice */
 #define DS_FUTILE_YIELDS 2 /* yields in a row that let nobody run end a wait's yielding to its peer on this CPU */
 
-
 static inline int64_t ds_clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 static inline int64_t ds_budget_max(void) { return ds_spin_max_ns > ds_spin_ns ? ds_spin_max_ns : ds_spin_ns; }
 
