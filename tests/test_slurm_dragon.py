@@ -196,7 +196,11 @@ def test_scancel_of_srun_dragon_launch_tears_down_every_node(slurm_cluster, tmp_
             proc.kill()
             proc.wait()
     assert rc != 0, (out.read_text(), err.read_text())
-    assert "got signal 15: tearing the job down" in err.read_text(), err.read_text()
+    # dragon-launch tore the job down itself: its log line says so, or, when srun dropped the cancelled step's
+    # last forwarded lines (it may: see assert_ended_by_dragon), srun's own report of the task's exit code 143
+    # (128 + SIGTERM: dragon-launch's exit after its teardown; a task the signal killed is reported otherwise)
+    errs = err.read_text()
+    assert "got signal 15: tearing the job down" in errs or "Exited with exit code 143" in errs, errs
     # Slurm signals every process of the step, the services too: they end quietly
     assert "Traceback" not in err.read_text() + out.read_text(), err.read_text()
     assert wait_job(job, timeout=30) == "CANCELLED"
