@@ -3,8 +3,7 @@ targets the issues set, each marked met or missed."""
 
 from __future__ import annotations
 
-from benchmarks import util
-from benchmarks.util import BENCH_EXTRA, IN_BENCH_EXTRA, NEEDS, human, size_label
+from benchmarks.util import BENCH_EXTRA, IN_BENCH_EXTRA, NEEDS, human, size_label, slurm_hosts
 
 # peers that are dragon itself; the first one present in a block is the one ratios are taken from
 DRAGON_PRIMARY = ["dragon", "dragon-batch", "dragon-zc"]
@@ -276,7 +275,7 @@ def targets(figures):
         "median RTT ratio",
     )
     # issue 14: >= 0.8x on virtual nodes, >= 1.0x between the hosts of a Slurm allocation (where xnode runs)
-    hosts = util.slurm_hosts()
+    hosts = slurm_hosts()
     add(
         f"cross-node 1 MiB stream, dragon / mpi4py ({'between hosts' if hosts else 'virtual nodes'})",
         14,

@@ -184,7 +184,7 @@ def cpu_share(cpus, nodes_here, index):
     return [cpus[index * n // nodes_here]]
 
 
-def node_cpu_binding(world=None, environ=os.environ):
+def node_cpu_binding(world, environ=os.environ):
     """The CPUs a serving rank takes for its node before it starts anything (its services, agent and managed
     processes inherit them). srun (--cpu-bind, task/affinity) and mpiexec (-bind-to) bind a rank to the CPUs
     of one task, so by default (DRAGON_CPU_BINDING=node) it takes every CPU its cgroup allows (the kernel
@@ -203,7 +203,7 @@ def node_cpu_binding(world=None, environ=os.environ):
             os.sched_setaffinity(0, range(os.cpu_count() or 1))
         except OSError:  # (no CPU of the range allowed: keep what we have)
             pass
-    if mode == "node" and world is not None and world.virtual and world.leader:
+    if mode == "node" and world.virtual and world.leader:
         share = cpu_share(
             sorted(os.sched_getaffinity(0)), len(world.host_nodes), world.host_nodes.index(world.node)
         )
