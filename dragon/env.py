@@ -47,6 +47,9 @@ BENCH_JSON = "DRAGON_BENCH_JSON"  # (dragon.transport.bench, between its process
 SPIN_NS = (
     "DRAGON_SPIN_NS"  # how long blocking receives of the services and clients spin before they sleep (ns)
 )
+# "0": leave glibc's malloc settings of a process alone (by default a process that receives batches of big
+# messages keeps freed memory in its heap: dragon._core.core.keep_freed_memory)
+KEEP_FREED_MEMORY = "DRAGON_KEEP_FREED_MEMORY"
 # clients: processes outside the job that dragon.init() attached (dragon.attach)
 CONNECT = "DRAGON_CONNECT"  # the connection file dragon.init() attaches to (dragon-launch --serve writes it)
 # multiprocessing's 'dragon' start method (dragon.mp) and each node's zygote

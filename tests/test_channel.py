@@ -2,9 +2,12 @@
 
 import multiprocessing as mp
 import os
+import platform
 import random
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -753,3 +756,48 @@ def test_recv_many_stops_before_a_bad_slot(pool):
         c.recv_many(8, timeout=0)
     assert c.recv_many(8, timeout=0) == [b"m3"]
     c.destroy()
+
+
+# ------------------------------------------------------------------------------------------ memory
+_BATCHES = r"""
+import resource, sys
+from dragon._core import core
+from dragon.channels import Channel
+from dragon.pools import Pool
+
+payload = b"x" * (1 << 20)
+with Pool.create(64 << 20) as pool:
+    c = Channel.create(pool, capacity=16, block_size=64)
+    faults = []
+    for i in range(12):
+        c.send_many([payload] * 8)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        got = c.recv_many(8)
+        assert len(got) == 8 and got[3] == payload
+        del got
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    c.close()
+print(max(faults[4:]), core.keep_freed_memory())
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
+def test_batches_of_big_messages_do_not_fault_their_memory_in_again():
+    """recv_many of 8 x 1 MiB, again and again: each batch is 8 new bytes objects. With glibc's defaults the
+    freed batch goes back to the kernel and the next one faults in (and zeroes) every page again, 2,048
+    faults a batch; recv_many keeps freed memory in the heap once a batch holds 2 MiB
+    (core.keep_freed_memory), unless DRAGON_KEEP_FREED_MEMORY=0."""
+    runs = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "DRAGON_KEEP_FREED_MEMORY": setting}
+        env.pop("MALLOC_TRIM_THRESHOLD_", None)
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        r = subprocess.run(
+            [sys.executable, "-c", _BATCHES], env=env, capture_output=True, text=True, timeout=50
+        )
+        assert r.returncode == 0, r.stderr
+        worst, kept = r.stdout.split()
+        runs[setting] = (int(worst), kept == "True")
+    assert runs["1"][1] and runs["1"][0] < 256, runs  # (a batch is 2,048 pages: none of it faults in again)
+    assert not runs["0"][1] and runs["0"][0] >= 1024, runs  # (the setting is honoured; the test can tell)

@@ -48,6 +48,7 @@ cdef extern from "dshm.h" nogil:
     int ds_pid_dead(uint32_t id)
     int ds_set_pdeathsig(int sig)
     int ds_set_child_subreaper()
+    int ds_keep_freed_memory(int mmap_max, int trim_max)
 
     # pool
     ctypedef struct ds_pool_hdr:

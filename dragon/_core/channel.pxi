@@ -369,12 +369,16 @@ cdef class Channel:
         rc = ds_ch_claim_recv(&self.c, UINT64_MAX, 1, &slot, &lap, &st, &d)
         if rc != DS_OK:
             self._block(DS_OP_RECV, rc, UINT64_MAX, &slot, &lap, &st, &d, _deadline(timeout))
+        cdef uint64_t total = d.n
         out.append(self._take_bytes(slot, lap, &d))
         for k in range(1, m):  # (a corrupt slot ends the batch: the next receive drops it and says so)
             rc = ds_ch_claim_recv(&self.c, UINT64_MAX, 0, &slot, &lap, &st, &d)
             if rc != DS_OK:
                 break
+            total += d.n
             out.append(self._take_bytes(slot, lap, &d))
+        if total >= KEEP_AFTER and _kept == 0:
+            keep_freed_memory()
         return out
 
     def poll(self, timeout=None):

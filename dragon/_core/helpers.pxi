@@ -44,6 +44,28 @@ def set_child_subreaper():
         raise OSError(e, os.strerror(e))
 
 
+cdef int _kept = 0  # keep_freed_memory(): 0 not yet, 1 done, -1 left alone (env, or not glibc)
+KEEP_MMAP_MAX = 16 << 20
+KEEP_TRIM_MAX = 64 << 20
+KEEP_AFTER = 2 << 20  # a batch of received bytes this big: a receive of many big messages (recv_many)
+
+
+def keep_freed_memory(force=False):
+    """Once per process: keep freed memory in the heap (glibc's malloc; ``KEEP_MMAP_MAX``, ``KEEP_TRIM_MAX``),
+    so that receiving batches of big messages, each a fresh bytes object, does not fault in and zero every
+    page of every batch again (glibc's defaults give a freed batch above 2 MiB back to the kernel). Called by
+    ``recv_many`` once a batch holds ``KEEP_AFTER`` bytes, and by the transport agents (``force``: also when
+    ``DRAGON_KEEP_FREED_MEMORY`` is 0). ``DRAGON_KEEP_FREED_MEMORY=0`` leaves a user process's malloc as it
+    is. Returns whether the settings are in effect."""
+    global _kept
+    if _kept == 0 or (force and _kept < 0):
+        if not force and os.environ.get(_env.KEEP_FREED_MEMORY, "1").strip() == "0":
+            _kept = -1
+        else:
+            _kept = 1 if ds_keep_freed_memory(KEEP_MMAP_MAX, KEEP_TRIM_MAX) else -1
+    return _kept == 1
+
+
 def _claim_id():
     """This process's claim id as stored in slots it claims: pid | start-time tag << 22 (for
     tests/debugging)."""

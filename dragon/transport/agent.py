@@ -581,24 +581,14 @@ def _profiled(agent, path):
         prof.dump_stats(f"{path}.{agent.node}")
 
 
-def _keep_freed_memory():
-    """The agent builds a packet of up to PACKET_MAX bytes for every batch and frees it when MPI has sent it:
-    with glibc's defaults each one is a fresh mmap (or heap trimmed back), and the kernel faults in and zeroes
-    every page of every packet again (a third of a streaming agent's time, measured). Keep freed memory in the
-    heap."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD: blocks below 16 MiB come from the heap
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: give the heap back only above 64 MiB free
-    except Exception:
-        pass
-
-
 def start_thread(agent):
     """Run the agent's loop in a daemon thread (DRAGON_AGENT_PROFILE=path: profile it into path.<node>)."""
-    _keep_freed_memory()
+    # The agent builds a packet of up to PACKET_MAX bytes for every batch and frees it when MPI has sent it:
+    # with glibc's defaults each one is a fresh mmap (or heap trimmed back), and the kernel faults in and
+    # zeroes every page of every packet again (a third of a streaming agent's time, measured).
+    from dragon._core import core
+
+    core.keep_freed_memory(force=True)
     path = os.environ.get(env.AGENT_PROFILE)
     if path:
         t = threading.Thread(target=_profiled, args=(agent, path), name="dragon-transport-agent", daemon=True)

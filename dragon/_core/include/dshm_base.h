@@ -228,4 +228,16 @@ static inline int ds_pid_dead(uint32_t id) {
 static inline int ds_set_pdeathsig(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 ? 0 : errno; }
 static inline int ds_set_child_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 ? 0 : errno; }
 
+/* glibc's malloc: blocks below mmap_max come from the heap, and up to trim_max of free memory at its top stays
+   there (its defaults hand a batch of big freed blocks back to the kernel, which faults in and zeroes every
+   page of the next batch again). 1: done; 0: not glibc, or glibc refused. */
+#if defined(__GLIBC__)
+#include <malloc.h>
+static inline int ds_keep_freed_memory(int mmap_max, int trim_max) {
+    return mallopt(M_MMAP_THRESHOLD, mmap_max) == 1 && mallopt(M_TRIM_THRESHOLD, trim_max) == 1;
+}
+#else
+static inline int ds_keep_freed_memory(int mmap_max, int trim_max) { (void)mmap_max; (void)trim_max; return 0; }
+#endif
+
 #endif /* DRAGON_DSHM_BASE_H */
