@@ -16,6 +16,9 @@ Peers (name: what it measures):
   faster-fifo   faster_fifo.Queue put/get, one message per call
   ff-batch      faster_fifo.Queue put_many/get_many
   mpi4py        mpi4py Comm.Send/Recv with buffers between two ranks (benchmarks/mpi_peer.py under mpiexec)
+  mpi4py-fresh  (reported with mpi4py, streams of 64 KiB and up) the same, the sender writing each message
+                into its buffer before it sends it: new data, as dragon's copying send() moves, where the
+                plain figure re-sends one unchanged buffer that both ends keep in their caches
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ LABELS = {
     "faster-fifo": "faster-fifo",
     "ff-batch": "faster-fifo batched",
     "mpi4py": "mpi4py Send/Recv",
+    "mpi4py-fresh": "mpi4py, fresh data",
 }
 RECV_TIMEOUT = 60.0  # a wedged peer fails its measurement instead of hanging the harness
 
@@ -671,6 +675,10 @@ def measure_mpi(sizes, repeat, target_s, do_stream=True, group="channels", launc
             row["n_stream"],
             row["n_rtt"],
         )
+        if row.get("rates_fresh"):  # the sender writes each message first (benchmarks/mpi_peer.py)
+            figs += stream_and_rtt_figures(
+                group, "mpi4py-fresh", row["size"], row["rates_fresh"], [], [], row["n_stream"], 0
+            )
     return figs, None
 
 

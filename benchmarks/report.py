@@ -481,6 +481,7 @@ PEER_ORDER = [
     "dragon-batch",
     "dragon-zc",
     "mpi4py",
+    "mpi4py-fresh",
     "faster-fifo",
     "ff-batch",
     "mp-pipe",

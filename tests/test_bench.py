@@ -240,6 +240,9 @@ def test_quick_xnode_through_the_agents(tmp_path):
             find(doc, "xnode", "stream", "mpi4py", m, size)
         for m in RTT:
             find(doc, "xnode", "rtt", "mpi4py", m, size)
+    for m in STREAM:  # (from 64 KiB: the sender writes each message first, benchmarks/mpi_peer.py)
+        find(doc, "xnode", "stream", "mpi4py-fresh", m, 65536)
+    assert not [f for f in doc["results"] if f["peer"] == "mpi4py-fresh" and f["size"] == 8]
     try:
         import dragon._core.remote  # noqa: F401
     except ImportError:
