@@ -317,6 +317,15 @@ def test_ratio_direction_and_targets(monkeypatch):
     xm = t["cross-node 1 MiB stream, dragon / mpi4py (virtual nodes)"]
     assert xm["value"] == pytest.approx(0.25) and xm["bound"] == 0.8 and xm["group"] == "xnode"
     assert t["create+join /bin/true serial, dragon / Popen"]["bound"] == 0.85
+    # issue 13: dragon.init() at most 0.2 s more than 'import dragon', whatever the import itself takes
+    figs += [
+        figure("startup", "init", "import-dragon", "seconds", "s", "lower", [0.03]),
+        figure("startup", "init", "dragon-init", "seconds", "s", "lower", [0.13]),
+    ]
+    i13 = {x["target"]: x for x in report.targets(figs)}[
+        "python -c 'import dragon; dragon.init()' - 'import dragon'"
+    ]
+    assert i13["value"] == pytest.approx(0.1) and i13["met"] is True and i13["group"] == "startup"
 
 
 @pytest.mark.parametrize(
