@@ -785,8 +785,8 @@ print(max(faults[4:]), core.keep_freed_memory())
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
 def test_batches_of_big_messages_do_not_fault_their_memory_in_again():
     """recv_many of 8 x 1 MiB, again and again: each batch is 8 new bytes objects. With glibc's defaults the
-    freed batch goes back to the kernel and the next one faults in (and zeroes) every page again, 2,048
-    faults a batch; recv_many keeps freed memory in the heap once a batch holds 2 MiB
+    freed batch goes back to the kernel and the next one faults in (and zeroes) every page again, about
+    2,000 faults a batch; recv_many keeps freed memory in the heap once a batch holds 2 MiB
     (core.keep_freed_memory), unless DRAGON_KEEP_FREED_MEMORY=0."""
     runs = {}
     for setting in ("1", "0"):

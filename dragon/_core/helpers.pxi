@@ -56,7 +56,8 @@ def keep_freed_memory(force=False):
     page of every batch again (glibc's defaults give a freed batch above 2 MiB back to the kernel). Called by
     ``recv_many`` once a batch holds ``KEEP_AFTER`` bytes, and by the transport agents (``force``: also when
     ``DRAGON_KEEP_FREED_MEMORY`` is 0). ``DRAGON_KEEP_FREED_MEMORY=0`` leaves a user process's malloc as it
-    is. Returns whether the settings are in effect."""
+    is. (glibc's own dynamic thresholds reach these values after a 16 MiB block was freed; here they are set
+    at once, and fixed from then on.) Returns whether the settings are in effect."""
     global _kept
     if _kept == 0 or (force and _kept < 0):
         if not force and os.environ.get(_env.KEEP_FREED_MEMORY, "1").strip() == "0":
