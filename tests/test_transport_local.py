@@ -132,3 +132,77 @@ def test_remote_channel_has_the_local_channel_api():
     local = {n for n in dir(Channel) if not n.startswith("_")} | {"__len__", "__enter__", "__exit__"}
     missing = {n for n in local - {"create", "attach"} if not hasattr(RemoteChannel, n)}
     assert not missing, missing
+
+
+ACK_POLICY = r"""
+import time
+from mpi4py import MPI
+from dragon.channels import Channel
+from dragon.pools import Pool
+from dragon._core import frames as W
+from dragon.transport import incoming
+from dragon.transport.agent import Agent
+from dragon.transport.incoming import _In
+
+def acks(agent, node):
+    pkt = bytes(agent.out.get(node, b""))
+    found, pos = [], 0
+    while pos < len(pkt):
+        kind, _f, _n, n, sid, seq = W.HDR.unpack_from(pkt, pos)
+        if kind == W.ACK:
+            found.append((sid, seq))
+        pos += W.HSIZE + n
+    return found
+
+with Pool.create(8 << 20, name="inf") as pool:
+    gw = Channel.create(pool, capacity=16, block_size=1024 + W.HSIZE)
+    target = Channel.create(pool, capacity=4, block_size=64)
+    agent = Agent(MPI.COMM_SELF, 0, [0, 0], gw, pool)  # (node 1's frames are only built here, never sent)
+    s = _In(1, 77)
+    s.ch = target
+    agent.ins[(1, 77)] = s
+    other = W.HDR.pack(W.SEND, 0, 1, 0, 5, 0)  # a frame of another stream going to node 1 anyway
+    # an answer goes to the stream's node: one delivery waiting does not ride on it ...
+    s.delivered = 1
+    agent.ack_due.add(s)
+    agent._emit(1, other)
+    agent._acks()
+    assert acks(agent, 1) == [] and s in agent.ack_due, acks(agent, 1)
+    # ... ACK_RIDE of them do
+    s.delivered = incoming.ACK_RIDE
+    agent._acks()
+    assert acks(agent, 1) == [(77, incoming.ACK_RIDE)] and s.acked == incoming.ACK_RIDE and not agent.ack_due
+    # nothing going there: an ack waits for ACK_DELAY, then goes by itself
+    agent.out.clear()
+    s.delivered += 1
+    agent.ack_due.add(s)
+    agent._acks()
+    assert acks(agent, 1) == [] and s in agent.ack_due
+    time.sleep(incoming.ACK_DELAY * 2)
+    agent._acks()
+    assert acks(agent, 1) == [(77, incoming.ACK_RIDE + 1)] and not agent.ack_due
+    # ACK_EVERY deliveries are acknowledged at once, whatever goes there
+    agent.out.clear()
+    s.delivered += incoming.ACK_EVERY
+    agent.ack_due.add(s)
+    agent._acks()
+    assert acks(agent, 1) == [(77, incoming.ACK_RIDE + 1 + incoming.ACK_EVERY)]
+    target.destroy()
+    gw.destroy()
+    print("acks ok")
+"""
+
+
+def test_acks_ride_on_answers_only_once_several_wait(node_env):
+    """A stream's acknowledgements are lazy: one rides on a packet going to the sender's node only once
+    ACK_RIDE deliveries wait for it (an ack on every answer put a frame into the sender's reply channel on
+    each round trip's path), else it goes after ACK_DELAY or ACK_EVERY deliveries (a real Agent on a one-rank
+    MPI world, in a subprocess: MPI must not be initialised in the test process, which forks)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mpi4py")
+    res = subprocess.run(
+        [sys.executable, "-c", ACK_POLICY], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0 and "acks ok" in res.stdout, res.stdout + res.stderr
