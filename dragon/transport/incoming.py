@@ -362,10 +362,11 @@ class Incoming:
         """Acknowledge deliveries, lazily: an ack rides along with other frames to the stream's node when
         there are any and ACK_RIDE deliveries wait for it, else it waits for ACK_EVERY deliveries, ACK_BYTES
         of big payloads or ACK_DELAY (the sender's window is 512 messages / 8 MiB, so a late ack costs it
-        nothing while it keeps sending; a round trip pays no ack packets, a stream of big payloads one per
-        ACK_BYTES). Not one per answer: each ack is a frame the far agent puts into the sender's reply channel
-        before it yields to the sender, on the round trip's path (8 B ping-pong through the agents: mean round
-        trip 12-14% shorter with ACK_RIDE 8 than with an ack on every answer)."""
+        nothing while it keeps sending; a ping-pong pays an ack packet of its own only when ACK_DELAY passes
+        before ACK_RIDE answers, a stream of big payloads one per ACK_BYTES). Not one per answer: each ack is
+        a frame the far agent puts into the sender's reply channel before it yields to the sender, on the
+        round trip's path (8 B ping-pong through the agents: mean round trip 12-14% shorter with ACK_RIDE 8
+        than with an ack on every answer)."""
         now = time.perf_counter()
         out = self.out
         done = []
