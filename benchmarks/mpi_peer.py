@@ -45,8 +45,8 @@ def main(argv=None):
     results = []
     for size in sizes:
         buf = np.zeros(size, dtype=np.uint8)
-        src = np.full(size, 1, dtype=np.uint8)  # what a fresh message is written from
         if rank == 1:
+            src = np.full(size, 1, dtype=np.uint8) if size >= FRESH_MIN else None  # a fresh message's data
             while True:
                 op, n = comm.bcast(None, root=0)
                 if op == STOP:

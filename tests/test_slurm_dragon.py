@@ -202,7 +202,7 @@ def test_scancel_of_srun_dragon_launch_tears_down_every_node(slurm_cluster, tmp_
     errs = err.read_text()
     assert "got signal 15: tearing the job down" in errs or "Exited with exit code 143" in errs, errs
     # Slurm signals every process of the step, the services too: they end quietly
-    assert "Traceback" not in err.read_text() + out.read_text(), err.read_text()
+    assert "Traceback" not in errs + out.read_text(), errs
     assert wait_job(job, timeout=30) == "CANCELLED"
     assert_torn_down(marker, djob, nodes, job)
 

@@ -32,6 +32,7 @@ import threading
 import time
 
 from dragon import env
+from dragon._core import core
 from dragon._core import frames as W
 from dragon.errors import ChannelEmpty, ChannelError
 from dragon.transport import incoming
@@ -123,8 +124,6 @@ class Agent(Incoming, Outgoing):
 
     # ---- loop ---------------------------------------------------------------------------------------------
     def run(self):
-        from dragon._core import core
-
         core.set_wait_params(spin_ns=0)  # the loop spins itself; its sleeps on the gateway should only sleep
         _timer_slack(10_000)
         self.running = True
@@ -586,8 +585,6 @@ def start_thread(agent):
     # The agent builds a packet of up to PACKET_MAX bytes for every batch and frees it when MPI has sent it:
     # with glibc's defaults each one is a fresh mmap (or heap trimmed back), and the kernel faults in and
     # zeroes every page of every packet again (a third of a streaming agent's time, measured).
-    from dragon._core import core
-
     core.keep_freed_memory(force=True)
     path = os.environ.get(env.AGENT_PROFILE)
     if path:
