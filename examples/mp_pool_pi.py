@@ -6,8 +6,9 @@
 
 Plain multiprocessing code: ``import dragon`` and ``set_start_method("dragon")`` are the only dragon lines.
 The Pool's size defaults to every CPU of the runtime (``mp.cpu_count()``), its workers go round-robin over
-the nodes, and each batch of random points is counted by whichever worker is free. The program prints the
-estimate and how many batches each node counted.
+the nodes, and each batch of random points is counted by whichever worker is free (so a node whose workers
+started last may count none of a small run). The program prints where the workers run, the estimate and how
+many batches each node counted.
 """
 
 import collections
@@ -33,6 +34,10 @@ def count_inside(seed):
     return inside, int(os.environ.get("DRAGON_NODE", "0"))
 
 
+def per_node_text(counts):
+    return ", ".join(f"node {k}: {v}" for k, v in sorted(counts.items()))
+
+
 def main(samples):
     mp.set_start_method("dragon")
     batches = max(1, samples // BATCH)
@@ -40,13 +45,14 @@ def main(samples):
     inside, per_node = 0, collections.Counter()
     with mp.Pool() as pool:
         print(f"{len(pool._pool)} workers ({mp.cpu_count()} CPUs) for {batches} batches of {BATCH} points")
+        print("workers per node: " + per_node_text(collections.Counter(p.node for p in pool._pool)))
         for n, node in pool.imap_unordered(count_inside, range(batches), chunksize=4):
             inside += n
             per_node[node] += 1
     pi = 4 * inside / (batches * BATCH)
     dt = time.perf_counter() - t0
     print(f"pi ~ {pi:.6f} (error {abs(pi - math.pi):.2e}) from {batches * BATCH} points in {dt:.1f} s")
-    print("batches per node: " + ", ".join(f"node {k}: {v}" for k, v in sorted(per_node.items())))
+    print("batches per node: " + per_node_text(per_node))
     return 0
 
 

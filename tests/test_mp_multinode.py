@@ -41,5 +41,11 @@ def test_example_pool_spreads_over_three_nodes():
     example = os.path.join(os.path.dirname(APPS), os.pardir, "examples", "mp_pool_pi.py")
     res = mpi_util.launch(3, os.path.abspath(example), "4000000", timeout=110)
     assert res.returncode == 0 and "pi ~ 3.14" in res.stdout, res.stdout + res.stderr
-    counted = res.stdout.split("batches per node: ")[1].splitlines()[0]
-    assert counted.count("node ") == 3, counted  # every node counted some
+    workers = res.stdout.split("workers per node: ")[1].splitlines()[0]
+    assert [part.split(":")[0] for part in workers.split(", ")] == ["node 0", "node 1", "node 2"], workers
+    # which worker counts which batch is up to whoever is free first: every batch counted once, by a node with
+    # workers (a node whose workers started last may count none of 20 batches; CI saw 12/8/0)
+    counted = dict(
+        part.split(": ") for part in res.stdout.split("batches per node: ")[1].splitlines()[0].split(", ")
+    )
+    assert set(counted) <= {"node 0", "node 1", "node 2"} and sum(map(int, counted.values())) == 20, counted

@@ -72,4 +72,11 @@ def test_example_pool_under_the_sbatch_template(slurm_cluster, tmp_path):
     job = res.stdout.strip().split(";")[0]
     text = (tmp_path / f"dragon-{job}.out").read_text()
     assert res.returncode == 0 and "pi ~ 3.14" in text, res.stderr + text
-    assert "node 0:" in text and "node 1:" in text, text  # both nodes counted batches
+    workers = text.split("workers per node: ")[1].splitlines()[0]
+    assert [part.split(":")[0] for part in workers.split(", ")] == ["node 0", "node 1"], text
+    counted = dict(
+        part.split(": ") for part in text.split("batches per node: ")[1].splitlines()[0].split(", ")
+    )
+    assert sum(map(int, counted.values())) == 20, (
+        text
+    )  # every batch counted once, by whichever worker was free
