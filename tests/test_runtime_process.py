@@ -4,8 +4,11 @@ Many checks share one launch (startup is cheap but not free); each check prints 
 shows how far the app got.
 """
 
+import os
+import subprocess
+
 import pytest
-from test_runtime_util import APP_HELPERS, run_app
+from test_runtime_util import APP_HELPERS, launch_cmd, launch_env, run_app, write_app
 
 PROCESS_APP = (
     APP_HELPERS
@@ -220,3 +223,101 @@ def test_process_api(tmp_path):
     assert "\nunlabelled child\n" in out
     assert "[nested] child" in out and "[nested] grandchild joined 0" in out
     assert "ok this_process" in out
+
+
+START_APP = (
+    APP_HELPERS
+    + r'''
+import json, os, signal, subprocess, sys
+from dragon.errors import ProcessError
+from dragon.globalservices import process as P
+from dragon.globalservices.process import ProcessOptions as O
+
+# what a child sees of how it was started, written to the file named by its argument
+PROBE = """
+import json, os, sys
+fds = sorted(int(f) for f in os.listdir('/proc/self/fd'))
+with open(sys.argv[1], 'w') as f:
+    json.dump({'fds': fds, 'own_session': os.getsid(0) == os.getpid(),
+               'stdin': os.readlink('/proc/self/fd/0'), 'cwd': os.getcwd()}, f)
+print('to stdout'); print('to stderr', file=sys.stderr)
+"""
+here = os.getcwd()
+os.mkdir("sub")
+shep = int(os.environ["DRAGON_SHEP_PID"])
+before = len(os.listdir(f"/proc/{shep}/fd"))
+python_by_name = os.path.basename(PY)  # (found on PATH: started with Popen, as a path is not given)
+os.environ["PATH"] = os.path.dirname(PY) + os.pathsep + os.environ["PATH"]
+routes = [("path", PY, None), ("run_dir", PY, os.path.join(here, "sub")), ("name", python_by_name, None)]
+outputs = [
+    ("fwd", O()),
+    ("merged", O(stderr=O.STDOUT)),
+    ("files", O(stdout="out.txt", stderr=O.DEVNULL)),
+]
+for route, exe, run_dir in routes:
+    for how, opts in outputs:
+        report = os.path.join(here, f"report-{route}-{how}.json")
+        d = P.create(exe, run_dir, ["-c", PROBE, report], user_name=f"{route}-{how}", options=opts,
+                     env={"PATH": os.environ["PATH"]})
+        assert P.join(d.p_uid, timeout=30) == 0, (route, how)
+        r = json.load(open(report))
+        # (the listing itself holds one more descriptor, the highest)
+        assert r["fds"][:3] == [0, 1, 2] and len(r["fds"]) == 4, (route, how, r)
+        assert r["own_session"] and r["stdin"] == "/dev/null", (route, how, r)
+        assert r["cwd"] == (run_dir or here), (route, how, r)
+        print("started", route, how, flush=True)
+    # SIGPIPE is back at its default (Python ignores it, in the services and in a Python child: ask a shell)
+    sh = "/bin/sh" if route != "name" else "sh"
+    report = os.path.join(here, f"sigign-{route}")
+    d = P.create(
+        sh, run_dir, ["-c", f"grep ^SigIgn: /proc/$$/status > {report}"], env={"PATH": os.environ["PATH"]}
+    )
+    assert P.join(d.p_uid, timeout=30) == 0, route
+    ignored = int(open(report).read().split()[1], 16)
+    assert not ignored >> (signal.SIGPIPE - 1) & 1, (route, hex(ignored))
+ok("what a child gets")
+
+with open("notexec", "w") as f:
+    f.write("#!/bin/sh\n")
+for _ in range(20):
+    assert "notexec" in raises(ProcessError, P.create, os.path.join(here, "notexec"), None, [])
+    assert "cannot start" in raises(ProcessError, P.create, here, None, [])  # a directory
+    assert "cannot start" in raises(ProcessError, P.create, "/nonexistent/prog", None, [])
+assert P.join(P.create("/bin/true", None, []).p_uid, timeout=30) == 0  # and the shepherd is fine
+after = len(os.listdir(f"/proc/{shep}/fd"))
+assert after <= before + 2, (before, after)  # nothing left open by the failed starts (+2: the pidfds' noise)
+ok("cannot start")
+print("ALL OK")
+'''
+)
+
+
+@pytest.mark.timeout(90)
+def test_what_a_started_process_gets(tmp_path):
+    """However the shepherd starts a program (posix_spawn for a path run in its own directory, Popen for a
+    name or another run_dir), the child gets its own session, SIGPIPE at its default, stdin from /dev/null
+    and no descriptor but 0-2, not even one the launcher inherited; a start that fails leaves nothing open."""
+    app = write_app(tmp_path, START_APP)
+    r_fd, w_fd = os.pipe()
+    try:
+        r = subprocess.run(
+            launch_cmd(str(app)),
+            cwd=tmp_path,
+            env=launch_env(),
+            capture_output=True,
+            text=True,
+            timeout=80,
+            pass_fds=(w_fd,),  # an inheritable descriptor the launcher gets from its parent
+            input="",  # and a stdin that is not /dev/null (the head's; no other process's)
+        )
+    finally:
+        os.close(r_fd)
+        os.close(w_fd)
+    assert "ALL OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    for route in ("path", "run_dir", "name"):
+        assert f"[{route}-fwd] to stdout\n" in r.stdout and f"[{route}-fwd] to stderr\n" in r.stderr
+        assert f"[{route}-merged] to stdout\n[{route}-merged] to stderr\n" in r.stdout
+        assert f"[{route}-files]" not in r.stdout + r.stderr
+    # (a file path is relative to the run_dir)
+    assert (tmp_path / "out.txt").read_text() == "to stdout\n" * 2
+    assert (tmp_path / "sub" / "out.txt").read_text() == "to stdout\n"

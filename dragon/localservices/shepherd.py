@@ -2,9 +2,10 @@
 
 The main thread runs the service loop (dragon.infrastructure.service) on its inbox, which only the runtime's
 services know (GS and this node's launcher; every message a control message with the job's key): start a
-process (subprocess.Popen, its own session so its whole process group can be signalled), signal one, make or
-destroy a pool or channel, tear everything down. An IO thread waits (selectors, no polling) on a pidfd per
-process and on the pipes of forwarded output: it prints each line labelled ``[user_name or p_uid]`` and
+process (in its own session, so that its whole process group can be signalled: with one posix_spawn call,
+dragon.localservices.spawn; a Python child forked from the node's zygote; else subprocess.Popen), signal one,
+make or destroy a pool or channel, tear everything down. An IO thread waits (selectors, no polling) on a pidfd
+per process and on the pipes of forwarded output: it prints each line labelled ``[user_name or p_uid]`` and
 reports exits (a signal death as ``-signum``), after the process's output has been drained so that a joiner
 sees it first: straight into global services' inbox when GS is on this node and that takes no wait, else
 through the shepherd's own inbox: the loop forwards them to global services without ever blocking on it.
@@ -28,6 +29,7 @@ from dragon.infrastructure import jobprocs
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
 from dragon.infrastructure.service import DEFER, Service, handles, service_process
+from dragon.localservices import spawn as _spawn
 from dragon.localservices import zygote as _zygote
 
 DRAIN_AFTER_EXIT = 0.5  # how long output pipes may stay open (held by grandchildren) after a process exits
@@ -89,6 +91,7 @@ class Shepherd(Service):
         self.chans = {}  # c_uid -> Channel
         self.tearing = False
         self.zygote = _zygote.Zygote(self.log, os.environ)  # started at the first request that asks for it
+        _spawn.seal_inherited()  # (no child may get what this process inherited; see spawn)
         self.sel = selectors.EpollSelector()  # epoll: other threads may register while it waits
         self.io_thread = threading.Thread(target=self._io_loop, name="shepherd-io", daemon=True)
 
@@ -139,6 +142,8 @@ class Shepherd(Service):
             popen = None
             if msg.zygote:  # a Python child forked from the node's zygote (None: not eligible, or not up yet)
                 popen = self.zygote.spawn([msg.exe, *msg.args], env, run_dir, out, err)
+            if popen is None and _spawn.eligible(msg.exe, run_dir):  # (a program by path, in our cwd)
+                popen = _spawn.spawn([msg.exe, *msg.args], env, not msg.head, out, err)
             popen = popen or subprocess.Popen(
                 [msg.exe, *msg.args],
                 cwd=run_dir,

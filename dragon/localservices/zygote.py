@@ -309,8 +309,9 @@ class Zygote:
 
 
 def pidfd_of(popen):
-    """The pidfd the shepherd watches for a process it started (a zygote's child comes with one)."""
-    return popen.pidfd if isinstance(popen, ZygoteChild) else os.pidfd_open(popen.pid)
+    """The pidfd the shepherd watches for a process it started (a zygote's or spawn's child comes with
+    one)."""
+    return os.pidfd_open(popen.pid) if isinstance(popen, subprocess.Popen) else popen.pidfd
 
 
 # ---- the zygote process ----------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Starting a managed process with one ``posix_spawn`` call instead of ``subprocess.Popen``.
+
+Popen's own Python work (its argument checks, the environment encoded again, a pipe for exec errors and the
+file objects around them) takes about 60 us of the ~160 us a start costs the shepherd; ``os.posix_spawn``
+does the same vfork-and-exec in C and returns the exec's error, as Popen's error pipe does. What a child
+gets from Popen, it gets here too:
+
+- its own session (``setsid``), so that its whole process group can be signalled;
+- SIGPIPE and SIGXFSZ back to their default action (Python ignores them; Popen's ``restore_signals``);
+- no file descriptor but 0, 1 and 2. Popen closes every other one in the child (``close_fds``); here no
+  other one is inheritable: Python opens every descriptor close-on-exec (PEP 446), the dragon code that runs
+  in a shepherd's process never makes one inheritable, and the ones the process inherited when it started
+  (a shell's, mpiexec's) are made close-on-exec by ``seal_inherited`` when the shepherd starts.
+
+Used only for a program given by a path (with a '/': Popen would search the child's PATH) that runs in the
+shepherd's own working directory (``os.posix_spawn`` has no chdir before Python 3.13); the shepherd starts
+anything else with Popen. ``SpawnedChild`` has the part of Popen's interface the shepherd uses.
+"""
+
+import os
+import signal
+import subprocess
+import threading
+
+_DEFAULT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, n))
+_devnull = None
+
+
+def seal_inherited():
+    """Make every descriptor above 2 that this process holds close-on-exec (the ones it inherited: a
+    shell's, mpiexec's; no child of the runtime should get them, and Popen would not have passed them)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+            except OSError:  # (the listing's own descriptor, closed by now)
+                pass
+
+
+def eligible(exe, run_dir):
+    """Whether ``exe`` can be started here rather than with Popen (see the module's docstring)."""
+    return "/" in exe and run_dir == os.getcwd()
+
+
+class SpawnedChild:
+    """A process started by ``spawn``: pid, stdout/stderr (read ends, or None), wait(), send_signal()."""
+
+    def __init__(self, pid, stdout, stderr):
+        self.pid = pid
+        self.stdout, self.stderr = stdout, stderr
+        self.returncode = None
+        self.pidfd = os.pidfd_open(pid)  # the shepherd's IO thread watches (and closes) this one
+        self._sigfd = os.dup(self.pidfd)  # signals go through a pidfd: never to a reused pid
+        self._lock = threading.Lock()  # a signal and the reaping (two threads) never cross
+
+    def wait(self):
+        """The exit code (-N for signal N). Called once the pidfd said the child exited."""
+        with self._lock:
+            if self.returncode is None:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+                os.close(self._sigfd)
+        return self.returncode
+
+    def send_signal(self, sig):
+        with self._lock:
+            if self.returncode is None:
+                signal.pidfd_send_signal(self._sigfd, sig)
+
+
+def spawn(argv, env, stdin_null, stdout, stderr):
+    """Start ``argv`` (argv[0] a path) with environment ``env`` in this process's working directory.
+    stdin_null: stdin from /dev/null (else inherited); stdout/stderr as Popen takes them (None: inherited,
+    PIPE, DEVNULL, STDOUT for stderr, or a file). Raises OSError if it cannot start (nothing is left open)."""
+    global _devnull
+    if _devnull is None:
+        _devnull = os.open(os.devnull, os.O_RDWR)  # (close-on-exec; dup2 into 0/1/2 clears that there)
+    actions, keep, give = [], [], []
+    try:
+        if stdin_null:
+            actions.append((os.POSIX_SPAWN_DUP2, _devnull, 0))
+        for target, how in ((1, stdout), (2, stderr)):
+            if how is None:
+                keep.append(None)
+                continue
+            if how == subprocess.PIPE:
+                r, w = os.pipe()
+                keep.append(r)
+                give.append(w)
+                src = w
+            elif how == subprocess.DEVNULL:
+                keep.append(None)
+                src = _devnull
+            elif how == subprocess.STDOUT and target == 2:
+                keep.append(None)
+                src = 1
+            else:
+                keep.append(None)
+                src = how.fileno()
+            actions.append((os.POSIX_SPAWN_DUP2, src, target))
+        pid = os.posix_spawn(
+            argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS
+        )
+    except BaseException:
+        for fd in keep:
+            if fd is not None:
+                os.close(fd)
+        raise
+    finally:
+        for fd in give:
+            os.close(fd)
+    out, err = (None if fd is None else open(fd, "rb", buffering=0) for fd in keep)  # noqa: SIM115
+    return SpawnedChild(pid, out, err)
