@@ -19,6 +19,9 @@ Peers (name: what it measures):
   mpi4py-fresh  (reported with mpi4py, streams of 64 KiB and up) the same, the sender writing each message
                 into its buffer before it sends it: new data, as dragon's copying send() moves, where the
                 plain figure re-sends one unchanged buffer that both ends keep in their caches
+  relay-floor   (xnode, 8 B round trip) the agents' path without their protocol, in C: per node a process and
+                a relay on the same CPUs, the relays speaking MPI (benchmarks/relay_floor.c): the floor of
+                any transport agent on this machine
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ LABELS = {
     "ff-batch": "faster-fifo batched",
     "mpi4py": "mpi4py Send/Recv",
     "mpi4py-fresh": "mpi4py, fresh data",
+    "relay-floor": "the path in C (floor)",
 }
 RECV_TIMEOUT = 60.0  # a wedged peer fails its measurement instead of hanging the harness
 

@@ -14,6 +14,7 @@ STYLE = {
     "dragonhpc": dict(color="#7f8c8d", lw=1.6, marker="v", ls="--"),
     "mpi4py": dict(color="#2c3e50", lw=1.6, marker="^"),
     "mpi4py-fresh": dict(color="#2c3e50", lw=1.2, ls="--", marker="v"),
+    "relay-floor": dict(color="#95a5a6", lw=1.2, ls=":", marker="_"),
     "mp-queue": dict(color="#27ae60", lw=1.4, marker="x"),
     "mp-pipe": dict(color="#16a085", lw=1.4, marker="+"),
     "faster-fifo": dict(color="#2980b9", lw=1.4, marker="*"),

@@ -12,7 +12,10 @@ TITLES = {
     ("channels", "stream"): "Channel stream between two processes",
     ("channels", "rtt"): "Channel ping-pong round trip between two processes",
     ("xnode", "stream"): "Cross-node stream (dragon through the transport agents; mpi4py rank to rank)",
-    ("xnode", "rtt"): "Cross-node round trip (dragon through the transport agents; mpi4py rank to rank)",
+    ("xnode", "rtt"): (
+        "Cross-node round trip (dragon through the transport agents; mpi4py rank to rank; the floor: the "
+        "agents' path in C without their protocol, benchmarks/relay_floor.c)"
+    ),
     ("launch", "true-serial"): "create+join of /bin/true, one at a time",
     ("launch", "true-16"): "create+join of /bin/true, 16 in flight",
     ("launch", "python-child"): "Python child start+join",
@@ -484,6 +487,7 @@ PEER_ORDER = [
     "dragon-zc",
     "mpi4py",
     "mpi4py-fresh",
+    "relay-floor",
     "faster-fifo",
     "ff-batch",
     "mp-pipe",

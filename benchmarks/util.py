@@ -235,6 +235,11 @@ def mpiexec_path():
     return beside_python("mpiexec") or shutil.which("mpiexec")
 
 
+def mpicc_path():
+    """mpicc, found as mpiexec is (the mpich wheel puts both next to python), or None."""
+    return beside_python("mpicc") or shutil.which("mpicc")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # optional pieces: what a peer or an option needs, whether this machine has it, and what to install
 
@@ -245,10 +250,18 @@ NEEDS = {
     "faster-fifo": ("faster_fifo", "pip install faster-fifo"),
     "mpi4py": ("mpi4py", "pip install mpi4py mpich"),
     "mpiexec": (None, "pip install mpich: it puts mpiexec next to python"),
+    "mpicc": (None, "pip install mpich: it puts mpicc next to python (it needs a C compiler, cc)"),
     "matplotlib": ("matplotlib", "pip install matplotlib"),
     "DragonHPC": (None, "install DragonHPC in a virtualenv and set DRAGONHPC_VENV to it"),
 }
-IN_BENCH_EXTRA = {"numpy", "faster-fifo", "mpi4py", "mpiexec", "matplotlib"}  # what BENCH_EXTRA installs
+IN_BENCH_EXTRA = {
+    "numpy",
+    "faster-fifo",
+    "mpi4py",
+    "mpiexec",
+    "mpicc",
+    "matplotlib",
+}  # what BENCH_EXTRA installs
 _MISSING = {}
 
 
@@ -268,6 +281,10 @@ def _why_missing(need):
         if mpiexec_path():
             return None
         return f"mpiexec is neither next to python ({os.path.dirname(sys.executable)}) nor on PATH"
+    if need == "mpicc":
+        if mpicc_path():
+            return None
+        return f"mpicc is neither next to python ({os.path.dirname(sys.executable)}) nor on PATH"
     if need == "DragonHPC":
         if dragonhpc_root():
             return None

@@ -123,7 +123,80 @@ def plan(ctx):
         ctx.skip("xnode mpi4py", **r)
     if not lacking:
         steps.append((f"xnode: mpi4py ({where})", run_mpi))
+    if 8 in sizes:
+        lacking = util.missing("mpicc", "mpi4py")
+        for r in lacking:
+            ctx.skip("xnode relay floor", **r)
+        if not lacking:
+            steps.append(
+                (f"xnode: the same path in C, the floor ({where})", lambda: run_floor(ctx, launcher, extra))
+            )
     return steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the floor of the path: benchmarks/relay_floor.c (a process and a relay per node, 8 B round trip, in C)
+
+FLOOR_ROUND_TRIPS = 20_000
+
+
+def floor_cpus(virtual):
+    """The CPU lists the two ranks of relay_floor bind to: each virtual node's share of this host's CPUs, as
+    dragon-launch --virtual-nodes binds them (dragon.transport.world.cpu_share); "-" (no binding) across
+    hosts, or where the CPUs do not split evenly."""
+    from dragon.transport.world import cpu_share
+
+    cpus = sorted(os.sched_getaffinity(0))
+    shares = [cpu_share(cpus, 2, k) if virtual else None for k in (0, 1)]
+    return [",".join(map(str, s)) if s else "-" for s in shares]
+
+
+def run_floor(ctx, launcher, extra):
+    import subprocess
+
+    tmp = runtime._tmpdir(ctx)
+    exe = os.path.join(tmp, "relay_floor")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay_floor.c")
+    cc = subprocess.run(
+        [util.mpicc_path(), "-O2", "-o", exe, src], capture_output=True, text=True, timeout=120, check=False
+    )
+    if cc.returncode != 0:
+        ctx.skip(
+            "xnode relay floor", f"mpicc could not build relay_floor.c: {util.tail(cc.stderr or cc.stdout)}"
+        )
+        return
+    env = util.clean_env()
+    if launcher[0] == "srun":  # the netmod a dragon rank takes under srun (dragon.transport.world)
+        from dragon.transport.world import NETMOD_VAR, srun_netmod
+
+        probe = (
+            "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; "
+            "print(MPI.Get_library_version())"
+        )
+        lib = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
+        netmod = srun_netmod(lib)
+        if netmod and NETMOD_VAR not in env:
+            env[NETMOD_VAR] = netmod
+    n = FLOOR_ROUND_TRIPS // (4 if ctx.quick else 1)
+    argv = launcher + [exe, str(n), str(ctx.repeat)] + floor_cpus("--virtual-nodes" in extra)
+    res = util.run_marked(argv, timeout=300, env=env, cwd=tmp, shm_filter=lambda name: False)
+    data = util.parse_json_line(res["stdout"])
+    if res["timed_out"] or res["rc"] != 0 or not data:
+        why = "timed out" if res["timed_out"] else f"exit {res['rc']}"
+        ctx.skip(
+            "xnode relay floor", f"relay_floor failed ({why}): {util.tail(res['stderr'] or res['stdout'])}"
+        )
+        return
+    ctx.figures.extend(
+        channels.stream_and_rtt_figures(
+            "xnode", "relay-floor", 8, [], data["rtt_median_us"], data["rtt_p99_us"], 0, data["n"]
+        )
+    )
+    ctx.note(
+        f"xnode relay floor: benchmarks/relay_floor.c built with {util.mpicc_path()} ({data['library']})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

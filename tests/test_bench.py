@@ -243,6 +243,10 @@ def test_quick_xnode_through_the_agents(tmp_path):
     for m in STREAM:  # (from 64 KiB: the sender writes each message first, benchmarks/mpi_peer.py)
         find(doc, "xnode", "stream", "mpi4py-fresh", m, 65536)
     assert not [f for f in doc["results"] if f["peer"] == "mpi4py-fresh" and f["size"] == 8]
+    for m in RTT:  # the path in C (benchmarks/relay_floor.c): 8 B round trips only
+        find(doc, "xnode", "rtt", "relay-floor", m, 8)
+    assert not [f for f in doc["results"] if f["peer"] == "relay-floor" and f["size"] != 8]
+    assert any("relay_floor.c built with" in n for n in doc["notes"]), doc["notes"]
     try:
         import dragon._core.remote  # noqa: F401
     except ImportError:
@@ -255,6 +259,45 @@ def test_quick_xnode_through_the_agents(tmp_path):
         for m in RTT:
             find(doc, "xnode", "rtt", "dragon", m, size)
     assert (tmp_path / "x.png").stat().st_size > 10_000
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(mpiexec_path() is None, reason="needs mpiexec (the mpich wheel)")
+def test_relay_floor_binds_like_virtual_nodes_and_refuses_bad_arguments(tmp_path):
+    """relay_floor.c (the floor of the cross-node path): each rank on its virtual node's CPUs, none across
+    hosts; a wrong rank count or argument is a usage error (exit 2), not a hang."""
+    from benchmarks import util, xnode
+    from dragon.transport.world import cpu_share
+
+    cpus = sorted(os.sched_getaffinity(0))
+    want = [",".join(map(str, s)) if s else "-" for s in (cpu_share(cpus, 2, k) for k in (0, 1))]
+    assert xnode.floor_cpus(True) == want and xnode.floor_cpus(False) == ["-", "-"]
+    if len(cpus) == 2:
+        assert want == [str(cpus[0]), str(cpus[1])]
+    if util.mpicc_path() is None:
+        pytest.skip("needs mpicc (the mpich wheel)")
+    src = os.path.join(os.path.dirname(xnode.__file__), "relay_floor.c")
+    exe = str(tmp_path / "relay_floor")
+    subprocess.run([util.mpicc_path(), "-O2", "-o", exe, src], check=True, timeout=100)
+    for ranks, args in ((1, ["100", "1"]), (2, ["5", "1"]), (2, ["100", "0"]), (2, [])):
+        r = subprocess.run(
+            util.local_mpiexec(ranks) + [exe, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert r.returncode == 2 and "usage" in r.stderr, (ranks, args, r.returncode, r.stderr)
+    r = subprocess.run(
+        util.local_mpiexec(2) + [exe, "200", "2", *want],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    data = util.parse_json_line(r.stdout)
+    assert r.returncode == 0 and data["n"] == 200, r.stdout + r.stderr
+    assert len(data["rtt_median_us"]) == 2 and all(
+        0 < m <= p for m, p in zip(data["rtt_median_us"], data["rtt_p99_us"])
+    )
+    assert data["library"] and "\n" not in data["library"]
 
 
 @pytest.mark.timeout(60)

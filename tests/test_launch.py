@@ -229,3 +229,6 @@ def test_mpich_wheel_under_srun_pmi2_uses_the_ofi_netmod_unless_the_user_chose()
     assert rule(wheel, {"SLURM_STEP_ID": "0"}) is None  # srun without PMI-2 wiring
     assert rule("MPICH Version: 4.1\nMPICH Device: ch4:ofi\n", srun) is None
     assert rule("Open MPI v4.1.4", srun) is None
+    from dragon.transport.world import srun_netmod  # (the rule alone, which dragon-bench applies under srun)
+
+    assert srun_netmod(wheel) == "ofi" and srun_netmod("Open MPI v4.1.4") is None

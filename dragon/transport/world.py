@@ -39,6 +39,12 @@ def mpi_netmod_workaround(library_version, environ):
     kept."""
     if NETMOD_VAR in environ or "PMI_FD" not in environ or "SLURM_STEP_ID" not in environ:
         return None
+    return srun_netmod(library_version)
+
+
+def srun_netmod(library_version):
+    """The netmod mpi_netmod_workaround() forces for a rank of this MPI library under srun, or None (also
+    what dragon-bench gives the programs it starts with srun itself)."""
     if "MPICH" in library_version and "ch4:ucx" in library_version and "ofi" in library_version:
         return "ofi"
     return None

@@ -1,0 +1,201 @@
+/*
+ * The floor of dragon's cross-node path on this machine: what an 8 B round trip costs when a process hands
+ * each message to a relay beside it, the relay sends it with MPI to the other node's relay, and that relay
+ * hands it to its own process, all in C with nothing else to do. It is the path the transport agents take
+ * (process -> gateway -> agent -> MPI -> agent -> channel -> process) without their protocol: no frames, no
+ * acknowledgements, no windows. dragon-bench xnode runs it beside the agents and mpi4py (benchmarks/xnode.py).
+ *
+ *   relay_floor N REPEAT [CPUS0 CPUS1]     (under mpiexec -n 2 or srun -N 2; rank 0 prints the figures)
+ *
+ * Each rank forks its "process", which shares one CPU set with the rank's relay (CPUSk: a comma-separated
+ * list for rank k, or "-" for no binding: as dragon binds each virtual node to its share of the host's CPUs).
+ * The process and the relay meet in a one-slot mailbox per direction (a counter and 8 bytes in a shared
+ * mapping); a waiting side yields the CPU at every poll, as dragon's waits do when the peer runs on the same
+ * CPU, and the relay yields when a pass found nothing to do. Rank 0's process times N round trips per repeat
+ * (after 1,000 to warm up) and prints one line: DRAGON_BENCH_JSON: {"library": ..., "rtt_median_us": [...],
+ * "rtt_p99_us": [...], "n": N}. Every wait gives up after WAIT_LIMIT seconds without progress (exit 3).
+ */
+#define _GNU_SOURCE
+#include <mpi.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define WARM 1000
+#define WAIT_LIMIT 20.0
+
+typedef struct {
+    volatile uint64_t count; /* messages put so far */
+    char pad[56];
+    char data[8];
+} mailbox;
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static int by_value(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void put(mailbox *m, const char *data, uint64_t count) {
+    memcpy(m->data, data, 8);
+    __atomic_store_n(&m->count, count, __ATOMIC_RELEASE);
+}
+
+/* wait until m holds message number `count`; 0, or -1 after WAIT_LIMIT seconds without it */
+static int wait_for(mailbox *m, uint64_t count) {
+    double give_up = 0.0;
+    for (unsigned polls = 0;; polls++) {
+        if (__atomic_load_n(&m->count, __ATOMIC_ACQUIRE) >= count) return 0;
+        sched_yield();
+        if ((polls & 1023) == 0) {
+            double t = now();
+            if (give_up == 0.0) give_up = t + WAIT_LIMIT;
+            else if (t > give_up) return -1;
+        }
+    }
+}
+
+static void bind_to(const char *list) {
+    if (!list || strcmp(list, "-") == 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    char *copy = strdup(list), *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) CPU_SET(atoi(tok), &set);
+    free(copy);
+    if (sched_setaffinity(0, sizeof set, &set) != 0) perror("relay_floor: sched_setaffinity");
+}
+
+/* the forked process: rank 0 pings and times, rank 1 echoes; -> exit code */
+static int process(int rank, int n, int repeat, mailbox *to_relay, mailbox *to_proc, const char *library) {
+    int per = WARM + n;
+    double *lat = malloc(sizeof(double) * (size_t)per);
+    double *med = malloc(sizeof(double) * (size_t)repeat), *p99 = malloc(sizeof(double) * (size_t)repeat);
+    if (!lat || !med || !p99) return 2;
+    uint64_t k = 0;
+    char msg[8] = "floor!!";
+    for (int r = 0; r < repeat; r++) {
+        for (int i = 0; i < per; i++) {
+            k++;
+            if (rank == 0) {
+                double t = now();
+                put(to_relay, msg, k);
+                if (wait_for(to_proc, k) != 0) return 3;
+                lat[i] = now() - t;
+            } else {
+                if (wait_for(to_proc, k) != 0) return 3;
+                put(to_relay, to_proc->data, k);
+            }
+        }
+        if (rank == 0) {
+            qsort(lat + WARM, (size_t)n, sizeof(double), by_value);
+            med[r] = lat[WARM + n / 2] * 1e6;
+            p99[r] = lat[WARM + (int)(0.99 * (n - 1))] * 1e6;
+        }
+    }
+    if (rank == 0) {
+        printf("DRAGON_BENCH_JSON: {\"library\": \"%s\", \"n\": %d, \"rtt_median_us\": [", library, n);
+        for (int r = 0; r < repeat; r++) printf("%s%.3f", r ? ", " : "", med[r]);
+        printf("], \"rtt_p99_us\": [");
+        for (int r = 0; r < repeat; r++) printf("%s%.3f", r ? ", " : "", p99[r]);
+        printf("]}\n");
+        fflush(stdout);
+    }
+    return 0;
+}
+
+/* the rank itself: moves messages between its process and the other rank; -> 0, or -1 if stuck */
+static int relay(int rank, uint64_t total, mailbox *to_relay, mailbox *to_proc) {
+    uint64_t sent = 0, got = 0;
+    char out[8];
+    MPI_Request req = MPI_REQUEST_NULL;
+    double last = now();
+    for (unsigned pass = 0; sent < total || got < total; pass++) {
+        int work = 0;
+        if (sent < total && __atomic_load_n(&to_relay->count, __ATOMIC_ACQUIRE) > sent) {
+            if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
+            memcpy(out, to_relay->data, 8);
+            sent++;
+            MPI_Isend(out, 8, MPI_BYTE, 1 - rank, 0, MPI_COMM_WORLD, &req);
+            work = 1;
+        }
+        int found = 0;
+        MPI_Message m;
+        MPI_Status st;
+        MPI_Improbe(1 - rank, 0, MPI_COMM_WORLD, &found, &m, &st);
+        if (found) {
+            char in[8];
+            MPI_Mrecv(in, 8, MPI_BYTE, &m, MPI_STATUS_IGNORE);
+            put(to_proc, in, ++got);
+            work = 1;
+        }
+        if (req != MPI_REQUEST_NULL) {
+            int done;
+            MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+        }
+        if (work) {
+            last = 0.0;
+        } else {
+            sched_yield();
+            if ((pass & 1023) == 0) {
+                double t = now();
+                if (last == 0.0) last = t;
+                else if (t - last > WAIT_LIMIT) return -1;
+            }
+        }
+    }
+    if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    int rank, size;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    int n = argc > 1 ? atoi(argv[1]) : 0, repeat = argc > 2 ? atoi(argv[2]) : 0;
+    if (size != 2 || n < 10 || repeat < 1) {
+        if (rank == 0) fprintf(stderr, "usage: mpiexec -n 2 relay_floor N>=10 REPEAT>=1 [CPUS0 CPUS1]\n");
+        MPI_Finalize();
+        return 2;
+    }
+    bind_to(argc > 3 + rank ? argv[3 + rank] : NULL);
+    char library[MPI_MAX_LIBRARY_VERSION_STRING];
+    int len;
+    MPI_Get_library_version(library, &len);
+    for (int i = 0; i < len; i++)
+        if (library[i] == '\n' || library[i] == '"' || library[i] == '\\' || (unsigned char)library[i] < 32) {
+            library[i] = '\0';
+            break;
+        }
+    mailbox *boxes = mmap(NULL, 2 * sizeof(mailbox), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (boxes == MAP_FAILED) MPI_Abort(MPI_COMM_WORLD, 2);
+    memset(boxes, 0, 2 * sizeof(mailbox));
+    MPI_Barrier(MPI_COMM_WORLD);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) MPI_Abort(MPI_COMM_WORLD, 2);
+    if (pid == 0) _exit(process(rank, n, repeat, &boxes[0], &boxes[1], library));
+    int stuck = relay(rank, (uint64_t)(WARM + n) * (uint64_t)repeat, &boxes[0], &boxes[1]);
+    if (stuck) {
+        kill(pid, SIGKILL);
+        fprintf(stderr, "relay_floor: rank %d: no progress for %.0f s\n", rank, WAIT_LIMIT);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    int code = stuck ? 3 : (WIFEXITED(status) ? WEXITSTATUS(status) : 3);
+    if (code) MPI_Abort(MPI_COMM_WORLD, code);
+    MPI_Finalize();
+    return 0;
+}
