@@ -6,6 +6,7 @@
  * acknowledgements, no windows. dragon-bench xnode runs it beside the agents and mpi4py (benchmarks/xnode.py).
  *
  *   relay_floor N REPEAT [CPUS0 CPUS1]     (under mpiexec -n 2 or srun -N 2; rank 0 prints the figures)
+ *   relay_floor --library                  (alone: prints the MPI library's version, MPI not initialized)
  *
  * Each rank forks its "process", which shares one CPU set with the rank's relay (CPUSk: a comma-separated
  * list for rank k, or "-" for no binding: as dragon binds each virtual node to its share of the host's CPUs).
@@ -160,6 +161,13 @@ static int relay(int rank, uint64_t total, mailbox *to_relay, mailbox *to_proc) 
 }
 
 int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "--library") == 0) { /* (callable before MPI_Init) */
+        char version[MPI_MAX_LIBRARY_VERSION_STRING];
+        int n;
+        MPI_Get_library_version(version, &n);
+        printf("%s\n", version);
+        return 0;
+    }
     MPI_Init(&argc, &argv);
     int rank, size;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);

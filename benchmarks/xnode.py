@@ -124,7 +124,7 @@ def plan(ctx):
     if not lacking:
         steps.append((f"xnode: mpi4py ({where})", run_mpi))
     if 8 in sizes:
-        lacking = util.missing("mpicc", "mpi4py")
+        lacking = util.missing("mpicc")  # (C and MPI only: no mpi4py, no dragon)
         for r in lacking:
             ctx.skip("xnode relay floor", **r)
         if not lacking:
@@ -169,14 +169,8 @@ def run_floor(ctx, launcher, extra):
     if launcher[0] == "srun":  # the netmod a dragon rank takes under srun (dragon.transport.world)
         from dragon.transport.world import NETMOD_VAR, srun_netmod
 
-        probe = (
-            "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; "
-            "print(MPI.Get_library_version())"
-        )
-        lib = subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
-        ).stdout
-        netmod = srun_netmod(lib)
+        lib = subprocess.run([exe, "--library"], capture_output=True, text=True, timeout=60, check=False)
+        netmod = srun_netmod(lib.stdout)
         if netmod and NETMOD_VAR not in env:
             env[NETMOD_VAR] = netmod
     n = FLOOR_ROUND_TRIPS // (4 if ctx.quick else 1)

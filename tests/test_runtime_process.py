@@ -321,3 +321,31 @@ def test_what_a_started_process_gets(tmp_path):
     # (a file path is relative to the run_dir)
     assert (tmp_path / "out.txt").read_text() == "to stdout\n" * 2
     assert (tmp_path / "sub" / "out.txt").read_text() == "to stdout\n"
+
+
+GONE_APP = r"""
+import os, sys
+from dragon.globalservices import process as P
+os.rmdir(os.getcwd())  # the directory the job was started in (and the shepherd works in) is gone
+d = P.create("/bin/true", sys.argv[1], [])  # a program by path, in a directory that exists
+print("joined", P.join(d.p_uid, timeout=30))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_start_after_the_jobs_directory_was_removed(tmp_path):
+    """A shepherd whose working directory was removed still starts a process in a run_dir that exists (it
+    cannot compare the two directories: that process goes to Popen, as before posix_spawn)."""
+    app = write_app(tmp_path, GONE_APP)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    r = subprocess.run(
+        launch_cmd(str(app), str(tmp_path)),
+        cwd=gone,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert r.returncode == 0 and "joined 0" in r.stdout, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert not gone.exists()

@@ -41,7 +41,10 @@ def seal_inherited():
 
 def eligible(exe, run_dir):
     """Whether ``exe`` can be started here rather than with Popen (see the module's docstring)."""
-    return "/" in exe and run_dir == os.getcwd()
+    try:
+        return "/" in exe and run_dir == os.getcwd()
+    except OSError:  # (our own directory was removed: Popen starts it in run_dir, or says why it cannot)
+        return False
 
 
 class SpawnedChild:
@@ -52,7 +55,11 @@ class SpawnedChild:
         self.stdout, self.stderr = stdout, stderr
         self.returncode = None
         self.pidfd = os.pidfd_open(pid)  # the shepherd's IO thread watches (and closes) this one
-        self._sigfd = os.dup(self.pidfd)  # signals go through a pidfd: never to a reused pid
+        try:
+            self._sigfd = os.dup(self.pidfd)  # signals go through a pidfd: never to a reused pid
+        except OSError:
+            os.close(self.pidfd)
+            raise
         self._lock = threading.Lock()  # a signal and the reaping (two threads) never cross
 
     def wait(self):
@@ -112,4 +119,12 @@ def spawn(argv, env, stdin_null, stdout, stderr):
         for fd in give:
             os.close(fd)
     out, err = (None if fd is None else open(fd, "rb", buffering=0) for fd in keep)  # noqa: SIM115
-    return SpawnedChild(pid, out, err)
+    try:
+        return SpawnedChild(pid, out, err)
+    except OSError:  # (no pidfd: out of descriptors) a child nobody watches must not run on
+        os.kill(pid, signal.SIGKILL)  # (our unreaped child: its pid cannot have been reused)
+        os.waitpid(pid, 0)
+        for f in (out, err):
+            if f is not None:
+                f.close()
+        raise
