@@ -243,10 +243,15 @@ def test_quick_xnode_through_the_agents(tmp_path):
     for m in STREAM:  # (from 64 KiB: the sender writes each message first, benchmarks/mpi_peer.py)
         find(doc, "xnode", "stream", "mpi4py-fresh", m, 65536)
     assert not [f for f in doc["results"] if f["peer"] == "mpi4py-fresh" and f["size"] == 8]
-    for m in RTT:  # the path in C (benchmarks/relay_floor.c): 8 B round trips only
-        find(doc, "xnode", "rtt", "relay-floor", m, 8)
-    assert not [f for f in doc["results"] if f["peer"] == "relay-floor" and f["size"] != 8]
-    assert any("relay_floor.c built with" in n for n in doc["notes"]), doc["notes"]
+    from benchmarks.util import mpicc_path
+
+    if mpicc_path() is None:  # (the mpich wheel brings it: the test extra has it)
+        assert any(s["what"] == "xnode relay floor" for s in doc["skipped"]), doc["skipped"]
+    else:
+        for m in RTT:  # the path in C (benchmarks/relay_floor.c): 8 B round trips only
+            find(doc, "xnode", "rtt", "relay-floor", m, 8)
+        assert not [f for f in doc["results"] if f["peer"] == "relay-floor" and f["size"] != 8]
+        assert any("relay_floor.c built with" in n for n in doc["notes"]), doc["notes"]
     try:
         import dragon._core.remote  # noqa: F401
     except ImportError:
@@ -297,10 +302,9 @@ def test_relay_floor_binds_like_virtual_nodes_and_refuses_bad_arguments(tmp_path
     assert len(data["rtt_median_us"]) == 2 and all(
         0 < m <= p for m, p in zip(data["rtt_median_us"], data["rtt_p99_us"])
     )
+    # --library: the same library, reported without MPI_Init (what the bench reads before it uses srun)
     lib = subprocess.run([exe, "--library"], capture_output=True, text=True, timeout=30, check=True).stdout
-    assert (
-        data["library"] and lib.splitlines()[0] == data["library"]
-    )  # (without MPI_Init: what srun is given)
+    assert data["library"] and lib.splitlines()[0] == data["library"]
 
 
 @pytest.mark.timeout(60)
