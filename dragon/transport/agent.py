@@ -204,7 +204,9 @@ class Agent(Incoming, Outgoing):
             work += self._retry_in()
         if self.pending_rep:
             self._retry_replies()
-        if self.ack_due:
+        if self.ack_due and (work or self.out or time.perf_counter() >= self.ack_check_at):
+            # (a step that delivered or sends something looks at the acks; an idle one only once one can be
+            # due by time: _acks at every idle step cost a ping-pong's agents ~2 us a round trip each)
             self._acks()
         if self.backq:
             work += self._retry_back()

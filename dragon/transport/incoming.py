@@ -85,6 +85,7 @@ class Incoming:
         self.ins = {}  # (src node, sid) -> _In
         self.pending_in = set()  # _In with queued sends or waiting requests
         self.ack_due = set()
+        self.ack_check_at = 0.0  # when the oldest waiting ack is due by ACK_DELAY (an idle step looks then)
         self.irecvs = []  # [_Pending] big payloads being received
         self.backq = {}  # channel sdesc -> deque of messages to put back into that channel of this node
         self.back_chs = {}  # channel sdesc -> Channel (attached for PUTBACK)
@@ -390,3 +391,4 @@ class Incoming:
                 done.append(s)
         for s in done:
             self.ack_due.discard(s)
+        self.ack_check_at = min((s.ack_t for s in self.ack_due), default=now) + ACK_DELAY
