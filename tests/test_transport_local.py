@@ -187,7 +187,9 @@ with Pool.create(8 << 20, name="inf") as pool:
     agent.ack_due.add(s)
     agent._acks()
     assert acks(agent, 1) == [(77, incoming.ACK_RIDE + 1 + incoming.ACK_EVERY)]
-    # an idle step (nothing delivered, nothing to send) looks at the acks only once one can be due
+    # an idle step (nothing delivered, nothing to send) looks at the acks only once one can be due (a long
+    # ACK_DELAY here: a busy machine's stall between two lines must not make the ack due early)
+    incoming.ACK_DELAY = 1.0
     calls = []
     real = agent._acks
     agent._acks = lambda: (calls.append(1), real())
@@ -197,7 +199,7 @@ with Pool.create(8 << 20, name="inf") as pool:
     real()  # (what the step that delivered it does: the ack's clock starts)
     agent._step()
     assert calls == [] and s in agent.ack_due, calls
-    time.sleep(incoming.ACK_DELAY * 2)
+    time.sleep(incoming.ACK_DELAY * 1.1)
     agent._step()  # (sends the ack packet: to this very rank, on COMM_SELF)
     assert calls == [1] and not agent.ack_due and s.acked == s.delivered, calls
     target.destroy()
