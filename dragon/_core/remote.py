@@ -54,9 +54,8 @@ import time
 import msgpack
 
 from dragon import env as E
-from dragon._core import core
 from dragon._core import frames as W
-from dragon._core.core import Block, Channel, Message, Pool
+from dragon._core.core import KEEP_AFTER, Block, Channel, Message, Pool, keep_freed_memory
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 
 WINDOW = 512  # unacknowledged messages per stream
@@ -711,8 +710,8 @@ class RemoteChannel:
         if max_n < 1:
             raise ChannelError(f"recv_many: max_n must be >= 1, not {max_n}")
         _kind, flags, payload, msg = self._request(W.M_MANY, max_n, -1, timeout)
-        if len(payload) >= core.KEEP_AFTER:
-            core.keep_freed_memory()  # (as the local recv_many: a batch of big messages, each a new bytes)
+        if len(payload) >= KEEP_AFTER:
+            keep_freed_memory()  # (as the local recv_many: a batch of big messages, each a new bytes)
         out = W.unpack_many(payload) if flags & W.MANY else [bytes(payload)]
         msg.release()
         return out

@@ -23,7 +23,7 @@ import subprocess
 import threading
 
 _DEFAULT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, n))
-_devnull = None
+_stdin = None  # /dev/null, for every child's stdin
 
 
 def seal_inherited():
@@ -37,6 +37,38 @@ def seal_inherited():
                     os.set_inheritable(fd, False)
             except OSError:  # (the listing's own descriptor, closed by now)
                 pass
+
+
+def child_ends(stdout, stderr):
+    """The descriptors for a child's stdout and stderr, given as Popen takes them (None: the parent's own,
+    PIPE, DEVNULL, a file, and STDOUT for stderr): -> (out_r, out_w, err_r, err_w), where *_r is a pipe's
+    read end the parent keeps (or None) and *_w the descriptor to hand the child (or None: it inherits the
+    parent's), which the caller closes once the child has it. Nothing is left open if it raises."""
+    made = []
+
+    def end(how):
+        if how is None:
+            return None, None
+        if how == subprocess.PIPE:
+            r, w = os.pipe()
+            made.extend((r, w))
+            return r, w
+        w = os.open(os.devnull, os.O_WRONLY) if how == subprocess.DEVNULL else os.dup(how.fileno())
+        made.append(w)
+        return None, w
+
+    try:
+        out_r, out_w = end(stdout)
+        if stderr == subprocess.STDOUT:
+            err_r, err_w = None, os.dup(out_w if out_w is not None else 1)  # 1: the parent's own stdout
+            made.append(err_w)
+        else:
+            err_r, err_w = end(stderr)
+    except BaseException:
+        for fd in made:
+            os.close(fd)
+        raise
+    return out_r, out_w, err_r, err_w
 
 
 def eligible(exe, run_dir):
@@ -81,44 +113,26 @@ def spawn(argv, env, stdin_null, stdout, stderr):
     """Start ``argv`` (argv[0] a path) with environment ``env`` in this process's working directory.
     stdin_null: stdin from /dev/null (else inherited); stdout/stderr as Popen takes them (None: inherited,
     PIPE, DEVNULL, STDOUT for stderr, or a file). Raises OSError if it cannot start (nothing is left open)."""
-    global _devnull
-    if _devnull is None:
-        _devnull = os.open(os.devnull, os.O_RDWR)  # (close-on-exec; dup2 into 0/1/2 clears that there)
-    actions, keep, give = [], [], []
+    global _stdin
+    if _stdin is None:
+        _stdin = os.open(os.devnull, os.O_RDONLY)  # (close-on-exec; dup2 into 0 clears that there)
+    out_r, out_w, err_r, err_w = child_ends(stdout, stderr)
+    actions = [(os.POSIX_SPAWN_DUP2, _stdin, 0)] if stdin_null else []
+    actions += [(os.POSIX_SPAWN_DUP2, w, target) for w, target in ((out_w, 1), (err_w, 2)) if w is not None]
     try:
-        if stdin_null:
-            actions.append((os.POSIX_SPAWN_DUP2, _devnull, 0))
-        for target, how in ((1, stdout), (2, stderr)):
-            if how is None:
-                keep.append(None)
-                continue
-            if how == subprocess.PIPE:
-                r, w = os.pipe()
-                keep.append(r)
-                give.append(w)
-                src = w
-            elif how == subprocess.DEVNULL:
-                keep.append(None)
-                src = _devnull
-            elif how == subprocess.STDOUT and target == 2:
-                keep.append(None)
-                src = 1
-            else:
-                keep.append(None)
-                src = how.fileno()
-            actions.append((os.POSIX_SPAWN_DUP2, src, target))
         pid = os.posix_spawn(
             argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS
         )
     except BaseException:
-        for fd in keep:
+        for fd in (out_r, err_r):
             if fd is not None:
                 os.close(fd)
         raise
     finally:
-        for fd in give:
-            os.close(fd)
-    out, err = (None if fd is None else open(fd, "rb", buffering=0) for fd in keep)  # noqa: SIM115
+        for fd in (out_w, err_w):
+            if fd is not None:
+                os.close(fd)
+    out, err = (None if fd is None else open(fd, "rb", buffering=0) for fd in (out_r, err_r))  # noqa: SIM115
     try:
         return SpawnedChild(pid, out, err)
     except OSError:  # (no pidfd: out of descriptors) a child nobody watches must not run on

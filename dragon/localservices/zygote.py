@@ -36,6 +36,7 @@ import time
 import msgpack
 
 from dragon import env as E
+from dragon.localservices.spawn import child_ends
 
 # what the zygote imports before it says it is ready (DRAGON_ZYGOTE_PRELOAD adds a comma-separated list)
 PRELOAD = ("dragon.mp._child",)
@@ -217,11 +218,7 @@ class Zygote:
         env = dict(
             env, **{E.SHEP_PID: str(self.proc.pid)}
         )  # its parent: how a process tells itself from a child
-        out_r, out_w = self._stream(stdout)
-        if stderr == subprocess.STDOUT:
-            err_r, err_w = None, os.dup(out_w if out_w is not None else 1)  # 1: the shepherd's own
-        else:
-            err_r, err_w = self._stream(stderr)
+        out_r, out_w, err_r, err_w = child_ends(stdout, stderr)  # (None: the zygote's own)
         sent = [fd for fd in (out_w, err_w) if fd is not None]
         try:
             body = msgpack.packb(
@@ -255,19 +252,6 @@ class Zygote:
                 os.close(fd)
         wrap = [None if fd is None else open(fd, "rb", buffering=0) for fd in (out_r, err_r)]  # noqa: SIM115
         return ZygoteChild(self, ans["pid"], fds[0], *wrap)
-
-    @staticmethod
-    def _stream(how):
-        """-> (read end kept by the shepherd or None, fd handed to the child or None for the zygote's own)."""
-        if how is None:
-            return None, None
-        if how == subprocess.PIPE:
-            r, w = os.pipe()
-            os.set_inheritable(r, False)
-            return r, w
-        if how == subprocess.DEVNULL:
-            return None, os.open(os.devnull, os.O_WRONLY)
-        return None, os.dup(how.fileno())  # a file the shepherd opened
 
     def exit_code(self, pid):
         """The exit code the zygote reports for pid (its pidfd has fired: the report comes at once)."""
