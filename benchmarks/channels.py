@@ -19,9 +19,11 @@ Peers (name: what it measures):
   mpi4py-fresh  (reported with mpi4py, streams of 64 KiB and up) the same, the sender writing each message
                 into its buffer before it sends it: new data, as dragon's copying send() moves, where the
                 plain figure re-sends one unchanged buffer that both ends keep in their caches
-  relay-floor   (xnode, 8 B round trip) the agents' path without their protocol, in C: per node a process and
-                a relay on the same CPUs, the relays speaking MPI (benchmarks/relay_floor.c): the floor of
-                any transport agent on this machine
+  relay-floor   (xnode: 8 B round trip, streams of 64 KiB and up) the agents' path without their protocol, in
+                C: per node a process and a relay on the same CPUs, the relays speaking MPI; a streamed
+                message is copied into a shared slot, sent from it and received into one, as dragon's send
+                and zero-copy receive do (benchmarks/relay_floor.c): the floor of any transport agent on
+                this machine
 """
 
 from __future__ import annotations

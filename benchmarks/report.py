@@ -11,7 +11,10 @@ DRAGON_PRIMARY = ["dragon", "dragon-batch", "dragon-zc"]
 TITLES = {
     ("channels", "stream"): "Channel stream between two processes",
     ("channels", "rtt"): "Channel ping-pong round trip between two processes",
-    ("xnode", "stream"): "Cross-node stream (dragon through the transport agents; mpi4py rank to rank)",
+    ("xnode", "stream"): (
+        "Cross-node stream (dragon through the transport agents; mpi4py rank to rank; the floor: the agents' "
+        "path in C, each message copied into a shared slot and received into one, benchmarks/relay_floor.c)"
+    ),
     ("xnode", "rtt"): (
         "Cross-node round trip (dragon through the transport agents; mpi4py rank to rank; the floor: the "
         "agents' path in C without their protocol, benchmarks/relay_floor.c)"

@@ -123,21 +123,32 @@ def plan(ctx):
         ctx.skip("xnode mpi4py", **r)
     if not lacking:
         steps.append((f"xnode: mpi4py ({where})", run_mpi))
-    if 8 in sizes:
+    if floor_sizes(sizes):
         lacking = util.missing("mpicc")  # (C and MPI only: no mpi4py, no dragon)
         for r in lacking:
             ctx.skip("xnode relay floor", **r)
         if not lacking:
             steps.append(
-                (f"xnode: the same path in C, the floor ({where})", lambda: run_floor(ctx, launcher, extra))
+                (
+                    f"xnode: the same path in C, the floor ({where})",
+                    lambda: run_floor(ctx, launcher, extra, sizes),
+                )
             )
     return steps
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the floor of the path: benchmarks/relay_floor.c (a process and a relay per node, 8 B round trip, in C)
+# the floor of the path: benchmarks/relay_floor.c (a process and a relay per node, in C): the 8 B round trip,
+# and the stream of the sizes mpi4py also streams with fresh data (what dragon's copying send does)
 
 FLOOR_ROUND_TRIPS = 20_000
+FLOOR_STREAM_BYTES = 2_000_000_000  # per repeat (1 MiB: 1,907 messages, ~0.2 s)
+FLOOR_STREAM_MIN = 65536  # (benchmarks/mpi_peer.py's FRESH_MIN)
+
+
+def floor_sizes(sizes):
+    """The sizes relay_floor measures: 8 B (round trip) and the streamed sizes from FLOOR_STREAM_MIN up."""
+    return [s for s in sizes if s == 8 or s >= FLOOR_STREAM_MIN]
 
 
 def floor_cpus(virtual):
@@ -151,7 +162,7 @@ def floor_cpus(virtual):
     return [",".join(map(str, s)) if s else "-" for s in shares]
 
 
-def run_floor(ctx, launcher, extra):
+def run_floor(ctx, launcher, extra, sizes):
     import subprocess
 
     tmp = runtime._tmpdir(ctx)
@@ -173,24 +184,37 @@ def run_floor(ctx, launcher, extra):
         netmod = srun_netmod(lib.stdout)
         if netmod and NETMOD_VAR not in env:
             env[NETMOD_VAR] = netmod
-    n = FLOOR_ROUND_TRIPS // (4 if ctx.quick else 1)
-    argv = launcher + [exe, str(n), str(ctx.repeat)] + floor_cpus("--virtual-nodes" in extra)
-    res = util.run_marked(argv, timeout=300, env=env, cwd=tmp, shm_filter=lambda name: False)
-    data = util.parse_json_line(res["stdout"])
-    if res["timed_out"] or res["rc"] != 0 or not data:
-        why = "timed out" if res["timed_out"] else f"exit {res['rc']}"
-        ctx.skip(
-            "xnode relay floor", f"relay_floor failed ({why}): {util.tail(res['stderr'] or res['stdout'])}"
-        )
-        return
-    ctx.figures.extend(
-        channels.stream_and_rtt_figures(
-            "xnode", "relay-floor", 8, [], data["rtt_median_us"], data["rtt_p99_us"], 0, data["n"]
-        )
-    )
-    ctx.note(
-        f"xnode relay floor: benchmarks/relay_floor.c built with {util.mpicc_path()} ({data['library']})"
-    )
+    cpus = floor_cpus("--virtual-nodes" in extra)
+    library = None
+    for size in floor_sizes(sizes):
+        if size == 8:
+            n = FLOOR_ROUND_TRIPS // (4 if ctx.quick else 1)
+            mode = []
+        else:
+            n = max(50, FLOOR_STREAM_BYTES // size // (4 if ctx.quick else 1))
+            mode = ["--stream", str(size)]
+        argv = launcher + [exe] + mode + [str(n), str(ctx.repeat)] + cpus
+        res = util.run_marked(argv, timeout=300, env=env, cwd=tmp, shm_filter=lambda name: False)
+        data = util.parse_json_line(res["stdout"])
+        if res["timed_out"] or res["rc"] != 0 or not data:
+            why = "timed out" if res["timed_out"] else f"exit {res['rc']}"
+            ctx.skip(
+                f"xnode relay floor {util.size_label(size)}",
+                f"relay_floor failed ({why}): {util.tail(res['stderr'] or res['stdout'])}",
+            )
+            continue
+        library = data["library"]
+        if size == 8:
+            figs = channels.stream_and_rtt_figures(
+                "xnode", "relay-floor", 8, [], data["rtt_median_us"], data["rtt_p99_us"], 0, data["n"]
+            )
+        else:
+            figs = channels.stream_and_rtt_figures(
+                "xnode", "relay-floor", size, data["msg_per_s"], [], [], n, 0
+            )
+        ctx.figures.extend(figs)
+    if library:
+        ctx.note(f"xnode relay floor: benchmarks/relay_floor.c built with {util.mpicc_path()} ({library})")
 
 
 # ----------------------------------------------------------------------------------------------------------

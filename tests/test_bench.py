@@ -248,9 +248,16 @@ def test_quick_xnode_through_the_agents(tmp_path):
     if mpicc_path() is None:  # (the mpich wheel brings it: the test extra has it)
         assert any(s["what"] == "xnode relay floor" for s in doc["skipped"]), doc["skipped"]
     else:
-        for m in RTT:  # the path in C (benchmarks/relay_floor.c): 8 B round trips only
+        for m in RTT:  # the path in C (benchmarks/relay_floor.c): 8 B round trips, streams from 64 KiB
             find(doc, "xnode", "rtt", "relay-floor", m, 8)
-        assert not [f for f in doc["results"] if f["peer"] == "relay-floor" and f["size"] != 8]
+        for m in STREAM:
+            find(doc, "xnode", "stream", "relay-floor", m, 65536)
+        assert not [f for f in doc["results"] if f["peer"] == "relay-floor" and f["size"] not in (8, 65536)]
+        assert not [
+            f
+            for f in doc["results"]
+            if f["peer"] == "relay-floor" and (f["test"], f["size"]) in (("stream", 8), ("rtt", 65536))
+        ]
         assert any("relay_floor.c built with" in n for n in doc["notes"]), doc["notes"]
     try:
         import dragon._core.remote  # noqa: F401
@@ -285,7 +292,9 @@ def test_relay_floor_binds_like_virtual_nodes_and_refuses_bad_arguments(tmp_path
     src = os.path.join(os.path.dirname(xnode.__file__), "relay_floor.c")
     exe = str(tmp_path / "relay_floor")
     subprocess.run([util.mpicc_path(), "-O2", "-o", exe, src], check=True, timeout=100)
-    for ranks, args in ((1, ["100", "1"]), (2, ["5", "1"]), (2, ["100", "0"]), (2, [])):
+    bad = [(1, ["100", "1"]), (2, ["5", "1"]), (2, ["100", "0"]), (2, [])]
+    bad += [(2, ["--stream", x, "100", "1"]) for x in ("0", "-5", "nan", str(1 << 40))] + [(2, ["--stream"])]
+    for ranks, args in bad:
         r = subprocess.run(
             util.local_mpiexec(ranks) + [exe, *args], capture_output=True, text=True, timeout=60, check=False
         )
@@ -302,6 +311,18 @@ def test_relay_floor_binds_like_virtual_nodes_and_refuses_bad_arguments(tmp_path
     assert len(data["rtt_median_us"]) == 2 and all(
         0 < m <= p for m, p in zip(data["rtt_median_us"], data["rtt_p99_us"])
     )
+    # a stream of 64 KiB messages copied into and received into shared slots: every one arrives, on time
+    r = subprocess.run(
+        util.local_mpiexec(2) + [exe, "--stream", "65536", "300", "2", *want],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    stream = util.parse_json_line(r.stdout)
+    assert r.returncode == 0 and stream["n"] == 300 and stream["size"] == 65536, r.stdout + r.stderr
+    assert len(stream["msg_per_s"]) == 2 and all(x > 0 for x in stream["msg_per_s"])
+    assert stream["library"] == data["library"]
     # --library: the same library, reported without MPI_Init (what the bench reads before it uses srun)
     lib = subprocess.run([exe, "--library"], capture_output=True, text=True, timeout=30, check=True).stdout
     assert data["library"] and lib.splitlines()[0] == data["library"]
