@@ -28,7 +28,8 @@ selections (several may be given; default: all):
             python -c 'import dragon; dragon.init()' vs 'import dragon' (a runtime started from a plain
             python)
   xnode     cross-node stream and round trip through the transport agents vs mpi4py between the same ranks,
-            and the path's floor (8 B round trip through a process and a relay per node, in C)
+            and the path's floor (a process and a relay per node, in C: 8 B round trip, and streams of 64 KiB
+            and up copied in and received zero-copy as dragon's are)
             (mpiexec -n 2 dragon-launch --virtual-nodes on one host, or srun on an allocation)
   mp        multiprocessing on the 'dragon' start method vs the stdlib's fork/forkserver/spawn and DragonHPC:
             Process start+join, Pool.map of 100,000 trivial tasks (chunksize 1 and 64), Queue of small

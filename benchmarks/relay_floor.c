@@ -235,7 +235,7 @@ static int stream_process(int rank, size_t size, int n, int repeat, ring *r, con
 }
 
 /* rank 1's relay sends every message from its slot (the slot is freed when the send is complete); rank 0's
- * receives each into a free slot; requests complete in order (one pair of ranks, one tag) */
+ * receives each into a free slot (one pair of ranks, one tag: the messages match the receives in order) */
 static int stream_relay(int rank, size_t size, uint64_t total, ring *r) {
     MPI_Request reqs[STREAM_SLOTS];
     uint64_t started = 0, done = 0;
@@ -256,10 +256,16 @@ static int stream_relay(int rank, size_t size, uint64_t total, ring *r) {
             }
         }
         if (done < started) {
-            int flag = 0;
-            MPI_Test(&reqs[done % STREAM_SLOTS], &flag, MPI_STATUS_IGNORE);
-            if (flag) {
-                done++;
+            /* every request in flight is tested at each pass, as the agent does (testing only the oldest one
+             * halved the stream over TCP: the others' progress waited for it) */
+            for (uint64_t k = done; k < started; k++) {
+                MPI_Request *q = &reqs[k % STREAM_SLOTS];
+                int flag = 0;
+                if (*q != MPI_REQUEST_NULL) MPI_Test(q, &flag, MPI_STATUS_IGNORE);
+            }
+            uint64_t before = done; /* (a completed request is MPI_REQUEST_NULL; slots go back in order) */
+            while (done < started && reqs[done % STREAM_SLOTS] == MPI_REQUEST_NULL) done++;
+            if (done != before) {
                 __atomic_store_n(rank == 1 ? &r->freed : &r->put, done, __ATOMIC_RELEASE);
                 work = 1;
             }
