@@ -186,6 +186,64 @@ def _run_senders(kind, per_node, count):
         assert p.wait(timeout=120) == 0
 
 
+def case_bigboth():
+    """Both ways at once, many big payloads in MPI's hands: BOTH_SENDERS processes on each of two nodes stream
+    big messages (each its own MPI message, one window of them in flight per stream) into the other node's
+    channel, whose reader checks them. Each agent has more big sends in flight than an agent keeps in MPI's
+    hands; neither may wait for its own sends to finish while the other waits for it (a hang)."""
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 120
+    other = 1 - NODE
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "bothsender", str(other), f"n{NODE}p{j}", str(count)])
+        for j in range(BOTH_SENDERS)
+    ]
+    a = ch(NODE, "a")
+    expected = {f"n{other}p{j}": 0 for j in range(BOTH_SENDERS)}
+    for _ in range(count * BOTH_SENDERS):
+        with a.recv_message(timeout=60) as m:
+            body = bytes(m)
+        tag, i, rest = body.split(b":", 2)
+        tag, i = tag.decode(), int(i)
+        assert expected[tag] == i, (tag, i, expected[tag])
+        assert rest == payload(i, BOTH_SIZE), (tag, i)
+        expected[tag] = i + 1
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    time.sleep(0.3)
+    expect(ChannelEmpty, a.recv, timeout=0)
+    print("bigboth ok", count * BOTH_SENDERS, flush=True)
+
+
+def case_bigquit():
+    """Both ways at once, the node programs end mid-stream: BOTH_SENDERS processes on each node stream big
+    messages into the other node's channel; the program exits after argv[2] seconds and leaves them running
+    (their pids in the file argv[3], for the test to kill), so the agents stop with big payloads in MPI's
+    hands both ways. The job must end, without a crash."""
+    other = 1 - NODE
+    with open(sys.argv[3], "a") as f:
+        for j in range(BOTH_SENDERS):
+            p = subprocess.Popen(
+                [sys.executable, __file__, "bothsender", str(other), f"n{NODE}p{j}", "100000"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            f.write(f"{p.pid}\n")
+    time.sleep(float(sys.argv[2]))
+    print("bigquit ok", flush=True)
+
+
+BOTH_SENDERS = 6
+BOTH_SIZE = 136 * 1024  # (above BIG_MIN: its own MPI message; a window of 8 MiB holds 60 of them)
+
+
+def _both_sender(target_node, tag, count):
+    out = ch(target_node, "a")
+    for i in range(count):
+        out.send(b"%s:%d:" % (tag.encode(), i) + payload(i, BOTH_SIZE))
+    out.flush(60)
+    out.close()
+
+
 def case_multi():
     """Several senders on every other node stream into node 0's channel: exactly once, in order per sender."""
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
@@ -504,6 +562,8 @@ if __name__ == "__main__":
         _sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     elif case == "bigsender":
         _big_sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    elif case == "bothsender":
+        _both_sender(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     elif case == "abandoner":
         _abandoner()
     else:
