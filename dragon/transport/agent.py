@@ -241,12 +241,13 @@ class Agent(Incoming, Outgoing):
                 self._emit(k, _HDR.pack(W.HEARTBEAT, 0, k, 0, 0, 0))
 
     def _finish_sends(self, timeout):
-        """The loop has ended: finish this agent's MPI sends within timeout, still taking in what the other
-        agents send meanwhile (a big payload is sent only once its receiver posts the receive: two agents that
-        each waited for their own sends, no longer receiving, would wait for each other until MPI_Cancel). What
-        is left after that (a node that stopped for good) is cancelled."""
+        """The loop has ended: finish this agent's MPI sends and receives within timeout, still taking in
+        what the other agents send meanwhile (a big payload is sent only once its receiver posts the receive:
+        two agents that each waited for their own sends, no longer receiving, would wait for each other until
+        MPI_Cancel, which crashed MPICH). What is left after that (a node that stopped for good) is
+        cancelled."""
         deadline = time.monotonic() + timeout
-        while self.sends and time.monotonic() < deadline:
+        while (self.sends or self.irecvs) and time.monotonic() < deadline:
             self._mpi()
             if self.pending_in:
                 self._retry_in()
