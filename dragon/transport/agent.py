@@ -162,8 +162,9 @@ class Agent(Incoming, Outgoing):
                 continue
             now = perf()
             if self.sends or now - idle_since < SPIN:
-                if now - self.urgent_at < SPIN:
-                    # spinning, but let the processes we serve have the core (2 cores, 4 busy ones)
+                if now - self.urgent_at < SPIN or len(self.sends) >= MAX_INFLIGHT:
+                    # spinning, but let the processes we serve have the core (2 cores, 4 busy ones); also
+                    # while the gateway waits for MAX_INFLIGHT sends to finish (see them end at once)
                     yield_cpu()
                 else:
                     # only acks come from other nodes (this node streams out): nobody there waits on this
