@@ -70,11 +70,11 @@ static void put(mailbox *m, const char *data, uint64_t count) {
     __atomic_store_n(&m->count, count, __ATOMIC_RELEASE);
 }
 
-/* wait until m holds message number `count`; 0, or -1 after WAIT_LIMIT seconds without it */
-static int wait_for(mailbox *m, uint64_t count) {
+/* wait (yielding at every poll) until *counter >= count; 0, or -1 after WAIT_LIMIT seconds without it */
+static int wait_count(volatile uint64_t *counter, uint64_t count) {
     double give_up = 0.0;
     for (unsigned polls = 0;; polls++) {
-        if (__atomic_load_n(&m->count, __ATOMIC_ACQUIRE) >= count) return 0;
+        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= count) return 0;
         sched_yield();
         if ((polls & 1023) == 0) {
             double t = now();
@@ -82,6 +82,24 @@ static int wait_for(mailbox *m, uint64_t count) {
             else if (t > give_up) return -1;
         }
     }
+}
+
+/* wait until m holds message number `count` */
+static int wait_for(mailbox *m, uint64_t count) { return wait_count(&m->count, count); }
+
+/* the end of a relay's pass: yield if it did nothing; -1 once it did nothing for WAIT_LIMIT seconds */
+static int idle_pass(int work, unsigned pass, double *last) {
+    if (work) {
+        *last = 0.0;
+        return 0;
+    }
+    sched_yield();
+    if ((pass & 1023) == 0) {
+        double t = now();
+        if (*last == 0.0) *last = t;
+        else if (t - *last > WAIT_LIMIT) return -1;
+    }
+    return 0;
 }
 
 static void bind_to(const char *list) {
@@ -161,16 +179,7 @@ static int relay(int rank, uint64_t total, mailbox *to_relay, mailbox *to_proc) 
             int done;
             MPI_Test(&req, &done, MPI_STATUS_IGNORE);
         }
-        if (work) {
-            last = 0.0;
-        } else {
-            sched_yield();
-            if ((pass & 1023) == 0) {
-                double t = now();
-                if (last == 0.0) last = t;
-                else if (t - last > WAIT_LIMIT) return -1;
-            }
-        }
+        if (idle_pass(work, pass, &last) != 0) return -1;
     }
     if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
     return 0;
@@ -187,20 +196,6 @@ typedef struct {
 
 static char *slot(ring *r, size_t size, uint64_t k) {
     return (char *)(r + 1) + (size_t)(k % STREAM_SLOTS) * size;
-}
-
-/* wait until *counter >= count; 0, or -1 after WAIT_LIMIT seconds without it */
-static int wait_count(volatile uint64_t *counter, uint64_t count) {
-    double give_up = 0.0;
-    for (unsigned polls = 0;; polls++) {
-        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= count) return 0;
-        sched_yield();
-        if ((polls & 1023) == 0) {
-            double t = now();
-            if (give_up == 0.0) give_up = t + WAIT_LIMIT;
-            else if (t > give_up) return -1;
-        }
-    }
 }
 
 static int stream_process(int rank, size_t size, int n, int repeat, ring *r, const char *library) {
@@ -270,16 +265,7 @@ static int stream_relay(int rank, size_t size, uint64_t total, ring *r) {
                 work = 1;
             }
         }
-        if (work) {
-            last = 0.0;
-        } else {
-            sched_yield();
-            if ((pass & 1023) == 0) {
-                double t = now();
-                if (last == 0.0) last = t;
-                else if (t - last > WAIT_LIMIT) return -1;
-            }
-        }
+        if (idle_pass(work, pass, &last) != 0) return -1;
     }
     return 0;
 }
