@@ -249,10 +249,15 @@ class Agent(Incoming, Outgoing):
         cancelled."""
         deadline = time.monotonic() + timeout
         while (self.sends or self.irecvs) and time.monotonic() < deadline:
-            self._mpi()
-            if self.pending_in:
-                self._retry_in()
-            self._test_sends()
+            try:
+                self._mpi()
+                if self.pending_in:
+                    self._retry_in()
+                self._test_sends()
+            except Exception:  # (the loop is over: what cannot finish now is cancelled below)
+                if self.log:
+                    self.log.exception("transport agent, finishing its sends")
+                break
         for req, _keep, _dest in self.sends:
             try:
                 req.Cancel()
