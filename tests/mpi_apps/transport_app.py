@@ -199,16 +199,21 @@ def case_bigboth():
     ]
     a = ch(NODE, "a")
     expected = {f"n{other}p{j}": 0 for j in range(BOTH_SENDERS)}
-    for _ in range(count * BOTH_SENDERS):
-        with a.recv_message(timeout=60) as m:
-            body = bytes(m)
-        tag, i, rest = body.split(b":", 2)
-        tag, i = tag.decode(), int(i)
-        assert expected[tag] == i, (tag, i, expected[tag])
-        assert rest == payload(i, BOTH_SIZE), (tag, i)
-        expected[tag] = i + 1
-    for p in procs:
-        assert p.wait(timeout=120) == 0
+    try:
+        for _ in range(count * BOTH_SENDERS):
+            with a.recv_message(timeout=60) as m:
+                body = bytes(m)
+            tag, i, rest = body.split(b":", 2)
+            tag, i = tag.decode(), int(i)
+            assert expected[tag] == i, (tag, i, expected[tag])
+            assert rest == payload(i, BOTH_SIZE), (tag, i)
+            expected[tag] = i + 1
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:  # (a failure must not leave the senders streaming, the job waiting for their output to end)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     time.sleep(0.3)
     expect(ChannelEmpty, a.recv, timeout=0)
     print("bigboth ok", count * BOTH_SENDERS, flush=True)
