@@ -1,0 +1,55 @@
+"""The transport alone between the test cluster's two hosts (``srun -N 2 python -m dragon.transport.harness
+tests/mpi_apps/transport_app.py CASE``): MPI over the network (ofi), each agent on a host of its own. The big
+payloads of tests/test_transport.py both ways at once: the hang and the crash at stop they caught showed on
+virtual nodes (MPICH's shared-memory path, where a big send waits for the receiver); over ofi the old agent
+passed these too, so here they check that the agents' bounded big sends and finishing at stop also hold on the
+network path."""
+
+import os
+import signal
+import sys
+
+import pytest
+from slurm_util import ON_NODES, no_leaked_node_segments, slurm_cluster, srun
+
+__all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
+
+pytestmark = ON_NODES
+
+APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "transport_app.py")
+
+
+def harness(*args, timeout=90):
+    res = srun([sys.executable, "-m", "dragon.transport.harness", APP, *args], nodes=2, timeout=timeout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def _kill_listed(path):
+    """SIGKILL the processes whose pids the file lists (the nodes share this machine's pid namespace)."""
+    if path.exists():
+        for line in path.read_text().split():
+            try:
+                os.kill(int(line), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        path.write_text("")
+
+
+@pytest.mark.timeout(150)
+def test_big_messages_both_ways_more_in_flight_than_mpi_gets_do_not_hang(slurm_cluster):
+    for _ in range(2):
+        out = harness("bigboth", "120", timeout=60)
+        assert out.count("bigboth ok 720") == 2, out
+
+
+@pytest.mark.timeout(200)
+def test_programs_ending_mid_stream_both_ways_end_the_job_without_a_crash(slurm_cluster, tmp_path):
+    pids = tmp_path / "pids"
+    try:
+        for _ in range(3):
+            out = harness("bigquit", "0.6", str(pids), timeout=50)
+            assert out.count("bigquit ok") == 2, out
+            _kill_listed(pids)
+    finally:
+        _kill_listed(pids)
