@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -320,6 +321,18 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+def kill_listed(path: Path) -> None:
+    """SIGKILL the processes whose pids the file lists, one a line (a test app's orphans; the test cluster's
+    nodes share this machine's pid namespace), and empty the file."""
+    if path.exists():
+        for line in path.read_text().split():
+            try:
+                os.kill(int(line), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        path.write_text("")
 
 
 def node_exec(node: str, argv, timeout: float = 30) -> subprocess.CompletedProcess:

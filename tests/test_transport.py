@@ -3,13 +3,13 @@ mpiexec -n N python -m dragon.transport.harness --virtual-nodes tests/mpi_apps/t
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 from mpi_util import mpiexec
+from slurm_util import kill_listed
 
 pytestmark = pytest.mark.mpi
 
@@ -95,17 +95,6 @@ def test_big_messages_both_ways_more_in_flight_than_mpi_gets_do_not_hang():
         assert out.count("bigboth ok 720") == 2, out
 
 
-def _kill_listed(path):
-    """SIGKILL the processes whose pids the file lists (a test's orphans), and empty it."""
-    if path.exists():
-        for line in path.read_text().split():
-            try:
-                os.kill(int(line), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        path.write_text("")
-
-
 @pytest.mark.timeout(150)
 def test_programs_ending_mid_stream_both_ways_end_the_job_without_a_crash(tmp_path):
     """The node programs exit while their senders stream big messages both ways: the agents stop with big
@@ -116,9 +105,9 @@ def test_programs_ending_mid_stream_both_ways_end_the_job_without_a_crash(tmp_pa
         for _ in range(3):
             out = harness(2, "bigquit", "0.6", str(pids), timeout=40)
             assert out.count("bigquit ok") == 2, out
-            _kill_listed(pids)
+            kill_listed(pids)
     finally:
-        _kill_listed(pids)
+        kill_listed(pids)
 
 
 @pytest.mark.timeout(60)

@@ -6,11 +6,10 @@ passed these too, so here they check that the agents' bounded big sends and fini
 network path."""
 
 import os
-import signal
 import sys
 
 import pytest
-from slurm_util import ON_NODES, no_leaked_node_segments, slurm_cluster, srun
+from slurm_util import ON_NODES, kill_listed, no_leaked_node_segments, slurm_cluster, srun
 
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
 
@@ -23,17 +22,6 @@ def harness(*args, timeout=90):
     res = srun([sys.executable, "-m", "dragon.transport.harness", APP, *args], nodes=2, timeout=timeout)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
-
-
-def _kill_listed(path):
-    """SIGKILL the processes whose pids the file lists (the nodes share this machine's pid namespace)."""
-    if path.exists():
-        for line in path.read_text().split():
-            try:
-                os.kill(int(line), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        path.write_text("")
 
 
 @pytest.mark.timeout(150)
@@ -50,6 +38,6 @@ def test_programs_ending_mid_stream_both_ways_end_the_job_without_a_crash(slurm_
         for _ in range(3):
             out = harness("bigquit", "0.6", str(pids), timeout=50)
             assert out.count("bigquit ok") == 2, out
-            _kill_listed(pids)
+            kill_listed(pids)
     finally:
-        _kill_listed(pids)
+        kill_listed(pids)
