@@ -586,10 +586,7 @@ class Agent(Incoming, Outgoing):
                 s.sendq.clear()
                 self._drop_in(s)
         self.out.pop(node, None)
-        for _buf, keep in self.bigs.pop(node, None) or ():
-            if hasattr(keep, "release"):
-                keep.release()
-        for _buf, keep in self.big_wait.pop(node, None) or ():
+        for _buf, keep in [*self.bigs.pop(node, ()), *self.big_wait.pop(node, ())]:  # (never to be sent)
             if hasattr(keep, "release"):
                 keep.release()
         if self.on_node_down is not None:

@@ -160,19 +160,25 @@ def case_bigmulti():
         a = ch(0, "a")
         expected = {f"n{k}p{j}": 0 for k in range(1, NNODES) for j in range(per_node)}
         total = count * len(expected)
-        for _ in range(total):
-            with a.recv_message(timeout=60) as m:
-                body = bytes(m)
-            tag, i, rest = body.split(b":", 2)
-            tag, i = tag.decode(), int(i)
-            assert expected[tag] == i, (tag, i, expected[tag])
-            assert rest == payload(i, BIG_SIZES[i % len(BIG_SIZES)]), (tag, i, len(rest))
-            expected[tag] = i + 1
+        _take_tagged(a, expected, total, lambda i: BIG_SIZES[i % len(BIG_SIZES)])
         time.sleep(0.3)
         expect(ChannelEmpty, a.recv, timeout=0)  # nothing duplicated
         print("bigmulti ok", total, flush=True)
     else:
         _run_senders("bigsender", per_node, count)
+
+
+def _take_tagged(a, expected, total, size_of):
+    """Receive total messages b"<tag>:<i>:<payload(i, size_of(i))>" from channel a: each sender's (expected:
+    tag -> next i) in order, every payload intact."""
+    for _ in range(total):
+        with a.recv_message(timeout=60) as m:
+            body = bytes(m)
+        tag, i, rest = body.split(b":", 2)
+        tag, i = tag.decode(), int(i)
+        assert expected[tag] == i, (tag, i, expected[tag])
+        assert rest == payload(i, size_of(i)), (tag, i, len(rest))
+        expected[tag] = i + 1
 
 
 def _run_senders(kind, per_node, count):
@@ -200,14 +206,7 @@ def case_bigboth():
     a = ch(NODE, "a")
     expected = {f"n{other}p{j}": 0 for j in range(BOTH_SENDERS)}
     try:
-        for _ in range(count * BOTH_SENDERS):
-            with a.recv_message(timeout=60) as m:
-                body = bytes(m)
-            tag, i, rest = body.split(b":", 2)
-            tag, i = tag.decode(), int(i)
-            assert expected[tag] == i, (tag, i, expected[tag])
-            assert rest == payload(i, BOTH_SIZE), (tag, i)
-            expected[tag] = i + 1
+        _take_tagged(a, expected, count * BOTH_SENDERS, lambda i: BOTH_SIZE)
         for p in procs:
             assert p.wait(timeout=120) == 0
     finally:  # (a failure must not leave the senders streaming, the job waiting for their output to end)
