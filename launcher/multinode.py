@@ -36,6 +36,7 @@ from dragon import env
 from dragon._core import remote
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.service import handles
+from dragon.transport.world import end_rank, mpi_segments, wait_barrier
 from launcher.runtime import EXIT_SERVICE_FAILED, GRACE, Runtime, ServiceDied, log, status_text
 
 STARTED = time.time()  # before MPI_Init: every MPI segment of this rank is younger
@@ -56,21 +57,6 @@ def under_mpi():
         except ValueError:
             pass
     return False
-
-
-def mpi_segments():
-    """Names of the /dev/shm segments the MPI library of this process has mapped (MPICH: mpich_shm_*); a
-    shepherd whose launcher rank was killed unlinks them, which MPICH would have done at MPI_Finalize."""
-    names = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rstrip("\n").split(None, 5)[-1]
-                if path.startswith("/dev/shm/") and not path.startswith("/dev/shm/dragon-"):
-                    names.add(path[len("/dev/shm/") :].replace(" (deleted)", ""))
-    except OSError:
-        pass
-    return sorted(n for n in names if "/" not in n)
 
 
 def orphaned_mpi_segments(since):
@@ -433,7 +419,7 @@ class NodeRuntime(Runtime):
             while not others - set(self.down) <= self.byes and time.monotonic() < deadline:
                 self.events()
                 time.sleep(0.005)
-            self.agent.stop()
+            self.agent.stop(peers=self.byes)  # (it awaits their agents' LAST frames, not a lost one's)
             self.agent_thread.join(10)
         # its own sends through the transport (node 0's to a GS rank) went with the job: none to await
         remote.close_endpoint(flush=False)
@@ -581,17 +567,6 @@ class NodeRuntime(Runtime):
             self._wait_or_kill(self.gs_pid, 2.0)
 
 
-def wait_barrier(comm, timeout=None):
-    """A barrier that sleeps instead of busy-polling (MPICH's blocking calls spin); False after timeout."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    req = comm.Ibarrier()
-    while not req.Test():
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 EXIT_BAD_LAYOUT = 2  # like a bad command line: nothing was started
 
 
@@ -651,16 +626,9 @@ def main(exe, args, virtual, grace=GRACE, gs_rank=None, serving=None):
             rt.agent_lost and world.node != 0
         ):  # node 0 learns of it from the heartbeats' silence, then ends too
             wait = DEAD_AFTER + FINAL_BARRIER
-        if not wait_barrier(comm, wait):  # a rank is gone (srun keeps the others running)
-            log(f"rank {world.rank}: not every rank reached the end; leaving without MPI_Finalize")
-            for name in mpi_segments():  # what MPI_Finalize would have removed
-                try:
-                    os.unlink(os.path.join("/dev/shm", name))
-                except OSError:
-                    pass
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code or EXIT_SERVICE_FAILED)
+        end_rank(
+            comm, wait, code, log, EXIT_SERVICE_FAILED
+        )  # (a rank is gone: srun keeps the others running)
     sys.stdout.flush()
     sys.stderr.flush()
     MPI.Finalize()

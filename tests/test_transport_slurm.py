@@ -2,18 +2,15 @@
 tests/mpi_apps/transport_app.py CASE``): MPI over the network (ofi), each agent on a host of its own. Big
 payloads both ways at once, bounded in flight (the hang tests/test_transport.py caught showed on virtual
 nodes, MPICH's shared-memory path, where a big send waits for the receiver; over ofi the old agent passed this
-too).
-
-Not here yet: programs that end mid-stream both ways (``bigquit``). Between the hosts one harness rank still
-waits for good in its final barrier about 1 run in 12 (6 runs in 6 before the agents kept receiving while they
-finish): the harness stops its agents without the launcher's goodbyes, so an agent can stop receiving while
-the other still has big sends for it."""
+too), and programs that end mid-stream both ways: between the hosts one harness rank waited for good in its
+final barrier in 1 run of 12-30 while an agent could stop before the other had sent it everything (6 runs in 6
+before the agents kept receiving while they finish), none in 90 since they stop in step (LAST frames)."""
 
 import os
 import sys
 
 import pytest
-from slurm_util import ON_NODES, no_leaked_node_segments, slurm_cluster, srun
+from slurm_util import ON_NODES, kill_listed, no_leaked_node_segments, slurm_cluster, srun
 
 __all__ = ["no_leaked_node_segments", "slurm_cluster"]  # fixtures, imported for pytest
 
@@ -33,3 +30,18 @@ def test_big_messages_both_ways_more_in_flight_than_mpi_gets_do_not_hang(slurm_c
     for _ in range(2):
         out = harness("bigboth", "120", timeout=60)
         assert out.count("bigboth ok 720") == 2, out
+
+
+@pytest.mark.timeout(200)
+def test_programs_ending_mid_stream_both_ways_end_the_job_between_the_hosts(slurm_cluster, tmp_path):
+    """Each node's program exits while its senders still stream big messages to the other host: the agents
+    stop with big payloads in flight both ways, and every rank must still end (no rank left in its final
+    barrier, no crash); four in a row."""
+    pids = tmp_path / "pids"
+    try:
+        for _ in range(4):
+            out = harness("bigquit", "0.6", str(pids), timeout=45)
+            assert out.count("bigquit ok") == 2, out
+            kill_listed(pids)
+    finally:
+        kill_listed(pids)

@@ -56,6 +56,7 @@ CLOSED = 14  # the stream's CLOSE was handled: nothing more will come for it
 NODE_DOWN = 20  # node: the node that died
 CTRL = 21  # payload: an encoded infrastructure message for the launcher (LATeardown, ...): opaque here
 HEARTBEAT = 22  # nothing: "still here" (an agent that hears nothing from a node for long declares it down)
+LAST = 23  # nothing: the sending agent stops; no packet of it follows (its big payloads announced before may)
 
 # flags
 BIG = 1

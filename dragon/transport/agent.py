@@ -47,6 +47,7 @@ MAX_INFLIGHT = 256  # MPI sends in flight beyond which the agent reads no more f
 BIG_INFLIGHT = 16  # big payloads in MPI's hands per destination node; the next ones wait here, in order
 MPI_BUDGET = 0.00005  # longest run of incoming packets handled before the agent acks and sends what it has
 MAX_ERRORS_IN_ROW = 100  # a step that raises this often in a row stops the agent (the launcher says so)
+FINISH_WAIT = 5.0  # longest a stopping agent waits for the other agents' LAST and its sends and receives
 NAP = 0.00005  # a spinning agent that hears only acks from other nodes sleeps this long between polls instead
 
 _HDR = W.HDR
@@ -103,6 +104,9 @@ class Agent(Incoming, Outgoing):
         self.down_why = {}  # node -> why this agent declared it down
         self.running = False
         self.failed = None  # why the loop ended by itself (None: stopped, or still running)
+        self.last_from = set()  # nodes whose agent sent its LAST frame (it stopped)
+        self.last_peers = None  # at stop: the nodes whose LAST this agent awaits (None: every live one)
+        self.last_wait = FINISH_WAIT  # ... for at most this long
         self.urgent_at = 0.0  # last time a frame someone waits on came in or went out (not acks, big ones)
         self.rbuf = bytearray(1 << 20)
         self.status = MPI.Status()
@@ -119,10 +123,18 @@ class Agent(Incoming, Outgoing):
         only the launchers send and read them (on_ctrl(src, bytes)): no process can, through its gateway."""
         self.post(self._ctrl, dest, data)
 
-    def stop(self):
-        self.post(self._stop)
+    def stop(self, peers=None, wait=None):
+        """End the loop (thread-safe). The agent then sends every other agent its LAST frame behind its last
+        packet and keeps receiving until it has the LAST of peers (default: every node not known dead) and
+        its MPI sends and receives are done, for at most wait seconds (default FINISH_WAIT): a peer stopping
+        later would otherwise still send it what no one receives (see _finish)."""
+        self.post(self._stop, peers, wait)
 
-    def _stop(self):
+    def _stop(self, peers=None, wait=None):
+        if peers is not None:
+            self.last_peers = set(peers)
+        if wait is not None:
+            self.last_wait = wait
         self.running = False
 
     # ---- loop ---------------------------------------------------------------------------------------------
@@ -190,7 +202,7 @@ class Agent(Incoming, Outgoing):
                 if self.running:
                     self.failed = f"its gateway channel is gone ({e})"
                 self.running = False
-        self._finish_sends(5.0)
+        self._finish()
         for fd in self.ep_fds:
             os.close(fd)
         self.ep_fds.clear()
@@ -241,23 +253,45 @@ class Agent(Incoming, Outgoing):
             else:
                 self._emit(k, _HDR.pack(W.HEARTBEAT, 0, k, 0, 0, 0))
 
-    def _finish_sends(self, timeout):
-        """The loop has ended: finish this agent's MPI sends and receives within timeout, still taking in
-        what the other agents send meanwhile (a big payload is sent only once its receiver posts the receive:
-        two agents that each waited for their own sends, no longer receiving, would wait for each other until
-        MPI_Cancel, which crashed MPICH). What is left after that (a node that stopped for good) is
-        cancelled."""
-        deadline = time.monotonic() + timeout
-        while (self.sends or self.irecvs) and time.monotonic() < deadline:
+    def _finish(self):
+        """The loop has ended: stop in step with every other agent. This agent sends each of them its LAST
+        frame behind what it built, then reads no gateway and sends no packet more, but keeps taking in what
+        they send and finishing its own MPI sends (big payloads announced earlier) and receives until every
+        awaited peer's LAST came and nothing is in flight, for at most last_wait seconds. An agent that
+        stopped without the other's LAST would leave it sending what no one receives: a big send is sent only
+        once its receiver posts the receive (MPICH's shared memory: the two agents then waited for each other
+        until MPI_Cancel, which crashed the rank), and over TCP a cancelled one left a rank's final barrier
+        waiting for good. What is left after the deadline (a node that stopped for good) is cancelled."""
+        others = set(range(len(self.ranks))) - {self.node}
+        for k in others:  # (to nodes declared down too: the launchers' goodbyes go there, so may this)
+            self._emit(k, _HDR.pack(W.LAST, 0, k, 0, 0, 0))
+        others -= self.dead
+        try:
+            self._flush_all()
+        except Exception:
+            if self.log:
+                self.log.exception("transport agent, its last packets")
+        await_ = others if self.last_peers is None else others & self.last_peers
+        if self.node in self.dead:  # (this node was declared down: the others send it nothing more)
+            await_ = set()
+        deadline = time.monotonic() + self.last_wait
+        while time.monotonic() < deadline:
+            receiving = any(not p.req.Test() for p in self.irecvs)  # (a full channel may keep them listed)
+            if not (self.sends or receiving or self.big_wait or await_ - self.last_from - self.dead):
+                break
             try:
-                self._mpi()
+                work = self._mpi()
                 if self.pending_in:
-                    self._retry_in()
-                self._test_sends()
+                    work += self._retry_in()
+                if self.sends:
+                    self._test_sends()
             except Exception:  # (the loop is over: what cannot finish now is cancelled below)
                 if self.log:
                     self.log.exception("transport agent, finishing its sends")
                 break
+            self.out.clear()  # (answers and acks for agents that stop too: no packet follows LAST)
+            if not work:
+                os.sched_yield()
         for req, _keep, _dest in self.sends:
             try:
                 req.Cancel()
@@ -536,6 +570,8 @@ class Agent(Incoming, Outgoing):
                     self._in_putback(payload, flags)
                 elif kind == W.NODE_DOWN:
                     self._node_down(node)
+                elif kind == W.LAST:
+                    self.last_from.add(src)
                 elif kind == W.CTRL and self.on_ctrl is not None:
                     self.on_ctrl(src, bytes(payload))
             except (

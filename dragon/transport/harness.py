@@ -7,7 +7,9 @@ Each node's leader rank makes the node's infrastructure pool, gateway channel an
 capacity 1024, block 1024; "small": capacity 4), starts its transport agent, and runs ``python PROGRAM ARGS``
 with DRAGON_NODE, DRAGON_JOB, DRAGON_GW_CD, DRAGON_INF_PD and DRAGON_TEST_CHANS (json {node: {name: hex
 sdesc}} of every node's test channels) and DRAGON_NNODES. When every node's program has exited, the agents
-stop, the segments go, and each rank exits with its program's exit code.
+stop (in step: see ``Agent._finish``), the segments go, and each rank exits with its program's exit code; a
+leader that does not see the others at the end within FINAL_BARRIER seconds says so and exits without
+MPI_Finalize.
 """
 
 import json
@@ -16,11 +18,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 from dragon import env as E
 
 POOL_SIZE = 256 << 20
+FINAL_BARRIER = 30.0  # how long the node leaders wait for each other at the end (the agents have stopped)
 
 
 def _env_for(world, node, gw, pool, chans):
@@ -66,7 +68,7 @@ def _run_program(cmd, env):
 def run(argv, virtual, before=None):
     """before(world, comm): called on every rank after the world is known, before the agents start (the
     benchmark measures raw MPI there). Returns this rank's exit code."""
-    from dragon.transport.world import World, init_mpi, node_cpu_binding
+    from dragon.transport.world import World, end_rank, init_mpi, node_cpu_binding, wait_barrier
 
     MPI = init_mpi()
 
@@ -78,9 +80,7 @@ def run(argv, virtual, before=None):
     # the leaders' communicator: node k's agent is its rank k
     leaders = comm.Split(0 if world.leader else MPI.UNDEFINED, world.rank)
     if not world.leader:
-        req = comm.Ibarrier()
-        while not req.Test():
-            time.sleep(0.01)
+        wait_barrier(comm)  # (as long as the job runs)
         return 0
     node_cpu_binding(world)  # as dragon-launch: the node's agent and program get the node's CPUs
     os.environ[E.JOB] = world.job_of_node(job)
@@ -109,7 +109,7 @@ def run(argv, virtual, before=None):
                 agent._ctrl(k, m.encode(m.LAExit(key=key)))
 
     def stop(msg):
-        agent.running = False
+        agent.running = False  # (it then stops in step with the other agents: see Agent._finish)
 
     handlers = {m.LAProgramDone: program_done, m.LAExit: stop}
 
@@ -131,10 +131,12 @@ def run(argv, virtual, before=None):
         except Exception:
             pass
     pool.destroy()
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.01)
+    end_rank(comm, FINAL_BARRIER, code, _say)
     return code
+
+
+def _say(text):
+    print(f"dragon.transport.harness: {text}", file=sys.stderr, flush=True)
 
 
 def main():

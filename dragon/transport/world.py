@@ -67,6 +67,53 @@ def init_mpi():
     return MPI
 
 
+def wait_barrier(comm, timeout=None):
+    """A barrier that sleeps instead of busy-polling (MPICH's blocking calls spin); False after timeout."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    req = comm.Ibarrier()
+    while not req.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def mpi_segments():
+    """Names of the /dev/shm segments the MPI library of this process has mapped (MPICH: mpich_shm_*); a
+    shepherd whose launcher rank was killed unlinks them, which MPICH would have done at MPI_Finalize."""
+    names = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if path.startswith("/dev/shm/") and not path.startswith("/dev/shm/dragon-"):
+                    names.add(path[len("/dev/shm/") :].replace(" (deleted)", ""))
+    except OSError:
+        pass
+    return sorted(n for n in names if "/" not in n)
+
+
+def end_rank(comm, timeout, code, say, failed=1):
+    """The last step of a rank: the final barrier, for at most timeout seconds. If a rank does not come (it
+    died, or hangs: srun keeps the others running), MPI_Finalize could wait for it for good: this rank says so
+    (say(text)), removes what MPI_Finalize would have (its MPI library's /dev/shm segments) and exits at once
+    with code, or failed if code is 0. Returns when every rank came (the caller finalizes as usual)."""
+    if wait_barrier(comm, timeout):
+        return
+    rank = comm.Get_rank()
+    say(f"rank {rank}: not every rank reached the end within {timeout:g} s; leaving without MPI_Finalize")
+    for name in mpi_segments():
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or failed)
+
+
 def node_name(environ, rank, size, uname=None):
     """The name of this rank's node as users know it: ``SLURMD_NODENAME`` if srun started this very rank (a
     job step, ``SLURM_PROCID`` equal to the MPI rank, ``SLURM_STEP_NUM_TASKS`` equal to the MPI world's size),
