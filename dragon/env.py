@@ -67,14 +67,14 @@ ALL = (JOB, PUID, NODE, GS_CD, REPLY_CD, INF_PD, SHEP_PID)
 CLIENT = (JOB, NODE, GS_CD, INF_PD, GW_CD, GS_NODE)
 
 
-def new_job_id(environ=None):
-    """A fresh job id. Inside a Slurm job it starts with ``s<SLURM_JOB_ID>_``, so that whatever outlives the
-    job (a segment left by a SIGKILL) can be found and removed by the job's id alone, e.g. by a Slurm
-    epilog."""
+def new_job_id(environ=None, kind="j"):
+    """A fresh job id: kind ("j" a runtime's job, "t" the transport harness's) and random hex. Inside a Slurm
+    job it starts with ``s<SLURM_JOB_ID>_``, so that whatever outlives the job (a segment left by a SIGKILL)
+    can be found and removed by the job's id alone, e.g. by a Slurm epilog."""
     environ = os.environ if environ is None else environ
     sid = environ.get("SLURM_JOB_ID", "")
     prefix = f"s{sid}_" if sid.isdigit() else ""
-    return f"{prefix}j{os.urandom(5).hex()}"
+    return f"{prefix}{kind}{os.urandom(5).hex()}"
 
 
 def size_setting(name, default, environ=None):

@@ -131,7 +131,8 @@ def test_sigterm_to_mpiexec_stops_the_programs_and_removes_the_segments(tmp_path
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
             time.sleep(0.05)
         pids = [int(m.read_text()) for m in marks]
-        job_segments = [n for n in os.listdir("/dev/shm") if n.startswith("dragon-t") and n.endswith("-inf")]
+        harness_pool = re.compile(r"dragon-(s\d+_)?t[0-9a-f]+n\d+-inf$")  # (E.new_job_id(kind="t"))
+        job_segments = [n for n in os.listdir("/dev/shm") if harness_pool.match(n)]
         assert job_segments, os.listdir("/dev/shm")
         proc.terminate()
         out, _ = proc.communicate(timeout=40)

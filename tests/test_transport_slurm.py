@@ -45,3 +45,16 @@ def test_programs_ending_mid_stream_both_ways_end_the_job_between_the_hosts(slur
             kill_listed(pids)
     finally:
         kill_listed(pids)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.mpi_leftovers_ok  # (the killed rank's own MPICH segments go with the job's epilog)
+def test_a_harness_rank_that_dies_ends_the_job_naming_its_node(slurm_cluster):
+    """Node 1's harness rank is SIGKILLed while node 0's program would run for 60 s more: node 0's agent
+    finds node 1 unreachable (MPI refuses the send; else the heartbeats' silence, 15 s), stops its program
+    and ends at once without waiting for a final barrier that node 1 never reaches (it waited for good)."""
+    res = srun([sys.executable, "-m", "dragon.transport.harness", APP, "rankdies", "60"], nodes=2, timeout=90)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert "node 1 is lost" in res.stderr and "this node's program is stopped" in res.stderr, out
+    assert "never stopped" not in out, out  # (it would print after its 60 s)

@@ -316,7 +316,11 @@ class Agent(Incoming, Outgoing):
         rank = self.ranks[dest]
         MPI = self.MPI
         if pkt:  # the packet itself (a new one is started for the next frames): no copy
-            req = self.comm.Isend([pkt, len(pkt), MPI.BYTE], rank, W.TAG_PKT)
+            try:
+                req = self.comm.Isend([pkt, len(pkt), MPI.BYTE], rank, W.TAG_PKT)
+            except MPI.Exception as e:
+                self._unreachable(dest, e, bigs)
+                return
             if not req.Test():  # (a small one is sent at once: it need not be tested again, step after step)
                 self.sends.append((req, pkt, -1))
         if bigs:
@@ -338,10 +342,25 @@ class Agent(Incoming, Outgoing):
         byte = self.MPI.BYTE
         while q and self.big_flying[dest] < BIG_INFLIGHT:
             buf, keep = q.popleft()
-            self.sends.append((self.comm.Isend([buf, len(buf), byte], rank, W.TAG_BIG), keep, dest))
+            try:
+                req = self.comm.Isend([buf, len(buf), byte], rank, W.TAG_BIG)
+            except self.MPI.Exception as e:
+                self._unreachable(dest, e, [(buf, keep)])
+                return
+            self.sends.append((req, keep, dest))
             self.big_flying[dest] += 1
         if not q:
             self.big_wait.pop(dest, None)
+
+    def _unreachable(self, dest, e, bigs):
+        """MPI refused a send to node dest's agent (its rank is gone, the network says so): the node is down
+        now, not after the heartbeats' silence; bigs (the payloads that came with the send) are freed."""
+        for _buf, keep in bigs or ():
+            if hasattr(keep, "release"):
+                keep.release()
+        cause = [line.strip() for line in str(e).splitlines() if line.strip()]
+        self.down_why.setdefault(dest, f"MPI cannot reach its transport agent: {cause[-1] if cause else e}")
+        self._node_down(dest)
 
     def _test_sends(self):
         sends = self.sends

@@ -9,7 +9,8 @@ with DRAGON_NODE, DRAGON_JOB, DRAGON_GW_CD, DRAGON_INF_PD and DRAGON_TEST_CHANS 
 sdesc}} of every node's test channels) and DRAGON_NNODES. When every node's program has exited, the agents
 stop (in step: see ``Agent._finish``), the segments go, and each rank exits with its program's exit code; a
 leader that does not see the others at the end within FINAL_BARRIER seconds says so and exits without
-MPI_Finalize.
+MPI_Finalize. A node whose agent falls silent for 15 s (its rank died) is lost: every other node's program is
+stopped (SIGTERM) and its rank exits at once, with its program's code or 1.
 """
 
 import json
@@ -23,6 +24,7 @@ from dragon import env as E
 
 POOL_SIZE = 256 << 20
 FINAL_BARRIER = 30.0  # how long the node leaders wait for each other at the end (the agents have stopped)
+HEARTBEAT = (1.0, 15.0)  # the agents beat every second; one silent for 15 s is lost (as under dragon-launch)
 
 
 def _env_for(world, node, gw, pool, chans):
@@ -36,10 +38,10 @@ def _env_for(world, node, gw, pool, chans):
     }
 
 
-def _run_program(cmd, env):
-    """Run the node's program -> its exit code. SIGTERM (mpiexec or srun passing on a kill, a time limit) or
-    Ctrl-C stops it (SIGTERM, then SIGKILL after 10 s) and returns 128 + the signal, so that the agents still
-    stop together and the node's segments are removed."""
+def _run_program(cmd, env, lost):
+    """Run the node's program -> its exit code. SIGTERM (mpiexec or srun passing on a kill, a time limit),
+    Ctrl-C or a lost node (the Event lost) stops it (SIGTERM, then SIGKILL after 10 s) and returns 128 + the
+    signal, so that the agents still stop together and the node's segments are removed."""
     proc = subprocess.Popen(cmd, env=env)
     got = []
 
@@ -47,11 +49,7 @@ def _run_program(cmd, env):
         got.append(signum)
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        signum = got[0] if got else signal.SIGINT
+    def stop():
         try:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
@@ -60,7 +58,19 @@ def _run_program(cmd, env):
             proc.wait()
         except OSError:
             pass
-        return 128 + signum
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while True:
+            try:
+                return proc.wait(0.2)
+            except subprocess.TimeoutExpired:
+                if lost.is_set():
+                    stop()
+                    return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        stop()
+        return 128 + (got[0] if got else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, old)
 
@@ -74,7 +84,8 @@ def run(argv, virtual, before=None):
 
     comm = MPI.COMM_WORLD
     world = World(comm, virtual)
-    job, key = comm.bcast(("t" + os.urandom(4).hex(), os.urandom(8)) if world.rank == 0 else None, root=0)
+    # (inside a Slurm job the id starts with s<SLURM_JOB_ID>_: the epilog removes what a killed rank left)
+    job, key = comm.bcast((E.new_job_id(kind="t"), os.urandom(8)) if world.rank == 0 else None, root=0)
     if before is not None:
         before(world, comm)
     # the leaders' communicator: node k's agent is its rank k
@@ -89,7 +100,7 @@ def run(argv, virtual, before=None):
     from dragon.channels import Channel
     from dragon.infrastructure import messages as m
     from dragon.pools import Pool
-    from dragon.transport.agent import Agent, start_thread
+    from dragon.transport.agent import FINISH_WAIT, Agent, start_thread
 
     pool = Pool.create(POOL_SIZE, name="inf")
     gw = Channel.create(pool, capacity=4096, block_size=1024 + W.HSIZE, name="gateway")
@@ -100,7 +111,12 @@ def run(argv, virtual, before=None):
     chans = {str(k): v for k, v in enumerate(allch)}
     agent = Agent(leaders, world.node, list(range(world.nnodes)), gw, pool)
     done = {}
-    finished = threading.Event()
+    lost = threading.Event()  # a node's agent fell silent: its rank is gone, the job cannot end in step
+
+    def node_down(k):
+        why = agent.down_why.get(k, "announced down")
+        _say(f"node {k} is lost ({why}): this node's program is stopped and the job ends")
+        lost.set()
 
     def program_done(msg):
         done[msg.node] = msg.exit_code
@@ -119,19 +135,25 @@ def run(argv, virtual, before=None):
             handlers[type(msg)](msg)
 
     agent.on_ctrl = on_ctrl
+    agent.on_node_down = node_down
+    agent.heartbeat = HEARTBEAT
     t = start_thread(agent)
     env = _env_for(world, world.node, gw, pool, chans)
-    code = _run_program([sys.executable, *argv], env)
+    code = _run_program([sys.executable, *argv], env, lost)
     agent.send_ctrl(0, m.encode(m.LAProgramDone(key=key, node=world.node, exit_code=code)))
-    t.join()
-    finished.set()
+    while t.is_alive() and not lost.is_set():  # (node 0's LAExit, once every program ended, stops the agent)
+        t.join(0.1)
+    agent.stop()
+    t.join(FINISH_WAIT + 5)
     for ch in (gw, a, small):
         try:
             ch.destroy()
         except Exception:
             pass
     pool.destroy()
-    end_rank(comm, FINAL_BARRIER, code, _say)
+    if lost.is_set():
+        code = code or 1
+    end_rank(comm, 0 if lost.is_set() else FINAL_BARRIER, code, _say)  # (a lost rank never comes)
     return code
 
 

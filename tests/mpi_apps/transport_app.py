@@ -8,6 +8,7 @@ pass.
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -236,6 +237,18 @@ def case_bigquit():
     print("bigquit ok", flush=True)
 
 
+def case_rankdies():
+    """Node 1's harness rank dies (SIGKILL) while node 0's program still runs (it would for argv[2] seconds):
+    node 0's harness must notice, stop its program and end, saying which node it lost."""
+    if NODE == 1:
+        time.sleep(0.5)
+        print("rankdies: killing node 1's harness rank", flush=True)
+        os.kill(os.getppid(), signal.SIGKILL)
+        return
+    time.sleep(float(sys.argv[2]))  # (the harness's SIGTERM ends it here)
+    print("rankdies: node 0's program was never stopped", flush=True)
+
+
 BOTH_SENDERS = 6
 BOTH_SIZE = 136 * 1024  # (above BIG_MIN: its own MPI message; a window of 8 MiB holds 60 of them)
 
@@ -431,7 +444,6 @@ class Interrupted(Exception):
 
 def _interrupted_recv(r, after=0.3):
     """A receive on r that a signal interrupts (as Ctrl-C would) while its request waits on the other node."""
-    import signal
 
     def stop(signum, frame):
         raise Interrupted()
