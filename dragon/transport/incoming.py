@@ -107,6 +107,7 @@ class Incoming:
             if k:
                 s.delivered += k
                 self.ack_due.add(s)
+                self.handed = True
         if k < len(run):
             s.sendq.extend(bytes(x) for x in run[k:])
             self.pending_in.add(s)
@@ -229,6 +230,7 @@ class Incoming:
                     s.ch.send(item, timeout=0)
                 s.delivered += 1
                 self.ack_due.add(s)
+                self.handed = True
                 return
             except ChannelFull:
                 pass
@@ -348,6 +350,7 @@ class Incoming:
                 q.popleft()
                 s.delivered += 1
                 self.ack_due.add(s)
+                self.handed = True
                 work += 1
             if s.recvq and s.err is None:
                 before = len(s.recvq)
