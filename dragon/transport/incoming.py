@@ -373,25 +373,32 @@ class Incoming:
         than with an ack on every answer)."""
         now = time.perf_counter()
         out = self.out
-        done = []
+        done = None
+        oldest = now  # the oldest wait of the acks left due (one pass: this runs at every busy step)
         for s in self.ack_due:
             k = s.delivered - s.acked
-            if k <= 0:
-                done.append(s)
-                continue
-            if not s.ack_t:
-                s.ack_t = now
-            if (
-                s.ack_bytes >= ACK_BYTES
-                or k >= ACK_EVERY
-                or (k >= ACK_RIDE and s.src in out)
-                or now - s.ack_t >= ACK_DELAY
-            ):
+            if k > 0:
+                t = s.ack_t
+                if not t:
+                    t = s.ack_t = now
+                if not (
+                    (k >= ACK_RIDE and s.src in out)
+                    or now - t >= ACK_DELAY
+                    or k >= ACK_EVERY
+                    or s.ack_bytes >= ACK_BYTES
+                ):
+                    if t < oldest:
+                        oldest = t
+                    continue
                 s.acked = s.delivered
                 s.ack_t = 0.0
                 s.ack_bytes = 0
                 self._emit(s.src, _ack_pack(W.ACK, 0, 0, 0, s.sid, s.delivered))
+            if done is None:
+                done = [s]
+            else:
                 done.append(s)
-        for s in done:
-            self.ack_due.discard(s)
-        self.ack_check_at = min((s.ack_t for s in self.ack_due), default=now) + ACK_DELAY
+        if done is not None:
+            for s in done:
+                self.ack_due.discard(s)
+        self.ack_check_at = oldest + ACK_DELAY
