@@ -36,6 +36,7 @@ from dragon import env
 from dragon._core import remote
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.service import handles
+from dragon.localservices.spawn import own_group
 from dragon.transport.world import end_rank, mpi_segments, wait_barrier
 from launcher.runtime import EXIT_SERVICE_FAILED, GRACE, Runtime, ServiceDied, log, status_text
 
@@ -83,13 +84,15 @@ def orphaned_mpi_segments(since):
 def _service(kind, args):
     """Start a service as a fresh interpreter: python -m launcher.multinode --service KIND, its arguments (the
     job's key among them) as JSON on its stdin, not on its command line, which every process may read."""
-    # its own session: when a rank dies, mpiexec SIGKILLs the other ranks' process groups; the services must
-    # get the SIGTERM of PR_SET_PDEATHSIG instead, to tear their node down
+    # its own process group: when a rank dies, mpiexec SIGKILLs the other ranks' process groups; the services
+    # must get the SIGTERM of PR_SET_PDEATHSIG instead, to tear their node down. In the launcher's session,
+    # not one of its own: the processes the shepherd starts then share the transport agent's CPU share under
+    # the kernel's autogroup scheduling (dragon.localservices.spawn.own_group)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.multinode", "--service", kind],
         close_fds=True,
-        start_new_session=True,
         stdin=subprocess.PIPE,
+        **own_group(True),
     )
     proc.stdin.write(json.dumps(args).encode())
     proc.stdin.close()

@@ -238,7 +238,8 @@ PROBE = """
 import json, os, sys
 fds = sorted(int(f) for f in os.listdir('/proc/self/fd'))
 with open(sys.argv[1], 'w') as f:
-    json.dump({'fds': fds, 'own_session': os.getsid(0) == os.getpid(),
+    json.dump({'fds': fds, 'own_group': os.getpgid(0) == os.getpid(),
+               'launchers_session': os.getsid(0) == os.getsid(int(os.environ['DRAGON_SHEP_PID'])),
                'stdin': os.readlink('/proc/self/fd/0'), 'cwd': os.getcwd()}, f)
 print('to stdout'); print('to stderr', file=sys.stderr)
 """
@@ -263,7 +264,8 @@ for route, exe, run_dir in routes:
         r = json.load(open(report))
         # (the listing itself holds one more descriptor, the highest)
         assert r["fds"][:3] == [0, 1, 2] and len(r["fds"]) == 4, (route, how, r)
-        assert r["own_session"] and r["stdin"] == "/dev/null", (route, how, r)
+        # its own process group, in the shepherd's session (autogroup scheduling: spawn.own_group)
+        assert r["own_group"] and r["launchers_session"] and r["stdin"] == "/dev/null", (route, how, r)
         assert r["cwd"] == (run_dir or here), (route, how, r)
         print("started", route, how, flush=True)
     # SIGPIPE is back at its default (Python ignores it, in the services and in a Python child: ask a shell)

@@ -148,9 +148,9 @@ class Shepherd(Service):
                 [msg.exe, *msg.args],
                 cwd=run_dir,
                 env=env,
-                start_new_session=True,
                 close_fds=True,
                 stdin=None if msg.head else subprocess.DEVNULL,
+                **_spawn.own_group(not msg.head),
                 stdout=out,
                 stderr=err,
             )

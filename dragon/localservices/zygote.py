@@ -36,7 +36,7 @@ import time
 import msgpack
 
 from dragon import env as E
-from dragon.localservices.spawn import child_ends
+from dragon.localservices.spawn import child_ends, own_group
 
 # what the zygote imports before it says it is ready (DRAGON_ZYGOTE_PRELOAD adds a comma-separated list)
 PRELOAD = ("dragon.mp._child",)
@@ -156,7 +156,7 @@ class Zygote:
                 pass_fds=(req_b.fileno(), ex_b.fileno()),
                 env=env,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                **own_group(True),  # (its children get process groups of their own in this session)
             )
         except OSError as e:
             self.log.error("cannot start the zygote: %s", e)
@@ -367,7 +367,8 @@ def _fork(req_msg, fds, req, exits, sel, children):
 
 def _become(req_msg, out, err):
     """In the forked child: become ``python -c/-m ...`` as far as the process can tell."""
-    os.setsid()
+    # a process group of its own, in the zygote's session (see dragon.localservices.spawn.own_group)
+    os.setpgid(0, 0)
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
