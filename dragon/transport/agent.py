@@ -405,14 +405,15 @@ class Agent(Incoming, Outgoing):
         comm, st, MPI = self.comm, self.status, self.MPI
         improbe, anysrc, tag = comm.Improbe, MPI.ANY_SOURCE, W.TAG_PKT
         n = 0
+        busy = 0  # packets with more than heartbeats in them: the work this step did
         until = 0.0
         while True:
             if n and time.perf_counter() > until:
-                return n
+                return busy
             msg = improbe(anysrc, tag, st)
             if msg is None:
                 if n:
-                    return n
+                    return busy
                 msg = improbe(anysrc, tag, st)
                 if msg is None:
                     return 0
@@ -428,7 +429,7 @@ class Agent(Incoming, Outgoing):
             if src is None:
                 continue
             self.last_seen[src] = time.monotonic()
-            self._packet(src, memoryview(self.rbuf)[:count], src_rank)
+            busy += self._packet(src, memoryview(self.rbuf)[:count], src_rank)
 
     def _big_into(self, src, bigsrc, dst, n):
         """Receive the next BIG payload from src into dst (a writable buffer of n bytes)."""
@@ -553,10 +554,13 @@ class Agent(Incoming, Outgoing):
         run_sid, run = None, None  # consecutive small SENDs of one stream go into its channel in one call
         urgent = False
         ack, beat = W.ACK, W.HEARTBEAT
+        busy = False  # a packet of heartbeats only is no work: an idle agent stays idle (its CPU use)
         while pos < end:
             kind, flags, node, n, sid, seq = unpack(mv, pos)
             if not urgent and kind != ack and kind != beat:
                 urgent = True
+            if kind != beat:
+                busy = True
             hpos = pos
             pos += _HS
             big = flags & W.BIG
@@ -609,6 +613,7 @@ class Agent(Incoming, Outgoing):
             self._in_send_run(src, run_sid, run)
         if urgent:
             self.urgent_at = time.perf_counter()
+        return busy
 
     # ---- nodes and control --------------------------------------------------------------------------------
     def _ctrl(self, dest, body):
