@@ -48,6 +48,28 @@ def test_a_killed_node_is_noticed_and_the_job_ends_naming_it():
 
 
 @pytest.mark.timeout(60)
+def test_a_remote_recv_many_of_big_messages_is_answered_without_a_refused_frame(tmp_path):
+    """recv_many on a channel of another node whose messages add up to more than a packet's inline limit:
+    the answer comes back as a pool block, which the agent once tried to index after handing it over (the
+    messages arrived, and the agent logged a bogus "refused a frame ... TypeError")."""
+    prog = tmp_path / "bigmany.py"
+    prog.write_text(
+        "from dragon.channels import Channel\n"
+        "from dragon.globalservices import channel, pool\n"
+        "p1 = pool.create(64 << 20, pool_options={'node': 1})\n"
+        "ch = Channel.attach(channel.create(p1.m_uid, channel_options={'capacity': 64}).sdesc)\n"
+        "for i in range(4):\n"
+        "    ch.send(bytes([i]) * (100 << 10))\n"
+        "got = ch.recv_many(4, timeout=10)\n"
+        "assert [bytes(x) for x in got] == [bytes([i]) * (100 << 10) for i in range(4)]\n"
+        "print('bigmany ok', flush=True)\n"
+    )
+    res = launch(2, program=str(prog))
+    assert res.returncode == 0 and "bigmany ok" in res.stdout, res.stdout + res.stderr
+    assert "refused a frame" not in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(60)
 def test_exit_code_is_the_programs(tmp_path):
     prog = tmp_path / "fail.py"
     prog.write_text("import sys\nprint('bye', flush=True)\nsys.exit(3)\n")

@@ -236,7 +236,8 @@ class Outgoing:
                     self._payload_next(ch, frame)
             if type(frame) is bytes and frame[0] == W.CLOSED:
                 self._closed_sent(ch, frame)
-            elif frame[0] != W.ACK:  # (an answer the process waits for; acks it takes when it likes)
+            elif not isinstance(frame, (bytes, bytearray)) or frame[0] != W.ACK:
+                # an answer the process waits for (a pool block: a big one); acks it takes when it likes
                 self.handed = True
         except ChannelFull:
             q = [frame] if body is None else [frame, body] if i == 0 else [_Body(frame, body)]
