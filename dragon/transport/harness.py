@@ -9,8 +9,8 @@ with DRAGON_NODE, DRAGON_JOB, DRAGON_GW_CD, DRAGON_INF_PD and DRAGON_TEST_CHANS 
 sdesc}} of every node's test channels) and DRAGON_NNODES. When every node's program has exited, the agents
 stop (in step: see ``Agent._finish``), the segments go, and each rank exits with its program's exit code; a
 leader that does not see the others at the end within FINAL_BARRIER seconds says so and exits without
-MPI_Finalize. A node whose agent falls silent for 15 s (its rank died) is lost: every other node's program is
-stopped (SIGTERM) and its rank exits at once, with its program's code or 1.
+MPI_Finalize. A node whose rank died is lost (MPI refuses a send to it, or its agent is silent for 15 s):
+every other node's program is stopped (SIGTERM) and its rank exits at once, with its program's code or 1.
 """
 
 import json

@@ -25,6 +25,7 @@ else ``uname``. They only name nodes; grouping is always by real host.
 
 import os
 import sys
+import time
 
 from dragon import env
 
@@ -69,8 +70,6 @@ def init_mpi():
 
 def wait_barrier(comm, timeout=None):
     """A barrier that sleeps instead of busy-polling (MPICH's blocking calls spin); False after timeout."""
-    import time
-
     deadline = None if timeout is None else time.monotonic() + timeout
     req = comm.Ibarrier()
     while not req.Test():
