@@ -4,7 +4,7 @@ payloads both ways at once, bounded in flight (the hang tests/test_transport.py 
 nodes, MPICH's shared-memory path, where a big send waits for the receiver; over ofi the old agent passed this
 too), and programs that end mid-stream both ways: between the hosts one harness rank waited for good in its
 final barrier in 1 run of 12-30 while an agent could stop before the other had sent it everything (6 runs in 6
-before the agents kept receiving while they finish), none in 90 since they stop in step (LAST frames)."""
+before the agents kept receiving while they finish), none in 120 since they stop in step (LAST frames)."""
 
 import os
 import sys
