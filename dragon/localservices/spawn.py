@@ -121,9 +121,12 @@ def own_group(stdin_null):
     ~500 in 21,000 waits). A process that reads the shepherd's stdin when that is a terminal (the head process
     of a launch from a shell) still gets a session of its own: in a background group of the terminal's
     session it would be stopped (SIGTTIN). Popen's process_group needs Python 3.11; before it, a session."""
-    if (not stdin_null and _isatty(0)) or sys.version_info < (3, 11):
-        return {"start_new_session": True}
-    return {"process_group": 0}
+    return {"start_new_session": True} if _own_session(stdin_null) else {"process_group": 0}
+
+
+def _own_session(stdin_null):
+    """own_group's rule: a session of its own for a child that reads a terminal, or without process_group."""
+    return (not stdin_null and _isatty(0)) or sys.version_info < (3, 11)
 
 
 def _isatty(fd):
@@ -144,7 +147,7 @@ def spawn(argv, env, stdin_null, stdout, stderr):
     actions = [(os.POSIX_SPAWN_DUP2, _stdin, 0)] if stdin_null else []
     actions += [(os.POSIX_SPAWN_DUP2, w, target) for w, target in ((out_w, 1), (err_w, 2)) if w is not None]
     try:
-        apart = {"setsid": True} if "start_new_session" in own_group(stdin_null) else {"setpgroup": 0}
+        apart = {"setsid": True} if _own_session(stdin_null) else {"setpgroup": 0}
         pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsigdef=_DEFAULT_SIGNALS, **apart)
     except BaseException:
         for fd in (out_r, err_r):

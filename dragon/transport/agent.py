@@ -106,7 +106,6 @@ class Agent(Incoming, Outgoing):
         self.failed = None  # why the loop ended by itself (None: stopped, or still running)
         self.last_from = set()  # nodes whose agent sent its LAST frame (it stopped)
         self.last_peers = None  # at stop: the nodes whose LAST this agent awaits (None: every live one)
-        self.last_wait = FINISH_WAIT  # ... for at most this long
         self.handed = False  # the last step put a message or an answer into a channel of this node
         self.urgent_at = 0.0  # last time a frame someone waits on came in or went out (not acks, big ones)
         self.rbuf = bytearray(1 << 20)
@@ -124,18 +123,16 @@ class Agent(Incoming, Outgoing):
         only the launchers send and read them (on_ctrl(src, bytes)): no process can, through its gateway."""
         self.post(self._ctrl, dest, data)
 
-    def stop(self, peers=None, wait=None):
+    def stop(self, peers=None):
         """End the loop (thread-safe). The agent then sends every other agent its LAST frame behind its last
         packet and keeps receiving until it has the LAST of peers (default: every node not known dead) and
-        its MPI sends and receives are done, for at most wait seconds (default FINISH_WAIT): a peer stopping
-        later would otherwise still send it what no one receives (see _finish)."""
-        self.post(self._stop, peers, wait)
+        its MPI sends and receives are done, for at most FINISH_WAIT seconds: a peer stopping later would
+        otherwise still send it what no one receives (see _finish)."""
+        self.post(self._stop, peers)
 
-    def _stop(self, peers=None, wait=None):
+    def _stop(self, peers=None):
         if peers is not None:
             self.last_peers = set(peers)
-        if wait is not None:
-            self.last_wait = wait
         self.running = False
 
     # ---- loop ---------------------------------------------------------------------------------------------
@@ -264,7 +261,7 @@ class Agent(Incoming, Outgoing):
         """The loop has ended: stop in step with every other agent. This agent sends each of them its LAST
         frame behind what it built, then reads no gateway and sends no packet more, but keeps taking in what
         they send and finishing its own MPI sends (big payloads announced earlier) and receives until every
-        awaited peer's LAST came and nothing is in flight, for at most last_wait seconds. An agent that
+        awaited peer's LAST came and nothing is in flight, for at most FINISH_WAIT seconds. An agent that
         stopped without the other's LAST would leave it sending what no one receives: a big send is sent only
         once its receiver posts the receive (MPICH's shared memory: the two agents then waited for each other
         until MPI_Cancel, which crashed the rank), and over TCP a cancelled one left a rank's final barrier
@@ -279,9 +276,7 @@ class Agent(Incoming, Outgoing):
             if self.log:
                 self.log.exception("transport agent, its last packets")
         await_ = others if self.last_peers is None else others & self.last_peers
-        if self.node in self.dead:  # (this node was declared down: the others send it nothing more)
-            await_ = set()
-        deadline = time.monotonic() + self.last_wait
+        deadline = time.monotonic() + FINISH_WAIT
         while time.monotonic() < deadline:
             receiving = any(not p.req.Test() for p in self.irecvs)  # (a full channel may keep them listed)
             if not (self.sends or receiving or self.big_wait or await_ - self.last_from - self.dead):
