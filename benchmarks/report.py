@@ -19,8 +19,11 @@ TITLES = {
         "Cross-node round trip (dragon through the transport agents; mpi4py rank to rank; the floor: the "
         "agents' path in C without their protocol, benchmarks/relay_floor.c)"
     ),
-    ("launch", "true-serial"): "create+join of /bin/true, one at a time",
-    ("launch", "true-16"): "create+join of /bin/true, 16 in flight",
+    ("launch", "true-serial"): (
+        "create+join of /bin/true, one at a time (the floor: a client, two processes in the services' places "
+        "and no work but the start, benchmarks/spawn_floor.py)"
+    ),
+    ("launch", "true-16"): "create+join of /bin/true, 16 in flight (the floor as above)",
     ("launch", "python-child"): "Python child start+join",
     ("gs", "query"): "GS request round trip (process.query)",
     ("pool", "alloc-free"): "Pool alloc+free",
@@ -496,6 +499,7 @@ PEER_ORDER = [
     "mp-pipe",
     "mp-queue",
     "popen",
+    "service-floor",
     "mp-fork",
     "mp-forkserver",
     "mp-spawn",

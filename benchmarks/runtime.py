@@ -22,6 +22,7 @@ from benchmarks import util
 
 LABELS = {
     "popen": "subprocess.Popen",
+    "service-floor": "2 services, no work (floor)",
     "mp-fork": "mp.Process (fork)",
     "mp-spawn": "mp.Process (spawn)",
     "mp-manager": "mp.Manager dict lookup",
@@ -236,7 +237,21 @@ def plan_launch(ctx):
             )
         )
 
-    steps = [("launch: Popen, multiprocessing", peers)]
+    def floor():
+        # the runtime's path without its work (benchmarks/spawn_floor.py): what dragon's create+join can reach
+        from benchmarks.spawn_floor import Floor
+
+        with Floor(true) as f:
+            f.serial(10)  # (warm: its two processes' first starts)
+            for test, run in (
+                ("true-serial", lambda: f.serial(c["serial"])),
+                ("true-16", lambda: f.in_flight(c["flight"], IN_FLIGHT)),
+            ):
+                ctx.figures.append(
+                    F("launch", test, "service-floor", "per_s", "proc/s", "higher", _rep(ctx, run))
+                )
+
+    steps = [("launch: Popen, multiprocessing", peers), ("launch: the floor of a managed start", floor)]
     steps += _dragon_runtime_steps(ctx)
     steps += _dragonhpc_steps(ctx)
     return steps

@@ -163,6 +163,8 @@ def test_quick_runtime_parts(tmp_path):
     find(doc, "startup", "empty", "python", "seconds")
     for test in ("true-serial", "true-16", "python-child"):
         find(doc, "launch", test, "popen", "per_s")
+    for test in ("true-serial", "true-16"):  # the floor of a managed start (benchmarks/spawn_floor.py)
+        find(doc, "launch", test, "service-floor", "per_s")
     find(doc, "launch", "python-child", "mp-fork", "per_s")
     find(doc, "gs", "query", "mp-manager", "rtt_median_us")
     if peer_available("dragon") is None:
