@@ -362,6 +362,7 @@ def measure_gs_alone(levels, ops, repeat):
     def proc_cycle():
         p_uid, _ = proc_create()
         g.handle(m.encode(m.SHProcessExit(key, 0, p_uid, 0)))
+        g._flush_reaped()  # (the loop's timer would send it)
         shep.recv(timeout=5)  # SHProcessReaped
         request(m.GSProcessJoin, ident=p_uid, timeout=None)
         answer()

@@ -99,7 +99,8 @@ def start(g, name=None, caller=0, head=False, pid=100):
 
 def exit_(g, p_uid, code):
     g.handle(m.encode(m.SHProcessExit(KEY, 0, p_uid, code)))
-    assert shepherd_gets(g, m.SHProcessReaped).p_uid == p_uid
+    g._flush_reaped()  # (the loop's timer sends the batch; no loop runs here)
+    assert shepherd_gets(g, m.SHProcessReaped).p_uids == [p_uid]
 
 
 def test_create_names_labels_and_uids(gs):
@@ -172,6 +173,30 @@ def test_head_exit_tells_the_launcher(gs):
     exit_(gs, d["p_uid"], 3)
     msg = m.decode(gs.t_launcher.recv(timeout=1))
     assert isinstance(msg, m.LAHeadExit) and msg.exit_code == 3
+
+
+def test_reply_channels_are_released_in_batches_and_none_is_forgotten(gs):
+    """The shepherd hears which reply channels may go in batches: REAP_BATCH exits make one message at once;
+    fewer wait for the loop's timer (REAP_AFTER); every exited process is named once, in exit order."""
+    n = gs.REAP_BATCH + 3
+    uids = [start(gs, pid=100 + i)[0]["p_uid"] for i in range(n)]
+    for u in uids:
+        gs.handle(m.encode(m.SHProcessExit(KEY, 0, u, 0)))
+    first = shepherd_gets(gs, m.SHProcessReaped)
+    assert first.p_uids == uids[: gs.REAP_BATCH]
+    assert len(gs.t_shep) == 0  # the rest waits for the timer
+    assert gs.reap_timer is not None and not gs.reap_timer.cancelled
+    assert gs.reap_timer.when - time.monotonic() <= gs.REAP_AFTER
+    gs.reap_timer.when = 0.0  # (its time has come: the loop fires it)
+    gs._fire_timers()
+    assert shepherd_gets(gs, m.SHProcessReaped).p_uids == uids[gs.REAP_BATCH :]
+    assert gs.reap_timer is None and gs.reaped == {}
+    # a process of a node that went down is never named to its (gone) shepherd
+    d, _ = start(gs, pid=999)
+    gs.handle(m.encode(m.SHProcessExit(KEY, 0, d["p_uid"], 0)))
+    gs.down.add(0)
+    gs._flush_reaped()
+    assert len(gs.t_shep) == 0 and gs.reaped == {}
 
 
 def test_kill_validates_and_forwards(gs):

@@ -189,7 +189,7 @@ def test_the_shepherd_answers_each_process_create_once(tmp_path, monkeypatch):
         assert len(reply) == 0, m.decode(reply.recv())
         for p_uid in range(1, 21):
             shep.procs[p_uid].popen.wait()
-            shep.handle(m.encode(m.SHProcessReaped(KEY, p_uid)))
+        shep.handle(m.encode(m.SHProcessReaped(KEY, list(range(1, 21)))))
         assert not shep.procs
     finally:
         shep.teardown(0.1)

@@ -390,10 +390,10 @@ class SHProcessExit(Message, type_id=66, control=True):
 
 
 class SHProcessReaped(Message, type_id=67, control=True):
-    """GS -> shepherd: GS has forgotten everything that pointed at p_uid's reply channel; it may be
-    destroyed."""
+    """GS -> shepherd: GS has forgotten everything that pointed at these processes' reply channels; they may
+    be destroyed (GS sends them in batches: see GlobalServices.REAP_BATCH)."""
 
-    p_uid: int
+    p_uids: list[int]
 
 
 class SHTeardown(Request, type_id=68, control=True):

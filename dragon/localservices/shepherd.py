@@ -11,7 +11,8 @@ sees it first: straight into global services' inbox when GS is on this node and 
 through the shepherd's own inbox: the loop forwards them to global services without ever blocking on it.
 
 Before starting a process the shepherd makes its reply channel (so the child needs no set-up round trip); it
-is destroyed once GS acknowledges the exit (SHProcessReaped), when nothing can answer into it any more.
+is destroyed once GS acknowledges the exit (SHProcessReaped, for a batch of processes), when nothing can
+answer into it any more.
 """
 
 import os
@@ -191,13 +192,14 @@ class Shepherd(Service):
     @handles(m.SHProcessReaped)
     def process_reaped(self, msg):
         with self.lock:
-            rec = self.procs.pop(msg.p_uid, None)
-        if rec is not None and rec.reply_ch is not None:
-            try:
-                rec.reply_ch.destroy()
-            except ChannelError as e:
-                self.log.warning("destroying the reply channel of %d: %s", msg.p_uid, e)
-            rec.reply_ch = None
+            recs = [(u, self.procs.pop(u, None)) for u in msg.p_uids]
+        for p_uid, rec in recs:
+            if rec is not None and rec.reply_ch is not None:
+                try:
+                    rec.reply_ch.destroy()
+                except ChannelError as e:
+                    self.log.warning("destroying the reply channel of %d: %s", p_uid, e)
+                rec.reply_ch = None
 
     @handles(m.SHPoolCreate)
     def pool_create(self, msg):
