@@ -245,3 +245,59 @@ print("done", flush=True)
     r = run_app(tmp_path, app, timeout=50)
     assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
     assert "dragon " not in r.stderr and "unknown tag" not in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_lock_holder_fails_the_services_requests_on_its_pool_not_the_node(tmp_path):
+    """A process stopped (SIGSTOP, a debugger) while it holds a pool's lock: channel.create in that pool, and
+    process.create while it holds the infrastructure pool's (where the shepherd makes reply channels), fail
+    with the API's error within seconds, and the node goes on serving (DESIGN's failure model; the shepherd
+    used to wait for the lock for good, and the launcher ended the job 30 s later)."""
+    app = r"""
+import os, signal, sys, time
+from dragon.errors import ChannelError, ProcessError
+from dragon.globalservices import channel, pool, process
+# (the holder keeps its handle: a lock whose holder unmapped the pool before dying is not handed over)
+HOLD = "import sys,time\nfrom dragon.pools import Pool\np = Pool.attach(bytes.fromhex(sys.argv[1]))\n" \
+       "p._debug_lock(True)\nprint('holding', flush=True)\ntime.sleep(600)"
+def stopped_holder(pd):
+    h = process.create(sys.executable, None, ["-c", HOLD, pd.sdesc.hex()], options={"stdout": "devnull"})
+    time.sleep(1.5)  # (it takes the lock)
+    os.kill(h.pid, signal.SIGSTOP)  # (not process.query: a long answer needs a block of the locked pool)
+    return h
+def release(h):
+    process.kill(h.p_uid, signal.SIGKILL)
+    os.kill(h.pid, signal.SIGCONT)
+    process.join(h.p_uid, timeout=10)
+user = pool.create(4 << 20)
+h = stopped_holder(user)
+t = time.monotonic()
+try:
+    channel.create(user.m_uid, channel_options={"capacity": 2, "block_size": 8})
+    print("created?!")
+except ChannelError as e:
+    print(f"channel refused after {time.monotonic() - t:.1f} s: {type(e).__name__}: {e}", flush=True)
+other = process.create("/bin/true", None, [])  # the node serves others meanwhile
+print("other exited", process.join(other.p_uid, timeout=10), flush=True)
+release(h)
+infra = pool.query(1)  # node 0's infrastructure pool
+h = stopped_holder(infra)
+t = time.monotonic()
+try:
+    process.create("/bin/true", None, [])
+    print("started?!")
+except ProcessError as e:
+    print(f"process refused after {time.monotonic() - t:.1f} s: {e}", flush=True)
+release(h)
+p = process.create("/bin/true", None, [])
+print("after exited", process.join(p.p_uid, timeout=10), flush=True)
+"""
+    r = run_app(tmp_path, app, timeout=80)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    m1 = re.search(r"channel refused after ([\d.]+) s: ChannelError: .*pool", r.stdout)
+    m2 = re.search(r"process refused after ([\d.]+) s: ", r.stdout)
+    assert m1 and m2, out
+    assert float(m1.group(1)) < 10 and float(m2.group(1)) < 10, out
+    assert "other exited 0" in r.stdout and "after exited 0" in r.stdout, out
+    assert "has not answered" not in out, out

@@ -36,6 +36,9 @@ from dragon.localservices import zygote as _zygote
 DRAIN_AFTER_EXIT = 0.5  # how long output pipes may stay open (held by grandchildren) after a process exits
 REPLY_CAPACITY = 64  # answers a process can have waiting (its threads share one reply channel)
 REPLY_BLOCK = 256  # bigger answers (long lists) travel in pool blocks
+# longest the loop waits for a pool's lock to make a channel: another process holds it for microseconds unless
+# it is stopped (SIGSTOP, a debugger) inside an allocation; then the request fails instead of the whole node
+LOCK_WAIT = 1.0
 
 
 class _Managed:
@@ -119,7 +122,12 @@ class Shepherd(Service):
         run_dir = msg.run_dir or os.getcwd()
         if not os.path.isdir(run_dir):
             raise ProcessError(f"cannot start {msg.exe!r}: run_dir {run_dir!r} is not a directory")
-        reply_ch = Channel.create(self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK)
+        try:
+            reply_ch = Channel.create(
+                self.infra_pool, capacity=REPLY_CAPACITY, block_size=REPLY_BLOCK, timeout=LOCK_WAIT
+            )
+        except DragonError as e:
+            raise ProcessError(f"cannot start {msg.exe!r}: its reply channel: {e}") from None
         files = []
         try:
             env = self.base_env.copy()
@@ -228,7 +236,9 @@ class Shepherd(Service):
     @handles(m.SHChannelCreate)
     def channel_create(self, msg):
         try:
-            ch = Channel.create(self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size)
+            ch = Channel.create(
+                self._pool_of(msg.m_uid), capacity=msg.capacity, block_size=msg.block_size, timeout=LOCK_WAIT
+            )
         except DragonError as e:
             raise ChannelError(
                 f"cannot make a channel (capacity {msg.capacity}, block_size {msg.block_size}) "
