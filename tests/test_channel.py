@@ -156,6 +156,26 @@ def test_copying_api_bad_buffers_and_timeouts(pool):
     ch.destroy()
 
 
+def test_timeouts_a_bool_a_str_a_huge_int_and_nan_at_create(pool):
+    """A timeout is None or a number of seconds: a bool (True is not "1 s") or a str is a TypeError; an int
+    beyond a double waits as long as forever (one too negative: not at all), not an OverflowError; NaN is
+    refused by create even when the pool's lock is free (no wait needed)."""
+    ch = Channel.create(pool, capacity=4, block_size=64)
+    for bad in (True, False, "1"):
+        with pytest.raises(TypeError):
+            ch.recv(timeout=bad)
+        with pytest.raises(TypeError):
+            ch.send(b"x", timeout=bad)
+    assert len(ch) == 0
+    ch.send(b"x", timeout=10**400)
+    assert ch.recv(timeout=10**400) == b"x"
+    with pytest.raises(ChannelEmpty):
+        ch.recv(timeout=-(10**400))
+    with pytest.raises(ChannelError, match="nan"):
+        Channel.create(pool, capacity=4, timeout=float("nan"))
+    ch.destroy()
+
+
 def test_recv_message_zero_copy(ch, pool):
     data = np.arange(10000, dtype=np.float64)
     ch.send(data)

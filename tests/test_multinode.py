@@ -69,6 +69,45 @@ def test_a_remote_recv_many_of_big_messages_is_answered_without_a_refused_frame(
     assert "refused a frame" not in res.stderr, res.stderr
 
 
+@pytest.mark.timeout(90)
+def test_a_remote_channel_refuses_bad_input_as_a_local_one_does(tmp_path):
+    """Through the transport as on the node: a message more than the staging pool could ever hold is a
+    ChannelError at once (not a ChannelTimeout a retry loop would repeat for good), a bool or str timeout a
+    TypeError, an int timeout beyond a double waits as forever does, and recv_many's max_n a TypeError
+    (float) or ChannelError (out of range), not struct.error; the channel stays usable after each."""
+    prog = tmp_path / "remotebad.py"
+    prog.write_text(
+        "import time\n"
+        "from dragon.channels import Channel\n"
+        "from dragon.errors import ChannelError, ChannelTimeout\n"
+        "from dragon.globalservices import channel, pool\n"
+        "p1 = pool.create(8 << 20, pool_options={'node': 1})\n"
+        "ch = Channel.attach(channel.create(p1.m_uid, channel_options={'capacity': 8}).sdesc)\n"
+        "def refused(call, cls, *not_cls):\n"
+        "    t = time.monotonic()\n"
+        "    try:\n"
+        "        call()\n"
+        "    except not_cls as e:\n"
+        "        raise AssertionError(f'{type(e).__name__}: {e}')\n"
+        "    except cls as e:\n"
+        "        assert time.monotonic() - t < 5, e\n"
+        "        return e\n"
+        "    raise AssertionError('no error')\n"
+        "for t in (None, 0, 1.0):\n"
+        "    refused(lambda: ch.send(b'x' * (200 << 20), timeout=t), ChannelError, ChannelTimeout)\n"
+        "for bad in (True, '1'):\n"
+        "    refused(lambda: ch.send(b'x', timeout=bad), TypeError)\n"
+        "    refused(lambda: ch.recv(timeout=bad), TypeError)\n"
+        "refused(lambda: ch.recv_many(1.5), TypeError)\n"
+        "refused(lambda: ch.recv_many(2**80), ChannelError)\n"
+        "ch.send(b'ok', timeout=10**400)\n"
+        "assert ch.recv_many(2**40, timeout=10**400) == [b'ok']\n"
+        "print('remotebad ok', flush=True)\n"
+    )
+    res = launch(2, program=str(prog))
+    assert res.returncode == 0 and "remotebad ok" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(60)
 def test_exit_code_is_the_programs(tmp_path):
     prog = tmp_path / "fail.py"

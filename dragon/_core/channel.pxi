@@ -32,11 +32,12 @@ cdef class Channel:
         bname = name.encode()
         if len(bname) >= DS_CH_NAME or b"\0" in bname:
             raise ChannelError(f"channel name {name!r} is too long (max {DS_CH_NAME - 1} bytes) or has NUL")
+        cdef int64_t deadline = _deadline(timeout)  # (a bad timeout is refused even when no wait is needed)
         cdef uint64_t nbytes = ds_ch_nbytes(<uint64_t>cap, <uint64_t>bs)
         cdef uint64_t off = 0
         cdef int rc = ds_pool_try_alloc(p.base, nbytes, &off)
         if rc == DS_BUSY:
-            rc = _alloc_wait(p.base, nbytes, &off, rc, _deadline(timeout))
+            rc = _alloc_wait(p.base, nbytes, &off, rc, deadline)
         if rc == DS_BUSY or rc == DS_LOCKED:
             raise (ChannelError if rc == DS_BUSY else ChannelTimeout)(
                 f"channel {name!r}: the lock of pool {p._name!r} is held by another process (stopped?)")

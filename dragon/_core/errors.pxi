@@ -70,7 +70,13 @@ cdef inline int64_t _deadline(object timeout, object err=ChannelError) except -2
     """None: block forever; <= 0: never block; t: block up to t seconds (CLOCK_MONOTONIC deadline in ns)."""
     if timeout is None:
         return DL_FOREVER
-    cdef double t = timeout
+    if type(timeout) is bool:  # (True is not "1 second")
+        raise TypeError("timeout must be None or a number of seconds, not a bool")
+    cdef double t
+    try:
+        t = timeout
+    except OverflowError:  # an int beyond a double: as long as forever (or never, if negative)
+        return DL_FOREVER if timeout > 0 else DL_NONBLOCK
     if t != t:
         raise err(f"timeout must be None or a number of seconds, not {timeout!r}")
     if t <= 0:

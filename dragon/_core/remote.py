@@ -46,6 +46,7 @@ is gone (it learns the pid from the streams' OPEN frames), after putting back wh
 import atexit
 import itertools
 import math
+import operator
 import os
 import sys
 import threading
@@ -56,7 +57,15 @@ import msgpack
 from dragon import env as E
 from dragon._core import frames as W
 from dragon._core.core import KEEP_AFTER, Block, Channel, Message, Pool, keep_freed_memory
-from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
+from dragon.errors import (
+    ChannelEmpty,
+    ChannelError,
+    ChannelFull,
+    ChannelTimeout,
+    PoolError,
+    PoolFull,
+    PoolTimeout,
+)
 
 WINDOW = 512  # unacknowledged messages per stream
 WINDOW_BYTES = 8 << 20  # unacknowledged payload bytes per stream
@@ -91,12 +100,27 @@ def _payload(data):
 
 
 def _timeout_arg(timeout):
+    """A timeout as a local channel takes it (None: forever, -1.0 here; a number of seconds; not a bool or a
+    string) -> seconds, or -1.0."""
     if timeout is None:
         return -1.0
-    t = float(timeout)
+    if type(timeout) is bool or isinstance(timeout, (str, bytes, bytearray)):
+        raise TypeError(f"timeout must be None or a number of seconds, not {timeout!r}")
+    try:
+        t = float(timeout)
+    except OverflowError:  # an int beyond a double: as long as forever (or never, if negative)
+        return -1.0 if timeout > 0 else 0.0
     if math.isnan(t):
         raise ChannelError("timeout must not be NaN")
+    if t > 1e9:  # (as a local channel: forever)
+        return -1.0
     return max(0.0, t)
+
+
+def _seconds(timeout):
+    """_timeout_arg as None (forever) or seconds."""
+    t = _timeout_arg(timeout)
+    return None if t < 0 else t
 
 
 class _Stream:
@@ -561,7 +585,7 @@ class RemoteChannel:
         n = len(data)
         if n > 0xFFFFFFFF:
             raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
-        t = None if timeout is None else _timeout_arg(timeout)
+        t = _seconds(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
@@ -587,12 +611,22 @@ class RemoteChannel:
         """One copy, into a block of the node's staging pool; the gateway carries only its offset and the
         agent sends the block itself (and frees it)."""
         ep = self._ep
+        where = f"channel on node {self.node}"
         try:
             blk = ep.pool.alloc(n, timeout=GW_SEND_TIMEOUT if t is None else t)
-        except Exception as e:
-            raise ChannelTimeout(
-                f"channel on node {self.node}: no room in the node's staging pool for a {n}-byte message: {e}"
+        except PoolFull as e:  # (timeout 0)
+            raise ChannelFull(
+                f"{where}: no room now in the node's staging pool for {n} bytes ({e})"
             ) from None
+        except PoolTimeout as e:
+            if t is None:  # (as a gateway that stays full: the transport is stuck, waiting on would hang)
+                raise ChannelError(
+                    f"{where}: the node's staging pool had no room for a {n}-byte message for "
+                    f"{GW_SEND_TIMEOUT} s, nothing drained it ({e})"
+                ) from None
+            raise ChannelTimeout(f"{where}: timed out, no room in the node's staging pool ({e})") from None
+        except PoolError as e:  # (no wait can help: more than the pool could ever hold, or the pool is gone)
+            raise ChannelError(f"{where}: a {n}-byte message cannot be sent: {e}") from None
         mv = memoryview(blk)
         mv[:] = data
         mv.release()
@@ -636,7 +670,7 @@ class RemoteChannel:
                 f"channel on node {self.node}: nbytes={n} does not fit the block ({block.size} bytes)"
             )
         st = self._st
-        t = None if timeout is None else _timeout_arg(timeout)
+        t = _seconds(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
@@ -672,7 +706,8 @@ class RemoteChannel:
             if len(data) > 0xFFFFFFFF:
                 raise ChannelError(f"channel on node {self.node}: item {i} is 4 GiB or more, nothing sent")
             items.append(data)
-        deadline = None if timeout is None else time.monotonic() + _timeout_arg(timeout)
+        t = _seconds(timeout)
+        deadline = None if t is None else time.monotonic() + t
         k = 0
         for data in items:
             t = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -707,8 +742,12 @@ class RemoteChannel:
 
     def recv_many(self, max_n, timeout=None):
         """Wait (per timeout) for one message, then take whatever else is queued, up to max_n in all."""
+        max_n = operator.index(max_n)  # (TypeError for a float, as a local channel)
         if max_n < 1:
             raise ChannelError(f"recv_many: max_n must be >= 1, not {max_n}")
+        if max_n >= 1 << 63:
+            raise ChannelError(f"max_n {max_n} is out of range")  # (as a local channel)
+        max_n = min(max_n, 0xFFFFFFFF)  # (the request's field; no queue holds more)
         _kind, flags, payload, msg = self._request(W.M_MANY, max_n, -1, timeout)
         if len(payload) >= KEEP_AFTER:
             keep_freed_memory()  # (as the local recv_many: a batch of big messages, each a new bytes)
@@ -785,7 +824,8 @@ class RemoteChannel:
         """Wait until every message sent through this handle is in the remote channel (True), or timeout."""
         self._check()
         st = self._st
-        deadline = None if timeout is None else time.monotonic() + _timeout_arg(timeout)
+        t = _seconds(timeout)
+        deadline = None if t is None else time.monotonic() + t
         ok = self._ep.wait(lambda: st.acked >= st.sent or st.err is not None, deadline)
         self._check()
         return ok
