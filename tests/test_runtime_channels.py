@@ -182,6 +182,26 @@ print("ALL OK")
 )
 
 
+@pytest.mark.timeout(60)
+def test_a_process_naming_its_own_pools_like_the_runtimes_does_not_break_pool_create(tmp_path):
+    """Pool.create(name=...) of a process and the pools global services makes share the job's segment names:
+    the shepherd named its pools m<m_uid>, so a process's own pools "m2".."m5" made pool.create fail."""
+    app = r"""
+from dragon.globalservices import pool
+from dragon.pools import Pool
+mine = [Pool.create(4096, name=f"m{i}") for i in range(1, 8)]
+made = [pool.create(1 << 20) for _ in range(3)]
+assert len({d.m_uid for d in made}) == 3
+for d in made:
+    pool.destroy(d.m_uid)
+for p in mine:
+    p.destroy()
+print("names ok", flush=True)
+"""
+    r = run_app(tmp_path, app, timeout=50)
+    assert r.returncode == 0 and "names ok" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.timeout(90)
 def test_pool_channel_api(tmp_path):
     r = run_app(tmp_path, CHANNEL_APP, timeout=80)

@@ -212,7 +212,8 @@ class Shepherd(Service):
     @handles(m.SHPoolCreate)
     def pool_create(self, msg):
         try:
-            pool = Pool.create(msg.size, name=f"m{msg.m_uid}")
+            # (a random part: a process of the job may have named a pool of its own "m<n>" with Pool.create)
+            pool = Pool.create(msg.size, name=f"m{msg.m_uid}-{os.urandom(4).hex()}")
         except DragonError as e:
             raise PoolError(f"cannot make a pool of {msg.size} bytes on node {self.node}: {e}") from None
         self.pools[msg.m_uid] = pool
