@@ -476,6 +476,9 @@ def test_destroyed_by_another_process():
             p.alloc(10)  # the header says so, in every process
         with pytest.raises(PoolError, match="already destroyed"):
             p.destroy()
+        # a new handle is refused too, though this process still maps the pool (it once came back open)
+        with pytest.raises(PoolError, match="destroyed"):
+            Pool.attach(p.sdesc)
     # __exit__ only closed the handle: no error
 
 

@@ -68,6 +68,7 @@ cdef extern from "dshm.h" nogil:
     int ds_pool_free(char *base, uint64_t off)
     int ds_pool_stats(char *base, uint64_t *free_bytes, uint64_t *blocks, uint64_t *repairs)
     void ds_pool_mark_destroyed(char *base)
+    int ds_pool_is_destroyed(char *base)
     void ds_pool_unlock(char *base)
 
     # channel

@@ -90,6 +90,8 @@ cdef _Segment _map_segment(str name, bint create, uint64_t nbits, uint64_t gener
 cdef _Segment _attach_segment(str name, uint64_t size, uint64_t generation, int node):
     cdef _Segment seg = _segments.get((name, generation))
     if seg is not None and not seg.destroyed:
+        if ds_pool_is_destroyed(seg.base):  # (by another process: this one's mapping outlived it)
+            raise PoolError(f"pool {name!r} was destroyed")
         if seg.data_size != size:
             raise PoolError(f"pool {name!r}: segment size does not match the sdesc (stale or corrupt sdesc)")
         return seg

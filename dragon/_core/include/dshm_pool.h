@@ -342,6 +342,9 @@ static inline int ds_pool_stats(char *base, uint64_t *free_bytes, uint64_t *bloc
     return DS_OK;
 }
 
+/* whether some process destroyed the pool (a mapping made before stays readable) */
+static inline int ds_pool_is_destroyed(char *base) { return DS_LOADR(&ds_ph(base)->destroyed) != 0; }
+
 static inline void ds_pool_mark_destroyed(char *base) {
     ds_pool_hdr *h = ds_ph(base);
     DS_STORES(&h->destroyed, 1);
