@@ -65,6 +65,12 @@ if __name__ == "__main__":
     for i, p in enumerate(ps):
         p.join(30)
         assert p.exitcode == i and not p.is_alive(), (i, p.exitcode)
+    # what the OS keeps of sys.exit(n) outside 0..255, as spawn's parent sees it (not -1: "killed by SIGHUP")
+    for n, want in ((256, 0), (257, 1), (-1, 255), (1000, 232)):
+        p = mp.Process(target=code, args=(n,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == want, (n, p.exitcode)
     ok("exit codes")
 
     q = mp.Queue()

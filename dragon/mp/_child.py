@@ -107,6 +107,8 @@ def main():
         atexit._run_exitfuncs()
     finally:
         util._flush_std_streams()
+        # (what the OS keeps of the code, as a spawn child's parent sees it: sys.exit(257) -> 1, -1 -> 255)
+        code &= 0xFF
         _say_exit(status, code)
         os._exit(code)
 
