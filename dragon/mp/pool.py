@@ -18,6 +18,8 @@ the workers at once; results still pending then raise ``WorkerLostError``.
 import collections
 import itertools
 import os
+import pickle
+import sys
 import threading
 import time
 import warnings
@@ -62,13 +64,32 @@ def _describe_exit(code):
     return f"exit code {code}"
 
 
+def _report(text):
+    try:
+        sys.stderr.write(text.rstrip("\n") + "\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
 # ---- the worker ----------------------------------------------------------------------------------------
 def _run(task):
     job, i, func, args, kwds = task
     try:
         return (job, i, (True, func(*args, **kwds)))
     except Exception as e:
-        return (job, i, (False, ExceptionWithTraceback(e, e.__traceback__)))
+        return (job, i, (False, _loadable(ExceptionWithTraceback(e, e.__traceback__), e)))
+
+
+def _loadable(wrapped, e):
+    """The task's exception as the pool can rebuild it: one that pickles but cannot be unpickled (an __init__
+    whose arguments are not its args) would fail the whole batch of results in the pool's process; it comes
+    back as MaybeEncodingError naming it instead (the stdlib's pool hangs there)."""
+    try:
+        pickle.loads(pickle.dumps(wrapped))
+        return wrapped
+    except Exception as err:
+        return MaybeEncodingError(err, f"{type(e).__qualname__}: {e}")
 
 
 def _answer(results, wid, done):
@@ -276,7 +297,12 @@ class _PoolState:
                 except ChannelError:
                     break
                 for data in batch:
-                    self.handle(serial.load(data))
+                    try:
+                        msg = serial.load(data)
+                    except Exception as e:  # (the thread must not die: every later call would hang)
+                        _report(f"dragon pool: a message from a worker cannot be unpickled ({e!r}); dropped")
+                        continue
+                    self.handle(msg)
         finally:
             self.stopped.set()
             self.kick_reaper()
@@ -361,9 +387,21 @@ class _PoolState:
 
     def set(self, job, i, obj):
         try:
-            self.cache[job]._set(i, obj)
+            result = self.cache[job]
         except KeyError:
-            pass
+            return
+        try:
+            result._set(i, obj)  # (runs the caller's callback or error_callback, once the result is complete)
+        except Exception:  # a callback that raised must not end the scheduler (every later call would hang)
+            import traceback
+
+            _report("dragon pool: a result callback raised (the pool goes on):\n" + traceback.format_exc())
+            # the result is complete (its callback runs last): finish what _set did not get to, or get() hangs
+            self.cache.pop(job, None)
+            event = getattr(result, "_event", None)
+            if event is not None:
+                event.set()
+            result._pool = None
 
     def handle(self, msg):
         kind = msg[0]

@@ -38,6 +38,20 @@ def unpicklable(_):
     return lambda: 42
 
 
+class TwoArgError(Exception):  # pickles, but its __init__ cannot be called with its args: not unpicklable
+    def __init__(self, a, b):
+        super().__init__(a)
+        self.b = b
+
+
+def raise_two_arg(_):
+    raise TwoArgError("a", "b")
+
+
+def bad_callback(_):
+    raise RuntimeError("the callback's own bug")
+
+
 def die_on(x):
     if x == 5:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -119,6 +133,16 @@ def main():
             raise AssertionError("an unpicklable result arrived")
         except mp.pool.MaybeEncodingError:
             pass
+        # an exception that cannot be rebuilt, and a callback that raises: that task says so, the pool goes on
+        # (the scheduler thread died on either and every later call hung)
+        try:
+            pool.apply(raise_two_arg, (0,))
+            raise AssertionError("no error")
+        except mp.pool.MaybeEncodingError as e:
+            assert "TwoArgError" in str(e), e
+        r = pool.apply_async(sq, (3,), callback=bad_callback)
+        assert r.get(timeout=30) == 9
+        assert pool.map(sq, range(5)) == [0, 1, 4, 9, 16] and pool.apply(abs, (-1,)) == 1
         try:
             pool.apply_async(sq, (1,)).get(timeout=0) if False else None
             pool.apply_async(slow, (1,)).get(timeout=0.001)
