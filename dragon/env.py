@@ -60,6 +60,9 @@ MP_BOOT_CD = "DRAGON_MP_BOOT_CD"  # (parent -> child) or the sdesc (hex) of a ch
 MP_PARENT = "DRAGON_MP_PARENT"  # (parent -> child) "p_uid:node:pid" of the parent
 MP_TRACKER = "DRAGON_MP_TRACKER"  # (parent -> child) "pid:fd" of the parent's resource tracker (same node)
 MP_STATUS_CD = "DRAGON_MP_STATUS_CD"  # (parent -> child) sdesc (hex) of the channel a child says its exit in
+# (parent -> child) what a spawned child inherits of its parent and a zygote's fork does not: umask, niceness,
+# resource limits, CPU affinity (same node), ignored signals (see dragon.mp.popen.inherited)
+MP_INHERIT = "DRAGON_MP_INHERIT"
 
 ALL = (JOB, PUID, NODE, GS_CD, REPLY_CD, INF_PD, SHEP_PID)
 # what a client is given (dragon.init() puts it into os.environ): GS's public inbox, node 0's infrastructure

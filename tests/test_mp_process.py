@@ -17,6 +17,12 @@ def ok(name):
 def code(n):
     sys.exit(n)
 
+def attrs(q):
+    import resource
+    mask = os.umask(0)
+    q.put((mask, resource.getrlimit(resource.RLIMIT_NOFILE), os.nice(0), sorted(os.sched_getaffinity(0)),
+           signal.getsignal(signal.SIGHUP) == signal.SIG_IGN))
+
 def sleeper(t):
     time.sleep(t)
 
@@ -189,6 +195,22 @@ if __name__ == "__main__":
     p.join()
     assert zygote_seen or "dragon.localservices.zygote" in parent_cmd, parent_cmd
     ok("zygote")
+
+    # what a spawn child inherits and a fork of the zygote would not (last: it changes this process)
+    import resource
+    os.umask(0o077)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1000, hard))
+    nice = os.nice(3)
+    os.sched_setaffinity(0, {0})
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    q = mp.Queue()
+    p = mp.Process(target=attrs, args=(q,))
+    p.start()
+    got = q.get(timeout=30)
+    p.join(30)
+    assert got == (0o077, (1000, hard), nice, [0], True), got
+    ok("umask, rlimits, niceness, affinity, ignored signals inherited")
     print("ALL OK")
 """
 

@@ -87,6 +87,9 @@ def _watch_parent(sentinel):
 
 
 def main():
+    text = os.environ.pop(popen.INHERIT_ENV, None)
+    if text:  # (first: the parent's umask, limits, niceness, affinity, ignored signals, as 'spawn' has)
+        popen.apply_inherited(text)
     context.register()
     _share_tracker()
     data = memoryview(_payload())

@@ -15,6 +15,7 @@ children).
 import base64
 import fcntl
 import itertools
+import json
 import marshal
 import os
 import select
@@ -33,7 +34,7 @@ from dragon.mp import heap, serial
 
 BOOT = "from dragon.mp._child import main; main()"
 BOOT_ENV, BOOT_CD_ENV, PARENT_ENV = E.MP_BOOT, E.MP_BOOT_CD, E.MP_PARENT  # see dragon/env.py
-TRACKER_ENV, STATUS_ENV = E.MP_TRACKER, E.MP_STATUS_CD
+TRACKER_ENV, STATUS_ENV, INHERIT_ENV = E.MP_TRACKER, E.MP_STATUS_CD, E.MP_INHERIT
 STATUS_MAGIC = 0x5A
 _STATUS = struct.Struct("<Bq")
 BOOT_ENV_MAX = 64 * 1024
@@ -196,6 +197,7 @@ class DragonPopen:
         ):  # the child says its exit code here: no round trip through GS to learn it
             self._held.status = heap.channel(capacity=1, block_size=16)
             env[STATUS_ENV] = bytes(self._held.status.sdesc).hex()
+        env[INHERIT_ENV] = inherited(self.node == heap.here())
         exe = os.fsdecode(spawn.get_executable())
         args = [*util._args_from_interpreter_flags(), "-c", BOOT]
         try:
@@ -421,3 +423,65 @@ def _parent_sentinel():
 
     threading.Thread(target=watch, name="dragon-mp-parent-watcher", daemon=True).start()
     return r
+
+
+def inherited(same_node):
+    """What a 'spawn' child inherits of this process and a child forked from the node's zygote would not:
+    umask, niceness, resource limits, ignored signals and (on this node) the CPU affinity, as text for
+    INHERIT_ENV (the child applies it with apply_inherited before anything of the program runs)."""
+    import resource
+
+    mask = os.umask(0)
+    os.umask(mask)
+    limits = {}
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            try:
+                limits[name] = resource.getrlimit(getattr(resource, name))
+            except (OSError, ValueError):
+                pass
+    ignored = [int(s) for s in signal.valid_signals() if _ignored(s)]
+    state = {"umask": mask, "nice": os.getpriority(os.PRIO_PROCESS, 0), "rlimits": limits, "ignored": ignored}
+    if same_node:
+        state["cpus"] = sorted(os.sched_getaffinity(0))
+    return json.dumps(state, separators=(",", ":"))
+
+
+def _ignored(sig):
+    try:
+        return signal.getsignal(sig) == signal.SIG_IGN
+    except (ValueError, OSError):
+        return False
+
+
+def apply_inherited(text):
+    """In the child: take on what the parent had (see inherited). What this process may not do (raise a hard
+    limit, lower its niceness without privilege, run on a CPU it may not use) is left as the zygote had it."""
+    import resource
+
+    state = json.loads(text)
+    os.umask(state["umask"])
+    for name, (soft, hard) in state["rlimits"].items():
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        try:
+            if resource.getrlimit(which) != (soft, hard):
+                resource.setrlimit(which, (soft, hard))
+        except (OSError, ValueError):
+            pass
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) != state["nice"]:
+            os.setpriority(os.PRIO_PROCESS, 0, state["nice"])
+    except OSError:
+        pass
+    for sig in state["ignored"]:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (OSError, ValueError):
+            pass
+    if "cpus" in state:
+        try:
+            os.sched_setaffinity(0, state["cpus"])
+        except (OSError, ValueError):
+            pass
