@@ -99,7 +99,59 @@ def init(connect=None, keep=False):
         else:
             _handle = _start_local()
         atexit.register(_at_exit, _handle)
+        _forward_ctrl_c()
         return _handle
+
+
+def _forward_ctrl_c():
+    """Ctrl-C in a terminal reaches a 'spawn' child too (it is in its parent's process group); this client's
+    'dragon' children are the runtime's, in another session, so a program interrupted while it joins one
+    waited for it for good. While this process is the terminal's foreground group, its SIGINT (left at
+    Python's default) is passed on to its running children on this node, then raises KeyboardInterrupt as
+    before. Not in a notebook or under a pipe: there a spawn child would not get it either."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def on_sigint(signum, frame):
+        if _terminal_foreground():
+            _interrupt_children(signal)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def _terminal_foreground():
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _interrupt_children(signal):
+    procs = sys.modules.get("multiprocessing.process")
+    popen_mod = sys.modules.get("dragon.mp.popen")
+    if procs is None or popen_mod is None:
+        return
+    from dragon.mp import heap
+
+    here = heap.here()
+    for p in list(procs._children):
+        po = getattr(p, "_popen", None)
+        if isinstance(po, popen_mod.DragonPopen) and po.returncode is None and po.node == here:
+            try:  # (its sentinel is a pidfd on this node: never a reused pid)
+                signal.pidfd_send_signal(po.sentinel, signal.SIGINT)
+            except (OSError, TypeError, ValueError):
+                pass
 
 
 def shutdown():

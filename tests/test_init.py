@@ -252,11 +252,10 @@ print("DONE", flush=True)
 """
 
 
-def test_ctrl_c_in_a_terminal_interrupts_a_blocked_call(tmp_path):
-    """Ctrl-C typed into a real terminal (a pty): the client gets KeyboardInterrupt, the runtime (in a session
-    of its own) does not see it."""
-    mark, env = marked_env()
-    app = write_app(tmp_path, APP_HELPERS + CTRL_C)
+def _ctrl_c_in_a_pty(tmp_path, code, env, ready="READY", done="DONE"):
+    """Run code (a script) in a real terminal (a pty), type Ctrl-C once it printed ready, wait for done and
+    its exit (code 0) -> everything it printed."""
+    app = write_app(tmp_path, APP_HELPERS + code)
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once
         os.chdir(tmp_path)
@@ -275,10 +274,10 @@ def test_ctrl_c_in_a_terminal_interrupts_a_blocked_call(tmp_path):
                     except OSError:  # the child ended
                         break
 
-        until("READY")
+        until(ready)
         time.sleep(0.3)  # it is blocked in join
         os.write(fd, b"\x03")
-        until("DONE")
+        until(done)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, out
     finally:
@@ -288,8 +287,48 @@ def test_ctrl_c_in_a_terminal_interrupts_a_blocked_call(tmp_path):
         except OSError:
             pass
         os.close(fd)
-    text = out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_ctrl_c_in_a_terminal_interrupts_a_blocked_call(tmp_path):
+    """Ctrl-C typed into a real terminal (a pty): the client gets KeyboardInterrupt, the runtime (in a session
+    of its own) does not see it."""
+    mark, env = marked_env()
+    text = _ctrl_c_in_a_pty(tmp_path, CTRL_C, env)
     assert "interrupted" in text and "join returned" not in text, text
+    assert_nothing_left(mark, job_of(text.replace("\r", "")))
+
+
+CTRL_C_MP = r"""
+import time
+import dragon
+import multiprocessing as mp
+
+def worker():
+    while True:
+        time.sleep(0.1)
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    p = mp.Process(target=worker)
+    p.start()
+    print("JOB", dragon.attach.current().job, flush=True)
+    print("READY", flush=True)
+    try:
+        p.join()
+    except KeyboardInterrupt:
+        p.join(10)
+        print("child exitcode", p.exitcode, "DONE", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_programs_multiprocessing_children(tmp_path):
+    """As with 'spawn' (same process group), Ctrl-C in the terminal reaches the 'dragon' children of the
+    program too, though they are the runtime's (another session): the program waited for a non-daemon child
+    for good (its join, then multiprocessing's at exit)."""
+    mark, env = marked_env()
+    text = _ctrl_c_in_a_pty(tmp_path, CTRL_C_MP, env)
+    assert "child exitcode 1 DONE" in text, text  # (the child's KeyboardInterrupt: exit code 1, as spawn's)
     assert_nothing_left(mark, job_of(text.replace("\r", "")))
 
 
