@@ -175,13 +175,22 @@ class Lock(_TokenSemaphore):
 
     def __repr__(self):
         if self._is_mine():
-            owner = "MainThread" if threading.current_thread() is threading.main_thread() else "thread"
-            return f"<Lock(owner={owner})>"
+            return f"<Lock(owner={_owner_name()})>"
         try:
             held = self._is_zero()
         except Exception:
             return "<Lock(owner=unknown)>"
         return f"<Lock(owner={'SomeOtherProcess' if held else None})>"
+
+
+def _owner_name():
+    """As the stdlib's locks name their owner: the process's name, and its thread's if not the main one."""
+    from multiprocessing import process
+
+    name = process.current_process().name
+    if threading.current_thread().name != "MainThread":
+        name += "|" + threading.current_thread().name
+    return name
 
 
 class RLock(_TokenSemaphore):
@@ -206,7 +215,7 @@ class RLock(_TokenSemaphore):
 
     def __repr__(self):
         if self._is_mine():
-            return f"<RLock(MainThread, {self._depth})>"
+            return f"<RLock({_owner_name()}, {self._depth})>"
         try:
             held = self._is_zero()
         except Exception:

@@ -309,6 +309,7 @@ def main():
         p.join(120)
     assert v.value == 600, v.value
     assert lock.acquire(timeout=1) and not lock.acquire(False)
+    assert repr(lock) == "<Lock(owner=MainProcess)>", repr(lock)  # (the stdlib's: the process's name)
     lock.release()
     try:
         lock.release()
@@ -316,6 +317,8 @@ def main():
     except ValueError:
         pass
     rl, rq = mp.RLock(), mp.Queue()
+    with rl, rl:
+        assert repr(rl) == "<RLock(MainProcess, 2)>", repr(rl)
     p = run(rlock_child, rl, rq)
     assert rq.get(timeout=60) == "in" and rq.get(timeout=60) == "refused"
     p.join(60)
