@@ -259,10 +259,15 @@ from dragon.errors import ChannelError, ProcessError
 from dragon.globalservices import channel, pool, process
 # (the holder keeps its handle: a lock whose holder unmapped the pool before dying is not handed over)
 HOLD = "import sys,time\nfrom dragon.pools import Pool\np = Pool.attach(bytes.fromhex(sys.argv[1]))\n" \
-       "p._debug_lock(True)\nprint('holding', flush=True)\ntime.sleep(600)"
+       "p._debug_lock(True)\nopen(sys.argv[2], 'w').close()\ntime.sleep(600)"
 def stopped_holder(pd):
-    h = process.create(sys.executable, None, ["-c", HOLD, pd.sdesc.hex()], options={"stdout": "devnull"})
-    time.sleep(1.5)  # (it takes the lock)
+    flag = os.path.abspath(f"holding-{time.monotonic_ns()}")
+    args = ["-c", HOLD, pd.sdesc.hex(), flag]
+    h = process.create(sys.executable, None, args, options={"stdout": "devnull"})
+    deadline = time.monotonic() + 30
+    while not os.path.exists(flag):  # (it has the lock)
+        assert time.monotonic() < deadline, "the holder never took the lock"
+        time.sleep(0.02)
     os.kill(h.pid, signal.SIGSTOP)  # (not process.query: a long answer needs a block of the locked pool)
     return h
 def release(h):
