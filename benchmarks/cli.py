@@ -85,7 +85,9 @@ def build_parser():
         help="write a PNG: size vs throughput and round trip; scale: cost vs live objects, "
         "startup vs nodes (needs matplotlib)",
     )
-    ap.add_argument("--sizes", default=None, help="message sizes, e.g. 8,1K,64K,1M (default: all four)")
+    ap.add_argument(
+        "--sizes", default=None, type=_sizes_arg, help="message sizes, e.g. 8,1K,64K,1M (default: all four)"
+    )
     ap.add_argument(
         "--peers",
         default=None,
@@ -102,7 +104,7 @@ def build_parser():
     )
     ap.add_argument(
         "--target-time",
-        type=float,
+        type=_seconds_arg,
         default=None,
         help="seconds per measurement (default 0.4, 0.08 with --quick)",
     )
@@ -161,6 +163,29 @@ def _selection(what):
     if "channels" in sel and "latency" in sel:
         sel.remove("latency")
     return list(dict.fromkeys(sel))
+
+
+def _sizes_arg(text):
+    """--sizes: each a size of at least 8 bytes (8, 1K, 64KiB, 1M); kept as given (the parts parse it)."""
+    try:
+        sizes = [util.parse_size(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of sizes like 8,1K,64K,1M: {text!r}") from None
+    if not sizes or any(n < 8 for n in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be at least 8 bytes: {text!r}")
+    return text
+
+
+def _seconds_arg(text):
+    import math
+
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not (0 < t < math.inf):
+        raise argparse.ArgumentTypeError(f"a number of seconds > 0, not {text!r}")
+    return t
 
 
 def main(argv=None):

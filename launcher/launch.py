@@ -146,13 +146,27 @@ def _split(argv):
     return argv[:i], argv[i:]
 
 
+def _std_fds_open():
+    """A closed stdin, stdout or stderr (``dragon-launch app.py >&-``) becomes /dev/null: else the first
+    file the runtime opens takes its number, and the program's or the shepherd's output goes into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv=None):
+    _std_fds_open()
     argv = sys.argv[1:] if argv is None else list(argv)
     own, rest = _split(argv)
     p = parser()
     ns = p.parse_args(own)
-    if ns.grace < 0:
-        p.error("--grace must be >= 0")
+    if not 0 <= ns.grace < float("inf"):  # (also refuses nan)
+        p.error(f"--grace must be a number of seconds >= 0, not {ns.grace}")
     if ns.stop is not None:
         if ns.serve or rest:
             p.error("--stop FILE takes no program and no --serve")

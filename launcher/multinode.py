@@ -632,8 +632,9 @@ def main(exe, args, virtual, grace=GRACE, gs_rank=None, serving=None):
         end_rank(
             comm, wait, code, log, EXIT_SERVICE_FAILED
         )  # (a rank is gone: srun keeps the others running)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for f in (sys.stdout, sys.stderr):  # (None when the launcher was started with it closed)
+        if f is not None:
+            f.flush()
     MPI.Finalize()
     return code
 

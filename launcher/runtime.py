@@ -75,8 +75,9 @@ def _fork(module, *args):
     from dragon._core import core
 
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for f in (sys.stdout, sys.stderr):  # (None when the launcher was started with it closed)
+        if f is not None:
+            f.flush()
     pid = os.fork()
     if pid:
         return pid

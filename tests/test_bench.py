@@ -412,6 +412,11 @@ def test_ratio_direction_and_targets(monkeypatch):
             "there is no directory /nonexistent-dragon-dir",
         ),
         (["startup", "--json", "/"], "is a directory"),
+        (["latency", "--sizes", "abc"], "not a list of sizes"),
+        (["launch", "--sizes", "1X"], "not a list of sizes"),
+        (["latency", "--sizes", "4"], "at least 8 bytes"),
+        (["latency", "--target-time", "-1"], "--target-time"),
+        (["latency", "--target-time", "nan"], "--target-time"),
     ],
 )
 def test_bad_arguments_are_refused_clearly(tmp_path, args, msg):

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 from test_runtime_util import REPO, launch_cmd, launch_env, run_app
@@ -30,14 +31,52 @@ def test_bad_command_lines(tmp_path):
     assert r.returncode == 2 and "program" in r.stderr
     r = _run(str(tmp_path / "missing.py"))
     assert r.returncode == 2 and "missing.py" in r.stderr
-    r = _run("--grace", "-1", "x.py")
-    assert r.returncode == 2 and "grace" in r.stderr
+    for bad in ("-1", "inf", "nan"):  # (inf: a teardown that never ended, even on SIGTERM)
+        r = _run("--grace", bad, "x.py")
+        assert r.returncode == 2 and "--grace must be" in r.stderr, (bad, r.stderr)
     r = _run("--bogus", "x.py")
     assert r.returncode == 2 and "--bogus" in r.stderr
     r = _run("-m")
     assert r.returncode == 2 and "module" in r.stderr
     r = _run("/nonexistent/program")  # not a .py: started as an executable, which cannot start
     assert r.returncode == 70 and "/nonexistent/program" in r.stderr
+
+
+def test_a_closed_stdout_is_not_a_failure(tmp_path):
+    """dragon-launch app.py >&-: the program's exit code, as python gives it (it was 70: the launcher
+    flushed a sys.stdout that is None); the closed descriptors become /dev/null, so no file the runtime opens
+    takes number 1 and receives the forwarded output."""
+    app = tmp_path / "app.py"
+    app.write_text("import sys\nprint('x')\nsys.exit(5)\n")
+    for fd in (1, 0):
+        p = subprocess.run(
+            launch_cmd(str(app)), cwd=tmp_path, env=launch_env(), stderr=subprocess.PIPE, text=True,
+            timeout=60, preexec_fn=lambda fd=fd: os.close(fd),
+        )  # fmt: skip
+        assert p.returncode == 5 and "failed" not in p.stderr, (fd, p.stderr)
+
+
+@pytest.mark.timeout(120)
+def test_forwarded_output_to_a_non_blocking_stdout_is_not_dropped(tmp_path):
+    """The O_NONBLOCK flag of a stdout is shared by every process holding it (the program may set it): the
+    shepherd took EAGAIN and short writes as "dropped" (899 of 80,000 lines arrived behind a slow reader)."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import fcntl, os, sys\n"
+        "from dragon.globalservices import process\n"
+        "fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_NONBLOCK)\n"
+        'code = \'import sys\\nfor i in range(20000): print(f"{sys.argv[1]}:{i}:" + "y" * 60)\'\n'
+        "ps = [process.create(sys.executable, None, ['-c', code, f'w{k}']) for k in range(3)]\n"
+        "assert [process.join(p.p_uid) for p in ps] == [0, 0, 0]\n"
+    )
+    slow = "import sys, time; time.sleep(3); data = sys.stdin.buffer.read(); sys.stdout.buffer.write(data)"
+    cmd = " ".join(launch_cmd(str(app))) + f" | {sys.executable} -c '{slow}'"
+    p = subprocess.run(cmd, shell=True, cwd=tmp_path, env=launch_env(), capture_output=True, timeout=100)
+    lines = p.stdout.decode().splitlines()
+    assert p.returncode == 0, p.stderr
+    for k in range(3):
+        got = [x for x in lines if x.startswith("[") and f"] w{k}:" in x]
+        assert len(got) == 20000 and got[-1].endswith(f"w{k}:19999:" + "y" * 60), (k, len(got), got[-1:])
 
 
 def test_module_program(tmp_path):

@@ -400,10 +400,7 @@ class Shepherd(Service):
         if lines:
             prefix = b"[" + rec.label + b"] "
             out = b"".join(prefix + line + b"\n" for line in lines)
-            try:
-                os.write(self.out_fds[which], out)
-            except OSError:
-                pass
+            _write_all(self.out_fds[which], out)
 
     def _report(self, inbox, gs, rec):
         """Report an exit to global services. Straight into its inbox (gs: this thread's handle, None if GS is
@@ -430,6 +427,25 @@ class Shepherd(Service):
             except ChannelError as e:
                 self.log.error("cannot report the exit of p_uid %d: %s", rec.p_uid, e)
                 return
+
+
+def _write_all(fd, data):
+    """Write every byte of data to fd, as a blocking file would take it: a write may take only part of it, and
+    a non-blocking fd (its flag is shared with every process holding the same stdout, the program's too) says
+    EAGAIN when full: wait until it takes more instead of dropping the rest. A closed reader (EPIPE) or a
+    bad fd drops the output, as before."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        view = view[n:]
 
 
 def main(node, job, inbox_cd, gs_cd, infra_pd, key):
