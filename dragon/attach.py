@@ -85,7 +85,7 @@ def init(connect=None, keep=False):
         h = current()
         want = os.fspath(connect) if connect is not None else os.environ.get(E.CONNECT) or None
         if h is not None:
-            if connect is not None and h.connect_file != os.path.abspath(want):
+            if connect is not None and h.connect_file != os.path.abspath(os.path.expanduser(want)):
                 raise DragonError(
                     f"this process is already in a runtime ({h!r}): "
                     "dragon.shutdown() before attaching another"

@@ -6,7 +6,7 @@ import subprocess
 import time
 
 import pytest
-from test_runtime_util import launch_cmd, launch_env
+from test_runtime_util import launch_cmd, launch_env, run_app
 
 APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "mp_pool_app.py")
 
@@ -54,3 +54,37 @@ def test_example_pool_estimates_pi(tmp_path):
         timeout=50,
     )
     assert r.returncode == 0 and "pi ~ 3.14" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_leaving_a_pool_after_a_worker_was_lost_does_not_hang(tmp_path):
+    """A task whose argument a worker cannot unpickle ends that worker (WorkerLostError); the scheduler starts
+    a replacement, and terminate() (the with block's end) listed the workers before it came: join waited for
+    the replacement for good (3 of 3 runs)."""
+    app = r"""
+import os
+import multiprocessing as mp
+def boom():
+    if os.environ.get("IN_PARENT") != str(os.getpid()):
+        raise RuntimeError("cannot unpickle here")
+    return 1
+class Bad:
+    def __reduce__(self):
+        return (boom, ())
+def f(x):
+    return 1
+if __name__ == "__main__":
+    os.environ["IN_PARENT"] = str(os.getpid())
+    ctx = mp.get_context("dragon")
+    for _ in range(3):
+        with ctx.Pool(2) as p:
+            try:
+                p.map_async(f, [Bad()]).get(timeout=30)
+            except Exception as e:
+                print("got", type(e).__name__, flush=True)
+    print("left", flush=True)
+"""
+    r = run_app(tmp_path, "import dragon\n" + app, timeout=80)
+    assert r.returncode == 0 and r.stdout.count("got WorkerLostError") == 3 and "left" in r.stdout, (
+        r.stdout + r.stderr
+    )

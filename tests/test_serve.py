@@ -101,6 +101,23 @@ def test_keep(tmp_path):
         assert "ok kept" in b.stdout, b.stdout + b.stderr
 
 
+def test_init_with_a_home_relative_connection_file_is_idempotent(tmp_path):
+    """init(connect="~/...") a second time returns the same handle (it raised "already in a runtime": the
+    stored path had ~ expanded, the comparison did not)."""
+    with serving(tmp_path) as srv:
+        home = tmp_path / "home"
+        (home / ".dragon").mkdir(parents=True)
+        os.symlink(srv.path, home / ".dragon" / "s.json")
+        a = client(
+            tmp_path,
+            srv.path,
+            "os.environ['HOME'] = sys.argv[1]\nh = dragon.init(connect='~/.dragon/s.json')\n"
+            "assert dragon.init(connect='~/.dragon/s.json') is h\nok('again')",
+            args=(str(home),),
+        )
+        assert "ok again" in a.stdout, a.stdout + a.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_server_ends_at_a_signal(tmp_path, sig):
     with serving(tmp_path, stop=False) as srv:

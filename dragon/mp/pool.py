@@ -477,6 +477,13 @@ class _PoolState:
             self.scheduler.join()
         if self.reaper.is_alive():
             self.reaper.join()
+        if self.state == TERMINATE:  # a worker the scheduler started after terminate() listed them (a lost
+            for p in list(self.pool):  # worker's replacement): ended too, or its join waits for good
+                if p.exitcode is None:
+                    try:
+                        p.terminate()
+                    except Exception as e:
+                        util.debug(f"terminating {p.name}: {e}")
         for p in list(self.pool):
             p.join()
         for fd in (self.wake_r, self.wake_w):
