@@ -28,6 +28,7 @@ import atexit
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -109,8 +110,6 @@ def _forward_ctrl_c():
     waited for it for good. While this process is the terminal's foreground group, its SIGINT (left at
     Python's default) is passed on to its running children on this node, then raises KeyboardInterrupt as
     before. Not in a notebook or under a pipe: there a spawn child would not get it either."""
-    import signal
-
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -118,7 +117,7 @@ def _forward_ctrl_c():
 
     def on_sigint(signum, frame):
         if _terminal_foreground():
-            _interrupt_children(signal)
+            _interrupt_children()
         signal.default_int_handler(signum, frame)
 
     signal.signal(signal.SIGINT, on_sigint)
@@ -137,7 +136,7 @@ def _terminal_foreground():
         os.close(fd)
 
 
-def _interrupt_children(signal):
+def _interrupt_children():
     procs = sys.modules.get("multiprocessing.process")
     popen_mod = sys.modules.get("dragon.mp.popen")
     if procs is None or popen_mod is None:
@@ -299,8 +298,6 @@ def _read_ready(fd, proc):
 
 def _end_local(proc):
     """SIGTERM a local runtime's launcher and wait for its teardown (SIGKILL after STOP_TIMEOUT)."""
-    import signal
-
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:

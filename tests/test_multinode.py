@@ -47,24 +47,32 @@ def test_a_killed_node_is_noticed_and_the_job_ends_naming_it():
     assert "node 1" in res.stderr and "died" in res.stderr, res.stderr
 
 
+def _on_a_channel_of_node_1(tmp_path, name, body, pool_size, capacity):
+    """Run body (a program) under 2 virtual nodes with ``ch``, a channel in a pool of node 1, made for it."""
+    prog = tmp_path / f"{name}.py"
+    prog.write_text(
+        "from dragon.channels import Channel\n"
+        "from dragon.globalservices import channel, pool\n"
+        f"p1 = pool.create({pool_size}, pool_options={{'node': 1}})\n"
+        f"ch = Channel.attach(channel.create(p1.m_uid, channel_options={{'capacity': {capacity}}}).sdesc)\n"
+        + body
+    )
+    return launch(2, program=str(prog))
+
+
 @pytest.mark.timeout(60)
 def test_a_remote_recv_many_of_big_messages_is_answered_without_a_refused_frame(tmp_path):
     """recv_many on a channel of another node whose messages add up to more than a packet's inline limit:
     the answer comes back as a pool block, which the agent once tried to index after handing it over (the
     messages arrived, and the agent logged a bogus "refused a frame ... TypeError")."""
-    prog = tmp_path / "bigmany.py"
-    prog.write_text(
-        "from dragon.channels import Channel\n"
-        "from dragon.globalservices import channel, pool\n"
-        "p1 = pool.create(64 << 20, pool_options={'node': 1})\n"
-        "ch = Channel.attach(channel.create(p1.m_uid, channel_options={'capacity': 64}).sdesc)\n"
+    body = (
         "for i in range(4):\n"
         "    ch.send(bytes([i]) * (100 << 10))\n"
         "got = ch.recv_many(4, timeout=10)\n"
         "assert [bytes(x) for x in got] == [bytes([i]) * (100 << 10) for i in range(4)]\n"
         "print('bigmany ok', flush=True)\n"
     )
-    res = launch(2, program=str(prog))
+    res = _on_a_channel_of_node_1(tmp_path, "bigmany", body, 64 << 20, 64)
     assert res.returncode == 0 and "bigmany ok" in res.stdout, res.stdout + res.stderr
     assert "refused a frame" not in res.stderr, res.stderr
 
@@ -75,14 +83,9 @@ def test_a_remote_channel_refuses_bad_input_as_a_local_one_does(tmp_path):
     ChannelError at once (not a ChannelTimeout a retry loop would repeat for good), a bool or str timeout a
     TypeError, an int timeout beyond a double waits as forever does, and recv_many's max_n a TypeError
     (float) or ChannelError (out of range), not struct.error; the channel stays usable after each."""
-    prog = tmp_path / "remotebad.py"
-    prog.write_text(
+    body = (
         "import time\n"
-        "from dragon.channels import Channel\n"
         "from dragon.errors import ChannelError, ChannelTimeout\n"
-        "from dragon.globalservices import channel, pool\n"
-        "p1 = pool.create(8 << 20, pool_options={'node': 1})\n"
-        "ch = Channel.attach(channel.create(p1.m_uid, channel_options={'capacity': 8}).sdesc)\n"
         "def refused(call, cls, *not_cls):\n"
         "    t = time.monotonic()\n"
         "    try:\n"
@@ -104,7 +107,7 @@ def test_a_remote_channel_refuses_bad_input_as_a_local_one_does(tmp_path):
         "assert ch.recv_many(2**40, timeout=10**400) == [b'ok']\n"
         "print('remotebad ok', flush=True)\n"
     )
-    res = launch(2, program=str(prog))
+    res = _on_a_channel_of_node_1(tmp_path, "remotebad", body, 8 << 20, 8)
     assert res.returncode == 0 and "remotebad ok" in res.stdout, res.stdout + res.stderr
 
 

@@ -425,21 +425,26 @@ def _parent_sentinel():
     return r
 
 
+_RLIMITS = None  # the resource module's RLIMIT_* names (see inherited)
+
+
 def inherited(same_node):
     """What a 'spawn' child inherits of this process and a child forked from the node's zygote would not:
     umask, niceness, resource limits, ignored signals and (on this node) the CPU affinity, as text for
     INHERIT_ENV (the child applies it with apply_inherited before anything of the program runs)."""
     import resource
 
+    global _RLIMITS
+    if _RLIMITS is None:  # (once: this runs at every start)
+        _RLIMITS = [n for n in dir(resource) if n.startswith("RLIMIT_")]
     mask = os.umask(0)
     os.umask(mask)
     limits = {}
-    for name in dir(resource):
-        if name.startswith("RLIMIT_"):
-            try:
-                limits[name] = resource.getrlimit(getattr(resource, name))
-            except (OSError, ValueError):
-                pass
+    for name in _RLIMITS:
+        try:
+            limits[name] = resource.getrlimit(getattr(resource, name))
+        except (OSError, ValueError):
+            pass
     ignored = [int(s) for s in signal.valid_signals() if _ignored(s)]
     state = {"umask": mask, "nice": os.getpriority(os.PRIO_PROCESS, 0), "rlimits": limits, "ignored": ignored}
     if same_node:
