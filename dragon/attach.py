@@ -139,11 +139,9 @@ def _terminal_foreground():
 def _interrupt_children():
     procs = sys.modules.get("multiprocessing.process")
     popen_mod = sys.modules.get("dragon.mp.popen")
-    if procs is None or popen_mod is None:
+    if procs is None or popen_mod is None:  # (read where loaded: this layer does not import the mp layer)
         return
-    from dragon.mp import heap
-
-    here = heap.here()
+    here = popen_mod.heap.here()
     for p in list(procs._children):
         po = getattr(p, "_popen", None)
         if isinstance(po, popen_mod.DragonPopen) and po.returncode is None and po.node == here:
