@@ -176,6 +176,22 @@ def test_timeouts_a_bool_a_str_a_huge_int_and_nan_at_create(pool):
     ch.destroy()
 
 
+def test_the_timeout_rule_the_remote_handle_shares():
+    """core.timeout_seconds is the rule every wait of the core applies, stated once (a remote channel handle
+    reads its timeouts through it): None means for good, as does more than 1e9 s or an int beyond a double;
+    <= 0 means now."""
+    from dragon._core.core import timeout_seconds
+
+    assert timeout_seconds(None) is None and timeout_seconds(2e9) is None and timeout_seconds(10**400) is None
+    assert timeout_seconds(0) == 0.0 and timeout_seconds(-3) == 0.0 and timeout_seconds(-(10**400)) == 0.0
+    assert timeout_seconds(1.5) == 1.5 and timeout_seconds(2) == 2.0
+    for bad in (True, "1", b"1", [1]):
+        with pytest.raises(TypeError, match="number of seconds"):
+            timeout_seconds(bad)
+    with pytest.raises(ChannelError, match="nan"):
+        timeout_seconds(float("nan"))
+
+
 def test_recv_message_zero_copy(ch, pool):
     data = np.arange(10000, dtype=np.float64)
     ch.send(data)

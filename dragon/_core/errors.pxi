@@ -66,21 +66,56 @@ cdef long long _int(object value, object err, str what) except? -1:
         raise err(f"{what} {value} is out of range") from None
 
 
-cdef inline int64_t _deadline(object timeout, object err=ChannelError) except -2:
-    """None: block forever; <= 0: never block; t: block up to t seconds (CLOCK_MONOTONIC deadline in ns)."""
+cdef enum:
+    _T_FOREVER = 0
+    _T_NOW = 1
+    _T_SECONDS = 2
+
+
+cdef inline int _timeout_rule(object timeout, object err, double *secs) except -1:
+    """The one rule for a timeout argument, for every wait of the core and for the remote channel handle
+    (``timeout_seconds``): None or more than 1e9 s (an int beyond a double too) -> _T_FOREVER; <= 0 -> _T_NOW;
+    else _T_SECONDS with *secs. A bool is a TypeError (True is not "1 second"), as is a non-number; NaN is
+    ``err``."""
     if timeout is None:
-        return DL_FOREVER
-    if type(timeout) is bool:  # (True is not "1 second")
+        return _T_FOREVER
+    if type(timeout) is bool:
         raise TypeError("timeout must be None or a number of seconds, not a bool")
     cdef double t
     try:
         t = timeout
     except OverflowError:  # an int beyond a double: as long as forever (or never, if negative)
-        return DL_FOREVER if timeout > 0 else DL_NONBLOCK
+        return _T_FOREVER if timeout > 0 else _T_NOW
+    except TypeError:
+        raise TypeError(f"timeout must be None or a number of seconds, not {timeout!r}") from None
     if t != t:
         raise err(f"timeout must be None or a number of seconds, not {timeout!r}")
     if t <= 0:
-        return DL_NONBLOCK
+        return _T_NOW
     if t > 1e9:
+        return _T_FOREVER
+    secs[0] = t
+    return _T_SECONDS
+
+
+cdef inline int64_t _deadline(object timeout, object err=ChannelError) except -2:
+    """None: block forever; <= 0: never block; t: block up to t seconds (CLOCK_MONOTONIC deadline in ns)."""
+    cdef double t = 0.0
+    cdef int kind = _timeout_rule(timeout, err, &t)
+    if kind == _T_FOREVER:
         return DL_FOREVER
+    if kind == _T_NOW:
+        return DL_NONBLOCK
     return ds_now() + <int64_t>(t * 1e9)
+
+
+def timeout_seconds(timeout, err=ChannelError):
+    """A timeout argument as every wait of the core reads it: None (wait for good: None, or more than 1e9 s),
+    0.0 (do not wait: <= 0) or seconds. TypeError for a bool or a non-number, ``err`` for NaN."""
+    cdef double t = 0.0
+    cdef int kind = _timeout_rule(timeout, err, &t)
+    if kind == _T_FOREVER:
+        return None
+    if kind == _T_NOW:
+        return 0.0
+    return t

@@ -45,7 +45,6 @@ is gone (it learns the pid from the streams' OPEN frames), after putting back wh
 
 import atexit
 import itertools
-import math
 import operator
 import os
 import sys
@@ -56,7 +55,7 @@ import msgpack
 
 from dragon import env as E
 from dragon._core import frames as W
-from dragon._core.core import KEEP_AFTER, Block, Channel, Message, Pool, keep_freed_memory
+from dragon._core.core import KEEP_AFTER, Block, Channel, Message, Pool, keep_freed_memory, timeout_seconds
 from dragon.errors import (
     ChannelEmpty,
     ChannelError,
@@ -100,27 +99,10 @@ def _payload(data):
 
 
 def _timeout_arg(timeout):
-    """A timeout as a local channel takes it (None: forever, -1.0 here; a number of seconds; not a bool or a
-    string) -> seconds, or -1.0."""
-    if timeout is None:
-        return -1.0
-    if type(timeout) is bool or isinstance(timeout, (str, bytes, bytearray)):
-        raise TypeError(f"timeout must be None or a number of seconds, not {timeout!r}")
-    try:
-        t = float(timeout)
-    except OverflowError:  # an int beyond a double: as long as forever (or never, if negative)
-        return -1.0 if timeout > 0 else 0.0
-    if math.isnan(t):
-        raise ChannelError("timeout must not be NaN")
-    if t > 1e9:  # (as a local channel: forever)
-        return -1.0
-    return max(0.0, t)
-
-
-def _seconds(timeout):
-    """_timeout_arg as None (forever) or seconds."""
-    t = _timeout_arg(timeout)
-    return None if t < 0 else t
+    """A timeout by the core's rule (``core.timeout_seconds``, as a local channel reads it) -> seconds, or
+    -1.0 for forever (the REQ frame's encoding)."""
+    t = timeout_seconds(timeout)
+    return -1.0 if t is None else t
 
 
 class _Stream:
@@ -585,7 +567,7 @@ class RemoteChannel:
         n = len(data)
         if n > 0xFFFFFFFF:
             raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
-        t = _seconds(timeout)
+        t = timeout_seconds(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
@@ -670,7 +652,7 @@ class RemoteChannel:
                 f"channel on node {self.node}: nbytes={n} does not fit the block ({block.size} bytes)"
             )
         st = self._st
-        t = _seconds(timeout)
+        t = timeout_seconds(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
@@ -706,7 +688,7 @@ class RemoteChannel:
             if len(data) > 0xFFFFFFFF:
                 raise ChannelError(f"channel on node {self.node}: item {i} is 4 GiB or more, nothing sent")
             items.append(data)
-        t = _seconds(timeout)
+        t = timeout_seconds(timeout)
         deadline = None if t is None else time.monotonic() + t
         k = 0
         for data in items:
@@ -824,7 +806,7 @@ class RemoteChannel:
         """Wait until every message sent through this handle is in the remote channel (True), or timeout."""
         self._check()
         st = self._st
-        t = _seconds(timeout)
+        t = timeout_seconds(timeout)
         deadline = None if t is None else time.monotonic() + t
         ok = self._ep.wait(lambda: st.acked >= st.sent or st.err is not None, deadline)
         self._check()
