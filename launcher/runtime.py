@@ -25,6 +25,7 @@ import time
 
 from dragon import env
 from dragon.errors import DragonError
+from dragon.infrastructure import jobprocs
 from dragon.infrastructure import messages as m
 from dragon.infrastructure.log import get_logger
 from dragon.infrastructure.service import Service, handles
@@ -171,7 +172,7 @@ class Runtime(Service):
         self.chans = []
         self.failed = None
         self.head_code = None  # the program's exit code, once it ended
-        self.clients = {}  # client id -> (pidfd, its reply channel's sdesc): the clients watched here
+        self.clients = {}  # client id -> (pidfd, its reply channel's sdesc, pid): the clients watched here
         self.client_poll = select.poll()
         self.owner_fd = None  # pidfd of the process whose end ends the runtime (dragon.init's), if any
         self.stop_why = None  # why a serving launcher stops (its owner ended)
@@ -299,7 +300,7 @@ class Runtime(Service):
                 f"no process {msg.pid} with start time {msg.start} here (it ended, or runs on another host "
                 f"or in another pid namespace than {self.where()}'s launcher)"
             )
-        self.clients[msg.client] = (fd, msg.reply_cd)
+        self.clients[msg.client] = (fd, msg.reply_cd, msg.pid)
         self.client_poll.register(fd, select.POLLIN)
 
     def check_clients(self):
@@ -311,11 +312,12 @@ class Runtime(Service):
             return
         if self.owner_fd in ready:
             self.stop_why = "its owner ended"
-        for cid, (fd, reply) in list(self.clients.items()):
+        for cid, (fd, reply, pid) in list(self.clients.items()):
             if fd in ready:
                 self.client_poll.unregister(fd)
                 os.close(fd)
                 del self.clients[cid]
+                jobprocs.unlink_heap(self.job, cid, pid)  # (its multiprocessing heap, if it was killed)
                 self.ask(self.gs_ch, m.GSClientGone(client=cid), lambda resp, reply=reply: _destroy(reply))
 
     @handles(m.Response)

@@ -104,7 +104,11 @@ s = process.create("/bin/sleep", None, ["100"], user_name="k_sleep", options={"n
 pd = pool.create(1 << 20, user_name="k_pool", pool_options={"node": last})
 cd = channel.create(pd.m_uid, user_name="k_ch", channel_options={"capacity": 64, "block_size": 256})
 ch = Channel.attach(cd.sdesc)
-print("PID", s.pid, flush=True)
+import multiprocessing as mp
+from dragon.mp import heap
+q = mp.get_context("dragon").Queue()  # a multiprocessing object: this client makes its heap
+q.put(1)
+print("PID", s.pid, heap.pool().name, flush=True)
 n = 0
 while True:  # SIGKILLed in the middle of this
     ch.send(b"x" * 100)

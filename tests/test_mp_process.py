@@ -49,6 +49,17 @@ def middle(q):
     p.start()
     time.sleep(60)
 
+def heap_user(q):
+    from dragon.mp import heap
+    own = mp.Queue()  # an object of its own: this process makes its heap
+    own.put(1)
+    q.put(heap.pool().name)
+    time.sleep(60)
+
+def segments():
+    from dragon._core.core import job_prefix
+    return {n for n in os.listdir("/dev/shm") if n.startswith(job_prefix())}
+
 def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -195,6 +206,23 @@ if __name__ == "__main__":
     p.join()
     assert zygote_seen or "dragon.localservices.zygote" in parent_cmd, parent_cmd
     ok("zygote")
+
+    # the heap of a child that could not destroy it (killed; a Pool's workers, which leaving `with Pool()`
+    # terminates) is removed when it ends, not at the end of the job (a served runtime, a notebook: never)
+    q = mp.Queue()
+    p = mp.Process(target=heap_user, args=(q,))
+    p.start()
+    name = q.get(timeout=30)
+    assert any(n.endswith(name) for n in segments()), (name, segments())
+    p.kill()
+    p.join(30)
+    assert not any(n.endswith(name) for n in segments()), (name, segments())
+    before = segments()
+    for _ in range(3):
+        with mp.Pool(3) as pool:
+            assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+    assert segments() == before, segments() - before
+    ok("heaps of killed children and terminated Pool workers removed")
 
     # what a spawn child inherits and a fork of the zygote would not (last: it changes this process)
     import resource

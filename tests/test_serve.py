@@ -68,7 +68,9 @@ def test_client_sigkilled_mid_use(tmp_path, nodes, flags):
     with serving(tmp_path, nodes, flags) as srv:
         k = start_client(tmp_path, srv.path, MID_USE, name="k.py")
         try:
-            pid = int(k.stdout.readline().split()[1])
+            _, pid, heap = k.stdout.readline().split()
+            pid = int(pid)
+            assert os.path.exists(f"/dev/shm/{heap}"), heap
             assert k.stdout.readline() == "READY\n", k.stderr.read() if k.poll() is not None else ""
             k.kill()
         finally:
@@ -77,6 +79,11 @@ def test_client_sigkilled_mid_use(tmp_path, nodes, flags):
         c = client(tmp_path, srv.path, AFTER_KILL)
         assert c.returncode == 0, c.stdout + c.stderr
         assert "ok released after SIGKILL" in c.stdout
+        # its multiprocessing heap too (it could not destroy it; the runtime goes on, so no job end would)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/dev/shm/{heap}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/dev/shm/{heap}"), heap
         deadline = time.monotonic() + 10
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -380,6 +380,11 @@ class Shepherd(Service):
         self.sel.unregister(rec.pidfd)
         os.close(rec.pidfd)
         rec.pidfd = None
+        # the multiprocessing heap it did not destroy (killed, a terminated Pool worker; one unlink, ENOENT
+        # after a clean exit). The name holds its p_uid as well as its pid: a zygote's child may be reaped,
+        # and its pid reused, before this runs: the pid's new owner names its heap by its own p_uid (unless
+        # it is a descendant of this process that the kernel gave this very pid in between)
+        jobprocs.unlink_heap(self.job, rec.p_uid, rec.popen.pid)
         code = rec.popen.wait()
         with self.lock:
             rec.exit_code = code

@@ -6,8 +6,11 @@ Each process that makes such an object makes one pool on its node the first time
 exits (the last of multiprocessing's exit steps, after its children were joined); objects a process made are
 its heap's: they live as long as the process (as multiprocessing's do in practice: a parent outlives the
 children it shares them with). An object that was never sent to another process is freed as soon as it is
-garbage. What a crashed process leaves is unlinked when the job ends (dragon-launch removes every segment of
-the job).
+garbage. The heap of a process that ended without destroying it (killed; a Pool's terminated worker) is
+unlinked by whoever watched it end: its shepherd (a managed process) or node 0's launcher (a client of the
+runtime); it is named for that (``jobprocs.heap_name``: the process's p_uid or client id, and its pid). What
+else a crashed process leaves is unlinked when the job ends (dragon-launch removes every segment of the
+job).
 
 Channels made here are the core's channels (no global-services round trip): any process of the job attaches
 one by its sdesc, and on another node that gives a RemoteChannel (through the transport agents).
@@ -51,14 +54,23 @@ def pool():
 
 def _create(size):
     """A pool of size bytes, or of a quarter as much while /dev/shm has not room for it (a small tmpfs: the
-    heap is sparse, but the core checks the free space for the whole size), down to MIN_HEAP."""
+    heap is sparse, but the core checks the free space for the whole size), down to MIN_HEAP. Named so that
+    the runtime can remove it if this process ends without destroying it (see jobprocs.heap_name); should
+    that name be taken (a heap left by an earlier process of the same uid whose pid this one got), by the
+    core's default name instead."""
+    from dragon._core.core import job_prefix
     from dragon.errors import PoolError
+    from dragon.infrastructure import client, jobprocs
     from dragon.pools import Pool
 
+    name: str | None = jobprocs.heap_name(client.connection().p_uid, os.getpid())
     while True:
         try:
-            return Pool.create(size)
+            return Pool.create(size, name=name)
         except PoolError:
+            if name is not None and os.path.exists(f"/dev/shm/{job_prefix()}{name}"):
+                name = None
+                continue
             if size // 4 < MIN_HEAP:
                 raise
             size //= 4
