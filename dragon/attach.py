@@ -64,6 +64,17 @@ class Handle:
 
 _handle = None
 _lock = threading.RLock()
+_leave_hooks: list = []  # fn(handle), called when this process leaves a runtime (on_leave)
+
+
+def on_leave(fn):
+    """Have fn(handle) called when this process leaves its runtime (``shutdown()``, also at interpreter exit),
+    before it leaves (what it started there is still reachable): a layer above (multiprocessing) forgets
+    what belongs to that runtime, so that nothing of it is used in the next one ``init()`` makes. Once per
+    fn, most recent first; an exception is printed and does not keep the process in the runtime."""
+    with _lock:
+        if fn not in _leave_hooks:
+            _leave_hooks.append(fn)
 
 
 def current():
@@ -160,6 +171,14 @@ def shutdown():
         h = current()
         if h is None or h.mode == "managed":
             return
+        for fn in reversed(_leave_hooks):
+            try:
+                fn(h)
+            except Exception as e:
+                print(
+                    f"dragon.shutdown: {fn.__module__}.{fn.__qualname__}: {type(e).__name__}: {e}",
+                    file=sys.stderr,
+                )
         _handle = None
         _leave(h)
 

@@ -210,6 +210,61 @@ def test_exit_paths(tmp_path, how, code):
         assert_nothing_left(mark, job)
 
 
+MP_AGAIN = r"""
+import multiprocessing as mp
+import os
+import time
+
+import dragon
+
+
+def put_pid(q):
+    q.put(os.getpid())
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    for round in range(2):
+        h = dragon.init()
+        print("JOB", h.job, flush=True)
+        q = ctx.Queue()
+        p = ctx.Process(target=put_pid, args=(q,))
+        p.start()
+        assert q.get(timeout=30) == p.pid
+        p.join(30)
+        with ctx.Pool(2) as pool:
+            assert pool.map(abs, [-1, -2]) == [1, 2]
+        left = ctx.Process(target=time.sleep, args=(100,))  # still running at shutdown()
+        left.start()
+        done = ctx.Process(target=time.sleep, args=(0,))  # exited, not joined yet
+        done.start()
+        time.sleep(1)
+        dragon.shutdown()
+        # the runtime ended them (and what ended keeps its own code); the next runtime is not asked about
+        # them: their p_uids name other processes there
+        assert left.exitcode == -9 and not left.is_alive(), left.exitcode
+        assert done.exitcode == 0, done.exitcode
+        assert left not in ctx.active_children()
+        ok(f"round {round}")
+"""
+
+
+def test_multiprocessing_after_shutdown_and_init_again(tmp_path):
+    """A notebook restarts its runtime: dragon.shutdown(), then dragon.init() again. Queues, Processes and
+    Pools work in the new runtime (their channels were made in the heap of the first one, whose segment that
+    runtime's end removed: a child could not attach them, and a Queue.get timed out), the first runtime's
+    children are not joined or signalled through the second, and nothing of either is left."""
+    mark, env = marked_env()
+    res = run_script(tmp_path, MP_AGAIN, env, timeout=100)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok round 0" in res.stdout and "ok round 1" in res.stdout, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    jobs = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("JOB ")]
+    assert len(jobs) == 2 and jobs[0] != jobs[1], res.stdout
+    for job in jobs:
+        assert_nothing_left(mark, job)
+
+
 @pytest.mark.parametrize("run", range(3))
 def test_sigkill_of_the_client_ends_the_runtime(tmp_path, run):
     mark, env = marked_env()

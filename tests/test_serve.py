@@ -106,6 +106,34 @@ def test_keep(tmp_path):
             "pool.destroy('kept')\nprocess.kill('kept_sleep')\nok('kept')",
         )
         assert "ok kept" in b.stdout, b.stdout + b.stderr
+        c = client(tmp_path, srv.path, KEPT_MP_CHILD)
+        assert "ok kept child left" in c.stdout, c.stdout + c.stderr
+
+
+KEPT_MP_CHILD = r"""
+if __name__ == "__main__":
+    import multiprocessing as mp
+    import signal
+    from dragon.errors import ProcessError
+    ctx = mp.get_context("dragon")
+    dragon.init(keep=True)
+    p = ctx.Process(target=time.sleep, args=(100,))
+    p.start()
+    dragon.shutdown()
+    # it runs on in the runtime, out of this process's reach: not joined or signalled through the next
+    # runtime (where its p_uid may name another process), and not waited for at exit
+    t = time.monotonic()
+    p.join(0.2)
+    assert p.is_alive() and time.monotonic() - t < 10
+    raises(ProcessError, p.terminate)
+    dragon.init()
+    q = ctx.Queue()
+    q.put(1)
+    assert q.get(timeout=30) == 1
+    assert p not in ctx.active_children()
+    os.kill(p.pid, signal.SIGKILL)
+    ok("kept child left")
+"""
 
 
 def test_init_with_a_home_relative_connection_file_is_idempotent(tmp_path):

@@ -83,6 +83,21 @@ def channel(capacity, block_size):
     return Channel.create(pool(), capacity=capacity, block_size=block_size)
 
 
+def _forget(handle):
+    """This process leaves its runtime (``dragon.shutdown()``; see ``dragon.mp.util``): its heap, if it
+    made one, is destroyed now (a process of that runtime that still runs keeps its mapping of what it
+    uses), and the next object is made in a heap of the runtime this process is in then (a heap of the one
+    it left cannot be reached there)."""
+    global _pool
+    with _lock:
+        p, _pool = _pool, None
+        if p is not None and _pid == os.getpid():
+            try:
+                p.destroy()
+            except Exception:
+                pass
+
+
 def _destroy(pid):
     global _pool
     if pid != os.getpid() or _pool is None:

@@ -138,6 +138,7 @@ class DragonPopen:
         util._flush_std_streams()
         self.returncode = None
         self.finalizer = None
+        self._left = False  # it runs on in a runtime this process left (keep=True): not to be asked about
         self._held = _Held()
         self._launch(process_obj)
 
@@ -242,7 +243,7 @@ class DragonPopen:
         return code if magic == STATUS_MAGIC else None
 
     def poll(self, flag=os.WNOHANG):
-        if self.returncode is None:
+        if self.returncode is None and not self._left:
             if self._held.wakeup is None:  # a child on this node: its pidfd says whether it exited
                 if not _readable(self.sentinel, 0):
                     return None
@@ -255,7 +256,7 @@ class DragonPopen:
         return self.returncode
 
     def wait(self, timeout=None):
-        if self.returncode is None:
+        if self.returncode is None and not self._left:
             from dragon.globalservices import process
 
             if timeout is not None:
@@ -274,6 +275,11 @@ class DragonPopen:
         return self.returncode
 
     def _signal(self, sig):
+        if self._left:
+            raise ProcessError(
+                f"process {self.pid} was left running in a runtime this process has left (keep=True): "
+                "it cannot be signalled from here"
+            )
         if self.returncode is None:
             from dragon.globalservices import process
 
@@ -388,6 +394,39 @@ class ExitWatcher:
 
 _watcher = None
 _watcher_lock = threading.Lock()
+
+
+def _forget(h):
+    """This process leaves runtime h (``dragon.shutdown()``; see ``dragon.mp.util``). Its children there
+    end with it (a local runtime ends everything, a client's processes are released: SIGKILL) or, kept
+    (``keep=True``), run on out of its reach; either way nothing asks the next runtime about them (their
+    p_uids name other processes there, which a join or a kill would reach). Those that already exited
+    keep their own exit code. The node count was that runtime's too."""
+    global _nodes
+    import multiprocessing.process as mpp
+
+    kept = h.mode == "connected" and h.keep
+    for p in list(mpp._children):
+        popen = getattr(p, "_popen", None)
+        if type(popen) is not DragonPopen or popen.returncode is not None or popen._left:
+            continue
+        try:
+            code = popen.poll()
+        except Exception:
+            code = None
+        if code is not None:
+            continue
+        if kept:
+            popen._left = True
+            popen._held.child_done()
+            mpp._children.discard(p)
+        else:
+            popen._exited(-signal.SIGKILL)
+    w = _watcher
+    if w is not None:
+        with w.lock:
+            w.popens.clear()
+    _nodes = None
 
 
 def watcher():

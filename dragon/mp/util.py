@@ -1,5 +1,6 @@
 """Small things of the start method: the runtime's CPU count, the Manager."""
 
+import sys
 import threading
 
 from dragon import env as E
@@ -16,6 +17,9 @@ def runtime():
         from dragon.attach import init
 
         init()
+    attach = sys.modules.get("dragon.attach")  # (not loaded: a managed process, which never leaves)
+    if attach is not None:
+        attach.on_leave(_runtime_left)
 
 
 def cpu_count():
@@ -28,6 +32,20 @@ def cpu_count():
 
             _cpus = sum(node.query(i).cpus or 1 for i in node.get_list())
         return _cpus
+
+
+def _runtime_left(handle):
+    """``dragon.attach.on_leave``: this process leaves the runtime it is a client of (``dragon.shutdown()``):
+    what the start method keeps of that runtime is forgotten, so that nothing of it is used in the next
+    one: first its children there (``popen``: none is joined or signalled through the next runtime,
+    where their p_uids name other processes), then the heap their channels live in, and the CPU count."""
+    global _cpus
+    for name in ("dragon.mp.popen", "dragon.mp.heap"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            mod._forget(handle)
+    with _lock:
+        _cpus = None
 
 
 def start_manager(ctx):
