@@ -111,6 +111,41 @@ def test_a_remote_channel_refuses_bad_input_as_a_local_one_does(tmp_path):
     assert res.returncode == 0 and "remotebad ok" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.timeout(90)
+def test_forged_frames_naming_a_channel_of_another_node_than_their_destination_stall_no_agent(tmp_path):
+    """A process writes into its gateway an OPEN to node 1 for a channel of node 0, a receive on that stream
+    and a PUTBACK to node 1 carrying a node-0 sdesc. Node 1's agent must refuse them: it used to attach the
+    channel with Channel.attach, i.e. through its own transport agent (itself), and its receive waited for an
+    answer only it could give, so node 1 fell silent and was declared down (the job lost it)."""
+    body = (
+        "from dragon._core import frames as W\n"
+        "from dragon._core.remote import endpoint\n"
+        "from dragon.errors import ChannelEmpty\n"
+        "p0 = pool.create(1 << 20, pool_options={'node': 0})\n"
+        "c0 = Channel.attach(channel.create(p0.m_uid, channel_options={'capacity': 8}).sdesc)\n"
+        "ch.send(b'warm')\n"
+        "assert ch.recv(timeout=10) == b'warm'\n"
+        "ep = endpoint()\n"
+        "sid = 0x5EED | 1\n"
+        "opening = W.prefix_sdesc(c0.sdesc, ep.opener + ep.reply_sdesc)\n"
+        "ep.gw.send(W.HDR.pack(W.OPEN, 0, 1, len(opening), sid, 0) + opening)\n"
+        "ep.gw.send(W.HDR.pack(W.RECV, 0, 1, W.REQ.size, sid, 1) + W.REQ.pack(W.M_RECV, 1, -1, 0.0))\n"
+        "back = W.prefix_sdesc(c0.sdesc, b'forged')\n"
+        "ep.gw.send(W.HDR.pack(W.PUTBACK, 0, 1, len(back), 0, 0) + back)\n"
+        "for i in range(3):\n"
+        "    ch.send(b'after %d' % i)\n"
+        "    assert ch.recv(timeout=5) == b'after %d' % i\n"
+        "try:\n"
+        "    c0.recv(timeout=0)\n"
+        "    raise AssertionError('the forged PUTBACK was relayed into a channel of node 0')\n"
+        "except ChannelEmpty:\n"
+        "    pass\n"
+        "print('misrouted ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "misrouted", body, 8 << 20, 8)
+    assert res.returncode == 0 and "misrouted ok" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(60)
 def test_exit_code_is_the_programs(tmp_path):
     prog = tmp_path / "fail.py"

@@ -16,6 +16,13 @@ def local_node():
     return node if 0 <= node <= 0xFFFF else 0
 
 
+def sdesc_node(sdesc):
+    """The index of the node whose /dev/shm holds what sdesc (a pool's or a channel's) names; ChannelError for
+    bytes that are not an sdesc. The transport agent checks it before it attaches a channel for another node's
+    process: a channel of a third node would be attached through its own agent, waiting on itself."""
+    return _parse_sdesc(sdesc, ChannelError)[6]
+
+
 cdef tuple _parse_sdesc(object sdesc, object err):
     if not isinstance(sdesc, (bytes, bytearray, memoryview)):
         raise TypeError(f"sdesc must be bytes, not {type(sdesc).__name__}")

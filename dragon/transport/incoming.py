@@ -16,7 +16,7 @@ import time
 import msgpack
 
 from dragon._core import frames as W
-from dragon._core.core import Channel
+from dragon._core.core import Channel, sdesc_node
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, PoolError
 
 ACK_EVERY = 64  # acknowledge a stream's deliveries once this many are unacknowledged ...
@@ -116,7 +116,7 @@ class Incoming:
         s = self.ins[(src, sid)] = _In(src, sid)
         k = W.U16.unpack_from(payload, 0)[0]
         try:
-            s.ch = Channel.attach(bytes(payload[2 : 2 + k]))
+            s.ch = self._attach_here(bytes(payload[2 : 2 + k]))
         except (ChannelError, TypeError) as e:
             self._stream_error(s, f"cannot attach the channel: {e}")
 
@@ -168,8 +168,16 @@ class Incoming:
         if ch is None:
             if len(self.back_chs) >= 64:  # keep a few handles for the next put-backs, not every one
                 self.back_chs.pop(next(iter(self.back_chs))).close()
-            ch = self.back_chs[sdesc] = Channel.attach(sdesc)
+            ch = self.back_chs[sdesc] = self._attach_here(sdesc)
         return ch
+
+    def _attach_here(self, sdesc):
+        """Attach a channel of this node for another node's frames. One of another node is refused: attach
+        would reach it through this node's agent, i.e. this thread, which would then wait on itself."""
+        node = sdesc_node(sdesc)
+        if node != self.node:
+            raise ChannelError(f"the channel is on node {node}, not on node {self.node} (a misrouted frame)")
+        return Channel.attach(sdesc)
 
     def _stream_error(self, s, text):
         if s.err is None:
