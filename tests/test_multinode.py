@@ -112,6 +112,39 @@ def test_a_remote_channel_refuses_bad_input_as_a_local_one_does(tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_a_message_the_remote_pool_can_never_hold_is_refused_by_its_send_and_the_handle_goes_on(tmp_path):
+    """As on a local channel: a send (or send_block) more than the channel's pool could ever hold (but not
+    more than this node's staging pool) raises ChannelError itself and the handle stays usable. It used to be
+    accepted into the window, and the remote agent's failure then broke the stream: every later call on the
+    handle (send, recv, len, capacity) raised that error for good."""
+    body = (
+        "from dragon.errors import ChannelError\n"
+        "big = b'z' * (9 << 20)\n"
+        "for t in (None, 0, 1.0):\n"
+        "    try:\n"
+        "        ch.send(big, timeout=t)\n"
+        "        raise AssertionError('a message bigger than the pool was sent')\n"
+        "    except ChannelError as e:\n"
+        "        assert 'could ever hold' in str(e), e\n"
+        "blk = ch.pool.alloc(9 << 20)\n"
+        "try:\n"
+        "    ch.send_block(blk)\n"
+        "    raise AssertionError('a block bigger than the pool was sent')\n"
+        "except ChannelError as e:\n"
+        "    assert 'could ever hold' in str(e), e\n"
+        "ch.pool.free(blk)\n"
+        "ch.send(b'x' * (1 << 20))\n"
+        "ch.send(b'after')\n"
+        "assert ch.flush(10)\n"
+        "assert len(ch) == 2 and ch.capacity == 8\n"
+        "assert ch.recv(timeout=10) == b'x' * (1 << 20) and ch.recv(timeout=10) == b'after'\n"
+        "print('toobig ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "toobig", body, 8 << 20, 8)
+    assert res.returncode == 0 and "toobig ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(90)
 def test_forged_frames_naming_a_channel_of_another_node_than_their_destination_stall_no_agent(tmp_path):
     """A process writes into its gateway an OPEN to node 1 for a channel of node 0, a receive on that stream
     and a PUTBACK to node 1 carrying a node-0 sdesc. Node 1's agent must refuse them: it used to attach the

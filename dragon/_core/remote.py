@@ -56,7 +56,7 @@ import msgpack
 
 from dragon import env as E
 from dragon._core import frames as W
-from dragon._core.core import KEEP_AFTER, Block, Channel, Message, Pool, keep_freed_memory
+from dragon._core.core import KEEP_AFTER, Block, Channel, Message, Pool, keep_freed_memory, sdesc_info
 from dragon.errors import (
     ChannelEmpty,
     ChannelError,
@@ -468,6 +468,10 @@ class RemoteChannel:
             raise ChannelError(f"bad node index {node!r}")
         self._sdesc = bytes(sdesc)
         self._node = node
+        try:  # the most a message may hold (its pool's size), refused here as a local channel refuses it
+            self._most = min(sdesc_info(self._sdesc)[1], 0xFFFFFFFF)  # (and a frame's length field)
+        except ChannelError:
+            self._most = 0xFFFFFFFF  # (a bad sdesc: the remote agent reports it at the first call)
         self._closed = False
         self._destroyed = False
         self._info = None
@@ -519,6 +523,16 @@ class RemoteChannel:
                     f"requests (gateway full for {GW_SEND_TIMEOUT} s)"
                 ) from None
             raise ChannelTimeout(f"channel on node {self.node}: timed out (transport gateway full)") from None
+
+    def _too_big(self, n):
+        """A message of n bytes can never be in the channel: refused by the call, as a local channel refuses
+        it (sent, it would fail on the channel's node after the send returned, and break the stream)."""
+        if n > 0xFFFFFFFF:
+            raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
+        raise ChannelError(
+            f"channel on node {self.node}: a {n}-byte message is more than its pool could ever hold "
+            f"({self._most} bytes)"
+        )
 
     def _window_wait(self, st, n, timeout):
         """Block (per timeout) until one more message of n bytes fits the stream's window."""
@@ -583,8 +597,8 @@ class RemoteChannel:
         if type(data) is not bytes:
             data = _payload(data)
         n = len(data)
-        if n > 0xFFFFFFFF:
-            raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
+        if n > self._most:
+            self._too_big(n)
         t = _seconds(timeout)
         with st.lock:
             if st.sent - st.acked >= WINDOW or (
@@ -669,6 +683,8 @@ class RemoteChannel:
             raise ChannelError(
                 f"channel on node {self.node}: nbytes={n} does not fit the block ({block.size} bytes)"
             )
+        if n > self._most:
+            self._too_big(n)
         st = self._st
         t = _seconds(timeout)
         with st.lock:

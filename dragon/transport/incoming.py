@@ -16,7 +16,7 @@ import time
 import msgpack
 
 from dragon._core import frames as W
-from dragon._core.core import Channel, sdesc_node
+from dragon._core.core import Channel, sdesc_info
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, PoolError
 
 ACK_EVERY = 64  # acknowledge a stream's deliveries once this many are unacknowledged ...
@@ -174,7 +174,7 @@ class Incoming:
     def _attach_here(self, sdesc):
         """Attach a channel of this node for another node's frames. One of another node is refused: attach
         would reach it through this node's agent, i.e. this thread, which would then wait on itself."""
-        node = sdesc_node(sdesc)
+        node = sdesc_info(sdesc)[0]
         if node != self.node:
             raise ChannelError(f"the channel is on node {node}, not on node {self.node} (a misrouted frame)")
         return Channel.attach(sdesc)
