@@ -144,6 +144,42 @@ def test_a_message_the_remote_pool_can_never_hold_is_refused_by_its_send_and_the
     assert res.returncode == 0 and "toobig ok" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.timeout(150)
+def test_a_send_with_a_timeout_keeps_it_while_another_thread_waits_for_room_on_the_same_handle(tmp_path):
+    """Two threads send on one handle of a full remote channel: one waits for room (timeout None); the
+    other's send with timeout 0 raises ChannelFull and with timeout 0.5 ChannelTimeout, as on a local
+    channel. They used to wait for the handle's lock, held by the first thread for as long as it waited
+    (for ever); nothing is lost or sent twice, and the waiting thread goes on once there is room."""
+    body = (
+        "import threading\n"
+        "from dragon._core.remote import WINDOW\n"
+        "from dragon.errors import ChannelFull, ChannelTimeout\n"
+        "total = WINDOW + 8 + 1\n"
+        "def fill():\n"
+        "    for i in range(total):\n"
+        "        ch.send(b'%d' % i)\n"
+        "th = threading.Thread(target=fill, daemon=True)\n"
+        "th.start()\n"
+        "while ch._st.sent < WINDOW + 8 or ch._st.acked < 8:  # the last send waits for room\n"
+        "    time.sleep(0.05)\n"
+        "for t, cls in ((0, ChannelFull), (0.5, ChannelTimeout)):\n"
+        "    try:\n"
+        "        ch.send(b'other', timeout=t)\n"
+        "        print('a send into a full window went through', flush=True)\n"
+        "        os._exit(1)\n"
+        "    except cls:\n"
+        "        pass\n"
+        "got = [ch.recv(timeout=10) for _ in range(total)]\n"
+        "th.join(30)\n"
+        "assert not th.is_alive()\n"
+        "assert got == [b'%d' % i for i in range(total)], got\n"
+        "assert ch.poll(timeout=0.5) is False\n"
+        "print('twothreads ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "twothreads", "import os, time\n" + body, 8 << 20, 8)
+    assert res.returncode == 0 and "twothreads ok" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(90)
 def test_forged_frames_naming_a_channel_of_another_node_than_their_destination_stall_no_agent(tmp_path):
     """A process writes into its gateway an OPEN to node 1 for a channel of node 0, a receive on that stream
