@@ -180,6 +180,37 @@ def test_a_send_with_a_timeout_keeps_it_while_another_thread_waits_for_room_on_t
     assert res.returncode == 0 and "twothreads ok" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.timeout(120)
+def test_a_receive_waiting_on_a_remote_handle_holds_up_no_other_threads_call_on_it(tmp_path):
+    """One thread waits in recv() on a remote handle of an empty channel; another thread's recv(timeout=0),
+    poll(timeout=0), len() and recv(timeout=0.3) on the same handle answer at once (ChannelEmpty, False, 0,
+    ChannelTimeout), as on a local channel. The remote agent served a stream's requests strictly in order, so
+    they waited behind the blocked receive and failed after 30 s with "no answer from the node's transport
+    agent". The waiting receive still gets the next message."""
+    body = (
+        "import threading\n"
+        "from dragon.errors import ChannelEmpty, ChannelTimeout\n"
+        "got = []\n"
+        "th = threading.Thread(target=lambda: got.append(ch.recv()), daemon=True)\n"
+        "th.start()\n"
+        "time.sleep(0.5)  # (its request is at the remote agent; the checks hold whether or not it is)\n"
+        "for call, cls in ((lambda: ch.recv(timeout=0), ChannelEmpty), (lambda: ch.recv(timeout=0.3), "
+        "ChannelTimeout)):\n"
+        "    try:\n"
+        "        call()\n"
+        "        raise AssertionError('a message came from an empty channel')\n"
+        "    except cls as e:\n"
+        "        assert 'no answer' not in str(e), e\n"
+        "assert ch.poll(timeout=0) is False and len(ch) == 0\n"
+        "ch.send(b'for the waiting one')\n"
+        "th.join(10)\n"
+        "assert got == [b'for the waiting one'], got\n"
+        "print('waitingrecv ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "waitingrecv", "import time\n" + body, 8 << 20, 8)
+    assert res.returncode == 0 and "waitingrecv ok" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(90)
 def test_forged_frames_naming_a_channel_of_another_node_than_their_destination_stall_no_agent(tmp_path):
     """A process writes into its gateway an OPEN to node 1 for a channel of node 0, a receive on that stream
