@@ -212,6 +212,40 @@ def test_a_receive_waiting_on_a_remote_handle_holds_up_no_other_threads_call_on_
 
 
 @pytest.mark.timeout(90)
+def test_a_forged_receive_request_that_raises_is_answered_and_stops_neither_its_stream_nor_the_agent(
+    tmp_path,
+):
+    """A process forges a recv_into request for 2**62 bytes on its own stream while that stream has a send
+    waiting at the remote agent (its channel is full). The request used to raise MemoryError at every agent
+    step (it stayed first in the stream's queue): after 100 steps in a row the agent stopped and node 1 was
+    lost. Now the buffer the agent receives into is bounded by the channel's pool (no message is bigger), and
+    a request that raises anyway is answered with an error and dropped: the forged request takes the first
+    message as any receive would, the others all arrive, other handles work, and a real recv_into with a
+    buffer bigger than the channel's pool receives as usual."""
+    body = (
+        "from dragon._core import frames as W\n"
+        "from dragon._core.remote import endpoint\n"
+        "for i in range(9):  # the 9th waits at node 1's agent for room\n"
+        "    ch.send(b'%d' % i)\n"
+        "ep = endpoint()\n"
+        "forged = W.REQ.pack(W.M_INTO, 1, 2**62, 0.0)\n"
+        "ep.gw.send(W.HDR.pack(W.RECV, 0, 1, W.REQ.size, ch._st.sid, 10**6) + forged)\n"
+        "time.sleep(1)  # (the agent steps many times meanwhile)\n"
+        "other = Channel.attach(channel.create(p1.m_uid, channel_options={'capacity': 8}).sdesc)\n"
+        "other.send(b'still there')\n"
+        "assert other.recv(timeout=10) == b'still there'\n"
+        "assert [ch.recv(timeout=10) for _ in range(8)] == [b'%d' % i for i in range(1, 9)]\n"
+        "assert ch.poll(timeout=0.2) is False\n"
+        "ch.send(b'into')\n"
+        "buf = bytearray(64 << 20)\n"
+        "assert ch.recv_into(buf, timeout=10) == 4 and buf[:4] == b'into'\n"
+        "print('forgedrecv ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "forgedrecv", "import time\n" + body, 8 << 20, 8)
+    assert res.returncode == 0 and "forgedrecv ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(90)
 def test_forged_frames_naming_a_channel_of_another_node_than_their_destination_stall_no_agent(tmp_path):
     """A process writes into its gateway an OPEN to node 1 for a channel of node 0, a receive on that stream
     and a PUTBACK to node 1 carrying a node-0 sdesc. Node 1's agent must refuse them: it used to attach the

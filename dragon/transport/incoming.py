@@ -288,9 +288,11 @@ class Incoming:
         try:
             if mode == W.M_RECV or mode == W.M_INTO:
                 if mode == W.M_INTO:
-                    if len(self.tmp) < r.maxlen:
-                        self.tmp = bytearray(r.maxlen)
-                    k = ch.recv_into(memoryview(self.tmp)[: r.maxlen], timeout=0)
+                    # (no message is bigger than its pool: a bigger buffer would only cost this agent memory)
+                    maxlen = max(0, min(r.maxlen, ch.pool.size))
+                    if len(self.tmp) < maxlen:
+                        self.tmp = bytearray(maxlen)
+                    k = ch.recv_into(memoryview(self.tmp)[:maxlen], timeout=0)
                     self._data(s, r.seq, 0, memoryview(self.tmp)[:k], None)
                 else:
                     m = ch.recv_message(timeout=0)
@@ -325,6 +327,9 @@ class Incoming:
                 return False
         except ChannelError as e:
             self._err(s, r.seq, e, str(e))
+        except Exception as e:  # (a forged request): answered and dropped, not left to raise at every step
+            self._refuse(None, f"request {r.seq} (mode {mode}) of a stream from node {s.src}: {e!r}")
+            self._err(s, r.seq, ChannelError, f"a bad request: {type(e).__name__}")
         return True
 
     def _data(self, s, seq, flags, data, keep):
