@@ -111,6 +111,175 @@ def test_a_remote_channel_refuses_bad_input_as_a_local_one_does(tmp_path):
     assert res.returncode == 0 and "remotebad ok" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.timeout(90)
+def test_a_message_the_remote_pool_can_never_hold_is_refused_by_its_send_and_the_handle_goes_on(tmp_path):
+    """As on a local channel: a send (or send_block) more than the channel's pool could ever hold (but not
+    more than this node's staging pool) raises ChannelError itself and the handle stays usable. It used to be
+    accepted into the window, and the remote agent's failure then broke the stream: every later call on the
+    handle (send, recv, len, capacity) raised that error for good."""
+    body = (
+        "from dragon.errors import ChannelError\n"
+        "big = b'z' * (9 << 20)\n"
+        "for t in (None, 0, 1.0):\n"
+        "    try:\n"
+        "        ch.send(big, timeout=t)\n"
+        "        raise AssertionError('a message bigger than the pool was sent')\n"
+        "    except ChannelError as e:\n"
+        "        assert 'could ever hold' in str(e), e\n"
+        "blk = ch.pool.alloc(9 << 20)\n"
+        "try:\n"
+        "    ch.send_block(blk)\n"
+        "    raise AssertionError('a block bigger than the pool was sent')\n"
+        "except ChannelError as e:\n"
+        "    assert 'could ever hold' in str(e), e\n"
+        "ch.pool.free(blk)\n"
+        "ch.send(b'x' * (1 << 20))\n"
+        "ch.send(b'after')\n"
+        "assert ch.flush(10)\n"
+        "assert len(ch) == 2 and ch.capacity == 8\n"
+        "assert ch.recv(timeout=10) == b'x' * (1 << 20) and ch.recv(timeout=10) == b'after'\n"
+        "print('toobig ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "toobig", body, 8 << 20, 8)
+    assert res.returncode == 0 and "toobig ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(150)
+def test_a_send_with_a_timeout_keeps_it_while_another_thread_waits_for_room_on_the_same_handle(tmp_path):
+    """Two threads send on one handle of a full remote channel: one waits for room (timeout None); the
+    other's send with timeout 0 raises ChannelFull and with timeout 0.5 ChannelTimeout, as on a local
+    channel. They used to wait for the handle's lock, held by the first thread for as long as it waited
+    (for ever); nothing is lost or sent twice, and the waiting thread goes on once there is room."""
+    body = (
+        "import threading\n"
+        "from dragon._core.remote import WINDOW\n"
+        "from dragon.errors import ChannelFull, ChannelTimeout\n"
+        "total = WINDOW + 8 + 1\n"
+        "def fill():\n"
+        "    for i in range(total):\n"
+        "        ch.send(b'%d' % i)\n"
+        "th = threading.Thread(target=fill, daemon=True)\n"
+        "th.start()\n"
+        "while ch._st.sent < WINDOW + 8 or ch._st.acked < 8:  # the last send waits for room\n"
+        "    time.sleep(0.05)\n"
+        "for t, cls in ((0, ChannelFull), (0.5, ChannelTimeout)):\n"
+        "    try:\n"
+        "        ch.send(b'other', timeout=t)\n"
+        "        print('a send into a full window went through', flush=True)\n"
+        "        os._exit(1)\n"
+        "    except cls:\n"
+        "        pass\n"
+        "got = [ch.recv(timeout=10) for _ in range(total)]\n"
+        "th.join(30)\n"
+        "assert not th.is_alive()\n"
+        "assert got == [b'%d' % i for i in range(total)], got\n"
+        "assert ch.poll(timeout=0.5) is False\n"
+        "print('twothreads ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "twothreads", "import os, time\n" + body, 8 << 20, 8)
+    assert res.returncode == 0 and "twothreads ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_receive_waiting_on_a_remote_handle_holds_up_no_other_threads_call_on_it(tmp_path):
+    """One thread waits in recv() on a remote handle of an empty channel; another thread's recv(timeout=0),
+    poll(timeout=0), len() and recv(timeout=0.3) on the same handle answer at once (ChannelEmpty, False, 0,
+    ChannelTimeout), as on a local channel. The remote agent served a stream's requests strictly in order, so
+    they waited behind the blocked receive and failed after 30 s with "no answer from the node's transport
+    agent". The waiting receive still gets the next message."""
+    body = (
+        "import threading\n"
+        "from dragon.errors import ChannelEmpty, ChannelTimeout\n"
+        "got = []\n"
+        "th = threading.Thread(target=lambda: got.append(ch.recv()), daemon=True)\n"
+        "th.start()\n"
+        "time.sleep(0.5)  # (its request is at the remote agent; the checks hold whether or not it is)\n"
+        "for call, cls in ((lambda: ch.recv(timeout=0), ChannelEmpty), (lambda: ch.recv(timeout=0.3), "
+        "ChannelTimeout)):\n"
+        "    try:\n"
+        "        call()\n"
+        "        raise AssertionError('a message came from an empty channel')\n"
+        "    except cls as e:\n"
+        "        assert 'no answer' not in str(e), e\n"
+        "assert ch.poll(timeout=0) is False and len(ch) == 0\n"
+        "ch.send(b'for the waiting one')\n"
+        "th.join(10)\n"
+        "assert got == [b'for the waiting one'], got\n"
+        "print('waitingrecv ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "waitingrecv", "import time\n" + body, 8 << 20, 8)
+    assert res.returncode == 0 and "waitingrecv ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_forged_receive_request_that_raises_is_answered_and_stops_neither_its_stream_nor_the_agent(
+    tmp_path,
+):
+    """A process forges a recv_into request for 2**62 bytes on its own stream while that stream has a send
+    waiting at the remote agent (its channel is full). The request used to raise MemoryError at every agent
+    step (it stayed first in the stream's queue): after 100 steps in a row the agent stopped and node 1 was
+    lost. Now the buffer the agent receives into is bounded by the channel's pool (no message is bigger), and
+    a request that raises anyway is answered with an error and dropped: the forged request takes the first
+    message as any receive would, the others all arrive, other handles work, and a real recv_into with a
+    buffer bigger than the channel's pool receives as usual."""
+    body = (
+        "from dragon._core import frames as W\n"
+        "from dragon._core.remote import endpoint\n"
+        "for i in range(9):  # the 9th waits at node 1's agent for room\n"
+        "    ch.send(b'%d' % i)\n"
+        "ep = endpoint()\n"
+        "forged = W.REQ.pack(W.M_INTO, 1, 2**62, 0.0)\n"
+        "ep.gw.send(W.HDR.pack(W.RECV, 0, 1, W.REQ.size, ch._st.sid, 10**6) + forged)\n"
+        "time.sleep(1)  # (the agent steps many times meanwhile)\n"
+        "other = Channel.attach(channel.create(p1.m_uid, channel_options={'capacity': 8}).sdesc)\n"
+        "other.send(b'still there')\n"
+        "assert other.recv(timeout=10) == b'still there'\n"
+        "assert [ch.recv(timeout=10) for _ in range(8)] == [b'%d' % i for i in range(1, 9)]\n"
+        "assert ch.poll(timeout=0.2) is False\n"
+        "ch.send(b'into')\n"
+        "buf = bytearray(64 << 20)\n"
+        "assert ch.recv_into(buf, timeout=10) == 4 and buf[:4] == b'into'\n"
+        "print('forgedrecv ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "forgedrecv", "import time\n" + body, 8 << 20, 8)
+    assert res.returncode == 0 and "forgedrecv ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(90)
+def test_forged_frames_naming_a_channel_of_another_node_than_their_destination_stall_no_agent(tmp_path):
+    """A process writes into its gateway an OPEN to node 1 for a channel of node 0, a receive on that stream
+    and a PUTBACK to node 1 carrying a node-0 sdesc. Node 1's agent must refuse them: it used to attach the
+    channel with Channel.attach, i.e. through its own transport agent (itself), and its receive waited for an
+    answer only it could give, so node 1 fell silent and was declared down (the job lost it)."""
+    body = (
+        "from dragon._core import frames as W\n"
+        "from dragon._core.remote import endpoint\n"
+        "from dragon.errors import ChannelEmpty\n"
+        "p0 = pool.create(1 << 20, pool_options={'node': 0})\n"
+        "c0 = Channel.attach(channel.create(p0.m_uid, channel_options={'capacity': 8}).sdesc)\n"
+        "ch.send(b'warm')\n"
+        "assert ch.recv(timeout=10) == b'warm'\n"
+        "ep = endpoint()\n"
+        "sid = 0x5EED | 1\n"
+        "opening = W.prefix_sdesc(c0.sdesc, ep.opener + ep.reply_sdesc)\n"
+        "ep.gw.send(W.HDR.pack(W.OPEN, 0, 1, len(opening), sid, 0) + opening)\n"
+        "ep.gw.send(W.HDR.pack(W.RECV, 0, 1, W.REQ.size, sid, 1) + W.REQ.pack(W.M_RECV, 1, -1, 0.0))\n"
+        "back = W.prefix_sdesc(c0.sdesc, b'forged')\n"
+        "ep.gw.send(W.HDR.pack(W.PUTBACK, 0, 1, len(back), 0, 0) + back)\n"
+        "for i in range(3):\n"
+        "    ch.send(b'after %d' % i)\n"
+        "    assert ch.recv(timeout=5) == b'after %d' % i\n"
+        "try:\n"
+        "    c0.recv(timeout=0)\n"
+        "    raise AssertionError('the forged PUTBACK was relayed into a channel of node 0')\n"
+        "except ChannelEmpty:\n"
+        "    pass\n"
+        "print('misrouted ok', flush=True)\n"
+    )
+    res = _on_a_channel_of_node_1(tmp_path, "misrouted", body, 8 << 20, 8)
+    assert res.returncode == 0 and "misrouted ok" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(60)
 def test_exit_code_is_the_programs(tmp_path):
     prog = tmp_path / "fail.py"

@@ -43,7 +43,7 @@ cdef extern from "Python.h":  # (on borrowed references: no refcounting)
 
 __all__ = ["Pool", "Block", "Channel", "Message", "job_id", "job_prefix", "unlink_job_segments",
            "set_pdeathsig", "set_child_subreaper", "set_wait_params", "wait_stats",
-           "local_node", "timeout_seconds",
+           "local_node", "timeout_seconds", "sdesc_info",
            "SDESC_VERSION"]
 
 if ds_init() != 0:

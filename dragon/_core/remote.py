@@ -55,7 +55,16 @@ import msgpack
 
 from dragon import env as E
 from dragon._core import frames as W
-from dragon._core.core import KEEP_AFTER, Block, Channel, Message, Pool, keep_freed_memory, timeout_seconds
+from dragon._core.core import (
+    KEEP_AFTER,
+    Block,
+    Channel,
+    Message,
+    Pool,
+    keep_freed_memory,
+    sdesc_info,
+    timeout_seconds,
+)
 from dragon.errors import (
     ChannelEmpty,
     ChannelError,
@@ -73,6 +82,9 @@ ANSWER_GRACE = 30.0  # how much longer than its own timeout a request waits for 
 NEXT_WAIT = 30.0
 PTR_MIN = 16 * 1024  # sends above this go through a staging block the agent sends from (no copy into frames)
 GW_SEND_TIMEOUT = 30.0  # a gateway that stays full this long means the agent is gone
+# a send with timeout 0 waits at most this long for the handle's other sends (as for a pool's lock): a thread
+# that waits for room in the window holds them up for as long as it waits
+LOCK_WAIT = 0.005
 EXIT_FLUSH = 60.0  # at exit, wait at most this long for sends to land (DRAGON_EXIT_FLUSH_TIMEOUT)
 EXIT_NOTICE = 5.0  # ... and say so once it has waited this long
 REPLY_CAPACITY = 256
@@ -450,6 +462,10 @@ class RemoteChannel:
             raise ChannelError(f"bad node index {node!r}")
         self._sdesc = bytes(sdesc)
         self._node = node
+        try:  # the most a message may hold (its pool's size), refused here as a local channel refuses it
+            self._most = min(sdesc_info(self._sdesc)[1], 0xFFFFFFFF)  # (and a frame's length field)
+        except ChannelError:
+            self._most = 0xFFFFFFFF  # (a bad sdesc: the remote agent reports it at the first call)
         self._closed = False
         self._destroyed = False
         self._info = None
@@ -501,6 +517,29 @@ class RemoteChannel:
                     f"requests (gateway full for {GW_SEND_TIMEOUT} s)"
                 ) from None
             raise ChannelTimeout(f"channel on node {self.node}: timed out (transport gateway full)") from None
+
+    def _lock_wait(self, lock, t):
+        """Take the stream's send lock (the order of its sends) within timeout t (None: for ever). Another
+        thread's send on this handle holds it while it waits for room in the window: not getting it in time
+        is a full channel (ChannelFull for timeout 0, else ChannelTimeout)."""
+        if t is None:
+            lock.acquire()
+        elif not lock.acquire(timeout=t or LOCK_WAIT):
+            if t == 0:
+                raise ChannelFull(f"channel on node {self.node} is full (another send on this handle waits)")
+            raise ChannelTimeout(
+                f"channel on node {self.node}: timed out (another send on this handle waits)"
+            )
+
+    def _too_big(self, n):
+        """A message of n bytes can never be in the channel: refused by the call, as a local channel refuses
+        it (sent, it would fail on the channel's node after the send returned, and break the stream)."""
+        if n > 0xFFFFFFFF:
+            raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
+        raise ChannelError(
+            f"channel on node {self.node}: a {n}-byte message is more than its pool could ever hold "
+            f"({self._most} bytes)"
+        )
 
     def _window_wait(self, st, n, timeout):
         """Block (per timeout) until one more message of n bytes fits the stream's window."""
@@ -565,10 +604,13 @@ class RemoteChannel:
         if type(data) is not bytes:
             data = _payload(data)
         n = len(data)
-        if n > 0xFFFFFFFF:
-            raise ChannelError(f"channel on node {self.node}: messages are limited to 4 GiB - 1, not {n}")
+        if n > self._most:
+            self._too_big(n)
         t = timeout_seconds(timeout)
-        with st.lock:
+        lock = st.lock
+        if not lock.acquire(False):  # (another thread's send on this handle)
+            self._lock_wait(lock, t)
+        try:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
             ):
@@ -588,6 +630,8 @@ class RemoteChannel:
                 # take the acks that came meanwhile: a sender that never waits would otherwise leave them to
                 # fill its reply channel (the agent then holds them back and retries)
                 self._ep.drain()
+        finally:
+            lock.release()
 
     def _send_big(self, st, data, n, t):
         """One copy, into a block of the node's staging pool; the gateway carries only its offset and the
@@ -651,9 +695,14 @@ class RemoteChannel:
             raise ChannelError(
                 f"channel on node {self.node}: nbytes={n} does not fit the block ({block.size} bytes)"
             )
+        if n > self._most:
+            self._too_big(n)
         st = self._st
         t = timeout_seconds(timeout)
-        with st.lock:
+        lock = st.lock
+        if not lock.acquire(False):  # (another thread's send on this handle)
+            self._lock_wait(lock, t)
+        try:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
             ):
@@ -670,6 +719,8 @@ class RemoteChannel:
             st.sent += 1
             st.sent_bytes += n
             st.sizes.append(n)
+        finally:
+            lock.release()
 
     def send_many(self, messages, timeout=None):
         """Send each message in order; returns how many were sent (the timeout covers the whole call). All or

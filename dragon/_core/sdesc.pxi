@@ -16,6 +16,17 @@ def local_node():
     return node if 0 <= node <= 0xFFFF else 0
 
 
+def sdesc_info(sdesc):
+    """(node, pool size) of what sdesc (a pool's or a channel's) names: the index of the node whose /dev/shm
+    holds it, and the bytes of its pool's data (no message or block bigger can ever be in it); ChannelError
+    for bytes that are not an sdesc. For what cannot map the segment: the transport agent checks the node
+    before it attaches a channel for another node's process (one of a third node would be attached through
+    its own agent, waiting on itself), a handle to a channel of another node refuses what its pool can never
+    hold."""
+    kind, name, pgen, psize, choff, chgen, node = _parse_sdesc(sdesc, ChannelError)
+    return node, psize
+
+
 cdef tuple _parse_sdesc(object sdesc, object err):
     if not isinstance(sdesc, (bytes, bytearray, memoryview)):
         raise TypeError(f"sdesc must be bytes, not {type(sdesc).__name__}")

@@ -4,8 +4,9 @@ them.
 
 - SEND frames go into the target channel, in arrival order per stream; a full channel keeps the rest of the
   stream queued here (bounded by the sender's window) and retried; cumulative ACKs go back as messages land.
-- RECV-type requests are served in order per stream; one that cannot be served yet waits here (not blocking
-  the loop) until it can or until its timeout, and is answered exactly once.
+- RECV-type requests are served oldest first per stream; one that cannot be served yet waits here (not
+  blocking the loop, nor the stream's later requests: another thread's) until it can or until its timeout, and
+  is answered exactly once.
 - PUTBACK: messages taken from a channel of this node for a receive nobody waits for any more come back and go
   into it again, at its tail.
 """
@@ -16,7 +17,7 @@ import time
 import msgpack
 
 from dragon._core import frames as W
-from dragon._core.core import Channel
+from dragon._core.core import Channel, sdesc_info
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout, PoolError
 
 ACK_EVERY = 64  # acknowledge a stream's deliveries once this many are unacknowledged ...
@@ -116,7 +117,7 @@ class Incoming:
         s = self.ins[(src, sid)] = _In(src, sid)
         k = W.U16.unpack_from(payload, 0)[0]
         try:
-            s.ch = Channel.attach(bytes(payload[2 : 2 + k]))
+            s.ch = self._attach_here(bytes(payload[2 : 2 + k]))
         except (ChannelError, TypeError) as e:
             self._stream_error(s, f"cannot attach the channel: {e}")
 
@@ -168,8 +169,16 @@ class Incoming:
         if ch is None:
             if len(self.back_chs) >= 64:  # keep a few handles for the next put-backs, not every one
                 self.back_chs.pop(next(iter(self.back_chs))).close()
-            ch = self.back_chs[sdesc] = Channel.attach(sdesc)
+            ch = self.back_chs[sdesc] = self._attach_here(sdesc)
         return ch
+
+    def _attach_here(self, sdesc):
+        """Attach a channel of this node for another node's frames. One of another node is refused: attach
+        would reach it through this node's agent, i.e. this thread, which would then wait on itself."""
+        node = sdesc_info(sdesc)[0]
+        if node != self.node:
+            raise ChannelError(f"the channel is on node {node}, not on node {self.node} (a misrouted frame)")
+        return Channel.attach(sdesc)
 
     def _stream_error(self, s, text):
         if s.err is None:
@@ -256,53 +265,71 @@ class Incoming:
             self.pending_in.add(s)
 
     def _serve(self, s):
-        """Try the stream's waiting requests in order; True when none is left waiting."""
-        ch = s.ch
+        """Try the stream's waiting requests, oldest first (the oldest waiting receive gets the next message);
+        True when none is left waiting. One that must wait keeps its place but does not hold up those behind
+        it: the handle's other threads may ask with timeout 0 or a shorter timeout, or ask for len."""
         q = s.recvq
-        while q:
-            r = q[0]
-            mode = r.mode
-            try:
-                if mode == W.M_RECV or mode == W.M_INTO:
-                    if mode == W.M_INTO:
-                        if len(self.tmp) < r.maxlen:
-                            self.tmp = bytearray(r.maxlen)
-                        k = ch.recv_into(memoryview(self.tmp)[: r.maxlen], timeout=0)
-                        self._data(s, r.seq, 0, memoryview(self.tmp)[:k], None)
-                    else:
-                        m = ch.recv_message(timeout=0)
-                        self._data(s, r.seq, 0, memoryview(m), m)
-                elif mode == W.M_MANY:
-                    msgs = ch.recv_many(max(1, r.max_n), timeout=0)
-                    self._data(s, r.seq, W.MANY, W.pack_many(msgs), None)
-                elif mode == W.M_POLL:
-                    if ch.poll(timeout=0):
-                        self._result(s, r.seq, True)
-                    elif r.nonblock or (r.deadline is not None and time.monotonic() >= r.deadline):
-                        self._result(s, r.seq, False)
-                    else:
-                        return False
-                elif mode == W.M_LEN:
-                    self._result(s, r.seq, len(ch))
-                elif mode == W.M_DESTROY:
-                    ch.destroy()
-                    self._result(s, r.seq, True)
-                elif mode == W.M_INFO:
-                    self._result(
-                        s, r.seq, {"capacity": ch.capacity, "block_size": ch.block_size, "name": ch.name}
-                    )
+        if len(q) == 1:
+            if self._serve_one(s, q[0]):
+                q.popleft()
+            return not q
+        i = 0
+        while i < len(q):
+            if self._serve_one(s, q[i]):
+                del q[i]
+            else:
+                i += 1
+        return not q
+
+    def _serve_one(self, s, r):
+        """Answer request r of stream s, or False if it must wait (for a message, or its timeout)."""
+        ch = s.ch
+        mode = r.mode
+        try:
+            if mode == W.M_RECV or mode == W.M_INTO:
+                if mode == W.M_INTO:
+                    # (no message is bigger than its pool: a bigger buffer would only cost this agent memory)
+                    maxlen = max(0, min(r.maxlen, ch.pool.size))
+                    if len(self.tmp) < maxlen:
+                        self.tmp = bytearray(maxlen)
+                    k = ch.recv_into(memoryview(self.tmp)[:maxlen], timeout=0)
+                    self._data(s, r.seq, 0, memoryview(self.tmp)[:k], None)
                 else:
-                    raise ChannelError(f"unknown request mode {mode}")
-            except ChannelEmpty:
-                if r.nonblock:
-                    self._err(s, r.seq, ChannelEmpty, "is empty")
-                elif r.deadline is not None and time.monotonic() >= r.deadline:
-                    self._err(s, r.seq, ChannelTimeout, "timed out")
+                    m = ch.recv_message(timeout=0)
+                    self._data(s, r.seq, 0, memoryview(m), m)
+            elif mode == W.M_MANY:
+                msgs = ch.recv_many(max(1, r.max_n), timeout=0)
+                self._data(s, r.seq, W.MANY, W.pack_many(msgs), None)
+            elif mode == W.M_POLL:
+                if ch.poll(timeout=0):
+                    self._result(s, r.seq, True)
+                elif r.nonblock or (r.deadline is not None and time.monotonic() >= r.deadline):
+                    self._result(s, r.seq, False)
                 else:
                     return False
-            except ChannelError as e:
-                self._err(s, r.seq, e, str(e))
-            q.popleft()
+            elif mode == W.M_LEN:
+                self._result(s, r.seq, len(ch))
+            elif mode == W.M_DESTROY:
+                ch.destroy()
+                self._result(s, r.seq, True)
+            elif mode == W.M_INFO:
+                self._result(
+                    s, r.seq, {"capacity": ch.capacity, "block_size": ch.block_size, "name": ch.name}
+                )
+            else:
+                raise ChannelError(f"unknown request mode {mode}")
+        except ChannelEmpty:
+            if r.nonblock:
+                self._err(s, r.seq, ChannelEmpty, "is empty")
+            elif r.deadline is not None and time.monotonic() >= r.deadline:
+                self._err(s, r.seq, ChannelTimeout, "timed out")
+            else:
+                return False
+        except ChannelError as e:
+            self._err(s, r.seq, e, str(e))
+        except Exception as e:  # (a forged request): answered and dropped, not left to raise at every step
+            self._refuse(None, f"request {r.seq} (mode {mode}) of a stream from node {s.src}: {e!r}")
+            self._err(s, r.seq, ChannelError, f"a bad request: {type(e).__name__}")
         return True
 
     def _data(self, s, seq, flags, data, keep):
