@@ -265,6 +265,52 @@ def test_multiprocessing_after_shutdown_and_init_again(tmp_path):
         assert_nothing_left(mark, job)
 
 
+INTERACTIVE = r"""
+import multiprocessing as mp
+import dragon
+h = dragon.init()
+print("JOB", h.job, flush=True)
+ctx = mp.get_context("dragon")
+K = 10
+def addk(x):
+    return x + K
+class Point:
+    def __init__(self, x):
+        self.x = x
+    def norm(self):
+        return abs(self.x)
+def work(q, p):
+    q.put((p.norm(), isinstance(p, Point)))
+with ctx.Pool(2) as pool:
+    assert pool.map(addk, range(3)) == [10, 11, 12]
+    assert pool.map(lambda x: -x, range(3)) == [0, -1, -2]
+    assert pool.map(Point.norm, [Point(-3), Point(4)]) == [3, 4]
+q = ctx.Queue()
+p = ctx.Process(target=work, args=(q, Point(-7)))
+p.start()
+assert q.get(timeout=30) == (7, True)
+p.join(30)
+assert p.exitcode == 0
+q.put(Point(5))
+o = q.get(timeout=30)
+assert type(o) is Point and o.x == 5
+print("ok interactive", flush=True)
+"""
+
+
+def test_what_an_interactive_main_defines_reaches_the_children(tmp_path):
+    """In a notebook, a REPL or ``python -c`` the functions and classes of __main__ are in no file a child
+    could import (with spawn, a child fails: "Can't get attribute 'addk' on <module '__main__'>"; here the
+    Pool's worker died with exit code 1): they travel by value, lambdas too."""
+    mark, env = marked_env()
+    res = subprocess.run(
+        [sys.executable, "-c", INTERACTIVE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+    )
+    assert res.returncode == 0 and "ok interactive" in res.stdout, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert_nothing_left(mark, job_of(res.stdout))
+
+
 @pytest.mark.parametrize("run", range(3))
 def test_sigkill_of_the_client_ends_the_runtime(tmp_path, run):
     mark, env = marked_env()

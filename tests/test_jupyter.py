@@ -32,6 +32,15 @@ print(Channel.attach(cd.sdesc).recv(timeout=60).decode(), process.join(kid.p_uid
 """
 
 
+MP_IN_CELLS = r"""
+import multiprocessing as mp
+def square(x):
+    return x * x
+with mp.get_context("dragon").Pool(2) as pool:
+    print(pool.map(square, [1, 2, 3]))
+"""
+
+
 class Kernel:
     def __init__(self, env):
         self.km = jupyter_client.KernelManager(kernel_name="python3")
@@ -94,6 +103,7 @@ def test_local_runtime_in_a_kernel(kernel):
     for now in (False, True):  # restart: the kernel's own exit (atexit), then a SIGKILL
         job = kernel.run("import dragon; h = dragon.init(); print(h.job)").strip()
         assert "kid on node 0 0" in kernel.run(USE)
+        assert "[1, 4, 9]" in kernel.run(MP_IN_CELLS)  # (a function defined in a cell)
         assert len(others(kernel.mark, kernel.pid())) >= 3  # the runtime: launcher, GS, shepherd
         kernel.restart(now)
         wait_nothing_but(kernel.mark, kernel.pid(), job)

@@ -17,12 +17,15 @@ raises ``ChannelError``. (Unpickling itself trusts the sender, as multiprocessin
 is the same user's.)
 """
 
+import builtins
 import copyreg
 import io
 import pickle
 import socket
 import struct
+import sys
 import threading
+import types
 from multiprocessing import connection as _mpconn
 from multiprocessing.reduction import ForkingPickler
 
@@ -92,13 +95,40 @@ def _dispatch_table():
     return _table
 
 
-class Pickler(pickle.Pickler):
+class _Pickler(pickle.Pickler):
     """multiprocessing's ForkingPickler with this package's overrides, protocol 5, optional out-of-band
     buffers."""
 
     def __init__(self, file, buffer_callback=None):
         super().__init__(file, PROTOCOL, buffer_callback=buffer_callback)
         self.dispatch_table = _dispatch_table()
+
+
+class _InteractivePickler(_Pickler):
+    """The pickler of a process whose main module is a notebook, a REPL or ``python -c``: the functions and
+    classes it defines cannot be imported by name in a child (spawn's children fail there: "Can't get
+    attribute 'f' on <module '__main__'>"), so they go by value (cloudpickle: code, the globals they use,
+    defaults, closures); everything else as ForkingPickler does."""
+
+    def reducer_override(self, obj):
+        if getattr(obj, "__module__", None) == "__main__" and isinstance(obj, (types.FunctionType, type)):
+            import cloudpickle
+
+            return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
+        return NotImplemented
+
+
+def _interactive():
+    """Whether this process's __main__ is interactive (a Jupyter/IPython kernel, a REPL, ``python -c``): its
+    definitions exist in no file a child could run."""
+    main = sys.modules.get("__main__")
+    return main is None or not getattr(main, "__file__", None) or hasattr(builtins, "__IPYTHON__")
+
+
+def Pickler(file, buffer_callback=None):
+    """A pickler for this process (by value for what an interactive __main__ defines: _InteractivePickler)."""
+    cls = _InteractivePickler if _interactive() else _Pickler
+    return cls(file, buffer_callback=buffer_callback)
 
 
 def dumps(obj):
