@@ -294,6 +294,9 @@ assert p.exitcode == 0
 q.put(Point(5))
 o = q.get(timeout=30)
 assert type(o) is Point and o.x == 5
+from concurrent.futures import ProcessPoolExecutor
+with ProcessPoolExecutor(2, mp_context=ctx) as ex:  # (its call queue pickles with ForkingPickler)
+    assert list(ex.map(addk, range(3))) == [10, 11, 12] and ex.submit(lambda: 42).result() == 42
 print("ok interactive", flush=True)
 """
 

@@ -104,18 +104,20 @@ class _Pickler(pickle.Pickler):
         self.dispatch_table = _dispatch_table()
 
 
-class _InteractivePickler(_Pickler):
-    """The pickler of a process whose main module is a notebook, a REPL or ``python -c``: the functions and
-    classes it defines cannot be imported by name in a child (spawn's children fail there: "Can't get
+def _by_value(pickler, obj):
+    """reducer_override of a process whose main module is a notebook, a REPL or ``python -c``: the functions
+    and classes it defines cannot be imported by name in a child (spawn's children fail there: "Can't get
     attribute 'f' on <module '__main__'>"), so they go by value (cloudpickle: code, the globals they use,
-    defaults, closures); everything else as ForkingPickler does."""
+    defaults, closures); everything else as usual."""
+    if getattr(obj, "__module__", None) == "__main__" and isinstance(obj, (types.FunctionType, type)):
+        import cloudpickle
 
-    def reducer_override(self, obj):
-        if getattr(obj, "__module__", None) == "__main__" and isinstance(obj, (types.FunctionType, type)):
-            import cloudpickle
+        return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
+    return NotImplemented
 
-            return cloudpickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
-        return NotImplemented
+
+class _InteractivePickler(_Pickler):
+    reducer_override = _by_value
 
 
 def _interactive():
@@ -123,6 +125,13 @@ def _interactive():
     definitions exist in no file a child could run."""
     main = sys.modules.get("__main__")
     return main is None or not getattr(main, "__file__", None) or hasattr(builtins, "__IPYTHON__")
+
+
+# What goes through multiprocessing's own pickler in such a process (concurrent.futures' call queue, a
+# multiprocessing.queues.Queue made with the dragon context) needs the same: its ForkingPickler gets the
+# override too (it returns NotImplemented for anything else, and a child of another start method gains)
+if _interactive() and "reducer_override" not in ForkingPickler.__dict__:
+    ForkingPickler.reducer_override = _by_value  # type: ignore[attr-defined]
 
 
 def Pickler(file, buffer_callback=None):
