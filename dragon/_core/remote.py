@@ -110,6 +110,23 @@ def _payload(data):
     return data
 
 
+def _deadline_of(t):
+    """A send's deadline from its timeout in seconds (timeout_seconds): None for ever, 0 for now, else a
+    time.monotonic() time, which every wait of the call shares (no wait gets the whole timeout again)."""
+    if t is None or t == 0:
+        return t
+    return time.monotonic() + t
+
+
+def _left(t, end):
+    """What is left of the call's timeout t by the deadline end (_deadline_of): a timeout in seconds for the
+    next wait. A timeout that ran out leaves a positive sliver, not 0, so that the wait reports a timeout
+    (ChannelTimeout), not a full channel (ChannelFull, the answer of timeout 0)."""
+    if not end:
+        return end if end == 0 else t
+    return max(1e-6, end - time.monotonic())
+
+
 def _timeout_arg(timeout):
     """A timeout by the core's rule (``core.timeout_seconds``, as a local channel reads it) -> seconds, or
     -1.0 for forever (the REQ frame's encoding)."""
@@ -499,24 +516,24 @@ class RemoteChannel:
             raise st.err_cls(f"channel on node {self.node}: {st.err}")
 
     def _gw(self, frame, deadline):
-        """Put a frame into the gateway, by the deadline (None: GW_SEND_TIMEOUT)."""
-        if deadline is None:
-            t = GW_SEND_TIMEOUT
-        elif deadline == 0:
-            t = 0
-        else:
-            t = max(0.0, deadline - time.monotonic())
+        """Put a frame into the gateway, by the deadline (None: GW_SEND_TIMEOUT; 0: now)."""
+        t = GW_SEND_TIMEOUT if deadline is None else _left(0, deadline)
         try:
             self._gw_send(frame, timeout=t)
-        except ChannelFull:
+        except (ChannelFull, ChannelTimeout) as e:
+            self._gw_failed(e, deadline)
+
+    def _gw_failed(self, e, deadline):
+        """The gateway stayed full (e: the channel's ChannelFull or ChannelTimeout) until deadline (None: for
+        GW_SEND_TIMEOUT, the agent is stuck)."""
+        if isinstance(e, ChannelFull):
             raise ChannelFull(f"channel on node {self.node}: the transport gateway is full") from None
-        except ChannelTimeout:
-            if deadline is None:
-                raise ChannelError(
-                    f"channel on node {self.node}: the transport agent is not taking "
-                    f"requests (gateway full for {GW_SEND_TIMEOUT} s)"
-                ) from None
-            raise ChannelTimeout(f"channel on node {self.node}: timed out (transport gateway full)") from None
+        if deadline is None:
+            raise ChannelError(
+                f"channel on node {self.node}: the transport agent is not taking "
+                f"requests (gateway full for {GW_SEND_TIMEOUT} s)"
+            ) from None
+        raise ChannelTimeout(f"channel on node {self.node}: timed out (transport gateway full)") from None
 
     def _lock_wait(self, lock, t):
         """Take the stream's send lock (the order of its sends) within timeout t (None: for ever). Another
@@ -607,6 +624,7 @@ class RemoteChannel:
         if n > self._most:
             self._too_big(n)
         t = timeout_seconds(timeout)
+        end = _deadline_of(t)  # (one deadline for every wait of the call)
         lock = st.lock
         if not lock.acquire(False):  # (another thread's send on this handle)
             self._lock_wait(lock, t)
@@ -614,15 +632,15 @@ class RemoteChannel:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
             ):
-                self._window_wait(st, n, t)
+                self._window_wait(st, n, _left(t, end))
             if n > PTR_MIN:
-                self._send_big(st, data, n, t)
+                self._send_big(st, data, n, end)
             else:
                 frame = _HDR.pack(W.SEND, 0, self._node, n, st.sid, st.sent) + data
                 try:
-                    self._gw_send(frame, timeout=GW_SEND_TIMEOUT if t is None else t)
-                except (ChannelFull, ChannelTimeout):
-                    self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
+                    self._gw_send(frame, timeout=GW_SEND_TIMEOUT if end is None else _left(t, end))
+                except (ChannelFull, ChannelTimeout) as e:
+                    self._gw_failed(e, end)
             st.sent += 1
             st.sent_bytes += n
             st.sizes.append(n)
@@ -633,11 +651,12 @@ class RemoteChannel:
         finally:
             lock.release()
 
-    def _send_big(self, st, data, n, t):
+    def _send_big(self, st, data, n, end):
         """One copy, into a block of the node's staging pool; the gateway carries only its offset and the
-        agent sends the block itself (and frees it)."""
+        agent sends the block itself (and frees it). end: the call's deadline (_deadline_of)."""
         ep = self._ep
         where = f"channel on node {self.node}"
+        t = None if end is None else _left(0, end)
         try:
             blk = ep.pool.alloc(n, timeout=GW_SEND_TIMEOUT if t is None else t)
         except PoolFull as e:  # (timeout 0)
@@ -657,15 +676,16 @@ class RemoteChannel:
         mv[:] = data
         mv.release()
         try:
-            self._send_ptr(st, blk, n, t)
+            self._send_ptr(st, blk, n, end)
         except BaseException:
             ep.pool.free(blk)
             raise
 
-    def _send_ptr(self, st, blk, n, t):
-        """The gateway frame that hands blk to the agent (if it raises, blk is still the caller's)."""
+    def _send_ptr(self, st, blk, n, end):
+        """The gateway frame that hands blk to the agent by the deadline end (if it raises, blk is still the
+        caller's)."""
         frame = _HDR.pack(W.SEND, W.PTR, self._node, n, st.sid, st.sent) + W.U64.pack(blk.offset)
-        self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
+        self._gw(frame, end)
 
     def send_block(self, block, nbytes=None, timeout=None):
         """Hand a block of this node's staging pool (``self.pool``) to the channel without copying it: the
@@ -699,6 +719,7 @@ class RemoteChannel:
             self._too_big(n)
         st = self._st
         t = timeout_seconds(timeout)
+        end = _deadline_of(t)
         lock = st.lock
         if not lock.acquire(False):  # (another thread's send on this handle)
             self._lock_wait(lock, t)
@@ -706,15 +727,15 @@ class RemoteChannel:
             if st.sent - st.acked >= WINDOW or (
                 st.sent_bytes - st.acked_bytes + n > WINDOW_BYTES and st.sent != st.acked
             ):
-                self._window_wait(st, n, t)
+                self._window_wait(st, n, _left(t, end))
             if n > PTR_MIN:
-                self._send_ptr(st, block, n, t)
+                self._send_ptr(st, block, n, end)
             # small: a copy into the frame costs less than a separate MPI message; the block is freed here
             else:
                 mv = memoryview(block)
                 frame = _HDR.pack(W.SEND, 0, self._node, n, st.sid, st.sent) + mv[:n]
                 mv.release()
-                self._gw(frame, None if t is None else (0 if t == 0 else time.monotonic() + t))
+                self._gw(frame, end)
                 ep.pool.free(block)
             st.sent += 1
             st.sent_bytes += n
@@ -736,8 +757,11 @@ class RemoteChannel:
                 raise TypeError(
                     f"send_many() takes bytes-like objects, not {kind} (item {i}): nothing was sent"
                 ) from None
-            if len(data) > 0xFFFFFFFF:
-                raise ChannelError(f"channel on node {self.node}: item {i} is 4 GiB or more, nothing sent")
+            if len(data) > self._most:
+                raise ChannelError(
+                    f"channel on node {self.node}: item {i} ({len(data)} bytes) is more than the channel's "
+                    f"pool could ever hold ({self._most} bytes): nothing was sent"
+                )
             items.append(data)
         t = timeout_seconds(timeout)
         deadline = None if t is None else time.monotonic() + t
