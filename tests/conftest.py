@@ -8,9 +8,16 @@ process (a handle a test forgot to destroy) or by nobody is a leak.
 """
 
 import os
+import signal
 import time
 
 import pytest
+
+# A test run that a script started in the background (bash ignores SIGINT in its background jobs, and a
+# program keeps an ignored SIGINT: Python then installs no KeyboardInterrupt) would pass that on to every
+# runtime it starts, and the tests that send one SIGINT (Ctrl-C) would wait for good: give them the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHM = "/dev/shm"
 PREFIX = "dragon-"
