@@ -9,8 +9,10 @@ A bounded queue (``maxsize`` up to MAX_CAPACITY) is a channel of that capacity: 
 ``queue.Full``, exactly when the queue holds maxsize items. An unbounded queue's channel holds CAPACITY items;
 past that, ``put`` keeps items in this process and a feeder thread sends them as room appears, so ``put``
 never blocks (as with the stdlib, a process waits at exit until its buffered items are sent, unless
-``cancel_join_thread()``). As with the stdlib, an object that cannot be pickled is reported by
-``_on_queue_feeder_error`` (printed), not raised by ``put``.
+``cancel_join_thread()``). A larger maxsize is an unbounded queue whose ``put`` waits (or raises
+``queue.Full``) while the queue holds maxsize items as this process sees it (the channel's items and its own
+buffered ones, not those other producers still buffer). As with the stdlib, an object that cannot be pickled
+is reported by ``_on_queue_feeder_error`` (printed), not raised by ``put``.
 
 Unlike the stdlib's, these queues can also be sent through other queues and pipes, and passed to Pool tasks.
 """
@@ -19,6 +21,7 @@ import collections
 import pickle
 import queue as _queue
 import threading
+import time
 import weakref
 from multiprocessing import util
 
@@ -33,6 +36,7 @@ SPILL_WAIT = (
     0.001  # an unbounded queue's put waits this long for room before it keeps the item for the feeder
 )
 _FULL = (ChannelFull, ChannelTimeout)
+ROOM_POLL = 0.005  # how often the put of a queue bounded above MAX_CAPACITY looks for room
 
 
 def _timeout(block, timeout):
@@ -88,11 +92,13 @@ class Queue:
             self._on_queue_feeder_error(e, obj)
             return
         if self._maxsize:
-            try:
-                self._send(data, bufs, _timeout(block, timeout))
-            except _FULL:
-                raise _queue.Full from None
-            return
+            if self._maxsize <= MAX_CAPACITY:  # the channel's capacity is the bound
+                try:
+                    self._send(data, bufs, _timeout(block, timeout))
+                except _FULL:
+                    raise _queue.Full from None
+                return
+            self._wait_room(_timeout(block, timeout))
         if not self._buffer:  # nothing of ours waits: straight into the channel
             try:
                 self._send(data, bufs, SPILL_WAIT)
@@ -107,6 +113,16 @@ class Queue:
                 if self._thread is None:
                     self._start_thread()
                 self._cond.notify()
+
+    def _wait_room(self, timeout):
+        """(A queue bounded above the channel's capacity) wait until it holds fewer than maxsize items."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.qsize() >= self._maxsize:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _queue.Full
+            time.sleep(
+                ROOM_POLL if deadline is None else min(ROOM_POLL, max(0.0, deadline - time.monotonic()))
+            )
 
     def put_nowait(self, obj):
         return self.put(obj, False)
@@ -219,7 +235,7 @@ class Queue:
         return self.qsize() == 0
 
     def full(self):
-        return bool(self._maxsize) and len(self._ch) >= self._maxsize
+        return bool(self._maxsize) and self.qsize() >= self._maxsize
 
     @property
     def _reader(self):
@@ -316,6 +332,7 @@ class SimpleQueue:
         self._writer.send(obj)
 
     def empty(self):
+        self._reader._check_closed()  # (a closed one says so as the stdlib's does, with OSError)
         return len(self._reader._recv) == 0
 
     def close(self):

@@ -175,6 +175,20 @@ def main():
         raise AssertionError("a closed queue took more")
     except ValueError:
         pass
+    # a maxsize above what one channel holds (MAX_CAPACITY): put raised Full at the channel's 1024 items
+    from dragon.mp.queues import MAX_CAPACITY
+
+    bq = mp.Queue(MAX_CAPACITY + 2)
+    for i in range(MAX_CAPACITY + 2):
+        bq.put_nowait(i)
+    assert bq.full() and bq.qsize() == MAX_CAPACITY + 2
+    try:
+        bq.put(-1, timeout=0.1)
+        raise AssertionError("a full queue took more")
+    except queue.Full:
+        pass
+    assert [bq.get(timeout=10) for _ in range(MAX_CAPACITY + 2)] == list(range(MAX_CAPACITY + 2))
+    assert bq.empty() and not bq.full()
     arr = np.arange(2 << 20, dtype=np.float64)  # 16 MiB (across nodes it must fit the staging pool, 64 MiB)
     q2, r2 = mp.Queue(), mp.Queue()
     p = run(array_echo, q2, r2)
@@ -208,6 +222,16 @@ def main():
     sq.put([1, 2])
     assert not sq.empty() and sq.get() == [1, 2]
     sq.close()
+    for closed in (
+        sq.empty,
+        sq.get,
+        lambda: sq.put(1),
+    ):  # as the stdlib's: OSError (empty() said ChannelError)
+        try:
+            closed()
+            raise AssertionError("a closed SimpleQueue answered")
+        except OSError:
+            pass
     ok("queue through a queue, JoinableQueue, SimpleQueue")
 
     # Pipe: objects, bytes with offsets, a big message, EOF when every writer is gone, poll, errors
