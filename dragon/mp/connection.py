@@ -89,6 +89,7 @@ class Connection:
         self._pending = None  # a message read ahead (by poll, or the readiness watcher)
         self._rlock = threading.RLock()
         self._closed = False
+        self._unreadable = False  # a message was longer than recv_bytes' maxlength: reading is over
         self._ready = None
         self._owned = owned
         if token is not None:
@@ -102,7 +103,7 @@ class Connection:
 
     @property
     def readable(self):
-        return self._recv_sd is not None
+        return self._recv_sd is not None and not self._unreadable
 
     @property
     def writable(self):
@@ -113,7 +114,7 @@ class Connection:
             raise OSError("handle is closed")
 
     def _check_readable(self):
-        if self._recv_sd is None:
+        if self._recv_sd is None or self._unreadable:
             raise OSError("connection is write-only")
 
     def _check_writable(self):
@@ -259,10 +260,8 @@ class Connection:
                 return msg
 
     def _next(self):
-        if self._closed:
-            raise OSError("handle is closed")
-        if self._recv is None:
-            raise OSError("connection is write-only")
+        self._check_closed()
+        self._check_readable()
         with self._rlock:
             msg = self._take(None)
         if self._ready is not None:
@@ -289,7 +288,9 @@ class Connection:
         data = serial.load_bytes(msg)
         msg.release()
         if maxlength is not None and len(data) > maxlength:
-            self.close()
+            # as with the stdlib: this handle reads no more (the message is lost), but it still writes, so
+            # the other end does not see an end of file
+            self._unreadable = True
             raise OSError("bad message length")
         return data
 

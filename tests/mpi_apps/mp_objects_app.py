@@ -284,6 +284,25 @@ def main():
     assert x.recv_bytes_into(buf, 1) == 3 and buf == b"\0xyz\0"
     y.close()
     x.close()
+    # a message longer than recv_bytes' maxlength: that handle reads no more but still writes (it was closed,
+    # so the other end got end of file)
+    u, v = mp.Pipe()
+    v.send_bytes(b"0123456789")
+    try:
+        u.recv_bytes(5)
+        raise AssertionError("maxlength was ignored")
+    except OSError:
+        pass
+    assert not u.closed and not u.readable and u.writable
+    u.send("still writing")
+    assert v.recv() == "still writing"
+    try:
+        u.recv()
+        raise AssertionError("read after a too long message")
+    except OSError as e:
+        assert "write-only" in str(e), e
+    u.close()
+    v.close()
     try:
         x.recv()
         raise AssertionError("a closed handle received")
