@@ -17,6 +17,7 @@ Connections without end-of-file (the two ends of a SimpleQueue, queues' readers)
 so ``multiprocessing.connection.wait()`` works on these connections, mixed with sockets, pipes and sentinels.
 """
 
+import functools
 import os
 import pickle
 import struct
@@ -380,6 +381,8 @@ class Connection:
         if self._token is not None:  # the copy is a new writer: announce it before anything can come from it
             token = _token()
             self._send.send(_MARK.pack(HELLO, token))
+            # if the pickle it is part of fails, no copy will ever say BYE: say it for the copy
+            serial.on_failed_pickle(functools.partial(_retract, self._send, token))
         if self._owned is not None:
             self._owned.shared = True
         with self._rlock:
@@ -389,6 +392,13 @@ class Connection:
     def __repr__(self):
         what = "rw" if self.readable and self.writable else ("r" if self.readable else "w")
         return f"<dragon Connection {what}{' closed' if self._closed else ''}>"
+
+
+def _retract(ch, token):
+    try:
+        ch.send(_MARK.pack(BYE, token), timeout=CLOSE_WAIT)
+    except ChannelError:
+        pass
 
 
 def _rebuild(send_sd, recv_sd, token, live):

@@ -5,6 +5,7 @@ from the others through the transport). Prints ``ok <check>``; exits non-zero on
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 
@@ -307,6 +308,21 @@ def main():
         x.recv()
         raise AssertionError("a closed handle received")
     except OSError:
+        pass
+    # a writer pickled into a Process whose pickling then fails: its reader still reaches end of file (the
+    # copy had been announced and the reader waited for it for good)
+    r, w = mp.Pipe(duplex=False)
+    try:
+        run(pipe_child, w, lambda: 0)
+        raise AssertionError("a lambda was pickled")
+    except (pickle.PicklingError, AttributeError):
+        pass
+    w.close()
+    assert r.poll(10)
+    try:
+        r.recv()
+        raise AssertionError("no end of file")
+    except EOFError:
         pass
     ok("pipe: objects, bytes, 3 MiB, EOF, poll, errors")
 
