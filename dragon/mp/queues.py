@@ -11,7 +11,11 @@ past that, ``put`` keeps items in this process and a feeder thread sends them as
 never blocks (as with the stdlib, a process waits at exit until its buffered items are sent, unless
 ``cancel_join_thread()``). A larger maxsize is an unbounded queue whose ``put`` waits (or raises
 ``queue.Full``) while the queue holds maxsize items as this process sees it (the channel's items and its own
-buffered ones, not those other producers still buffer). As with the stdlib, an object that cannot be pickled
+buffered ones, not those other producers still buffer). From another node, a send returns once the transport
+has the message (a full channel stops a sender only after the transport's window of messages), so a bounded
+queue's ``put`` there first waits (or raises ``queue.Full``) while the channel holds maxsize items (a look at
+its length: exact for one producer, several producers on other nodes may overshoot by what they have in
+flight). As with the stdlib, an object that cannot be pickled
 is reported by ``_on_queue_feeder_error`` (printed), not raised by ``put``.
 
 Unlike the stdlib's, these queues can also be sent through other queues and pipes, and passed to Pool tasks.
@@ -25,6 +29,7 @@ import time
 import weakref
 from multiprocessing import util
 
+from dragon.channels import Channel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 from dragon.mp import heap, serial
 from dragon.mp.connection import Connection
@@ -59,6 +64,7 @@ class Queue:
         self._sdesc = sdesc
         self._maxsize = maxsize
         self._ch = ch if ch is not None else heap.attach(sdesc)
+        self._remote = not isinstance(self._ch, Channel)  # on another node (see the module's docstring)
         self._owned = None
         self._closed = False
         self._reader_conn = None
@@ -93,8 +99,11 @@ class Queue:
             return
         if self._maxsize:
             if self._maxsize <= MAX_CAPACITY:  # the channel's capacity is the bound
+                t = _timeout(block, timeout)
+                if self._remote:  # (a remote send returns before it has room)
+                    t = self._wait_room(t)
                 try:
-                    self._send(data, bufs, _timeout(block, timeout))
+                    self._send(data, bufs, t)
                 except _FULL:
                     raise _queue.Full from None
                 return
@@ -115,7 +124,8 @@ class Queue:
                 self._cond.notify()
 
     def _wait_room(self, timeout):
-        """(A queue bounded above the channel's capacity) wait until it holds fewer than maxsize items."""
+        """Wait until the queue holds fewer than maxsize items (queue.Full after timeout); -> what is left of
+        the timeout. (A queue bounded above the channel's capacity, or a bounded queue of another node.)"""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.qsize() >= self._maxsize:
             if deadline is not None and time.monotonic() >= deadline:
@@ -123,6 +133,7 @@ class Queue:
             time.sleep(
                 ROOM_POLL if deadline is None else min(ROOM_POLL, max(0.0, deadline - time.monotonic()))
             )
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def put_nowait(self, obj):
         return self.put(obj, False)

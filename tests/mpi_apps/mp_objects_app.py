@@ -105,6 +105,20 @@ def manager_child(d, lst, k):
     lst.append(k)
 
 
+def bounded_putter(bq, out):
+    """put into a full Queue(2) made on node 0 (from the last node in a multi-node run)"""
+    bq.put(1)
+    bq.put(2)
+    said = [bq.full()]
+    for put in (lambda: bq.put(3, timeout=0.2), lambda: bq.put_nowait(3)):
+        try:
+            put()
+            said.append("took it")
+        except queue.Full:
+            said.append("Full")
+    out.put(said)
+
+
 def joinable_child(jq):
     while True:
         x = jq.get(timeout=30)
@@ -190,6 +204,15 @@ def main():
         pass
     assert [bq.get(timeout=10) for _ in range(MAX_CAPACITY + 2)] == list(range(MAX_CAPACITY + 2))
     assert bq.empty() and not bq.full()
+    # a bounded queue filled from another node: put raised no Full there (the transport took 512 messages)
+    from dragon.globalservices import node
+
+    bq, bout = mp.Queue(2), mp.Queue()
+    p = mp.get_context("dragon").Process(target=bounded_putter, args=(bq, bout), node=max(node.get_list()))
+    p.start()
+    assert bout.get(timeout=60) == [True, "Full", "Full"]
+    p.join(60)
+    assert [bq.get(timeout=10), bq.get(timeout=10)] == [1, 2] and bq.empty()
     arr = np.arange(2 << 20, dtype=np.float64)  # 16 MiB (across nodes it must fit the staging pool, 64 MiB)
     q2, r2 = mp.Queue(), mp.Queue()
     p = run(array_echo, q2, r2)
