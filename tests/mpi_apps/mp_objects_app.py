@@ -418,6 +418,13 @@ def main():
         raise AssertionError("a bounded semaphore went over")
     except ValueError:
         pass
+    zero = mp.BoundedSemaphore(0)  # (the stdlib's may be made: it is never acquired, nor released)
+    assert not zero.acquire(False) and zero.get_value() == 0
+    try:
+        zero.release()
+        raise AssertionError("BoundedSemaphore(0) was released")
+    except ValueError:
+        pass
     ok("Lock, RLock, Semaphore, BoundedSemaphore")
 
     # Condition, Event, Barrier
