@@ -330,6 +330,27 @@ class SimpleQueue:
         self._reader = Connection(None, sdesc)
         self._writer = Connection(sdesc, None)
         self._owned = None
+        self._locks = None
+
+    # The stdlib's SimpleQueue has these and its Pool class uses them (multiprocessing.pool.Pool with this
+    # context: terminate() takes _rlock). Our get and put need no lock (the channel takes many readers and
+    # writers): these are this handle's own, made on first use.
+    @property
+    def _rlock(self):
+        return self._lock_pair()[0]
+
+    @property
+    def _wlock(self):
+        return self._lock_pair()[1]
+
+    def _lock_pair(self):
+        if self._locks is None:
+            ctx = _dragon_ctx()
+            self._locks = (ctx.Lock(), ctx.Lock())
+        return self._locks
+
+    def _poll(self, timeout=0.0):
+        return self._reader.poll(timeout)
 
     def __reduce__(self):
         if self._owned is not None:

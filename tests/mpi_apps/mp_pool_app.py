@@ -202,6 +202,13 @@ def main():
     assert ended.wait(30)
     pool.join()
     assert not uids & {u for u, _ in process.get_list()}
+    # the stdlib's Pool class on this context (what its subclasses do): its terminate() takes the task
+    # queue's _rlock, which our SimpleQueue did not have (AttributeError)
+    from multiprocessing import pool as mpool
+
+    with mpool.Pool(2, context=mp.get_context("dragon")) as spool:
+        assert spool.map(sq, range(5)) == [0, 1, 4, 9, 16]
+    spool.join()
     ok("terminate")
 
     # initializer, maxtasksperchild, close/join, default size
