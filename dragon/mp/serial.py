@@ -143,6 +143,23 @@ def _succeeded(stack, undos):
         stack[-1].extend(undos)
 
 
+class undo_if_failed:
+    """A with block whose pickles (made with this module) are undone (on_failed_pickle) if the block raises:
+    for a pickle whose use can still fail after it was made (a Process's, until the process exists)."""
+
+    def __enter__(self):
+        self.stack = _undo_stack()
+        self.stack.append(None)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        undos = self.stack.pop()
+        if exc_type is not None:
+            _failed(undos)
+        elif undos:
+            _succeeded(self.stack, undos)
+
+
 def _dump(p, obj):
     """p.dump(obj); if it raises, run what reducers asked to undo (on_failed_pickle)."""
     stack = _undo_stack()

@@ -347,6 +347,17 @@ def main():
         raise AssertionError("no end of file")
     except EOFError:
         pass
+    # ... and one pickled for a process that could not be made (no such node)
+    from dragon.errors import ProcessError
+
+    r, w = mp.Pipe(duplex=False)
+    try:
+        mp.get_context("dragon").Process(target=pipe_child, args=(w,), node=99).start()
+        raise AssertionError("started on node 99")
+    except ProcessError:
+        pass
+    w.close()
+    assert r.poll(10)
     ok("pipe: objects, bytes, 3 MiB, EOF, poll, errors")
 
     # a writer killed by a signal (no goodbye): its reader still reaches end of file, wait() says so
