@@ -17,6 +17,7 @@ Connections without end-of-file (the two ends of a SimpleQueue, queues' readers)
 so ``multiprocessing.connection.wait()`` works on these connections, mixed with sockets, pipes and sentinels.
 """
 
+import functools
 import os
 import pickle
 import struct
@@ -89,6 +90,7 @@ class Connection:
         self._pending = None  # a message read ahead (by poll, or the readiness watcher)
         self._rlock = threading.RLock()
         self._closed = False
+        self._unreadable = False  # a message was longer than recv_bytes' maxlength: reading is over
         self._ready = None
         self._owned = owned
         if token is not None:
@@ -102,7 +104,7 @@ class Connection:
 
     @property
     def readable(self):
-        return self._recv_sd is not None
+        return self._recv_sd is not None and not self._unreadable
 
     @property
     def writable(self):
@@ -113,7 +115,7 @@ class Connection:
             raise OSError("handle is closed")
 
     def _check_readable(self):
-        if self._recv_sd is None:
+        if self._recv_sd is None or self._unreadable:
             raise OSError("connection is write-only")
 
     def _check_writable(self):
@@ -259,10 +261,8 @@ class Connection:
                 return msg
 
     def _next(self):
-        if self._closed:
-            raise OSError("handle is closed")
-        if self._recv is None:
-            raise OSError("connection is write-only")
+        self._check_closed()
+        self._check_readable()
         with self._rlock:
             msg = self._take(None)
         if self._ready is not None:
@@ -289,7 +289,9 @@ class Connection:
         data = serial.load_bytes(msg)
         msg.release()
         if maxlength is not None and len(data) > maxlength:
-            self.close()
+            # as with the stdlib: this handle reads no more (the message is lost), but it still writes, so
+            # the other end does not see an end of file
+            self._unreadable = True
             raise OSError("bad message length")
         return data
 
@@ -379,6 +381,8 @@ class Connection:
         if self._token is not None:  # the copy is a new writer: announce it before anything can come from it
             token = _token()
             self._send.send(_MARK.pack(HELLO, token))
+            # if the pickle it is part of fails, no copy will ever say BYE: say it for the copy
+            serial.on_failed_pickle(functools.partial(_retract, self._send, token))
         if self._owned is not None:
             self._owned.shared = True
         with self._rlock:
@@ -388,6 +392,13 @@ class Connection:
     def __repr__(self):
         what = "rw" if self.readable and self.writable else ("r" if self.readable else "w")
         return f"<dragon Connection {what}{' closed' if self._closed else ''}>"
+
+
+def _retract(ch, token):
+    try:
+        ch.send(_MARK.pack(BYE, token), timeout=CLOSE_WAIT)
+    except ChannelError:
+        pass
 
 
 def _rebuild(send_sd, recv_sd, token, live):

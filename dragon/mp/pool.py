@@ -470,6 +470,8 @@ class _PoolState:
                     p.terminate()
                 except Exception as e:  # gone already
                     util.debug(f"terminating {p.name}: {e}")
+        if threading.current_thread() is self.scheduler:
+            return  # terminate() in a result callback: the scheduler ends after it, Pool.join() joins
         self.join_threads()
 
     def join_threads(self):

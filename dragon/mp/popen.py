@@ -174,40 +174,43 @@ class DragonPopen:
         main_code = _main_code(prep)
         if main_code is not None:
             prep["dragon_main_code"] = main_code
-        _mpctx.set_spawning_popen(self)
-        try:
-            prep = serial.dumps(prep)
-            payload = len(prep).to_bytes(8, "little") + prep + serial.dumps(process_obj)
-            tracker = resource_tracker._resource_tracker._fd
-            if tracker is not None and self.node == heap.here():  # share it, as 'spawn' does
-                env[TRACKER_ENV] = f"{os.getpid()}:{self.duplicate_for_child(tracker)}"
-        except BaseException:
-            self._held.close()
-            raise
-        finally:
-            _mpctx.set_spawning_popen(None)
-        if len(payload) <= BOOT_ENV_MAX:
-            env[BOOT_ENV] = base64.b64encode(payload).decode()
-        else:
-            ch = heap.channel(capacity=1, block_size=64)
-            self._held.chans.append(ch)
-            ch.send(payload)
-            env[BOOT_CD_ENV] = bytes(ch.sdesc).hex()
-        if (
-            self.node == heap.here()
-        ):  # the child says its exit code here: no round trip through GS to learn it
-            self._held.status = heap.channel(capacity=1, block_size=16)
-            env[STATUS_ENV] = bytes(self._held.status.sdesc).hex()
-        env[INHERIT_ENV] = inherited(self.node == heap.here())
-        exe = os.fsdecode(spawn.get_executable())
-        args = [*util._args_from_interpreter_flags(), "-c", BOOT]
-        try:
-            desc = process.create(
-                exe, os.getcwd(), args, env=env, options=ProcessOptions(node=self.node, zygote=True)
-            )
-        except BaseException:
-            self._held.close()
-            raise
+        # a writer of a pipe among the arguments announces its copy when pickled: if the process is not made,
+        # that copy never exists and must not keep the pipe's reader waiting for it
+        with serial.undo_if_failed():
+            _mpctx.set_spawning_popen(self)
+            try:
+                prep = serial.dumps(prep)
+                payload = len(prep).to_bytes(8, "little") + prep + serial.dumps(process_obj)
+                tracker = resource_tracker._resource_tracker._fd
+                if tracker is not None and self.node == heap.here():  # share it, as 'spawn' does
+                    env[TRACKER_ENV] = f"{os.getpid()}:{self.duplicate_for_child(tracker)}"
+            except BaseException:
+                self._held.close()
+                raise
+            finally:
+                _mpctx.set_spawning_popen(None)
+            if len(payload) <= BOOT_ENV_MAX:
+                env[BOOT_ENV] = base64.b64encode(payload).decode()
+            else:
+                ch = heap.channel(capacity=1, block_size=64)
+                self._held.chans.append(ch)
+                ch.send(payload)
+                env[BOOT_CD_ENV] = bytes(ch.sdesc).hex()
+            if (
+                self.node == heap.here()
+            ):  # the child says its exit code here: no round trip through GS to learn it
+                self._held.status = heap.channel(capacity=1, block_size=16)
+                env[STATUS_ENV] = bytes(self._held.status.sdesc).hex()
+            env[INHERIT_ENV] = inherited(self.node == heap.here())
+            exe = os.fsdecode(spawn.get_executable())
+            args = [*util._args_from_interpreter_flags(), "-c", BOOT]
+            try:
+                desc = process.create(
+                    exe, os.getcwd(), args, env=env, options=ProcessOptions(node=self.node, zygote=True)
+                )
+            except BaseException:
+                self._held.close()
+                raise
         self.pid = desc.pid
         self.p_uid = desc.p_uid
         if desc.node == heap.here():

@@ -9,8 +9,14 @@ A bounded queue (``maxsize`` up to MAX_CAPACITY) is a channel of that capacity: 
 ``queue.Full``, exactly when the queue holds maxsize items. An unbounded queue's channel holds CAPACITY items;
 past that, ``put`` keeps items in this process and a feeder thread sends them as room appears, so ``put``
 never blocks (as with the stdlib, a process waits at exit until its buffered items are sent, unless
-``cancel_join_thread()``). As with the stdlib, an object that cannot be pickled is reported by
-``_on_queue_feeder_error`` (printed), not raised by ``put``.
+``cancel_join_thread()``). A larger maxsize is an unbounded queue whose ``put`` waits (or raises
+``queue.Full``) while the queue holds maxsize items as this process sees it (the channel's items and its own
+buffered ones, not those other producers still buffer). From another node, a send returns once the transport
+has the message (a full channel stops a sender only after the transport's window of messages), so a bounded
+queue's ``put`` there first waits (or raises ``queue.Full``) while the channel holds maxsize items (a look at
+its length: exact for one producer, several producers on other nodes may overshoot by what they have in
+flight). As with the stdlib, an object that cannot be pickled
+is reported by ``_on_queue_feeder_error`` (printed), not raised by ``put``.
 
 Unlike the stdlib's, these queues can also be sent through other queues and pipes, and passed to Pool tasks.
 """
@@ -19,9 +25,11 @@ import collections
 import pickle
 import queue as _queue
 import threading
+import time
 import weakref
 from multiprocessing import util
 
+from dragon.channels import Channel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 from dragon.mp import heap, serial
 from dragon.mp.connection import Connection
@@ -33,6 +41,7 @@ SPILL_WAIT = (
     0.001  # an unbounded queue's put waits this long for room before it keeps the item for the feeder
 )
 _FULL = (ChannelFull, ChannelTimeout)
+ROOM_POLL = 0.005  # how often the put of a queue bounded above MAX_CAPACITY looks for room
 
 
 def _timeout(block, timeout):
@@ -55,6 +64,7 @@ class Queue:
         self._sdesc = sdesc
         self._maxsize = maxsize
         self._ch = ch if ch is not None else heap.attach(sdesc)
+        self._remote = not isinstance(self._ch, Channel)  # on another node (see the module's docstring)
         self._owned = None
         self._closed = False
         self._reader_conn = None
@@ -88,11 +98,16 @@ class Queue:
             self._on_queue_feeder_error(e, obj)
             return
         if self._maxsize:
-            try:
-                self._send(data, bufs, _timeout(block, timeout))
-            except _FULL:
-                raise _queue.Full from None
-            return
+            if self._maxsize <= MAX_CAPACITY:  # the channel's capacity is the bound
+                t = _timeout(block, timeout)
+                if self._remote:  # (a remote send returns before it has room)
+                    t = self._wait_room(t)
+                try:
+                    self._send(data, bufs, t)
+                except _FULL:
+                    raise _queue.Full from None
+                return
+            self._wait_room(_timeout(block, timeout))
         if not self._buffer:  # nothing of ours waits: straight into the channel
             try:
                 self._send(data, bufs, SPILL_WAIT)
@@ -107,6 +122,18 @@ class Queue:
                 if self._thread is None:
                     self._start_thread()
                 self._cond.notify()
+
+    def _wait_room(self, timeout):
+        """Wait until the queue holds fewer than maxsize items (queue.Full after timeout); -> what is left of
+        the timeout. (A queue bounded above the channel's capacity, or a bounded queue of another node.)"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.qsize() >= self._maxsize:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _queue.Full
+            time.sleep(
+                ROOM_POLL if deadline is None else min(ROOM_POLL, max(0.0, deadline - time.monotonic()))
+            )
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def put_nowait(self, obj):
         return self.put(obj, False)
@@ -219,7 +246,7 @@ class Queue:
         return self.qsize() == 0
 
     def full(self):
-        return bool(self._maxsize) and len(self._ch) >= self._maxsize
+        return bool(self._maxsize) and self.qsize() >= self._maxsize
 
     @property
     def _reader(self):
@@ -303,6 +330,27 @@ class SimpleQueue:
         self._reader = Connection(None, sdesc)
         self._writer = Connection(sdesc, None)
         self._owned = None
+        self._locks = None
+
+    # The stdlib's SimpleQueue has these and its Pool class uses them (multiprocessing.pool.Pool with this
+    # context: terminate() takes _rlock). Our get and put need no lock (the channel takes many readers and
+    # writers): these are this handle's own, made on first use.
+    @property
+    def _rlock(self):
+        return self._lock_pair()[0]
+
+    @property
+    def _wlock(self):
+        return self._lock_pair()[1]
+
+    def _lock_pair(self):
+        if self._locks is None:
+            ctx = _dragon_ctx()
+            self._locks = (ctx.Lock(), ctx.Lock())
+        return self._locks
+
+    def _poll(self, timeout=0.0):
+        return self._reader.poll(timeout)
 
     def __reduce__(self):
         if self._owned is not None:
@@ -316,6 +364,7 @@ class SimpleQueue:
         self._writer.send(obj)
 
     def empty(self):
+        self._reader._check_closed()  # (a closed one says so as the stdlib's does, with OSError)
         return len(self._reader._recv) == 0
 
     def close(self):

@@ -143,15 +143,81 @@ def Pickler(file, buffer_callback=None):
 def dumps(obj):
     """bytes of obj (in-band only)."""
     f = io.BytesIO()
-    Pickler(f).dump(obj)
+    _dump(Pickler(f), obj)
     return f.getvalue()
+
+
+def on_failed_pickle(undo):
+    """Have undo() called if the pickle this thread is making with this module fails: for a reducer with a
+    side effect (a pipe's writer announces its copy to the reader, which would wait for it for good)."""
+    stack = getattr(_tls, "undo", None)
+    if stack:
+        if stack[-1] is None:
+            stack[-1] = []
+        stack[-1].append(undo)
+
+
+def _undo_stack():
+    """This thread's stack of the pickles being made, each with what to undo if it fails (None: nothing, the
+    common case, costs no list)."""
+    try:
+        return _tls.undo
+    except AttributeError:
+        _tls.undo = []
+        return _tls.undo
+
+
+def _failed(undos):
+    for undo in undos or ():
+        try:
+            undo()
+        except Exception:  # (the pickle's own error is the one to report)
+            pass
+
+
+def _succeeded(stack, undos):
+    if stack:  # a pickle made while making another: undone if that one fails
+        if stack[-1] is None:
+            stack[-1] = []
+        stack[-1].extend(undos)
+
+
+class undo_if_failed:
+    """A with block whose pickles (made with this module) are undone (on_failed_pickle) if the block raises:
+    for a pickle whose use can still fail after it was made (a Process's, until the process exists)."""
+
+    def __enter__(self):
+        self.stack = _undo_stack()
+        self.stack.append(None)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        undos = self.stack.pop()
+        if exc_type is not None:
+            _failed(undos)
+        elif undos:
+            _succeeded(self.stack, undos)
+
+
+def _dump(p, obj):
+    """p.dump(obj); if it raises, run what reducers asked to undo (on_failed_pickle)."""
+    stack = _undo_stack()
+    stack.append(None)
+    try:
+        p.dump(obj)
+    except BaseException:
+        _failed(stack.pop())
+        raise
+    undos = stack.pop()
+    if undos:
+        _succeeded(stack, undos)
 
 
 class _Reusable:
     """A pickler kept per thread: making one (with its dispatch table) costs 3 us, three times the pickling of
     a small object; reusing it costs a memo clear."""
 
-    __slots__ = ("f", "p", "bufs", "busy", "key")
+    __slots__ = ("f", "p", "bufs", "busy", "key", "undo")
 
     def __init__(self):
         self.f = io.BytesIO()
@@ -159,6 +225,7 @@ class _Reusable:
         self.busy = False
         self.p = Pickler(self.f, buffer_callback=self._keep)
         self.key = _live_key()
+        self.undo = _undo_stack()  # (made in the thread that uses it)
 
     def _keep(self, pb):
         try:
@@ -184,7 +251,16 @@ class _Reusable:
         self.busy = True
         try:
             self.p.clear_memo()
-            self.p.dump(obj)
+            stack = self.undo  # (_dump() inline: this is every queue put's path)
+            stack.append(None)
+            try:
+                self.p.dump(obj)
+            except BaseException:
+                _failed(stack.pop())
+                raise
+            undos = stack.pop()
+            if undos:
+                _succeeded(stack, undos)
             return f.getvalue(), self.bufs
         finally:
             self.busy = False

@@ -43,10 +43,10 @@ class _TokenSemaphore:
     def __init__(self, value=1, maxvalue=SEM_VALUE_MAX):
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
-        if maxvalue < 1 or value > maxvalue:
+        if maxvalue < 0 or value > maxvalue:
             raise ValueError("semaphore initial value is larger than its maximum")
         exact = maxvalue <= MAX_UNITS
-        ch = heap.channel(maxvalue if exact else COUNTED_CAPACITY, 8)
+        ch = heap.channel(max(1, maxvalue) if exact else COUNTED_CAPACITY, 8)
         self._setup(bytes(ch.sdesc), maxvalue, ch)
         self._owned = heap.Owned([ch])
         if value:
@@ -59,6 +59,12 @@ class _TokenSemaphore:
         self._owned = None
         self._owner = None  # (pid, thread id) that holds it, for locks
         self._depth = 0
+        if maxvalue == 0:  # BoundedSemaphore(0): its channel has room for one token, which it never takes
+            self._put = self._refuse
+
+    @staticmethod
+    def _refuse(n):
+        raise ValueError("semaphore or lock released too many times")
 
     def __reduce__(self):
         if self._owned is not None:

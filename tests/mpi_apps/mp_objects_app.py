@@ -5,6 +5,7 @@ from the others through the transport). Prints ``ok <check>``; exits non-zero on
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 
@@ -104,6 +105,20 @@ def manager_child(d, lst, k):
     lst.append(k)
 
 
+def bounded_putter(bq, out):
+    """put into a full Queue(2) made on node 0 (from the last node in a multi-node run)"""
+    bq.put(1)
+    bq.put(2)
+    said = [bq.full()]
+    for put in (lambda: bq.put(3, timeout=0.2), lambda: bq.put_nowait(3)):
+        try:
+            put()
+            said.append("took it")
+        except queue.Full:
+            said.append("Full")
+    out.put(said)
+
+
 def joinable_child(jq):
     while True:
         x = jq.get(timeout=30)
@@ -175,6 +190,29 @@ def main():
         raise AssertionError("a closed queue took more")
     except ValueError:
         pass
+    # a maxsize above what one channel holds (MAX_CAPACITY): put raised Full at the channel's 1024 items
+    from dragon.mp.queues import MAX_CAPACITY
+
+    bq = mp.Queue(MAX_CAPACITY + 2)
+    for i in range(MAX_CAPACITY + 2):
+        bq.put_nowait(i)
+    assert bq.full() and bq.qsize() == MAX_CAPACITY + 2
+    try:
+        bq.put(-1, timeout=0.1)
+        raise AssertionError("a full queue took more")
+    except queue.Full:
+        pass
+    assert [bq.get(timeout=10) for _ in range(MAX_CAPACITY + 2)] == list(range(MAX_CAPACITY + 2))
+    assert bq.empty() and not bq.full()
+    # a bounded queue filled from another node: put raised no Full there (the transport took 512 messages)
+    from dragon.globalservices import node
+
+    bq, bout = mp.Queue(2), mp.Queue()
+    p = mp.get_context("dragon").Process(target=bounded_putter, args=(bq, bout), node=max(node.get_list()))
+    p.start()
+    assert bout.get(timeout=60) == [True, "Full", "Full"]
+    p.join(60)
+    assert [bq.get(timeout=10), bq.get(timeout=10)] == [1, 2] and bq.empty()
     arr = np.arange(2 << 20, dtype=np.float64)  # 16 MiB (across nodes it must fit the staging pool, 64 MiB)
     q2, r2 = mp.Queue(), mp.Queue()
     p = run(array_echo, q2, r2)
@@ -208,6 +246,16 @@ def main():
     sq.put([1, 2])
     assert not sq.empty() and sq.get() == [1, 2]
     sq.close()
+    for closed in (
+        sq.empty,
+        sq.get,
+        lambda: sq.put(1),
+    ):  # as the stdlib's: OSError (empty() said ChannelError)
+        try:
+            closed()
+            raise AssertionError("a closed SimpleQueue answered")
+        except OSError:
+            pass
     ok("queue through a queue, JoinableQueue, SimpleQueue")
 
     # Pipe: objects, bytes with offsets, a big message, EOF when every writer is gone, poll, errors
@@ -260,11 +308,56 @@ def main():
     assert x.recv_bytes_into(buf, 1) == 3 and buf == b"\0xyz\0"
     y.close()
     x.close()
+    # a message longer than recv_bytes' maxlength: that handle reads no more but still writes (it was closed,
+    # so the other end got end of file)
+    u, v = mp.Pipe()
+    v.send_bytes(b"0123456789")
+    try:
+        u.recv_bytes(5)
+        raise AssertionError("maxlength was ignored")
+    except OSError:
+        pass
+    assert not u.closed and not u.readable and u.writable
+    u.send("still writing")
+    assert v.recv() == "still writing"
+    try:
+        u.recv()
+        raise AssertionError("read after a too long message")
+    except OSError as e:
+        assert "write-only" in str(e), e
+    u.close()
+    v.close()
     try:
         x.recv()
         raise AssertionError("a closed handle received")
     except OSError:
         pass
+    # a writer pickled into a Process whose pickling then fails: its reader still reaches end of file (the
+    # copy had been announced and the reader waited for it for good)
+    r, w = mp.Pipe(duplex=False)
+    try:
+        run(pipe_child, w, lambda: 0)
+        raise AssertionError("a lambda was pickled")
+    except (pickle.PicklingError, AttributeError):
+        pass
+    w.close()
+    assert r.poll(10)
+    try:
+        r.recv()
+        raise AssertionError("no end of file")
+    except EOFError:
+        pass
+    # ... and one pickled for a process that could not be made (no such node)
+    from dragon.errors import ProcessError
+
+    r, w = mp.Pipe(duplex=False)
+    try:
+        mp.get_context("dragon").Process(target=pipe_child, args=(w,), node=99).start()
+        raise AssertionError("started on node 99")
+    except ProcessError:
+        pass
+    w.close()
+    assert r.poll(10)
     ok("pipe: objects, bytes, 3 MiB, EOF, poll, errors")
 
     # a writer killed by a signal (no goodbye): its reader still reaches end of file, wait() says so
@@ -334,6 +427,13 @@ def main():
     try:
         bs.release()
         raise AssertionError("a bounded semaphore went over")
+    except ValueError:
+        pass
+    zero = mp.BoundedSemaphore(0)  # (the stdlib's may be made: it is never acquired, nor released)
+    assert not zero.acquire(False) and zero.get_value() == 0
+    try:
+        zero.release()
+        raise AssertionError("BoundedSemaphore(0) was released")
     except ValueError:
         pass
     ok("Lock, RLock, Semaphore, BoundedSemaphore")

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 
 import dragon  # noqa: F401
@@ -188,6 +189,26 @@ def main():
     assert not uids & {u for u, _ in process.get_list()}
     if nnodes == 1:
         assert not any(alive(pid) for pid in pids)
+    # terminate() in a result callback (the scheduler's thread): it raised 'cannot join current thread'
+    pool = mp.Pool(2)
+    uids = {p._popen.p_uid for p in pool._pool}
+    ended = threading.Event()
+
+    def end_pool(_):
+        pool.terminate()
+        ended.set()
+
+    pool.apply_async(sq, (3,), callback=end_pool)
+    assert ended.wait(30)
+    pool.join()
+    assert not uids & {u for u, _ in process.get_list()}
+    # the stdlib's Pool class on this context (what its subclasses do): its terminate() takes the task
+    # queue's _rlock, which our SimpleQueue did not have (AttributeError)
+    from multiprocessing import pool as mpool
+
+    with mpool.Pool(2, context=mp.get_context("dragon")) as spool:
+        assert spool.map(sq, range(5)) == [0, 1, 4, 9, 16]
+    spool.join()
     ok("terminate")
 
     # initializer, maxtasksperchild, close/join, default size
