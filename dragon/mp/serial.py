@@ -199,9 +199,11 @@ class undo_if_failed:
             _succeeded(self.stack, undos)
 
 
-def _dump(p, obj):
-    """p.dump(obj); if it raises, run what reducers asked to undo (on_failed_pickle)."""
-    stack = _undo_stack()
+def _dump(p, obj, stack=None):
+    """p.dump(obj); if it raises, run what reducers asked to undo (on_failed_pickle). stack: this thread's
+    (_undo_stack(), which a caller may keep)."""
+    if stack is None:
+        stack = _undo_stack()
     stack.append(None)
     try:
         p.dump(obj)
@@ -251,16 +253,7 @@ class _Reusable:
         self.busy = True
         try:
             self.p.clear_memo()
-            stack = self.undo  # (_dump() inline: this is every queue put's path)
-            stack.append(None)
-            try:
-                self.p.dump(obj)
-            except BaseException:
-                _failed(stack.pop())
-                raise
-            undos = stack.pop()
-            if undos:
-                _succeeded(stack, undos)
+            _dump(self.p, obj, self.undo)
             return f.getvalue(), self.bufs
         finally:
             self.busy = False
