@@ -17,6 +17,7 @@ one by its sdesc, and on another node that gives a RemoteChannel (through the tr
 """
 
 import os
+import sys
 import threading
 from multiprocessing import util
 
@@ -60,10 +61,10 @@ def _create(size):
     core's default name instead."""
     from dragon._core.core import job_prefix
     from dragon.errors import PoolError
-    from dragon.infrastructure import client, jobprocs
+    from dragon.infrastructure import jobprocs
     from dragon.pools import Pool
 
-    name: str | None = jobprocs.heap_name(client.connection().p_uid, os.getpid())
+    name: str | None = jobprocs.heap_name(_uid(), os.getpid())
     while True:
         try:
             return Pool.create(size, name=name)
@@ -74,6 +75,17 @@ def _create(size):
             if size // 4 < MIN_HEAP:
                 raise
             size //= 4
+
+
+def _uid():
+    """The id the runtime watches this process under: a client's id (dragon.init()), else its p_uid (a
+    managed process, or a descendant of one, which inherited it). Read where it is, without a connection to
+    global services: a Pool worker that makes its inbox here asks global services nothing."""
+    attach = sys.modules.get("dragon.attach")
+    h = attach.current() if attach is not None else None
+    if h is not None and h.client is not None:
+        return h.client
+    return int(os.environ.get(E.PUID, "0") or 0)
 
 
 def channel(capacity, block_size):
