@@ -294,6 +294,19 @@ assert p.exitcode == 0
 q.put(Point(5))
 o = q.get(timeout=30)
 assert type(o) is Point and o.x == 5
+# one Pool call's function is loaded once in each worker, not once per batch of tasks (each load its own
+# globals): a worker's tasks see one list
+import os
+calls = []
+def count(x):
+    calls.append(x)
+    return (os.getpid(), len(calls))
+with ctx.Pool(2) as pool:
+    got = pool.map(count, range(200), chunksize=1)
+per = {}
+for pid, n in got:
+    per.setdefault(pid, []).append(n)
+assert all(sorted(v) == list(range(1, len(v) + 1)) for v in per.values()), per
 from concurrent.futures import ProcessPoolExecutor
 with ProcessPoolExecutor(2, mp_context=ctx) as ex:  # (its call queue pickles with ForkingPickler)
     assert list(ex.map(addk, range(3))) == [10, 11, 12] and ex.submit(lambda: 42).result() == 42

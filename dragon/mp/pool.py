@@ -569,7 +569,7 @@ class Pool:
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):  # noqa: B006
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
-        self._st.add(iter([(result._job, 0, func, args, kwds)]))
+        self._st.add(iter([(result._job, 0, serial.by_value_once(func), args, kwds)]))
         return result
 
     def map(self, func, iterable, chunksize=None):
@@ -594,13 +594,14 @@ class Pool:
                 chunksize += 1
         if len(iterable) == 0:
             chunksize = 0
-        batches = _mpool.Pool._get_tasks(func, iterable, chunksize)
+        batches = _mpool.Pool._get_tasks(serial.by_value_once(func), iterable, chunksize)
         result = MapResult(self, chunksize, len(iterable), callback, error_callback=error_callback)
         self._st.add(_Tasks(result._job, mapper, batches))
         return result
 
     def _imap(self, cls, func, iterable, chunksize):
         self._check_running()
+        func = serial.by_value_once(func)
         if chunksize == 1:
             result = cls(self)
             self._st.add(_Tasks(result._job, func, iterable), result._set_length)

@@ -20,6 +20,7 @@ is the same user's.)
 import builtins
 import copyreg
 import io
+import os
 import pickle
 import socket
 import struct
@@ -118,6 +119,54 @@ def _by_value(pickler, obj):
 
 class _InteractivePickler(_Pickler):
     reducer_override = _by_value
+
+
+THAW_KEEP = 64  # functions a process keeps loaded from by_value_once's pickles (the most recent)
+_thawed: dict = {}
+
+
+class _ByValue:
+    """A function (or class) of an interactive __main__ as the tasks of one Pool call carry it: pickled by
+    value once for the call (not once per batch of its tasks: ~60 us each), and loaded once per process that
+    runs them (_thaw keeps it by the call's key). Calling it calls the function."""
+
+    __slots__ = ("data", "func", "key")
+
+    def __init__(self, func):
+        self.func, self.key, self.data = func, os.urandom(8), None
+
+    def __call__(self, *args, **kwds):
+        return self.func(*args, **kwds)
+
+    def __reduce__(self):
+        if self.data is None:
+            import cloudpickle
+
+            self.data = cloudpickle.dumps(self.func, protocol=PROTOCOL)
+        return _thaw, (self.key, self.data)
+
+
+def _thaw(key, data):
+    f = _thawed.get(key)
+    if f is None:
+        import cloudpickle
+
+        f = _thawed[key] = cloudpickle.loads(data)
+        if len(_thawed) > THAW_KEEP:
+            del _thawed[next(iter(_thawed))]
+    return f
+
+
+def by_value_once(func):
+    """func as the tasks of one Pool call should carry it: a _ByValue if it goes by value (a function or class
+    of an interactive __main__), else func itself (it goes by name, as with spawn)."""
+    if (
+        isinstance(func, (types.FunctionType, type))
+        and getattr(func, "__module__", None) == "__main__"
+        and _interactive()
+    ):
+        return _ByValue(func)
+    return func
 
 
 def _interactive():
