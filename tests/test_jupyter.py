@@ -36,8 +36,8 @@ MP_IN_CELLS = r"""
 import multiprocessing as mp
 def square(x):
     return x * x
-with mp.get_context("dragon").Pool(2) as pool:
-    print(pool.map(square, [1, 2, 3]))
+with mp.get_context("dragon").Pool(3) as pool:
+    print(pool.map(square, [1, 2, 3], chunksize=1))
 """
 
 
@@ -116,6 +116,7 @@ def test_client_of_a_served_runtime_in_a_kernel(kernel, tmp_path):
             out = kernel.run(f"import dragon; h = dragon.init(connect={srv.path!r}); print(h.mode)")
             assert out.strip() == "connected"
             assert "kid on node 2 0" in kernel.run(USE)
+            assert "[1, 4, 9]" in kernel.run(MP_IN_CELLS)  # (workers on every node, a cell's function)
             kernel.restart(now)
             check = client(
                 tmp_path,
