@@ -224,6 +224,25 @@ if __name__ == "__main__":
     assert segments() == before, segments() - before
     ok("heaps of killed children and terminated Pool workers removed")
 
+    # a queue that spilled (a feeder thread sends what did not fit) and that the program drops is garbage
+    # collected and its feeder ends (the thread held the queue: neither was ever freed, and at exit the queue's
+    # finalizer ran in that thread: "Exception ignored ... cannot join current thread")
+    import gc, threading, weakref
+    q = mp.Queue()
+    for i in range(3000):
+        q.put(i)
+    assert sum(q.get(timeout=30) for _ in range(3000)) == sum(range(3000))
+    gone = weakref.ref(q)
+    del q
+    def feeders():
+        return [t for t in threading.enumerate() if t.name == "QueueFeederThread"]
+    deadline = time.monotonic() + 10
+    while (gone() is not None or feeders()) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert gone() is None and not feeders(), (gone(), feeders())
+    ok("a dropped queue and its feeder thread go")
+
     # what a spawn child inherits and a fork of the zygote would not (last: it changes this process)
     import resource
     os.umask(0o077)
@@ -247,3 +266,4 @@ if __name__ == "__main__":
 def test_process(tmp_path):
     r = run_app(tmp_path, APP, timeout=140)
     assert "ALL OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Exception ignored" not in r.stderr, r.stderr

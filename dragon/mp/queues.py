@@ -50,6 +50,72 @@ def _timeout(block, timeout):
     return None if timeout is None else max(0.0, timeout)
 
 
+def _send(ch, data, bufs, timeout):
+    if bufs:
+        serial._send_framed(ch, data, bufs, 0, timeout)
+    else:
+        ch.send(data, timeout=timeout)
+
+
+class _Feed:
+    """What a queue's put() and its feeder thread share (the thread is given this, not the queue)."""
+
+    __slots__ = ("buffer", "ch", "closed", "cond", "on_error", "sending", "stopping")
+
+    def __init__(self, ch, on_error):
+        self.ch, self.on_error = ch, on_error
+        self.buffer = collections.deque()
+        self.cond = threading.Condition(threading.Lock())
+        self.closed = False
+        self.sending = False  # the feeder is sending the buffer's head (outside the lock)
+        self.stopping = []  # non-empty: the process is exiting, or the queue was garbage collected
+
+
+def _flush_locked(f):
+    """Send what this process keeps, in order, while it fits (the caller holds f.cond; nobody is sending)."""
+    buf = f.buffer
+    while buf:
+        data, bufs = buf[0]
+        try:
+            _send(f.ch, data, bufs, 0)
+        except _FULL:
+            return
+        buf.popleft()
+
+
+def _feed(f):
+    """A queue's feeder thread: send what put() kept while the channel was full, in order; ends once the queue
+    is closed, garbage or the process exits, and what it holds is sent. put() itself sends what fits whenever
+    it runs; this thread waits for room when nobody puts."""
+    while True:
+        with f.cond:
+            while not f.buffer and not f.closed and not f.stopping:
+                f.cond.wait()
+            _flush_locked(f)
+            if not f.buffer:
+                if f.closed or f.stopping:
+                    return
+                continue
+            data, bufs = f.buffer[0]
+            f.sending = True
+        sent = False
+        try:
+            _send(f.ch, data, bufs, 0.05)
+            sent = True
+        except _FULL:
+            pass
+        except ChannelError as e:  # the queue is gone (its creator exited): nothing can be delivered
+            f.on_error(e, None)
+            with f.cond:
+                f.buffer.clear()
+                f.sending = False
+            return
+        with f.cond:
+            f.sending = False
+            if sent:
+                f.buffer.popleft()
+
+
 class Queue:
     """multiprocessing.Queue on a dragon channel."""
 
@@ -68,11 +134,13 @@ class Queue:
         self._owned = None
         self._closed = False
         self._reader_conn = None
-        self._buffer = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
+        # what put() and the feeder thread share; the thread holds this, never the queue, so that a queue
+        # dropped by its program is garbage collected (and its feeder stopped) as the stdlib's is
+        self._fd = _Feed(self._ch, self._on_queue_feeder_error)
+        self._buffer = self._fd.buffer
+        self._cond = self._fd.cond
         self._thread = None
-        self._sending = False  # the feeder is sending the buffer's head (outside the lock)
-        self._stopping = []  # non-empty: the process is exiting (a list, so the finalizer needs no ref to us)
+        self._stopping = self._fd.stopping
         self._joincancelled = False
         self._finalizer = None
 
@@ -116,8 +184,8 @@ class Queue:
                 pass
         with self._cond:
             self._buffer.append((data, bufs))
-            if not self._sending:
-                self._flush_locked()
+            if not self._fd.sending:
+                _flush_locked(self._fd)
             if self._buffer:
                 if self._thread is None:
                     self._start_thread()
@@ -139,19 +207,18 @@ class Queue:
         return self.put(obj, False)
 
     def _send(self, data, bufs, timeout):
-        if bufs:
-            serial._send_framed(self._ch, data, bufs, 0, timeout)
-        else:
-            self._ch.send(data, timeout=timeout)
+        _send(self._ch, data, bufs, timeout)
 
     def _start_thread(self):
-        self._thread = threading.Thread(target=self._feed, name="QueueFeederThread", daemon=True)
+        self._thread = threading.Thread(target=_feed, args=(self._fd,), name="QueueFeederThread", daemon=True)
         self._thread.start()
-        # at exit: the feeder stops once it has sent what it holds, and the process waits for that
+        # at exit, or once the queue is garbage: the feeder stops when it has sent what it holds; at exit the
+        # process waits for that (the join belongs to the thread, as the stdlib's: a queue that becomes
+        # garbage does not make the thread that dropped it wait)
         util.Finalize(self, Queue._finalize_close, [self._cond, self._stopping], exitpriority=10)
         if not self._joincancelled:
             self._finalizer = util.Finalize(
-                self, Queue._finalize_join, [weakref.ref(self._thread)], exitpriority=-5
+                self._thread, Queue._finalize_join, [weakref.ref(self._thread)], exitpriority=-5
             )
 
     @staticmethod
@@ -165,49 +232,6 @@ class Queue:
         t = twr()
         if t is not None:
             t.join()
-
-    def _flush_locked(self):
-        """Send what this process keeps, in order, while it fits (the caller holds _cond; nobody is
-        sending)."""
-        buf = self._buffer
-        while buf:
-            data, bufs = buf[0]
-            try:
-                self._send(data, bufs, 0)
-            except _FULL:
-                return
-            buf.popleft()
-
-    def _feed(self):
-        """Send what put() kept while the channel was full, in order; ends once closed (or exiting) and empty.
-        put() itself sends what fits whenever it runs; this thread waits for room when nobody puts."""
-        while True:
-            with self._cond:
-                while not self._buffer and not self._closed and not self._stopping:
-                    self._cond.wait()
-                self._flush_locked()
-                if not self._buffer:
-                    if self._closed or self._stopping:
-                        return
-                    continue
-                data, bufs = self._buffer[0]
-                self._sending = True
-            sent = False
-            try:
-                self._send(data, bufs, 0.05)
-                sent = True
-            except _FULL:
-                pass
-            except ChannelError as e:  # the queue is gone (its creator exited): nothing can be delivered
-                self._on_queue_feeder_error(e, None)
-                with self._cond:
-                    self._buffer.clear()
-                    self._sending = False
-                return
-            with self._cond:
-                self._sending = False
-                if sent:
-                    self._buffer.popleft()
 
     @staticmethod
     def _on_queue_feeder_error(e, obj):
@@ -260,6 +284,7 @@ class Queue:
         """This process will put no more; the feeder (if any) sends what it holds, then stops."""
         with self._cond:
             self._closed = True
+            self._fd.closed = True
             self._cond.notify()
         if self._reader_conn is not None:
             self._reader_conn.close()
