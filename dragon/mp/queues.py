@@ -104,8 +104,9 @@ def _feed(f):
             sent = True
         except _FULL:
             pass
-        except ChannelError as e:  # the queue is gone (its creator exited): nothing can be delivered
-            f.on_error(e, None)
+        except ChannelError as e:  # the queue is gone: nothing can be delivered
+            if not f.stopping:  # (its creator exited; not: this process dropped a queue it never shared)
+                f.on_error(e, None)
             with f.cond:
                 f.buffer.clear()
                 f.sending = False
