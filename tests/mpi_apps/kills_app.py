@@ -92,22 +92,29 @@ def take(msgs, got, last, late, st):
         st["t_last"] = time.monotonic()
 
 
+def _round(pd, capacity, count, rnd, pause, placed):
+    """A round's source channel (in pool pd, on node 1), its result channel (on this node), and its stream
+    senders: (sid, node) for each in placed, sending count messages each. -> (src, res, senders)"""
+    src = channel.create(pd.m_uid, channel_options={"capacity": capacity})
+    res = channel.create(None, channel_options={"capacity": 4096})
+    senders = [
+        process.create(
+            PY,
+            None,
+            [HERE, "stream_sender", src.sdesc.hex(), str(sid), str(count), str(rnd * 10 + sid), pause],
+            options={"node": k},
+        )
+        for sid, k in placed
+    ]
+    return src, res, senders
+
+
 def case_rkill(rounds="3", count="1500"):
     rounds, count = int(rounds), int(count)
     pd = pool.create(128 << 20, pool_options={"node": 1})
     total = 0
     for rnd in range(rounds):
-        src = channel.create(pd.m_uid, channel_options={"capacity": 64})
-        res = channel.create(None, channel_options={"capacity": 4096})
-        senders = [
-            process.create(
-                PY,
-                None,
-                [HERE, "stream_sender", src.sdesc.hex(), str(sid), str(count), str(rnd * 10 + sid), "0.005"],
-                options={"node": k},
-            )
-            for sid, k in ((1, 0), (2, 1))
-        ]
+        src, res, senders = _round(pd, 64, count, rnd, "0.005", ((1, 0), (2, 1)))
         recvs = {}
         for who, k in (("a", 0), ("b", 2), ("victim", 2), ("c", 0)):
             d = process.create(
@@ -256,17 +263,7 @@ def case_many(rounds="3", count="1200"):
     pd = pool.create(128 << 20, pool_options={"node": 1})
     total = 0
     for rnd in range(rounds):
-        src = channel.create(pd.m_uid, channel_options={"capacity": 32})
-        res = channel.create(None, channel_options={"capacity": 4096})
-        senders = [
-            process.create(
-                PY,
-                None,
-                [HERE, "stream_sender", src.sdesc.hex(), str(sid), str(count), str(rnd * 10 + sid), "0.002"],
-                options={"node": sid - 1},
-            )
-            for sid in (1, 2, 3)
-        ]
+        src, res, senders = _round(pd, 32, count, rnd, "0.002", ((1, 0), (2, 1), (3, 2)))
         recvs = [
             process.create(
                 PY,
