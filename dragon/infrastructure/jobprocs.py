@@ -73,7 +73,5 @@ def unlink_heap(job, uid, pid):
     try:
         os.unlink(f"/dev/shm/{job_prefix(job)}{heap_name(uid, pid)}")
         return True
-    except FileNotFoundError:
-        return False
-    except OSError:
+    except OSError:  # (none: it ended cleanly)
         return False

@@ -269,10 +269,6 @@ class Incoming:
         True when none is left waiting. One that must wait keeps its place but does not hold up those behind
         it: the handle's other threads may ask with timeout 0 or a shorter timeout, or ask for len."""
         q = s.recvq
-        if len(q) == 1:
-            if self._serve_one(s, q[0]):
-                q.popleft()
-            return not q
         i = 0
         while i < len(q):
             if self._serve_one(s, q[i]):
