@@ -22,6 +22,7 @@ import types
 from multiprocessing import process, resource_tracker, spawn, util
 
 import dragon  # noqa: F401
+from dragon.errors import ChannelError
 from dragon.mp import context, heap, popen
 
 # what the zygote preloads along with this module: the modules a child usually needs
@@ -101,7 +102,12 @@ def main():
     finally:
         del process.current_process()._inheriting
     text = os.environ.pop(popen.STATUS_ENV, None)
-    status = heap.attach(bytes.fromhex(text)) if text else None
+    status = None
+    if text:
+        try:
+            status = heap.attach(bytes.fromhex(text))
+        except ChannelError:  # the parent was killed, its heap gone with it: global services has the exit
+            pass
     sentinel = popen._parent_sentinel()
     if obj.daemon and sentinel is not None:
         _watch_parent(sentinel)
