@@ -39,8 +39,14 @@ def _new(type_):
     size = ctypes.sizeof(type_)
     pool = heap.pool()
     blk = pool.alloc(max(size, 1))
-    obj = _shared_class(type_).from_buffer(blk)
-    ctypes.memset(ctypes.addressof(obj), 0, size)
+    # over the block's address, not a view of it: a view would still be held when the object's Owned frees
+    # the block (the object's attributes go before its buffer), the free would fail and every Value ever
+    # made would stay in the heap. The Owned keeps the block (and so the mapping) as long as the object.
+    view = ctypes.c_char.from_buffer(blk)
+    addr = ctypes.addressof(view)
+    del view  # (its view of the block is released with it)
+    obj = _shared_class(type_).from_address(addr)
+    ctypes.memset(addr, 0, size)
     obj._dragon_loc = (bytes(pool.sdesc), blk.offset)
     obj._dragon_owned = heap.Owned(blocks=[blk])
     return obj
