@@ -92,9 +92,12 @@ def test_client_sigkilled_mid_use(tmp_path, nodes, flags):
 
 # one process attaches, works and leaves again and again (a notebook's kernel): what it costs the runtime's
 # launcher (the pidfd and record of its watch) and itself (each init() registered an exit step that kept its
-# handle, connection and transport endpoint alive) must not grow with the visits
+# handle, connection and transport endpoint alive; each multiprocessing heap one that destroys it) must not
+# grow with the visits
 REVISITS = r"""
 import json, sys
+import multiprocessing as mp
+import multiprocessing.util
 info = json.load(open(os.environ["DRAGON_CONNECT"]))
 launcher = info["pid"]
 def visit():
@@ -108,6 +111,9 @@ def visit():
     ch.close()
     channel.destroy(cd.c_uid)
     pool.destroy(pd.m_uid)
+    q = mp.get_context("dragon").Queue()  # (this process's multiprocessing heap, made anew each visit)
+    q.put(1)
+    assert q.get(timeout=30) == 1
     dragon.shutdown()
 def counts():
     import gc
@@ -117,7 +123,8 @@ def counts():
     time.sleep(0.3)  # (the launcher's poll slice: it has read what the last visit's goodbye told it)
     gc.collect()
     alive = [o for o in gc.get_objects() if type(o) in (Handle, Connection, Endpoint)]
-    return len(os.listdir(f"/proc/{launcher}/fd")), len(alive)
+    exit_steps = len(mp.util._finalizer_registry)
+    return len(os.listdir(f"/proc/{launcher}/fd")), len(alive), exit_steps
 n = int(sys.argv[1])
 for _ in range(n):
     visit()
