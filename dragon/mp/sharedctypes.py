@@ -112,20 +112,18 @@ def _reduce_raw(obj):
     return (_rebuild_raw, (*_describe(obj), sdesc, offset, server))
 
 
-_pools = {}
-
-
 def _rebuild_raw(type_, length, sdesc, offset, server):
+    # (no cache of the pool: the object's block keeps the creator's heap mapped as long as it lives, and a
+    # second attach while it does reuses that mapping; a cache kept the heap of every process that ever sent
+    # one mapped, its memory with it, long after that process had ended and its heap was unlinked)
+    from dragon.pools import Pool
+
     if length is not None:
         type_ = type_ * length
-    pool = _pools.get(sdesc)
-    if pool is None:
-        from dragon.pools import Pool
-
-        try:
-            pool = _pools[sdesc] = Pool.attach(sdesc)
-        except PoolError:  # on another node: a pool can only be mapped on its own
-            return RemoteCData(type_, sdesc, offset, server)
+    try:
+        pool = Pool.attach(sdesc)
+    except PoolError:  # on another node: a pool can only be mapped on its own
+        return RemoteCData(type_, sdesc, offset, server)
     obj = _shared_class(type_).from_buffer(pool.block(offset))
     obj._dragon_loc = (sdesc, offset)
     obj._dragon_server = server
