@@ -21,6 +21,9 @@ from dragon.mp import heap
 
 typecode_to_type = _mpshared.typecode_to_type
 REQUEST_TIMEOUT = 60.0
+# channel handles a memory server (its clients' reply channels) or a client (the servers) keeps attached: past
+# this many the oldest is closed (one per peer ever served, before: a dead peer sends nothing that fails)
+HANDLE_CACHE = 64
 
 _classes = weakref.WeakKeyDictionary()
 
@@ -274,6 +277,20 @@ class RemoteCData:
         return f"<RemoteCData {self._ctype.__name__} at offset {self._dragon_loc[1]} of another node>"
 
 
+def _cached(handles, sdesc):
+    """The handle of channel sdesc from the cache handles (attached and added if missing, the oldest closed
+    past HANDLE_CACHE)."""
+    ch = handles.get(sdesc)
+    if ch is None:
+        if len(handles) >= HANDLE_CACHE:
+            try:
+                handles.pop(next(iter(handles))).close()
+            except ChannelError:
+                pass
+        ch = handles[sdesc] = heap.attach(sdesc)
+    return ch
+
+
 class MemoryServer:
     """A thread of the creating process that reads and writes its heap's blocks for processes of other nodes.
     Requests (msgpack): [op, block offset, start, n or data, reply sdesc, tag]; answers [tag, error, data]."""
@@ -320,9 +337,7 @@ class MemoryServer:
             except Exception as e:
                 out = [tag, f"{type(e).__name__}: {e}", None]
             try:
-                ch = self.replies.get(reply)
-                if ch is None:
-                    ch = self.replies[reply] = heap.attach(reply)
+                ch = _cached(self.replies, reply)
                 ch.send(msgpack.packb(out), timeout=REQUEST_TIMEOUT)
             except ChannelError:
                 self.replies.pop(reply, None)
@@ -342,9 +357,7 @@ class _Client:
     def call(self, server, op, boff, start, arg):
         with self.lock:
             self.tag += 1
-            ch = self.servers.get(server)
-            if ch is None:
-                ch = self.servers[server] = heap.attach(server)
+            ch = _cached(self.servers, server)
             try:
                 ch.send(
                     msgpack.packb([op, boff, start, arg, self.reply_sdesc, self.tag]), timeout=REQUEST_TIMEOUT
