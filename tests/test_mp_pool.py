@@ -152,3 +152,37 @@ if __name__ == "__main__":
 def test_relays_of_descriptor_connections_end(tmp_path):
     r = run_app(tmp_path, RELAYS_APP, timeout=110)
     assert "BOUNDED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# a worker's "ready" (its inbox's sdesc) handled after the worker ended and its heap went (seen twice in 300
+# `with Pool(4)` rounds beside process kills): the scheduler thread died on the attach, and every later call
+# of the pool would have waited for good. The stale "ready" goes here straight into the pool's result
+# channel, as a worker sends it.
+STALE_READY_APP = r"""
+import dragon
+import multiprocessing as mp
+from dragon.channels import Channel
+from dragon.mp import heap, serial
+from dragon.pools import Pool
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    gone = Pool.create(1 << 20)
+    stale = bytes(Channel.create(gone, capacity=4, block_size=64).sdesc)
+    gone.destroy()
+    with ctx.Pool(2) as pool:
+        assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+        st = pool._st
+        wid = next(iter(st.workers))
+        serial.send_obj(heap.attach(st.results_sd), ("ready", wid, stale))
+        assert pool.map_async(abs, range(-20, 0)).get(timeout=30) == list(range(20, 0, -1))
+        assert st.scheduler.is_alive()
+    print("STILL SCHEDULING")
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_ready_from_a_worker_whose_heap_is_gone_does_not_stop_the_pool(tmp_path):
+    r = run_app(tmp_path, STALE_READY_APP, timeout=80)
+    assert "STILL SCHEDULING" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Exception in thread" not in r.stderr, r.stderr
