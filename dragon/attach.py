@@ -110,7 +110,9 @@ def init(connect=None, keep=False):
             _handle = _connect(os.path.abspath(os.path.expanduser(want)), keep)
         else:
             _handle = _start_local()
-        atexit.register(_at_exit, _handle)
+        # (registered at each init(), after what init made registered its own exit steps, so that it runs
+        # first; shutdown() unregisters it: one per init() would keep every handle alive until exit)
+        atexit.register(_at_exit)
         _forward_ctrl_c()
         return _handle
 
@@ -180,13 +182,17 @@ def shutdown():
                     file=sys.stderr,
                 )
         _handle = None
+        atexit.unregister(_at_exit)
         _leave(h)
 
 
-def _at_exit(h):
+def _at_exit():
     # multiprocessing's exit steps (joining the 'dragon' start method's children, freeing their heap) need
     # the runtime: when multiprocessing was imported before init(), its atexit handler would run after this
     # one, so run it first (it runs once)
+    h = current()
+    if h is None:
+        return
     mp_util = sys.modules.get("multiprocessing.util")
     if mp_util is not None and current() is h:
         mp_util._exit_function()

@@ -303,6 +303,14 @@ class Runtime(Service):
         self.clients[msg.client] = (fd, msg.reply_cd, msg.pid)
         self.client_poll.register(fd, select.POLLIN)
 
+    @handles(m.LAClientUnwatch)
+    def client_unwatch(self, msg):
+        """A client left (it said goodbye, GS released it): its pid no longer needs watching."""
+        w = self.clients.pop(msg.client, None)
+        if w is not None:
+            self.client_poll.unregister(w[0])
+            os.close(w[0])
+
     def check_clients(self):
         """Tell GS of every watched client that ended; stop serving once the owner ended."""
         if not self.clients and self.owner_fd is None:

@@ -347,3 +347,24 @@ def test_node_down_reports_its_processes_dead_and_fails_its_requests(gs):
         create_req(gs, exe="/x"),
     )
     assert r.err == E_PROCESS and "node 0 is down" in r.msg
+
+
+def test_a_client_that_leaves_is_forgotten_by_gs_and_unwatched_by_the_launcher(gs):
+    # GS answers a leaving client's goodbye last into its reply channel (which the client then destroys): no
+    # handle to it stays in GS's reply cache (one per client that ever left, up to REPLY_CACHE, before), and
+    # node 0's launcher hears it may stop watching the client's pid (a pidfd per visit, before)
+    def visit():
+        tag = req(gs, m.GSClientRegister, pid=os.getpid(), start=1, keep=False)
+        watch = m.decode(gs.t_launcher.recv(timeout=1))
+        assert isinstance(watch, m.LAClientWatch)
+        gs.handle(m.encode(m.ControlResponse(KEY, watch.tag, 0, None, None)))
+        cid = answer(gs, tag).result["client"]
+        assert answer(gs, req(gs, m.GSPoolList, caller=cid)).err == 0
+        assert gs.replies  # (the client's reply channel is cached while it is a client)
+        assert answer(gs, req(gs, m.GSClientBye, caller=cid)).err == 0
+        unwatch = m.decode(gs.t_launcher.recv(timeout=1))
+        assert isinstance(unwatch, m.LAClientUnwatch) and unwatch.client == cid
+        assert not gs.replies and not gs.clients
+
+    for _ in range(3):
+        visit()

@@ -49,3 +49,40 @@ def test_example_pool_spreads_over_three_nodes():
         part.split(": ") for part in res.stdout.split("batches per node: ")[1].splitlines()[0].split(", ")
     )
     assert set(counted) <= {"node 0", "node 1", "node 2"} and sum(map(int, counted.values())) == 20, counted
+
+
+# a shared value's creator serves it to processes of other nodes: the handles it keeps to their reply channels
+# (and they to its server) are bounded, not one per process it ever served
+SERVED_VALUE_APP = r"""
+import dragon
+import multiprocessing as mp
+from dragon.globalservices import node
+from dragon.mp import sharedctypes
+
+def read(v):
+    assert v.value == 41
+    with v.get_lock():
+        v.value += 0
+
+if __name__ == "__main__":
+    sharedctypes.HANDLE_CACHE = 4
+    ctx = mp.get_context("dragon")
+    v = ctx.Value("i", 41)
+    others = [k for k in node.get_list() if k != 0]
+    for i in range(12):
+        p = ctx.Process(target=read, args=(v,), node=others[i % len(others)])
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0, p.exitcode
+    served = len(sharedctypes.MemoryServer.get().replies)
+    assert 0 < served <= 4, served
+    print("SERVED OK", served)
+"""
+
+
+@pytest.mark.timeout(150)
+def test_a_value_served_to_many_processes_of_other_nodes_keeps_few_handles(tmp_path):
+    app = tmp_path / "served_value.py"
+    app.write_text(SERVED_VALUE_APP)
+    res = mpi_util.launch(3, str(app), timeout=140)
+    assert res.returncode == 0 and "SERVED OK" in res.stdout, res.stdout + res.stderr

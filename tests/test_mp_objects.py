@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from test_runtime_util import launch_cmd, launch_env
+from test_runtime_util import launch_cmd, launch_env, run_app
 
 APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "mp_objects_app.py")
 
@@ -20,3 +20,77 @@ def test_objects_between_processes_on_one_node(tmp_path):
     assert "every item once (children on nodes [0])" in r.stdout
     assert "Manager dict and list (used from nodes [0])" in r.stdout
     assert "Can't pickle local object" in r.stderr  # the unpicklable object was reported, not raised
+
+
+# shared values that were never sent to another process are freed when they are garbage (the block's own
+# view, held by the ctypes object until after its attributes went, made every free fail: one heap block
+# per Value, Array, RawValue, RawArray or Barrier ever made, until the process exited); one that was sent
+# stays, and reads what the child wrote. A value received from another process keeps that process's heap
+# mapped only while it lives (a cache kept every sender's heap, and its memory, mapped for good)
+SHARED_VALUES_APP = r"""
+import gc
+import dragon
+import multiprocessing as mp
+from dragon.mp import heap
+
+def add(v):
+    v.value += 5
+
+def send_value(q, back):
+    q.put(mp.get_context("dragon").Value("i", 7))
+    back.get(timeout=30)  # (until the parent has it)
+
+def dead_heaps_mapped():
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/dev/shm/dragon-" in line and "(deleted)" in line)
+
+def make(ctx, n):
+    for i in range(n):
+        v = ctx.Value("i", i)
+        a = ctx.Array("d", 100)
+        r = ctx.RawValue("q", i)
+        ra = ctx.RawArray("b", b"xyz")
+        b = ctx.Barrier(2)
+        assert v.value == i and len(a) == 100 and r.value == i and bytes(ra) == b"xyz" and b.parties == 2
+
+def blocks():
+    gc.collect()
+    return heap.pool().stats()["allocated_blocks"]
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    heap.pool()
+    base = heap.pool().stats()["allocated_blocks"]
+    make(ctx, 50)
+    after_n = blocks()
+    make(ctx, 100)
+    after_2n = blocks()
+    assert after_n == after_2n == base, (base, after_n, after_2n)
+    kept = ctx.Value("i", 1)
+    p = ctx.Process(target=add, args=(kept,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0 and kept.value == 6, (p.exitcode, kept.value)
+    gc.collect()
+    assert heap.pool().stats()["allocated_blocks"] > base  # (sent: it lives as long as the heap)
+    # a value another process sent: its heap is mapped here while the value lives, not after
+    for _ in range(10):
+        q, back = ctx.Queue(), ctx.Queue()
+        p = ctx.Process(target=send_value, args=(q, back))
+        p.start()
+        v = q.get(timeout=30)
+        assert v.value == 7
+        del v
+        back.put(None)
+        p.join(30)
+        assert p.exitcode == 0
+    gc.collect()
+    assert dead_heaps_mapped() == 0, dead_heaps_mapped()
+    print("BOUNDED", base, after_n, after_2n)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_shared_values_do_not_pile_up(tmp_path):
+    r = run_app(tmp_path, SHARED_VALUES_APP, timeout=110)
+    assert "BOUNDED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

@@ -88,3 +88,101 @@ if __name__ == "__main__":
     assert r.returncode == 0 and r.stdout.count("got WorkerLostError") == 3 and "left" in r.stdout, (
         r.stdout + r.stderr
     )
+
+
+# a stdlib (descriptor) queue or pipe end sent to dragon processes is relayed through a channel by a thread of
+# this process; concurrent.futures' call queue is one. The relay of a write end held the pipe's write end
+# open for good, so the relay of its read end never saw the end of file: two threads and two descriptors per
+# executor ever made stayed, and a write end sent to a child kept its reader here from its end of file
+RELAYS_APP = r"""
+import os, threading
+import dragon
+import multiprocessing as mp
+import concurrent.futures as cf
+from multiprocessing import connection
+
+def double(x):
+    return 2 * x
+
+def write(w):
+    w.send("from the child")
+
+def relays():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("dragon-mp-relay"))
+
+def executors(ctx, n):
+    for _ in range(n):
+        with cf.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+            assert list(ex.map(double, range(4))) == [0, 2, 4, 6]
+
+def counts():
+    import gc, time
+    gc.collect()
+    deadline = time.monotonic() + 10
+    # (a relay ends once the other side said goodbye; a readiness watcher, with its eventfd, once its
+    # connection is closed)
+    while threading.active_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(os.listdir("/proc/self/fd")), relays()
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    executors(ctx, 3)
+    first = counts()
+    executors(ctx, 6)
+    again = counts()
+    assert again[0] <= first[0] and not first[1] and not again[1], (first, again)
+    r, w = connection.Pipe(duplex=False)
+    p = ctx.Process(target=write, args=(w,))
+    p.start()
+    p.join(30)
+    w.close()
+    assert r.recv() == "from the child"
+    assert r.poll(20), "no end of file: the relay of the write end still holds it"
+    try:
+        r.recv()
+        raise AssertionError("no EOFError")
+    except EOFError:
+        pass
+    print("BOUNDED", first)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_relays_of_descriptor_connections_end(tmp_path):
+    r = run_app(tmp_path, RELAYS_APP, timeout=110)
+    assert "BOUNDED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# a worker's "ready" (its inbox's sdesc) handled after the worker ended and its heap went (seen twice in 300
+# `with Pool(4)` rounds beside process kills): the scheduler thread died on the attach, and every later call
+# of the pool would have waited for good. The stale "ready" goes here straight into the pool's result
+# channel, as a worker sends it.
+STALE_READY_APP = r"""
+import dragon
+import multiprocessing as mp
+from dragon.channels import Channel
+from dragon.mp import heap, serial
+from dragon.pools import Pool
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    gone = Pool.create(1 << 20)
+    stale = bytes(Channel.create(gone, capacity=4, block_size=64).sdesc)
+    gone.destroy()
+    with ctx.Pool(2) as pool:
+        assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+        st = pool._st
+        wid = next(iter(st.workers))
+        serial.send_obj(heap.attach(st.results_sd), ("ready", wid, stale))
+        assert pool.map_async(abs, range(-20, 0)).get(timeout=30) == list(range(20, 0, -1))
+        assert st.scheduler.is_alive()
+    print("STILL SCHEDULING")
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_ready_from_a_worker_whose_heap_is_gone_does_not_stop_the_pool(tmp_path):
+    r = run_app(tmp_path, STALE_READY_APP, timeout=80)
+    assert "STILL SCHEDULING" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Exception in thread" not in r.stderr, r.stderr

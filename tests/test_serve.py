@@ -90,6 +90,60 @@ def test_client_sigkilled_mid_use(tmp_path, nodes, flags):
         assert srv.proc.poll() is None, "a client's death ended the runtime"
 
 
+# one process attaches, works and leaves again and again (a notebook's kernel): what it costs the runtime's
+# launcher (the pidfd and record of its watch) and itself (each init() registered an exit step that kept its
+# handle, connection and transport endpoint alive; each multiprocessing heap one that destroys it) must not
+# grow with the visits
+REVISITS = r"""
+import json, sys
+import multiprocessing as mp
+import multiprocessing.util
+info = json.load(open(os.environ["DRAGON_CONNECT"]))
+launcher = info["pid"]
+def visit():
+    dragon.init()
+    last = max(node.get_list())
+    pd = pool.create(1 << 20, pool_options={"node": last})
+    cd = channel.create(pd.m_uid, channel_options={"capacity": 8, "block_size": 256})
+    ch = Channel.attach(cd.sdesc)  # (through the transport when last > 0: this process's endpoint)
+    ch.send(b"x")
+    assert ch.recv(timeout=30) == b"x"
+    ch.close()
+    channel.destroy(cd.c_uid)
+    pool.destroy(pd.m_uid)
+    q = mp.get_context("dragon").Queue()  # (this process's multiprocessing heap, made anew each visit)
+    q.put(1)
+    assert q.get(timeout=30) == 1
+    dragon.shutdown()
+def counts():
+    import gc
+    from dragon._core.remote import Endpoint
+    from dragon.attach import Handle
+    from dragon.infrastructure.client import Connection
+    time.sleep(0.3)  # (the launcher's poll slice: it has read what the last visit's goodbye told it)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o) in (Handle, Connection, Endpoint)]
+    exit_steps = len(mp.util._finalizer_registry)
+    return len(os.listdir(f"/proc/{launcher}/fd")), len(alive), exit_steps
+n = int(sys.argv[1])
+for _ in range(n):
+    visit()
+first = counts()
+for _ in range(n):
+    visit()
+assert counts() == first, (first, counts())
+ok("bounded")
+"""
+
+
+@pytest.mark.parametrize(("nodes", "flags"), LAYOUTS[:2])
+def test_a_client_that_comes_and_goes_costs_nothing_that_grows(tmp_path, nodes, flags):
+    with serving(tmp_path, nodes, flags) as srv:
+        c = client(tmp_path, srv.path, REVISITS, ["40"])
+        assert c.returncode == 0, c.stdout + c.stderr
+        assert "ok bounded" in c.stdout
+
+
 def test_keep(tmp_path):
     with serving(tmp_path) as srv:
         a = client(

@@ -211,6 +211,7 @@ class Endpoint:
             except ChannelError:
                 pass  # the node's infrastructure is gone (the runtime ended): nothing more is acknowledged
         self.closed = True
+        atexit.unregister(self.close)  # (dragon.shutdown(): a closed endpoint is not kept alive until exit)
         try:
             for st in list(self.streams.values()):
                 if not st.closed or st.close_due:

@@ -709,7 +709,16 @@ class GlobalServices(Service):
         c = self.clients.get(msg.caller)
         if c is None:
             raise DragonError(f"{msg.caller} is not a registered client")
-        self._release(c, lambda: self.answer(msg, None))
+        if self.launcher is not None:  # (it is gone for good: its pid no longer needs watching)
+            self.send(self.launcher, m.LAClientUnwatch(client=c.cid))
+
+        def done():
+            # the last answer into its reply channel, which the client destroys next: no handle to it stays
+            # in the cache (one per client that ever left, up to REPLY_CACHE)
+            self.answer(msg, None)
+            self.forget_answered(c.reply)
+
+        self._release(c, done)
         return DEFER
 
     @handles(m.GSClientGone)

@@ -110,6 +110,9 @@ class Connection:
 
     def close(self):
         if self.own_reply is not None and os.getpid() == self.pid:
+            import atexit
+
+            atexit.unregister(self.close)  # (dragon.shutdown(): this connection is not kept alive until exit)
             ch, self.own_reply = self.own_reply, None
             try:
                 ch.destroy()

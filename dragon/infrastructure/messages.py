@@ -341,6 +341,14 @@ class GSClientGone(Request, type_id=55, control=True):
     client: int
 
 
+class LAClientUnwatch(Message, type_id=56, control=True):
+    """GS -> node 0's launcher: client ``client`` said goodbye (``GSClientBye``) and GS released it: stop
+    watching its pid (a process that attaches and leaves many times would otherwise leave a pidfd and a
+    record in the launcher per visit until it exits). Its reply channel is the client's to destroy."""
+
+    client: int
+
+
 # ---- requests to a node's local services (shepherd): its inbox is a control inbox -------------------------
 class SHProcessCreate(Request, type_id=60, control=True):
     p_uid: int

@@ -94,6 +94,7 @@ class Service:
         self.replies = {}  # reply sdesc -> attached Channel (cache)
         self.outbox = {}  # Channel -> deque of encoded messages that did not fit yet
         self.pending = {}  # tag of a request this service sent -> continuation(Response)
+        self.closing = {}  # Channel -> its reply sdesc: forgotten once its outbox is sent (forget_answered)
         self.tags = itertools.count(1)
         self.timers = []  # heap of Timer
         self.compact_at = 1024
@@ -273,6 +274,8 @@ class Service:
             except ChannelError as e:  # gone: what waited for it goes nowhere
                 self.log.error("cannot send %d message(s) to %r: %s", len(q), ch, e)
             del self.outbox[ch]
+            if ch in self.closing:
+                self.forget(self.closing.pop(ch))
 
     def _drop_oldest_reply(self):
         """Close the longest-attached cached reply channel that has nothing waiting in the outbox (a client
@@ -291,10 +294,22 @@ class Service:
         ch = self.replies.pop(reply, None)
         if ch is not None:
             self.outbox.pop(ch, None)
+            self.closing.pop(ch, None)
             try:
                 ch.close()
             except ChannelError:
                 pass
+
+    def forget_answered(self, reply):
+        """As forget, once what waits in the outbox for that channel has gone (a last answer into it): its
+        handle is dropped at once, or by the outbox's flush."""
+        ch = self.replies.get(reply)
+        if ch is None:
+            return
+        if ch in self.outbox:
+            self.closing[ch] = reply
+            return
+        self.forget(reply)
 
     def _response(self, msg):
         cont = self.pending.pop(msg.tag, None)

@@ -29,6 +29,7 @@ MIN_HEAP = 16 << 20
 _lock = threading.Lock()
 _pool = None
 _pid = None
+_final = None  # the exit step that destroys the heap (cancelled when _forget destroys it first)
 
 
 def heap_size():
@@ -37,7 +38,7 @@ def heap_size():
 
 def pool():
     """This process's heap pool (made on first use)."""
-    global _pool, _pid
+    global _pool, _pid, _final
     p = _pool
     if p is not None and _pid == os.getpid():
         return p
@@ -49,7 +50,7 @@ def pool():
             _pool = _create(heap_size())
             _pid = os.getpid()
             # after multiprocessing's exit function has joined the children (they may still use our objects)
-            util.Finalize(None, _destroy, args=(_pid,), exitpriority=-100)
+            _final = util.Finalize(None, _destroy, args=(_pid,), exitpriority=-100)
         return _pool
 
 
@@ -100,10 +101,13 @@ def _forget(handle):
     made one, is destroyed now (a process of that runtime that still runs keeps its mapping of what it
     uses), and the next object is made in a heap of the runtime this process is in then (a heap of the one
     it left cannot be reached there)."""
-    global _pool
+    global _pool, _final
     with _lock:
         p, _pool = _pool, None
         if p is not None and _pid == os.getpid():
+            if _final is not None:  # (one exit step per heap ever made would stay registered until exit)
+                _final.cancel()
+                _final = None
             try:
                 p.destroy()
             except Exception:

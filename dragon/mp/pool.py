@@ -418,7 +418,10 @@ class _PoolState:
             _, wid, inbox = msg
             w = self.workers.get(wid)
             if w is not None:
-                w.inbox = heap.attach(inbox)
+                try:
+                    w.inbox = heap.attach(inbox)
+                except ChannelError:  # it ended since, its heap with it: its "dead" comes from the reaper
+                    return  # (this thread must not die: every later call would hang)
                 w.ready = True
         elif kind == "dead":
             self.lost(msg[1], msg[2])

@@ -7,20 +7,40 @@ pickled, this process relays it through a channel of its heap instead, with a th
 arrives on the descriptor is sent into the channel, and what the other processes send into the channel is
 written to the descriptor, message by message. The receiving process gets a dragon Connection on that channel.
 The end of file of the descriptor reaches the channel's readers. One relay serves every copy of the same
-descriptor (by inode). The relay lives as long as this process; it copies every message once more, so a dragon
-Pipe or Queue is the faster choice.
+descriptor (by inode). It copies every message once more, so a dragon Pipe or Queue is the faster choice.
+
+An inbound relay ends at the descriptor's end of file. An outbound one counts the writing copies it was sent
+as (each has a token: HELLO when pickled, BYE when closed, as a dragon Pipe's writers) and ends, closing its
+descriptor and destroying its channel, once every copy said BYE: it held the pipe's write end open, so the
+inbound relay of the same pipe (a stdlib Queue sent away, as concurrent.futures' call queue is) never saw
+its end of file, and two threads and two descriptors stayed per such pipe for the life of the process. A
+copy killed by a signal says no BYE: its relay stays.
 """
 
+import functools
 import os
 import threading
 from multiprocessing import connection as _mpconn
 
 from dragon.errors import ChannelError
 from dragon.mp import heap, serial
-from dragon.mp.connection import _MARK, BLOCK, BYE, CAPACITY, Connection, _token
+from dragon.mp.connection import (
+    _CLAIM,
+    _MARK,
+    BLOCK,
+    BYE,
+    CAPACITY,
+    CLAIM,
+    CLOSE_WAIT,
+    HELLO,
+    Connection,
+    _my_puid,
+    _retract,
+    _token,
+)
 
 _lock = threading.Lock()
-_relays = {}  # (pid, dev, inode, direction) -> (sdesc, token)
+_relays = {}  # (pid, dev, inode, direction) -> (sdesc, token of an inbound relay, or its channel if outbound)
 
 
 def _key(fd, direction):
@@ -37,13 +57,13 @@ def _inbound(conn):
             tok = _token()
             src = _mpconn.Connection(os.dup(conn.fileno()), writable=False)
             threading.Thread(
-                target=_pump_in, args=(src, ch, tok), name="dragon-mp-relay-in", daemon=True
+                target=_pump_in, args=(src, ch, tok, key), name="dragon-mp-relay-in", daemon=True
             ).start()
             _relays[key] = (bytes(ch.sdesc), tok)
         return _relays[key]
 
 
-def _pump_in(src, ch, tok):
+def _pump_in(src, ch, tok, key):
     try:
         while True:
             try:
@@ -51,6 +71,8 @@ def _pump_in(src, ch, tok):
             except (EOFError, OSError):
                 break
             serial.send_raw(ch, data)
+        with _lock:  # (a copy pickled from now on gets a relay of its own)
+            _relays.pop(key, None)
         ch.send(_MARK.pack(BYE, tok), timeout=5)
     except ChannelError:
         pass  # this process's heap is gone: it is exiting
@@ -59,31 +81,57 @@ def _pump_in(src, ch, tok):
 
 
 def _outbound(conn):
-    """A channel whose messages are written to conn's descriptor. -> sdesc."""
+    """A channel whose messages are written to conn's descriptor, and the token of the new writing copy
+    (announced in it). -> (sdesc, token)."""
     key = _key(conn.fileno(), "out")
-    with _lock:
+    with _lock:  # (the relay cannot end between its lookup and the HELLO: it ends under this lock)
         if key not in _relays:
             ch = heap.channel(CAPACITY, BLOCK)
             dst = _mpconn.Connection(os.dup(conn.fileno()), readable=False)
             threading.Thread(
-                target=_pump_out, args=(ch, dst), name="dragon-mp-relay-out", daemon=True
+                target=_pump_out, args=(ch, dst, key), name="dragon-mp-relay-out", daemon=True
             ).start()
-            _relays[key] = (bytes(ch.sdesc), None)
-        return _relays[key][0]
+            _relays[key] = (bytes(ch.sdesc), ch)
+        sdesc, ch = _relays[key]
+        tok = _token()
+        ch.send(_MARK.pack(HELLO, tok), timeout=CLOSE_WAIT)
+    # if the pickle it is part of fails, no copy will ever say BYE: say it for the copy
+    serial.on_failed_pickle(functools.partial(_retract, ch, tok))
+    return sdesc, tok
 
 
-def _pump_out(ch, dst):
+def _pump_out(ch, dst, key):
+    live, early = set(), set()  # writing copies announced; BYEs that came before their HELLO
+    done = False
     try:
-        while True:
+        while not done:
             msg = ch.recv_message()
-            if serial.kind(msg) in (BYE,):
-                continue
-            dst.send_bytes(serial.load_bytes(msg))
+            k, n = serial.kind(msg), len(msg)
+            if k in (HELLO, BYE) and n == _MARK.size:
+                _, tok = _MARK.unpack(memoryview(msg))
+                if k == HELLO:
+                    (early.discard if tok in early else live.add)(tok)
+                elif tok in live:
+                    live.discard(tok)
+                else:
+                    early.add(tok)
+                if not live and not early:
+                    with _lock:  # every copy is closed, and no new one is announced while we hold this
+                        if len(ch) == 0:
+                            del _relays[key]
+                            done = True
+            elif not (k == CLAIM and n == _CLAIM.size):
+                dst.send_bytes(serial.load_bytes(msg))
             msg.release()
     except (ChannelError, OSError):
         pass  # the heap is gone (exit), or nobody reads the descriptor any more
     finally:
         dst.close()
+    if done:  # (no copy can send into it any more)
+        try:
+            ch.destroy()
+        except ChannelError:
+            pass
 
 
 _RELAY = 0  # the relay's token is held by a thread of the relaying process: its BYE comes at the fd's EOF
@@ -91,13 +139,20 @@ _RELAY = 0  # the relay's token is held by a thread of the relaying process: its
 
 def reduce_fd_connection(conn):
     """Pickle a stdlib Connection as a dragon Connection on relay channels."""
-    recv_sd = tok = send_sd = None
+    recv_sd = tok = send_sd = wtok = None
     if conn.readable:
         recv_sd, tok = _inbound(conn)
     if conn.writable:
-        send_sd = _outbound(conn)
-    return (_rebuild, (send_sd, recv_sd, tok))
+        send_sd, wtok = _outbound(conn)
+    return (_rebuild, (send_sd, recv_sd, tok, wtok))
 
 
-def _rebuild(send_sd, recv_sd, tok):
-    return Connection(send_sd, recv_sd, live=None if tok is None else {tok: _RELAY})
+def _rebuild(send_sd, recv_sd, tok, wtok=None):
+    """The copy: a reader waiting for the inbound relay's BYE (tok); a writer with its token (wtok)."""
+    c = Connection(send_sd, recv_sd, token=wtok, live=None if tok is None else {tok: _RELAY})
+    if wtok is not None and _my_puid():  # (as a dragon Pipe's writer: which process holds it)
+        try:
+            c._send.send(_CLAIM.pack(CLAIM, wtok, _my_puid()), timeout=CLOSE_WAIT)
+        except ChannelError:
+            pass
+    return c

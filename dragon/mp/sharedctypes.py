@@ -21,6 +21,9 @@ from dragon.mp import heap
 
 typecode_to_type = _mpshared.typecode_to_type
 REQUEST_TIMEOUT = 60.0
+# channel handles a memory server (its clients' reply channels) or a client (the servers) keeps attached: past
+# this many the oldest is closed (one per peer ever served, before: a dead peer sends nothing that fails)
+HANDLE_CACHE = 64
 
 _classes = weakref.WeakKeyDictionary()
 
@@ -39,8 +42,14 @@ def _new(type_):
     size = ctypes.sizeof(type_)
     pool = heap.pool()
     blk = pool.alloc(max(size, 1))
-    obj = _shared_class(type_).from_buffer(blk)
-    ctypes.memset(ctypes.addressof(obj), 0, size)
+    # over the block's address, not a view of it: a view would still be held when the object's Owned frees
+    # the block (the object's attributes go before its buffer), the free would fail and every Value ever
+    # made would stay in the heap. The Owned keeps the block (and so the mapping) as long as the object.
+    view = ctypes.c_char.from_buffer(blk)
+    addr = ctypes.addressof(view)
+    del view  # (its view of the block is released with it)
+    obj = _shared_class(type_).from_address(addr)
+    ctypes.memset(addr, 0, size)
     obj._dragon_loc = (bytes(pool.sdesc), blk.offset)
     obj._dragon_owned = heap.Owned(blocks=[blk])
     return obj
@@ -106,20 +115,18 @@ def _reduce_raw(obj):
     return (_rebuild_raw, (*_describe(obj), sdesc, offset, server))
 
 
-_pools = {}
-
-
 def _rebuild_raw(type_, length, sdesc, offset, server):
+    # (no cache of the pool: the object's block keeps the creator's heap mapped as long as it lives, and a
+    # second attach while it does reuses that mapping; a cache kept the heap of every process that ever sent
+    # one mapped, its memory with it, long after that process had ended and its heap was unlinked)
+    from dragon.pools import Pool
+
     if length is not None:
         type_ = type_ * length
-    pool = _pools.get(sdesc)
-    if pool is None:
-        from dragon.pools import Pool
-
-        try:
-            pool = _pools[sdesc] = Pool.attach(sdesc)
-        except PoolError:  # on another node: a pool can only be mapped on its own
-            return RemoteCData(type_, sdesc, offset, server)
+    try:
+        pool = Pool.attach(sdesc)
+    except PoolError:  # on another node: a pool can only be mapped on its own
+        return RemoteCData(type_, sdesc, offset, server)
     obj = _shared_class(type_).from_buffer(pool.block(offset))
     obj._dragon_loc = (sdesc, offset)
     obj._dragon_server = server
@@ -270,6 +277,20 @@ class RemoteCData:
         return f"<RemoteCData {self._ctype.__name__} at offset {self._dragon_loc[1]} of another node>"
 
 
+def _cached(handles, sdesc):
+    """The handle of channel sdesc from the cache handles (attached and added if missing, the oldest closed
+    past HANDLE_CACHE)."""
+    ch = handles.get(sdesc)
+    if ch is None:
+        if len(handles) >= HANDLE_CACHE:
+            try:
+                handles.pop(next(iter(handles))).close()
+            except ChannelError:
+                pass
+        ch = handles[sdesc] = heap.attach(sdesc)
+    return ch
+
+
 class MemoryServer:
     """A thread of the creating process that reads and writes its heap's blocks for processes of other nodes.
     Requests (msgpack): [op, block offset, start, n or data, reply sdesc, tag]; answers [tag, error, data]."""
@@ -316,9 +337,7 @@ class MemoryServer:
             except Exception as e:
                 out = [tag, f"{type(e).__name__}: {e}", None]
             try:
-                ch = self.replies.get(reply)
-                if ch is None:
-                    ch = self.replies[reply] = heap.attach(reply)
+                ch = _cached(self.replies, reply)
                 ch.send(msgpack.packb(out), timeout=REQUEST_TIMEOUT)
             except ChannelError:
                 self.replies.pop(reply, None)
@@ -338,9 +357,7 @@ class _Client:
     def call(self, server, op, boff, start, arg):
         with self.lock:
             self.tag += 1
-            ch = self.servers.get(server)
-            if ch is None:
-                ch = self.servers[server] = heap.attach(server)
+            ch = _cached(self.servers, server)
             try:
                 ch.send(
                     msgpack.packb([op, boff, start, arg, self.reply_sdesc, self.tag]), timeout=REQUEST_TIMEOUT
