@@ -9,11 +9,21 @@ written to the descriptor, message by message. The receiving process gets a drag
 The end of file of the descriptor reaches the channel's readers. One relay serves every copy of the same
 descriptor (by inode). The relay lives as long as this process; it copies every message once more, so a dragon
 Pipe or Queue is the faster choice.
+
+The stdlib's queues (``multiprocessing.queues.Queue``, ``JoinableQueue``, ``SimpleQueue`` and their
+subclasses, ``concurrent.futures``' call queue among them) take a lock around each read of their pipe and each
+write, because a pipe may split a message; a copy of such a queue in a dragon process reads and writes a
+channel instead, where a message is received and sent whole. So the copy takes a lock of its own process there
+(its threads still take turns), not the queue's shared lock, which from another node costs a round trip
+through the transport per acquire (and made the readers of every node wait for each other's round trips). The
+shared locks travel on with the copy when it is pickled again. Other processes' readers cannot take a message
+this process polled: a relayed reader's ``poll`` holds the message it found for this process's next read.
 """
 
 import os
 import threading
 from multiprocessing import connection as _mpconn
+from multiprocessing import queues as _mpqueues
 
 from dragon.errors import ChannelError
 from dragon.mp import heap, serial
@@ -101,3 +111,68 @@ def reduce_fd_connection(conn):
 
 def _rebuild(send_sd, recv_sd, tok):
     return Connection(send_sd, recv_sd, live=None if tok is None else {tok: _RELAY})
+
+
+# ---- the stdlib's queues --------------------------------------------------------------------------------
+class _ProcessLock:
+    """A lock of this process with the acquire signature of multiprocessing's locks (what a copy of a stdlib
+    queue takes around its reads and writes of a channel: see the module's docstring)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, block=True, timeout=None):
+        if not block:
+            return self._lock.acquire(False)
+        if timeout is None:
+            return self._lock.acquire()
+        return self._lock.acquire(True, max(0.0, timeout))
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _lock_slots(q):
+    """Where a stdlib queue's __getstate__ puts its reader and writer locks."""
+    return (2, 3) if isinstance(q, _mpqueues.SimpleQueue) else (4, 5)
+
+
+def reduce_stdlib_queue(q):
+    """Pickle a stdlib queue as its own __getstate__ does (the same checks), with its shared locks."""
+    state = list(q.__getstate__())
+    shared = q.__dict__.get("_dragon_shared_locks")
+    if shared is not None:  # (a copy: what it holds in their place are this process's)
+        i, j = _lock_slots(q)
+        state[i], state[j] = shared
+    return (_rebuild_stdlib_queue, (type(q), tuple(state)))
+
+
+def _rebuild_stdlib_queue(cls, state):
+    q = cls.__new__(cls)
+    q.__setstate__(state)
+    q._dragon_shared_locks = (q._rlock, q._wlock)
+    q._rlock = _ProcessLock()
+    if q._wlock is not None:
+        q._wlock = _ProcessLock()
+    return q
+
+
+def stdlib_queue_classes():
+    """The stdlib's queue classes and every subclass defined so far (concurrent.futures' _SafeQueue once it
+    is imported)."""
+    todo = [_mpqueues.Queue, _mpqueues.SimpleQueue]
+    seen = []
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.append(cls)
+            todo.extend(cls.__subclasses__())
+    return seen

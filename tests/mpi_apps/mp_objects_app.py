@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 import dragon  # noqa: F401
+from dragon.globalservices import node as _node
 
 
 def ok(name):
@@ -87,6 +88,25 @@ def event_child(ev, q):
     q.put(ev.wait(30))
 
 
+def stdlib_queue_child(sq, ssq, out, node, more):
+    """A copy of the stdlib's queues here reads and writes a channel and takes a lock of this process; its
+    shared locks travel on when it is pickled again (more: start a reader of its own, on the next node)."""
+    from dragon.mp.relay import _ProcessLock
+
+    assert isinstance(sq._rlock, _ProcessLock) and isinstance(ssq._wlock, _ProcessLock)
+    if more:
+        nxt = (node + 1) % N_NODES
+        mp.get_context().Process(target=stdlib_queue_child, args=(sq, ssq, out, nxt, False), node=nxt).start()
+    got = []
+    for get in (lambda: sq.get(timeout=60), ssq.get):  # (with a timeout: poll, then take what poll found)
+        while True:
+            x = get()
+            if x is None:
+                break
+            got.append(x)
+    out.put((node, got))
+
+
 def barrier_child(bar, q):
     q.put(bar.wait(30))
 
@@ -125,6 +145,9 @@ def joinable_child(jq):
         jq.task_done()
         if x is None:
             break
+
+
+N_NODES = len(_node.get_list())
 
 
 def main():
@@ -475,6 +498,32 @@ def main():
         v.value += 1
     assert v.value == 8.5
     ok("Value, Array, RawArray")
+
+    # the stdlib's Queue and SimpleQueue made with this context, read by children on every node (every item
+    # once, get with a timeout). (Not read here: this process's relay thread takes what reaches the pipe.)
+    from multiprocessing import queues as mpq
+
+    ctx = mp.get_context()
+    sq, ssq, sout = mpq.Queue(ctx=ctx), mpq.SimpleQueue(ctx=ctx), mp.Queue()
+    D = ctx.Process
+    ps = [
+        D(target=stdlib_queue_child, args=(sq, ssq, sout, k % N_NODES, k == 0), node=k % N_NODES)
+        for k in range(3)
+    ]
+    for p in ps:
+        p.start()
+    for i in range(300):
+        (sq if i % 2 else ssq).put(i)
+    for _ in range(4):  # (each reader, the first child's own among them, stops at the first it takes)
+        sq.put(None)
+        ssq.put(None)
+    got = [sout.get(timeout=90) for _ in range(4)]
+    for p in ps:
+        p.join(60)
+        assert p.exitcode == 0, p.exitcode
+    seen = sorted(x for _, xs in got for x in xs)
+    assert seen == list(range(300)), (len(seen), seen[:5])
+    ok(f"stdlib Queue and SimpleQueue, every item once (readers on nodes {sorted({k for k, _ in got})})")
 
     # a Manager's proxies, used from every node
     with mp.Manager() as m:
