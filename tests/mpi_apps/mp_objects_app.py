@@ -88,6 +88,18 @@ def event_child(ev, q):
     q.put(ev.wait(30))
 
 
+def event_ops_child(ev, q, back, node):
+    """Each step's effect is seen by the next operation of any process (a set from another node returns once
+    the event is set)."""
+    ev.set()
+    q.put(("set", node))  # the parent checks is_set() as soon as it has this
+    assert back.get(timeout=60) == "clear it"
+    ev.set()  # twice: still one event to clear
+    ev.clear()
+    assert not ev.is_set() and ev.wait(0.05) is False
+    q.put(("cleared", node))
+
+
 def stdlib_queue_child(sq, ssq, out, node, more):
     """A copy of the stdlib's queues here reads and writes a channel and takes a lock of this process; its
     shared locks travel on when it is pickled again (more: start a reader of its own, on the next node)."""
@@ -477,6 +489,20 @@ def main():
     assert [eq.get(timeout=60) for _ in ps] == [True, True]
     for p in ps:
         p.join(60)
+    for where in (1, 2) if N_NODES > 1 else (0,):
+        ev, eq, back = mp.Event(), mp.Queue(), mp.Queue()
+        p = mp.get_context().Process(target=event_ops_child, args=(ev, eq, back, where), node=where)
+        p.start()
+        assert eq.get(timeout=60) == ("set", where) and ev.is_set() and ev.wait(0) is True
+        back.put("clear it")
+        assert eq.get(timeout=60) == ("cleared", where)
+        p.join(60)
+        assert p.exitcode == 0 and not ev.is_set() and repr(ev).endswith(" unset>"), (p.exitcode, repr(ev))
+        ev.set()
+        ev.set()
+        assert ev.is_set() and repr(ev).endswith(" set>")
+        ev.clear()
+        assert not ev.is_set()
     bar, bq = mp.Barrier(3), mp.Queue()
     ps = [run(barrier_child, bar, bq) for _ in range(2)]
     me = bar.wait(30)
