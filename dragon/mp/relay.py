@@ -140,19 +140,14 @@ class _ProcessLock:
         self.release()
 
 
-def _lock_slots(q):
-    """Where a stdlib queue's __getstate__ puts its reader and writer locks."""
-    return (2, 3) if isinstance(q, _mpqueues.SimpleQueue) else (4, 5)
-
-
 def reduce_stdlib_queue(q):
     """Pickle a stdlib queue as its own __getstate__ does (the same checks), with its shared locks."""
-    state = list(q.__getstate__())
+    state = q.__getstate__()
     shared = q.__dict__.get("_dragon_shared_locks")
     if shared is not None:  # (a copy: what it holds in their place are this process's)
-        i, j = _lock_slots(q)
-        state[i], state[j] = shared
-    return (_rebuild_stdlib_queue, (type(q), tuple(state)))
+        mine = (q._rlock, q._wlock)
+        state = tuple(shared[mine.index(x)] if any(x is m for m in mine) else x for x in state)
+    return (_rebuild_stdlib_queue, (type(q), state))
 
 
 def _rebuild_stdlib_queue(cls, state):
@@ -167,12 +162,13 @@ def _rebuild_stdlib_queue(cls, state):
 
 def stdlib_queue_classes():
     """The stdlib's queue classes and every subclass defined so far (concurrent.futures' _SafeQueue once it
-    is imported)."""
+    is imported), but those that say how they pickle themselves (their own __reduce__ or __reduce_ex__)."""
     todo = [_mpqueues.Queue, _mpqueues.SimpleQueue]
     seen = []
     while todo:
         cls = todo.pop()
-        if cls not in seen:
-            seen.append(cls)
-            todo.extend(cls.__subclasses__())
+        if cls in seen or "__reduce__" in cls.__dict__ or "__reduce_ex__" in cls.__dict__:
+            continue
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
     return seen
