@@ -137,6 +137,28 @@ def manager_child(d, lst, k):
     lst.append(k)
 
 
+def bounded_burst(bq, out, back):
+    """put_nowait into an empty Queue(100) made on node 0 until Full (from the last node in a multi-node run:
+    a put there looks at the queue's length only when it must, and stays exact for one producer)"""
+    took = 0
+    try:
+        while True:
+            bq.put_nowait(took)
+            took += 1
+    except queue.Full:
+        pass
+    out.put(took)
+    assert back.get(timeout=60) == "took 10"
+    more = 0
+    try:
+        while True:
+            bq.put_nowait(-1)
+            more += 1
+    except queue.Full:
+        pass
+    out.put(more)
+
+
 def bounded_putter(bq, out):
     """put into a full Queue(2) made on node 0 (from the last node in a multi-node run)"""
     bq.put(1)
@@ -248,6 +270,17 @@ def main():
     assert bout.get(timeout=60) == [True, "Full", "Full"]
     p.join(60)
     assert [bq.get(timeout=10), bq.get(timeout=10)] == [1, 2] and bq.empty()
+    bq, back = mp.Queue(100), mp.Queue()
+    p = mp.get_context("dragon").Process(
+        target=bounded_burst, args=(bq, bout, back), node=max(node.get_list())
+    )
+    p.start()
+    assert bout.get(timeout=60) == 100 and bq.qsize() == 100
+    assert [bq.get(timeout=10) for _ in range(10)] == list(range(10))
+    back.put("took 10")
+    assert bout.get(timeout=60) == 10 and bq.qsize() == 100
+    p.join(60)
+    assert p.exitcode == 0
     arr = np.arange(2 << 20, dtype=np.float64)  # 16 MiB (across nodes it must fit the staging pool, 64 MiB)
     q2, r2 = mp.Queue(), mp.Queue()
     p = run(array_echo, q2, r2)
