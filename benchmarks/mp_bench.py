@@ -6,11 +6,11 @@ dragon-launch for dragon, with ``dragon -s`` from DragonHPC's virtualenv for Dra
 interleaved (fork, forkserver, spawn, dragon, ..., then again), so that a busy machine weighs on every peer
 alike; a figure's samples are its repeats. Figures: Process start+join of a trivial target, Pool.map of
 100,000 trivial tasks (chunksize 1 and 64, as many workers as this node has CPUs), a Queue of small objects
-and of 16 MiB arrays between two processes, a Pipe round trip, a Queue round trip, Lock acquire+release and
-Value increments in a child, an Event set/wait round trip, ProcessPoolExecutor.map. Across three virtual nodes
-(mpiexec -n 3 dragon-launch --virtual-nodes), dragon's Pool.map is measured with workers on every node; across
-two (peer dragon-2vn), every child and worker runs on node 1 and the measuring process on node 0: each
-object used across nodes, with its ratio to the stdlib's start methods on one node.
+and of 16 MiB arrays between two processes, a Pipe round trip, a Queue round trip, a Queue(1000) stream, Lock
+acquire+release and Value increments in a child, an Event set/wait round trip, ProcessPoolExecutor.map.
+Across three virtual nodes (mpiexec -n 3 dragon-launch --virtual-nodes), dragon's Pool.map is measured with
+workers on every node; across two (peer dragon-2vn), every child and worker runs on node 1 and the measuring
+process on node 0: each object used across nodes, with its ratio to the stdlib's start methods on one node.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LABELS = {
     "dragon-3vn": "dragon, 3 virtual nodes",
     "dragon-2vn": "dragon, children on another node",
 }
-XNODE_PARTS = "pool,queue,array,pipe,queue-rtt,lock,value,event,executor"
+XNODE_PARTS = "pool,queue,array,pipe,queue-rtt,bounded,lock,value,event,executor"
 TESTS = {  # test -> (metric, unit, better, size)
     "process-start-join": ("per_s", "proc/s", "higher", None),
     "pool-map-c1": ("tasks_per_s", "tasks/s", "higher", None),
@@ -38,6 +38,7 @@ TESTS = {  # test -> (metric, unit, better, size)
     "queue-array": ("gb_per_s", "GB/s", "higher", 16 << 20),
     "pipe-rtt": ("rtt_median_us", "us", "lower", None),
     "queue-rtt": ("rtt_median_us", "us", "lower", None),
+    "queue-bounded-stream": ("msg_per_s", "msg/s", "higher", None),
     "lock-acquire-release": ("per_s", "op/s", "higher", None),
     "value-increment": ("per_s", "op/s", "higher", None),
     "event-rtt": ("rtt_median_us", "us", "lower", None),

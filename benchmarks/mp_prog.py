@@ -23,7 +23,19 @@ if "--method" in sys.argv and sys.argv[sys.argv.index("--method") + 1] == "drago
 
 import multiprocessing as mp
 
-PARTS = ("start", "pool", "queue", "array", "pipe", "queue-rtt", "lock", "value", "event", "executor")
+PARTS = (
+    "start",
+    "pool",
+    "queue",
+    "array",
+    "pipe",
+    "queue-rtt",
+    "bounded",
+    "lock",
+    "value",
+    "event",
+    "executor",
+)
 JSON_MARK = (
     "DRAGON_BENCH_JSON:"  # as benchmarks.util.JSON_MARK (this program imports nothing of the repository)
 )
@@ -133,10 +145,10 @@ def pool_map(pool, n, chunksize):
     return n / dt
 
 
-def queue_stream(ctx, n):
+def queue_stream(ctx, n, maxsize=0):
     """Items per second from the producer's first put to the consumer's last get (a queue that buffers much
     cannot make it look faster than the two ends together are)."""
-    q = ctx.Queue()
+    q = ctx.Queue(maxsize)
     p = ctx.Process(target=producer, args=(q, n))
     p.start()
     t0 = q.get()
@@ -363,6 +375,14 @@ def measure(args):
             "us",
             "lower",
             lambda: queue_rtt(ctx, 300 if q else 3000),
+        ),
+        (
+            "bounded",
+            "queue-bounded-stream",
+            "msg_per_s",
+            "msg/s",
+            "higher",
+            lambda: queue_stream(ctx, 5000 if q else 50_000, 1000),
         ),
         (
             "lock",
