@@ -222,7 +222,8 @@ class _PoolState:
         self.workers = {}  # wid -> _Worker
         self.wids = itertools.count(1)
         self.sentinels = {}  # sentinel -> wid (read by the reaper)
-        self.wake_r, self.wake_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe()  # (-1 once closed, under wake_lock: see close_wake())
+        self.wake_lock = threading.Lock()
         self.stopped = threading.Event()
         self.scheduler = threading.Thread(target=self.schedule, name="dragon-pool-scheduler", daemon=True)
         self.reaper = threading.Thread(target=self.reap, name="dragon-pool-reaper", daemon=True)
@@ -248,10 +249,26 @@ class _PoolState:
         self.sentinels[p.sentinel] = wid
 
     def kick_reaper(self):
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+        with self.wake_lock:
+            if self.wake_w < 0:
+                return
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:
+                pass
+
+    def close_wake(self):
+        """Close the reaper's wake-up pipe, once: join_threads() may run twice (join, then terminate at exit),
+        and a second close of the same numbers would close whatever descriptors got them meanwhile (another
+        Process's sentinel), as a write into them would write there."""
+        with self.wake_lock:
+            fds = [fd for fd in (self.wake_r, self.wake_w) if fd >= 0]
+            self.wake_r = self.wake_w = -1
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def reap(self):
         """Wait on the workers' sentinels; tell the scheduler of each exit."""
@@ -495,11 +512,7 @@ class _PoolState:
                         util.debug(f"terminating {p.name}: {e}")
         for p in list(self.pool):
             p.join()
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.close_wake()
 
 
 class Pool:
