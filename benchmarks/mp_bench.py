@@ -6,8 +6,11 @@ dragon-launch for dragon, with ``dragon -s`` from DragonHPC's virtualenv for Dra
 interleaved (fork, forkserver, spawn, dragon, ..., then again), so that a busy machine weighs on every peer
 alike; a figure's samples are its repeats. Figures: Process start+join of a trivial target, Pool.map of
 100,000 trivial tasks (chunksize 1 and 64, as many workers as this node has CPUs), a Queue of small objects
-and of 16 MiB arrays between two processes, a Pipe round trip. Across three virtual nodes (mpiexec -n 3
-dragon-launch --virtual-nodes), dragon's Pool.map is measured with workers on every node.
+and of 16 MiB arrays between two processes, a Pipe round trip, a Queue round trip, a Queue(1000) stream, Lock
+acquire+release and Value increments in a child, an Event set/wait round trip, ProcessPoolExecutor.map.
+Across three virtual nodes (mpiexec -n 3 dragon-launch --virtual-nodes), dragon's Pool.map is measured with
+workers on every node; across two (peer dragon-2vn), every child and worker runs on node 1 and the measuring
+process on node 0: each object used across nodes, with its ratio to the stdlib's start methods on one node.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from benchmarks import runtime, util
 
 PROG = os.path.join(runtime.HERE, "mp_prog.py")
 STDLIB = ("fork", "forkserver", "spawn")
-LABELS = {"mp-forkserver": "mp.Process (forkserver)", "dragon-3vn": "dragon, 3 virtual nodes"}
+LABELS = {
+    "mp-forkserver": "mp.Process (forkserver)",
+    "dragon-3vn": "dragon, 3 virtual nodes",
+    "dragon-2vn": "dragon, children on another node",
+}
+XNODE_PARTS = "pool,queue,array,pipe,queue-rtt,bounded,lock,value,event,executor"
 TESTS = {  # test -> (metric, unit, better, size)
     "process-start-join": ("per_s", "proc/s", "higher", None),
     "pool-map-c1": ("tasks_per_s", "tasks/s", "higher", None),
@@ -29,6 +37,12 @@ TESTS = {  # test -> (metric, unit, better, size)
     "queue-stream": ("msg_per_s", "msg/s", "higher", None),
     "queue-array": ("gb_per_s", "GB/s", "higher", 16 << 20),
     "pipe-rtt": ("rtt_median_us", "us", "lower", None),
+    "queue-rtt": ("rtt_median_us", "us", "lower", None),
+    "queue-bounded-stream": ("msg_per_s", "msg/s", "higher", None),
+    "lock-acquire-release": ("per_s", "op/s", "higher", None),
+    "value-increment": ("per_s", "op/s", "higher", None),
+    "event-rtt": ("rtt_median_us", "us", "lower", None),
+    "executor-map-c1": ("tasks_per_s", "tasks/s", "higher", None),
 }
 
 
@@ -94,6 +108,30 @@ def plan(ctx):
         runtime._note_leaks(ctx, "dragon", res)
         collect("mpiexec -n 3 dragon-launch --virtual-nodes mp_prog", res)
 
+    def nodes2():
+        argv = (
+            util.local_mpiexec(2)
+            + runtime.dragon_launch_cmd()
+            + [
+                "--virtual-nodes",
+                PROG,
+                "--method",
+                "dragon",
+                "--parts",
+                XNODE_PARTS,
+                "--peer",
+                "dragon-2vn",
+                "--peer-node",
+                "1",
+                "--repeat",
+                "1",
+                *q,
+            ]
+        )
+        res = util.run_marked(argv, timeout=600, env=runtime.child_env(), cwd=tmp, shm_filter=lambda n: False)
+        runtime._note_leaks(ctx, "dragon", res)
+        collect("mpiexec -n 2 dragon-launch --virtual-nodes mp_prog --peer-node 1", res)
+
     def dragonhpc():
         res = util.run_marked(
             [
@@ -124,7 +162,7 @@ def plan(ctx):
             ctx.skip("mp DragonHPC", **r)
     lacking = util.missing("mpiexec")
     for r in lacking:
-        ctx.skip("mp dragon across 3 virtual nodes", **r)
+        ctx.skip("mp dragon across 3 and 2 virtual nodes", **r)
     multi = not lacking and why is None
     steps = []
     for r in range(ctx.repeat):
@@ -134,6 +172,7 @@ def plan(ctx):
             steps.append((f"mp: dragon{tag}", dragon))
         if multi:
             steps.append((f"mp: dragon on 3 virtual nodes{tag}", nodes3))
+            steps.append((f"mp: dragon, children on another node{tag}", nodes2))
         if ctx.dragonhpc:
             steps.append((f"mp: DragonHPC{tag}", dragonhpc))
 

@@ -6,6 +6,10 @@ nodes) and DragonHPC's (its own ``dragon`` package, run with ``dragon -s``). Pri
 ``{"figures": [...], "skipped": [...]}``, figures in dragon-bench's format (group "mp").
 
     python benchmarks/mp_prog.py --method fork --parts start,pool,queue,array,pipe [--quick] [--repeat 3]
+
+With ``--peer-node K`` (dragon), every child and worker runs on node K of the runtime, the measuring process
+on node 0: ``mpiexec -n 2 dragon-launch --virtual-nodes mp_prog.py --method dragon --peer-node 1`` measures
+each object across nodes.
 """
 
 import os
@@ -19,7 +23,19 @@ if "--method" in sys.argv and sys.argv[sys.argv.index("--method") + 1] == "drago
 
 import multiprocessing as mp
 
-PARTS = ("start", "pool", "queue", "array", "pipe")
+PARTS = (
+    "start",
+    "pool",
+    "queue",
+    "array",
+    "pipe",
+    "queue-rtt",
+    "bounded",
+    "lock",
+    "value",
+    "event",
+    "executor",
+)
 JSON_MARK = (
     "DRAGON_BENCH_JSON:"  # as benchmarks.util.JSON_MARK (this program imports nothing of the repository)
 )
@@ -52,6 +68,39 @@ def array_producer(q, n, nbytes):
 def echo(conn, n):
     for _ in range(n):
         conn.send(conn.recv())
+
+
+def queue_echo(qa, qb, n):
+    for _ in range(n):
+        qb.put(qa.get())
+
+
+def locker(lock, n, out):
+    """n acquire+release of a lock made by the parent; says its rate."""
+    lock.acquire()
+    lock.release()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        lock.acquire()
+        lock.release()
+    out.put(n / (time.perf_counter() - t0))
+
+
+def incrementer(v, n, out):
+    with v.get_lock():
+        v.value += 1
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with v.get_lock():
+            v.value += 1
+    out.put(n / (time.perf_counter() - t0))
+
+
+def event_echo(e1, e2, n):
+    for _ in range(n):
+        e1.wait()
+        e1.clear()
+        e2.set()
 
 
 def figure(test, peer, metric, unit, better, samples, size=None):
@@ -96,10 +145,10 @@ def pool_map(pool, n, chunksize):
     return n / dt
 
 
-def queue_stream(ctx, n):
+def queue_stream(ctx, n, maxsize=0):
     """Items per second from the producer's first put to the consumer's last get (a queue that buffers much
     cannot make it look faster than the two ends together are)."""
-    q = ctx.Queue()
+    q = ctx.Queue(maxsize)
     p = ctx.Process(target=producer, args=(q, n))
     p.start()
     t0 = q.get()
@@ -140,9 +189,65 @@ def pipe_rtt(ctx, n):
     return lat[len(lat) // 2] * 1e6
 
 
+def queue_rtt(ctx, n):
+    """Median round trip of a small object through two queues (the child echoes), in us."""
+    qa, qb = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=queue_echo, args=(qa, qb, n))
+    p.start()
+    obj = (1, "abc")
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        qa.put(obj)
+        qb.get()
+        lat.append(time.perf_counter() - t)
+    p.join()
+    lat = sorted(lat[n // 10 :])
+    return lat[len(lat) // 2] * 1e6
+
+
+def in_child(ctx, target, obj, n):
+    """The rate a child measures of n operations on obj (made here)."""
+    out = ctx.Queue()
+    p = ctx.Process(target=target, args=(obj, n, out))
+    p.start()
+    rate = out.get()
+    p.join()
+    return rate
+
+
+def event_rtt(ctx, n):
+    """Median of set -> the child's wait returns, it clears and sets the other -> our wait returns, in us."""
+    e1, e2 = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=event_echo, args=(e1, e2, n))
+    p.start()
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        e1.set()
+        e2.wait()
+        e2.clear()
+        lat.append(time.perf_counter() - t)
+    p.join()
+    lat = sorted(lat[n // 10 :])
+    return lat[len(lat) // 2] * 1e6
+
+
+def executor_map(ctx, workers, n):
+    """concurrent.futures.ProcessPoolExecutor.map of n trivial tasks (chunksize 1), tasks/s."""
+    import concurrent.futures as cf
+
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+        list(ex.map(identity, range(min(n, 200))))  # every worker up
+        t0 = time.perf_counter()
+        out = list(ex.map(identity, range(n)))
+        dt = time.perf_counter() - t0
+    assert len(out) == n
+    return n / dt
+
+
 def main():
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", required=True, help="fork, forkserver, spawn or dragon")
@@ -152,7 +257,19 @@ def main():
     ap.add_argument("--test-suffix", default="", help="appended to the pool tests' names (e.g. -3nodes)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--peer-node", type=int, default=None, help="dragon: run every child and worker there")
     args = ap.parse_args()
+    if args.peer_node is not None:
+        import dragon.mp
+
+        with dragon.mp.placement(args.peer_node):
+            return measure(args)
+    return measure(args)
+
+
+def measure(args):
+    import json
+
     ctx = mp.get_context(args.method)
     peer = args.peer or ("dragon" if args.method == "dragon" else f"mp-{args.method}")
     parts = [p for p in args.parts.split(",") if p]
@@ -249,6 +366,58 @@ def main():
                 )
             ),
         )
+    small = [
+        # part, test, metric, unit, better, one sample
+        (
+            "queue-rtt",
+            "queue-rtt",
+            "rtt_median_us",
+            "us",
+            "lower",
+            lambda: queue_rtt(ctx, 300 if q else 3000),
+        ),
+        (
+            "bounded",
+            "queue-bounded-stream",
+            "msg_per_s",
+            "msg/s",
+            "higher",
+            lambda: queue_stream(ctx, 5000 if q else 50_000, 1000),
+        ),
+        (
+            "lock",
+            "lock-acquire-release",
+            "per_s",
+            "op/s",
+            "higher",
+            lambda: in_child(ctx, locker, ctx.Lock(), 2000),
+        ),
+        (
+            "value",
+            "value-increment",
+            "per_s",
+            "op/s",
+            "higher",
+            lambda: in_child(ctx, incrementer, ctx.Value("i", 0), 300),
+        ),
+        ("event", "event-rtt", "rtt_median_us", "us", "lower", lambda: event_rtt(ctx, 100 if q else 1000)),
+        (
+            "executor",
+            "executor-map-c1",
+            "tasks_per_s",
+            "tasks/s",
+            "higher",
+            lambda: executor_map(ctx, workers, 500 if q else 3000),
+        ),
+    ]
+    for part, test, metric, unit, better, one in small:
+        if part in parts:
+            attempt(
+                test,
+                lambda: figures.append(
+                    figure(test, peer, metric, unit, better, [one() for _ in rep])  # noqa: B023 (called at once)
+                ),
+            )
     print(JSON_MARK + json.dumps({"figures": figures, "skipped": skipped}), flush=True)
     return 0
 

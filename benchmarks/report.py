@@ -6,7 +6,7 @@ from __future__ import annotations
 from benchmarks.util import BENCH_EXTRA, IN_BENCH_EXTRA, NEEDS, human, size_label, slurm_hosts
 
 # peers that are dragon itself; the first one present in a block is the one ratios are taken from
-DRAGON_PRIMARY = ["dragon", "dragon-batch", "dragon-zc"]
+DRAGON_PRIMARY = ["dragon", "dragon-batch", "dragon-zc", "dragon-2vn"]
 
 TITLES = {
     ("channels", "stream"): "Channel stream between two processes",
@@ -509,6 +509,7 @@ PEER_ORDER = [
     "mpiexec",
     "dragonhpc",
     "dragon-3vn",
+    "dragon-2vn",
 ]
 METRIC_SHORT = {
     "msg_per_s": "msg/s",

@@ -27,6 +27,7 @@ from multiprocessing import pool as _mpool
 from multiprocessing import util
 from multiprocessing.context import ProcessError
 
+from dragon.channels import Channel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelTimeout
 from dragon.mp import heap, serial
 
@@ -34,6 +35,9 @@ RUN, CLOSE, TERMINATE = _mpool.RUN, _mpool.CLOSE, _mpool.TERMINATE
 CREDITS = (
     4  # at most, tasks a worker may hold (the one it runs and the next ones), handed over in one message
 )
+# ... for a worker on another node, whose answers take a round trip through the transport agents: enough held
+# tasks to keep it busy for one (an answer waits ~0.1-0.3 ms there, a trivial task runs in ~10 us)
+REMOTE_CREDITS = 16
 FAST_TASK = 0.002  # a task answered this soon earns its worker one more held task (up to CREDITS)
 SLOW_TASK = 0.02  # a task that took longer brings its worker back to one
 RESULTS_CAPACITY = 4096
@@ -133,7 +137,7 @@ def worker(results_sd, wid, initializer, initargs, maxtasks, credits):
 
 
 class _Worker:
-    __slots__ = ("wid", "process", "inbox", "held", "sent", "ready", "stopping", "credits", "since")
+    __slots__ = ("wid", "process", "inbox", "held", "sent", "ready", "stopping", "credits", "most", "since")
 
     def __init__(self, wid, process):
         self.wid, self.process = wid, process
@@ -143,6 +147,7 @@ class _Worker:
         self.ready = False
         self.stopping = False
         self.credits = 1  # how many tasks it may hold: more while its tasks are short (see answered())
+        self.most = CREDITS  # the most it may earn (REMOTE_CREDITS once its inbox is known to be remote)
         self.since = 0.0  # when its oldest held task could start (sent, or the previous one answered)
 
     def answered(self, now):
@@ -151,7 +156,7 @@ class _Worker:
         took = now - self.since
         self.since = now
         if took < FAST_TASK:
-            self.credits = min(CREDITS, self.credits + 1)
+            self.credits = min(self.most, self.credits + 1)
         elif took > SLOW_TASK:
             self.credits = 1
 
@@ -217,7 +222,8 @@ class _PoolState:
         self.workers = {}  # wid -> _Worker
         self.wids = itertools.count(1)
         self.sentinels = {}  # sentinel -> wid (read by the reaper)
-        self.wake_r, self.wake_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe()  # (-1 once closed, under wake_lock: see close_wake())
+        self.wake_lock = threading.Lock()
         self.stopped = threading.Event()
         self.scheduler = threading.Thread(target=self.schedule, name="dragon-pool-scheduler", daemon=True)
         self.reaper = threading.Thread(target=self.reap, name="dragon-pool-reaper", daemon=True)
@@ -233,7 +239,7 @@ class _PoolState:
         wid = next(self.wids)
         p = self.ctx.Process(
             target=worker,
-            args=(self.results_sd, wid, self.initializer, self.initargs, self.maxtasks, CREDITS),
+            args=(self.results_sd, wid, self.initializer, self.initargs, self.maxtasks, REMOTE_CREDITS),
         )
         p.name = p.name.replace("Process", "PoolWorker")
         p.daemon = True
@@ -243,10 +249,26 @@ class _PoolState:
         self.sentinels[p.sentinel] = wid
 
     def kick_reaper(self):
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+        with self.wake_lock:
+            if self.wake_w < 0:
+                return
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:
+                pass
+
+    def close_wake(self):
+        """Close the reaper's wake-up pipe, once: join_threads() may run twice (join, then terminate at exit),
+        and a second close of the same numbers would close whatever descriptors got them meanwhile (another
+        Process's sentinel), as a write into them would write there."""
+        with self.wake_lock:
+            fds = [fd for fd in (self.wake_r, self.wake_w) if fd >= 0]
+            self.wake_r = self.wake_w = -1
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def reap(self):
         """Wait on the workers' sentinels; tell the scheduler of each exit."""
@@ -422,6 +444,8 @@ class _PoolState:
                     w.inbox = heap.attach(inbox)
                 except ChannelError:  # it ended since, its heap with it: its "dead" comes from the reaper
                     return  # (this thread must not die: every later call would hang)
+                if not isinstance(w.inbox, Channel):  # (a RemoteChannel: the worker is on another node)
+                    w.most = REMOTE_CREDITS
                 w.ready = True
         elif kind == "dead":
             self.lost(msg[1], msg[2])
@@ -491,11 +515,7 @@ class _PoolState:
                         util.debug(f"terminating {p.name}: {e}")
         for p in list(self.pool):
             p.join()
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.close_wake()
 
 
 class Pool:

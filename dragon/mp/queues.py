@@ -13,9 +13,12 @@ never blocks (as with the stdlib, a process waits at exit until its buffered ite
 ``queue.Full``) while the queue holds maxsize items as this process sees it (the channel's items and its own
 buffered ones, not those other producers still buffer). From another node, a send returns once the transport
 has the message (a full channel stops a sender only after the transport's window of messages), so a bounded
-queue's ``put`` there first waits (or raises ``queue.Full``) while the channel holds maxsize items (a look at
-its length: exact for one producer, several producers on other nodes may overshoot by what they have in
-flight). As with the stdlib, an object that cannot be pickled
+queue's ``put`` there first waits (or raises ``queue.Full``) while the channel holds maxsize items. It looks
+at the channel's length (a round trip through the transport) only when it must: after a look that found room
+for k more, the next puts of the handle need none while they are fewer than k (and than LOOK_EVERY): readers
+only take, so for one producer what it saw plus what it put since is at least the length. Exact for one
+producer; several producers on other nodes may overshoot by what they have in flight and what they put since
+their last look (under LOOK_EVERY each). As with the stdlib, an object that cannot be pickled
 is reported by ``_on_queue_feeder_error`` (printed), not raised by ``put``.
 
 Unlike the stdlib's, these queues can also be sent through other queues and pipes, and passed to Pool tasks.
@@ -42,6 +45,7 @@ SPILL_WAIT = (
 )
 _FULL = (ChannelFull, ChannelTimeout)
 ROOM_POLL = 0.005  # how often the put of a queue bounded above MAX_CAPACITY looks for room
+LOOK_EVERY = 64  # from another node, a bounded queue's put looks at its length at least every this many puts
 
 
 def _timeout(block, timeout):
@@ -144,6 +148,10 @@ class Queue:
         self._stopping = self._fd.stopping
         self._joincancelled = False
         self._finalizer = None
+        # from another node (_wait_room): the room the last look at the queue's length found, and the puts
+        # counted against it since (the one that looked included)
+        self._room = self._unlooked = 0
+        self._room_lock = threading.Lock()
 
     def __reduce__(self):
         if self._owned is not None:
@@ -194,14 +202,26 @@ class Queue:
 
     def _wait_room(self, timeout):
         """Wait until the queue holds fewer than maxsize items (queue.Full after timeout); -> what is left of
-        the timeout. (A queue bounded above the channel's capacity, or a bounded queue of another node.)"""
+        the timeout. (A queue bounded above the channel's capacity, or a bounded queue of another node: there
+        a put needs no look while the last one left room for it, see the module's docstring.)"""
+        if self._remote:
+            with self._room_lock:
+                if self._unlooked < self._room and self._unlooked < LOOK_EVERY:
+                    self._unlooked += 1
+                    return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.qsize() >= self._maxsize:
+        while True:
+            n = self.qsize()
+            if n < self._maxsize:
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 raise _queue.Full
             time.sleep(
                 ROOM_POLL if deadline is None else min(ROOM_POLL, max(0.0, deadline - time.monotonic()))
             )
+        if self._remote:
+            with self._room_lock:
+                self._room, self._unlooked = self._maxsize - n, 1
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def put_nowait(self, obj):

@@ -15,12 +15,22 @@ descriptor and destroying its channel, once every copy said BYE: it held the pip
 inbound relay of the same pipe (a stdlib Queue sent away, as concurrent.futures' call queue is) never saw
 its end of file, and two threads and two descriptors stayed per such pipe for the life of the process. A
 copy killed by a signal says no BYE: its relay stays.
+
+The stdlib's queues (``multiprocessing.queues.Queue``, ``JoinableQueue``, ``SimpleQueue`` and their
+subclasses, ``concurrent.futures``' call queue among them) take a lock around each read of their pipe and each
+write, because a pipe may split a message; a copy of such a queue in a dragon process reads and writes a
+channel instead, where a message is received and sent whole. So the copy takes a lock of its own process there
+(its threads still take turns), not the queue's shared lock, which from another node costs a round trip
+through the transport per acquire (and made the readers of every node wait for each other's round trips). The
+shared locks travel on with the copy when it is pickled again. Other processes' readers cannot take a message
+this process polled: a relayed reader's ``poll`` holds the message it found for this process's next read.
 """
 
 import functools
 import os
 import threading
 from multiprocessing import connection as _mpconn
+from multiprocessing import queues as _mpqueues
 
 from dragon.errors import ChannelError
 from dragon.mp import heap, serial
@@ -156,3 +166,64 @@ def _rebuild(send_sd, recv_sd, tok, wtok=None):
         except ChannelError:
             pass
     return c
+
+
+# ---- the stdlib's queues --------------------------------------------------------------------------------
+class _ProcessLock:
+    """A lock of this process with the acquire signature of multiprocessing's locks (what a copy of a stdlib
+    queue takes around its reads and writes of a channel: see the module's docstring)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, block=True, timeout=None):
+        if not block:
+            return self._lock.acquire(False)
+        if timeout is None:
+            return self._lock.acquire()
+        return self._lock.acquire(True, max(0.0, timeout))
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def reduce_stdlib_queue(q):
+    """Pickle a stdlib queue as its own __getstate__ does (the same checks), with its shared locks."""
+    state = q.__getstate__()
+    shared = q.__dict__.get("_dragon_shared_locks")
+    if shared is not None:  # (a copy: what it holds in their place are this process's)
+        mine = (q._rlock, q._wlock)
+        state = tuple(shared[mine.index(x)] if any(x is m for m in mine) else x for x in state)
+    return (_rebuild_stdlib_queue, (type(q), state))
+
+
+def _rebuild_stdlib_queue(cls, state):
+    q = cls.__new__(cls)
+    q.__setstate__(state)
+    q._dragon_shared_locks = (q._rlock, q._wlock)
+    q._rlock = _ProcessLock()
+    if q._wlock is not None:
+        q._wlock = _ProcessLock()
+    return q
+
+
+def stdlib_queue_classes():
+    """The stdlib's queue classes and every subclass defined so far (concurrent.futures' _SafeQueue once it
+    is imported), but those that say how they pickle themselves (their own __reduce__ or __reduce_ex__)."""
+    todo = [_mpqueues.Queue, _mpqueues.SimpleQueue]
+    seen = []
+    while todo:
+        cls = todo.pop()
+        if cls in seen or "__reduce__" in cls.__dict__ or "__reduce_ex__" in cls.__dict__:
+            continue
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return seen

@@ -80,19 +80,29 @@ _copyreg_table, _forking_table = copyreg.dispatch_table, ForkingPickler._extra_r
 
 
 def _live_key():
-    return len(_copyreg_table) + (len(_forking_table) << 20) + (len(_overrides) << 40)
+    # (the modules count: an import may define a subclass of a stdlib queue, see _dispatch_table)
+    return len(_copyreg_table) + (len(_forking_table) << 20) + (len(_overrides) << 40) + (len(_modules) << 60)
+
+
+_modules = sys.modules
 
 
 def _dispatch_table():
-    """ForkingPickler's table plus ours, rebuilt only when a registry changed (it is read by every
-    pickler)."""
+    """ForkingPickler's table plus ours, rebuilt only when a registry changed or a module was imported (it
+    is read by every pickler). The stdlib's queues and their subclasses known by then are pickled by
+    relay.reduce_stdlib_queue (a subclass defined later in an already imported module goes the stdlib's way:
+    correct, with a shared lock per read)."""
     global _table, _table_key
     key = _live_key()
     if key != _table_key:
+        from dragon.mp import relay
+
         t = dict(copyreg.dispatch_table)
         t.update(ForkingPickler._extra_reducers)
+        for cls in relay.stdlib_queue_classes():
+            t.setdefault(cls, relay.reduce_stdlib_queue)
         t.update(_overrides)
-        _table, _table_key = t, key
+        _table, _table_key = t, _live_key()
     return _table
 
 
@@ -290,7 +300,10 @@ class _Reusable:
 
     def dump(self, obj):
         key = (
-            len(_copyreg_table) + (len(_forking_table) << 20) + (len(_overrides) << 40)
+            len(_copyreg_table)
+            + (len(_forking_table) << 20)
+            + (len(_overrides) << 40)
+            + (len(_modules) << 60)
         )  # _live_key(), inline
         if key != self.key:
             self.p.dispatch_table = _dispatch_table()

@@ -200,7 +200,10 @@ class RemoteCData:
 
     @value.setter
     def value(self, v):
-        tmp = self._whole()
+        if issubclass(self._ctype, ctypes._SimpleCData):  # (its value is all of it: nothing to read first)
+            tmp = self._ctype()
+        else:  # (a char array: what follows a shorter value stays)
+            tmp = self._whole()
         tmp.value = v
         self._write(0, bytes(tmp))
 

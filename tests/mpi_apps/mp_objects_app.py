@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 import dragon  # noqa: F401
+from dragon.globalservices import node as _node
 
 
 def ok(name):
@@ -87,6 +88,37 @@ def event_child(ev, q):
     q.put(ev.wait(30))
 
 
+def event_ops_child(ev, q, back, node):
+    """Each step's effect is seen by the next operation of any process (a set from another node returns once
+    the event is set)."""
+    ev.set()
+    q.put(("set", node))  # the parent checks is_set() as soon as it has this
+    assert back.get(timeout=60) == "clear it"
+    ev.set()  # twice: still one event to clear
+    ev.clear()
+    assert not ev.is_set() and ev.wait(0.05) is False
+    q.put(("cleared", node))
+
+
+def stdlib_queue_child(sq, ssq, out, node, more):
+    """A copy of the stdlib's queues here reads and writes a channel and takes a lock of this process; its
+    shared locks travel on when it is pickled again (more: start a reader of its own, on the next node)."""
+    from dragon.mp.relay import _ProcessLock
+
+    assert isinstance(sq._rlock, _ProcessLock) and isinstance(ssq._wlock, _ProcessLock)
+    if more:
+        nxt = (node + 1) % N_NODES
+        mp.get_context().Process(target=stdlib_queue_child, args=(sq, ssq, out, nxt, False), node=nxt).start()
+    got = []
+    for get in (lambda: sq.get(timeout=60), ssq.get):  # (with a timeout: poll, then take what poll found)
+        while True:
+            x = get()
+            if x is None:
+                break
+            got.append(x)
+    out.put((node, got))
+
+
 def barrier_child(bar, q):
     q.put(bar.wait(30))
 
@@ -103,6 +135,28 @@ def shared_child(v, arr, s, raw, q):
 def manager_child(d, lst, k):
     d[k] = int(os.environ["DRAGON_NODE"])
     lst.append(k)
+
+
+def bounded_burst(bq, out, back):
+    """put_nowait into an empty Queue(100) made on node 0 until Full (from the last node in a multi-node run:
+    a put there looks at the queue's length only when it must, and stays exact for one producer)"""
+    took = 0
+    try:
+        while True:
+            bq.put_nowait(took)
+            took += 1
+    except queue.Full:
+        pass
+    out.put(took)
+    assert back.get(timeout=60) == "took 10"
+    more = 0
+    try:
+        while True:
+            bq.put_nowait(-1)
+            more += 1
+    except queue.Full:
+        pass
+    out.put(more)
 
 
 def bounded_putter(bq, out):
@@ -125,6 +179,9 @@ def joinable_child(jq):
         jq.task_done()
         if x is None:
             break
+
+
+N_NODES = len(_node.get_list())
 
 
 def main():
@@ -213,6 +270,17 @@ def main():
     assert bout.get(timeout=60) == [True, "Full", "Full"]
     p.join(60)
     assert [bq.get(timeout=10), bq.get(timeout=10)] == [1, 2] and bq.empty()
+    bq, back = mp.Queue(100), mp.Queue()
+    p = mp.get_context("dragon").Process(
+        target=bounded_burst, args=(bq, bout, back), node=max(node.get_list())
+    )
+    p.start()
+    assert bout.get(timeout=60) == 100 and bq.qsize() == 100
+    assert [bq.get(timeout=10) for _ in range(10)] == list(range(10))
+    back.put("took 10")
+    assert bout.get(timeout=60) == 10 and bq.qsize() == 100
+    p.join(60)
+    assert p.exitcode == 0
     arr = np.arange(2 << 20, dtype=np.float64)  # 16 MiB (across nodes it must fit the staging pool, 64 MiB)
     q2, r2 = mp.Queue(), mp.Queue()
     p = run(array_echo, q2, r2)
@@ -454,6 +522,20 @@ def main():
     assert [eq.get(timeout=60) for _ in ps] == [True, True]
     for p in ps:
         p.join(60)
+    for where in (1, 2) if N_NODES > 1 else (0,):
+        ev, eq, back = mp.Event(), mp.Queue(), mp.Queue()
+        p = mp.get_context().Process(target=event_ops_child, args=(ev, eq, back, where), node=where)
+        p.start()
+        assert eq.get(timeout=60) == ("set", where) and ev.is_set() and ev.wait(0) is True
+        back.put("clear it")
+        assert eq.get(timeout=60) == ("cleared", where)
+        p.join(60)
+        assert p.exitcode == 0 and not ev.is_set() and repr(ev).endswith(" unset>"), (p.exitcode, repr(ev))
+        ev.set()
+        ev.set()
+        assert ev.is_set() and repr(ev).endswith(" set>")
+        ev.clear()
+        assert not ev.is_set()
     bar, bq = mp.Barrier(3), mp.Queue()
     ps = [run(barrier_child, bar, bq) for _ in range(2)]
     me = bar.wait(30)
@@ -475,6 +557,32 @@ def main():
         v.value += 1
     assert v.value == 8.5
     ok("Value, Array, RawArray")
+
+    # the stdlib's Queue and SimpleQueue made with this context, read by children on every node (every item
+    # once, get with a timeout). (Not read here: this process's relay thread takes what reaches the pipe.)
+    from multiprocessing import queues as mpq
+
+    ctx = mp.get_context()
+    sq, ssq, sout = mpq.Queue(ctx=ctx), mpq.SimpleQueue(ctx=ctx), mp.Queue()
+    D = ctx.Process
+    ps = [
+        D(target=stdlib_queue_child, args=(sq, ssq, sout, k % N_NODES, k == 0), node=k % N_NODES)
+        for k in range(3)
+    ]
+    for p in ps:
+        p.start()
+    for i in range(300):
+        (sq if i % 2 else ssq).put(i)
+    for _ in range(4):  # (each reader, the first child's own among them, stops at the first it takes)
+        sq.put(None)
+        ssq.put(None)
+    got = [sout.get(timeout=90) for _ in range(4)]
+    for p in ps:
+        p.join(60)
+        assert p.exitcode == 0, p.exitcode
+    seen = sorted(x for _, xs in got for x in xs)
+    assert seen == list(range(300)), (len(seen), seen[:5])
+    ok(f"stdlib Queue and SimpleQueue, every item once (readers on nodes {sorted({k for k, _ in got})})")
 
     # a Manager's proxies, used from every node
     with mp.Manager() as m:

@@ -226,6 +226,10 @@ def main():
     except ValueError:
         pass
     pool.join()
+    r, w = os.pipe()  # (the lowest free numbers: those of the pool's own wake-up pipe, closed by join())
+    pool.terminate()  # joins the pool's threads again: the pipe it closed is not closed again (it is r, w)
+    os.fstat(r), os.fstat(w)
+    os.close(r), os.close(w)
     bads = (lambda: mp.Pool(0), lambda: mp.Pool(2, maxtasksperchild=0), lambda: mp.Pool(2, initializer=3))
     for bad in bads:
         try:
