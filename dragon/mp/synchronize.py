@@ -10,16 +10,8 @@ any value fits. (A release from another node is sent without waiting for the cha
 there is not detected.)
 
 Ownership (``RLock``'s recursion, ``_is_mine`` for Condition.wait) is kept per process, as the stdlib's
-SemLock does. Condition is the stdlib's class on these semaphores (it needs nothing else); Barrier is
-threading.Barrier over a Condition and a shared RawArray.
-
-An Event is a channel of its own: it is set while the channel holds a token. ``wait`` polls the channel (a
-futex on its node; from another node the remote agent waits and answers once), ``set`` sends a token unless
-one is there, ``clear`` takes every token. (The stdlib's Event, a Condition and a semaphore, takes some ten
-semaphore operations for a set and a wake-up, each a round trip through the transport from another node.) A
-``set`` from another node returns once its token is in the channel, so that what follows it (a ``clear``,
-another process's ``is_set``) sees it. Two setters that both find the event clear both send a token; the
-channel has room for EVENT_CAPACITY of them.
+SemLock does. Condition and Event are the stdlib's classes on these semaphores (they need nothing else);
+Barrier is threading.Barrier over a Condition and a shared RawArray.
 """
 
 import os
@@ -27,7 +19,6 @@ import struct
 import threading
 from multiprocessing import synchronize as _mpsync
 
-from dragon.channels import Channel
 from dragon.errors import ChannelEmpty, ChannelError, ChannelFull, ChannelTimeout
 from dragon.mp import heap
 
@@ -37,7 +28,6 @@ COUNTED_CAPACITY = 1024  # channel capacity of a semaphore with a larger maximum
 _TOKEN = struct.Struct("<Q")
 _ONE = _TOKEN.pack(1)
 _EMPTY = (ChannelEmpty, ChannelTimeout)
-EVENT_CAPACITY = 1024  # tokens an Event's channel holds (setters that found it clear at the same moment)
 
 
 def _me():
@@ -246,68 +236,8 @@ class Condition(_mpsync.Condition):
         return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore)
 
 
-class Event:
-    """multiprocessing.Event on a channel: set while the channel holds a token (see the module docstring)."""
-
-    def __init__(self, *, ctx=None):
-        ch = heap.channel(EVENT_CAPACITY, 8)
-        self._setup(bytes(ch.sdesc), ch)
-        self._owned = heap.Owned([ch])
-
-    def _setup(self, sdesc, ch=None):
-        self._sdesc = sdesc
-        self._ch = ch if ch is not None else heap.attach(sdesc)
-        self._remote = not isinstance(self._ch, Channel)  # (on another node)
-        self._owned = None
-
-    def __reduce__(self):
-        if self._owned is not None:
-            self._owned.shared = True
-        return (_rebuild_event, (type(self), self._sdesc))
-
-    def is_set(self):
-        try:
-            return bool(self._ch.poll(timeout=0))
-        except ChannelError as e:
-            raise OSError(f"event is gone: {e}") from e
-
-    def set(self):
-        ch = self._ch
-        try:
-            if ch.poll(timeout=0):
-                return
-            try:
-                ch.send(_ONE, timeout=0)
-            except ChannelFull:  # (full of the tokens of setters that found it clear: it is set)
-                return
-            if self._remote:  # (in the channel before set() returns)
-                ch.flush()
-        except ChannelError as e:
-            raise OSError(f"event is gone: {e}") from e
-
-    def clear(self):
-        try:
-            self._ch.recv_many(EVENT_CAPACITY, timeout=0)
-        except ChannelEmpty:
-            pass
-        except ChannelError as e:
-            raise OSError(f"event is gone: {e}") from e
-
-    def wait(self, timeout=None):
-        """Wait until the event is set (True), or for timeout seconds (False: it was not set meanwhile)."""
-        try:
-            return bool(self._ch.poll(timeout=None if timeout is None else max(0.0, timeout)))
-        except ChannelError as e:
-            raise OSError(f"event is gone: {e}") from e
-
-    def __repr__(self):
-        return f"<{type(self).__qualname__} at {id(self):#x} {'set' if self.is_set() else 'unset'}>"
-
-
-def _rebuild_event(cls, sdesc):
-    obj = cls.__new__(cls)
-    obj._setup(sdesc)
-    return obj
+class Event(_mpsync.Event):
+    """The stdlib's Event on this module's Condition and Semaphore."""
 
 
 class Barrier(threading.Barrier):
