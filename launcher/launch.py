@@ -3,9 +3,9 @@
 The launcher makes the job id, the node's infrastructure pool and the service channels, then forks (after only
 the imports the services need) the node's shepherd (local services) and global services concurrently, asks GS
 to start the program as the first managed process (p_uid 1), and exits with its exit code. Whatever ends the
-job (the program exits or raises, Ctrl-C, SIGTERM, a service dying, or SIGKILL of the launcher: the services
-get SIGTERM from PR_SET_PDEATHSIG and tear down themselves) every managed process is terminated (SIGTERM,
-SIGKILL after a grace period) and every shared-memory segment of the job is unlinked.
+job (the program exits or raises, a second Ctrl-C, SIGTERM, a service dying, or SIGKILL of the launcher: the
+services get SIGTERM from PR_SET_PDEATHSIG and tear down themselves) every managed process is terminated
+(SIGTERM, SIGKILL after a grace period) and every shared-memory segment of the job is unlinked.
 
 Built around ``Runtime`` and ``NodeInfo`` so that the multi-node bootstrap (one shepherd and transport agent
 per node from MPI ranks, GS once, the program once on node 0) adds a world but keeps this flow.
@@ -42,7 +42,9 @@ def parser():
 
 inside PROGRAM: dragon.globalservices.process / pool / channel / node (see examples/hello.py)
 
-exit status: PROGRAM's exit code; 128+N if signal N killed it; 130 on Ctrl-C and 143 on
+Ctrl-C: the first goes to PROGRAM and its processes (SIGINT to each, as from a terminal: KeyboardInterrupt);
+a second tears the job down.
+exit status: PROGRAM's exit code; 128+N if signal N killed it; 130 on a second Ctrl-C and 143 on
 SIGTERM (the job is torn down: SIGTERM to every managed process, SIGKILL after --grace);
 70 if the runtime failed (a service died, PROGRAM could not start, a node was lost); 2 for a bad
 command line or MPI layout.

@@ -172,6 +172,9 @@ class Runtime(Service):
         self.chans = []
         self.failed = None
         self.head_code = None  # the program's exit code, once it ended
+        self.interrupt = (
+            None  # while the program runs: 0, 1 once a Ctrl-C came (2 once it went to the program)
+        )
         self.clients = {}  # client id -> (pidfd, its reply channel's sdesc, pid): the clients watched here
         self.client_poll = select.poll()
         self.owner_fd = None  # pidfd of the process whose end ends the runtime (dragon.init's), if any
@@ -214,10 +217,17 @@ class Runtime(Service):
         def _term(signum, frame):
             raise Terminated(signum)
 
+        def _int(signum, frame):
+            if self.interrupt != 0:  # before the program runs, or a second Ctrl-C: tear the job down
+                raise KeyboardInterrupt
+            self.interrupt = 1  # the loop hands it to the program (tick)
+
         try:
             self.start()
             for sig in (signal.SIGTERM, signal.SIGHUP):  # scancel / time limit, a closed terminal
                 signal.signal(sig, _term)
+            if serving is None:
+                signal.signal(signal.SIGINT, _int)
             code = self._run_head(exe, args) if serving is None else self._serve_clients(serving)
         except KeyboardInterrupt:
             if not quiet:
@@ -258,8 +268,26 @@ class Runtime(Service):
             head=True,
         )
         self.post(self.gs_ch, m.encode(req))
+        self.interrupt = 0
         self.serve(until=lambda: self.head_code is not None)
         return self.head_code
+
+    def _interrupt_program(self):
+        """The first Ctrl-C goes to the program, as a terminal gives it to a plain python and its children
+        (its foreground process group): SIGINT to every live process of the job, so that the program's own
+        ``except KeyboardInterrupt`` and ``finally`` run. A second Ctrl-C tears the job down."""
+        log("interrupted: SIGINT to the program (Ctrl-C again to tear the job down)")
+        self.interrupt = 2
+
+        def listed(resp):
+            if resp.err:
+                return
+            # the program first, then its processes (each gets it as from a terminal: at about the same time)
+            for p_uid, _ in sorted(resp.result):
+                kill = m.GSProcessKill(tag=0, reply=b"", caller=0, ident=p_uid, sig=signal.SIGINT)
+                self.ask(self.gs_ch, kill, lambda resp: None)  # (one that ended meanwhile: no matter)
+
+        self.ask(self.gs_ch, m.GSProcessList(tag=0, reply=b"", caller=0), listed)
 
     def _serve_clients(self, serving):
         """Serve clients (no program) until a signal or, with an owner, until it ends. -> 0"""
@@ -331,7 +359,12 @@ class Runtime(Service):
     @handles(m.Response)
     def started(self, msg):
         """global services' answer to the program's start (only an error matters: LAHeadExit tells the
-        end)."""
+        end), or to a request of _interrupt_program (a tag of its own)."""
+        if msg.tag:
+            cont = self.pending.pop(msg.tag, None)
+            if cont is not None:
+                cont(msg)
+            return
         if msg.err:
             log(f"cannot start the program: {msg.msg}")
             self.head_code = EXIT_SERVICE_FAILED
@@ -348,6 +381,8 @@ class Runtime(Service):
         return self.POLL_SLICE if wait is None else min(wait, self.POLL_SLICE)
 
     def tick(self):
+        if self.interrupt == 1:
+            self._interrupt_program()
         self._reap()
         self.events()
         self.check_services()

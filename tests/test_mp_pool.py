@@ -2,6 +2,7 @@
 same app runs across three virtual nodes in test_mp_multinode.py), and an app that dies with a busy pool."""
 
 import os
+import signal
 import subprocess
 import time
 
@@ -181,8 +182,60 @@ if __name__ == "__main__":
 """
 
 
+CTRL_C_APP = r"""
+import os, sys, time
+import dragon
+import multiprocessing as mp
+
+def work(x):
+    time.sleep(0.2)
+    return x
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    try:
+        with mp.Pool(3) as p:
+            r = p.map_async(work, range(1000))
+            time.sleep(0.5)
+            print("MAPPING", flush=True)
+            r.get()
+            print("FINISHED", flush=True)
+    except KeyboardInterrupt:
+        print("CAUGHT", [c.exitcode for c in mp.active_children()], flush=True)
+        raise
+"""
+
+
 @pytest.mark.timeout(90)
 def test_a_ready_from_a_worker_whose_heap_is_gone_does_not_stop_the_pool(tmp_path):
     r = run_app(tmp_path, STALE_READY_APP, timeout=80)
     assert "STILL SCHEDULING" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert "Exception in thread" not in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_in_pool_map_reaches_the_program(tmp_path):
+    # Ctrl-C (SIGINT to the terminal's foreground group: the launcher) in the middle of Pool.map raises
+    # KeyboardInterrupt in the program, as it would in a plain python: its except and finally blocks run (the
+    # pool's workers are gone once it left the with block), then the job ends with exit status 130.
+    app = tmp_path / "app.py"
+    app.write_text(CTRL_C_APP)
+    proc = subprocess.Popen(
+        launch_cmd(str(app)),
+        cwd=tmp_path,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "MAPPING"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "CAUGHT []" in out and "FINISHED" not in out, (out, err)
+    assert "KeyboardInterrupt" in err and proc.returncode == 130, (proc.returncode, err)

@@ -271,3 +271,40 @@ def test_process(tmp_path):
     r = run_app(tmp_path, APP, timeout=140)
     assert "ALL OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert "Exception ignored" not in r.stderr and "ChannelError" not in r.stderr, r.stderr
+
+
+SIGINT_APP = r"""
+import os, signal, time
+import dragon
+import multiprocessing as mp
+
+def sleeper():
+    time.sleep(60)
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    codes = []
+    for _ in range(20):
+        p = mp.Process(target=sleeper)
+        p.start()
+        os.kill(p.pid, signal.SIGINT)  # at once: the child may not have its handler yet
+        p.join(20)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            codes.append("ignored")
+        else:
+            codes.append(p.exitcode)
+    print("CODES", codes)
+"""
+
+
+@pytest.mark.timeout(200)
+def test_sigint_right_after_start(tmp_path):
+    # As with spawn: a SIGINT that reaches a child before its target runs kills it by SIGINT (-2); one that
+    # reaches it in its target raises KeyboardInterrupt there (1). It is never lost, nor an exit code of 255.
+    r = run_app(tmp_path, SIGINT_APP, timeout=190)
+    out = f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert r.returncode == 0 and "CODES" in r.stdout, out
+    codes = eval(r.stdout.split("CODES", 1)[1].strip())
+    assert set(codes) <= {-2, 1}, out

@@ -127,3 +127,35 @@ def test_teardown(tmp_path, action):
                     pass
             for n in job_segments(job):
                 os.unlink(os.path.join("/dev/shm", n))
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_tears_down_a_program_that_ignores_the_first(tmp_path):
+    # the first Ctrl-C goes to the program (as SIGINT); one that ignores it is ended by the second
+    app = write_app(
+        tmp_path,
+        "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "print('UP', flush=True)\ntime.sleep(60)\n",
+    )
+    proc = subprocess.Popen(
+        launch_cmd(str(app)),
+        cwd=tmp_path,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "UP"
+        os.killpg(proc.pid, signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.5)  # (the program ignores it: the job goes on)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 130 and "SIGINT to the program" in err and "tearing the job down" in err, (code, err)

@@ -335,9 +335,13 @@ def _fork(req_msg, fds, req, exits, sel, children):
     fds = list(fds)
     out = fds.pop(0) if req_msg.get("out") else None
     err = fds.pop(0) if req_msg.get("err") else None
+    # The zygote ignores SIGINT: a child would lose one sent before it has its handler (its pid is known once
+    # it is forked). Blocked, a SIGINT waits for the handler instead (Linux never drops a blocked signal).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         pid = os.fork()
     except OSError as e:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for fd in (out, err):
             if fd is not None:
                 os.close(fd)
@@ -350,11 +354,17 @@ def _fork(req_msg, fds, req, exits, sel, children):
             req.close()
             exits.close()
             return _become(req_msg, out, err)
-        except BaseException:
+        except BaseException as e:
             import traceback
 
             traceback.print_exc()
+            if isinstance(e, KeyboardInterrupt):  # end as the interpreter does on one: killed by SIGINT
+                sys.stderr.flush()
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                os.kill(os.getpid(), signal.SIGINT)
             os._exit(255)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     for fd in (out, err):
         if fd is not None:
             os.close(fd)
@@ -372,6 +382,7 @@ def _become(req_msg, out, err):
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (a SIGINT sent since the fork arrives now)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

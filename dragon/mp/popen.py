@@ -182,8 +182,10 @@ class DragonPopen:
                 prep = serial.dumps(prep)
                 payload = len(prep).to_bytes(8, "little") + prep + serial.dumps(process_obj)
                 tracker = resource_tracker._resource_tracker._fd
-                if tracker is not None and self.node == heap.here():  # share it, as 'spawn' does
-                    env[TRACKER_ENV] = f"{os.getpid()}:{self.duplicate_for_child(tracker)}"
+                if tracker is not None and _same_host(self.node):  # share it, as 'spawn' does
+                    dup = os.dup(tracker)
+                    self._held.fds.append(dup)
+                    env[TRACKER_ENV] = f"{os.getpid()}:{dup}"
             except BaseException:
                 self._held.close()
                 raise
@@ -307,6 +309,24 @@ class DragonPopen:
 
 
 _main_cache = {}
+
+
+_HOSTS: dict[int, str] = {}  # node index -> its host name (asked of global services once)
+
+
+def _same_host(node):
+    """Whether node ``node`` is this host (this node, or a virtual node beside it). A child on this host
+    shares this process's resource tracker (through /proc): one of its own would unlink, when the child
+    ends, every shared_memory segment the child merely attached (one /dev/shm holds all of a host's)."""
+    here = heap.here()
+    if node == here:
+        return True
+    from dragon.globalservices import node as gs_node
+
+    for k in (node, here):
+        if k not in _HOSTS:
+            _HOSTS[k] = gs_node.query(k).hostname
+    return _HOSTS[node] == _HOSTS[here]
 
 
 def _main_code(prep):
