@@ -51,7 +51,6 @@ def test_example_pool_spreads_over_three_nodes():
     assert set(counted) <= {"node 0", "node 1", "node 2"} and sum(map(int, counted.values())) == 20, counted
 
 
-<<<<<<< HEAD
 # a shared value's creator serves it to processes of other nodes: the handles it keeps to their reply channels
 # (and they to its server) are bounded, not one per process it ever served
 SERVED_VALUE_APP = r"""
@@ -87,7 +86,8 @@ def test_a_value_served_to_many_processes_of_other_nodes_keeps_few_handles(tmp_p
     app.write_text(SERVED_VALUE_APP)
     res = mpi_util.launch(3, str(app), timeout=140)
     assert res.returncode == 0 and "SERVED OK" in res.stdout, res.stdout + res.stderr
-=======
+
+
 SHM_APP = r"""
 import sys
 import dragon
@@ -124,4 +124,3 @@ def test_shared_memory_attached_by_children_on_virtual_nodes_of_this_host(tmp_pa
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "WROTE 010203040506 [0, 0, 0, 0, 0, 0]" in res.stdout, out
     assert "UNLINKED" in res.stdout and "leaked shared_memory" not in res.stderr, out
->>>>>>> hunt2
