@@ -287,6 +287,57 @@ def test_poll(ch):
     assert ch.recv() == b"y"
 
 
+def test_peek(ch):
+    # the first bytes of the next message and its length, without taking it: inline and in a pool block
+    assert ch.peek() is None
+    ch.send(b"hello world")
+    ch.send(b"z" * 5000)
+    assert ch.peek(5) == (b"hello", 11) and ch.peek(0) == (b"", 11) and ch.peek() == (b"hello world", 11)
+    assert len(ch) == 2 and ch.recv() == b"hello world"
+    assert ch.peek(3) == (b"zzz", 5000) and len(ch) == 1
+    assert ch.recv() == b"z" * 5000 and ch.peek() is None
+    for bad in (-1, 257):
+        with pytest.raises(ValueError):
+            ch.peek(bad)
+
+
+def _drain_counting(sdesc, n, out):
+    c = Channel.attach(sdesc)
+    got = 0
+    while got < n:
+        try:
+            c.recv(timeout=30)
+        except ChannelTimeout:
+            break
+        got += 1
+    out.put(got)
+
+
+@pytest.mark.timeout(120)
+def test_peek_while_other_processes_take(pool):
+    # a peek races receivers of other processes: it sees a message that is at the head (never a torn or freed
+    # one: every message says its own length in its first bytes), or none, and takes nothing
+    c = Channel.create(pool, capacity=64, block_size=32)
+    n = 20000
+    out = ctx.Queue()
+    takers = [ctx.Process(target=_drain_counting, args=(c.sdesc, n // 2, out)) for _ in range(2)]
+    for t in takers:
+        t.start()
+    seen = 0
+    for i in range(n):
+        size = 16 if i % 3 else 300 + i % 700  # inline and in blocks
+        c.send(struct.pack("<I", size).ljust(size, b"p"))
+        head = c.peek(4)
+        if head is not None:
+            assert struct.unpack("<I", head[0])[0] == head[1]
+            seen += 1
+    assert sorted(out.get(timeout=60) for _ in takers) == [n // 2, n // 2]  # nothing taken by the peeks
+    for t in takers:
+        t.join(30)
+    assert seen and len(c) == 0
+    c.destroy()
+
+
 # ------------------------------------------------------------------------------------------ blocking across
 # processes
 def _send_later(sdesc, delay, payloads):

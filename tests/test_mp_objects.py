@@ -94,3 +94,43 @@ if __name__ == "__main__":
 def test_shared_values_do_not_pile_up(tmp_path):
     r = run_app(tmp_path, SHARED_VALUES_APP, timeout=110)
     assert "BOUNDED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# a process that polls a pipe's reader end it shares and then reads nothing (or ends) takes nothing from the
+# other readers, as with an os pipe: a poll read the message ahead and held it in the polling process, so the
+# parent never got it (its poll(5) said False) and it was lost with the child. Markers (a writer's copy
+# announced, closed) at the head are still accounted by the poll, which then sees the data behind them.
+POLL_APP = r"""
+import dragon
+import multiprocessing as mp
+
+def poller(r, w, out, wait=0.0):
+    w.close()  # (its copy's BYE goes into the channel behind what is there)
+    out.put(r.poll(wait))
+    out.put(r.poll(0))
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    r, w = mp.Pipe(duplex=False)
+    out = mp.Queue()
+    w.send("first")
+    for _ in range(3):
+        p = mp.Process(target=poller, args=(r, w, out))
+        p.start()
+        p.join(60)
+        assert (out.get(timeout=30), out.get(timeout=30)) == (True, True)
+    assert r.poll(5) and r.recv() == "first"
+    p = mp.Process(target=poller, args=(r, w, out, None))
+    p.start()  # (its poll takes the markers of its copy of w and waits for data)
+    w.send("second")
+    assert (out.get(timeout=30), out.get(timeout=30)) == (True, True)
+    p.join(60)
+    assert r.recv() == "second" and not r.poll(0)
+    print("POLLED", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_poll_takes_nothing_from_the_other_readers(tmp_path):
+    r = run_app(tmp_path, POLL_APP, timeout=110)
+    assert "POLLED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

@@ -108,6 +108,7 @@ cdef extern from "dshm.h" nogil:
                          uint64_t *st, ds_msg *m)
     void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
     int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st)
+    int ds_ch_peek(const ds_chan *c, char *out, uint32_t n, uint32_t *len)
     uint64_t ds_ch_len(const ds_chan *c)
     void ds_ch_positions(const ds_chan *c, uint64_t *head, uint64_t *tail)
     int ds_ch_maybe_recover(const ds_chan *c, ds_slot *s, uint64_t st)

@@ -327,6 +327,10 @@ class Connection:
         with self._rlock:
             if self._pending is not None or self._eof:
                 return True
+            if getattr(self._recv, "peek", None) is not None:
+                return self._poll_here(timeout)
+            # (a channel of another node cannot be looked into: the message is read ahead and held for this
+            # process's next recv, as the readiness watcher does)
             try:
                 msg = self._take(timeout)
             except EOFError:
@@ -335,6 +339,44 @@ class Connection:
                 return False
             self._pending = msg
             return True
+
+    def _poll_here(self, timeout):
+        """poll of a reader whose channel is on this node (caller holds _rlock): the markers at the channel's
+        head are taken and accounted for, a data message is left there. Another process reading the same
+        channel (a stdlib Queue's readers) may take it next, as with a pipe; one that polls and never reads
+        takes nothing from them, and a message it polled is not lost with it."""
+        deadline = _deadline(timeout)
+        ch = self._recv
+        try:
+            while not self._eof:
+                head = ch.peek(1)
+                if head is not None:
+                    first, n = head
+                    if n not in _MARKER_SIZES or first[0] not in (HELLO, BYE, CLAIM):
+                        return True
+                    try:
+                        msg = ch.recv_message(timeout=0)
+                    except ChannelEmpty:  # (another reader took it)
+                        continue
+                    self._gone = False
+                    if not self._marker(msg):  # (another reader took the marker: this is what came next)
+                        self._pending = msg
+                        return True
+                    continue
+                left = _left(deadline)
+                watch = left is None or left > GONE_CHECK
+                if ch.poll(timeout=GONE_CHECK if watch else left):
+                    continue
+                if not watch:
+                    return False
+                # nothing for a while: end of file once two checks in a row find every writer's process gone
+                gone = self._writers_gone()
+                if gone and self._gone:
+                    self._eof = True
+                self._gone = gone
+        except ChannelError as e:
+            raise OSError(f"poll failed: {e}") from e
+        return True
 
     # ---- closing ----------------------------------------------------------------------------------------
     def _say_bye(self):

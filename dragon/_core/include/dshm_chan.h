@@ -374,6 +374,50 @@ static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out
     }
 }
 
+/*
+ * The first bytes of the message at the head, without taking it: up to n of them into out, its length into
+ * *len. DS_OK, DS_EMPTY (no message ready: a sender still writes it counts as none), DS_CORRUPT (the slot
+ * holds no valid message: a receive will say so). Lock-free and read-only: the copy is checked afterwards
+ * against the slot's state, which a receiver changes (FULL -> READING) before it touches the message or frees
+ * its block, so a copy made while the state stayed the same FULL of the same lap is the message's; a receiver
+ * that took it meanwhile makes this look at the next head. (A pool block is in the mapped pool even once freed:
+ * reading it is harmless, its bytes are only kept if the check passes.)
+ */
+static inline int ds_ch_peek(const ds_chan *c, char *out, uint32_t n, uint32_t *len) {
+    ds_ch_hdr *h = c->h;
+    for (;;) {
+        uint64_t pos = DS_LOAD(&h->head);
+        ds_slot *s = ds_ch_slot(c, pos);
+        uint32_t lap = (uint32_t)(pos / c->cap);
+        uint64_t st = DS_LOAD(&s->state);
+        if (st != DS_ST(lap, DS_PH_FULL, 0)) {
+            if (DS_LOAD(&h->head) != pos) continue;
+            int r = ds_ch_head_state(c, pos, lap, s, st);
+            if (r == DS_HEAD_STALE) {
+                uint64_t p = pos;
+                DS_CAS(&h->head, &p, pos + 1);
+                continue;
+            }
+            if (r == DS_EMPTY) return DS_EMPTY;
+            /* a claim of another lap or a scribble: a moment later it may be a message (or the next head) */
+            if (DS_LOAD(&s->state) != st || DS_LOAD(&h->head) != pos) continue;
+            return DS_CORRUPT;
+        }
+        ds_msg m;
+        int valid = ds_slot_msg(c, s, &m);
+        uint32_t k = 0;
+        if (valid) {
+            k = m.n < n ? m.n : n;
+            memcpy(out, m.off ? c->base + m.off : ds_slot_data(s), k);
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (DS_LOAD(&s->state) != st || DS_LOAD(&h->head) != pos) continue; /* taken meanwhile: look again */
+        if (!valid) return DS_CORRUPT;
+        *len = m.n;
+        return DS_OK;
+    }
+}
+
 static inline uint64_t ds_ch_len(const ds_chan *c) {
     uint64_t head = DS_LOAD(&c->h->head);
     uint64_t tail = DS_LOAD(&c->h->tail);
