@@ -134,3 +134,47 @@ if __name__ == "__main__":
 def test_a_poll_takes_nothing_from_the_other_readers(tmp_path):
     r = run_app(tmp_path, POLL_APP, timeout=110)
     assert "POLLED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# readers of a stdlib Queue in dragon processes lock within their own process (dragon.mp.relay), so a get
+# with a timeout polls and then reads with nothing stopping another process in between: what its poll found
+# must be kept for it. A poll that left the message in the channel let another reader take it, and the get
+# then waited in its read for the next item past its timeout (the job hung in 1 of 2 runs)
+STDLIB_QUEUE_READERS_APP = r"""
+import dragon
+import multiprocessing as mp
+import multiprocessing.queues as mq
+import queue
+import time
+
+def reader(q, out):
+    got = 0
+    end = time.monotonic() + 4
+    while time.monotonic() < end:
+        try:
+            q.get(timeout=0.01)
+            got += 1
+        except queue.Empty:
+            pass
+    out.put(got)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    q, out = mq.Queue(ctx=ctx), ctx.Queue()
+    ps = [ctx.Process(target=reader, args=(q, out)) for _ in range(3)]
+    for p in ps:
+        p.start()
+    for i in range(200):
+        q.put(i)
+        time.sleep(0.01)
+    assert sum(out.get(timeout=60) for _ in ps) == 200
+    for p in ps:
+        p.join(60)
+    print("ALL READ", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_readers_of_a_stdlib_queue_get_with_a_timeout(tmp_path):
+    r = run_app(tmp_path, STDLIB_QUEUE_READERS_APP, timeout=110)
+    assert "ALL READ" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

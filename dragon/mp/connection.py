@@ -88,6 +88,10 @@ class Connection:
         self._gone = False  # the last check found every writer's process gone (EOF if the next one does too)
         self._eof = False
         self._pending = None  # a message read ahead (by poll, or the readiness watcher)
+        # poll reads the message ahead and holds it for this process even on this node: a copy of a stdlib
+        # queue (dragon.mp.relay) polls and then reads under a lock of its process only, so no other
+        # process may take what its poll found
+        self._poll_holds = False
         self._rlock = threading.RLock()
         self._closed = False
         self._unreadable = False  # a message was longer than recv_bytes' maxlength: reading is over
@@ -327,7 +331,7 @@ class Connection:
         with self._rlock:
             if self._pending is not None or self._eof:
                 return True
-            if getattr(self._recv, "peek", None) is not None:
+            if not self._poll_holds and getattr(self._recv, "peek", None) is not None:
                 return self._poll_here(timeout)
             # (a channel of another node cannot be looked into: the message is read ahead and held for this
             # process's next recv, as the readiness watcher does)

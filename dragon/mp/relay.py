@@ -212,6 +212,8 @@ def _rebuild_stdlib_queue(cls, state):
     q._rlock = _ProcessLock()
     if q._wlock is not None:
         q._wlock = _ProcessLock()
+    if isinstance(q._reader, Connection):  # (its get polls, then reads: what the poll found is kept for it)
+        q._reader._poll_holds = True
     return q
 
 
