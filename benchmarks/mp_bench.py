@@ -83,54 +83,25 @@ def plan(ctx):
         runtime._note_leaks(ctx, "dragon", res)
         collect("dragon-launch mp_prog", res)
 
-    def nodes3():
+    def on_virtual_nodes(n, extra, what):
         argv = (
-            util.local_mpiexec(3)
+            util.local_mpiexec(n)
             + runtime.dragon_launch_cmd()
-            + [
-                "--virtual-nodes",
-                PROG,
-                "--method",
-                "dragon",
-                "--parts",
-                "pool",
-                "--peer",
-                "dragon-3vn",
-                "--test-suffix=-3nodes",
-                "--workers",
-                str(3 * len(os.sched_getaffinity(0))),
-                "--repeat",
-                "1",
-                *q,
-            ]
+            + ["--virtual-nodes", PROG, "--method", "dragon", *extra, "--repeat", "1", *q]
         )
         res = util.run_marked(argv, timeout=600, env=runtime.child_env(), cwd=tmp, shm_filter=lambda n: False)
         runtime._note_leaks(ctx, "dragon", res)
-        collect("mpiexec -n 3 dragon-launch --virtual-nodes mp_prog", res)
+        collect(f"mpiexec -n {n} dragon-launch --virtual-nodes mp_prog{what}", res)
+
+    def nodes3():
+        workers = str(3 * len(os.sched_getaffinity(0)))
+        extra = ["--parts", "pool", "--peer", "dragon-3vn", "--test-suffix=-3nodes", "--workers", workers]
+        on_virtual_nodes(3, extra, "")
 
     def nodes2():
-        argv = (
-            util.local_mpiexec(2)
-            + runtime.dragon_launch_cmd()
-            + [
-                "--virtual-nodes",
-                PROG,
-                "--method",
-                "dragon",
-                "--parts",
-                XNODE_PARTS,
-                "--peer",
-                "dragon-2vn",
-                "--peer-node",
-                "1",
-                "--repeat",
-                "1",
-                *q,
-            ]
+        on_virtual_nodes(
+            2, ["--parts", XNODE_PARTS, "--peer", "dragon-2vn", "--peer-node", "1"], " --peer-node 1"
         )
-        res = util.run_marked(argv, timeout=600, env=runtime.child_env(), cwd=tmp, shm_filter=lambda n: False)
-        runtime._note_leaks(ctx, "dragon", res)
-        collect("mpiexec -n 2 dragon-launch --virtual-nodes mp_prog --peer-node 1", res)
 
     def dragonhpc():
         res = util.run_marked(

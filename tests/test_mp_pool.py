@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from test_runtime_util import launch_cmd, launch_env, run_app
+from test_runtime_util import launch_cmd, launch_env, launched, run_app
 
 APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "mp_pool_app.py")
 
@@ -220,22 +220,9 @@ def test_ctrl_c_in_pool_map_reaches_the_program(tmp_path):
     # pool's workers are gone once it left the with block), then the job ends with exit status 130.
     app = tmp_path / "app.py"
     app.write_text(CTRL_C_APP)
-    proc = subprocess.Popen(
-        launch_cmd(str(app)),
-        cwd=tmp_path,
-        env=launch_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with launched(tmp_path, str(app)) as proc:
         assert proc.stdout.readline().strip() == "MAPPING"
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert "CAUGHT []" in out and "FINISHED" not in out, (out, err)
     assert "KeyboardInterrupt" in err and proc.returncode == 130, (proc.returncode, err)

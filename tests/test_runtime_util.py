@@ -1,6 +1,8 @@
 """Helpers for the runtime tests: run a small app under dragon-launch and look for what a job left behind."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -42,6 +44,27 @@ def write_app(tmp_path, code, name="app.py"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(code))
     return path
+
+
+@contextlib.contextmanager
+def launched(tmp_path, *args):
+    """dragon-launch *args in a session of its own (so that a test can signal its process group as a terminal
+    would), stdout and stderr piped (text); -> the Popen. Whatever still runs at the end is SIGKILLed."""
+    proc = subprocess.Popen(
+        launch_cmd(*args),
+        cwd=tmp_path,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run_app(tmp_path, code, args=(), timeout=60, launcher_args=(), env=None):

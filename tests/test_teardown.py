@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from test_runtime_util import alive, job_pids, job_segments, launch_cmd, launch_env, write_app
+from test_runtime_util import alive, job_pids, job_segments, launch_cmd, launch_env, launched, write_app
 
 APP = r"""
 import os, sys, time
@@ -137,16 +137,7 @@ def test_a_second_ctrl_c_tears_down_a_program_that_ignores_the_first(tmp_path):
         "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "print('UP', flush=True)\ntime.sleep(60)\n",
     )
-    proc = subprocess.Popen(
-        launch_cmd(str(app)),
-        cwd=tmp_path,
-        env=launch_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with launched(tmp_path, str(app)) as proc:
         assert proc.stdout.readline().strip() == "UP"
         os.killpg(proc.pid, signal.SIGINT)
         with pytest.raises(subprocess.TimeoutExpired):
@@ -154,8 +145,4 @@ def test_a_second_ctrl_c_tears_down_a_program_that_ignores_the_first(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=30)
         err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert code == 130 and "SIGINT to the program" in err and "tearing the job down" in err, (code, err)

@@ -209,10 +209,16 @@ class Connection:
         with self._rlock:
             if self._live is None or self._eof or self._pending is not None:
                 return
-            gone = self._writers_gone()
-            if gone and self._gone:
-                self._eof = True
-            self._gone = gone
+            self._waited()
+
+    def _waited(self):
+        """A reader (holding _rlock) waited GONE_CHECK seconds for data: end of file once two such checks in a
+        row find every writer's process gone (the second lets what a writer sent just before it died arrive
+        first)."""
+        gone = self._writers_gone()
+        if gone and self._gone:
+            self._eof = True
+        self._gone = gone
 
     def _writers_gone(self):
         """True if every writing handle this reader waits for is held by a process that has exited (a writer
@@ -251,12 +257,7 @@ class Connection:
             except (ChannelEmpty, ChannelTimeout):
                 if not watch:
                     return None
-                # nothing for a while: end of file once two checks in a row find every writer's process gone
-                # (the second one lets what a writer sent just before it died arrive first)
-                gone = self._writers_gone()
-                if gone and self._gone:
-                    self._eof = True
-                self._gone = gone
+                self._waited()
                 continue
             except ChannelError as e:
                 raise OSError(f"receive failed: {e}") from e
@@ -373,11 +374,7 @@ class Connection:
                     continue
                 if not watch:
                     return False
-                # nothing for a while: end of file once two checks in a row find every writer's process gone
-                gone = self._writers_gone()
-                if gone and self._gone:
-                    self._eof = True
-                self._gone = gone
+                self._waited()
         except ChannelError as e:
             raise OSError(f"poll failed: {e}") from e
         return True

@@ -350,16 +350,19 @@ static inline void ds_ch_commit_recv(const ds_chan *c, ds_slot *s, uint32_t lap)
     ds_wake_if_waiting(&h->nf_waiters, &h->nf_seq);
 }
 
-/* is a message ready at head (non-consuming)? A corrupt head slot counts as ready: the receive that follows drops
-   it and says so. If not, *slot / *st tell the head slot (for dead-owner checks) */
-static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out) {
+/* The head slot, past slots whose receive is under way (head moved on for them): DS_OK (a message, FULL),
+   DS_EMPTY or DS_CORRUPT; *pos, *slot and *st tell the slot and the state read. */
+static inline int ds_ch_head(const ds_chan *c, uint64_t *pos_out, ds_slot **slot, uint64_t *st_out) {
     ds_ch_hdr *h = c->h;
     for (;;) {
         uint64_t pos = DS_LOAD(&h->head);
         ds_slot *s = ds_ch_slot(c, pos);
         uint32_t lap = (uint32_t)(pos / c->cap);
         uint64_t st = DS_LOAD(&s->state);
-        if (st == DS_ST(lap, DS_PH_FULL, 0)) return 1;
+        *pos_out = pos;
+        *slot = s;
+        *st_out = st;
+        if (st == DS_ST(lap, DS_PH_FULL, 0)) return DS_OK;
         if (DS_LOAD(&h->head) != pos) continue;
         int r = ds_ch_head_state(c, pos, lap, s, st);
         if (r == DS_HEAD_STALE) {
@@ -367,11 +370,15 @@ static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out
             DS_CAS(&h->head, &p, pos + 1);
             continue;
         }
-        if (r != DS_EMPTY) return 1;
-        *slot = s;
-        *st_out = st;
-        return 0;
+        return r;
     }
+}
+
+/* is a message ready at head (non-consuming)? A corrupt head slot counts as ready: the receive that follows drops
+   it and says so. If not, *slot / *st tell the head slot (for dead-owner checks) */
+static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out) {
+    uint64_t pos;
+    return ds_ch_head(c, &pos, slot, st_out) != DS_EMPTY;
 }
 
 /*
@@ -384,23 +391,14 @@ static inline int ds_ch_ready(const ds_chan *c, ds_slot **slot, uint64_t *st_out
  * reading it is harmless, its bytes are only kept if the check passes.)
  */
 static inline int ds_ch_peek(const ds_chan *c, char *out, uint32_t n, uint32_t *len) {
-    ds_ch_hdr *h = c->h;
     for (;;) {
-        uint64_t pos = DS_LOAD(&h->head);
-        ds_slot *s = ds_ch_slot(c, pos);
-        uint32_t lap = (uint32_t)(pos / c->cap);
-        uint64_t st = DS_LOAD(&s->state);
-        if (st != DS_ST(lap, DS_PH_FULL, 0)) {
-            if (DS_LOAD(&h->head) != pos) continue;
-            int r = ds_ch_head_state(c, pos, lap, s, st);
-            if (r == DS_HEAD_STALE) {
-                uint64_t p = pos;
-                DS_CAS(&h->head, &p, pos + 1);
-                continue;
-            }
-            if (r == DS_EMPTY) return DS_EMPTY;
+        uint64_t pos, st;
+        ds_slot *s;
+        int r = ds_ch_head(c, &pos, &s, &st);
+        if (r == DS_EMPTY) return DS_EMPTY;
+        if (r != DS_OK) {
             /* a claim of another lap or a scribble: a moment later it may be a message (or the next head) */
-            if (DS_LOAD(&s->state) != st || DS_LOAD(&h->head) != pos) continue;
+            if (DS_LOAD(&s->state) != st || DS_LOAD(&c->h->head) != pos) continue;
             return DS_CORRUPT;
         }
         ds_msg m;
@@ -411,7 +409,7 @@ static inline int ds_ch_peek(const ds_chan *c, char *out, uint32_t n, uint32_t *
             memcpy(out, m.off ? c->base + m.off : ds_slot_data(s), k);
         }
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (DS_LOAD(&s->state) != st || DS_LOAD(&h->head) != pos) continue; /* taken meanwhile: look again */
+        if (DS_LOAD(&s->state) != st || DS_LOAD(&c->h->head) != pos) continue; /* taken meanwhile: look again */
         if (!valid) return DS_CORRUPT;
         *len = m.n;
         return DS_OK;
