@@ -178,3 +178,31 @@ if __name__ == "__main__":
 def test_readers_of_a_stdlib_queue_get_with_a_timeout(tmp_path):
     r = run_app(tmp_path, STDLIB_QUEUE_READERS_APP, timeout=110)
     assert "ALL READ" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# connection.wait() over a dragon connection and an os pipe, both readable: it returned only the os pipe (as
+# long as the readiness watcher had not yet seen the message sent just before), where the stdlib returns both
+WAIT_APP = r"""
+import dragon
+import multiprocessing as mp
+import os
+from multiprocessing.connection import wait
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    r, w = ctx.Pipe(duplex=False)
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"x")
+    assert wait([r], timeout=0.2) == []
+    for i in range(300):
+        w.send(i)
+        assert sorted(map(id, wait([r, rfd], timeout=5))) == sorted(map(id, [r, rfd])), i
+        assert r.recv() == i
+    print("BOTH READY", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_wait_sees_a_message_sent_just_before(tmp_path):
+    r = run_app(tmp_path, WAIT_APP, timeout=110)
+    assert "BOTH READY" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

@@ -133,6 +133,9 @@ class Connection:
         self._check_readable()
         if self._ready is None:
             self._ready = _Readiness(self)
+        # exact now, not when the watcher next looks: wait() asks for the descriptor as it starts, and must
+        # not return another ready object without this one when a message is already here (as with a pipe)
+        self._ready.refresh(self)
         return self._ready.fd
 
     # ---- writing ----------------------------------------------------------------------------------------
