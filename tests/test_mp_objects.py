@@ -206,3 +206,43 @@ if __name__ == "__main__":
 def test_wait_sees_a_message_sent_just_before(tmp_path):
     r = run_app(tmp_path, WAIT_APP, timeout=110)
     assert "BOTH READY" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# a message longer than recv_bytes' maxlength: as with the stdlib, a read-only end is then closed (it said
+# closed False and raised "connection is write-only"), a duplex one still writes
+MAXLENGTH_APP = r"""
+import dragon
+import multiprocessing as mp
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    r, w = ctx.Pipe(duplex=False)
+    w.send_bytes(b"x" * 100)
+    w.send_bytes(b"y")
+    for call in (lambda: r.recv_bytes(10), r.poll, r.recv_bytes):
+        try:
+            call()
+            raise AssertionError("no OSError")
+        except OSError as e:
+            print(str(e), flush=True)
+    assert r.closed
+    a, b = ctx.Pipe()
+    a.send_bytes(b"x" * 100)
+    try:
+        b.recv_bytes(10)
+    except OSError as e:
+        print(str(e), flush=True)
+    assert not b.closed
+    b.send("still writes")
+    assert a.recv() == "still writes"
+    print("MAXLENGTH OK", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_read_only_end_is_closed_after_a_too_long_message(tmp_path):
+    r = run_app(tmp_path, MAXLENGTH_APP, timeout=110)
+    assert r.stdout.split("\n")[:3] == ["bad message length", "handle is closed", "handle is closed"], (
+        r.stdout
+    )
+    assert "MAXLENGTH OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

@@ -296,9 +296,12 @@ class Connection:
         data = serial.load_bytes(msg)
         msg.release()
         if maxlength is not None and len(data) > maxlength:
-            # as with the stdlib: this handle reads no more (the message is lost), but it still writes, so
-            # the other end does not see an end of file
-            self._unreadable = True
+            # as with the stdlib: this handle reads no more (the message is lost); one that also writes stays
+            # open, so the other end does not see an end of file, a read-only one is closed
+            if self._send is None:
+                self.close()
+            else:
+                self._unreadable = True
             raise OSError("bad message length")
         return data
 
