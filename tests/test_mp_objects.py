@@ -246,3 +246,45 @@ def test_a_read_only_end_is_closed_after_a_too_long_message(tmp_path):
         r.stdout
     )
     assert "MAXLENGTH OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# a duplex end whose other end is closed everywhere (it read the end of file) sent into a channel nobody would
+# read again, and once that held 1024 messages a send waited for ever; with the stdlib it raises
+# BrokenPipeError (a loop `while True: conn.send(x)` that stops on it hung)
+BROKEN_PIPE_APP = r"""
+import dragon
+import multiprocessing as mp
+
+def peer(b):
+    b.send("bye")
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    for node_eof in ("recv", "poll"):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=peer, args=(b,))
+        p.start()
+        b.close()
+        assert a.recv() == "bye"
+        try:
+            a.recv() if node_eof == "recv" else a.poll(60)
+        except EOFError:
+            pass
+        p.join(60)
+        for send in (lambda: a.send("x"), lambda: a.send_bytes(b"x")):
+            n = 0
+            try:
+                while n < 5000:
+                    send()
+                    n += 1
+            except BrokenPipeError:
+                print("BROKEN", node_eof, n, flush=True)
+    print("DONE", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_duplex_end_at_end_of_file_gets_broken_pipe(tmp_path):
+    r = run_app(tmp_path, BROKEN_PIPE_APP, timeout=110)
+    assert r.stdout.split("\n")[:4] == ["BROKEN recv 0"] * 2 + ["BROKEN poll 0"] * 2, r.stdout
+    assert "DONE" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

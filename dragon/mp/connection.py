@@ -17,6 +17,7 @@ Connections without end-of-file (the two ends of a SimpleQueue, queues' readers)
 so ``multiprocessing.connection.wait()`` works on these connections, mixed with sockets, pipes and sentinels.
 """
 
+import errno
 import functools
 import os
 import pickle
@@ -126,6 +127,13 @@ class Connection:
         if self._send_sd is None:
             raise OSError("connection is read-only")
 
+    def _check_peer(self):
+        # a duplex end that has seen the end of file knows every handle of the other end is closed, and those
+        # are the readers of what it sends: BrokenPipeError, as with a pipe (not looked for here: a thread of
+        # this process may be waiting in recv with the reader's lock)
+        if self._eof and self._recv is not None:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
     def fileno(self):
         """A descriptor that is readable while this connection has something to read (or is at end of
         file)."""
@@ -146,6 +154,7 @@ class Connection:
         ch = self._send
         if ch is None:
             raise OSError("connection is read-only")
+        self._check_peer()
         data, bufs = serial.dumps_oob(obj)
         try:
             if bufs:
@@ -159,6 +168,7 @@ class Connection:
         """Send the bytes of a bytes-like object (or a slice of it)."""
         self._check_closed()
         self._check_writable()
+        self._check_peer()
         m = memoryview(buf)
         if m.itemsize > 1:
             m = m.cast("B")
