@@ -288,3 +288,33 @@ def test_a_duplex_end_at_end_of_file_gets_broken_pipe(tmp_path):
     r = run_app(tmp_path, BROKEN_PIPE_APP, timeout=110)
     assert r.stdout.split("\n")[:4] == ["BROKEN recv 0"] * 2 + ["BROKEN poll 0"] * 2, r.stdout
     assert "DONE" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# wait() on a connection another thread of the process is receiving from: fileno() must not wait for that
+# thread's read (it held the reader's lock, and wait() did not return until a message came)
+WAIT_WHILE_RECV_APP = r"""
+import dragon
+import multiprocessing as mp
+import threading
+from multiprocessing.connection import wait
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    a, b = ctx.Pipe()
+    got = []
+    t = threading.Thread(target=lambda: got.append(b.recv()))
+    t.start()
+    while b._rlock.acquire(blocking=False):  # until the thread waits in recv, holding the reader's lock
+        b._rlock.release()
+    assert wait([b], timeout=1) == []
+    a.send("one")
+    t.join(60)
+    assert got == ["one"]
+    print("WAITED", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_wait_while_another_thread_receives(tmp_path):
+    r = run_app(tmp_path, WAIT_WHILE_RECV_APP, timeout=50)
+    assert "WAITED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

@@ -143,7 +143,7 @@ class Connection:
             self._ready = _Readiness(self)
         # exact now, not when the watcher next looks: wait() asks for the descriptor as it starts, and must
         # not return another ready object without this one when a message is already here (as with a pipe)
-        self._ready.refresh(self)
+        self._ready.refresh(self, block=False)
         return self._ready.fd
 
     # ---- writing ----------------------------------------------------------------------------------------
@@ -522,13 +522,23 @@ class _Readiness:
                 pass
         self.is_set = on
 
-    def refresh(self, conn):
-        """Make the descriptor say whether conn has something to read now (after a read)."""
-        with self.lock:
-            try:
-                self._set(conn._poll(0))
-            except OSError:
-                self._set(True)  # broken: let the reader find out
+    def refresh(self, conn, block=True):
+        """Make the descriptor say whether conn has something to read now (after a read). block=False: not
+        if another thread holds the reader's lock (it may be waiting in recv: the watcher will look)."""
+        if not self.lock.acquire(
+            blocking=block
+        ):  # (the watcher holds it while it waits for the reader's lock)
+            return
+        try:
+            if conn._rlock.acquire(blocking=block):
+                try:
+                    self._set(conn._poll(0))
+                except OSError:
+                    self._set(True)  # broken: let the reader find out
+                finally:
+                    conn._rlock.release()
+        finally:
+            self.lock.release()
         self.woken.set()
 
     def stop(self):
