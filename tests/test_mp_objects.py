@@ -178,3 +178,143 @@ if __name__ == "__main__":
 def test_readers_of_a_stdlib_queue_get_with_a_timeout(tmp_path):
     r = run_app(tmp_path, STDLIB_QUEUE_READERS_APP, timeout=110)
     assert "ALL READ" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# connection.wait() over a dragon connection and an os pipe, both readable: it returned only the os pipe (as
+# long as the readiness watcher had not yet seen the message sent just before), where the stdlib returns both
+WAIT_APP = r"""
+import dragon
+import multiprocessing as mp
+import os
+from multiprocessing.connection import wait
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    r, w = ctx.Pipe(duplex=False)
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"x")
+    assert wait([r], timeout=0.2) == []
+    for i in range(300):
+        w.send(i)
+        assert sorted(map(id, wait([r, rfd], timeout=5))) == sorted(map(id, [r, rfd])), i
+        assert r.recv() == i
+    print("BOTH READY", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_wait_sees_a_message_sent_just_before(tmp_path):
+    r = run_app(tmp_path, WAIT_APP, timeout=110)
+    assert "BOTH READY" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# a message longer than recv_bytes' maxlength: as with the stdlib, a read-only end is then closed (it said
+# closed False and raised "connection is write-only"), a duplex one still writes
+MAXLENGTH_APP = r"""
+import dragon
+import multiprocessing as mp
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    r, w = ctx.Pipe(duplex=False)
+    w.send_bytes(b"x" * 100)
+    w.send_bytes(b"y")
+    for call in (lambda: r.recv_bytes(10), r.poll, r.recv_bytes):
+        try:
+            call()
+            raise AssertionError("no OSError")
+        except OSError as e:
+            print(str(e), flush=True)
+    assert r.closed
+    a, b = ctx.Pipe()
+    a.send_bytes(b"x" * 100)
+    try:
+        b.recv_bytes(10)
+    except OSError as e:
+        print(str(e), flush=True)
+    assert not b.closed
+    b.send("still writes")
+    assert a.recv() == "still writes"
+    print("MAXLENGTH OK", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_read_only_end_is_closed_after_a_too_long_message(tmp_path):
+    r = run_app(tmp_path, MAXLENGTH_APP, timeout=110)
+    assert r.stdout.split("\n")[:3] == ["bad message length", "handle is closed", "handle is closed"], (
+        r.stdout
+    )
+    assert "MAXLENGTH OK" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# a duplex end whose other end is closed everywhere (it read the end of file) sent into a channel nobody would
+# read again, and once that held 1024 messages a send waited for ever; with the stdlib it raises
+# BrokenPipeError (a loop `while True: conn.send(x)` that stops on it hung)
+BROKEN_PIPE_APP = r"""
+import dragon
+import multiprocessing as mp
+
+def peer(b):
+    b.send("bye")
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    for node_eof in ("recv", "poll"):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=peer, args=(b,))
+        p.start()
+        b.close()
+        assert a.recv() == "bye"
+        try:
+            a.recv() if node_eof == "recv" else a.poll(60)
+        except EOFError:
+            pass
+        p.join(60)
+        for send in (lambda: a.send("x"), lambda: a.send_bytes(b"x")):
+            n = 0
+            try:
+                while n < 5000:
+                    send()
+                    n += 1
+            except BrokenPipeError:
+                print("BROKEN", node_eof, n, flush=True)
+    print("DONE", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_duplex_end_at_end_of_file_gets_broken_pipe(tmp_path):
+    r = run_app(tmp_path, BROKEN_PIPE_APP, timeout=110)
+    assert r.stdout.split("\n")[:4] == ["BROKEN recv 0"] * 2 + ["BROKEN poll 0"] * 2, r.stdout
+    assert "DONE" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+
+
+# wait() on a connection another thread of the process is receiving from: fileno() must not wait for that
+# thread's read (it held the reader's lock, and wait() did not return until a message came)
+WAIT_WHILE_RECV_APP = r"""
+import dragon
+import multiprocessing as mp
+import threading
+from multiprocessing.connection import wait
+
+if __name__ == "__main__":
+    ctx = mp.get_context("dragon")
+    a, b = ctx.Pipe()
+    got = []
+    t = threading.Thread(target=lambda: got.append(b.recv()))
+    t.start()
+    while b._rlock.acquire(blocking=False):  # until the thread waits in recv, holding the reader's lock
+        b._rlock.release()
+    assert wait([b], timeout=1) == []
+    a.send("one")
+    t.join(60)
+    assert got == ["one"]
+    print("WAITED", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_wait_while_another_thread_receives(tmp_path):
+    r = run_app(tmp_path, WAIT_WHILE_RECV_APP, timeout=50)
+    assert "WAITED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"

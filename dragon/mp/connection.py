@@ -17,6 +17,7 @@ Connections without end-of-file (the two ends of a SimpleQueue, queues' readers)
 so ``multiprocessing.connection.wait()`` works on these connections, mixed with sockets, pipes and sentinels.
 """
 
+import errno
 import functools
 import os
 import pickle
@@ -126,6 +127,13 @@ class Connection:
         if self._send_sd is None:
             raise OSError("connection is read-only")
 
+    def _check_peer(self):
+        # a duplex end that has seen the end of file knows every handle of the other end is closed, and those
+        # are the readers of what it sends: BrokenPipeError, as with a pipe (not looked for here: a thread of
+        # this process may be waiting in recv with the reader's lock)
+        if self._eof and self._recv is not None:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
     def fileno(self):
         """A descriptor that is readable while this connection has something to read (or is at end of
         file)."""
@@ -133,6 +141,9 @@ class Connection:
         self._check_readable()
         if self._ready is None:
             self._ready = _Readiness(self)
+        # exact now, not when the watcher next looks: wait() asks for the descriptor as it starts, and must
+        # not return another ready object without this one when a message is already here (as with a pipe)
+        self._ready.refresh(self, block=False)
         return self._ready.fd
 
     # ---- writing ----------------------------------------------------------------------------------------
@@ -143,6 +154,7 @@ class Connection:
         ch = self._send
         if ch is None:
             raise OSError("connection is read-only")
+        self._check_peer()
         data, bufs = serial.dumps_oob(obj)
         try:
             if bufs:
@@ -156,6 +168,7 @@ class Connection:
         """Send the bytes of a bytes-like object (or a slice of it)."""
         self._check_closed()
         self._check_writable()
+        self._check_peer()
         m = memoryview(buf)
         if m.itemsize > 1:
             m = m.cast("B")
@@ -294,9 +307,12 @@ class Connection:
         data = serial.load_bytes(msg)
         msg.release()
         if maxlength is not None and len(data) > maxlength:
-            # as with the stdlib: this handle reads no more (the message is lost), but it still writes, so
-            # the other end does not see an end of file
-            self._unreadable = True
+            # as with the stdlib: this handle reads no more (the message is lost); one that also writes stays
+            # open, so the other end does not see an end of file, a read-only one is closed
+            if self._send is None:
+                self.close()
+            else:
+                self._unreadable = True
             raise OSError("bad message length")
         return data
 
@@ -503,13 +519,23 @@ class _Readiness:
                 pass
         self.is_set = on
 
-    def refresh(self, conn):
-        """Make the descriptor say whether conn has something to read now (after a read)."""
-        with self.lock:
-            try:
-                self._set(conn._poll(0))
-            except OSError:
-                self._set(True)  # broken: let the reader find out
+    def refresh(self, conn, block=True):
+        """Make the descriptor say whether conn has something to read now (after a read). block=False: not
+        if another thread holds the reader's lock (it may be waiting in recv: the watcher will look)."""
+        if not self.lock.acquire(
+            blocking=block
+        ):  # (the watcher holds it while it waits for the reader's lock)
+            return
+        try:
+            if conn._rlock.acquire(blocking=block):
+                try:
+                    self._set(conn._poll(0))
+                except OSError:
+                    self._set(True)  # broken: let the reader find out
+                finally:
+                    conn._rlock.release()
+        finally:
+            self.lock.release()
         self.woken.set()
 
     def stop(self):
