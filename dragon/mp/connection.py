@@ -522,9 +522,8 @@ class _Readiness:
     def refresh(self, conn, block=True):
         """Make the descriptor say whether conn has something to read now (after a read). block=False: not
         if another thread holds the reader's lock (it may be waiting in recv: the watcher will look)."""
-        if not self.lock.acquire(
-            blocking=block
-        ):  # (the watcher holds it while it waits for the reader's lock)
+        # (the watcher holds self.lock while it waits for the reader's lock)
+        if not self.lock.acquire(blocking=block):
             return
         try:
             if conn._rlock.acquire(blocking=block):
