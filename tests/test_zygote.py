@@ -83,6 +83,19 @@ t = time.monotonic()
 ds = [P.create(PY, None, ["-c", f"import sys; sys.exit({i})"], options=Z) for i in range(20)]
 assert [P.join(x.p_uid, timeout=30) for x in ds] == list(range(20))
 ok("many")
+
+# a signal that comes after a child ended, before its shepherd heard of the end (the zygote reaps at once:
+# its pidfd then says ESRCH), has nothing left to act on: no error but "ended" once that is known
+refused = 0
+for _ in range(30):
+    d = P.create(PY, None, ["-c", "pass"], options=Z)
+    while P.join(d.p_uid, timeout=0) is None:
+        try:
+            P.kill(d.p_uid, signal.SIGTERM)
+        except P.ProcessError as e:
+            assert "has already exited" in str(e) or "is not running" in str(e), str(e)
+            refused += 1
+ok(f"signals racing the end ({refused} refused as ended)")
 print("ALL OK")
 '''
 )

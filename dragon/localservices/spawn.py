@@ -108,7 +108,10 @@ class SpawnedChild:
     def send_signal(self, sig):
         with self._lock:
             if self.returncode is None:
-                signal.pidfd_send_signal(self._sigfd, sig)
+                try:
+                    signal.pidfd_send_signal(self._sigfd, sig)
+                except ProcessLookupError:  # (ended: nothing left to signal, as subprocess.Popen)
+                    pass
 
 
 def own_group(stdin_null):

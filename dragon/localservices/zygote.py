@@ -122,7 +122,10 @@ class ZygoteChild:
 
     def send_signal(self, sig):
         if self.returncode is None:
-            signal.pidfd_send_signal(self._sigfd, sig)
+            try:
+                signal.pidfd_send_signal(self._sigfd, sig)
+            except ProcessLookupError:  # it ended and the zygote reaped it; its end is on its way here
+                pass  # (nothing left to signal, as subprocess.Popen.send_signal after an exit)
 
 
 class Zygote:
