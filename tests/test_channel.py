@@ -289,16 +289,16 @@ def test_poll(ch):
 
 def test_peek(ch):
     # the first bytes of the next message and its length, without taking it: inline and in a pool block
-    assert ch.peek() is None
+    assert ch._peek() is None
     ch.send(b"hello world")
     ch.send(b"z" * 5000)
-    assert ch.peek(5) == (b"hello", 11) and ch.peek(0) == (b"", 11) and ch.peek() == (b"hello world", 11)
+    assert ch._peek(5) == (b"hello", 11) and ch._peek(0) == (b"", 11) and ch._peek() == (b"hello world", 11)
     assert len(ch) == 2 and ch.recv() == b"hello world"
-    assert ch.peek(3) == (b"zzz", 5000) and len(ch) == 1
-    assert ch.recv() == b"z" * 5000 and ch.peek() is None
+    assert ch._peek(3) == (b"zzz", 5000) and len(ch) == 1
+    assert ch.recv() == b"z" * 5000 and ch._peek() is None
     for bad in (-1, 257):
         with pytest.raises(ValueError):
-            ch.peek(bad)
+            ch._peek(bad)
 
 
 def _drain_counting(sdesc, n, out):
@@ -327,7 +327,7 @@ def test_peek_while_other_processes_take(pool):
     for i in range(n):
         size = 16 if i % 3 else 300 + i % 700  # inline and in blocks
         c.send(struct.pack("<I", size).ljust(size, b"p"))
-        head = c.peek(4)
+        head = c._peek(4)
         if head is not None:
             assert struct.unpack("<I", head[0])[0] == head[1]
             seen += 1

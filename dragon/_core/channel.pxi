@@ -407,15 +407,15 @@ cdef class Channel:
         self._check()
         _raise(rc, K_CHAN, f"channel {self._name!r}")
 
-    def peek(self, n=64):
+    def _peek(self, n=64):
         """The first n bytes (at most) of the next message and its whole length, as ``(head, length)``,
         without taking it; None if there is none ready. Another receiver may take it right after: a recv that
-        follows gets what is next then."""
+        follows gets what is next then. (For dragon.mp's poll; a RemoteChannel cannot look without taking.)"""
         cdef char buf[256]
         cdef uint32_t length = 0
         cdef int rc
         if not 0 <= n <= 256:
-            raise ValueError(f"peek: n must be 0..256, not {n!r}")
+            raise ValueError(f"_peek: n must be 0..256, not {n!r}")
         self._check()
         rc = ds_ch_peek(&self.c, buf, <uint32_t>n, &length)
         if rc == DS_EMPTY:

@@ -348,7 +348,7 @@ class Connection:
         with self._rlock:
             if self._pending is not None or self._eof:
                 return True
-            if not self._poll_holds and getattr(self._recv, "peek", None) is not None:
+            if not self._poll_holds and getattr(self._recv, "_peek", None) is not None:
                 return self._poll_here(timeout)
             # (a channel of another node cannot be looked into: the message is read ahead and held for this
             # process's next recv, as the readiness watcher does)
@@ -370,7 +370,7 @@ class Connection:
         ch = self._recv
         try:
             while not self._eof:
-                head = ch.peek(1)
+                head = ch._peek(1)
                 if head is not None:
                     first, n = head
                     if n not in _MARKER_SIZES or first[0] not in (HELLO, BYE, CLAIM):
