@@ -350,8 +350,8 @@ class Connection:
                 return True
             if not self._poll_holds and getattr(self._recv, "_peek", None) is not None:
                 return self._poll_here(timeout)
-            # (a channel of another node cannot be looked into: the message is read ahead and held for this
-            # process's next recv, as the readiness watcher does)
+            # (a channel of another node cannot be looked into, and a stdlib queue's copy needs what its poll
+            # found kept for it: the message is read ahead and held for this process's next recv)
             try:
                 msg = self._take(timeout)
             except EOFError:
@@ -364,8 +364,8 @@ class Connection:
     def _poll_here(self, timeout):
         """poll of a reader whose channel is on this node (caller holds _rlock): the markers at the channel's
         head are taken and accounted for, a data message is left there. Another process reading the same
-        channel (a stdlib Queue's readers) may take it next, as with a pipe; one that polls and never reads
-        takes nothing from them, and a message it polled is not lost with it."""
+        channel (children given the same reader end) may take it next, as with a pipe; one that polls and
+        never reads takes nothing from them, and a message it polled is not lost with it."""
         deadline = _deadline(timeout)
         ch = self._recv
         try:
