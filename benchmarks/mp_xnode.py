@@ -24,6 +24,17 @@ import multiprocessing as mp  # noqa: E402 (after dragon: it registers the start
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _placed(node):
+    """Where workers made in the block start: node (-1: spread over the nodes) for dragon, here otherwise."""
+    if METHOD != "dragon":
+        import contextlib
+
+        return contextlib.nullcontext()
+    import dragon.mp
+
+    return dragon.mp.placement(node if node >= 0 else None)
+
+
 def _stat(p):
     with open(f"/proc/{p}/stat", "rb") as f:
         return f.read().rsplit(b")", 1)[1].split()
@@ -149,15 +160,7 @@ def main():
     ctx = mp.get_context(METHOD)
     tag = f"{METHOD}/n{node}"
     if "pool" in parts:
-        import contextlib
-
-        if METHOD == "dragon":
-            import dragon.mp
-
-            cm = dragon.mp.placement(node if node >= 0 else None)
-        else:
-            cm = contextlib.nullcontext()
-        with cm:
+        with _placed(node):
             pool = ctx.Pool(2)
         pool.map(identity, range(200))
         for cs in (1, 64):
@@ -252,15 +255,7 @@ def main():
     if "ppe" in parts:
         import concurrent.futures as cf
 
-        if METHOD == "dragon":
-            import dragon.mp
-
-            cm = dragon.mp.placement(node if node >= 0 else None)
-        else:
-            import contextlib
-
-            cm = contextlib.nullcontext()
-        with cm:
+        with _placed(node):
             ex = cf.ProcessPoolExecutor(2, mp_context=ctx)
             list(ex.map(identity, range(50)))
         for cs in (1, 64):

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from test_runtime_util import launch_cmd, launch_env, run_app
+from test_runtime_util import launch_cmd, launch_env, run_app, run_app_ok
 
 APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "mp_objects_app.py")
 
@@ -92,8 +92,7 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(120)
 def test_shared_values_do_not_pile_up(tmp_path):
-    r = run_app(tmp_path, SHARED_VALUES_APP, timeout=110)
-    assert "BOUNDED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    run_app_ok(tmp_path, SHARED_VALUES_APP, "BOUNDED")
 
 
 # a process that polls a pipe's reader end it shares and then reads nothing (or ends) takes nothing from the
@@ -132,8 +131,7 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(120)
 def test_a_poll_takes_nothing_from_the_other_readers(tmp_path):
-    r = run_app(tmp_path, POLL_APP, timeout=110)
-    assert "POLLED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    run_app_ok(tmp_path, POLL_APP, "POLLED")
 
 
 # readers of a stdlib Queue in dragon processes lock within their own process (dragon.mp.relay), so a get
@@ -176,8 +174,7 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(120)
 def test_readers_of_a_stdlib_queue_get_with_a_timeout(tmp_path):
-    r = run_app(tmp_path, STDLIB_QUEUE_READERS_APP, timeout=110)
-    assert "ALL READ" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    run_app_ok(tmp_path, STDLIB_QUEUE_READERS_APP, "ALL READ")
 
 
 # connection.wait() over a dragon connection and an os pipe, both readable: it returned only the os pipe (as
@@ -204,8 +201,7 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(120)
 def test_wait_sees_a_message_sent_just_before(tmp_path):
-    r = run_app(tmp_path, WAIT_APP, timeout=110)
-    assert "BOTH READY" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    run_app_ok(tmp_path, WAIT_APP, "BOTH READY")
 
 
 # a message longer than recv_bytes' maxlength: as with the stdlib, a read-only end is then closed (it said
@@ -316,5 +312,4 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(60)
 def test_wait_while_another_thread_receives(tmp_path):
-    r = run_app(tmp_path, WAIT_WHILE_RECV_APP, timeout=50)
-    assert "WAITED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    run_app_ok(tmp_path, WAIT_WHILE_RECV_APP, "WAITED", timeout=50)

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from test_runtime_util import launch_cmd, launch_env, launched, run_app
+from test_runtime_util import launch_cmd, launch_env, launched, run_app, run_app_ok
 
 APP = os.path.join(os.path.dirname(__file__), "mpi_apps", "mp_pool_app.py")
 
@@ -151,8 +151,7 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(120)
 def test_relays_of_descriptor_connections_end(tmp_path):
-    r = run_app(tmp_path, RELAYS_APP, timeout=110)
-    assert "BOUNDED" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    run_app_ok(tmp_path, RELAYS_APP, "BOUNDED")
 
 
 # a worker's "ready" (its inbox's sdesc) handled after the worker ended and its heap went (seen twice in 300
@@ -208,8 +207,7 @@ if __name__ == "__main__":
 
 @pytest.mark.timeout(90)
 def test_a_ready_from_a_worker_whose_heap_is_gone_does_not_stop_the_pool(tmp_path):
-    r = run_app(tmp_path, STALE_READY_APP, timeout=80)
-    assert "STILL SCHEDULING" in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    r = run_app_ok(tmp_path, STALE_READY_APP, "STILL SCHEDULING", timeout=80)
     assert "Exception in thread" not in r.stderr, r.stderr
 
 

@@ -98,3 +98,10 @@ def alive(pid):
             return f.read().split(") ")[-1][:1] != "Z"
     except OSError:
         return False
+
+
+def run_app_ok(tmp_path, code, marker, timeout=110):
+    """run_app, then assert that it printed marker and exited 0 (its output in the message); -> the result."""
+    r = run_app(tmp_path, code, timeout=timeout)
+    assert marker in r.stdout and r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r
